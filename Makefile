@@ -1,0 +1,42 @@
+# pyro_slots developer commands, in the style of Pyro's Makefile.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+STEPS ?=
+
+.PHONY: venv install demo test test-slow lint format bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[test,lint]"
+	touch $(STAMP)
+
+venv install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pyro-slots demo $(if $(STEPS),--steps $(STEPS),)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pyro_slots models tests examples benchmarks
+	$(VENV)/bin/ruff format --check pyro_slots models tests examples benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix pyro_slots models tests examples benchmarks
+	$(VENV)/bin/ruff format pyro_slots models tests examples benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
