@@ -1,0 +1,194 @@
+"""Per-datapoint Gaussian mixture: the parameter-estimation reading of the nested problem.
+
+Each datapoint ``x^n`` is a set of ``M`` measurements (points) drawn from its own mixture of
+``K`` diagonal Gaussians; the slots are that datapoint's component parameters
+``λ^{n,k} = (loc, log_scale, logit)`` (§3.2 of the seed paper, "meta-learned parameter
+estimation"). Assignments are enumerated exactly, so the ELBO equals the log-likelihood.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.ops.indexing import Vindex
+from torch import nn
+
+from pyro_slots.model import SlotModel, SlotSpec
+from pyro_slots.validation import check_measurements, check_positive_float, check_positive_int
+
+__all__ = ["GaussianMixture", "kmeans_plus_plus"]
+
+
+class GaussianMixture(SlotModel):
+    r"""Mixture of ``num_slots`` diagonal Gaussians per datapoint, assignments enumerated.
+
+    Slot layout: ``loc (dim,)``, ``log_scale (dim,)``, ``logit ()`` — so ``slot_dim = 2 dim + 1``.
+    The mixing weights are ``softmax`` of the logits over the slots of a datapoint.
+
+    Model, for every datapoint ``n`` and measurement ``m``::
+
+        z^{n,m} ~ Categorical(softmax(logit^n))          # enumerated
+        x^{n,m} ~ Normal(loc^{n,z}, exp(log_scale^{n,z}))
+
+    :param int num_slots: default number of components (``refine`` may use another).
+    :param int dim: dimension of a measurement.
+    :param torch.nn.Module encoder: optional shared pre-processing ``w_e`` applied to the last
+        dimension of ``x`` (e.g. ``nn.Linear(dim_in, dim)``); identity by default.
+    :param float reg_covar: variance added in the M-step (as in scikit-learn), >= 0.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        dim: int,
+        encoder: nn.Module | None = None,
+        input_dim: int | None = None,
+        reg_covar: float = 1e-6,
+    ):
+        dim = check_positive_int(dim, "dim")
+        super().__init__(SlotSpec({"loc": (dim,), "log_scale": (dim,), "logit": ()}), dim)
+        self.num_slots = check_positive_int(num_slots, "num_slots")
+        self.dim = dim
+        self.encoder = encoder
+        self.input_dim = dim if input_dim is None else check_positive_int(input_dim, "input_dim")
+        if encoder is None and self.input_dim != dim:
+            raise ValueError(f"input_dim: {input_dim} differs from dim {dim} but no encoder given")
+        self.reg_covar = check_positive_float(reg_covar, "reg_covar", allow_zero=True)
+
+    # ------------------------------------------------------------------ Pyro program
+    def encode(self, x):
+        x = check_measurements(x, "x", feature_dim=self.input_dim)
+        return x if self.encoder is None else self.encoder(x)
+
+    def component_params(self, slots):
+        """``loc, scale (batch, K, dim)`` and ``log_weights (batch, K)`` of the mixture."""
+        parts = self.slot_spec.split(slots)
+        log_weights = torch.log_softmax(parts["logit"], dim=-1)
+        return parts["loc"], parts["log_scale"].exp(), log_weights
+
+    def model(self, x, slots):
+        loc, scale, log_weights = self.component_params(slots)
+        batch, num_points, _ = x.shape
+        with pyro.plate(self.batch_plate, batch, dim=-2) as n:
+            with pyro.plate("measurements", num_points, dim=-1):
+                z = pyro.sample(
+                    "assignment",
+                    dist.Categorical(logits=log_weights.unsqueeze(-2)),
+                    infer={"enumerate": "parallel"},
+                )
+                # Vindex broadcasts the enumerated assignment against the batch index: no gather
+                # over a materialized (batch, M, K, dim) tensor.
+                n = n.unsqueeze(-1)
+                pyro.sample(
+                    "obs",
+                    dist.Normal(Vindex(loc)[n, z], Vindex(scale)[n, z]).to_event(1),
+                    obs=x,
+                )
+
+    # --------------------------------------------------------------- closed-form rules
+    def log_joint(self, x, slots):
+        """``log π_k + log N(x_m | loc_k, scale_k)`` of shape ``(batch, K, M)``.
+
+        The same distribution objects as :meth:`model`, evaluated for all components at once;
+        the slot axis sits before the measurement axis so reductions over slots are not over the
+        last dimension (3-10x faster on the CPU for K = 4-7).
+        """
+        loc, scale, log_weights = self.component_params(slots)
+        comp = dist.Normal(loc.unsqueeze(-2), scale.unsqueeze(-2)).to_event(1)  # (B, K, 1)
+        return comp.log_prob(x.unsqueeze(1)) + log_weights.unsqueeze(-1)
+
+    def responsibilities(self, x, slots):
+        """Posterior ``p(z^{n,m} = k | x, λ)`` of shape ``(batch, K, M)``."""
+        return torch.softmax(self.log_joint(x, slots), dim=1)
+
+    def m_step(self, x, resp, slots=None, fixed_variance: float | None = None, fixed_weights=False):
+        """Closed-form maximizer of the expected complete log-likelihood.
+
+        :param x: ``(batch, M, dim)``; :param resp: ``(batch, K, M)``.
+        :param fixed_variance: keep every variance at this value (soft k-means).
+        :param fixed_weights: keep uniform mixing weights (soft k-means).
+        """
+        eps = 10 * torch.finfo(x.dtype).eps
+        nk = resp.sum(-1) + eps  # (B, K)
+        loc = torch.einsum("bkm,bmd->bkd", resp, x) / nk.unsqueeze(-1)
+        if fixed_variance is None:
+            # Diagonal covariance as in sklearn: E_r[x^2] - 2 loc E_r[x] + loc^2 + reg_covar.
+            ex2 = torch.einsum("bkm,bmd->bkd", resp, x * x) / nk.unsqueeze(-1)
+            var = (ex2 - loc * loc).clamp_min(0) + self.reg_covar
+            log_scale = 0.5 * var.clamp_min(torch.finfo(x.dtype).tiny).log()
+        else:
+            log_scale = torch.full_like(loc, 0.5 * math.log(fixed_variance))
+        if fixed_weights:
+            logit = torch.zeros_like(nk)
+        else:
+            logit = (nk / x.shape[1]).log()
+        return self.slot_spec.pack({"loc": loc, "log_scale": log_scale, "logit": logit})
+
+    def em_update(self, x, slots):
+        """One EM step: ``(new_slots, responsibilities)``."""
+        resp = self.responsibilities(x, slots)
+        return self.m_step(x, resp), resp
+
+    def isotropic(self, slots, variance: float):
+        """Project slots onto the soft k-means family: fixed variance, uniform weights."""
+        parts = self.slot_spec.split(slots)
+        parts["log_scale"] = torch.full_like(parts["loc"], 0.5 * math.log(variance))
+        parts["logit"] = torch.zeros_like(parts["logit"])
+        return self.slot_spec.pack(parts)
+
+    def soft_kmeans_update(self, x, slots, temperature: float):
+        """Soft k-means step: EM for an isotropic mixture with variance ``temperature``."""
+        slots = self.isotropic(slots, temperature)
+        resp = self.responsibilities(x, slots)
+        return self.m_step(x, resp, fixed_variance=temperature, fixed_weights=True), resp
+
+    def reconstruct(self, x, slots, x_raw=None):
+        """Each point replaced by its responsibility-weighted component mean, ``(batch, M, dim)``."""
+        loc, _, _ = self.component_params(slots)
+        return torch.einsum("bkm,bkd->bmd", self.responsibilities(x, slots), loc)
+
+    def init_slots(self, x, num_slots, generator=None):
+        return kmeans_plus_plus(self, x, num_slots, generator=generator)
+
+
+def kmeans_plus_plus(model: GaussianMixture, x, num_slots: int, generator=None):
+    """Batched k-means++ seeding (Arthur & Vassilvitskii 2007) followed by one hard assignment.
+
+    Means are ``num_slots`` points drawn with probability proportional to the squared distance to
+    the nearest mean already chosen; scales are the per-cluster standard deviation of a hard
+    nearest-mean assignment (the pooled standard deviation where a cluster is too small); weights
+    are uniform. Vectorized over the batch: no Python loop over datapoints.
+
+    :returns: slots ``(batch, num_slots, 2 dim + 1)``.
+    """
+    num_slots = check_positive_int(num_slots, "num_slots")
+    with torch.no_grad():
+        batch, num_points, dim = x.shape
+        first = torch.randint(num_points, (batch,), generator=generator, device=x.device)
+        centers = [x[torch.arange(batch), first]]
+        closest = ((x - centers[0].unsqueeze(1)) ** 2).sum(-1)  # (B, M)
+        for _ in range(1, num_slots):
+            probs = closest + 1e-12
+            u = torch.rand((batch, 1), generator=generator, dtype=x.dtype, device=x.device)
+            cdf = probs.cumsum(-1)
+            idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(num_points - 1).squeeze(-1)
+            center = x[torch.arange(batch), idx]
+            centers.append(center)
+            closest = torch.minimum(closest, ((x - center.unsqueeze(1)) ** 2).sum(-1))
+        loc = torch.stack(centers, 1)  # (B, K, D)
+        d2 = ((x.unsqueeze(1) - loc.unsqueeze(2)) ** 2).sum(-1)  # (B, K, M)
+        hard = torch.nn.functional.one_hot(d2.argmin(1), num_slots).transpose(1, 2).to(x.dtype)
+        nk = hard.sum(-1, keepdim=True)  # (B, K, 1)
+        pooled = x.var(1, keepdim=True).expand(batch, num_slots, dim)
+        var = torch.einsum("bkm,bkmd->bkd", hard, (x.unsqueeze(1) - loc.unsqueeze(2)) ** 2)
+        var = torch.where(nk > 1, var / nk.clamp_min(1), pooled)
+        var = var.clamp_min(1e-6 * pooled.clamp_min(1e-12))
+        parts = {
+            "loc": loc,
+            "log_scale": 0.5 * var.log(),
+            "logit": torch.zeros(batch, num_slots, dtype=x.dtype, device=x.device),
+        }
+        return model.slot_spec.pack(parts)

@@ -1,0 +1,159 @@
+"""The protocol every slot model follows: a factorized symmetric mixture as a Pyro program.
+
+A slot model is a :class:`~pyro.nn.PyroModule` whose shared weights ``w`` are module parameters,
+and whose per-datapoint parameters ``λ`` (the *slots*) are passed in, never stored. ``model`` and
+``guide`` are ordinary Pyro programs over a batch of datapoints; the library computes one ELBO per
+datapoint from their traces (:mod:`pyro_slots.elbo`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+from pyro.nn import PyroModule
+
+from .validation import CapabilityError, check_measurements
+
+__all__ = ["SlotModel", "SlotSpec"]
+
+
+class SlotSpec:
+    """Named layout of one slot's parameter vector ``λ^{n,k}``.
+
+    Slots travel through the library as one tensor of shape ``(batch, num_slots, dim)`` so that
+    every inner rule, restart and alignment works on a plain tensor; a :class:`SlotSpec` splits that
+    tensor into named views (``loc``, ``log_scale``, ...) and packs named parts back.
+
+    :param dict fields: ordered mapping ``name -> event shape`` of each part of one slot.
+    """
+
+    def __init__(self, fields: Mapping[str, tuple[int, ...]]):
+        if not fields:
+            raise ValueError("SlotSpec needs at least one field, got none")
+        self.fields = OrderedDict((k, tuple(int(s) for s in v)) for k, v in fields.items())
+        self.sizes = OrderedDict()
+        for name, shape in self.fields.items():
+            if any(s < 1 for s in shape):
+                raise ValueError(f"SlotSpec field {name!r} has a non-positive size: {shape}")
+            self.sizes[name] = int(torch.Size(shape).numel())
+        self.dim = sum(self.sizes.values())
+
+    def __repr__(self):
+        return f"SlotSpec({dict(self.fields)})"
+
+    def split(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``slots`` (``(..., dim)``) as a dict of ``(..., *field_shape)`` tensors."""
+        if slots.shape[-1] != self.dim:
+            raise ValueError(
+                f"slots: expected last dimension {self.dim} for {self}, got shape {tuple(slots.shape)}"
+            )
+        parts = torch.split(slots, list(self.sizes.values()), dim=-1)
+        return {
+            name: part.reshape(*slots.shape[:-1], *shape)
+            for (name, shape), part in zip(self.fields.items(), parts)
+        }
+
+    def pack(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`split`: a dict of named parts to one ``(..., dim)`` tensor."""
+        missing = set(self.fields) - set(parts)
+        extra = set(parts) - set(self.fields)
+        if missing or extra:
+            raise ValueError(
+                f"slots: expected fields {list(self.fields)}, missing {sorted(missing)}, "
+                f"unexpected {sorted(extra)}"
+            )
+        flat = []
+        batch_shape = None
+        for name, shape in self.fields.items():
+            part = parts[name]
+            n = len(shape)
+            if tuple(part.shape[part.dim() - n :]) != shape:
+                raise ValueError(
+                    f"slots[{name!r}]: expected trailing shape {shape}, got {tuple(part.shape)}"
+                )
+            lead = tuple(part.shape[: part.dim() - n])
+            if batch_shape is None:
+                batch_shape = lead
+            elif lead != batch_shape:
+                raise ValueError(
+                    f"slots[{name!r}]: leading shape {lead} differs from {batch_shape} of the "
+                    "other fields"
+                )
+            flat.append(part.reshape(*lead, -1))
+        return torch.cat(flat, dim=-1)
+
+
+class SlotModel(PyroModule):
+    """Base class for factorized symmetric mixture models with per-datapoint slots.
+
+    Subclasses implement :meth:`model` (and optionally :meth:`guide`) with ordinary Pyro
+    primitives. Conventions, checked by :func:`pyro_slots.per_datapoint_elbo`:
+
+    * the datapoints are indexed by a plate named :attr:`batch_plate` (``"batch"``) at
+      dimension ``-max_plate_nesting``; every sample site lies inside it;
+    * ``slots`` has shape ``(batch, num_slots, slot_spec.dim)`` and is treated symmetrically;
+    * ``x`` is whatever :meth:`encode` returns, ``(batch, measurements, features)``.
+
+    The ELBO of datapoint ``n`` is ``E_q[log p(x^n, z^n | λ^n, w) - log q(z^n | λ^n)]``
+    (Eq. 1 of the seed paper) with discrete assignments enumerated exactly where the model marks
+    them ``infer={"enumerate": "parallel"}``.
+
+    :param SlotSpec slot_spec: layout of one slot.
+    :param int feature_dim: number of features per measurement that :meth:`model` expects.
+    """
+
+    batch_plate = "batch"
+    #: Largest number of nested plates in model and guide (batch + measurements by default).
+    max_plate_nesting = 2
+    #: Which enumeration-aware estimator computes the per-datapoint ELBO (see pyro_slots.elbo).
+    elbo_estimator = "trace_enum"
+
+    def __init__(self, slot_spec: SlotSpec, feature_dim: int):
+        super().__init__()
+        if not isinstance(slot_spec, SlotSpec):
+            raise TypeError(f"slot_spec: expected a SlotSpec, got {type(slot_spec).__name__}")
+        if int(feature_dim) < 1:
+            raise ValueError(f"feature_dim: expected a positive integer, got {feature_dim}")
+        self.slot_spec = slot_spec
+        self.feature_dim = int(feature_dim)
+
+    @property
+    def slot_dim(self) -> int:
+        return self.slot_spec.dim
+
+    # ----------------------------------------------------------------- the Pyro programs
+    def model(self, x: torch.Tensor, slots: torch.Tensor):
+        raise CapabilityError(f"{type(self).__name__} must define model(x, slots)")
+
+    def guide(self, x: torch.Tensor, slots: torch.Tensor):
+        """Variational family ``q(z | λ)``; empty by default (all latents enumerated)."""
+
+    # ------------------------------------------------------------------- optional hooks
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-processing ``w_e``: datapoints to measurements ``(batch, M, features)``.
+
+        The default is the identity and validates ``x``. The inner ELBO is defined on the
+        encoded measurements (Eq. 4 of the seed paper: ``L(x̃^n, λ^n)``).
+        """
+        return check_measurements(x, "x", feature_dim=self.feature_dim)
+
+    def init_slots(
+        self, x: torch.Tensor, num_slots: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Initial slots ``(batch, num_slots, slot_dim)`` for encoded measurements ``x``.
+
+        The default draws every slot independently from :attr:`slot_init` (a
+        :class:`~pyro_slots.init.SlotInitializer` submodule).
+        """
+        init = getattr(self, "slot_init", None)
+        if init is None:
+            raise CapabilityError(
+                f"{type(self).__name__} has no slot_init; pass initial slots or an init module"
+            )
+        return init(x.shape[0], num_slots, generator=generator, dtype=x.dtype, device=x.device)
+
+    def reconstruct(self, x: torch.Tensor, slots: torch.Tensor, x_raw=None) -> torch.Tensor:
+        """Reconstruction of the raw datapoints from the slots (for the Reconstruction task)."""
+        raise CapabilityError(f"{type(self).__name__} does not define reconstruct()")
