@@ -1,16 +1,33 @@
-"""pyro_slots: object-centric and mixture-model inference as nested optimization, in Pyro."""
+"""pyro_slots: object-centric and mixture-model inference as nested optimization, in Pyro.
 
+Data flows one way: data -> model (Pyro) -> per-datapoint ELBO -> inner rule -> λ* ->
+objective J -> outer optimizer.
+"""
+
+from . import inner, objectives
 from .elbo import PerDatapointELBO, per_datapoint_elbo
 from .init import GaussianInit, SlotInitializer
 from .model import SlotModel, SlotSpec
+from .nested import GRADIENT_MODES, ImplicitGradientWarning, NestedSVI
+from .refine import InnerLoopError, RefineResult, refine
+from .validation import CapabilityError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GRADIENT_MODES",
+    "CapabilityError",
     "GaussianInit",
+    "ImplicitGradientWarning",
+    "InnerLoopError",
+    "NestedSVI",
     "PerDatapointELBO",
+    "RefineResult",
     "SlotInitializer",
     "SlotModel",
     "SlotSpec",
+    "inner",
+    "objectives",
     "per_datapoint_elbo",
+    "refine",
 ]

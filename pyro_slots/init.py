@@ -7,9 +7,8 @@ global RNG when none is given), never a hidden ``torch.randn`` inside ``forward`
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from pyro.nn import PyroModule
+from torch import nn
 
 from .validation import check_positive_float, check_positive_int
 
@@ -65,6 +64,9 @@ class GaussianInit(SlotInitializer):
         loc, log_scale = self.loc, self.log_scale
         dtype = dtype or loc.dtype
         eps = torch.randn(
-            (batch, num_slots, self.dim), generator=generator, dtype=dtype, device=device or loc.device
+            (batch, num_slots, self.dim),
+            generator=generator,
+            dtype=dtype,
+            device=device or loc.device,
         )
         return loc.to(dtype) + log_scale.to(dtype).exp() * eps

@@ -65,7 +65,9 @@ def check_measurements(x, name: str = "x", feature_dim: int | None = None) -> to
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
     if x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"{name}: expected at least one datapoint and measurement, got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected at least one datapoint and measurement, got {tuple(x.shape)}"
+        )
     if feature_dim is not None and x.shape[-1] != feature_dim:
         raise ValueError(
             f"{name}: expected {feature_dim} features per measurement (last dim), "

@@ -1,0 +1,7 @@
+"""Task objectives J for the outer loop."""
+
+from .base import Objective
+from .elbo import NegativeELBO
+from .reconstruction import Reconstruction
+
+__all__ = ["NegativeELBO", "Objective", "Reconstruction"]

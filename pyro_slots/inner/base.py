@@ -1,0 +1,117 @@
+"""The interface every inner rule follows: ``init`` + ``step`` over an explicit state.
+
+An inner rule improves the slots of every datapoint at once (vectorized over the batch); it sees
+the per-datapoint ELBO through an :class:`InnerProblem` and never the task objective. Fixed rules
+(:class:`GradientAscent`, :class:`EM`, :class:`SoftKMeans`) are parameter-free modules, learned
+rules own weights; either way the outer loop can ask for ``rule.parameters()``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from pyro.nn import PyroModule
+
+from ..elbo import PerDatapointELBO
+from ..validation import check_positive_int
+
+__all__ = ["InnerProblem", "InnerRule", "InnerState", "StepInfo"]
+
+
+class InnerState(NamedTuple):
+    """What the next step needs.
+
+    :ivar slots: ``(batch, num_slots, slot_dim)``, the current λ_t.
+    :ivar step: number of steps taken so far.
+    :ivar aux: rule-specific tensors carried between steps (optimizer moments, recurrent
+        hidden state), each with leading dims ``(batch, num_slots)``; permuted with the slots.
+    """
+
+    slots: torch.Tensor
+    step: int = 0
+    aux: tuple = ()
+
+
+class StepInfo(NamedTuple):
+    """Diagnostics of one step (never fed back into the rule).
+
+    :ivar elbo: ``(batch,)`` ELBO at the slots *before* the step, ``L(λ_t)``, detached.
+    :ivar responsibilities: ``(batch, num_slots, measurements)`` posterior assignment
+        probabilities at ``λ_t`` where the rule computed them, else ``None``.
+    """
+
+    elbo: torch.Tensor
+    responsibilities: torch.Tensor | None = None
+
+
+class InnerProblem:
+    """The inner objective of one batch: ``λ ↦ L(x̃^n, λ^n)`` for every datapoint ``n``.
+
+    :param SlotModel model: the slot model.
+    :param torch.Tensor x: encoded measurements ``(batch, M, features)``.
+    :param PerDatapointELBO estimator: how the ELBO is computed (Pyro traces by default).
+    """
+
+    def __init__(self, model, x: torch.Tensor, estimator: PerDatapointELBO | None = None):
+        self.model = model
+        self.x = x
+        self.estimator = estimator or PerDatapointELBO()
+
+    def elbo(self, slots: torch.Tensor) -> torch.Tensor:
+        """ELBO of every datapoint, ``(batch,)``, differentiable in slots and weights."""
+        return self.estimator(self.model, self.x, slots)
+
+    def elbo_and_grad(self, slots: torch.Tensor, create_graph: bool = False):
+        """``(L(λ), ∇_λ L(λ))`` per datapoint; the gradient has the shape of ``slots``.
+
+        Datapoints are independent, so the gradient of the summed ELBO is the per-datapoint
+        gradient. Taken with :func:`torch.autograd.grad`, so nothing accumulates in ``.grad`` of
+        the shared weights. With ``create_graph=True`` the step stays differentiable (unrolling).
+        """
+        if not slots.requires_grad:
+            slots = slots.detach().requires_grad_()
+        with torch.enable_grad():
+            elbo = self.elbo(slots)
+            (grad,) = torch.autograd.grad(elbo.sum(), slots, create_graph=create_graph)
+        if not create_graph:
+            elbo = elbo.detach()
+        return elbo, grad
+
+
+class InnerRule(PyroModule):
+    """Base class of inner rules: ``init(problem, slots) -> state``, ``step(...) -> (state, info)``.
+
+    :param int num_steps: default number of steps :func:`pyro_slots.refine` runs.
+    """
+
+    #: Whether :meth:`step` differentiates the ELBO w.r.t. the slots.
+    uses_elbo_gradient = False
+
+    def __init__(self, num_steps: int):
+        super().__init__()
+        self.num_steps = check_positive_int(num_steps, "num_steps")
+
+    def init(self, problem: InnerProblem, slots: torch.Tensor) -> InnerState:
+        """State at step 0 for the batch of ``problem`` from the initial slots."""
+        return InnerState(slots=slots, step=0, aux=())
+
+    def step(
+        self,
+        state: InnerState,
+        problem: InnerProblem,
+        create_graph: bool = False,
+    ) -> tuple[InnerState, StepInfo]:
+        """One update ``λ_{t+1} = f(λ_t, x)``; must not modify any tensor in place.
+
+        :param InnerState state: current state.
+        :param InnerProblem problem: the per-datapoint ELBO of this batch.
+        :param bool create_graph: keep the step differentiable (unrolled gradients).
+        """
+        raise TypeError(f"{type(self).__name__} must define step()")
+
+    def check_model(self, model) -> None:
+        """Raise :class:`~pyro_slots.validation.CapabilityError` if ``model`` can't be used."""
+
+    def extra_repr(self) -> str:
+        return f"num_steps={self.num_steps}"

@@ -1,0 +1,348 @@
+"""The outer loop: fit the shared weights w on a task objective J through the inner loop."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from pyro.optim import PyroOptim
+
+from .elbo import PerDatapointELBO
+from .inner.base import InnerRule
+from .objectives.base import Objective
+from .refine import initial_slots, make_generator, run_inner
+from .validation import check_positive_float, check_positive_int
+
+__all__ = ["GRADIENT_MODES", "ITERATION_WEIGHTS", "ImplicitGradientWarning", "NestedSVI"]
+
+GRADIENT_MODES = ("unrolled", "truncated", "first_order", "implicit")
+ITERATION_WEIGHTS = ("last", "uniform", "linear")
+
+
+class ImplicitGradientWarning(RuntimeWarning):
+    """The adjoint solve of an implicit gradient failed; that step used first-order gradients."""
+
+
+class ImplicitAdjoint:
+    r"""Implicit differentiation at a fixed point ``λ* = f(λ*, w)``.
+
+    By the implicit function theorem ``dλ*/dw = (I - ∂f/∂λ)^{-1} ∂f/∂w``, so the gradient of
+    J reaching ``λ* = f(λ*, w)`` is replaced by the solution ``u`` of the adjoint system
+    ``u = g + (∂f/∂λ)^T u`` (``g = ∂J/∂λ*``), solved by fixed-point iteration with
+    vector-Jacobian products (Bai et al. 2019, DEQ; Amos & Kolter 2017). ``u`` then flows into
+    ``w`` through the one differentiable step. If the iteration does not converge in
+    ``max_iter`` steps or produces non-finite values, ``g`` is passed through unchanged (the
+    first-order gradient) with an :class:`ImplicitGradientWarning`.
+
+    :param int max_iter: adjoint iterations.
+    :param float tol: stop when ``‖u_{i+1} - u_i‖ <= tol · ‖g‖``.
+    """
+
+    def __init__(self, max_iter: int = 100, tol: float = 1e-6):
+        self.max_iter = check_positive_int(max_iter, "max_iter")
+        self.tol = check_positive_float(tol, "tol")
+        self.last_iterations = 0
+        self.num_fallbacks = 0
+
+    def __call__(self, out: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """Wrap ``out = f(lam)`` so that its incoming gradient is replaced by the adjoint."""
+        if not out.requires_grad:
+            return out
+        return _AdjointSolve.apply(out, lambda g: self.solve(g, out, lam))
+
+    def solve(self, g: torch.Tensor, out: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        u = g
+        scale = g.norm() + 1e-30
+        for i in range(self.max_iter):
+            (vjp,) = torch.autograd.grad(out, lam, u, retain_graph=True, allow_unused=True)
+            u_next = g if vjp is None else g + vjp
+            if not torch.isfinite(u_next).all():
+                break
+            if (u_next - u).norm() <= self.tol * scale:
+                self.last_iterations = i + 1
+                return u_next
+            u = u_next
+        self.num_fallbacks += 1
+        self.last_iterations = self.max_iter
+        warnings.warn(
+            "implicit gradient: the adjoint solve did not converge in "
+            f"{self.max_iter} iterations (or diverged); using the first-order gradient for "
+            "this step",
+            ImplicitGradientWarning,
+            stacklevel=2,
+        )
+        return g
+
+
+class _AdjointSolve(torch.autograd.Function):
+    """Identity in the forward pass; the backward pass maps ``g`` to ``solve(g)``."""
+
+    @staticmethod
+    def forward(ctx, out, solve):
+        ctx.solve = solve
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.solve(g), None
+
+
+class NestedSVI:
+    r"""Nested stochastic variational inference: Eq. 4-5 of the seed paper.
+
+    For every batch, the inner rule maximizes each datapoint's ELBO over its slots
+    (``λ*^n = argmax L(x̃^n, λ^n)``), then one step of ``optim`` lowers the task objective
+    ``J(x^n, w, λ*^n)`` averaged over the batch, w.r.t. the shared weights ``w`` — the
+    parameters of the model (encoder, decoder), of the inner rule (when learned), of the slot
+    initializer and of the objective's heads. Shaped like :class:`pyro.infer.SVI`.
+
+    Gradient modes (how ``dJ/dw`` flows through the inner loop):
+
+    * ``"unrolled"`` — backpropagate through every inner step (exact for the finite loop);
+    * ``"truncated"`` — through the last ``truncate`` steps only;
+    * ``"first_order"`` — through the last step only, λ detached before it;
+    * ``"implicit"`` — implicit differentiation at the fixed point (:class:`ImplicitAdjoint`),
+      memory independent of the number of steps.
+
+    Inner-loop gradients are taken with :func:`torch.autograd.grad`; only J's gradient is ever
+    written into the shared weights' ``.grad``.
+
+    :param SlotModel model: the model.
+    :param InnerRule inner: the inner rule.
+    :param Objective objective: the task objective J.
+    :param PyroOptim optim: a :mod:`pyro.optim` optimizer, e.g. ``pyro.optim.Adam({"lr": 1e-3})``.
+    :param str gradient: one of :data:`GRADIENT_MODES`.
+    :param int num_slots: K during training; defaults to ``model.num_slots``.
+    :param int num_steps: T during training; defaults to ``inner.num_steps``.
+    :param int truncate: number of differentiated steps for ``"truncated"``.
+    :param str iteration_weights: how J weights the inner iterates: ``"last"`` (J at λ_T),
+        ``"uniform"`` or ``"linear"`` (``t / T``, as IODINE) over λ_1..λ_T.
+    :param float tol: early stopping tolerance of the inner loop.
+    :param init: optional slot initializer (its parameters are trained too).
+    :param int seed: seed of the slot initializations.
+    :param float clip_norm: clip the global gradient norm of w to this value.
+    :param PerDatapointELBO estimator: how the inner ELBO is computed.
+    """
+
+    def __init__(
+        self,
+        model,
+        inner: InnerRule,
+        objective: Objective,
+        optim: PyroOptim,
+        *,
+        gradient: str = "unrolled",
+        num_slots: int | None = None,
+        num_steps: int | None = None,
+        truncate: int = 1,
+        iteration_weights: str = "last",
+        tol: float | None = None,
+        init=None,
+        seed: int | None = None,
+        clip_norm: float | None = None,
+        implicit_max_iter: int = 100,
+        implicit_tol: float = 1e-6,
+        estimator: PerDatapointELBO | None = None,
+    ):
+        if not isinstance(inner, InnerRule):
+            raise TypeError(f"inner: expected an InnerRule, got {type(inner).__name__}")
+        if not isinstance(objective, Objective):
+            raise TypeError(f"objective: expected an Objective, got {type(objective).__name__}")
+        if not isinstance(optim, PyroOptim):
+            raise TypeError(
+                f"optim: expected a pyro.optim optimizer (e.g. pyro.optim.Adam), "
+                f"got {type(optim).__name__}"
+            )
+        if gradient not in GRADIENT_MODES:
+            raise ValueError(f"gradient: expected one of {GRADIENT_MODES}, got {gradient!r}")
+        if iteration_weights not in ITERATION_WEIGHTS:
+            raise ValueError(
+                f"iteration_weights: expected one of {ITERATION_WEIGHTS}, got {iteration_weights!r}"
+            )
+        inner.check_model(model)
+        self.model = model
+        self.inner = inner
+        self.objective = objective
+        self.optim = optim
+        self.gradient = gradient
+        self.num_slots = check_positive_int(
+            num_slots if num_slots is not None else getattr(model, "num_slots", 0), "num_slots"
+        )
+        self.num_steps = check_positive_int(
+            num_steps if num_steps is not None else inner.num_steps, "num_steps"
+        )
+        self.truncate = check_positive_int(truncate, "truncate")
+        self.iteration_weights = iteration_weights
+        self.tol = None if tol is None else check_positive_float(tol, "tol")
+        self.init = init
+        self.clip_norm = None if clip_norm is None else check_positive_float(clip_norm, "clip_norm")
+        self.implicit = ImplicitAdjoint(implicit_max_iter, implicit_tol)
+        self.estimator = estimator
+        self.generator = make_generator(0 if seed is None else seed)
+        self.num_updates = 0
+        self.last_result = None
+
+    # ------------------------------------------------------------------ parameters
+    def modules(self):
+        mods = [self.model, self.inner, self.objective]
+        if self.init is not None:
+            mods.append(self.init)
+        return mods
+
+    def named_parameters(self):
+        """Unique trainable shared weights, named ``model.*``, ``inner.*``, ``objective.*``."""
+        seen, out = set(), []
+        for prefix, mod in zip(("model", "inner", "objective", "init"), self.modules()):
+            for name, p in mod.named_parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((f"{prefix}.{name}", p))
+        return out
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    # ---------------------------------------------------------------- the objective
+    def _backprop_steps(self) -> int:
+        return {
+            "unrolled": self.num_steps,
+            "truncated": min(self.truncate, self.num_steps),
+            "first_order": 1,
+            "implicit": 0,
+        }[self.gradient]
+
+    def _iterate_weights(self, num: int) -> list[tuple[int, float]]:
+        if self.iteration_weights == "last":
+            return [(num, 1.0)]
+        if self.iteration_weights == "uniform":
+            return [(t, 1.0 / num) for t in range(1, num + 1)]
+        total = num * (num + 1) / 2
+        return [(t, t / total) for t in range(1, num + 1)]
+
+    def loss(self, x, *targets, differentiable: bool = True) -> torch.Tensor:
+        """The task objective J of this batch (a scalar), differentiable in w."""
+        for t in targets:
+            if torch.is_tensor(t) and t.shape[:1] != x.shape[:1]:
+                raise ValueError(
+                    f"targets: expected leading (batch,) dimension {x.shape[0]}, "
+                    f"got shape {tuple(t.shape)}"
+                )
+        steps = self.num_steps
+        with torch.set_grad_enabled(differentiable):
+            x_enc = self.model.encode(x)
+            # Reparameterized draws: a learned initializer receives gradients in its mean and
+            # scale when the first step is differentiated (unrolled mode).
+            slots0 = initial_slots(
+                self.model,
+                x_enc,
+                self.num_slots,
+                inner=self.inner,
+                init=self.init,
+                generator=self.generator,
+            )
+            backprop = self._backprop_steps() if differentiable else 0
+            implicit = self.implicit if differentiable and self.gradient == "implicit" else None
+            keep = self.iteration_weights != "last"
+            result = run_inner(
+                self.model,
+                x_enc,
+                self.inner,
+                slots0 if backprop >= steps else slots0.detach(),
+                steps - 1 if implicit is not None else steps,
+                backprop_steps=backprop,
+                implicit=implicit,
+                tol=self.tol,
+                keep_trajectory=keep,
+                estimator=self.estimator,
+            )
+            self.last_result = result
+            if keep:
+                terms = [
+                    (result.trajectory[t], w) for t, w in self._iterate_weights(result.num_steps)
+                ]
+            else:
+                terms = [(result.slots, 1.0)]
+            loss = 0.0
+            for slots, weight in terms:
+                per_datapoint = self.objective(self.model, x, x_enc, slots, *targets)
+                if per_datapoint.shape != (x.shape[0],):
+                    raise ValueError(
+                        f"{type(self.objective).__name__} returned shape "
+                        f"{tuple(per_datapoint.shape)}, expected ({x.shape[0]},)"
+                    )
+                loss = loss + weight * per_datapoint.mean()
+        return loss
+
+    # -------------------------------------------------------------------- steps
+    def loss_and_grads(self, x, *targets) -> float:
+        """Compute J and write ``dJ/dw`` into ``.grad`` of the shared weights."""
+        params = self.parameters()
+        loss = self.loss(x, *targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"NestedSVI: the task objective is {loss.item()} at update {self.num_updates}; "
+                "the weights were not changed"
+            )
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is not None and not torch.isfinite(g).all():
+                name = next(n for n, q in self.named_parameters() if q is p)
+                raise FloatingPointError(
+                    f"NestedSVI: non-finite gradient in {name} at update {self.num_updates}; "
+                    "the weights were not changed"
+                )
+            p.grad = g
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in params if p.grad is not None], self.clip_norm
+            )
+        return loss.item()
+
+    def step(self, x, *targets) -> float:
+        """One optimizer step on the shared weights; returns the task loss J (before it)."""
+        loss = self.loss_and_grads(x, *targets)
+        params = [p for p in self.parameters() if p.grad is not None]
+        self.optim(params)
+        for p in self.parameters():
+            p.grad = None
+        self.num_updates += 1
+        return loss
+
+    def evaluate_loss(self, x, *targets) -> float:
+        """J on a batch without gradients or weight updates (slots still refined)."""
+        state = self.generator.get_state()
+        try:
+            with torch.no_grad():
+                return self.loss(x, *targets, differentiable=False).item()
+        finally:
+            self.generator.set_state(state)
+
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Optimizer states keyed by parameter name, RNG state and update count."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        optim_state = {
+            names[id(p)]: opt.state_dict()
+            for p, opt in self.optim.optim_objs.items()
+            if id(p) in names
+        }
+        return {
+            "optim": optim_state,
+            "generator": self.generator.get_state(),
+            "num_updates": self.num_updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        params = dict(self.named_parameters())
+        unknown = set(state["optim"]) - set(params)
+        if unknown:
+            raise ValueError(f"state: optimizer state for unknown parameters {sorted(unknown)}")
+        for name, opt_state in state["optim"].items():
+            p = params[name]
+            opt = self.optim._get_optim(p)
+            opt.load_state_dict(opt_state)
+            self.optim.optim_objs[p] = opt
+            if self.optim.grad_clip.get(p) is None:
+                self.optim.grad_clip[p] = self.optim._get_grad_clip(p)
+        self.generator.set_state(state["generator"])
+        self.num_updates = int(state["num_updates"])

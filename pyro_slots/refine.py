@@ -1,0 +1,325 @@
+"""The inner loop: one function drives every rule, for inference alone or inside training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .elbo import PerDatapointELBO
+from .inner.base import InnerProblem, InnerRule, InnerState
+from .validation import check_finite, check_positive_float, check_positive_int, check_slots
+
+__all__ = ["InnerLoopError", "RefineResult", "refine"]
+
+
+class InnerLoopError(FloatingPointError):
+    """The ELBO or the slots became NaN or infinite inside the inner loop."""
+
+
+@dataclass
+class RefineResult:
+    """What :func:`refine` returns.
+
+    Shapes are given for ``num_restarts == 1``; with ``R > 1`` restarts every tensor gains a
+    leading restart dimension (``history`` and ``residuals`` after their step dimension), e.g.
+    ``slots`` is ``(R, batch, num_slots, slot_dim)`` and ``history`` is
+    ``(num_steps + 1, R, batch)``. :meth:`best` picks the best restart per datapoint.
+
+    :ivar slots: ``(batch, num_slots, slot_dim)`` final slots λ*; inside the autograd graph when
+        the last steps were run with ``backprop_steps > 0``.
+    :ivar elbo: ``(batch,)`` ELBO at the final slots.
+    :ivar history: ``(num_steps + 1, batch)`` ELBO at λ_0, ..., λ_T.
+    :ivar residuals: ``(num_steps, batch)`` fixed-point residual ``‖λ_{t+1} - λ_t‖``.
+    :ivar relative_residuals: ``(num_steps, batch)`` residual divided by ``‖λ_t‖ + 1e-8``.
+    :ivar responsibilities: ``(batch, num_slots, measurements)`` posterior assignment
+        probabilities from the last step, where the rule computes them.
+    :ivar initial_slots: ``(batch, num_slots, slot_dim)`` λ_0.
+    :ivar trajectory: λ_0, ..., λ_T (only with ``keep_trajectory=True``); the steps run with
+        gradients keep their graph.
+    :ivar num_steps: steps actually run (fewer than asked when ``tol`` stopped the loop).
+    :ivar x_enc: the encoded measurements the ELBO was computed on.
+    """
+
+    slots: torch.Tensor
+    elbo: torch.Tensor
+    history: torch.Tensor
+    residuals: torch.Tensor
+    relative_residuals: torch.Tensor
+    initial_slots: torch.Tensor
+    num_steps: int
+    num_restarts: int = 1
+    responsibilities: torch.Tensor | None = None
+    trajectory: list = field(default_factory=list)
+    x_enc: torch.Tensor | None = None
+    state: InnerState | None = None
+
+    def best(self) -> RefineResult:
+        """The restart with the highest final ELBO for every datapoint (``R == 1``: itself)."""
+        if self.num_restarts == 1:
+            return self
+        idx = self.elbo.argmax(0)  # (batch,)
+        ar = torch.arange(idx.shape[0])
+
+        def pick(t, step_dim=False):
+            if t is None:
+                return None
+            return t[:, idx, ar] if step_dim else t[idx, ar]
+
+        return RefineResult(
+            slots=pick(self.slots),
+            elbo=pick(self.elbo),
+            history=pick(self.history, True),
+            residuals=pick(self.residuals, True),
+            relative_residuals=pick(self.relative_residuals, True),
+            initial_slots=pick(self.initial_slots),
+            num_steps=self.num_steps,
+            responsibilities=pick(self.responsibilities),
+            trajectory=[pick(s) for s in self.trajectory],
+            x_enc=None if self.x_enc is None else self.x_enc[0],
+        )
+
+
+def _detach_state(state: InnerState) -> InnerState:
+    return InnerState(
+        slots=state.slots.detach(),
+        step=state.step,
+        aux=tuple(a.detach() if torch.is_tensor(a) else a for a in state.aux),
+    )
+
+
+def _check_elbo(elbo: torch.Tensor, step: int):
+    bad = ~torch.isfinite(elbo)
+    if bad.any():
+        idx = bad.nonzero().flatten()[:8].tolist()
+        raise InnerLoopError(
+            f"inner step {step}: the ELBO is not finite for datapoints {idx} "
+            f"(values {elbo[bad][:8].tolist()}); lower the step size or check the model"
+        )
+
+
+def initial_slots(model, x_enc, num_slots, *, inner=None, init=None, generator=None):
+    """λ_0 ``(batch, num_slots, slot_dim)``: from ``init``, else the rule's, else the model's."""
+    if init is None:
+        init = getattr(inner, "slot_init", None)
+    if init is not None:
+        return init(x_enc.shape[0], num_slots, generator=generator, dtype=x_enc.dtype)
+    return model.init_slots(x_enc, num_slots, generator=generator)
+
+
+def run_inner(
+    model,
+    x_enc: torch.Tensor,
+    inner: InnerRule,
+    slots: torch.Tensor,
+    num_steps: int,
+    *,
+    backprop_steps: int = 0,
+    implicit=None,
+    tol: float | None = None,
+    keep_trajectory: bool = False,
+    estimator: PerDatapointELBO | None = None,
+) -> RefineResult:
+    """Run ``num_steps`` steps of ``inner`` from ``slots``; the one loop of the library.
+
+    The first ``num_steps - backprop_steps`` steps run without an autograd graph (λ detached);
+    the last ``backprop_steps`` keep it (``create_graph=True``). With ``tol``, the graph-free
+    phase stops once every datapoint's residual is below ``tol`` and the graph steps follow.
+    ``implicit`` (a callable ``(out, lam) -> out``) wraps one final differentiable step from the
+    detached fixed point, for implicit differentiation (see :mod:`pyro_slots.nested`).
+    """
+    problem_graph = InnerProblem(model, x_enc, estimator)
+    problem_free = InnerProblem(model, x_enc.detach(), estimator)
+    state = inner.init(problem_graph if backprop_steps >= num_steps else problem_free, slots)
+    start_slots = state.slots
+    history, residuals, relres = [], [], []
+    trajectory = [state.slots] if keep_trajectory else []
+    responsibilities = None
+    graph_from = num_steps - backprop_steps
+    t = 0
+    while t < num_steps:
+        in_graph = t >= graph_from
+        if in_graph:
+            new_state, info = inner.step(state, problem_graph, create_graph=True)
+        else:
+            state = _detach_state(state)
+            with torch.no_grad():
+                new_state, info = inner.step(state, problem_free, create_graph=False)
+        _check_elbo(info.elbo, t)
+        with torch.no_grad():
+            delta = (new_state.slots - state.slots).flatten(1).norm(dim=1)
+            residuals.append(delta)
+            relres.append(delta / (state.slots.flatten(1).norm(dim=1) + 1e-8))
+        history.append(info.elbo.detach())
+        if info.responsibilities is not None:
+            responsibilities = info.responsibilities
+        state = new_state
+        t += 1
+        if keep_trajectory:
+            trajectory.append(state.slots)
+        if tol is not None and t < num_steps and bool((delta < tol).all()):
+            if in_graph or backprop_steps == 0:
+                break
+            # Converged without a graph: the differentiable steps follow right away.
+            num_steps = t + backprop_steps
+            graph_from = t
+    if implicit is not None:
+        lam = state.slots.detach().requires_grad_()
+        fixed = InnerState(lam, state.step, tuple(a.detach() for a in state.aux))
+        new_state, info = inner.step(fixed, problem_graph, create_graph=True)
+        _check_elbo(info.elbo, t)
+        with torch.no_grad():
+            delta = (new_state.slots - lam).flatten(1).norm(dim=1)
+            residuals.append(delta)
+            relres.append(delta / (lam.flatten(1).norm(dim=1) + 1e-8))
+        history.append(info.elbo.detach())
+        state = InnerState(implicit(new_state.slots, lam), new_state.step, new_state.aux)
+        t += 1
+        if keep_trajectory:
+            trajectory.append(state.slots)
+    with torch.no_grad():
+        final = problem_free.elbo(state.slots.detach())
+    _check_elbo(final, t)
+    history.append(final)
+    return RefineResult(
+        slots=state.slots,
+        elbo=final,
+        history=torch.stack(history),
+        residuals=torch.stack(residuals) if residuals else final.new_zeros(0, final.shape[0]),
+        relative_residuals=torch.stack(relres) if relres else final.new_zeros(0, final.shape[0]),
+        initial_slots=start_slots.detach(),
+        num_steps=t,
+        responsibilities=responsibilities,
+        trajectory=trajectory,
+        x_enc=x_enc,
+        state=state,
+    )
+
+
+def make_generator(seed=None, generator=None) -> torch.Generator | None:
+    if generator is not None and seed is not None:
+        raise ValueError("seed, generator: pass one of them, not both")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator: expected a torch.Generator, got {type(generator).__name__}"
+            )
+        return generator
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed(int(seed))
+
+
+def refine(
+    model,
+    x: torch.Tensor,
+    inner: InnerRule,
+    *,
+    num_slots: int | None = None,
+    num_steps: int | None = None,
+    slots: torch.Tensor | dict | None = None,
+    init=None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    num_restarts: int = 1,
+    tol: float | None = None,
+    keep_trajectory: bool = False,
+    estimator: PerDatapointELBO | None = None,
+) -> RefineResult:
+    """Run the inner loop alone: maximize every datapoint's ELBO over its slots.
+
+    No shared weight receives a gradient: the loop's own gradients are taken with
+    :func:`torch.autograd.grad` w.r.t. the slots only, and the result is detached.
+
+    Example::
+
+        gmm = GaussianMixture(num_slots=4, dim=2)
+        result = refine(gmm, x, EM(num_steps=50), seed=0)
+        result.slots, result.elbo, result.history  # (B, 4, 5), (B,), (51, B)
+
+    :param SlotModel model: the model (its ``encode`` is applied to ``x`` first).
+    :param torch.Tensor x: datapoints, as the model's ``encode`` expects them.
+    :param InnerRule inner: the rule, fixed or learned.
+    :param int num_slots: K; defaults to ``model.num_slots``. Test-time K may differ from
+        training K for every rule whose weights do not depend on K.
+    :param int num_steps: T; defaults to ``inner.num_steps``.
+    :param slots: explicit λ_0, ``(batch, num_slots, slot_dim)`` or a dict of named parts.
+    :param init: a :class:`~pyro_slots.init.SlotInitializer` to draw λ_0 from.
+    :param int seed: seed of the slot initialization (or pass ``generator``).
+    :param int num_restarts: R independent initializations per datapoint, run side by side.
+    :param float tol: stop early once every residual ``‖λ_{t+1} - λ_t‖`` is below ``tol``.
+    :param bool keep_trajectory: keep λ_t of every step in ``result.trajectory``.
+    :returns: a :class:`RefineResult`.
+    """
+    if not isinstance(inner, InnerRule):
+        raise TypeError(f"inner: expected an InnerRule, got {type(inner).__name__}")
+    inner.check_model(model)
+    num_steps = check_positive_int(inner.num_steps if num_steps is None else num_steps, "num_steps")
+    num_restarts = check_positive_int(num_restarts, "num_restarts")
+    if tol is not None:
+        tol = check_positive_float(tol, "tol")
+    generator = make_generator(seed, generator)
+    with torch.no_grad():
+        x_enc = model.encode(x)
+    batch = x_enc.shape[0]
+    if isinstance(slots, dict):
+        slots = model.slot_spec.pack(slots)
+    if slots is not None:
+        num_slots = slots.shape[-2] if slots.dim() >= 2 else num_slots
+        if num_restarts > 1:
+            if slots.dim() != 4 or slots.shape[0] != num_restarts:
+                raise ValueError(
+                    f"slots: with num_restarts={num_restarts} expected shape "
+                    f"({num_restarts}, {batch}, num_slots, {model.slot_dim}), "
+                    f"got {tuple(slots.shape)}"
+                )
+            slots = slots.reshape(num_restarts * batch, *slots.shape[2:])
+        check_slots(slots, "slots", num_restarts * batch, model.slot_dim)
+    else:
+        num_slots = getattr(model, "num_slots", None) if num_slots is None else num_slots
+        if num_slots is None:
+            raise ValueError("num_slots: required, since the model has no default num_slots")
+        num_slots = check_positive_int(num_slots, "num_slots")
+    x_rep = x_enc.repeat(num_restarts, 1, 1) if num_restarts > 1 else x_enc
+    if slots is None:
+        with torch.no_grad():
+            slots = initial_slots(
+                model, x_rep, num_slots, inner=inner, init=init, generator=generator
+            )
+    slots = check_finite(slots.detach(), "initial slots")
+    result = run_inner(
+        model,
+        x_rep,
+        inner,
+        slots,
+        num_steps,
+        tol=tol,
+        keep_trajectory=keep_trajectory,
+        estimator=estimator,
+    )
+    result.slots = result.slots.detach()
+    result.trajectory = [s.detach() for s in result.trajectory]
+    result.state = _detach_state(result.state)
+    if num_restarts > 1:
+        _split_restarts(result, num_restarts, batch)
+        result.x_enc = x_enc
+    return result
+
+
+def _split_restarts(result: RefineResult, num_restarts: int, batch: int) -> None:
+    def split(t, step_dim=False):
+        if t is None:
+            return None
+        if step_dim:
+            return t.reshape(t.shape[0], num_restarts, batch, *t.shape[2:])
+        return t.reshape(num_restarts, batch, *t.shape[1:])
+
+    result.num_restarts = num_restarts
+    result.slots = split(result.slots)
+    result.elbo = split(result.elbo)
+    result.initial_slots = split(result.initial_slots)
+    result.responsibilities = split(result.responsibilities)
+    result.history = split(result.history, True)
+    result.residuals = split(result.residuals, True)
+    result.relative_residuals = split(result.relative_residuals, True)
+    result.trajectory = [split(s) for s in result.trajectory]
