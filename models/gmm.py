@@ -146,7 +146,7 @@ class GaussianMixture(SlotModel):
         return self.m_step(x, resp, fixed_variance=temperature, fixed_weights=True), resp
 
     def reconstruct(self, x, slots, x_raw=None):
-        """Each point replaced by its responsibility-weighted component mean, ``(batch, M, dim)``."""
+        """Each point replaced by its responsibility-weighted mean, ``(batch, M, dim)``."""
         loc, _, _ = self.component_params(slots)
         return torch.einsum("bkm,bkd->bmd", self.responsibilities(x, slots), loc)
 
@@ -165,30 +165,34 @@ def kmeans_plus_plus(model: GaussianMixture, x, num_slots: int, generator=None):
     :returns: slots ``(batch, num_slots, 2 dim + 1)``.
     """
     num_slots = check_positive_int(num_slots, "num_slots")
+    batch, num_points, dim = x.shape
+    rows = torch.arange(batch, device=x.device)
+    # The random choices are made without gradients; the chosen values keep them, so an
+    # unrolled outer gradient sees how the initialization moves with an encoder's weights.
     with torch.no_grad():
-        batch, num_points, dim = x.shape
+        xd = x.detach()
         first = torch.randint(num_points, (batch,), generator=generator, device=x.device)
-        centers = [x[torch.arange(batch), first]]
-        closest = ((x - centers[0].unsqueeze(1)) ** 2).sum(-1)  # (B, M)
+        chosen = [first]
+        closest = ((xd - xd[rows, first].unsqueeze(1)) ** 2).sum(-1)  # (B, M)
         for _ in range(1, num_slots):
-            probs = closest + 1e-12
+            cdf = (closest + 1e-12).cumsum(-1)
             u = torch.rand((batch, 1), generator=generator, dtype=x.dtype, device=x.device)
-            cdf = probs.cumsum(-1)
             idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(num_points - 1).squeeze(-1)
-            center = x[torch.arange(batch), idx]
-            centers.append(center)
-            closest = torch.minimum(closest, ((x - center.unsqueeze(1)) ** 2).sum(-1))
-        loc = torch.stack(centers, 1)  # (B, K, D)
-        d2 = ((x.unsqueeze(1) - loc.unsqueeze(2)) ** 2).sum(-1)  # (B, K, M)
+            chosen.append(idx)
+            closest = torch.minimum(closest, ((xd - xd[rows, idx].unsqueeze(1)) ** 2).sum(-1))
+        idx = torch.stack(chosen, 1)  # (B, K)
+        d2 = ((xd.unsqueeze(1) - xd[rows.unsqueeze(1), idx].unsqueeze(2)) ** 2).sum(-1)
         hard = torch.nn.functional.one_hot(d2.argmin(1), num_slots).transpose(1, 2).to(x.dtype)
         nk = hard.sum(-1, keepdim=True)  # (B, K, 1)
-        pooled = x.var(1, keepdim=True).expand(batch, num_slots, dim)
-        var = torch.einsum("bkm,bkmd->bkd", hard, (x.unsqueeze(1) - loc.unsqueeze(2)) ** 2)
-        var = torch.where(nk > 1, var / nk.clamp_min(1), pooled)
-        var = var.clamp_min(1e-6 * pooled.clamp_min(1e-12))
-        parts = {
-            "loc": loc,
-            "log_scale": 0.5 * var.log(),
-            "logit": torch.zeros(batch, num_slots, dtype=x.dtype, device=x.device),
-        }
-        return model.slot_spec.pack(parts)
+    loc = x[rows.unsqueeze(1), idx]  # (B, K, D)
+    pooled = x.var(1, keepdim=True).expand(batch, num_slots, dim)
+    sq = (x.unsqueeze(1) - loc.unsqueeze(2)) ** 2  # (B, K, M, D)
+    var = torch.einsum("bkm,bkmd->bkd", hard, sq)
+    var = torch.where(nk > 1, var / nk.clamp_min(1), pooled)
+    var = var.clamp_min(1e-6 * pooled.detach().clamp_min(1e-12))
+    parts = {
+        "loc": loc,
+        "log_scale": 0.5 * var.log(),
+        "logit": torch.zeros(batch, num_slots, dtype=x.dtype, device=x.device),
+    }
+    return model.slot_spec.pack(parts)

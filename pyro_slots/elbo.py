@@ -79,6 +79,9 @@ class _PerDatapointDice(Dice):
 
 def _reduce_keep(t: torch.Tensor, dims: str, keep: str, size: int) -> torch.Tensor:
     """Sum a packed tensor over every dimension except ``keep``; returns shape ``(size,)``."""
+    if keep not in dims and size == 1:
+        # Packed tensors drop size-1 dimensions: a batch of one has no batch dimension.
+        return t.sum().reshape(1)
     if keep not in dims:
         # A term outside the batch plate would be shared by all datapoints: not a
         # factorized per-datapoint model.

@@ -47,7 +47,8 @@ class SlotSpec:
         """Views of ``slots`` (``(..., dim)``) as a dict of ``(..., *field_shape)`` tensors."""
         if slots.shape[-1] != self.dim:
             raise ValueError(
-                f"slots: expected last dimension {self.dim} for {self}, got shape {tuple(slots.shape)}"
+                f"slots: expected last dimension {self.dim} for {self}, "
+                f"got shape {tuple(slots.shape)}"
             )
         parts = torch.split(slots, list(self.sizes.values()), dim=-1)
         return {

@@ -98,6 +98,32 @@ def _check_elbo(elbo: torch.Tensor, step: int):
         )
 
 
+def _guarded_step(inner, state, problem_graph, problem_free, in_graph, t):
+    """One step; a distribution rejecting its parameters becomes an error naming the step."""
+    try:
+        if in_graph:
+            return inner.step(state, problem_graph, create_graph=True)
+        with torch.no_grad():
+            return inner.step(state, problem_free, create_graph=False)
+    except ValueError as e:
+        if "Expected parameter" not in str(e):
+            raise
+        raise InnerLoopError(
+            f"inner step {t}: a distribution of the model got invalid parameters "
+            f"({str(e).splitlines()[0]}); lower the step size or check the model"
+        ) from e
+
+
+def _check_slots(slots: torch.Tensor, step: int):
+    bad = ~torch.isfinite(slots.detach()).flatten(1).all(1)
+    if bad.any():
+        idx = bad.nonzero().flatten()[:8].tolist()
+        raise InnerLoopError(
+            f"inner step {step}: the update produced non-finite slots for datapoints {idx}; "
+            "lower the step size or check the model"
+        )
+
+
 def initial_slots(model, x_enc, num_slots, *, inner=None, init=None, generator=None):
     """λ_0 ``(batch, num_slots, slot_dim)``: from ``init``, else the rule's, else the model's."""
     if init is None:
@@ -139,13 +165,11 @@ def run_inner(
     t = 0
     while t < num_steps:
         in_graph = t >= graph_from
-        if in_graph:
-            new_state, info = inner.step(state, problem_graph, create_graph=True)
-        else:
+        if not in_graph:
             state = _detach_state(state)
-            with torch.no_grad():
-                new_state, info = inner.step(state, problem_free, create_graph=False)
+        new_state, info = _guarded_step(inner, state, problem_graph, problem_free, in_graph, t)
         _check_elbo(info.elbo, t)
+        _check_slots(new_state.slots, t)
         with torch.no_grad():
             delta = (new_state.slots - state.slots).flatten(1).norm(dim=1)
             residuals.append(delta)

@@ -1,0 +1,33 @@
+"""Test setup in Pyro's style: fresh param store, validation on, a fixed seed per test."""
+
+import pyro
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _pyro_state():
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    pyro.set_rng_seed(0)
+    torch.set_num_threads(1)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def make_point_sets(num_sets, num_points, num_components=3, dim=2, seed=0, spread=4.0):
+    """Well-separated mixture point sets and their true component labels (test helper)."""
+    g = torch.Generator().manual_seed(seed)
+    means = spread * torch.randn(num_sets, num_components, dim, generator=g)
+    labels = torch.randint(num_components, (num_sets, num_points), generator=g)
+    centers = torch.gather(means, 1, labels.unsqueeze(-1).expand(-1, -1, dim))
+    x = centers + 0.5 * torch.randn(num_sets, num_points, dim, generator=g)
+    return x.to(torch.get_default_dtype()), labels

@@ -1,0 +1,244 @@
+import math
+
+import pyro.optim
+import pytest
+import torch
+from pyro_slots.models import GaussianMixture
+from torch import nn
+
+import pyro_slots as ps
+from pyro_slots.inner import EM, GradientAscent
+from pyro_slots.objectives import NegativeELBO, Reconstruction
+from tests.conftest import make_point_sets
+
+
+def _model(seed=0):
+    """GMM whose encoder is a near-identity map, scaled so the clusters have unit-order spread."""
+    torch.manual_seed(seed)
+    enc = nn.Linear(2, 2)
+    with torch.no_grad():
+        enc.weight.mul_(0.2).add_(2 * torch.eye(2))
+    return GaussianMixture(3, 2, encoder=enc)
+
+
+def _svi(model, rule, gradient="unrolled", objective=None, **kw):
+    return ps.NestedSVI(
+        model,
+        rule,
+        objective or Reconstruction(),
+        pyro.optim.SGD({"lr": 1e-3}),
+        gradient=gradient,
+        seed=0,
+        **kw,
+    )
+
+
+def _loss_at(svi, x, seed=0):
+    svi.generator.manual_seed(seed)
+    return svi.loss(x)
+
+
+def test_unrolled_gradient_matches_central_finite_difference(float64):
+    x, _ = make_point_sets(3, 25, seed=1)
+    model = _model()
+    svi = _svi(model, GradientAscent(6, step_size=0.3))
+    w = model.encoder.weight
+    (grad,) = torch.autograd.grad(_loss_at(svi, x), w)
+    eps = 1e-6
+    for i, j in [(0, 0), (0, 1), (1, 0)]:
+        with torch.no_grad():
+            w[i, j] += eps
+            up = _loss_at(svi, x).item()
+            w[i, j] -= 2 * eps
+            down = _loss_at(svi, x).item()
+            w[i, j] += eps
+        fd = (up - down) / (2 * eps)
+        assert grad[i, j].item() == pytest.approx(fd, rel=1e-4, abs=1e-8)
+
+
+@pytest.mark.parametrize("rule", [EM(300), GradientAscent(600, step_size=0.5)], ids=["em", "ga"])
+def test_implicit_matches_unrolled_to_convergence(float64, rule):
+    x, _ = make_point_sets(3, 30, seed=2)
+    grads = {}
+    for mode in ["unrolled", "implicit"]:
+        model = _model()
+        svi = _svi(model, rule, gradient=mode, implicit_tol=1e-10, implicit_max_iter=500)
+        grads[mode] = torch.autograd.grad(_loss_at(svi, x), model.encoder.weight)[0]
+    rel = (grads["implicit"] - grads["unrolled"]).norm() / grads["unrolled"].norm()
+    assert rel < 1e-3
+
+
+def _saved_bytes(svi, x):
+    """Bytes the autograd graph of J still holds for the backward pass once J is computed.
+
+    Every tensor saved for backward is recorded by a weak reference; those still alive when the
+    forward pass ends are the ones the graph keeps (transient graphs of the graph-free inner
+    steps are freed by then).
+    """
+    import weakref
+
+    saved = []
+
+    def pack(t):
+        saved.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _loss_at(svi, x)
+    alive = {}
+    for ref in saved:
+        t = ref()
+        if t is not None:
+            alive[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+    torch.autograd.grad(loss, svi.model.encoder.weight)
+    return sum(alive.values())
+
+
+@pytest.mark.parametrize("mode", ["first_order", "truncated", "implicit"])
+def test_graph_memory_does_not_grow_with_inner_steps(float64, mode):
+    x, _ = make_point_sets(4, 30, seed=3)
+    sizes = {}
+    for steps in (5, 40):
+        svi = _svi(_model(), EM(steps), gradient=mode, truncate=2)
+        sizes[steps] = _saved_bytes(svi, x)
+    assert sizes[40] <= 1.05 * sizes[5]
+    unrolled = {s: _saved_bytes(_svi(_model(), EM(s)), x) for s in (5, 40)}
+    assert unrolled[40] > 5 * unrolled[5]
+
+
+def test_refine_leaves_no_gradient_in_shared_weights(float64):
+    x, _ = make_point_sets(3, 20, seed=4)
+    model = _model()
+    ps.refine(model, x, GradientAscent(5, 0.1), seed=0)
+    ps.refine(model, x, EM(5), seed=0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_step_writes_only_the_task_gradient(float64):
+    """K = 1, one EM step is exact: J has a closed form in the scalar encoder weight w.
+
+    x̃ = w x, λ* = (w x̄, log sqrt(w² s² + r), 0), J = -ELBO / batch
+    = M/2 log(2π(w² s² + r)) + M w² s² / (2 (w² s² + r)).
+    """
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 40, 1, generator=g)
+    enc = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        enc.weight.fill_(1.3)
+    model = GaussianMixture(1, 1, encoder=enc, reg_covar=1e-3)
+    svi = ps.NestedSVI(
+        model, GradientAscent(1, 1e-9), NegativeELBO(), pyro.optim.SGD({"lr": 0.0}), seed=0
+    )
+    # A rule that ignores the data for T-1 steps and takes one closed-form EM step:
+    svi.inner = EM(1)
+    svi.num_steps = 1
+    w, r, m = 1.3, 1e-3, x.shape[1]
+    s2 = x.var(unbiased=False).item()
+    v = w * w * s2 + r
+
+    def j_of(w):
+        v = w * w * s2 + r
+        return m / 2 * math.log(2 * math.pi * v) + m * w * w * s2 / (2 * v)
+
+    dj = m * w * s2 / v + m * (w * s2 * v - w**3 * s2 * s2) / v**2
+    assert svi.loss(x).item() == pytest.approx(j_of(w), rel=1e-9)
+    loss = svi.loss_and_grads(x)
+    assert loss == pytest.approx(j_of(w), rel=1e-9)
+    assert enc.weight.grad.item() == pytest.approx(dj, rel=1e-7)
+    fd = (j_of(w + 1e-6) - j_of(w - 1e-6)) / 2e-6
+    assert enc.weight.grad.item() == pytest.approx(fd, rel=1e-6)
+
+
+def test_step_updates_weights_with_sgd(float64):
+    x, _ = make_point_sets(2, 20, seed=5)
+    model = _model()
+    svi = ps.NestedSVI(
+        model, GradientAscent(3, 0.2), Reconstruction(), pyro.optim.SGD({"lr": 0.1}), seed=0
+    )
+    before = model.encoder.weight.detach().clone()
+    svi.generator.manual_seed(0)
+    grad = torch.autograd.grad(svi.loss(x), model.encoder.weight)[0]
+    svi.generator.manual_seed(0)
+    svi.step(x)
+    assert torch.allclose(model.encoder.weight, before - 0.1 * grad, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_learned_initializer_gets_gradient_in_mean_and_scale(float64):
+    x, _ = make_point_sets(2, 20, seed=6)
+    model = GaussianMixture(3, 2)
+    init = ps.GaussianInit(model.slot_dim, loc=0.0, scale=0.5)
+    svi = ps.NestedSVI(
+        model,
+        GradientAscent(3, 0.2),
+        NegativeELBO(),
+        pyro.optim.Adam({"lr": 1e-2}),
+        init=init,
+        seed=0,
+    )
+    names = [n for n, _ in svi.named_parameters()]
+    assert names == ["init.loc", "init.log_scale"]
+
+    def j(loc, log_scale):
+        svi.generator.manual_seed(3)
+        with torch.no_grad():
+            init.loc.copy_(loc)
+            init.log_scale.copy_(log_scale)
+        return svi.loss(x)
+
+    loc0, ls0 = init.loc.detach().clone(), init.log_scale.detach().clone()
+    g_loc, g_ls = torch.autograd.grad(j(loc0, ls0), [init.loc, init.log_scale])
+    assert g_loc.abs().sum() > 0 and g_ls.abs().sum() > 0
+    e = torch.zeros_like(loc0)
+    e[1] = 1e-6
+    fd_loc = (j(loc0 + e, ls0).item() - j(loc0 - e, ls0).item()) / 2e-6
+    fd_ls = (j(loc0, ls0 + e).item() - j(loc0, ls0 - e).item()) / 2e-6
+    assert g_loc[1].item() == pytest.approx(fd_loc, rel=1e-4)
+    assert g_ls[1].item() == pytest.approx(fd_ls, rel=1e-4)
+
+
+def test_iteration_weights_linear(float64):
+    """Linear weights: J = Σ_t (t / Σt) J(λ_t), checked against refine's trajectory."""
+    x, _ = make_point_sets(2, 20, seed=7)
+    model = _model()
+    svi = _svi(model, EM(3), iteration_weights="linear")
+    loss = _loss_at(svi, x).item()
+    traj = svi.last_result.trajectory
+    obj = Reconstruction()
+    x_enc = model.encode(x)
+    expected = sum(t / 6 * obj(model, x, x_enc, traj[t]).mean().item() for t in (1, 2, 3))
+    assert loss == pytest.approx(expected, rel=1e-10)
+
+
+def test_nan_in_inner_loop_names_the_step(float64):
+    x, _ = make_point_sets(2, 20, seed=8)
+    model = GaussianMixture(3, 2)
+    with pytest.raises(ps.InnerLoopError, match=r"inner step \d+"):
+        ps.refine(model, x, GradientAscent(20, step_size=1e6), seed=0)
+
+
+def test_non_finite_objective_does_not_update_weights(float64):
+    class Broken(Reconstruction):
+        def forward(self, *args):
+            return super().forward(*args) * float("nan")
+
+    x, _ = make_point_sets(2, 20, seed=9)
+    model = _model()
+    before = model.encoder.weight.detach().clone()
+    svi = _svi(model, EM(2), objective=Broken())
+    with pytest.raises(FloatingPointError, match="task objective"):
+        svi.step(x)
+    assert torch.equal(model.encoder.weight, before)
+
+
+def test_implicit_falls_back_with_warning_when_adjoint_diverges(float64):
+    """A step size large enough to make the update expansive: the adjoint iteration diverges."""
+    x, _ = make_point_sets(2, 20, seed=10)
+    model = _model()
+    svi = _svi(model, GradientAscent(3, step_size=5.0), gradient="implicit", implicit_max_iter=20)
+    with pytest.warns(ps.ImplicitGradientWarning):
+        g_impl = torch.autograd.grad(_loss_at(svi, x), model.encoder.weight)[0]
+    svi_fo = _svi(model, GradientAscent(3, step_size=5.0), gradient="first_order")
+    g_fo = torch.autograd.grad(_loss_at(svi_fo, x), model.encoder.weight)[0]
+    assert torch.allclose(g_impl, g_fo, atol=1e-10)
+    assert svi.implicit.num_fallbacks == 1

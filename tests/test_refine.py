@@ -1,0 +1,124 @@
+import pyro.optim
+import pytest
+import torch
+from pyro_slots.models import GaussianMixture
+
+import pyro_slots as ps
+from pyro_slots.inner import EM, GradientAscent, InnerRule, SoftKMeans
+from tests.conftest import make_point_sets
+
+
+class SpyRule(EM):
+    """EM that counts its steps, to check that validation happens before any work."""
+
+    calls = 0
+
+    def step(self, state, problem, create_graph=False):
+        SpyRule.calls += 1
+        return super().step(state, problem, create_graph)
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, match",
+    [
+        (torch.full((2, 5, 2), float("nan")), {}, "x: contains"),
+        (torch.tensor([[[0.0, float("inf")]]]).expand(2, 5, 2), {}, "x: contains"),
+        (torch.randn(5, 2), {}, r"x: expected shape \(batch, measurements, features\)"),
+        (torch.randn(2, 5, 3), {}, "x: expected 2 features"),
+        (torch.randn(2, 5, 2), {"num_slots": 0}, "num_slots: expected an integer >= 1"),
+        (torch.randn(2, 5, 2), {"num_steps": 0}, "num_steps: expected an integer >= 1"),
+        (torch.randn(2, 5, 2), {"num_restarts": -1}, "num_restarts"),
+        (torch.randn(2, 5, 2), {"tol": -1.0}, "tol: expected a finite number > 0"),
+        (torch.randn(2, 5, 2), {"slots": torch.randn(2, 3, 4)}, r"slots: expected shape \(2,"),
+        (torch.randn(2, 5, 2), {"slots": torch.randn(3, 3, 5)}, r"slots: expected shape \(2,"),
+    ],
+)
+def test_bad_input_raises_before_any_work(x, kwargs, match):
+    SpyRule.calls = 0
+    with pytest.raises(ValueError, match=match):
+        ps.refine(GaussianMixture(3, 2), x, SpyRule(3), **kwargs)
+    assert SpyRule.calls == 0
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: EM(0), "num_steps"),
+        (lambda: GradientAscent(3, step_size=0.0), "step_size"),
+        (lambda: GradientAscent(3, betas=(0.9, 1.0)), "betas"),
+        (lambda: SoftKMeans(3, temperature=-1), "temperature"),
+        (lambda: GaussianMixture(0, 2), "num_slots"),
+        (lambda: ps.GaussianInit(3, scale=0.0), "scale"),
+    ],
+)
+def test_bad_hyperparameters_raise_in_constructor(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_nested_svi_rejects_unknown_modes():
+    gmm = GaussianMixture(2, 2)
+    with pytest.raises(ValueError, match="gradient: expected one of"):
+        ps.NestedSVI(gmm, EM(2), ps.objectives.NegativeELBO(), pyro.optim.Adam({}), gradient="x")
+    with pytest.raises(TypeError, match="optim: expected a pyro.optim"):
+        ps.NestedSVI(gmm, EM(2), ps.objectives.NegativeELBO(), torch.optim.Adam)
+
+
+def test_em_on_model_without_closed_form_is_refused():
+    class NoEM(GaussianMixture):
+        em_update = None
+
+    with pytest.raises(ps.CapabilityError, match="closed-form em_update"):
+        ps.refine(NoEM(2, 2), torch.randn(2, 5, 2), EM(3))
+
+
+def test_restarts_are_independent_and_best_picks_max(float64):
+    x, _ = make_point_sets(4, 30, seed=0)
+    gmm = GaussianMixture(3, 2)
+    res = ps.refine(gmm, x, EM(10), seed=1, num_restarts=3)
+    assert res.slots.shape == (3, 4, 3, 5) and res.history.shape == (11, 3, 4)
+    assert not torch.allclose(res.initial_slots[0], res.initial_slots[1])
+    # Each restart equals a single run from the same initial slots.
+    for r in range(3):
+        single = ps.refine(gmm, x, EM(10), slots=res.initial_slots[r])
+        assert torch.allclose(single.elbo, res.elbo[r], atol=1e-10)
+    best = res.best()
+    assert torch.equal(best.elbo, res.elbo.max(0).values)
+    assert best.slots.shape == (4, 3, 5)
+
+
+def test_same_seed_same_result_and_history_starts_at_initial_elbo(float64):
+    x, _ = make_point_sets(3, 30, seed=1)
+    gmm = GaussianMixture(3, 2)
+    a = ps.refine(gmm, x, EM(5), seed=3)
+    b = ps.refine(gmm, x, EM(5), seed=3)
+    assert torch.equal(a.slots, b.slots)
+    assert torch.allclose(a.history[0], ps.per_datapoint_elbo(gmm, x, a.initial_slots))
+    assert torch.allclose(a.history[-1], a.elbo)
+
+
+def test_early_stopping_at_tolerance(float64):
+    x, _ = make_point_sets(3, 30, seed=2, spread=8.0)
+    gmm = GaussianMixture(3, 2)
+    res = ps.refine(gmm, x, EM(500), seed=0, tol=1e-8)
+    assert res.num_steps < 500
+    assert (res.residuals[-1] < 1e-8).all()
+    assert res.history.shape == (res.num_steps + 1, 3)
+
+
+def test_dict_slots_and_test_time_num_slots(float64):
+    x, _ = make_point_sets(2, 30, seed=3)
+    gmm = GaussianMixture(3, 2)
+    init = gmm.init_slots(x, 5, torch.Generator().manual_seed(0))
+    res = ps.refine(gmm, x, EM(5), slots=gmm.slot_spec.split(init))
+    assert res.slots.shape == (2, 5, 5)
+    assert res.responsibilities.shape == (2, 5, 30)
+    assert torch.allclose(res.responsibilities.sum(1), torch.ones(2, 30))
+
+
+def test_inner_rule_base_requires_step():
+    class Incomplete(InnerRule):
+        pass
+
+    with pytest.raises(TypeError, match="must define step"):
+        ps.refine(GaussianMixture(2, 2), torch.randn(1, 4, 2), Incomplete(2))
