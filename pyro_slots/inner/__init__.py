@@ -7,13 +7,19 @@ is one argument of :func:`pyro_slots.refine` or :class:`pyro_slots.NestedSVI`.
 from .base import InnerProblem, InnerRule, InnerState, StepInfo
 from .em import EM, SoftKMeans
 from .gradient import GradientAscent
+from .hybrid import Hybrid
+from .learned_gradient import LearnedGradient
+from .slot_attention import SlotAttention
 
 __all__ = [
     "EM",
     "GradientAscent",
+    "Hybrid",
     "InnerProblem",
     "InnerRule",
     "InnerState",
+    "LearnedGradient",
+    "SlotAttention",
     "SoftKMeans",
     "StepInfo",
 ]

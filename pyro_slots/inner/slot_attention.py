@@ -1,0 +1,228 @@
+"""Slot attention as a learned inner rule (Locatello et al. 2020; Eq. 5 of the seed paper)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..validation import CapabilityError, check_positive_float, check_positive_int
+from .base import InnerProblem, InnerRule, InnerState, StepInfo
+
+__all__ = ["SlotAttention"]
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+
+
+class SlotAttention(InnerRule):
+    r"""The slot-attention update as an inner rule ``λ_{t+1} = f_w(λ_t, x̃)``.
+
+    One step, for every datapoint (``s`` are the slots' hidden vectors ``(batch, K, hidden)``,
+    ``x̃`` the encoded measurements ``(batch, M, input_dim)``)::
+
+        n = LayerNorm(encoder(x̃))                        # (batch, M, hidden)
+        q, k, v = W_q LayerNorm(s), W_k n, W_v n           # per head, head_dim = hidden / heads
+        a = softmax_K(q k^T / sqrt(head_dim)) + eps        # (batch, heads, K, M): slots compete
+        u = (a / sum_M a) v                                # weighted mean over measurements
+        s' = GRUCell(u, s);  s' = s' + MLP(LayerNorm(s'))
+
+    This is Algorithm 1 of Locatello et al. (2020): softmax over the *slots*, attention
+    renormalized over the measurements with ``eps = 1e-8``, a GRU and a residual MLP. With
+    ``num_heads > 1`` the logits are scaled by ``head_dim ** -0.5`` (Vaswani et al. 2017), not by
+    ``hidden_dim ** -0.5`` as in lucidrains' port, and the heads are concatenated and projected
+    back to ``hidden_dim``; ``num_heads = 1`` is exactly the paper's single-head update. Without
+    the extra ``encoder`` the inputs are layer-normalized raw measurements, as in the paper's
+    Algorithm 1; the encoder (on by default) is the paper's per-position MLP applied to the
+    measurements before the attention (useful when ``input_dim`` is small, e.g. 2-D points, where
+    a LayerNorm over the raw features would discard almost everything).
+
+    **Slots of any model.** When the model's slots are the hidden vectors themselves
+    (``slot_dim == hidden_dim`` and ``moments=False``) the rule is the paper's: ``λ = s``. Otherwise
+    per-slot MLPs translate between the two (equivariant, shared by all slots):
+    ``s_t = h_t + embed(λ_t)`` and ``λ_{t+1} = readout(h_{t+1})``, where the hidden state
+    ``h_t`` (zero at ``t = 0``) is carried in ``InnerState.aux``. Feeding ``embed(λ_t)`` into
+    every step (rather than only at ``t = 0``) keeps the step a function of ``λ_t``, so
+    first-order and implicit gradients reach ``embed`` too; for implicit differentiation ``h`` is
+    held fixed at its final value.
+
+    With ``moments=True`` the readout also sees, per slot, the attention-weighted mean and log
+    standard deviation of the raw inputs and the log of the slot's share of the attention,
+    ``(2 input_dim + 1)`` numbers — the slot's position and scale of Invariant Slot Attention
+    (Biza et al. 2023) — through an MLP and a linear skip. For a Gaussian mixture this gives the
+    readout a soft M-step on the attention to refine, instead of having to decode coordinates
+    from the normalized features.
+
+    The weights do not depend on the number of slots, so ``refine(..., num_slots=K)`` may use
+    another ``K`` than training. The rule is equivariant under permutations of the slots and
+    vectorized over the batch. It never draws random numbers: λ_0 comes from ``slot_init`` (a
+    :class:`~pyro_slots.init.SlotInitializer`, trained with the rule when learnable) or, when it
+    is ``None``, from the model's ``init_slots`` (k-means++ for
+    :class:`~pyro_slots.models.GaussianMixture`).
+
+    Example::
+
+        gmm = GaussianMixture(num_slots=4, dim=2)
+        rule = SlotAttention(num_steps=3, slot_dim=gmm.slot_dim, input_dim=2, moments=True)
+        svi = NestedSVI(gmm, rule, NegativeELBO(), pyro.optim.Adam({"lr": 1e-3}))
+
+    :param int num_steps: default number of iterations ``T``.
+    :param int slot_dim: size of one slot ``λ^{n,k}`` of the model (``model.slot_dim``).
+    :param int input_dim: features per encoded measurement (last dim of ``problem.x``).
+    :param int hidden_dim: size of the slots' hidden vectors and of the attention.
+    :param int num_heads: attention heads; must divide ``hidden_dim``.
+    :param int mlp_hidden_dim: hidden width of the residual MLP (default ``2 hidden_dim``).
+    :param bool encoder: apply a per-measurement MLP ``input_dim -> hidden_dim`` before the
+        input LayerNorm.
+    :param bool moments: give the readout the attention-weighted moments of the raw inputs.
+    :param float eps: offset added to the attention before renormalizing over measurements, > 0.
+    :param slot_init: optional :class:`~pyro_slots.init.SlotInitializer` of dimension
+        ``slot_dim`` drawing λ_0 (``refine`` and ``NestedSVI`` use it when present).
+    """
+
+    def __init__(
+        self,
+        num_steps: int = 3,
+        *,
+        slot_dim: int,
+        input_dim: int,
+        hidden_dim: int = 64,
+        num_heads: int = 1,
+        mlp_hidden_dim: int | None = None,
+        encoder: bool = True,
+        moments: bool = False,
+        eps: float = 1e-8,
+        slot_init=None,
+    ):
+        super().__init__(num_steps)
+        self.slot_dim = check_positive_int(slot_dim, "slot_dim")
+        self.input_dim = check_positive_int(input_dim, "input_dim")
+        self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
+        self.num_heads = check_positive_int(num_heads, "num_heads")
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(
+                f"num_heads: must divide hidden_dim={self.hidden_dim}, got {self.num_heads}"
+            )
+        self.head_dim = self.hidden_dim // self.num_heads
+        mlp_hidden_dim = 2 * self.hidden_dim if mlp_hidden_dim is None else mlp_hidden_dim
+        mlp_hidden_dim = check_positive_int(mlp_hidden_dim, "mlp_hidden_dim")
+        self.eps = check_positive_float(eps, "eps")
+        self.moments = bool(moments)
+        if slot_init is not None and getattr(slot_init, "dim", self.slot_dim) != self.slot_dim:
+            raise ValueError(
+                f"slot_init: expected an initializer of dimension slot_dim={self.slot_dim}, "
+                f"got dim={slot_init.dim}"
+            )
+        self.slot_init = slot_init
+
+        d = self.hidden_dim
+        self.encoder = _mlp(self.input_dim, d, d) if encoder else None
+        feature_dim = d if encoder else self.input_dim
+        self.norm_inputs = nn.LayerNorm(feature_dim)
+        self.norm_slots = nn.LayerNorm(d)
+        self.to_q = nn.Linear(d, d, bias=False)
+        self.to_k = nn.Linear(feature_dim, d, bias=False)
+        self.to_v = nn.Linear(feature_dim, d, bias=False)
+        self.to_out = nn.Linear(d, d) if self.num_heads > 1 else None
+        self.gru = nn.GRUCell(d, d)
+        self.norm_mlp = nn.LayerNorm(d)
+        self.mlp = _mlp(d, mlp_hidden_dim, d)
+
+        # λ and the hidden vectors coincide only for the paper's setting.
+        self.translate = self.moments or self.slot_dim != d
+        if self.translate:
+            self.embed = _mlp(self.slot_dim, d, d)
+            num_moments = 2 * self.input_dim + 1 if self.moments else 0
+            self.readout = _mlp(d + num_moments, d, self.slot_dim)
+            self.readout_skip = nn.Linear(num_moments, self.slot_dim) if self.moments else None
+        else:
+            self.embed = self.readout = self.readout_skip = None
+
+    # ------------------------------------------------------------------ interface
+    def check_model(self, model):
+        slot_dim = getattr(model, "slot_dim", None)
+        if slot_dim != self.slot_dim:
+            raise CapabilityError(
+                f"SlotAttention was built for slot_dim={self.slot_dim}, but "
+                f"{type(model).__name__} has slot_dim={slot_dim}; build it with "
+                f"slot_dim=model.slot_dim"
+            )
+
+    def init(self, problem: InnerProblem, slots: torch.Tensor) -> InnerState:
+        self._check_shapes(problem.x, slots)
+        aux = (slots.new_zeros(*slots.shape[:2], self.hidden_dim),) if self.translate else ()
+        return InnerState(slots=slots, step=0, aux=aux)
+
+    def step(self, state: InnerState, problem: InnerProblem, create_graph: bool = False):
+        slots, x = state.slots, problem.x
+        self._check_shapes(x, slots)
+        # The ELBO at λ_t is only a diagnostic (the history); no graph is needed for it.
+        with torch.no_grad():
+            elbo = problem.elbo(slots)
+        s = state.aux[0] + self.embed(slots) if self.translate else slots
+        attn, updates = self.attend(s, x)
+        batch, num_slots, d = s.shape
+        h = self.gru(updates.reshape(-1, d), s.reshape(-1, d)).reshape(batch, num_slots, d)
+        h = h + self.mlp(self.norm_mlp(h))
+        if self.translate:
+            new_slots = self._readout(h, attn, x)
+            aux = (h,)
+        else:
+            new_slots, aux = h, ()
+        info = StepInfo(elbo=elbo, responsibilities=attn.mean(1).detach())
+        return InnerState(new_slots, state.step + 1, aux), info
+
+    # ------------------------------------------------------------------ the update
+    def attend(self, s: torch.Tensor, x: torch.Tensor):
+        """Attention and updates of slots ``s`` (batch, K, hidden) over inputs ``x`` (batch, M, F).
+
+        :returns: ``attn`` ``(batch, heads, K, M)`` (softmax over the slots, plus ``eps``) and
+            the updates ``(batch, K, hidden)`` (attention-weighted means of the values).
+        """
+        batch, num_slots, _ = s.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        inputs = self.norm_inputs(x if self.encoder is None else self.encoder(x))
+        # Heads as a leading axis and the slot axis off the last dim: the softmax over slots
+        # reduces over dim 2 of (batch, heads, K, M).
+        q = self.to_q(self.norm_slots(s)).reshape(batch, num_slots, heads, head_dim).transpose(1, 2)
+        k = self.to_k(inputs).reshape(batch, -1, heads, head_dim).transpose(1, 2)
+        v = self.to_v(inputs).reshape(batch, -1, heads, head_dim).transpose(1, 2)
+        logits = torch.matmul(q, k.transpose(-1, -2)) * head_dim**-0.5  # (b, h, K, M)
+        attn = torch.softmax(logits, dim=2) + self.eps
+        weights = attn / attn.sum(-1, keepdim=True)
+        updates = torch.matmul(weights, v)  # (b, h, K, head_dim)
+        updates = updates.transpose(1, 2).reshape(batch, num_slots, heads * head_dim)
+        if self.to_out is not None:
+            updates = self.to_out(updates)
+        return attn, updates
+
+    def _readout(self, h: torch.Tensor, attn: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.moments:
+            return self.readout(h)
+        attn = attn.mean(1)  # (batch, K, M), averaged over heads
+        mass = attn.sum(-1, keepdim=True)  # (batch, K, 1)
+        weights = attn / mass
+        mean = torch.matmul(weights, x)  # (batch, K, F)
+        var = torch.matmul(weights, x * x) - mean * mean
+        log_std = 0.5 * (var.clamp_min(0) + self.eps).log()
+        log_share = (mass / x.shape[1]).log()
+        stats = torch.cat([mean, log_std, log_share], dim=-1)
+        return self.readout(torch.cat([h, stats], dim=-1)) + self.readout_skip(stats)
+
+    def _check_shapes(self, x: torch.Tensor, slots: torch.Tensor):
+        if x.dim() != 3 or x.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"problem.x: expected encoded measurements (batch, M, {self.input_dim}), "
+                f"got {tuple(x.shape)}; build SlotAttention with input_dim={x.shape[-1]}"
+            )
+        if slots.dim() != 3 or slots.shape[0] != x.shape[0] or slots.shape[-1] != self.slot_dim:
+            raise ValueError(
+                f"slots: expected shape ({x.shape[0]}, num_slots, {self.slot_dim}), "
+                f"got {tuple(slots.shape)}"
+            )
+
+    def extra_repr(self):
+        return (
+            f"num_steps={self.num_steps}, slot_dim={self.slot_dim}, input_dim={self.input_dim}, "
+            f"hidden_dim={self.hidden_dim}, num_heads={self.num_heads}, moments={self.moments}"
+        )
