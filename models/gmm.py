@@ -50,6 +50,7 @@ class GaussianMixture(SlotModel):
     ):
         dim = check_positive_int(dim, "dim")
         super().__init__(SlotSpec({"loc": (dim,), "log_scale": (dim,), "logit": ()}), dim)
+        self.assignment_site = "assignment"
         self.num_slots = check_positive_int(num_slots, "num_slots")
         self.dim = dim
         self.encoder = encoder

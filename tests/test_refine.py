@@ -66,9 +66,9 @@ def test_nested_svi_rejects_unknown_modes():
 
 def test_em_on_model_without_closed_form_is_refused():
     class NoEM(GaussianMixture):
-        em_update = None
+        m_step = None
 
-    with pytest.raises(ps.CapabilityError, match="closed-form em_update"):
+    with pytest.raises(ps.CapabilityError, match="closed-form m_step"):
         ps.refine(NoEM(2, 2), torch.randn(2, 5, 2), EM(3))
 
 

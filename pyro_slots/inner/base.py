@@ -14,7 +14,7 @@ import torch
 from pyro.nn import PyroModule
 
 from ..elbo import PerDatapointELBO
-from ..validation import check_positive_int
+from ..validation import CapabilityError, check_positive_int
 
 __all__ = ["InnerProblem", "InnerRule", "InnerState", "StepInfo"]
 
@@ -61,6 +61,23 @@ class InnerProblem:
     def elbo(self, slots: torch.Tensor) -> torch.Tensor:
         """ELBO of every datapoint, ``(batch,)``, differentiable in slots and weights."""
         return self.estimator(self.model, self.x, slots)
+
+    def elbo_and_responsibilities(self, slots: torch.Tensor):
+        """``(L(λ), p(z^{n,m} = k | x, λ))`` from one evaluation of the Pyro program.
+
+        ``z`` is the model's enumerated assignment site (``model.assignment_site``); the
+        responsibilities have shape ``(batch, num_slots, measurements)``.
+        """
+        site = getattr(self.model, "assignment_site", None)
+        if site is None:
+            raise CapabilityError(
+                f"{type(self.model).__name__} declares no assignment_site (the enumerated "
+                "sample site of the slot assignments)"
+            )
+        elbo, log_post = self.estimator.elbo_and_posterior(self.model, self.x, slots, site)
+        batch, num_points = self.x.shape[:2]
+        resp = log_post.exp().reshape(slots.shape[1], batch, num_points).movedim(0, 1)
+        return elbo, resp
 
     def elbo_and_grad(self, slots: torch.Tensor, create_graph: bool = False):
         """``(L(λ), ∇_λ L(λ))`` per datapoint; the gradient has the shape of ``slots``.

@@ -21,20 +21,26 @@ class EM(InnerRule):
 
     The E-step sets ``q(z)`` to the exact posterior under ``λ_t``; the M-step maximizes the
     expected complete log-likelihood in closed form. Both are coordinate ascent on the ELBO, so
-    the ELBO never decreases (Neal & Hinton 1998). The model provides the closed forms through
-    ``em_update(x, slots) -> (slots, responsibilities)``; see
+    the ELBO never decreases (Neal & Hinton 1998). The E-step is the posterior of the model's
+    enumerated ``assignment_site``, computed from the Pyro program in the same pass as the
+    ELBO; the model provides the M-step, ``m_step(x, responsibilities, slots)``; see
     :class:`pyro_slots.models.GaussianMixture`.
 
     :param int num_steps: default number of EM iterations.
     """
 
     def check_model(self, model):
-        _require(model, "em_update", "EM")
+        _require(model, "m_step", "EM")
+        if getattr(model, "assignment_site", None) is None:
+            raise CapabilityError(
+                f"EM needs a model with an enumerated assignment_site; {type(model).__name__} "
+                "declares none"
+            )
 
     def step(self, state: InnerState, problem: InnerProblem, create_graph: bool = False):
-        elbo = problem.elbo(state.slots).detach()
-        slots, resp = problem.model.em_update(problem.x, state.slots)
-        return InnerState(slots, state.step + 1, state.aux), StepInfo(elbo, resp.detach())
+        elbo, resp = problem.elbo_and_responsibilities(state.slots)
+        slots = problem.model.m_step(problem.x, resp, state.slots)
+        return InnerState(slots, state.step + 1, state.aux), StepInfo(elbo.detach(), resp.detach())
 
 
 class SoftKMeans(InnerRule):
@@ -54,16 +60,25 @@ class SoftKMeans(InnerRule):
         self.temperature = check_positive_float(temperature, "temperature")
 
     def check_model(self, model):
-        _require(model, "soft_kmeans_update", "SoftKMeans")
+        _require(model, "m_step", "SoftKMeans")
         _require(model, "isotropic", "SoftKMeans")
+        if getattr(model, "assignment_site", None) is None:
+            raise CapabilityError(
+                f"SoftKMeans needs a model with an enumerated assignment_site; "
+                f"{type(model).__name__} declares none"
+            )
 
     def init(self, problem, slots):
         return InnerState(problem.model.isotropic(slots, self.temperature), step=0, aux=())
 
     def step(self, state: InnerState, problem: InnerProblem, create_graph: bool = False):
-        elbo = problem.elbo(state.slots).detach()
-        slots, resp = problem.model.soft_kmeans_update(problem.x, state.slots, self.temperature)
-        return InnerState(slots, state.step + 1, state.aux), StepInfo(elbo, resp.detach())
+        # The model's ELBO at isotropic slots is the soft k-means ELBO; its posterior is the
+        # soft assignment (softmax of -|x - μ|² / 2T).
+        elbo, resp = problem.elbo_and_responsibilities(state.slots)
+        slots = problem.model.m_step(
+            problem.x, resp, state.slots, fixed_variance=self.temperature, fixed_weights=True
+        )
+        return InnerState(slots, state.step + 1, state.aux), StepInfo(elbo.detach(), resp.detach())
 
     def extra_repr(self):
         return f"num_steps={self.num_steps}, temperature={self.temperature}"
