@@ -1,5 +1,16 @@
 """The pyro_slots model zoo (installed as :mod:`pyro_slots.models`)."""
 
+from .blocks import CNNEncoder, SoftPositionEmbed, SpatialBroadcastDecoder
 from .gmm import GaussianMixture, kmeans_plus_plus
+from .iodine import IODINE
+from .slot_autoencoder import SlotAutoencoder
 
-__all__ = ["GaussianMixture", "kmeans_plus_plus"]
+__all__ = [
+    "CNNEncoder",
+    "GaussianMixture",
+    "IODINE",
+    "SlotAutoencoder",
+    "SoftPositionEmbed",
+    "SpatialBroadcastDecoder",
+    "kmeans_plus_plus",
+]

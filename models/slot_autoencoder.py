@@ -1,0 +1,290 @@
+"""Slot Attention autoencoder as a Pyro program: meta-learned parameter estimation on images.
+
+Locatello et al. (2020) encode an image into a set of feature vectors, refine ``K`` slots over
+them with an iterated attention update, and decode every slot into an RGB image and a mask. In
+the reading of §3.2-3.3 of the seed paper the slots ``λ^{n,k}`` are the component means of a
+per-image mixture model over the encoded measurements ``x̃^{n,m}``, fitted by an inner rule that
+improves that mixture's ELBO; soft k-means is the exact fixed rule (Bottou & Bengio 1995) and the
+``SlotAttention`` rule its learned generalization. The decoder and the reconstruction task
+objective J live outside the inner problem.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.ops.indexing import Vindex
+from torch import nn
+
+from pyro_slots.init import GaussianInit
+from pyro_slots.model import SlotModel, SlotSpec
+from pyro_slots.validation import check_positive_float, check_positive_int, check_slots
+
+from .blocks import CNNEncoder, SpatialBroadcastDecoder, _int_tuple, _pair
+
+__all__ = ["SlotAutoencoder"]
+
+
+class SlotAutoencoder(SlotModel):
+    r"""Slot Attention autoencoder (Locatello et al. 2020) with an explicit inner mixture model.
+
+    **Encoder** ``w_e`` (:meth:`encode`): :class:`~pyro_slots.models.blocks.CNNEncoder`, images
+    ``(batch, 3, H, W)`` to measurements ``x̃`` of shape ``(batch, M, feature_dim)``.
+
+    **Inner ELBO** (:meth:`model`): every image is a mixture of ``K`` isotropic Gaussians over its
+    measurements, with uniform weights, a fixed variance σ² (:attr:`variance`) and component
+    means ``μ_k = A λ_k`` (``A`` the identity when ``slot_dim == feature_dim``, else a shared
+    linear map without bias)::
+
+        z^{n,m} ~ Categorical(1/K, ..., 1/K)                  # enumerated
+        x̃^{n,m} ~ Normal(A λ^{n, z^{n,m}}, σ I)
+
+    Assignments are enumerated, so the ELBO is the exact log-likelihood. Its coordinate ascent
+    is soft k-means with temperature σ²: the :class:`~pyro_slots.inner.EM` and
+    :class:`~pyro_slots.inner.SoftKMeans` rules read the E-step from this program
+    (:attr:`assignment_site`) and call :meth:`m_step`; the
+    default σ² = √feature_dim makes the responsibilities ``softmax_k(x̃·μ_k/σ² - |μ_k|²/2σ²)``
+    match the scaled dot-product attention of Slot Attention.
+
+    **Decoder** ``w_d`` (:meth:`decode`): every slot goes through a
+    :class:`~pyro_slots.models.blocks.SpatialBroadcastDecoder` to RGB and a mask logit per pixel;
+    masks are a softmax over slots and the image is ``Σ_k mask_k · rgb_k`` (:meth:`reconstruct`,
+    used by :class:`~pyro_slots.objectives.Reconstruction`).
+
+    The default sizes suit a CPU (a stride-2 encoder, decoding at quarter resolution and two
+    upsampling layers); :meth:`paper_size` builds the architecture of the paper's Tetrominoes /
+    Multi-dSprites experiments.
+
+    Example::
+
+        model = SlotAutoencoder(image_size=35, num_slots=4)
+        svi = NestedSVI(model, SlotAttention(...), Reconstruction(), pyro.optim.Adam({"lr": 4e-4}))
+        svi.step(images)  # images (batch, 3, 35, 35)
+
+    :param image_size: ``H`` or ``(H, W)`` of the images.
+    :param int num_slots: default ``K``.
+    :param int feature_dim: size of a measurement ``x̃^{n,m}``.
+    :param int slot_dim: size of a slot ``λ^{n,k}``; default ``feature_dim`` (then ``A = I``).
+    :param float variance: σ² of the inner mixture, > 0; default ``√feature_dim``.
+    :param encoder_channels: channels of the encoder's convolutions.
+    :param encoder_strides: their strides (default: 1, 2, 1, 1 -- a quarter of the positions).
+    :param decoder_channels: channels of the decoder's hidden convolutions.
+    :param decoder_broadcast: broadcast resolution of the decoder; default ``ceil(H/4)``.
+    :param int decoder_upsample: number of stride-2 upsampling layers of the decoder.
+    :param int kernel_size: kernel size of the hidden convolutions.
+    :param int in_channels: image channels.
+    """
+
+    def __init__(
+        self,
+        image_size=35,
+        num_slots: int = 4,
+        feature_dim: int = 64,
+        slot_dim: int | None = None,
+        variance: float | None = None,
+        encoder_channels=(32, 32, 32, 32),
+        encoder_strides=(1, 2, 1, 1),
+        decoder_channels=(32, 32, 16),
+        decoder_broadcast=None,
+        decoder_upsample: int = 2,
+        kernel_size: int = 5,
+        in_channels: int = 3,
+    ):
+        feature_dim = check_positive_int(feature_dim, "feature_dim")
+        slot_dim = feature_dim if slot_dim is None else check_positive_int(slot_dim, "slot_dim")
+        super().__init__(SlotSpec({"loc": (slot_dim,)}), feature_dim)
+        #: The enumerated site whose posterior EM / soft k-means read from the Pyro program.
+        self.assignment_site = "assignment"
+        self.image_size = _pair(image_size, "image_size")
+        self.num_slots = check_positive_int(num_slots, "num_slots")
+        self.variance = (
+            math.sqrt(feature_dim)
+            if variance is None
+            else check_positive_float(variance, "variance")
+        )
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        decoder_upsample = check_positive_int(decoder_upsample, "decoder_upsample", minimum=0)
+        if decoder_broadcast is None:
+            scale = 2**decoder_upsample
+            decoder_broadcast = tuple(-(-s // scale) for s in self.image_size)
+        self.encoder = CNNEncoder(
+            self.image_size,
+            in_channels=self.in_channels,
+            channels=_int_tuple(encoder_channels, "encoder_channels"),
+            strides=_int_tuple(encoder_strides, "encoder_strides"),
+            kernel_size=kernel_size,
+            feature_dim=feature_dim,
+        )
+        self.decoder = SpatialBroadcastDecoder(
+            slot_dim,
+            self.image_size,
+            out_channels=self.in_channels + 1,
+            channels=_int_tuple(decoder_channels, "decoder_channels"),
+            broadcast_resolution=_pair(decoder_broadcast, "decoder_broadcast"),
+            num_upsample=decoder_upsample,
+            kernel_size=kernel_size,
+        )
+        # A = I when slots live in feature space; otherwise a shared linear map (no bias, so the
+        # M-step stays a least-squares projection).
+        self.slot_to_feature = (
+            None if slot_dim == feature_dim else nn.Linear(slot_dim, feature_dim, bias=False)
+        )
+        self.slot_init = GaussianInit(slot_dim)
+
+    @classmethod
+    def paper_size(cls, image_size=35, num_slots: int = 4, **kwargs) -> SlotAutoencoder:
+        """The Tetrominoes / Multi-dSprites architecture of Locatello et al. (2020, appendix E).
+
+        Four ``5 x 5`` convolutions with 32 channels at full resolution, 64-dimensional
+        measurements and slots, and a decoder broadcasting at full resolution with three
+        ``5 x 5`` convolutions of 32 channels.
+        """
+        config = dict(
+            feature_dim=64,
+            encoder_channels=(32, 32, 32, 32),
+            encoder_strides=(1, 1, 1, 1),
+            decoder_channels=(32, 32, 32),
+            decoder_broadcast=image_size,
+            decoder_upsample=0,
+            kernel_size=5,
+        )
+        config.update(kwargs)
+        return cls(image_size=image_size, num_slots=num_slots, **config)
+
+    @property
+    def num_measurements(self) -> int:
+        return self.encoder.num_measurements
+
+    # ---------------------------------------------------------------------- encoder
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(batch, C, H, W)`` to measurements ``(batch, M, feature_dim)``."""
+        return self.encoder(x)
+
+    # ------------------------------------------------------------------ Pyro program
+    def component_means(self, slots: torch.Tensor) -> torch.Tensor:
+        """``μ = A λ`` of shape ``(batch, K, feature_dim)`` from slots ``(batch, K, slot_dim)``."""
+        loc = self.slot_spec.split(slots)["loc"]
+        return loc if self.slot_to_feature is None else self.slot_to_feature(loc)
+
+    def model(self, x: torch.Tensor, slots: torch.Tensor):
+        batch, num_measurements, _ = x.shape
+        check_slots(slots, "slots", batch, self.slot_dim)
+        means = self.component_means(slots)
+        num_slots = means.shape[1]
+        logits = means.new_zeros(batch, 1, num_slots)  # uniform mixing weights
+        scale = math.sqrt(self.variance)
+        with pyro.plate(self.batch_plate, batch, dim=-2) as n:
+            with pyro.plate("measurements", num_measurements, dim=-1):
+                z = pyro.sample(
+                    "assignment", dist.Categorical(logits=logits), infer={"enumerate": "parallel"}
+                )
+                pyro.sample(
+                    "obs",
+                    dist.Normal(Vindex(means)[n.unsqueeze(-1), z], scale).to_event(1),
+                    obs=x,
+                )
+
+    # --------------------------------------------------------------- closed-form rules
+    def log_joint(self, x: torch.Tensor, slots: torch.Tensor, variance: float | None = None):
+        """``log(1/K) + log N(x̃_m | μ_k, σ² I)`` of shape ``(batch, K, M)``.
+
+        :param float variance: σ²; default :attr:`variance` (the model's own).
+        """
+        variance = self.variance if variance is None else variance
+        means = self.component_means(slots)  # (B, K, F)
+        comp = dist.Normal(means.unsqueeze(-2), math.sqrt(variance)).to_event(1)  # (B, K, 1)
+        return comp.log_prob(x.unsqueeze(1)) - math.log(means.shape[1])
+
+    def responsibilities(self, x, slots, variance: float | None = None) -> torch.Tensor:
+        """Posterior ``p(z^{n,m} = k | x̃, λ)`` of shape ``(batch, K, M)``."""
+        return torch.softmax(self.log_joint(x, slots, variance), dim=1)
+
+    def m_step(
+        self,
+        x: torch.Tensor,
+        resp: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        fixed_variance: float | None = None,
+        fixed_weights: bool = True,
+    ) -> torch.Tensor:
+        """Closed-form maximizer over λ of the expected complete log-likelihood.
+
+        ``λ_k = A⁺ x̄_k`` with ``x̄_k = Σ_m r_km x̃_m / Σ_m r_km`` (``A⁺`` the pseudo-inverse:
+        least squares when ``A`` is tall, the minimum-norm solution when it is wide). Variance and
+        weights are constants of the model, so ``fixed_variance`` (checked against
+        :attr:`variance`) and ``fixed_weights`` change nothing: EM and soft k-means coincide.
+
+        :param x: ``(batch, M, feature_dim)``; :param resp: ``(batch, K, M)``.
+        :param slots: the current slots (unused: the update does not depend on them).
+        :returns: slots ``(batch, K, slot_dim)``.
+        """
+        if fixed_variance is not None:
+            self._check_temperature(fixed_variance)
+        if resp.dim() != 3 or resp.shape[0] != x.shape[0] or resp.shape[2] != x.shape[1]:
+            raise ValueError(
+                f"resp: expected shape ({x.shape[0]}, num_slots, {x.shape[1]}), "
+                f"got {tuple(resp.shape)}"
+            )
+        eps = 10 * torch.finfo(x.dtype).eps
+        weights = resp / (resp.sum(-1, keepdim=True) + eps)
+        means = torch.einsum("bkm,bmf->bkf", weights, x)
+        if self.slot_to_feature is not None:
+            pinv = torch.linalg.pinv(self.slot_to_feature.weight.to(x.dtype))  # (slot_dim, F)
+            means = means @ pinv.transpose(0, 1)
+        return self.slot_spec.pack({"loc": means})
+
+    def em_update(self, x: torch.Tensor, slots: torch.Tensor):
+        """One EM step (soft k-means at σ²), closed-form responsibilities: ``(slots, resp)``."""
+        resp = self.responsibilities(x, slots)
+        return self.m_step(x, resp, slots), resp
+
+    def _check_temperature(self, temperature: float) -> None:
+        temperature = check_positive_float(temperature, "temperature")
+        if not math.isclose(temperature, self.variance, rel_tol=1e-9):
+            raise ValueError(
+                f"temperature: the inner mixture of {type(self).__name__} has the fixed variance "
+                f"{self.variance}, got temperature {temperature}; build the rule with "
+                "temperature=model.variance (or the model with variance=temperature)"
+            )
+
+    def isotropic(self, slots: torch.Tensor, variance: float) -> torch.Tensor:
+        """Slots are means only: the soft k-means family is the model itself (identity).
+
+        :raises ValueError: if ``variance`` differs from the model's :attr:`variance` -- soft
+            k-means at another temperature would improve another mixture's ELBO.
+        """
+        self._check_temperature(variance)
+        return slots
+
+    def soft_kmeans_update(self, x: torch.Tensor, slots: torch.Tensor, temperature: float):
+        """Soft k-means step at ``temperature`` (must be σ²): ``(slots, resp (batch, K, M))``."""
+        self._check_temperature(temperature)
+        return self.em_update(x, slots)
+
+    # ---------------------------------------------------------------------- decoder
+    def decode(self, slots: torch.Tensor):
+        """Decode slots ``(batch, K, slot_dim)`` into images.
+
+        :returns: ``(recon (batch, C, H, W), rgb (batch, K, C, H, W), masks (batch, K, H, W))``
+            with masks a softmax over slots and ``recon = Σ_k masks_k · rgb_k``.
+        """
+        if slots.dim() != 3 or slots.shape[-1] != self.slot_dim:
+            raise ValueError(
+                f"slots: expected shape (batch, num_slots, {self.slot_dim}), "
+                f"got {tuple(slots.shape)}"
+            )
+        batch, num_slots, _ = slots.shape
+        loc = self.slot_spec.split(slots)["loc"]
+        out = self.decoder(loc.reshape(batch * num_slots, -1))
+        out = out.reshape(batch, num_slots, *out.shape[1:])  # (B, K, C + 1, H, W)
+        rgb = out[:, :, : self.in_channels]
+        masks = torch.softmax(out[:, :, self.in_channels], dim=1)
+        recon = (masks.unsqueeze(2) * rgb).sum(1)
+        return recon, rgb, masks
+
+    def reconstruct(self, x_enc: torch.Tensor, slots: torch.Tensor, x_raw=None) -> torch.Tensor:
+        """The decoded image ``(batch, C, H, W)`` (``x_enc`` and ``x_raw`` are not needed)."""
+        return self.decode(slots)[0]
