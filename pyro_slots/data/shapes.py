@@ -231,8 +231,9 @@ def generate_shapes(
 ) -> dict[str, torch.Tensor]:
     """Scenes ``start .. start + num_images - 1`` of the shapes generator, stacked.
 
-    Vectorized over scenes with numpy (about 10,000 64×64 scenes in a few seconds); scene ``i``
-    depends only on ``(seed, i)`` and the configuration, not on ``start`` or ``chunk_size``.
+    Vectorized over scenes with numpy (10,000 64×64 scenes in 7-14 s on 2 cores, see
+    ``benchmarks/results/data.md``). Scene ``i`` depends only on ``(seed, i)`` and the
+    configuration, not on ``start`` or ``chunk_size``.
 
     :param int num_images: number of scenes ``N``.
     :param int image_size: height and width ``H = W`` in pixels.

@@ -60,6 +60,9 @@ class SetPrediction(Objective):
     :param float presence_weight: ``w_o``.
     :param str shape_key: the batch key :meth:`targets_from_batch` reads the shape class from
         (``"attr_shape"``, or ``"attr_piece"`` for the 19 tetromino orientations).
+    :param str presence_key: the batch key :meth:`targets_from_batch` reads ``present`` from:
+        ``"visible"`` (default: objects hidden entirely behind others are not targets, since
+        nothing in the image shows them) or ``"present"`` (every object drawn).
 
     Example::
 
@@ -81,6 +84,7 @@ class SetPrediction(Objective):
         scale_weight: float = 1.0,
         presence_weight: float = 1.0,
         shape_key: str = "attr_shape",
+        presence_key: str = "visible",
     ):
         super().__init__()
         self.slot_dim = check_positive_int(slot_dim, "slot_dim")
@@ -92,9 +96,10 @@ class SetPrediction(Objective):
         self.position_weight = check_positive_float(position_weight, "position_weight", True)
         self.scale_weight = check_positive_float(scale_weight, "scale_weight", True)
         self.presence_weight = check_positive_float(presence_weight, "presence_weight", True)
-        if not isinstance(shape_key, str):
-            raise TypeError(f"shape_key: expected a string, got {shape_key!r}")
-        self.shape_key = shape_key
+        for name, value in (("shape_key", shape_key), ("presence_key", presence_key)):
+            if not isinstance(value, str):
+                raise TypeError(f"{name}: expected a string, got {value!r}")
+        self.shape_key, self.presence_key = shape_key, presence_key
         self._sizes = [1, self.position_dim, self.num_shapes, self.num_colors]
         self._sizes.append(1 if self.predict_scale else 0)
         self.head = nn.Sequential(
@@ -155,11 +160,11 @@ class SetPrediction(Objective):
         """Targets ``(present, position, shape, color[, scale])`` from a batch of the generators.
 
         :param dict batch: a collated batch of :class:`~pyro_slots.data.ShapesDataset` or
-            :class:`~pyro_slots.data.TetrominoesDataset` items (keys ``present``,
+            :class:`~pyro_slots.data.TetrominoesDataset` items (keys ``presence_key``,
             ``attr_position``, ``shape_key``, ``attr_color`` and, for ``predict_scale``,
             ``attr_scale``).
         """
-        keys = ["present", "attr_position", self.shape_key, "attr_color"]
+        keys = [self.presence_key, "attr_position", self.shape_key, "attr_color"]
         if self.predict_scale:
             keys.append("attr_scale")
         missing = [k for k in keys if k not in batch]

@@ -88,13 +88,13 @@ def test_gradient_matches_finite_differences():
 def _oracle_slots(batch, num_slots, g):
     """Slots that encode the attributes of a shuffled, padded object set (plus a little noise)."""
     parts = [
-        batch["present"].float()[..., None],
+        batch["visible"].float()[..., None],
         F.one_hot(batch["attr_shape"], 4).float(),
         F.one_hot(batch["attr_color"], 8).float(),
         batch["attr_position"],
         batch["attr_scale"][..., None] * 5,
     ]
-    slots = torch.cat(parts, -1) * batch["present"][..., None]
+    slots = torch.cat(parts, -1) * batch["visible"][..., None]
     pad = torch.zeros(slots.shape[0], num_slots - slots.shape[1], slots.shape[2])
     slots = torch.cat([slots, pad], 1)
     order = torch.argsort(torch.rand(slots.shape[:2], generator=g), 1)
@@ -105,8 +105,8 @@ def _oracle_slots(batch, num_slots, g):
 def test_head_learns_attributes_from_informative_slots():
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    train = generate_shapes(256, image_size=8, seed=1)
-    test = generate_shapes(128, image_size=8, seed=2)
+    train = generate_shapes(256, image_size=32, seed=1)
+    test = generate_shapes(128, image_size=32, seed=2)
     objective = SetPrediction(slot_dim=16, num_shapes=4, num_colors=8, hidden=64)
     optim = torch.optim.Adam(objective.parameters(), lr=3e-3)
     for _ in range(300):
@@ -132,6 +132,11 @@ def test_targets_from_dataloader_batches():
     objective = SetPrediction(slot_dim=8, num_shapes=4, num_colors=8)
     targets = objective.targets_from_batch(batch)
     assert [tuple(t.shape) for t in targets] == [(4, 5), (4, 5, 2), (4, 5), (4, 5), (4, 5)]
+    assert torch.equal(targets[0], batch["visible"]) and torch.equal(
+        targets[2], batch["attr_shape"]
+    )
+    drawn = SetPrediction(8, num_shapes=4, num_colors=8, presence_key="present")
+    assert torch.equal(drawn.targets_from_batch(batch)[0], batch["present"])
     assert objective(None, None, None, torch.randn(4, 6, 8), *targets).shape == (4,)
     # Tetrominoes: 19 piece classes, no scale.
     tetro = next(iter(torch.utils.data.DataLoader(TetrominoesDataset(4), batch_size=4)))
