@@ -1,0 +1,62 @@
+"""Did inference work, per datapoint? Posterior diagnostics on ArviZ.
+
+* :func:`to_inference_data`: a refine result as :class:`arviz.InferenceData` (restarts are
+  chains, aligned by Hungarian matching, :mod:`~pyro_slots.diagnostics.alignment`);
+* :func:`psis_diagnostic`: Pareto k̂ and the PSIS evidence of the guide (Yao et al. 2018);
+* :func:`amortization_gap`: ELBO left to further refinement (Cremer et al. 2018);
+* :func:`inner_loop_health`: ELBO decreases, residuals, Jacobian spectral norm, entropy,
+  duplicate and dead slots; :func:`trajectory_dataset` exports the inner loop's path;
+* :func:`summary`: one row per datapoint; plots in :mod:`~pyro_slots.diagnostics.plots`;
+* :func:`write_report`: all of it into a folder (markdown, PNG, netCDF).
+"""
+
+from .alignment import align_slots, apply_permutation, invert_permutation, match_slots
+from .amortization import AmortizationGap, amortization_gap, default_refiner, refinement_gap
+from .health import (
+    InnerLoopHealth,
+    assignment_entropy,
+    duplicate_slots,
+    inner_loop_health,
+    jacobian_spectral_norm,
+    slot_mass,
+    trajectory_dataset,
+)
+from .inference_data import DRAWS, laplace_draws, pointwise_log_likelihood, to_inference_data
+from .plots import plot_elbo_trajectories, plot_khat, plot_rhat, plot_slot_masks
+from .psis import PSISResult, khat_threshold, psis_diagnostic
+from .report import write_report
+from .summary import aligned_posterior, rhat_per_datapoint, summary, unaligned_posterior
+
+__all__ = [
+    "DRAWS",
+    "AmortizationGap",
+    "InnerLoopHealth",
+    "PSISResult",
+    "align_slots",
+    "aligned_posterior",
+    "amortization_gap",
+    "apply_permutation",
+    "assignment_entropy",
+    "default_refiner",
+    "duplicate_slots",
+    "inner_loop_health",
+    "invert_permutation",
+    "jacobian_spectral_norm",
+    "khat_threshold",
+    "laplace_draws",
+    "match_slots",
+    "plot_elbo_trajectories",
+    "plot_khat",
+    "plot_rhat",
+    "plot_slot_masks",
+    "pointwise_log_likelihood",
+    "psis_diagnostic",
+    "refinement_gap",
+    "rhat_per_datapoint",
+    "slot_mass",
+    "summary",
+    "to_inference_data",
+    "trajectory_dataset",
+    "unaligned_posterior",
+    "write_report",
+]

@@ -1,0 +1,151 @@
+"""The amortization gap of an inner rule (Cremer, Li & Duvenaud 2018).
+
+Cremer et al. split the gap between the log evidence and the ELBO of an amortized posterior into
+the *approximation gap* (the best member of the variational family is not the posterior) and the
+*amortization gap* ``L(λ*) - L(λ_rule)``: how much ELBO the rule leaves on the table compared with
+optimizing each datapoint's λ on its own. Here ``λ_rule`` is what a (learned or truncated) inner
+rule returns and ``λ*`` what a fixed rule finds when it keeps refining from ``λ_rule`` to
+convergence, so the gap is a lower bound on the true amortization gap (the refiner may stop at a
+local optimum) and is ``0`` for a rule that is already at a fixed point of the refiner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..elbo import PerDatapointELBO
+from ..inner import EM, GradientAscent
+from ..inner.base import InnerRule
+from ..refine import refine
+from ..validation import check_positive_float, check_positive_int
+
+__all__ = ["AmortizationGap", "amortization_gap", "default_refiner", "refinement_gap"]
+
+
+@dataclass
+class AmortizationGap:
+    """What :func:`amortization_gap` returns; tensors are ``(batch,)``.
+
+    :ivar elbo_rule: ELBO at the rule's slots ``L(λ_rule)``.
+    :ivar elbo_refined: ELBO after refining ``L(λ*)``.
+    :ivar gap: ``elbo_refined - elbo_rule``; negative entries mean the refiner lowered the ELBO
+        (a non-monotone refiner, e.g. gradient ascent with too large a step).
+    :ivar converged: whether the refiner's last residual ``‖λ_{t+1} - λ_t‖`` fell below ``tol``.
+    :ivar slots_rule: ``(batch, num_slots, slot_dim)`` the rule's slots.
+    :ivar slots_refined: ``(batch, num_slots, slot_dim)`` the refined slots.
+    :ivar refine_steps: steps the refiner ran.
+    """
+
+    elbo_rule: torch.Tensor
+    elbo_refined: torch.Tensor
+    gap: torch.Tensor
+    converged: torch.Tensor
+    slots_rule: torch.Tensor
+    slots_refined: torch.Tensor
+    refine_steps: int
+
+    def summary(self) -> dict[str, float]:
+        """Mean, median, min and max gap, and the fraction of converged datapoints."""
+        gap = self.gap.double()
+        return {
+            "gap_mean": gap.mean().item(),
+            "gap_median": gap.median().item(),
+            "gap_min": gap.min().item(),
+            "gap_max": gap.max().item(),
+            "fraction_converged": self.converged.double().mean().item(),
+        }
+
+
+def default_refiner(model, num_steps: int = 500) -> InnerRule:
+    """EM where the model has a closed-form M-step, else per-datapoint Adam gradient ascent."""
+    if callable(getattr(model, "em_update", None)):
+        return EM(num_steps)
+    return GradientAscent(num_steps, step_size=0.01, adam=True)
+
+
+def refinement_gap(
+    model,
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    refiner: InnerRule | None = None,
+    *,
+    refine_steps: int = 500,
+    tol: float = 1e-8,
+) -> AmortizationGap:
+    """ELBO at ``slots`` versus after refining them with ``refiner`` until convergence.
+
+    The second half of :func:`amortization_gap`, for slots computed elsewhere (e.g. the best
+    restart of a refine result).
+
+    :param SlotModel model: the model.
+    :param torch.Tensor x: datapoints, as for :func:`~pyro_slots.refine`.
+    :param torch.Tensor slots: ``(batch, num_slots, slot_dim)``, the rule's output.
+    :param InnerRule refiner: a fixed rule; :func:`default_refiner` if ``None``.
+    :param int refine_steps: maximum steps of the refiner.
+    :param float tol: the refiner stops once every residual ``‖λ_{t+1} - λ_t‖`` is below ``tol``.
+    :returns: an :class:`AmortizationGap`.
+    """
+    refine_steps = check_positive_int(refine_steps, "refine_steps")
+    tol = check_positive_float(tol, "tol")
+    if refiner is None:
+        refiner = default_refiner(model, refine_steps)
+    if not isinstance(refiner, InnerRule):
+        raise TypeError(f"refiner: expected an InnerRule, got {type(refiner).__name__}")
+    slots = slots.detach()
+    with torch.no_grad():
+        elbo_rule = PerDatapointELBO()(model, model.encode(x), slots)
+    refined = refine(model, x, refiner, slots=slots, num_steps=refine_steps, tol=tol)
+    if refined.residuals.shape[0]:
+        converged = refined.residuals[-1] < tol
+    else:
+        converged = torch.ones_like(refined.elbo, dtype=torch.bool)
+    return AmortizationGap(
+        elbo_rule=elbo_rule,
+        elbo_refined=refined.elbo,
+        gap=refined.elbo - elbo_rule,
+        converged=converged,
+        slots_rule=slots,
+        slots_refined=refined.slots,
+        refine_steps=refined.num_steps,
+    )
+
+
+def amortization_gap(
+    model,
+    x: torch.Tensor,
+    rule: InnerRule,
+    refiner: InnerRule | None = None,
+    *,
+    num_steps: int | None = None,
+    refine_steps: int = 500,
+    tol: float = 1e-8,
+    num_slots: int | None = None,
+    slots: torch.Tensor | None = None,
+    seed: int | None = None,
+) -> AmortizationGap:
+    """ELBO after ``rule`` versus after refining its slots further with ``refiner``.
+
+    Example::
+
+        gap = amortization_gap(gmm, x, trained_slot_attention, EM(), seed=0)
+        gap.gap, gap.summary()
+
+    :param SlotModel model: the model.
+    :param torch.Tensor x: datapoints, as for :func:`~pyro_slots.refine`.
+    :param InnerRule rule: the rule under test (learned, or a fixed rule with few steps).
+    :param InnerRule refiner: a fixed rule run to convergence; :func:`default_refiner` if
+        ``None`` (EM where available).
+    :param int num_steps: steps of ``rule`` (default ``rule.num_steps``).
+    :param int refine_steps: maximum steps of the refiner.
+    :param float tol: the refiner stops once every residual is below ``tol``.
+    :param int num_slots: K (default ``model.num_slots``).
+    :param torch.Tensor slots: explicit λ_0 for ``rule``, ``(batch, num_slots, slot_dim)``.
+    :param int seed: seed of the rule's slot initialization.
+    :returns: an :class:`AmortizationGap`.
+    """
+    if not isinstance(rule, InnerRule):
+        raise TypeError(f"rule: expected an InnerRule, got {type(rule).__name__}")
+    first = refine(model, x, rule, num_slots=num_slots, num_steps=num_steps, slots=slots, seed=seed)
+    return refinement_gap(model, x, first.slots, refiner, refine_steps=refine_steps, tol=tol)

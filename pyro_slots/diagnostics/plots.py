@@ -1,0 +1,131 @@
+"""Diagnostic plots (matplotlib figures; the report saves them as PNG with the Agg backend)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ._arviz import az
+from .summary import RHAT_BAD, aligned_posterior, rhat_per_datapoint, unaligned_posterior
+
+__all__ = ["plot_elbo_trajectories", "plot_khat", "plot_rhat", "plot_slot_masks"]
+
+
+def plot_khat(psis, ax=None):
+    """Pareto k̂ per datapoint with :func:`arviz.plot_khat` and its sample-size threshold.
+
+    :param PSISResult psis: from :func:`~pyro_slots.diagnostics.psis_diagnostic`.
+    :returns: the matplotlib axes.
+    """
+    if ax is None:
+        ax = Figure(figsize=(6, 3.5)).subplots()
+    with warnings.catch_warnings():
+        # ArviZ 0.23 passes matplotlib 3.11 an alias dict it deprecates; harmless until 3.13
+        # and nothing a caller can change.
+        warnings.filterwarnings(
+            "ignore", message="Passing a dict or None as alias_mapping", category=DeprecationWarning
+        )
+        ax = az.plot_khat(psis.to_elpd_data(), ax=ax, show_hlines=True)
+    ax.set_xlabel("datapoint")
+    exact = int(np.isneginf(psis.khat.detach().cpu().numpy()).sum())
+    title = "PSIS diagnostic of the guide (Yao et al. 2018)"
+    ax.set_title(title + (f"; {exact} exact (constant weights)" if exact else ""))
+    return ax
+
+
+def plot_elbo_trajectories(idata, datapoints=None, ax=None, max_datapoints: int = 8):
+    """ELBO across inner steps, one line per restart, one color per datapoint.
+
+    :param idata: from :func:`~pyro_slots.diagnostics.to_inference_data`.
+    :param datapoints: indices to show (default: the first ``max_datapoints``).
+    :returns: the matplotlib axes.
+    """
+    history = idata.sample_stats["elbo_history"].isel(draw=0)  # (chain, datapoint, inner_step)
+    if datapoints is None:
+        datapoints = list(range(min(max_datapoints, history.sizes["datapoint"])))
+    if ax is None:
+        ax = Figure(figsize=(6, 3.5)).subplots()
+    steps = history["inner_step"].values
+    for i, n in enumerate(datapoints):
+        for c in range(history.sizes["chain"]):
+            ax.plot(
+                steps,
+                history.isel(datapoint=n, chain=c).values,
+                color=f"C{i % 10}",
+                alpha=0.8,
+                lw=1,
+                label=f"datapoint {n}" if c == 0 else None,
+            )
+    ax.set_xlabel("inner step")
+    ax.set_ylabel("ELBO")
+    ax.set_title("ELBO trajectories (one line per restart)")
+    ax.legend(fontsize="small", ncol=2)
+    return ax
+
+
+def plot_slot_masks(
+    responsibilities, image_shape: tuple[int, int], datapoints=None, max_datapoints: int = 4
+) -> Figure:
+    """Slot masks of image models: responsibilities reshaped to ``image_shape``.
+
+    :param responsibilities: ``(batch, num_slots, H·W)`` array or tensor (one restart), or the
+        ``responsibilities`` DataArray of an InferenceData's ``sample_stats`` (the best chain of
+        every datapoint is not known there, so chain 0 is shown).
+    :param tuple image_shape: ``(H, W)`` with ``H · W`` measurements.
+    :returns: a figure with one row per datapoint and one column per slot.
+    """
+    resp = responsibilities
+    if hasattr(resp, "dims"):
+        resp = resp.isel(chain=0, draw=0).transpose("datapoint", "slot", "measurement").values
+    elif hasattr(resp, "detach"):
+        resp = resp.detach().cpu().numpy()
+    resp = np.asarray(resp)
+    if resp.ndim != 3:
+        raise ValueError(f"responsibilities: expected (batch, num_slots, H*W), got {resp.shape}")
+    h, w = (int(s) for s in image_shape)
+    if h * w != resp.shape[-1]:
+        raise ValueError(
+            f"image_shape: {image_shape} has {h * w} pixels, but there are {resp.shape[-1]} "
+            "measurements"
+        )
+    if datapoints is None:
+        datapoints = list(range(min(max_datapoints, resp.shape[0])))
+    k = resp.shape[1]
+    fig = Figure(figsize=(1.6 * k, 1.6 * len(datapoints)))
+    axes = np.atleast_2d(fig.subplots(len(datapoints), k, squeeze=False))
+    for i, n in enumerate(datapoints):
+        for j in range(k):
+            ax = axes[i, j]
+            ax.imshow(resp[n, j].reshape(h, w), vmin=0, vmax=1, cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"slot {j}", fontsize="small")
+            if j == 0:
+                ax.set_ylabel(f"datapoint {n}", fontsize="small")
+    fig.suptitle("slot masks")
+    return fig
+
+
+def plot_rhat(idata, ax=None, var_names=None):
+    """Largest R-hat per datapoint, aligned vs unaligned restarts (log scale).
+
+    :param idata: from :func:`~pyro_slots.diagnostics.to_inference_data` with ≥ 4 draws.
+    :returns: the matplotlib axes.
+    """
+    aligned = rhat_per_datapoint(aligned_posterior(idata), var_names)
+    unaligned = rhat_per_datapoint(unaligned_posterior(idata), var_names)
+    if ax is None:
+        ax = Figure(figsize=(6, 3.5)).subplots()
+    x = np.arange(len(aligned))
+    ax.plot(x, unaligned.values, "o", color="C3", label="unaligned (label switching)")
+    ax.plot(x, aligned.values, "o", color="C0", label="aligned (Hungarian)")
+    ax.axhline(RHAT_BAD, color="k", ls="--", lw=1, label=f"R-hat = {RHAT_BAD}")
+    ax.set_yscale("log")
+    ax.set_xlabel("datapoint")
+    ax.set_ylabel("max R-hat")
+    ax.set_title("R-hat across restarts")
+    ax.legend(fontsize="small")
+    return ax

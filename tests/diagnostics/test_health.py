@@ -1,0 +1,155 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from pyro_slots.models import GaussianMixture
+
+import pyro_slots as ps
+from pyro_slots.diagnostics import (
+    assignment_entropy,
+    duplicate_slots,
+    inner_loop_health,
+    jacobian_spectral_norm,
+    slot_mass,
+    trajectory_dataset,
+)
+from pyro_slots.inner import EM, GradientAscent, InnerRule, InnerState, StepInfo
+
+
+class LinearRule(InnerRule):
+    """``λ ↦ A_n λ`` (flattened) with one matrix per datapoint."""
+
+    def __init__(self, matrices):
+        super().__init__(1)
+        self.register_buffer("matrices", matrices)
+
+    def step(self, state, problem, create_graph=False):
+        b, k, d = state.slots.shape
+        flat = torch.einsum("bij,bj->bi", self.matrices, state.slots.reshape(b, k * d))
+        return InnerState(flat.reshape(b, k, d), state.step + 1), StepInfo(flat.new_zeros(b))
+
+
+class ScriptedRule(InnerRule):
+    """Steps through a fixed sequence of slots, whatever the current slots are."""
+
+    def __init__(self, sequence):
+        super().__init__(len(sequence))
+        self.sequence = sequence
+
+    def step(self, state, problem, create_graph=False):
+        elbo = problem.elbo(state.slots).detach()
+        return InnerState(self.sequence[state.step], state.step + 1), StepInfo(elbo)
+
+
+def test_jacobian_norm_of_linear_update_is_largest_singular_value(float64):
+    g = torch.Generator().manual_seed(0)
+    batch, k, d = 3, 2, 5
+    matrices = (
+        torch.randn(batch, k * d, k * d, generator=g) * torch.tensor([0.5, 1.0, 3.0])[:, None, None]
+    )
+    gmm = GaussianMixture(k, 2)  # only provides the problem; the rule ignores the ELBO
+    x = torch.randn(batch, 4, 2, generator=g)
+    slots = torch.randn(batch, k, d, generator=g)
+    norm = jacobian_spectral_norm(
+        gmm, x, LinearRule(matrices), slots, num_iterations=1000, rtol=1e-12, generator=g
+    )
+    torch.testing.assert_close(norm, torch.linalg.matrix_norm(matrices, ord=2), rtol=1e-6, atol=0)
+
+
+def test_jacobian_norm_of_gradient_step_matches_full_jacobian(float64, point_sets):
+    x = point_sets(2, 20, seed=9)
+    gmm = GaussianMixture(3, 2)
+    rule = GradientAscent(1, step_size=0.5)
+    slots = ps.refine(gmm, x, EM(3), seed=0).slots
+    norm = jacobian_spectral_norm(gmm, x, rule, slots, num_iterations=500, rtol=1e-12)
+    problem = ps.inner.InnerProblem(gmm, x)
+    for n in range(2):
+
+        def step(lam, n=n):
+            full = torch.cat([slots[:n], lam.unsqueeze(0), slots[n + 1 :]])
+            state, _ = rule.step(InnerState(full, 0), problem, create_graph=True)
+            return state.slots[n]
+
+        jac = torch.autograd.functional.jacobian(step, slots[n])
+        exact = torch.linalg.matrix_norm(jac.reshape(slots[n].numel(), -1), ord=2)
+        torch.testing.assert_close(norm[n], exact, rtol=1e-5, atol=0)
+
+
+def test_em_never_lowers_the_elbo(float64, point_sets):
+    x = point_sets(4, 30, seed=10)
+    gmm = GaussianMixture(3, 2)
+    result = ps.refine(gmm, x, EM(20), num_restarts=2, seed=0)
+    health = inner_loop_health(result, gmm, EM(20))
+    assert (health.fraction_elbo_decrease == 0).all()
+    assert health.elbo_decrease.shape == (20, 4)
+    # At a well-separated optimum EM contracts: its Jacobian norm is below 1.
+    assert (health.jacobian_norm < 1).all()
+    assert (health.num_dead_slots == 0).all() and (health.num_duplicate_slots == 0).all()
+    assert health.restart.tolist() == result.elbo.argmax(0).tolist()
+    frame = health.to_dataframe()
+    assert list(frame.index) == [0, 1, 2, 3]
+
+
+def test_elbo_decreases_are_counted(float64, point_sets):
+    x = point_sets(1, 30, seed=11)
+    gmm = GaussianMixture(3, 2)
+    good = ps.refine(gmm, x, EM(30), seed=0).slots
+    bad = gmm.init_slots(x, 3, torch.Generator().manual_seed(5))
+    rule = ScriptedRule([good, bad, good, bad])
+    result = ps.refine(gmm, x, rule, slots=bad)
+    health = inner_loop_health(result, gmm, jacobian=False)
+    assert health.elbo_decrease[:, 0].tolist() == [False, True, False, True]
+    assert health.fraction_elbo_decrease.item() == 0.5
+    assert health.jacobian_norm is None
+
+
+def test_entropy_mass_duplicates_and_dead_slots(float64):
+    m = 6
+    uniform = torch.full((1, 3, m), 1 / 3)
+    one_hot = torch.zeros(1, 3, m)
+    one_hot[0, 0, :3] = 1
+    one_hot[0, 1, 3:] = 1  # slot 2 explains nothing
+    torch.testing.assert_close(assignment_entropy(uniform), torch.tensor([math.log(3)]))
+    torch.testing.assert_close(assignment_entropy(one_hot), torch.tensor([0.0]))
+    torch.testing.assert_close(slot_mass(one_hot), torch.tensor([[0.5, 0.5, 0.0]]))
+    assert duplicate_slots(uniform).tolist() == [2]  # slots 1 and 2 repeat slot 0
+    assert duplicate_slots(one_hot).tolist() == [0]
+    masks = torch.stack([one_hot[0], uniform[0]])
+    dup = duplicate_slots(masks, threshold=0.99)
+    assert dup.tolist() == [0, 2]
+
+
+def test_dead_slot_is_reported(float64, point_sets):
+    # Two clusters, three slots with one placed far away: it ends with no mass.
+    x = point_sets(1, 40, num_components=2, seed=12)
+    gmm = GaussianMixture(3, 2)
+    slots = gmm.init_slots(x, 3, torch.Generator().manual_seed(0))
+    parts = gmm.slot_spec.split(slots.clone())
+    parts["loc"][0, 2] = 1e3
+    result = ps.refine(gmm, x, EM(10), slots=gmm.slot_spec.pack(parts))
+    health = inner_loop_health(result, gmm, jacobian=False)
+    assert health.num_dead_slots.tolist() == [1]
+    assert health.slot_mass[0, 2] < 1e-6
+
+
+def test_trajectory_dataset(float64, point_sets, tmp_path):
+    x = point_sets(2, 20, seed=13)
+    gmm = GaussianMixture(3, 2)
+    result = ps.refine(gmm, x, EM(5), num_restarts=2, seed=0, keep_trajectory=True)
+    ds = trajectory_dataset(result, gmm, reconstructions=True)
+    assert ds["loc"].dims == ("inner_step", "restart", "datapoint", "slot", "loc_dim_0")
+    assert ds.sizes["inner_step"] == 6
+    np.testing.assert_array_equal(
+        ds["loc"].values[-1], gmm.slot_spec.split(result.slots)["loc"].numpy()
+    )
+    expected = gmm.responsibilities(x, result.slots[1])
+    np.testing.assert_allclose(ds["masks"].values[-1, 1], expected.numpy())
+    np.testing.assert_allclose(ds["elbo"].values[-1], result.elbo.numpy())
+    assert "reconstruction" in ds
+    ds.to_netcdf(tmp_path / "trajectory.nc")
+    with xr.open_dataset(tmp_path / "trajectory.nc") as loaded:
+        xr.testing.assert_equal(loaded.load(), ds)
+    with pytest.raises(ValueError, match="keep_trajectory"):
+        trajectory_dataset(ps.refine(gmm, x, EM(2), seed=0), gmm)

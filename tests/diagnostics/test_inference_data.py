@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from pyro_slots.models import GaussianMixture
+from scipy.special import logsumexp
+from scipy.stats import norm
+
+import pyro_slots as ps
+from pyro_slots.diagnostics import (
+    laplace_draws,
+    to_inference_data,
+    unaligned_posterior,
+)
+from pyro_slots.diagnostics._arviz import az
+from pyro_slots.diagnostics._traces import pointwise_log_likelihood as traced_log_likelihood
+
+
+def _restarts(point_sets, seed, num_sets=5):
+    x = point_sets(num_sets, 40, seed=seed)
+    gmm = GaussianMixture(3, 2)
+    return gmm, x, ps.refine(gmm, x, ps.inner.EM(50), num_restarts=4, seed=seed, tol=1e-8)
+
+
+def _max_rhat(posterior, var="loc"):
+    return az.rhat(posterior)[var].max(["slot", f"{var}_dim_0"]).values
+
+
+def test_rhat_aligned_vs_unaligned(float64, point_sets):
+    gmm, x, result = _restarts(point_sets, seed=0)
+    # Preconditions: every restart found the same solution, in a different slot order.
+    assert (result.elbo.max(0).values - result.elbo.min(0).values).max() < 1e-6
+    idata = to_inference_data(result, gmm, draws="laplace", num_draws=1000, seed=0)
+    perm = idata.sample_stats["slot_permutation"].isel(draw=0).values  # (chain, datapoint, slot)
+    assert all((perm[:, n] != perm[0, n]).any() for n in range(x.shape[0]))
+
+    assert (_max_rhat(idata.posterior) <= 1.01).all()
+    assert (_max_rhat(unaligned_posterior(idata)) > 1.5).all()
+    raw = to_inference_data(result, gmm, align=False, draws="laplace", num_draws=1000, seed=0)
+    assert (_max_rhat(raw.posterior) > 1.5).all()
+
+
+def test_rhat_flags_a_restart_in_a_local_optimum(float64, point_sets):
+    gmm, x, result = _restarts(point_sets, seed=1)
+    spread = result.elbo.max(0).values - result.elbo.min(0).values
+    stuck = spread > 1.0
+    assert stuck.any() and not stuck.all()  # precondition: some datapoints, not all
+    idata = to_inference_data(result, gmm, draws="laplace", num_draws=1000, seed=0)
+    rhat = torch.as_tensor(_max_rhat(idata.posterior))
+    assert (rhat[stuck] > 1.1).all()
+    assert (rhat[~stuck] <= 1.01).all()
+
+
+def test_point_draws_hold_the_aligned_slots(float64, point_sets):
+    gmm, x, result = _restarts(point_sets, seed=0, num_sets=3)
+    idata = to_inference_data(result, gmm)
+    perm = idata.sample_stats["slot_permutation"].isel(draw=0).values
+    for name, value in gmm.slot_spec.split(result.slots).items():
+        got = idata.posterior[name].isel(draw=0).values
+        for r in range(4):
+            for n in range(3):
+                np.testing.assert_array_equal(got[r, n], value[r, n, perm[r, n]].numpy())
+    raw = to_inference_data(result, gmm, align=False)
+    xr.testing.assert_equal(raw.posterior["loc"], unaligned_posterior(idata)["loc"])
+    np.testing.assert_array_equal(
+        idata.sample_stats["elbo_history"].values[:, 0], result.history.permute(1, 2, 0).numpy()
+    )
+    np.testing.assert_array_equal(idata.observed_data["x"].values, x.numpy())
+
+
+def test_log_likelihood_matches_scipy(float64, point_sets):
+    gmm, x, result = _restarts(point_sets, seed=2, num_sets=2)
+    idata = to_inference_data(result, gmm)
+    loc, scale, log_w = (t.numpy() for t in gmm.component_params(result.slots))
+    ll = idata.log_likelihood["x"].isel(draw=0).values  # (chain, datapoint, measurement)
+    for r in range(4):
+        for n in range(2):
+            comp = norm.logpdf(x[n].numpy()[None], loc[r, n][:, None], scale[r, n][:, None])
+            expected = logsumexp(comp.sum(-1) + log_w[r, n][:, None], axis=0)
+            np.testing.assert_allclose(ll[r, n], expected, rtol=1e-10)
+    # The measurement log-likelihoods of a fully enumerated model add up to its ELBO.
+    np.testing.assert_allclose(ll.sum(-1), result.elbo.numpy(), rtol=1e-10)
+
+
+def test_generic_traced_log_likelihood_equals_closed_form(float64, point_sets):
+    x = point_sets(3, 15, seed=3)
+    gmm = GaussianMixture(3, 2)
+    slots = gmm.init_slots(x, 3, torch.Generator().manual_seed(0))
+    traced = traced_log_likelihood(gmm, x, slots)
+    torch.testing.assert_close(traced, gmm.log_joint(x, slots).logsumexp(1))
+
+
+def test_laplace_of_one_gaussian_is_classical(float64):
+    # K = 1: λ = (loc, log_scale, logit) at the MLE. The Laplace covariance is the inverse
+    # Fisher information: var(loc) = σ² / M, var(log σ) = 1 / (2M); the logit is not identified.
+    g = torch.Generator().manual_seed(0)
+    m = 400
+    x = torch.tensor([1.0, -2.0]) + torch.tensor([0.5, 2.0]) * torch.randn(1, m, 2, generator=g)
+    gmm = GaussianMixture(1, 2, reg_covar=0.0)
+    slots = gmm.m_step(x, torch.ones(1, 1, m))
+    draws, unidentified, ascent = laplace_draws(
+        gmm, x, slots, 20000, generator=torch.Generator().manual_seed(1)
+    )
+    assert unidentified.tolist() == [1] and ascent.tolist() == [0]
+    parts = gmm.slot_spec.split(draws[:, 0, 0])
+    sigma2 = gmm.component_params(slots)[1][0, 0] ** 2
+    torch.testing.assert_close(parts["loc"].var(0), sigma2 / m, rtol=0.05, atol=0)
+    torch.testing.assert_close(
+        parts["log_scale"].var(0), torch.full((2,), 1 / (2 * m)), rtol=0.05, atol=0
+    )
+    assert parts["logit"].std() == 0
+
+
+def test_guide_draws(float64, conjugate):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 2, generator=g)
+    slots = conjugate.exact_slots(x)
+    # A refine result sitting at the exact posterior (one negligible gradient step).
+    result = ps.refine(conjugate, x, ps.inner.GradientAscent(1, step_size=1e-12), slots=slots)
+    idata = to_inference_data(result, conjugate, draws="guide", num_draws=4000, seed=0)
+    z = idata.posterior["z"]
+    assert z.dims == ("chain", "draw", "datapoint", "slots", "z_event_0")
+    parts = conjugate.slot_spec.split(slots)
+    np.testing.assert_allclose(z.mean(("chain", "draw")), parts["loc"].numpy(), atol=0.03)
+    np.testing.assert_allclose(
+        z.std(("chain", "draw")), parts["log_scale"].exp().numpy(), rtol=0.05
+    )
+    assert "lambda_loc" in idata.sample_stats
+    assert "log_likelihood" not in idata.groups()  # not defined with guide latents
+
+
+def test_netcdf_round_trip_and_az_summary(float64, point_sets, tmp_path):
+    gmm, x, result = _restarts(point_sets, seed=0, num_sets=2)
+    idata = to_inference_data(result, gmm, draws="laplace", num_draws=50, seed=0)
+    path = tmp_path / "idata.nc"
+    idata.to_netcdf(str(path))
+    loaded = az.from_netcdf(str(path))
+    assert set(loaded.groups()) == set(idata.groups())
+    for group in idata.groups():
+        xr.testing.assert_equal(loaded[group], idata[group])
+    assert loaded.posterior.attrs["slots_aligned"] == 1
+    table = az.summary(idata, var_names=["loc"])
+    table_loaded = az.summary(loaded, var_names=["loc"])
+    pd_testing = pytest.importorskip("pandas.testing")
+    pd_testing.assert_frame_equal(table, table_loaded)
+    # az.summary's means are the draw means of the aligned posterior.
+    means = idata.posterior["loc"].mean(("chain", "draw")).values.reshape(-1)
+    np.testing.assert_allclose(table["mean"].values, means, atol=1e-3)
+
+
+def test_to_inference_data_errors(point_sets):
+    gmm, x, result = _restarts(point_sets, seed=0, num_sets=1)
+    with pytest.raises(ValueError, match="draws"):
+        to_inference_data(result, gmm, draws="mcmc")
+    with pytest.raises(ValueError, match="model"):
+        to_inference_data(result, draws="laplace")
+    with pytest.raises(ValueError, match="guide"):
+        to_inference_data(result, gmm, draws="guide")
+    with pytest.raises(TypeError, match="result"):
+        to_inference_data(result.slots, gmm)

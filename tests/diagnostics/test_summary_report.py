@@ -1,0 +1,128 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pyro_slots.models import GaussianMixture
+
+import pyro_slots as ps
+from pyro_slots.diagnostics import (
+    inner_loop_health,
+    plot_elbo_trajectories,
+    plot_khat,
+    plot_rhat,
+    plot_slot_masks,
+    psis_diagnostic,
+    refinement_gap,
+    summary,
+    to_inference_data,
+    write_report,
+)
+from pyro_slots.diagnostics._arviz import az
+from pyro_slots.inner import EM
+
+
+def test_summary_columns_and_values(float64, point_sets):
+    x = point_sets(3, 36, seed=2)
+    gmm = GaussianMixture(3, 2)
+    result = ps.refine(gmm, x, EM(50), num_restarts=4, seed=2, tol=1e-8)
+    idata = to_inference_data(result, gmm, draws="laplace", num_draws=400, seed=0)
+    health = inner_loop_health(result, gmm, EM(50))
+    best = result.slots[result.elbo.argmax(0), torch.arange(3)]
+    gap = refinement_gap(gmm, x, best, EM(100))
+    table = summary(idata, gap=gap, health=health)
+    assert list(table.index) == [0, 1, 2]
+    np.testing.assert_allclose(table["elbo"], result.elbo.max(0).values.numpy())
+    np.testing.assert_allclose(table["amortization_gap"], gap.gap.numpy())
+    np.testing.assert_allclose(table["jacobian_norm"], health.jacobian_norm.numpy())
+    # R-hat per datapoint is az.rhat of that datapoint's (chain, draw) arrays, maximized.
+    for n in range(3):
+        per = [
+            az.rhat(idata.posterior[v].isel(datapoint=n).values.reshape(4, 400, -1)[..., i])
+            for v in ("loc", "log_scale", "logit")
+            for i in range(idata.posterior[v].isel(datapoint=n, chain=0, draw=0).size)
+        ]
+        assert table["rhat"][n] == pytest.approx(max(per), rel=1e-10)
+    stuck = table["elbo_spread"] > 1.0
+    assert stuck.tolist() == [False, True, False]  # one restart of datapoint 1 is stuck
+    assert (table.loc[stuck, "flags"].str.contains("rhat")).all()
+    assert (table.loc[~stuck, "flags"] == "").all()
+    assert (table["rhat_unaligned"] > 1.5).all()
+    assert (table["ess_bulk"] > 0).all()
+
+
+def test_summary_of_a_result_and_point_draws(float64, point_sets):
+    x = point_sets(2, 20, seed=2)
+    gmm = GaussianMixture(3, 2)
+    result = ps.refine(gmm, x, EM(10), seed=0)
+    table = summary(result, gmm)
+    assert table["rhat"].isna().all()  # one chain, one draw: R-hat is undefined
+    assert "ess_bulk" not in table
+    with pytest.raises(TypeError, match="draws"):
+        summary(to_inference_data(result, gmm), draws="laplace")
+
+
+def test_summary_flags_a_bad_guide(float64, conjugate):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 2, generator=g)
+    slots = conjugate.exact_slots(x, 0.3)  # far too narrow
+    result = ps.refine(conjugate, x, ps.inner.GradientAscent(1, step_size=1e-12), slots=slots)
+    psis = psis_diagnostic(conjugate, x, slots, 1000, seed=0)
+    table = summary(result, conjugate, psis=psis)
+    assert table["flags"].str.contains("khat>0.7").all()
+
+
+def test_plots(float64, point_sets, conjugate):
+    x = point_sets(2, 36, seed=3)
+    gmm = GaussianMixture(3, 2)
+    result = ps.refine(gmm, x, EM(10), num_restarts=2, seed=0)
+    idata = to_inference_data(result, gmm, draws="laplace", num_draws=20, seed=0)
+    ax = plot_elbo_trajectories(idata)
+    assert len(ax.lines) == 2 * 2
+    ax = plot_rhat(idata)
+    assert len(ax.lines[0].get_xdata()) == 2
+    fig = plot_slot_masks(idata.sample_stats["responsibilities"], (6, 6))
+    assert len(fig.axes) == 2 * 3
+    with pytest.raises(ValueError, match="image_shape"):
+        plot_slot_masks(result.responsibilities[0], (5, 5))
+    xc = torch.randn(3, 3, 2)
+    psis = psis_diagnostic(conjugate, xc, conjugate.exact_slots(xc, 0.5), 200, seed=0)
+    ax = plot_khat(psis)
+    assert ax.get_xlabel() == "datapoint"
+
+
+def test_write_report(float64, point_sets, tmp_path):
+    x = point_sets(3, 36, seed=4)
+    gmm = GaussianMixture(3, 2)
+    path = write_report(
+        tmp_path / "out", gmm, x, EM(20), num_restarts=2, seed=0, num_draws=50, image_shape=(6, 6)
+    )
+    folder = tmp_path / "out"
+    assert path == folder / "report.md"
+    for name in ("elbo_trajectories.png", "rhat.png", "slot_masks.png", "inference_data.nc"):
+        assert (folder / name).stat().st_size > 0
+    text = path.read_text()
+    assert "| datapoint | elbo |" in text and "![rhat](rhat.png)" in text
+    table = pd.read_csv(folder / "summary.csv", index_col=0)
+    loaded = az.from_netcdf(str(folder / "inference_data.nc"))
+    np.testing.assert_allclose(
+        table["elbo"].values, loaded.sample_stats["elbo"].max(("chain", "draw")).values
+    )
+    assert loaded.posterior.sizes["draw"] == 50
+
+
+def test_write_report_with_guide_latents(float64, conjugate, tmp_path):
+    x = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(0))
+    rule = ps.inner.GradientAscent(20, step_size=0.05, adam=True)
+    path = write_report(
+        tmp_path,
+        conjugate,
+        x,
+        rule,
+        num_slots=3,
+        num_restarts=2,
+        num_draws=20,
+        num_psis_samples=200,
+    )
+    assert (tmp_path / "khat.png").stat().st_size > 0
+    assert "Pareto k̂" in path.read_text()
+    assert "z" in az.from_netcdf(str(tmp_path / "inference_data.nc")).posterior
