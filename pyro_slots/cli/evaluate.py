@@ -1,0 +1,221 @@
+"""``pyro-slots evaluate CHECKPOINT``: metrics on held-out generated data, and the pictures.
+
+For ``gmm`` the slots of every held-out point set are refined with the trained rule and
+initialization, and the fit is compared with the set's true mixture: log-likelihood per point
+of the fit and of the true parameters, ARI of the responsibilities against the true
+assignments, and a reference fit (k-means++ then 100 EM steps). For image models: FG-ARI, ARI,
+reconstruction MSE and the inner ELBO.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .streams import Batch
+from .train import METRICS_NAME, TrainRun
+
+__all__ = ["Inference", "evaluate_run", "format_table", "infer", "write_pictures"]
+
+#: Steps of the reference EM fit that gmm results are compared with.
+REFERENCE_EM_STEPS = 100
+
+
+@dataclass
+class Inference:
+    """Held-out data and what the trained run infers for them."""
+
+    batch: Batch
+    result: object  # RefineResult
+
+
+def infer(run: TrainRun, batch: Batch | int, inner_steps: int | None = None) -> Inference:
+    """Refine the slots of held-out datapoints with the trained rule and initialization.
+
+    The slot initialization is seeded with the run's seed, so results are reproducible; no
+    state of the run changes.
+
+    :param batch: a :class:`Batch`, or the number of held-out datapoints to draw.
+    """
+    from pyro_slots import refine
+
+    config, c = run.config, run.components
+    if isinstance(batch, int):
+        batch = c.stream.held_out(batch)
+    result = refine(
+        c.model,
+        batch.x,
+        c.inner,
+        num_slots=config.num_slots,
+        num_steps=inner_steps or config.inner_steps,
+        init=c.init,
+        seed=config.seed,
+    )
+    return Inference(batch, result)
+
+
+def _mean(t: torch.Tensor) -> float:
+    return float(torch.nanmean(t.double()).item())
+
+
+def _gmm_metrics(run: TrainRun, inference: Inference) -> dict:
+    from pyro_slots import refine
+    from pyro_slots.data import true_log_likelihood
+    from pyro_slots.inner import EM
+    from pyro_slots.metrics import ari, reconstruction_mse
+
+    model = run.components.model
+    x, truth, result = inference.batch.x, inference.batch.truth, inference.result
+    num_points = x.shape[1]
+    with torch.no_grad():
+        loglik = model.log_joint(x, result.slots).logsumexp(1)  # (S, N)
+        true = true_log_likelihood(x, truth["means"], truth["scales"], truth["weights"])
+        reference = refine(
+            model,
+            x,
+            EM(num_steps=REFERENCE_EM_STEPS),
+            num_slots=run.config.num_slots,
+            seed=run.config.seed,
+        )
+        ref_loglik = model.log_joint(x, reference.slots).logsumexp(1)
+        resp = model.responsibilities(x, result.slots)
+        recon = model.reconstruct(x, result.slots)
+    return {
+        "loglik_per_point": _mean(loglik),
+        "true_loglik_per_point": _mean(true),
+        "gap_to_true_per_point": _mean(true - loglik),
+        "reference_em_loglik_per_point": _mean(ref_loglik),
+        "elbo": _mean(result.elbo),
+        "elbo_per_point": _mean(result.elbo) / num_points,
+        "ari": _mean(ari(truth["assignments"], resp)),
+        "mse": _mean(reconstruction_mse(x, recon)),
+    }
+
+
+def decode(model, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(recon (B, 3, H, W), rgb (B, K, 3, H, W), masks (B, K, H, W))`` of refined slots."""
+    with torch.no_grad():
+        recon, rgb, masks = model.decode(result.slots)
+    if masks.dim() == 5:
+        masks = masks.squeeze(2)
+    return recon, rgb, masks
+
+
+def _image_metrics(run: TrainRun, inference: Inference) -> dict:
+    from pyro_slots.metrics import ari, fg_ari, reconstruction_mse
+
+    x, truth, result = inference.batch.x, inference.batch.truth, inference.result
+    recon, _, masks = decode(run.components.model, result)
+    return {
+        "fg_ari": _mean(fg_ari(truth["mask"], masks)),
+        "ari": _mean(ari(truth["mask"], masks)),
+        "mse": _mean(reconstruction_mse(x, recon)),
+        "elbo": _mean(result.elbo),
+        "elbo_per_pixel": _mean(result.elbo) / result.x_enc.shape[1],
+    }
+
+
+def task_objective(run: TrainRun, inference: Inference) -> torch.Tensor:
+    """The task objective J of every held-out datapoint at its refined slots, ``(batch,)``.
+
+    Evaluated with gradients enabled on a detached copy of the slots, because
+    :class:`~pyro_slots.objectives.NegativeELBO` goes through Pyro's ``differentiable_loss``,
+    which refuses to run without an autograd graph.
+    """
+    c = run.components
+    x = inference.batch.x
+    with torch.enable_grad():
+        slots = inference.result.slots.detach().requires_grad_()
+        x_enc = c.model.encode(x)
+        return c.objective(c.model, x, x_enc, slots).detach()
+
+
+def evaluate_run(run: TrainRun, num: int = 128, inner_steps: int | None = None) -> dict:
+    """Metrics of a trained run on ``num`` held-out datapoints (a flat dict of numbers)."""
+    inference = infer(run, num, inner_steps)
+    c = run.components
+    metrics = {
+        "step": run.step,
+        "num_datapoints": int(inference.batch.x.shape[0]),
+        "inner_steps": int(inference.result.num_steps),
+        "J": _mean(task_objective(run, inference)),
+    }
+    if c.stream.kind == "points":
+        metrics.update(_gmm_metrics(run, inference))
+    else:
+        metrics.update(_image_metrics(run, inference))
+    return metrics
+
+
+def format_table(metrics: dict) -> str:
+    """Two aligned columns, metric and value."""
+    width = max(len(k) for k in metrics)
+    lines = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            text = "nan" if math.isnan(value) else f"{value:.4f}"
+        else:
+            text = str(value)
+        lines.append(f"{key:<{width}}  {text:>12}")
+    return "\n".join(lines)
+
+
+def write_pictures(run: TrainRun, folder: str, num: int = 4) -> list[str]:
+    """Write the run's pictures into ``folder``; returns their paths.
+
+    ``training_curve.png`` (when the run's ``metrics.jsonl`` exists), ``inner_elbo.png``, and
+    ``gmm_fits.png`` (gmm) or ``slots.png`` (image models) for ``num`` held-out datapoints.
+    """
+    from pyro_slots import plotting_training as plots
+
+    os.makedirs(folder, exist_ok=True)
+    config, model = run.config, run.components.model
+    written = []
+    metrics_path = os.path.join(config.out, METRICS_NAME)
+    if os.path.exists(metrics_path):
+        path = os.path.join(folder, "training_curve.png")
+        plots.plot_training_curve(
+            plots.read_metrics(metrics_path),
+            path,
+            title=f"{config.model} / {config.inner} / {config.gradient} on {config.dataset}",
+        )
+        written.append(path)
+    inference = infer(run, max(num, 32))
+    result = inference.result
+    path = os.path.join(folder, "inner_elbo.png")
+    plots.plot_inner_elbo(
+        result.history,
+        result.x_enc.shape[1],
+        path,
+        title=f"inner loop ({config.inner}, {result.num_steps} steps) on held-out data, "
+        f"after {run.step} updates",
+    )
+    written.append(path)
+    x = inference.batch.x[:num]
+    if run.components.stream.kind == "points":
+        with torch.no_grad():
+            slots = result.slots[:num]
+            loc, scale, log_weights = model.component_params(slots)
+            resp = model.responsibilities(x, slots)
+            loglik = model.log_joint(x, slots).logsumexp(1).mean(1)
+        from pyro_slots.data import true_log_likelihood
+
+        t = inference.batch.truth
+        true = true_log_likelihood(x, t["means"][:num], t["scales"][:num], t["weights"][:num])
+        titles = [
+            f"log-lik/point: fit {a:.2f}, true {b:.2f}"
+            for a, b in zip(loglik.tolist(), true.mean(1).tolist())
+        ]
+        path = os.path.join(folder, "gmm_fits.png")
+        plots.plot_gmm_fits(
+            x, resp, loc, scale, log_weights.exp(), t["means"][:num], path, titles=titles
+        )
+    else:
+        recon, rgb, masks = decode(model, result)
+        path = os.path.join(folder, "slots.png")
+        plots.plot_slot_decomposition(x, recon[:num], rgb[:num], masks[:num], path)
+    written.append(path)
+    return written

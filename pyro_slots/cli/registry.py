@@ -1,0 +1,384 @@
+"""Names the command line accepts, each mapped explicitly to a factory.
+
+Four registries — :data:`MODELS`, :data:`INNER_RULES`, :data:`OBJECTIVES`, :data:`DATASETS` —
+map a name to a small entry with its factory and what it requires. :func:`resolve` checks a
+:class:`~pyro_slots.cli.config.TrainConfig` against them before anything is trained: unknown names
+list the valid ones, incompatible combinations are refused with the reason, and the ``None``
+fields get the model's or rule's defaults. :func:`build` then makes the objects.
+
+Factories import their modules lazily, so a name whose module is not part of this installation
+fails with a clear message instead of breaking the whole command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import ConfigError, TrainConfig
+
+__all__ = [
+    "DATASETS",
+    "GRADIENT_MODES",
+    "INIT_KINDS",
+    "INNER_RULES",
+    "MODELS",
+    "OBJECTIVES",
+    "Components",
+    "build",
+    "resolve",
+]
+
+GRADIENT_MODES = ("unrolled", "truncated", "first_order", "implicit")
+INIT_KINDS = ("auto", "model", "learned")
+
+
+def _import(module: str, name: str, what: str):
+    """``module.name``, or a :class:`ConfigError` saying that ``what`` is not installed."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(
+            f"{what} is not available in this installation ({module}.{name}: {error})"
+        ) from None
+
+
+# ---------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class ModelEntry:
+    """:ivar data: ``"points"`` or ``"images"``; :ivar objective: default task objective."""
+
+    factory: Callable
+    data: str
+    objective: str
+    lr: float
+    module: str
+    description: str
+
+
+def _gmm(config: TrainConfig, stream):
+    from pyro_slots.models import GaussianMixture
+
+    return GaussianMixture(config.num_slots, stream.dim)
+
+
+def _slot_autoencoder(config: TrainConfig, stream):
+    cls = _import("pyro_slots.models.slot_autoencoder", "SlotAutoencoder", "slot-autoencoder")
+    return cls(
+        num_slots=config.num_slots,
+        image_size=stream.image_size,
+        slot_dim=config.slot_dim,
+        hidden_dim=config.hidden_dim,
+    )
+
+
+def _iodine(config: TrainConfig, stream):
+    cls = _import("pyro_slots.models.iodine", "IODINE", "iodine")
+    return cls(
+        num_slots=config.num_slots,
+        image_size=stream.image_size,
+        slot_dim=config.slot_dim,
+        hidden_dim=config.hidden_dim,
+    )
+
+
+MODELS = {
+    "gmm": ModelEntry(
+        _gmm,
+        "points",
+        "elbo",
+        0.05,
+        "pyro_slots.models",
+        "Gaussian mixture per point set (slots = component parameters)",
+    ),
+    "slot-autoencoder": ModelEntry(
+        _slot_autoencoder,
+        "images",
+        "reconstruction",
+        4e-4,
+        "pyro_slots.models.slot_autoencoder",
+        "Slot Attention autoencoder with a spatial-broadcast decoder",
+    ),
+    "iodine": ModelEntry(
+        _iodine,
+        "images",
+        "elbo",
+        3e-4,
+        "pyro_slots.models.iodine",
+        "IODINE: iterative amortized inference over a mixture image model",
+    ),
+}
+
+
+# ------------------------------------------------------------------------ inner rules
+@dataclass(frozen=True)
+class InnerEntry:
+    """:ivar learned: the rule owns trained weights; :ivar needs: model methods it calls."""
+
+    factory: Callable
+    learned: bool
+    num_steps: int
+    needs: tuple[str, ...]
+    description: str
+
+
+def _em(config, model):
+    from pyro_slots.inner import EM
+
+    return EM(num_steps=config.inner_steps)
+
+
+def _soft_kmeans(config, model):
+    from pyro_slots.inner import SoftKMeans
+
+    return SoftKMeans(num_steps=config.inner_steps, temperature=config.temperature)
+
+
+def _gradient(config, model):
+    from pyro_slots.inner import GradientAscent
+
+    return GradientAscent(num_steps=config.inner_steps, step_size=config.step_size, adam=True)
+
+
+def _slot_attention(config, model):
+    cls = _import("pyro_slots.inner.slot_attention", "SlotAttention", "slot-attention")
+    return cls(
+        slot_dim=model.slot_dim,
+        input_dim=model.feature_dim,
+        num_steps=config.inner_steps,
+        hidden_dim=config.hidden_dim,
+    )
+
+
+def _learned_gradient(config, model):
+    cls = _import("pyro_slots.inner.learned_gradient", "LearnedGradient", "learned-gradient")
+    return cls(slot_dim=model.slot_dim, num_steps=config.inner_steps, hidden_dim=config.hidden_dim)
+
+
+INNER_RULES = {
+    "em": InnerEntry(_em, False, 5, ("em_update",), "expectation-maximization (closed form)"),
+    "soft-kmeans": InnerEntry(
+        _soft_kmeans, False, 5, ("soft_kmeans_update", "isotropic"), "soft k-means (closed form)"
+    ),
+    "gradient": InnerEntry(_gradient, False, 20, (), "per-datapoint Adam ascent on the ELBO"),
+    "slot-attention": InnerEntry(_slot_attention, True, 3, (), "Slot Attention update (learned)"),
+    "learned-gradient": InnerEntry(
+        _learned_gradient, True, 5, (), "learned update from the ELBO gradient (IODINE-style)"
+    ),
+}
+
+
+# ------------------------------------------------------------------------- objectives
+def _elbo_objective(config):
+    from pyro_slots.objectives import NegativeELBO
+
+    return NegativeELBO()
+
+
+def _reconstruction_objective(config):
+    from pyro_slots.objectives import Reconstruction
+
+    return Reconstruction()
+
+
+OBJECTIVES = {"elbo": _elbo_objective, "reconstruction": _reconstruction_objective}
+
+
+# --------------------------------------------------------------------------- datasets
+def _points_stream(config: TrainConfig, name: str):
+    from .streams import PointStream
+
+    return PointStream(
+        config.seed, config.batch_size, config.num_points, config.num_components, config.dim
+    )
+
+
+def _image_stream(config: TrainConfig, name: str):
+    from .streams import ImageStream
+
+    return ImageStream(name, config.seed, config.batch_size, config.image_size)
+
+
+def _hdf5_stream(config: TrainConfig, name: str):
+    from .streams import HDF5Stream
+
+    path = name[len("hdf5:") :]
+    if not path:
+        raise ConfigError("dataset: 'hdf5:' must be followed by the file's path, e.g. hdf5:x.h5")
+    try:
+        return HDF5Stream(path, config.seed, config.batch_size, config.eval_size)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"dataset {name!r}: {error}") from None
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    factory: Callable
+    data: str
+    description: str
+
+
+DATASETS = {
+    "points": DatasetEntry(_points_stream, "points", "point sets from random Gaussian mixtures"),
+    "shapes": DatasetEntry(_image_stream, "images", "multi-dSprites-like scenes, 64x64"),
+    "tetrominoes": DatasetEntry(_image_stream, "images", "three Tetris pieces, 35x35"),
+    "hdf5:PATH": DatasetEntry(_hdf5_stream, "images", "a benchmark HDF5 file"),
+}
+
+
+def _dataset_entry(name: str) -> DatasetEntry:
+    key = "hdf5:PATH" if name.startswith("hdf5:") else name
+    if key not in DATASETS:
+        raise ConfigError(f"dataset: unknown name {name!r}; valid choices are {list(DATASETS)}")
+    return DATASETS[key]
+
+
+def _choice(registry: dict, value: str, what: str):
+    if value not in registry:
+        raise ConfigError(f"{what}: unknown name {value!r}; valid choices are {list(registry)}")
+    return registry[value]
+
+
+# ---------------------------------------------------------------------- resolve, build
+def _check_positive(config: TrainConfig) -> None:
+    for name in (
+        "steps",
+        "batch_size",
+        "num_slots",
+        "inner_steps",
+        "truncate",
+        "eval_size",
+        "checkpoint_every",
+        "num_points",
+        "num_components",
+        "dim",
+        "slot_dim",
+        "hidden_dim",
+        "image_size",
+    ):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}: expected an integer >= 1, got {value}")
+    for name in ("lr", "step_size", "temperature", "clip_norm"):
+        value = getattr(config, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{name}: expected a number > 0, got {value}")
+    if config.eval_every < 0:
+        raise ConfigError(f"eval_every: expected an integer >= 0, got {config.eval_every}")
+    if config.seed < 0:
+        raise ConfigError(f"seed: expected an integer >= 0, got {config.seed}")
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Check names and combinations and fill the defaults; nothing is built or trained.
+
+    :raises ConfigError: naming the option, the valid choices or the reason a combination
+        cannot work.
+    """
+    model = _choice(MODELS, config.model, "model")
+    inner = _choice(INNER_RULES, config.inner, "inner")
+    if config.gradient not in GRADIENT_MODES:
+        raise ConfigError(
+            f"gradient: unknown mode {config.gradient!r}; valid choices are {list(GRADIENT_MODES)}"
+        )
+    if config.init not in INIT_KINDS:
+        raise ConfigError(f"init: unknown kind {config.init!r}; valid choices are {INIT_KINDS}")
+    dataset = _dataset_entry(config.dataset)
+    objective = model.objective if config.objective is None else config.objective
+    _choice(OBJECTIVES, objective, "objective")
+    _check_positive(config)
+    if dataset.data != model.data:
+        valid = [n for n, d in DATASETS.items() if d.data == model.data]
+        raise ConfigError(
+            f"--model {config.model} works on {model.data}, but --dataset {config.dataset} holds "
+            f"{dataset.data}; use --dataset {' or '.join(valid)}"
+        )
+    if model.data == "images" and inner.needs:
+        raise ConfigError(
+            f"--inner {config.inner} needs a closed-form update ({', '.join(inner.needs)}), which "
+            f"only gmm provides; --model {config.model} works with "
+            f"{[n for n, e in INNER_RULES.items() if not e.needs]}"
+        )
+    init = config.init
+    if init == "auto":
+        init = "model" if inner.learned or model.data == "images" else "learned"
+    if not inner.learned and init == "model" and model.data == "points":
+        raise ConfigError(
+            f"--model gmm with --inner {config.inner} and --init model has no weights to train "
+            "(the fixed rule starts from k-means++); use --init learned or a learned rule "
+            "(slot-attention, learned-gradient)"
+        )
+    num_steps = inner.num_steps if config.inner_steps is None else config.inner_steps
+    if not inner.learned and init == "learned" and model.data == "points":
+        reaches_init = config.gradient == "unrolled" or (
+            config.gradient == "truncated" and config.truncate >= num_steps
+        )
+        if not reaches_init:
+            raise ConfigError(
+                f"--gradient {config.gradient} never reaches the learned initialization, the "
+                f"only trained weights of gmm with --inner {config.inner}: it is trained "
+                "through every inner step; use --gradient unrolled (or a learned rule)"
+            )
+    if config.dataset == "points" and config.image_size is not None:
+        raise ConfigError("image_size: only used by image datasets, not --dataset points")
+    if config.dataset == "tetrominoes" and config.image_size not in (None, 35):
+        raise ConfigError(f"image_size: tetrominoes are 35x35, got {config.image_size}")
+    if config.num_slots is None:
+        if model.data == "points":
+            num_slots = config.num_components
+        elif config.dataset == "tetrominoes":
+            num_slots = 4
+        else:
+            num_slots = 6
+    else:
+        num_slots = config.num_slots
+    return dataclasses.replace(
+        config,
+        objective=objective,
+        init=init,
+        lr=model.lr if config.lr is None else config.lr,
+        out=config.out or f"runs/{config.model}-{config.inner}",
+        num_slots=num_slots,
+        inner_steps=num_steps,
+        step_size=(0.1 if config.step_size is None else config.step_size)
+        if config.inner == "gradient"
+        else config.step_size,
+    )
+
+
+@dataclass
+class Components:
+    """What :func:`build` makes from a resolved configuration."""
+
+    model: object
+    inner: object
+    objective: object
+    init: object | None
+    stream: object
+
+
+def build(config: TrainConfig) -> Components:
+    """Make the data stream, model, inner rule, objective and slot initializer.
+
+    :param config: a configuration returned by :func:`resolve`.
+    :raises ConfigError: when a module is missing or the model rejects the rule.
+    """
+    from pyro_slots.validation import CapabilityError
+
+    dataset = _dataset_entry(config.dataset)
+    stream = dataset.factory(config, config.dataset)
+    model = MODELS[config.model].factory(config, stream)
+    inner = INNER_RULES[config.inner].factory(config, model)
+    try:
+        inner.check_model(model)
+    except CapabilityError as error:
+        raise ConfigError(f"--inner {config.inner} with --model {config.model}: {error}") from None
+    objective = OBJECTIVES[config.objective](config)
+    init = None
+    if config.init == "learned":
+        from pyro_slots.init import GaussianInit
+
+        init = GaussianInit(model.slot_dim, learnable=True)
+    return Components(model, inner, objective, init, stream)

@@ -1,0 +1,146 @@
+"""Data streams for the command line: batch ``s`` is a function of ``(seed, s)`` alone.
+
+A resumed run therefore needs no replay of the data: the stream's whole state is the index of
+the next batch. Held-out data are drawn from the same generators at indices far beyond any
+training run (:data:`HELD_OUT_START`), so they never overlap the training batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["HELD_OUT_START", "Batch", "HDF5Stream", "ImageStream", "PointStream"]
+
+#: First generator index of the held-out data (training would need 2**31 datapoints to reach it).
+HELD_OUT_START = 2**31
+
+
+@dataclass
+class Batch:
+    """One batch: ``x`` as the model takes it, ``truth`` for the metrics (never for training).
+
+    :ivar torch.Tensor x: points ``(batch, num_points, dim)`` or images ``(batch, 3, H, W)``.
+    :ivar dict truth: ground truth, e.g. ``assignments`` ``(batch, num_points)`` and the true
+        mixture parameters, or ``mask`` ``(batch, H, W)``.
+    """
+
+    x: torch.Tensor
+    truth: dict = field(default_factory=dict)
+
+
+class PointStream:
+    """Point sets of :func:`pyro_slots.data.sample_point_sets`; batch ``s`` is sets
+    ``s·B .. s·B + B - 1`` of the generator seeded with ``seed``.
+    """
+
+    kind = "points"
+
+    def __init__(self, seed: int, batch_size: int, num_points: int, num_components: int, dim: int):
+        self.seed, self.batch_size = seed, batch_size
+        self.kwargs = dict(num_points=num_points, num_components=num_components, dim=dim)
+        self.num_objects = num_components
+        self.dim = dim
+
+    def _sets(self, num: int, start: int) -> Batch:
+        from pyro_slots.data import sample_point_sets
+
+        sets = sample_point_sets(num, seed=self.seed, start=start, **self.kwargs)
+        truth = {
+            "assignments": sets.assignments,
+            "means": sets.means,
+            "scales": sets.scales,
+            "weights": sets.weights,
+        }
+        return Batch(sets.x, truth)
+
+    def batch(self, step: int) -> Batch:
+        return self._sets(self.batch_size, step * self.batch_size)
+
+    def held_out(self, num: int) -> Batch:
+        return self._sets(num, HELD_OUT_START)
+
+
+class ImageStream:
+    """Scenes of a generator (``shapes`` or ``tetrominoes``); batch ``s`` is scenes
+    ``s·B .. s·B + B - 1`` of the generator seeded with ``seed``.
+    """
+
+    kind = "images"
+
+    def __init__(self, name: str, seed: int, batch_size: int, image_size: int | None = None):
+        from pyro_slots.data import shapes, tetrominoes
+
+        self.name, self.seed, self.batch_size = name, seed, batch_size
+        if name == "tetrominoes":
+            if image_size not in (None, tetrominoes.IMAGE_SIZE):
+                raise ValueError(
+                    f"image_size: tetrominoes are {tetrominoes.IMAGE_SIZE}x"
+                    f"{tetrominoes.IMAGE_SIZE}, got {image_size}"
+                )
+            self.image_size = tetrominoes.IMAGE_SIZE
+            self.num_objects = tetrominoes.NUM_PIECES
+            self._kwargs = {}
+        else:
+            self.image_size = 64 if image_size is None else image_size
+            self.num_objects = 5
+            self._kwargs = {"image_size": self.image_size, "max_objects": self.num_objects}
+        self._generate = (
+            tetrominoes.generate_tetrominoes if name == "tetrominoes" else shapes.generate_shapes
+        )
+
+    def _scenes(self, num: int, start: int) -> Batch:
+        scenes = self._generate(num, seed=self.seed, start=start, **self._kwargs)
+        return Batch(scenes["image"], {"mask": scenes["mask"]})
+
+    def batch(self, step: int) -> Batch:
+        return self._scenes(self.batch_size, step * self.batch_size)
+
+    def held_out(self, num: int) -> Batch:
+        return self._scenes(num, HELD_OUT_START)
+
+
+class HDF5Stream:
+    """Images of a benchmark HDF5 file: the last ``held_out_size`` images are held out; the
+    rest are visited in a random order per epoch, drawn from ``(seed, epoch)``.
+    """
+
+    kind = "images"
+
+    def __init__(self, path: str, seed: int, batch_size: int, held_out_size: int):
+        from pyro_slots.data import HDF5Dataset
+
+        self.data = HDF5Dataset(path)
+        if len(self.data) <= held_out_size:
+            raise ValueError(
+                f"{path}: {len(self.data)} images, but {held_out_size} are held out for "
+                "evaluation (--eval-size); the file needs more images"
+            )
+        self.seed, self.batch_size = seed, batch_size
+        self.held_out_size = held_out_size
+        self.num_train = len(self.data) - held_out_size
+        first = self.data[0]
+        self.image_size = int(first["image"].shape[-1])
+        self.num_objects = int(self.data.max_objects) - 1
+        self._order = {}
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._order:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = {epoch: torch.randperm(self.num_train, generator=g)}
+        return self._order[epoch]
+
+    def _items(self, indices) -> Batch:
+        items = [self.data[int(i)] for i in indices]
+        x = torch.stack([item["image"] for item in items])
+        return Batch(x, {"mask": torch.stack([item["mask"] for item in items])})
+
+    def batch(self, step: int) -> Batch:
+        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
+        indices = [self._permutation(p // self.num_train)[p % self.num_train] for p in positions]
+        return self._items(indices)
+
+    def held_out(self, num: int) -> Batch:
+        num = min(num, self.held_out_size)
+        return self._items(range(self.num_train, self.num_train + num))

@@ -1,0 +1,336 @@
+"""``pyro-slots train``: one :class:`~pyro_slots.NestedSVI` loop with progress, metrics and
+checkpoints that resume bit for bit.
+
+Exact resumption rests on three things: every batch is a function of ``(seed, step)`` alone
+(:mod:`pyro_slots.cli.streams`), the checkpoint holds every state that changes while training
+(weights, optimizer moments, the slot-initialization generator of NestedSVI, the global RNGs),
+and held-out evaluations never touch those states.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import pyro
+import torch
+
+from pyro_slots.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+from .config import ConfigError, TrainConfig, save_config
+from .registry import Components, build, resolve
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "METRICS_NAME",
+    "TrainRun",
+    "checkpoint_path",
+    "config_from_checkpoint",
+    "load_run",
+    "make_svi",
+    "train",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.yaml"
+
+
+@dataclass
+class TrainRun:
+    """A built training run: configuration, components, the outer loop and its step count."""
+
+    config: TrainConfig
+    components: Components
+    svi: object
+    step: int = 0
+
+
+def checkpoint_path(path: str | os.PathLike) -> str:
+    """The checkpoint file of ``path``: itself if a file, ``path/checkpoint.pt`` if a folder."""
+    path = os.fspath(path)
+    return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+
+
+def make_svi(config: TrainConfig, components: Components):
+    """The outer loop: NestedSVI with Adam on every shared weight."""
+    from pyro_slots import NestedSVI
+
+    return NestedSVI(
+        components.model,
+        components.inner,
+        components.objective,
+        pyro.optim.Adam({"lr": config.lr}),
+        gradient=config.gradient,
+        num_slots=config.num_slots,
+        num_steps=config.inner_steps,
+        truncate=config.truncate,
+        init=components.init,
+        seed=config.seed,
+        clip_norm=config.clip_norm,
+    )
+
+
+def _new_run(config: TrainConfig) -> TrainRun:
+    # Weights are drawn from the global RNG when the modules are built: seed it first.
+    pyro.clear_param_store()
+    pyro.set_rng_seed(config.seed)
+    components = build(config)
+    svi = make_svi(config, components)
+    if not svi.parameters():
+        raise ConfigError(
+            f"--model {config.model} with --inner {config.inner} and --init {config.init} has no "
+            "weights to train"
+        )
+    return TrainRun(config, components, svi)
+
+
+def config_from_checkpoint(payload: dict, path: str) -> TrainConfig:
+    try:
+        return TrainConfig(**payload["config"])
+    except TypeError as error:
+        raise CheckpointError(
+            f"{path}: the saved configuration is not valid here: {error}"
+        ) from None
+
+
+def load_run(path: str | os.PathLike, overrides: dict | None = None) -> TrainRun:
+    """Rebuild a run from a checkpoint, with every state restored.
+
+    :param path: a checkpoint file or a folder holding ``checkpoint.pt``.
+    :param dict overrides: configuration fields to change (e.g. ``steps``) before rebuilding.
+    :raises CheckpointError: for an unreadable checkpoint or one whose states do not fit.
+    """
+    path = checkpoint_path(path)
+    payload = load_checkpoint(path)
+    config = config_from_checkpoint(payload, path)
+    if overrides:
+        config = TrainConfig(**{**config.to_dict(), **overrides})
+    config = resolve(config)
+    run = _new_run(config)
+    c = run.components
+    try:
+        c.model.load_state_dict(payload["model"])
+        c.inner.load_state_dict(payload["inner"])
+        c.objective.load_state_dict(payload["objective"])
+        if c.init is not None:
+            c.init.load_state_dict(payload["init"])
+        run.svi.load_state_dict(payload["svi"])
+        set_rng_state(payload["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{path}: the saved states do not fit the model: {first}") from None
+    run.step = int(payload["step"])
+    return run
+
+
+def _payload(run: TrainRun) -> dict:
+    c = run.components
+    return {
+        "format": FORMAT,
+        "step": run.step,
+        "config": run.config.to_dict(),
+        "model": c.model.state_dict(),
+        "inner": c.inner.state_dict(),
+        "objective": c.objective.state_dict(),
+        "init": None if c.init is None else c.init.state_dict(),
+        "svi": run.svi.state_dict(),
+        "rng": rng_state(data_position=run.step),
+    }
+
+
+def save_run(run: TrainRun) -> str:
+    path = os.path.join(run.config.out, CHECKPOINT_NAME)
+    save_checkpoint(path, _payload(run))
+    return path
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop the metrics logged after ``step`` (by a run killed after its last checkpoint)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the kill
+            if record.get("step", 0) <= step:
+                keep.append(json.dumps(record))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+class _Logger:
+    """Appends metric records to ``metrics.jsonl`` (flushed per line) and, optionally, to
+    TensorBoard."""
+
+    def __init__(self, out: str, tensorboard: bool):
+        self.file = open(os.path.join(out, METRICS_NAME), "a")  # noqa: SIM115 - closed in close()
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.file.close()
+                raise ConfigError(
+                    "tensorboard: the tensorboard package is not installed "
+                    "(pip install tensorboard), run without --tensorboard"
+                ) from None
+            self.writer = SummaryWriter(os.path.join(out, "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            prefix = record.get("split", "train")
+            for key, value in record.items():
+                if key not in ("step", "split", "time") and isinstance(value, int | float):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _inner_elbo(svi) -> tuple[float, float]:
+    """Mean inner ELBO of the last batch, per datapoint and per measurement."""
+    result = svi.last_result
+    elbo = result.elbo.mean().item()
+    return elbo, elbo / result.x_enc.shape[1]
+
+
+def held_out_record(run: TrainRun, batch) -> dict:
+    """Task objective and inner ELBO on held-out data; no state of the run changes.
+
+    The slots are refined by :func:`pyro_slots.refine` with a fixed seed rather than by
+    ``NestedSVI.evaluate_loss``, so every evaluation starts from the same initialization and
+    the outer loop's generator is left alone.
+    """
+    from .evaluate import infer, task_objective
+
+    cpu_state = torch.get_rng_state()
+    try:
+        inference = infer(run, batch)
+        loss = task_objective(run, inference).mean().item()
+    finally:
+        torch.set_rng_state(cpu_state)
+    result = inference.result
+    elbo = result.elbo.mean().item()
+    return {
+        "step": run.step,
+        "split": "held_out",
+        "J": loss,
+        "elbo": elbo,
+        "elbo_per_measurement": elbo / result.x_enc.shape[1],
+    }
+
+
+def prepare_out(config: TrainConfig, resume: bool, overwrite: bool) -> None:
+    ckpt = os.path.join(config.out, CHECKPOINT_NAME)
+    if not resume and os.path.exists(ckpt):
+        if not overwrite:
+            raise ConfigError(
+                f"out: {config.out} already holds a checkpoint; continue it with --resume "
+                f"{config.out}, pass --overwrite, or choose another --out"
+            )
+        for name in (CHECKPOINT_NAME, METRICS_NAME, CONFIG_NAME):
+            path = os.path.join(config.out, name)
+            if os.path.exists(path):
+                os.unlink(path)
+    os.makedirs(config.out, exist_ok=True)
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    resume: str | None = None,
+    overrides: dict | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    pictures: bool = True,
+    echo=print,
+) -> TrainRun:
+    """Train (or continue training) and write checkpoint, metrics, config and pictures.
+
+    :param TrainConfig config: the configuration (ignored with ``resume``).
+    :param str resume: a folder with a checkpoint to continue; its saved configuration is used,
+        with ``overrides`` (e.g. a larger ``steps``) applied.
+    :param bool overwrite: replace an existing run in ``config.out``.
+    :param bool progress: show a tqdm progress bar (on stderr).
+    :param bool pictures: draw the pictures at the end.
+    :returns: the finished :class:`TrainRun`.
+    """
+    from tqdm.auto import tqdm
+
+    if resume is not None:
+        run = load_run(resume, overrides)
+        run.config.out = os.fspath(resume) if os.path.isdir(resume) else os.path.dirname(resume)
+        _truncate_metrics(os.path.join(run.config.out, METRICS_NAME), run.step)
+        echo(f"resuming {checkpoint_path(resume)} at step {run.step} of {run.config.steps}")
+    else:
+        config = resolve(config or TrainConfig())
+        prepare_out(config, resume=False, overwrite=overwrite)
+        run = _new_run(config)
+    config = run.config
+    save_config(os.path.join(config.out, CONFIG_NAME), config)
+    stream = run.components.stream
+    held_out = stream.held_out(config.eval_size) if config.eval_every else None
+    logger = _Logger(config.out, config.tensorboard)
+    bar = tqdm(
+        total=config.steps,
+        initial=run.step,
+        desc=f"train {config.model}/{config.inner}",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    start_time, start_step = time.perf_counter(), run.step
+    try:
+        while run.step < config.steps:
+            batch = stream.batch(run.step)
+            loss = run.svi.step(batch.x)
+            run.step += 1
+            elbo, per_measurement = _inner_elbo(run.svi)
+            elapsed = time.perf_counter() - start_time
+            rate = (run.step - start_step) / elapsed if elapsed > 0 else math.nan
+            logger.log(
+                {
+                    "step": run.step,
+                    "split": "train",
+                    "J": loss,
+                    "elbo": elbo,
+                    "elbo_per_measurement": per_measurement,
+                    "steps_per_s": rate,
+                }
+            )
+            bar.set_postfix(J=f"{loss:.4g}", elbo=f"{per_measurement:.4g}/m", refresh=False)
+            bar.update(1)
+            if held_out is not None and run.step % config.eval_every == 0:
+                logger.log(held_out_record(run, held_out))
+            if run.step % config.checkpoint_every == 0 or run.step == config.steps:
+                save_run(run)
+    finally:
+        bar.close()
+        logger.close()
+    if run.step == 0 or not os.path.exists(os.path.join(config.out, CHECKPOINT_NAME)):
+        save_run(run)
+    if pictures:
+        from .evaluate import write_pictures
+
+        write_pictures(run, config.out)
+    return run
