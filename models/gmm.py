@@ -155,37 +155,54 @@ class GaussianMixture(SlotModel):
         return kmeans_plus_plus(self, x, num_slots, generator=generator)
 
 
-def kmeans_plus_plus(model: GaussianMixture, x, num_slots: int, generator=None):
-    """Batched k-means++ seeding (Arthur & Vassilvitskii 2007) followed by one hard assignment.
+def kmeans_plus_plus(
+    model: GaussianMixture, x, num_slots: int, generator=None, lloyd_steps: int = 10
+):
+    """Batched greedy k-means++ seeding refined by Lloyd iterations.
 
-    Means are ``num_slots`` points drawn with probability proportional to the squared distance to
-    the nearest mean already chosen; scales are the per-cluster standard deviation of a hard
-    nearest-mean assignment (the pooled standard deviation where a cluster is too small); weights
-    are uniform. Vectorized over the batch: no Python loop over datapoints.
+    Seeds are drawn with probability proportional to the squared distance to the nearest seed
+    already chosen (Arthur & Vassilvitskii 2007); like scikit-learn, every draw tries
+    ``2 + log K`` candidates and keeps the one that lowers the k-means potential most. The seeds
+    are then moved by ``lloyd_steps`` hard k-means iterations (scikit-learn's default
+    ``init_params="kmeans"``). Scales are the per-cluster standard deviations of the final hard
+    assignment (the pooled standard deviation for clusters of fewer than two points) and the
+    weights the cluster fractions. Vectorized over the batch: no Python loop over datapoints.
 
     :returns: slots ``(batch, num_slots, 2 dim + 1)``.
     """
     num_slots = check_positive_int(num_slots, "num_slots")
     batch, num_points, dim = x.shape
     rows = torch.arange(batch, device=x.device)
-    # The random choices are made without gradients; the chosen values keep them, so an
-    # unrolled outer gradient sees how the initialization moves with an encoder's weights.
+    trials = 2 + int(math.log(num_slots))
+    # The random choices are made without gradients; the resulting cluster statistics keep
+    # them, so an unrolled outer gradient sees how the initialization moves with an encoder.
     with torch.no_grad():
         xd = x.detach()
         first = torch.randint(num_points, (batch,), generator=generator, device=x.device)
-        chosen = [first]
-        closest = ((xd - xd[rows, first].unsqueeze(1)) ** 2).sum(-1)  # (B, M)
+        centers = [xd[rows, first]]
+        closest = ((xd - centers[0].unsqueeze(1)) ** 2).sum(-1)  # (B, M)
         for _ in range(1, num_slots):
             cdf = (closest + 1e-12).cumsum(-1)
-            u = torch.rand((batch, 1), generator=generator, dtype=x.dtype, device=x.device)
-            idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(num_points - 1).squeeze(-1)
-            chosen.append(idx)
-            closest = torch.minimum(closest, ((xd - xd[rows, idx].unsqueeze(1)) ** 2).sum(-1))
-        idx = torch.stack(chosen, 1)  # (B, K)
-        d2 = ((xd.unsqueeze(1) - xd[rows.unsqueeze(1), idx].unsqueeze(2)) ** 2).sum(-1)
-        hard = torch.nn.functional.one_hot(d2.argmin(1), num_slots).transpose(1, 2).to(x.dtype)
-        nk = hard.sum(-1, keepdim=True)  # (B, K, 1)
-    loc = x[rows.unsqueeze(1), idx]  # (B, K, D)
+            u = torch.rand((batch, trials), generator=generator, dtype=x.dtype, device=x.device)
+            idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(num_points - 1)  # (B, T)
+            cand = xd[rows.unsqueeze(1), idx]  # (B, T, D)
+            d2 = ((xd.unsqueeze(1) - cand.unsqueeze(2)) ** 2).sum(-1)  # (B, T, M)
+            new_closest = torch.minimum(closest.unsqueeze(1), d2)
+            best = new_closest.sum(-1).argmin(1)  # (B,)
+            centers.append(cand[rows, best])
+            closest = new_closest[rows, best]
+        centers = torch.stack(centers, 1)  # (B, K, D)
+        for step in range(lloyd_steps + 1):
+            d2 = ((xd.unsqueeze(1) - centers.unsqueeze(2)) ** 2).sum(-1)  # (B, K, M)
+            hard = torch.nn.functional.one_hot(d2.argmin(1), num_slots).transpose(1, 2)
+            hard = hard.to(x.dtype)
+            nk = hard.sum(-1, keepdim=True)  # (B, K, 1)
+            if step < lloyd_steps:
+                means = torch.einsum("bkm,bmd->bkd", hard, xd) / nk.clamp_min(1)
+                centers = torch.where(nk > 0, means, centers)
+    # An empty cluster keeps its seed: its statistics come from the pooled data.
+    loc = torch.einsum("bkm,bmd->bkd", hard, x) / nk.clamp_min(1)
+    loc = torch.where(nk > 0, loc, centers)
     pooled = x.var(1, keepdim=True).expand(batch, num_slots, dim)
     sq = (x.unsqueeze(1) - loc.unsqueeze(2)) ** 2  # (B, K, M, D)
     var = torch.einsum("bkm,bkmd->bkd", hard, sq)
@@ -194,6 +211,6 @@ def kmeans_plus_plus(model: GaussianMixture, x, num_slots: int, generator=None):
     parts = {
         "loc": loc,
         "log_scale": 0.5 * var.log(),
-        "logit": torch.zeros(batch, num_slots, dtype=x.dtype, device=x.device),
+        "logit": ((nk.squeeze(-1) + 1.0) / (num_points + num_slots)).log(),
     }
     return model.slot_spec.pack(parts)

@@ -143,6 +143,7 @@ def run_inner(
     backprop_steps: int = 0,
     implicit=None,
     tol: float | None = None,
+    elbo_tol: float | None = None,
     keep_trajectory: bool = False,
     estimator: PerDatapointELBO | None = None,
 ) -> RefineResult:
@@ -150,7 +151,8 @@ def run_inner(
 
     The first ``num_steps - backprop_steps`` steps run without an autograd graph (λ detached);
     the last ``backprop_steps`` keep it (``create_graph=True``). With ``tol``, the graph-free
-    phase stops once every datapoint's residual is below ``tol`` and the graph steps follow.
+    phase stops once every datapoint's residual is below ``tol`` (or its ELBO changed by less
+    than ``elbo_tol`` per measurement in the last step) and the graph steps follow.
     ``implicit`` (a callable ``(out, lam) -> out``) wraps one final differentiable step from the
     detached fixed point, for implicit differentiation (see :mod:`pyro_slots.nested`).
     """
@@ -181,7 +183,11 @@ def run_inner(
         t += 1
         if keep_trajectory:
             trajectory.append(state.slots)
-        if tol is not None and t < num_steps and bool((delta < tol).all()):
+        converged = tol is not None and bool((delta < tol).all())
+        if elbo_tol is not None and len(history) >= 2:
+            change = (history[-1] - history[-2]).abs() / x_enc.shape[1]
+            converged = converged or bool((change < elbo_tol).all())
+        if converged and t < num_steps:
             if in_graph or backprop_steps == 0:
                 break
             # Converged without a graph: the differentiable steps follow right away.
@@ -247,6 +253,7 @@ def refine(
     generator: torch.Generator | None = None,
     num_restarts: int = 1,
     tol: float | None = None,
+    elbo_tol: float | None = None,
     keep_trajectory: bool = False,
     estimator: PerDatapointELBO | None = None,
 ) -> RefineResult:
@@ -272,6 +279,8 @@ def refine(
     :param int seed: seed of the slot initialization (or pass ``generator``).
     :param int num_restarts: R independent initializations per datapoint, run side by side.
     :param float tol: stop early once every residual ``‖λ_{t+1} - λ_t‖`` is below ``tol``.
+    :param float elbo_tol: stop early once every datapoint's ELBO changed by less than
+        ``elbo_tol`` per measurement in one step (scikit-learn's criterion for EM).
     :param bool keep_trajectory: keep λ_t of every step in ``result.trajectory``.
     :returns: a :class:`RefineResult`.
     """
@@ -282,6 +291,8 @@ def refine(
     num_restarts = check_positive_int(num_restarts, "num_restarts")
     if tol is not None:
         tol = check_positive_float(tol, "tol")
+    if elbo_tol is not None:
+        elbo_tol = check_positive_float(elbo_tol, "elbo_tol")
     generator = make_generator(seed, generator)
     with torch.no_grad():
         x_enc = model.encode(x)
@@ -318,6 +329,7 @@ def refine(
         slots,
         num_steps,
         tol=tol,
+        elbo_tol=elbo_tol,
         keep_trajectory=keep_trajectory,
         estimator=estimator,
     )

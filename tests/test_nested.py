@@ -94,6 +94,9 @@ def _saved_bytes(svi, x):
     return sum(alive.values())
 
 
+# Five EM steps are not a fixed point; the adjoint may not converge there, which is beside the
+# point of a memory test.
+@pytest.mark.filterwarnings("ignore::pyro_slots.ImplicitGradientWarning")
 @pytest.mark.parametrize("mode", ["first_order", "truncated", "implicit"])
 def test_graph_memory_does_not_grow_with_inner_steps(float64, mode):
     x, _ = make_point_sets(4, 30, seed=3)

@@ -3,5 +3,6 @@
 from .base import Objective
 from .elbo import NegativeELBO
 from .reconstruction import Reconstruction
+from .set_prediction import SetPrediction
 
-__all__ = ["NegativeELBO", "Objective", "Reconstruction"]
+__all__ = ["NegativeELBO", "Objective", "Reconstruction", "SetPrediction"]
