@@ -197,6 +197,24 @@ def _best_restart(res):
     return idx, pick
 
 
+def _final_aux(result, idx: torch.Tensor) -> tuple:
+    """The rule's auxiliary state after the last step, for the best restart of each datapoint.
+
+    ``refine`` keeps the final state with restarts flattened into the batch (``R · B`` rows).
+    """
+    state = getattr(result, "state", None)
+    if state is None or not state.aux:
+        return ()
+    num_restarts, batch = getattr(result, "num_restarts", 1), idx.shape[0]
+    rows = torch.arange(batch)
+    aux = []
+    for a in state.aux:
+        if not torch.is_tensor(a) or a.shape[0] != num_restarts * batch:
+            return ()
+        aux.append(a.detach().reshape(num_restarts, batch, *a.shape[1:])[idx, rows])
+    return tuple(aux)
+
+
 def inner_loop_health(
     result,
     model=None,
@@ -220,7 +238,8 @@ def inner_loop_health(
     :param RefineResult result: from :func:`~pyro_slots.refine`.
     :param SlotModel model: needed for the Jacobian and for responsibilities the rule did not
         report (then ``model.responsibilities(x, slots)`` is used where it exists).
-    :param InnerRule rule: the update whose Jacobian is measured; skipped when ``None``.
+    :param InnerRule rule: the update whose Jacobian is measured (at the final slots, with the
+        rule's final auxiliary state held fixed); skipped when ``None``.
     :param bool jacobian: compute the Jacobian spectral norm (one differentiable step and
         ``2 · num_power_iterations`` backward passes).
     :param float duplicate_threshold: cosine similarity above which a slot is a duplicate
@@ -260,6 +279,8 @@ def inner_loop_health(
             res.x_enc,
             rule,
             slots,
+            aux=_final_aux(result, idx),
+            step=res.num_steps,
             num_iterations=num_power_iterations,
             generator=generator,
         )

@@ -36,6 +36,8 @@ def write_report(
     num_psis_samples: int = 1000,
     num_draws: int = 200,
     image_shape: tuple[int, int] | None = None,
+    draws: str | None = None,
+    log_likelihood: bool = True,
 ) -> Path:
     """Run the diagnostics on a batch and write them to ``folder``.
 
@@ -47,11 +49,13 @@ def write_report(
     * ``inference_data.nc``: the :func:`to_inference_data` result (netCDF, ``az.from_netcdf``);
     * ``summary.csv``: the table.
 
-    Posterior draws are Laplace draws of λ when the guide samples nothing (the ELBO is then
-    deterministic), else guide samples. PSIS is run on the best restart when the guide samples
-    latents. The amortization gap refines the best restart's slots with ``refiner`` (default
-    :func:`~pyro_slots.diagnostics.default_refiner`). The inner-loop health includes the
-    Jacobian norm of ``inner``'s update.
+    Posterior draws (``draws=None``) are Laplace draws of λ when the guide samples nothing (the
+    ELBO is then deterministic), else guide samples; Laplace draws cost one Hessian-vector
+    product per coordinate of a datapoint's slots, so for large slots pass ``draws="point"``
+    (R-hat is then not computed) or ``"guide"``. PSIS is run on the best restart when the
+    guide samples latents. The amortization gap refines the best restart's slots with
+    ``refiner`` (default :func:`~pyro_slots.diagnostics.default_refiner`). The inner-loop health
+    includes the Jacobian norm of ``inner``'s update.
 
     Example (what ``pyro-slots diagnose CHECKPOINT`` does with the checkpoint's model, rule and
     a data batch)::
@@ -70,6 +74,10 @@ def write_report(
     :param int num_psis_samples: guide samples per datapoint for PSIS.
     :param int num_draws: posterior draws per restart.
     :param tuple image_shape: ``(H, W)`` of image measurements, for the slot-mask plot.
+    :param str draws: ``"point"``, ``"laplace"`` or ``"guide"`` (see
+        :func:`~pyro_slots.diagnostics.to_inference_data`); chosen as above when ``None``.
+    :param bool log_likelihood: store the per-measurement log-likelihood of every draw
+        (``restarts · draws · batch · measurements`` numbers; turn off for large images).
     :returns: the path of ``report.md``.
     """
     folder = Path(folder)
@@ -88,8 +96,16 @@ def write_report(
     with torch.no_grad():
         x_enc = model.encode(x)
         guide_sites = _traces.guide_sample_sites(_traces.traces(model, x_enc, best, 1)[1])
-    draws = "guide" if guide_sites else "laplace"
-    idata = to_inference_data(result, model, draws=draws, num_draws=num_draws, seed=seed)
+    if draws is None:
+        draws = "guide" if guide_sites else "laplace"
+    idata = to_inference_data(
+        result,
+        model,
+        draws=draws,
+        num_draws=num_draws,
+        seed=seed,
+        log_likelihood=log_likelihood,
+    )
     psis = None
     if guide_sites:
         psis = psis_diagnostic(model, x, best, num_psis_samples, seed=seed)

@@ -131,7 +131,12 @@ def summary(
     if psis is not None:
         table["khat"] = _per_datapoint(psis.khat, batch, "psis.khat")
     table["rhat"] = rhat_per_datapoint(aligned_posterior(idata), var_names).values
-    table["rhat_unaligned"] = rhat_per_datapoint(unaligned_posterior(idata), var_names).values
+    if any("slot" in v.dims for v in idata.posterior.data_vars.values()):
+        table["rhat_unaligned"] = rhat_per_datapoint(unaligned_posterior(idata), var_names).values
+    else:
+        # Guide draws are taken at the aligned slots and have no dim named "slot" to undo the
+        # alignment on: there is no unaligned version to compare with.
+        table["rhat_unaligned"] = np.nan
     post = aligned_posterior(idata)
     if post.sizes.get("draw", 1) >= 4:
         table["ess_bulk"] = _max_per_datapoint(

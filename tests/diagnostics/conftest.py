@@ -6,8 +6,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro_slots.models import GaussianMixture
 
+import pyro_slots as ps
 from pyro_slots.init import GaussianInit
+from pyro_slots.inner import EM
 from pyro_slots.model import SlotModel, SlotSpec
 
 
@@ -55,14 +58,44 @@ class ConjugateGaussian(SlotModel):
         return dist.Normal(0.0, math.sqrt(1 + self.sigma**2)).log_prob(x).sum((-1, -2))
 
 
-def make_point_sets(num_sets, num_points, num_components=3, dim=2, seed=0, spread=8.0):
+def make_point_sets(
+    num_sets, num_points, num_components=3, dim=2, seed=0, spread=8.0, return_labels=False
+):
     """Well-separated mixture point sets (cluster sd 0.5, means ~ N(0, spread²))."""
     g = torch.Generator().manual_seed(seed)
     dtype = torch.get_default_dtype()
     means = spread * torch.randn(num_sets, num_components, dim, generator=g, dtype=dtype)
     labels = torch.randint(num_components, (num_sets, num_points), generator=g)
     centers = torch.gather(means, 1, labels.unsqueeze(-1).expand(-1, -1, dim))
-    return centers + 0.5 * torch.randn(num_sets, num_points, dim, generator=g, dtype=dtype)
+    x = centers + 0.5 * torch.randn(num_sets, num_points, dim, generator=g, dtype=dtype)
+    return (x, labels) if return_labels else x
+
+
+def refine_restarts(num_sets, num_points=40, seed=0, num_restarts=4, stuck=()):
+    """EM restarts on point sets, from explicit initializations (independent of k-means++).
+
+    Restart ``r`` starts from the statistics of the true clusters with the slots cyclically
+    shifted by ``r`` and the locations jittered (sd 1): different initializations and slot
+    orders, one optimum. For every ``(restart, datapoint)`` in ``stuck`` slot 1 starts equal to
+    slot 0; EM preserves that symmetry, so the restart ends at a fixed point far below the
+    optimum (two slots share one cluster, one slot covers two).
+
+    :returns: ``(gmm, x, result)``.
+    """
+    x, labels = make_point_sets(num_sets, num_points, seed=seed, return_labels=True)
+    gmm = GaussianMixture(3, 2)
+    truth = gmm.m_step(x, torch.nn.functional.one_hot(labels, 3).transpose(1, 2).to(x.dtype))
+    g = torch.Generator().manual_seed(seed)
+    inits = []
+    for r in range(num_restarts):
+        parts = gmm.slot_spec.split(truth.roll(r, dims=1).clone())
+        parts["loc"] = parts["loc"] + torch.randn(parts["loc"].shape, generator=g, dtype=x.dtype)
+        inits.append(gmm.slot_spec.pack(parts))
+    init = torch.stack(inits)
+    for r, n in stuck:
+        init[r, n, 1] = init[r, n, 0]
+    result = ps.refine(gmm, x, EM(100), slots=init, num_restarts=num_restarts, tol=1e-8)
+    return gmm, x, result
 
 
 @pytest.fixture
@@ -73,3 +106,8 @@ def conjugate():
 @pytest.fixture
 def point_sets():
     return make_point_sets
+
+
+@pytest.fixture
+def gmm_restarts():
+    return refine_restarts

@@ -96,7 +96,9 @@ def test_elbo_decreases_are_counted(float64, point_sets):
     x = point_sets(1, 30, seed=11)
     gmm = GaussianMixture(3, 2)
     good = ps.refine(gmm, x, EM(30), seed=0).slots
-    bad = gmm.init_slots(x, 3, torch.Generator().manual_seed(5))
+    parts = gmm.slot_spec.split(good.clone())
+    parts["loc"] = parts["loc"] + 5.0  # every slot moved off its cluster
+    bad = gmm.slot_spec.pack(parts)
     rule = ScriptedRule([good, bad, good, bad])
     result = ps.refine(gmm, x, rule, slots=bad)
     health = inner_loop_health(result, gmm, jacobian=False)
@@ -153,3 +155,27 @@ def test_trajectory_dataset(float64, point_sets, tmp_path):
         xr.testing.assert_equal(loaded.load(), ds)
     with pytest.raises(ValueError, match="keep_trajectory"):
         trajectory_dataset(ps.refine(gmm, x, EM(2), seed=0), gmm)
+
+
+def test_jacobian_uses_the_final_adam_state_of_the_best_restart(float64, point_sets):
+    x = point_sets(2, 20, seed=14)
+    gmm = GaussianMixture(3, 2)
+    rule = GradientAscent(5, step_size=0.05, adam=True)
+    result = ps.refine(gmm, x, rule, num_restarts=2, seed=0)
+    health = inner_loop_health(result, gmm, rule, num_power_iterations=500)
+    best = result.elbo.argmax(0)
+    problem = ps.inner.InnerProblem(gmm, x)
+    m, v = (a.reshape(2, 2, 3, -1) for a in result.state.aux)  # (restart, batch, K, D)
+    for n in range(2):
+        r = best[n]
+        slots = result.slots[r]
+        aux = (m[r], v[r])
+
+        def step(lam, n=n, slots=slots, aux=aux):
+            full = torch.cat([slots[:n], lam.unsqueeze(0), slots[n + 1 :]])
+            state, _ = rule.step(InnerState(full, 5, aux), problem, create_graph=True)
+            return state.slots[n]
+
+        jac = torch.autograd.functional.jacobian(step, slots[n])
+        exact = torch.linalg.matrix_norm(jac.reshape(slots[n].numel(), -1), ord=2)
+        torch.testing.assert_close(health.jacobian_norm[n], exact, rtol=1e-5, atol=0)

@@ -16,18 +16,12 @@ from pyro_slots.diagnostics._arviz import az
 from pyro_slots.diagnostics._traces import pointwise_log_likelihood as traced_log_likelihood
 
 
-def _restarts(point_sets, seed, num_sets=5):
-    x = point_sets(num_sets, 40, seed=seed)
-    gmm = GaussianMixture(3, 2)
-    return gmm, x, ps.refine(gmm, x, ps.inner.EM(50), num_restarts=4, seed=seed, tol=1e-8)
-
-
 def _max_rhat(posterior, var="loc"):
     return az.rhat(posterior)[var].max(["slot", f"{var}_dim_0"]).values
 
 
-def test_rhat_aligned_vs_unaligned(float64, point_sets):
-    gmm, x, result = _restarts(point_sets, seed=0)
+def test_rhat_aligned_vs_unaligned(float64, gmm_restarts):
+    gmm, x, result = gmm_restarts(5, seed=0)
     # Preconditions: every restart found the same solution, in a different slot order.
     assert (result.elbo.max(0).values - result.elbo.min(0).values).max() < 1e-6
     idata = to_inference_data(result, gmm, draws="laplace", num_draws=1000, seed=0)
@@ -40,19 +34,19 @@ def test_rhat_aligned_vs_unaligned(float64, point_sets):
     assert (_max_rhat(raw.posterior) > 1.5).all()
 
 
-def test_rhat_flags_a_restart_in_a_local_optimum(float64, point_sets):
-    gmm, x, result = _restarts(point_sets, seed=1)
+def test_rhat_flags_a_restart_in_a_local_optimum(float64, gmm_restarts):
+    gmm, x, result = gmm_restarts(5, seed=1, stuck=[(3, 1)])
     spread = result.elbo.max(0).values - result.elbo.min(0).values
     stuck = spread > 1.0
-    assert stuck.any() and not stuck.all()  # precondition: some datapoints, not all
+    assert stuck.tolist() == [False, True, False, False, False]  # precondition
     idata = to_inference_data(result, gmm, draws="laplace", num_draws=1000, seed=0)
     rhat = torch.as_tensor(_max_rhat(idata.posterior))
     assert (rhat[stuck] > 1.1).all()
     assert (rhat[~stuck] <= 1.01).all()
 
 
-def test_point_draws_hold_the_aligned_slots(float64, point_sets):
-    gmm, x, result = _restarts(point_sets, seed=0, num_sets=3)
+def test_point_draws_hold_the_aligned_slots(float64, gmm_restarts):
+    gmm, x, result = gmm_restarts(3, seed=0)
     idata = to_inference_data(result, gmm)
     perm = idata.sample_stats["slot_permutation"].isel(draw=0).values
     for name, value in gmm.slot_spec.split(result.slots).items():
@@ -68,8 +62,8 @@ def test_point_draws_hold_the_aligned_slots(float64, point_sets):
     np.testing.assert_array_equal(idata.observed_data["x"].values, x.numpy())
 
 
-def test_log_likelihood_matches_scipy(float64, point_sets):
-    gmm, x, result = _restarts(point_sets, seed=2, num_sets=2)
+def test_log_likelihood_matches_scipy(float64, gmm_restarts):
+    gmm, x, result = gmm_restarts(2, seed=2)
     idata = to_inference_data(result, gmm)
     loc, scale, log_w = (t.numpy() for t in gmm.component_params(result.slots))
     ll = idata.log_likelihood["x"].isel(draw=0).values  # (chain, datapoint, measurement)
@@ -129,8 +123,8 @@ def test_guide_draws(float64, conjugate):
     assert "log_likelihood" not in idata.groups()  # not defined with guide latents
 
 
-def test_netcdf_round_trip_and_az_summary(float64, point_sets, tmp_path):
-    gmm, x, result = _restarts(point_sets, seed=0, num_sets=2)
+def test_netcdf_round_trip_and_az_summary(float64, gmm_restarts, tmp_path):
+    gmm, x, result = gmm_restarts(2, seed=0)
     idata = to_inference_data(result, gmm, draws="laplace", num_draws=50, seed=0)
     path = tmp_path / "idata.nc"
     idata.to_netcdf(str(path))
@@ -148,8 +142,8 @@ def test_netcdf_round_trip_and_az_summary(float64, point_sets, tmp_path):
     np.testing.assert_allclose(table["mean"].values, means, atol=1e-3)
 
 
-def test_to_inference_data_errors(point_sets):
-    gmm, x, result = _restarts(point_sets, seed=0, num_sets=1)
+def test_to_inference_data_errors(gmm_restarts):
+    gmm, x, result = gmm_restarts(1, seed=0)
     with pytest.raises(ValueError, match="draws"):
         to_inference_data(result, gmm, draws="mcmc")
     with pytest.raises(ValueError, match="model"):

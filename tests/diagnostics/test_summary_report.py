@@ -21,10 +21,8 @@ from pyro_slots.diagnostics._arviz import az
 from pyro_slots.inner import EM
 
 
-def test_summary_columns_and_values(float64, point_sets):
-    x = point_sets(3, 36, seed=2)
-    gmm = GaussianMixture(3, 2)
-    result = ps.refine(gmm, x, EM(50), num_restarts=4, seed=2, tol=1e-8)
+def test_summary_columns_and_values(float64, gmm_restarts):
+    gmm, x, result = gmm_restarts(3, 36, seed=2, stuck=[(2, 1)])
     idata = to_inference_data(result, gmm, draws="laplace", num_draws=400, seed=0)
     health = inner_loop_health(result, gmm, EM(50))
     best = result.slots[result.elbo.argmax(0), torch.arange(3)]
@@ -126,3 +124,12 @@ def test_write_report_with_guide_latents(float64, conjugate, tmp_path):
     assert (tmp_path / "khat.png").stat().st_size > 0
     assert "Pareto k̂" in path.read_text()
     assert "z" in az.from_netcdf(str(tmp_path / "inference_data.nc")).posterior
+
+
+def test_summary_of_guide_draws_has_no_unaligned_rhat(float64, conjugate):
+    x = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(0))
+    rule = ps.inner.GradientAscent(3, step_size=0.05)
+    result = ps.refine(conjugate, x, rule, num_slots=3, num_restarts=2, seed=0)
+    table = summary(result, conjugate, draws="guide", num_draws=50, seed=0)
+    assert table["rhat"].notna().all()
+    assert table["rhat_unaligned"].isna().all()
