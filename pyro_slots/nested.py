@@ -122,6 +122,12 @@ class NestedSVI:
     :param int seed: seed of the slot initializations.
     :param float clip_norm: clip the global gradient norm of w to this value.
     :param PerDatapointELBO estimator: how the inner ELBO is computed.
+    :param bool distributed: average J's gradients over the ranks of ``torch.distributed``
+        (default: whenever a process group is initialized). The inner loop stays local to each
+        rank; only the shared weights' gradients are communicated, by one ``all_reduce`` per
+        step. Weights are broadcast from rank 0 at construction. Plain ``all_reduce`` rather
+        than ``DistributedDataParallel``: J's gradients are taken with
+        :func:`torch.autograd.grad`, which DDP's backward hooks do not see.
     """
 
     def __init__(
@@ -143,6 +149,7 @@ class NestedSVI:
         implicit_max_iter: int = 100,
         implicit_tol: float = 1e-6,
         estimator: PerDatapointELBO | None = None,
+        distributed: bool | None = None,
     ):
         if not isinstance(inner, InnerRule):
             raise TypeError(f"inner: expected an InnerRule, got {type(inner).__name__}")
@@ -180,6 +187,12 @@ class NestedSVI:
         self.estimator = estimator
         self.generator = make_generator(0 if seed is None else seed)
         self.num_updates = 0
+        self._setup_distributed(distributed)
+        if self.world_size > 1 and not (
+            init is not None or getattr(inner, "slot_init", None) is not None
+        ):
+            # Data-dependent initializations (k-means++) draw per rank from their own stream.
+            self.generator = make_generator((0 if seed is None else seed) + 7919 * self.rank)
         self.last_result = None
 
     # ------------------------------------------------------------------ parameters
@@ -232,14 +245,7 @@ class NestedSVI:
             x_enc = self.model.encode(x)
             # Reparameterized draws: a learned initializer receives gradients in its mean and
             # scale when the first step is differentiated (unrolled mode).
-            slots0 = initial_slots(
-                self.model,
-                x_enc,
-                self.num_slots,
-                inner=self.inner,
-                init=self.init,
-                generator=self.generator,
-            )
+            slots0 = self._initial_slots(x_enc)
             backprop = self._backprop_steps() if differentiable else 0
             implicit = self.implicit if differentiable and self.gradient == "implicit" else None
             keep = self.iteration_weights != "last"
@@ -273,17 +279,85 @@ class NestedSVI:
                 loss = loss + weight * per_datapoint.mean()
         return loss
 
+    def _initial_slots(self, x_enc):
+        init = self.init if self.init is not None else getattr(self.inner, "slot_init", None)
+        if init is not None and self.world_size > 1:
+            # Data-independent draws: every rank draws the global batch from the same stream
+            # and keeps its shard, so N processes see exactly the single-process draws.
+            batch = x_enc.shape[0]
+            everything = init(
+                batch * self.world_size,
+                self.num_slots,
+                generator=self.generator,
+                dtype=x_enc.dtype,
+            )
+            return everything[self.rank * batch : (self.rank + 1) * batch]
+        return initial_slots(
+            self.model,
+            x_enc,
+            self.num_slots,
+            inner=self.inner,
+            init=init,
+            generator=self.generator,
+        )
+
+    # ------------------------------------------------------------- distributed
+    def _setup_distributed(self, distributed):
+        import torch.distributed as dist
+
+        available = dist.is_available() and dist.is_initialized()
+        if distributed is None:
+            distributed = available
+        if distributed and not available:
+            raise ValueError(
+                "distributed: True needs torch.distributed.init_process_group() to be called "
+                "first (e.g. under torchrun)"
+            )
+        self.distributed = bool(distributed)
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        if self.distributed:
+            # Identical starting weights on every rank.
+            with torch.no_grad():
+                for p in self.parameters():
+                    dist.broadcast(p.data, src=0)
+
+    def _all_reduce_mean(self, loss, grads, params):
+        """Average J and its gradients over ranks in one collective."""
+        import torch.distributed as dist
+
+        parts = [loss.detach().reshape(1)]
+        parts += [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)
+        ]
+        flat = torch.cat(parts)
+        dist.all_reduce(flat)
+        flat = flat / self.world_size
+        out, offset = [], 1
+        for g, p in zip(grads, params):
+            n = p.numel()
+            out.append(flat[offset : offset + n].view_as(p) if g is not None else None)
+            offset += n
+        return flat[0], out
+
     # -------------------------------------------------------------------- steps
     def loss_and_grads(self, x, *targets) -> float:
-        """Compute J and write ``dJ/dw`` into ``.grad`` of the shared weights."""
+        """Compute J and write ``dJ/dw`` into ``.grad`` of the shared weights.
+
+        Under ``torch.distributed`` J and ``dJ/dw`` are averaged over ranks (equal local batch
+        sizes make this the gradient of the global batch); every rank sees the same values, so
+        a non-finite J or gradient stops all ranks together instead of hanging the others.
+        """
         params = self.parameters()
         loss = self.loss(x, *targets)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if self.distributed:
+            loss, grads = self._all_reduce_mean(loss, grads, params)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"NestedSVI: the task objective is {loss.item()} at update {self.num_updates}; "
                 "the weights were not changed"
             )
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
             if g is not None and not torch.isfinite(g).all():
                 name = next(n for n, q in self.named_parameters() if q is p)

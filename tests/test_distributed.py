@@ -1,0 +1,115 @@
+"""Data-parallel NestedSVI on torch.distributed (gloo, 2 CPU processes)."""
+
+import os
+import socket
+from datetime import timedelta
+
+import pyro.optim
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import pyro_slots as ps
+from pyro_slots.inner import GradientAscent
+from pyro_slots.models import GaussianMixture
+
+GLOBAL_BATCH, STEPS = 8, 4
+
+
+def _data(step):
+    g = torch.Generator().manual_seed(100 + step)
+    centers = 3 * torch.randn(GLOBAL_BATCH, 3, 2, generator=g, dtype=torch.float64)
+    labels = torch.randint(3, (GLOBAL_BATCH, 24), generator=g)
+    x = torch.gather(centers, 1, labels.unsqueeze(-1).expand(-1, -1, 2))
+    return x + 0.5 * torch.randn(GLOBAL_BATCH, 24, 2, generator=g, dtype=torch.float64)
+
+
+def _svi():
+    torch.manual_seed(0)
+    model = GaussianMixture(3, 2, encoder=nn.Linear(2, 2).double())
+    init = ps.GaussianInit(model.slot_dim, scale=1.0).double()
+    return ps.NestedSVI(
+        model,
+        GradientAscent(4, 0.2),
+        ps.objectives.Reconstruction(),
+        pyro.optim.Adam({"lr": 0.05}),
+        init=init,
+        seed=3,
+    )
+
+
+def _train(rank, world_size):
+    svi = _svi()
+    shard = GLOBAL_BATCH // world_size
+    losses = []
+    for step in range(STEPS):
+        x = _data(step)[rank * shard : (rank + 1) * shard]
+        losses.append(svi.step(x))
+    return {n: p.detach().clone() for n, p in svi.named_parameters()}, losses
+
+
+def _worker(rank, world_size, init_file, out_dir):
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        torch.set_num_threads(1)
+        weights, losses = _train(rank, world_size)
+        torch.save({"weights": weights, "losses": losses}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    single_weights, single_losses = _train(0, 1)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        for name, value in single_weights.items():
+            assert torch.allclose(got["weights"][name], value, atol=1e-5), name
+        assert got["losses"] == pytest.approx(single_losses, abs=1e-8)
+
+
+def _hanging_worker(rank, world_size, port, out_dir):
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=5),
+    )
+    svi = _svi()
+    x = _data(0)[rank * 4 : (rank + 1) * 4]
+    svi.step(x)
+    if rank == 1:
+        os._exit(1)  # this rank dies without a word
+    try:
+        svi.step(x)
+    except RuntimeError as e:
+        with open(os.path.join(out_dir, "rank0_error.txt"), "w") as f:
+            f.write(str(e))
+        os._exit(3)
+    os._exit(0)
+
+
+def test_a_dead_rank_makes_the_others_fail_instead_of_hanging(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_hanging_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert not any(p.is_alive() for p in procs)
+    assert procs[0].exitcode == 3
+    assert (tmp_path / "rank0_error.txt").read_text()
