@@ -4,7 +4,7 @@ Data flows one way: data -> model (Pyro) -> per-datapoint ELBO -> inner rule -> 
 objective J -> outer optimizer.
 """
 
-from . import inner, objectives
+from . import data, inner, metrics, objectives
 from .elbo import PerDatapointELBO, per_datapoint_elbo
 from .init import GaussianInit, SlotInitializer
 from .model import SlotModel, SlotSpec
@@ -26,7 +26,9 @@ __all__ = [
     "SlotInitializer",
     "SlotModel",
     "SlotSpec",
+    "data",
     "inner",
+    "metrics",
     "objectives",
     "per_datapoint_elbo",
     "refine",
