@@ -36,7 +36,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format pyro_slots models tests examples benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
