@@ -13,12 +13,12 @@ import warnings
 
 import numpy as np
 import torch
+from pyro_slots.models import GaussianMixture
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import pyro_slots as ps
 from benchmarks.common import markdown_table, median_time, write_result
-from pyro_slots.models import GaussianMixture
 
 
 def point_sets(num_sets, num_points, num_components, dim, seed):
@@ -69,14 +69,17 @@ def main(args):
     t_sk = time.perf_counter() - start
     ll_true = true_loglik(x, means, scales, w)
     rows = [
-        ["pyro_slots.refine(EM, k-means++ init)", t_ours, t_ours / args.num_sets * 1e3,
-         ll_ours, result.num_steps],
+        [
+            "pyro_slots.refine(EM, k-means++ init)",
+            t_ours,
+            t_ours / args.num_sets * 1e3,
+            ll_ours,
+            result.num_steps,
+        ],
         ["sklearn GaussianMixture loop (n_init=1)", t_sk, t_sk / args.num_sets * 1e3, ll_sk, "-"],
         ["true parameters", "-", "-", ll_true, "-"],
     ]
-    table = markdown_table(
-        ["method", "wall s", "ms / set", "log-lik / point", "EM steps"], rows
-    )
+    table = markdown_table(["method", "wall s", "ms / set", "log-lik / point", "EM steps"], rows)
     summary = (
         f"{args.num_sets} sets x {args.num_points} points x {args.num_components} components "
         f"x 2-D, float64, EM stops when every set's log-likelihood per point changes by less "

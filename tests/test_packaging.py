@@ -1,7 +1,8 @@
 """The distribution ships every subpackage, and the model zoo only under pyro_slots."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
