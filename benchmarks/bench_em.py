@@ -83,7 +83,8 @@ def main(args):
     summary = (
         f"{args.num_sets} sets x {args.num_points} points x {args.num_components} components "
         f"x 2-D, float64, EM stops when every set's log-likelihood per point changes by less "
-        f"than {args.elbo_tol} (scikit-learn's default tol), median of {args.repeats} runs (sklearn: one run).\n\n"
+        f"than {args.elbo_tol} (scikit-learn's default tol), median of {args.repeats} runs "
+        "(sklearn: one run).\n\n"
         f"{table}\n\nspeed-up over the sklearn loop: {t_sk / t_ours:.1f}x; "
         f"log-likelihood difference (ours - sklearn): {ll_ours - ll_sk:+.4f} nats/point"
     )
