@@ -32,7 +32,7 @@ class AmortizationGap:
     :ivar elbo_refined: ELBO after refining ``L(λ*)``.
     :ivar gap: ``elbo_refined - elbo_rule``; negative entries mean the refiner lowered the ELBO
         (a non-monotone refiner, e.g. gradient ascent with too large a step).
-    :ivar converged: whether the refiner's last residual ``‖λ_{t+1} - λ_t‖`` fell below ``tol``.
+    :ivar converged: whether the refiner's last step met its tolerance for that datapoint.
     :ivar slots_rule: ``(batch, num_slots, slot_dim)`` the rule's slots.
     :ivar slots_refined: ``(batch, num_slots, slot_dim)`` the refined slots.
     :ivar refine_steps: steps the refiner ran.
@@ -72,35 +72,52 @@ def refinement_gap(
     refiner: InnerRule | None = None,
     *,
     refine_steps: int = 500,
-    tol: float = 1e-8,
+    tol: float | None = None,
+    elbo_tol: float | None = None,
 ) -> AmortizationGap:
     """ELBO at ``slots`` versus after refining them with ``refiner`` until convergence.
 
     The second half of :func:`amortization_gap`, for slots computed elsewhere (e.g. the best
-    restart of a refine result).
+    restart of a refine result). The refiner stops once every datapoint has converged: its
+    residual ``‖λ_{t+1} - λ_t‖`` is below ``tol`` or its ELBO changed by less than ``elbo_tol``
+    per measurement in the last step (scikit-learn's criterion for EM). Without either,
+    ``elbo_tol`` is ``1000 · eps`` of the data's dtype: a residual tolerance would never be met in
+    float32, where the residual of EM stalls at the rounding level.
 
     :param SlotModel model: the model.
     :param torch.Tensor x: datapoints, as for :func:`~pyro_slots.refine`.
     :param torch.Tensor slots: ``(batch, num_slots, slot_dim)``, the rule's output.
     :param InnerRule refiner: a fixed rule; :func:`default_refiner` if ``None``.
     :param int refine_steps: maximum steps of the refiner.
-    :param float tol: the refiner stops once every residual ``‖λ_{t+1} - λ_t‖`` is below ``tol``.
+    :param float tol: residual tolerance.
+    :param float elbo_tol: ELBO-change tolerance per measurement.
     :returns: an :class:`AmortizationGap`.
     """
     refine_steps = check_positive_int(refine_steps, "refine_steps")
-    tol = check_positive_float(tol, "tol")
+    if tol is not None:
+        tol = check_positive_float(tol, "tol")
+    if elbo_tol is not None:
+        elbo_tol = check_positive_float(elbo_tol, "elbo_tol")
+    if tol is None and elbo_tol is None:
+        elbo_tol = 1000 * torch.finfo(slots.dtype).eps
     if refiner is None:
         refiner = default_refiner(model, refine_steps)
     if not isinstance(refiner, InnerRule):
         raise TypeError(f"refiner: expected an InnerRule, got {type(refiner).__name__}")
     slots = slots.detach()
     with torch.no_grad():
-        elbo_rule = PerDatapointELBO()(model, model.encode(x), slots)
-    refined = refine(model, x, refiner, slots=slots, num_steps=refine_steps, tol=tol)
+        x_enc = model.encode(x)
+        elbo_rule = PerDatapointELBO()(model, x_enc, slots)
+    refined = refine(
+        model, x, refiner, slots=slots, num_steps=refine_steps, tol=tol, elbo_tol=elbo_tol
+    )
+    converged = torch.zeros_like(refined.elbo, dtype=torch.bool)
     if refined.residuals.shape[0]:
-        converged = refined.residuals[-1] < tol
-    else:
-        converged = torch.ones_like(refined.elbo, dtype=torch.bool)
+        if tol is not None:
+            converged |= refined.residuals[-1] < tol
+        if elbo_tol is not None:
+            change = (refined.history[-1] - refined.history[-2]).abs() / x_enc.shape[1]
+            converged |= change < elbo_tol
     return AmortizationGap(
         elbo_rule=elbo_rule,
         elbo_refined=refined.elbo,
@@ -120,7 +137,8 @@ def amortization_gap(
     *,
     num_steps: int | None = None,
     refine_steps: int = 500,
-    tol: float = 1e-8,
+    tol: float | None = None,
+    elbo_tol: float | None = None,
     num_slots: int | None = None,
     slots: torch.Tensor | None = None,
     seed: int | None = None,
@@ -139,7 +157,8 @@ def amortization_gap(
         ``None`` (EM where available).
     :param int num_steps: steps of ``rule`` (default ``rule.num_steps``).
     :param int refine_steps: maximum steps of the refiner.
-    :param float tol: the refiner stops once every residual is below ``tol``.
+    :param float tol: residual tolerance of the refiner (see :func:`refinement_gap`).
+    :param float elbo_tol: ELBO-change tolerance per measurement of the refiner.
     :param int num_slots: K (default ``model.num_slots``).
     :param torch.Tensor slots: explicit λ_0 for ``rule``, ``(batch, num_slots, slot_dim)``.
     :param int seed: seed of the rule's slot initialization.
@@ -148,4 +167,6 @@ def amortization_gap(
     if not isinstance(rule, InnerRule):
         raise TypeError(f"rule: expected an InnerRule, got {type(rule).__name__}")
     first = refine(model, x, rule, num_slots=num_slots, num_steps=num_steps, slots=slots, seed=seed)
-    return refinement_gap(model, x, first.slots, refiner, refine_steps=refine_steps, tol=tol)
+    return refinement_gap(
+        model, x, first.slots, refiner, refine_steps=refine_steps, tol=tol, elbo_tol=elbo_tol
+    )

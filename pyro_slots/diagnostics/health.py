@@ -224,7 +224,7 @@ def inner_loop_health(
     num_power_iterations: int = 50,
     duplicate_threshold: float = 0.95,
     dead_threshold: float = 0.01,
-    elbo_rtol: float = 1e-10,
+    elbo_rtol: float | None = None,
     seed: int | None = 0,
 ) -> InnerLoopHealth:
     """Health indicators of a refine result (the best restart of every datapoint).
@@ -246,7 +246,8 @@ def inner_loop_health(
         (computed on the masks where responsibilities exist, else on λ).
     :param float dead_threshold: a slot explaining less than this share of measurements is dead.
     :param float elbo_rtol: an ELBO change below ``elbo_rtol · (1 + |ELBO|)`` is rounding, not a
-        decrease.
+        decrease; default ``100 · eps`` of the ELBO's dtype (EM in float32 shows rounding
+        "decreases" of a few eps relative).
     :param int seed: seed of the power iteration's starting vectors.
     :returns: an :class:`InnerLoopHealth`.
     """
@@ -257,6 +258,9 @@ def inner_loop_health(
     rows = torch.arange(res.batch)
     history = res.history[:, idx, rows]  # (T + 1, B)
     diffs = history[1:] - history[:-1]
+    if elbo_rtol is None:
+        elbo_rtol = 100 * torch.finfo(history.dtype).eps
+    elbo_rtol = check_positive_float(elbo_rtol, "elbo_rtol", allow_zero=True)
     decrease = diffs < -elbo_rtol * (1 + history[:-1].abs())
     relres = res.relative_residuals[:, idx, rows]
     num_steps = decrease.shape[0]
