@@ -18,6 +18,7 @@ from .health import (
     duplicate_slots,
     inner_loop_health,
     jacobian_spectral_norm,
+    model_responsibilities,
     slot_mass,
     trajectory_dataset,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "khat_threshold",
     "laplace_draws",
     "match_slots",
+    "model_responsibilities",
     "plot_elbo_trajectories",
     "plot_khat",
     "plot_rhat",

@@ -34,6 +34,7 @@ __all__ = [
     "duplicate_slots",
     "inner_loop_health",
     "jacobian_spectral_norm",
+    "model_responsibilities",
     "slot_mass",
     "trajectory_dataset",
 ]
@@ -186,6 +187,22 @@ class InnerLoopHealth:
         return pd.DataFrame(data, index=pd.RangeIndex(len(self.restart), name="datapoint"))
 
 
+def model_responsibilities(model, x_enc: torch.Tensor, slots: torch.Tensor):
+    """``p(z^{n,m} = k | x, λ)`` ``(batch, num_slots, measurements)`` from the model, or ``None``.
+
+    ``model.responsibilities(x, slots)`` where the model has it, else the posterior of its
+    enumerated ``assignment_site`` from the Pyro program (one guide sample where the guide
+    samples latents), else ``None``.
+    """
+    with torch.no_grad():
+        fn = getattr(model, "responsibilities", None)
+        if callable(fn):
+            return fn(x_enc, slots)
+        if getattr(model, "assignment_site", None) is None:
+            return None
+        return InnerProblem(model, x_enc).elbo_and_responsibilities(slots)[1]
+
+
 def _best_restart(res):
     """Index of the best restart per datapoint and a picker for ``(R, B, ...)`` tensors."""
     idx = res.elbo.argmax(0)  # (B,)
@@ -269,10 +286,7 @@ def inner_loop_health(
     slots = pick(res.slots)
     resp = pick(res.responsibilities)
     if resp is None and model is not None and res.x_enc is not None:
-        fn = getattr(model, "responsibilities", None)
-        if callable(fn):
-            with torch.no_grad():
-                resp = fn(res.x_enc, slots)
+        resp = model_responsibilities(model, res.x_enc, slots)
     norm = None
     if jacobian and rule is not None:
         if model is None or res.x_enc is None:
@@ -309,7 +323,8 @@ def trajectory_dataset(result, model=None, *, masks: bool = True, reconstruction
     Needs ``refine(..., keep_trajectory=True)``. Variables (dims ``inner_step`` ``0..T``,
     ``restart``, ``datapoint``, ``slot`` and per-field dims): the λ fields (or ``slots``
     without a model), ``elbo``, and where the model provides them ``masks`` (responsibilities,
-    ``(..., slot, measurement)``) and ``reconstruction`` (``(..., measurement, feature)``).
+    ``(..., slot, measurement)``, see :func:`model_responsibilities`) and ``reconstruction``
+    (``(..., reconstruction_dim_0, ...)`` in the layout of ``model.reconstruct``).
     Slots are the raw (unaligned) slots of every restart.
 
     :param RefineResult result: from ``refine(..., keep_trajectory=True)``.
@@ -337,10 +352,8 @@ def trajectory_dataset(result, model=None, *, masks: bool = True, reconstruction
             )
         flat = traj.reshape(steps * r * b, k, -1)
         x = None if res.x_enc is None else res.x_enc.repeat(steps * r, 1, 1)
-        fn = getattr(model, "responsibilities", None)
-        if masks and x is not None and callable(fn):
-            with torch.no_grad():
-                m = fn(x, flat)
+        m = model_responsibilities(model, x, flat) if masks and x is not None else None
+        if m is not None:
             data["masks"] = (
                 ["inner_step", "restart", "datapoint", "slot", "measurement"],
                 m.reshape(steps, r, b, k, -1).cpu().numpy(),
@@ -352,8 +365,10 @@ def trajectory_dataset(result, model=None, *, masks: bool = True, reconstruction
             except CapabilityError:
                 rec = None
             if rec is not None:
+                # Reconstructions come in the raw data's layout (points, images, ...).
+                extra = [f"reconstruction_dim_{i}" for i in range(rec.dim() - 1)]
                 data["reconstruction"] = (
-                    ["inner_step", "restart", "datapoint", "measurement", "feature"],
+                    ["inner_step", "restart", "datapoint", *extra],
                     rec.reshape(steps, r, b, *rec.shape[1:]).cpu().numpy(),
                 )
     ds = xr.Dataset(data)

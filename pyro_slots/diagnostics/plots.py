@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ._arviz import az
 from .summary import RHAT_BAD, aligned_posterior, rhat_per_datapoint, unaligned_posterior
@@ -29,6 +30,7 @@ def plot_khat(psis, ax=None):
         )
         ax = az.plot_khat(psis.to_elpd_data(), ax=ax, show_hlines=True)
     ax.set_xlabel("datapoint")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     exact = int(np.isneginf(psis.khat.detach().cpu().numpy()).sum())
     title = "PSIS diagnostic of the guide (Yao et al. 2018)"
     ax.set_title(title + (f"; {exact} exact (constant weights)" if exact else ""))
@@ -116,16 +118,19 @@ def plot_rhat(idata, ax=None, var_names=None):
     :returns: the matplotlib axes.
     """
     aligned = rhat_per_datapoint(aligned_posterior(idata), var_names)
-    unaligned = rhat_per_datapoint(unaligned_posterior(idata), var_names)
     if ax is None:
         ax = Figure(figsize=(6, 3.5)).subplots()
     x = np.arange(len(aligned))
-    ax.plot(x, unaligned.values, "o", color="C3", label="unaligned (label switching)")
+    # Guide draws have no "slot" dim to undo the alignment on (see summary()).
+    if any("slot" in v.dims for v in idata.posterior.data_vars.values()):
+        unaligned = rhat_per_datapoint(unaligned_posterior(idata), var_names)
+        ax.plot(x, unaligned.values, "o", color="C3", label="unaligned (label switching)")
     ax.plot(x, aligned.values, "o", color="C0", label="aligned (Hungarian)")
     ax.axhline(RHAT_BAD, color="k", ls="--", lw=1, label=f"R-hat = {RHAT_BAD}")
     ax.set_yscale("log")
     ax.set_xlabel("datapoint")
     ax.set_ylabel("max R-hat")
     ax.set_title("R-hat across restarts")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize="small")
     return ax

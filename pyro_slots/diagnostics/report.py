@@ -13,7 +13,7 @@ from ..refine import refine
 from ..validation import check_positive_int
 from . import _traces
 from .amortization import default_refiner, refinement_gap
-from .health import inner_loop_health
+from .health import inner_loop_health, model_responsibilities
 from .inference_data import to_inference_data
 from .plots import plot_elbo_trajectories, plot_khat, plot_rhat, plot_slot_masks
 from .psis import psis_diagnostic
@@ -45,7 +45,8 @@ def write_report(
 
     * ``report.md``: the per-datapoint :func:`summary` table, aggregates and how to read them;
     * ``elbo_trajectories.png``, ``rhat.png`` (with ≥ 2 restarts), ``khat.png`` (when the guide
-      samples latents), ``slot_masks.png`` (with ``image_shape``);
+      samples latents), ``slot_masks.png`` (with ``image_shape``, where the model has
+      responsibilities, see :func:`~pyro_slots.diagnostics.model_responsibilities`);
     * ``inference_data.nc``: the :func:`to_inference_data` result (netCDF, ``az.from_netcdf``);
     * ``summary.csv``: the table.
 
@@ -123,13 +124,10 @@ def write_report(
         figures["rhat.png"] = plot_rhat(idata).figure
     if psis is not None:
         figures["khat.png"] = plot_khat(psis).figure
-    if image_shape is not None and result.responsibilities is not None:
-        resp = (
-            result.responsibilities
-            if num_restarts == 1
-            else _best(result.responsibilities, result.elbo)
-        )
-        figures["slot_masks.png"] = plot_slot_masks(resp, image_shape)
+    if image_shape is not None:
+        resp = model_responsibilities(model, x_enc, best)
+        if resp is not None:
+            figures["slot_masks.png"] = plot_slot_masks(resp, image_shape)
     for name, fig in figures.items():
         fig.savefig(folder / name, dpi=100, bbox_inches="tight")
 

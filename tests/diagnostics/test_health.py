@@ -190,3 +190,17 @@ def test_float32_rounding_is_not_an_elbo_decrease(point_sets):
     assert (steps < 0).any()  # precondition: rounding makes some steps "decrease"
     health = inner_loop_health(result, gmm, jacobian=False)
     assert (health.fraction_elbo_decrease == 0).all()
+
+
+class _NoClosedFormResponsibilities(GaussianMixture):
+    responsibilities = None  # forces the generic path through the Pyro program
+
+
+def test_generic_responsibilities_from_the_assignment_site(float64, point_sets):
+    from pyro_slots.diagnostics import model_responsibilities
+
+    x = point_sets(3, 25, seed=16)
+    gmm = GaussianMixture(3, 2)
+    slots = gmm.init_slots(x, 3, torch.Generator().manual_seed(0))
+    generic = model_responsibilities(_NoClosedFormResponsibilities(3, 2), x, slots)
+    torch.testing.assert_close(generic, gmm.responsibilities(x, slots))
