@@ -26,6 +26,7 @@ import io
 import os
 import random
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -123,7 +124,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about legacy pickle files before refusing them; the refusal is reported.
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every failure becomes one clear line
         raise CheckpointError(
             f"{path}: not a readable pyro-slots checkpoint (truncated, corrupted or unsafe): "

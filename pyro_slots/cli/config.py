@@ -35,11 +35,19 @@ class TrainConfig:
     """
 
     model: str = _opt("gmm", "slot model", metavar="NAME")
-    inner: str = _opt(
-        "em", "inner rule (how the slots of each datapoint are refined)", metavar="NAME"
+    inner: str | None = _opt(
+        None,
+        "inner rule, how the slots of each datapoint are refined (default: em for gmm, "
+        "slot-attention for slot-autoencoder, learned-gradient for iodine)",
+        metavar="NAME",
     )
     gradient: str = _opt("unrolled", "how dJ/dw flows through the inner loop", metavar="MODE")
-    dataset: str = _opt("points", "training data; hdf5:PATH reads a benchmark file", metavar="NAME")
+    dataset: str | None = _opt(
+        None,
+        "training data; hdf5:PATH reads a benchmark file (default: points for gmm, "
+        "tetrominoes for image models)",
+        metavar="NAME",
+    )
     objective: str | None = _opt(
         None,
         "task objective J (default: elbo for gmm, reconstruction for image models)",
@@ -53,14 +61,26 @@ class TrainConfig:
     )
     steps: int = _opt(200, "number of outer updates")
     batch_size: int = _opt(32, "datapoints per update")
-    lr: float | None = _opt(None, "Adam learning rate (default: 0.05 for gmm, 4e-4 for images)")
+    lr: float | None = _opt(
+        None,
+        "Adam learning rate (default: 0.05 for a learned initialization of gmm, 1e-3 for "
+        "learned rules on gmm, 4e-4 for image models)",
+    )
+    warmup_steps: int = _opt(0, "linear learning-rate warm-up over the first N updates")
     seed: int = _opt(0, "seed of the data stream, weights and slot initializations")
     out: str | None = _opt(None, "output directory (default: runs/MODEL-INNER)", metavar="DIR")
     num_slots: int | None = _opt(None, "slots K (default: 4 for gmm, objects + 1 for images)")
     inner_steps: int | None = _opt(None, "inner steps T per datapoint (default: the rule's)")
     truncate: int = _opt(1, "steps differentiated with --gradient truncated")
+    iteration_weights: str = _opt(
+        "last",
+        "J at the last inner iterate, or averaged over them: last, uniform, linear",
+        metavar="KIND",
+    )
     step_size: float | None = _opt(None, "step size of --inner gradient (default 0.1)")
-    temperature: float = _opt(1.0, "variance of --inner soft-kmeans")
+    temperature: float | None = _opt(
+        None, "variance of --inner soft-kmeans (default: the model's variance, else 1)"
+    )
     clip_norm: float | None = _opt(None, "clip the gradient norm of the shared weights")
     eval_every: int = _opt(50, "evaluate on held-out data every N updates (0: never)")
     eval_size: int = _opt(64, "held-out datapoints for the periodic evaluation")
@@ -69,8 +89,12 @@ class TrainConfig:
     num_components: int = _opt(4, "true mixture components per set (--dataset points)")
     dim: int = _opt(2, "dimension of the points (--dataset points)")
     image_size: int | None = _opt(None, "image height and width (--dataset shapes; default 64)")
-    slot_dim: int = _opt(64, "slot size of the image models")
-    hidden_dim: int = _opt(64, "width of the image models' networks")
+    slot_dim: int | None = _opt(
+        None,
+        "slot size of the image models: features and slots of slot-autoencoder (default 64), "
+        "latents of iodine (default 16)",
+    )
+    hidden_dim: int = _opt(64, "width of the learned rules (gmm)")
     tensorboard: bool = _opt(False, "also log to TensorBoard (needs the tensorboard package)")
 
     def to_dict(self) -> dict:

@@ -61,7 +61,7 @@ def _mean(t: torch.Tensor) -> float:
     return float(torch.nanmean(t.double()).item())
 
 
-def _gmm_metrics(run: TrainRun, inference: Inference) -> dict:
+def _gmm_metrics(run: TrainRun, inference: Inference, reference: bool = True) -> dict:
     from pyro_slots import refine
     from pyro_slots.data import true_log_likelihood
     from pyro_slots.inner import EM
@@ -73,26 +73,34 @@ def _gmm_metrics(run: TrainRun, inference: Inference) -> dict:
     with torch.no_grad():
         loglik = model.log_joint(x, result.slots).logsumexp(1)  # (S, N)
         true = true_log_likelihood(x, truth["means"], truth["scales"], truth["weights"])
-        reference = refine(
-            model,
-            x,
-            EM(num_steps=REFERENCE_EM_STEPS),
-            num_slots=run.config.num_slots,
-            seed=run.config.seed,
-        )
-        ref_loglik = model.log_joint(x, reference.slots).logsumexp(1)
         resp = model.responsibilities(x, result.slots)
         recon = model.reconstruct(x, result.slots)
-    return {
+    metrics = {
         "loglik_per_point": _mean(loglik),
         "true_loglik_per_point": _mean(true),
         "gap_to_true_per_point": _mean(true - loglik),
-        "reference_em_loglik_per_point": _mean(ref_loglik),
-        "elbo": _mean(result.elbo),
-        "elbo_per_point": _mean(result.elbo) / num_points,
-        "ari": _mean(ari(truth["assignments"], resp)),
-        "mse": _mean(reconstruction_mse(x, recon)),
     }
+    if reference:
+        with torch.no_grad():
+            fit = refine(
+                model,
+                x,
+                EM(num_steps=REFERENCE_EM_STEPS),
+                num_slots=run.config.num_slots,
+                seed=run.config.seed,
+            )
+            metrics["reference_em_loglik_per_point"] = _mean(
+                model.log_joint(x, fit.slots).logsumexp(1)
+            )
+    metrics.update(
+        {
+            "elbo": _mean(result.elbo),
+            "elbo_per_point": _mean(result.elbo) / num_points,
+            "ari": _mean(ari(truth["assignments"], resp)),
+            "mse": _mean(reconstruction_mse(x, recon)),
+        }
+    )
+    return metrics
 
 
 def decode(model, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,7 +112,7 @@ def decode(model, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return recon, rgb, masks
 
 
-def _image_metrics(run: TrainRun, inference: Inference) -> dict:
+def _image_metrics(run: TrainRun, inference: Inference, reference: bool = False) -> dict:
     from pyro_slots.metrics import ari, fg_ari, reconstruction_mse
 
     x, truth, result = inference.batch.x, inference.batch.truth, inference.result
@@ -127,27 +135,31 @@ def task_objective(run: TrainRun, inference: Inference) -> torch.Tensor:
     """
     c = run.components
     x = inference.batch.x
+    with torch.no_grad():
+        x_enc = c.model.encode(x)
     with torch.enable_grad():
         slots = inference.result.slots.detach().requires_grad_()
-        x_enc = c.model.encode(x)
         return c.objective(c.model, x, x_enc, slots).detach()
 
 
-def evaluate_run(run: TrainRun, num: int = 128, inner_steps: int | None = None) -> dict:
-    """Metrics of a trained run on ``num`` held-out datapoints (a flat dict of numbers)."""
-    inference = infer(run, num, inner_steps)
-    c = run.components
+def metrics_of(run: TrainRun, inference: Inference, reference: bool = True) -> dict:
+    """The metrics of one :class:`Inference` (see the module docstring).
+
+    :param bool reference: include the gmm reference fit (100 EM steps).
+    """
     metrics = {
-        "step": run.step,
         "num_datapoints": int(inference.batch.x.shape[0]),
         "inner_steps": int(inference.result.num_steps),
         "J": _mean(task_objective(run, inference)),
     }
-    if c.stream.kind == "points":
-        metrics.update(_gmm_metrics(run, inference))
-    else:
-        metrics.update(_image_metrics(run, inference))
+    kind = _gmm_metrics if run.components.stream.kind == "points" else _image_metrics
+    metrics.update(kind(run, inference, reference))
     return metrics
+
+
+def evaluate_run(run: TrainRun, num: int = 128, inner_steps: int | None = None) -> dict:
+    """Metrics of a trained run on ``num`` held-out datapoints (a flat dict of numbers)."""
+    return {"step": run.step, **metrics_of(run, infer(run, num, inner_steps))}
 
 
 def format_table(metrics: dict) -> str:

@@ -24,6 +24,7 @@ __all__ = [
     "GRADIENT_MODES",
     "INIT_KINDS",
     "INNER_RULES",
+    "ITERATION_WEIGHTS",
     "MODELS",
     "OBJECTIVES",
     "Components",
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 GRADIENT_MODES = ("unrolled", "truncated", "first_order", "implicit")
+ITERATION_WEIGHTS = ("last", "uniform", "linear")
 INIT_KINDS = ("auto", "model", "learned")
 
 
@@ -48,13 +50,13 @@ def _import(module: str, name: str, what: str):
 # ---------------------------------------------------------------------------- models
 @dataclass(frozen=True)
 class ModelEntry:
-    """:ivar data: ``"points"`` or ``"images"``; :ivar objective: default task objective."""
+    """:ivar data: ``"points"`` or ``"images"``; :ivar objective: default task objective;
+    :ivar closed_form: the model has the closed-form M-step EM and soft k-means need."""
 
     factory: Callable
     data: str
     objective: str
-    lr: float
-    module: str
+    closed_form: bool
     description: str
 
 
@@ -65,62 +67,47 @@ def _gmm(config: TrainConfig, stream):
 
 
 def _slot_autoencoder(config: TrainConfig, stream):
-    cls = _import("pyro_slots.models.slot_autoencoder", "SlotAutoencoder", "slot-autoencoder")
+    cls = _import("pyro_slots.models", "SlotAutoencoder", "slot-autoencoder")
     return cls(
-        num_slots=config.num_slots,
-        image_size=stream.image_size,
-        slot_dim=config.slot_dim,
-        hidden_dim=config.hidden_dim,
+        image_size=stream.image_size, num_slots=config.num_slots, feature_dim=config.slot_dim
     )
 
 
 def _iodine(config: TrainConfig, stream):
-    cls = _import("pyro_slots.models.iodine", "IODINE", "iodine")
-    return cls(
-        num_slots=config.num_slots,
-        image_size=stream.image_size,
-        slot_dim=config.slot_dim,
-        hidden_dim=config.hidden_dim,
-    )
+    cls = _import("pyro_slots.models", "IODINE", "iodine")
+    return cls(image_size=stream.image_size, num_slots=config.num_slots, latent_dim=config.slot_dim)
 
 
 MODELS = {
     "gmm": ModelEntry(
-        _gmm,
-        "points",
-        "elbo",
-        0.05,
-        "pyro_slots.models",
-        "Gaussian mixture per point set (slots = component parameters)",
+        _gmm, "points", "elbo", True, "Gaussian mixture per point set (slots = its components)"
     ),
     "slot-autoencoder": ModelEntry(
         _slot_autoencoder,
         "images",
         "reconstruction",
-        4e-4,
-        "pyro_slots.models.slot_autoencoder",
-        "Slot Attention autoencoder with a spatial-broadcast decoder",
+        True,
+        "Slot Attention autoencoder: CNN encoder, inner mixture, spatial-broadcast decoder",
     ),
     "iodine": ModelEntry(
-        _iodine,
-        "images",
-        "elbo",
-        3e-4,
-        "pyro_slots.models.iodine",
-        "IODINE: iterative amortized inference over a mixture image model",
+        _iodine, "images", "elbo", False, "IODINE: spatial Gaussian mixture of decoded slots"
     ),
 }
+
+#: Default slot sizes of the image models.
+SLOT_DIMS = {"slot-autoencoder": 64, "iodine": 16}
 
 
 # ------------------------------------------------------------------------ inner rules
 @dataclass(frozen=True)
 class InnerEntry:
-    """:ivar learned: the rule owns trained weights; :ivar needs: model methods it calls."""
+    """:ivar learned: the rule owns trained weights; :ivar closed_form: it needs the model's
+    closed-form M-step."""
 
     factory: Callable
     learned: bool
+    closed_form: bool
     num_steps: int
-    needs: tuple[str, ...]
     description: str
 
 
@@ -133,7 +120,12 @@ def _em(config, model):
 def _soft_kmeans(config, model):
     from pyro_slots.inner import SoftKMeans
 
-    return SoftKMeans(num_steps=config.inner_steps, temperature=config.temperature)
+    # Default: the model's own variance (SlotAutoencoder's σ²), so that the rule is exact EM of
+    # the model's inner mixture; 1 for models without one.
+    temperature = config.temperature
+    if temperature is None:
+        temperature = getattr(model, "variance", 1.0)
+    return SoftKMeans(num_steps=config.inner_steps, temperature=temperature)
 
 
 def _gradient(config, model):
@@ -143,31 +135,52 @@ def _gradient(config, model):
 
 
 def _slot_attention(config, model):
-    cls = _import("pyro_slots.inner.slot_attention", "SlotAttention", "slot-attention")
+    cls = _import("pyro_slots.inner", "SlotAttention", "slot-attention")
+    if config.dataset == "points":
+        # Low-dimensional points: a per-point MLP before the attention, and the attention-weighted
+        # moments for the readout (see SlotAttention's docstring).
+        return cls(
+            config.inner_steps,
+            slot_dim=model.slot_dim,
+            input_dim=model.feature_dim,
+            hidden_dim=config.hidden_dim,
+            moments=True,
+        )
+    # Images: the paper's module, the slots are the hidden vectors.
     return cls(
+        config.inner_steps,
         slot_dim=model.slot_dim,
         input_dim=model.feature_dim,
-        num_steps=config.inner_steps,
-        hidden_dim=config.hidden_dim,
+        hidden_dim=model.slot_dim,
+        encoder=False,
     )
 
 
 def _learned_gradient(config, model):
-    cls = _import("pyro_slots.inner.learned_gradient", "LearnedGradient", "learned-gradient")
-    return cls(slot_dim=model.slot_dim, num_steps=config.inner_steps, hidden_dim=config.hidden_dim)
+    cls = _import("pyro_slots.inner", "LearnedGradient", "learned-gradient")
+    return cls(
+        config.inner_steps,
+        slot_dim=model.slot_dim,
+        hidden_dim=config.hidden_dim,
+        preprocessing="log_sign" if config.dataset == "points" else "layernorm",
+    )
 
 
 INNER_RULES = {
-    "em": InnerEntry(_em, False, 5, ("em_update",), "expectation-maximization (closed form)"),
-    "soft-kmeans": InnerEntry(
-        _soft_kmeans, False, 5, ("soft_kmeans_update", "isotropic"), "soft k-means (closed form)"
+    "em": InnerEntry(_em, False, True, 5, "expectation-maximization (closed form)"),
+    "soft-kmeans": InnerEntry(_soft_kmeans, False, True, 5, "soft k-means (closed form)"),
+    "gradient": InnerEntry(_gradient, False, False, 20, "per-datapoint Adam ascent on the ELBO"),
+    "slot-attention": InnerEntry(
+        _slot_attention, True, False, 3, "Slot Attention update (learned)"
     ),
-    "gradient": InnerEntry(_gradient, False, 20, (), "per-datapoint Adam ascent on the ELBO"),
-    "slot-attention": InnerEntry(_slot_attention, True, 3, (), "Slot Attention update (learned)"),
     "learned-gradient": InnerEntry(
-        _learned_gradient, True, 5, (), "learned update from the ELBO gradient (IODINE-style)"
+        _learned_gradient, True, False, 5, "learned update from the ELBO gradient (IODINE-style)"
     ),
 }
+
+
+#: The rule each model trains with when --inner is not given.
+DEFAULT_INNER = {"gmm": "em", "slot-autoencoder": "slot-attention", "iodine": "learned-gradient"}
 
 
 # ------------------------------------------------------------------------- objectives
@@ -278,6 +291,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
         cannot work.
     """
     model = _choice(MODELS, config.model, "model")
+    if config.inner is None:
+        config = dataclasses.replace(config, inner=DEFAULT_INNER[config.model])
+    if config.dataset is None:
+        config = dataclasses.replace(
+            config, dataset="points" if model.data == "points" else "tetrominoes"
+        )
     inner = _choice(INNER_RULES, config.inner, "inner")
     if config.gradient not in GRADIENT_MODES:
         raise ConfigError(
@@ -295,11 +314,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
             f"--model {config.model} works on {model.data}, but --dataset {config.dataset} holds "
             f"{dataset.data}; use --dataset {' or '.join(valid)}"
         )
-    if model.data == "images" and inner.needs:
+    if inner.closed_form and not model.closed_form:
+        valid = [n for n, e in INNER_RULES.items() if not e.closed_form]
         raise ConfigError(
-            f"--inner {config.inner} needs a closed-form update ({', '.join(inner.needs)}), which "
-            f"only gmm provides; --model {config.model} works with "
-            f"{[n for n, e in INNER_RULES.items() if not e.needs]}"
+            f"--inner {config.inner} needs a closed-form M-step, which --model {config.model} "
+            f"does not have; use --inner {' or '.join(valid)}"
         )
     init = config.init
     if init == "auto":
@@ -334,11 +353,31 @@ def resolve(config: TrainConfig) -> TrainConfig:
             num_slots = 6
     else:
         num_slots = config.num_slots
+    if config.lr is not None:
+        lr = config.lr
+    elif model.data == "images":
+        lr = 4e-4
+    else:
+        lr = 1e-3 if inner.learned else 0.05
+    slot_dim = config.slot_dim
+    if model.data == "points":
+        if slot_dim is not None:
+            raise ConfigError("slot_dim: gmm slots are its components' parameters; leave it unset")
+    elif slot_dim is None:
+        slot_dim = SLOT_DIMS[config.model]
+    if config.warmup_steps < 0:
+        raise ConfigError(f"warmup_steps: expected an integer >= 0, got {config.warmup_steps}")
+    if config.iteration_weights not in ITERATION_WEIGHTS:
+        raise ConfigError(
+            f"iteration_weights: unknown kind {config.iteration_weights!r}; valid choices are "
+            f"{list(ITERATION_WEIGHTS)}"
+        )
     return dataclasses.replace(
         config,
         objective=objective,
         init=init,
-        lr=model.lr if config.lr is None else config.lr,
+        lr=lr,
+        slot_dim=slot_dim,
         out=config.out or f"runs/{config.model}-{config.inner}",
         num_slots=num_slots,
         inner_steps=num_steps,

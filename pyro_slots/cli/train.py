@@ -62,6 +62,21 @@ def checkpoint_path(path: str | os.PathLike) -> str:
     return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
 
 
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Learning rate of update ``step`` (0-based): linear warm-up, then constant."""
+    if config.warmup_steps <= 0:
+        return config.lr
+    return config.lr * min(1.0, (step + 1) / config.warmup_steps)
+
+
+def _set_learning_rate(svi, lr: float) -> None:
+    # The rate lives in the optimizers' param_groups, which the checkpoint saves: a resumed run
+    # continues with exactly the rate the uninterrupted run would use.
+    for optimizer in svi.optim.optim_objs.values():
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
 def make_svi(config: TrainConfig, components: Components):
     """The outer loop: NestedSVI with Adam on every shared weight."""
     from pyro_slots import NestedSVI
@@ -70,8 +85,9 @@ def make_svi(config: TrainConfig, components: Components):
         components.model,
         components.inner,
         components.objective,
-        pyro.optim.Adam({"lr": config.lr}),
+        pyro.optim.Adam({"lr": learning_rate(config, 0)}),
         gradient=config.gradient,
+        iteration_weights=config.iteration_weights,
         num_slots=config.num_slots,
         num_steps=config.inner_steps,
         truncate=config.truncate,
@@ -215,29 +231,27 @@ def _inner_elbo(svi) -> tuple[float, float]:
 
 
 def held_out_record(run: TrainRun, batch) -> dict:
-    """Task objective and inner ELBO on held-out data; no state of the run changes.
+    """Task objective, inner ELBO and segmentation scores on held-out data.
 
     The slots are refined by :func:`pyro_slots.refine` with a fixed seed rather than by
     ``NestedSVI.evaluate_loss``, so every evaluation starts from the same initialization and
-    the outer loop's generator is left alone.
+    no state of the run (outer-loop generator, global RNG) changes.
     """
-    from .evaluate import infer, task_objective
+    from .evaluate import infer, metrics_of
 
     cpu_state = torch.get_rng_state()
     try:
         inference = infer(run, batch)
-        loss = task_objective(run, inference).mean().item()
+        metrics = metrics_of(run, inference, reference=False)
     finally:
         torch.set_rng_state(cpu_state)
-    result = inference.result
-    elbo = result.elbo.mean().item()
-    return {
-        "step": run.step,
-        "split": "held_out",
-        "J": loss,
-        "elbo": elbo,
-        "elbo_per_measurement": elbo / result.x_enc.shape[1],
-    }
+    elbo = inference.result.elbo.mean().item()
+    record = {"step": run.step, "split": "held_out", "J": metrics.pop("J"), "elbo": elbo}
+    record["elbo_per_measurement"] = elbo / inference.result.x_enc.shape[1]
+    for key in ("fg_ari", "ari", "mse", "loglik_per_point", "true_loglik_per_point"):
+        if key in metrics:
+            record[key] = metrics[key]
+    return record
 
 
 def prepare_out(config: TrainConfig, resume: bool, overwrite: bool) -> None:
@@ -305,6 +319,7 @@ def train(
             batch = stream.batch(run.step)
             loss = run.svi.step(batch.x)
             run.step += 1
+            _set_learning_rate(run.svi, learning_rate(config, run.step))
             elbo, per_measurement = _inner_elbo(run.svi)
             elapsed = time.perf_counter() - start_time
             rate = (run.step - start_step) / elapsed if elapsed > 0 else math.nan

@@ -1,0 +1,137 @@
+"""Checkpoints: exact resume after SIGKILL, clear errors for bad files, no code execution."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pyro_slots.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyro_slots.cli import main
+
+RUN = [
+    "train", "--batch-size", "4", "--num-points", "30", "--eval-every", "4", "--eval-size", "4",
+    "--checkpoint-every", "2", "--threads", "1", "--no-progress", "--no-pictures",
+]  # fmt: skip
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            _assert_same_state(a[key], b[key])
+        elif torch.is_tensor(a[key]):
+            assert torch.equal(a[key], b[key]), key
+        elif isinstance(a[key], list):
+            assert len(a[key]) == len(b[key])
+            for x, y in zip(a[key], b[key]):
+                _assert_same_state({"_": x}, {"_": y})
+        else:
+            assert a[key] == b[key], key
+
+
+def _train_lines(folder):
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [line for line in f if '"split": "train"' in line]
+
+
+def test_sigkill_and_resume_is_bit_identical(cli, tmp_path):
+    steps = 40
+    full = tmp_path / "full"
+    cli(*RUN, "--steps", steps, "--out", full)
+
+    cut = tmp_path / "cut"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyro_slots", *RUN, "--steps", str(steps), "--out", str(cut)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while len(_train_lines(cut)) < 7 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(cut / "checkpoint.pt")["step"]
+    assert 2 <= killed_at < steps, "the run was not interrupted mid-way"
+
+    proc = cli(*RUN[:1], "--resume", cut, "--no-progress", "--no-pictures", "--threads", 1)
+    assert f"at step {killed_at} of {steps}" in proc.stdout
+    a, b = load_checkpoint(full / "checkpoint.pt"), load_checkpoint(cut / "checkpoint.pt")
+    assert a["step"] == b["step"] == steps
+    for key in ("model", "inner", "objective", "init", "svi"):
+        _assert_same_state({key: a[key]}, {key: b[key]})
+    # The metrics of the resumed run continue without gaps or repeats.
+    records = [json.loads(line) for line in _train_lines(cut)]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    full_records = [json.loads(line) for line in _train_lines(full)]
+    assert [r["J"] for r in records] == [r["J"] for r in full_records]
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _assert_refused(cli, path, message, capsys=None):
+    """``evaluate PATH`` exits 2 with one line naming the file, in a subprocess (``cli``) or in
+    this process (``capsys``)."""
+    if capsys is None:
+        proc = cli("evaluate", path, check=False)
+        code, err = proc.returncode, proc.stderr
+    else:
+        code, err = main(["evaluate", str(path)]), capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyro-slots: error: "), err
+    assert str(path) in lines[0]
+    assert message in lines[0]
+
+
+def test_truncated_checkpoint(gmm_run, cli, tmp_path, capsys):
+    data = (gmm_run / "checkpoint.pt").read_bytes()
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(data[: len(data) // 2])
+    _assert_refused(cli, path, "not a readable pyro-slots checkpoint")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint at all")
+    _assert_refused(cli, garbage, "not a readable pyro-slots checkpoint", capsys)
+    _assert_refused(cli, tmp_path / "missing.pt", "no such checkpoint file", capsys)
+    torch.save({"format": "pyro_slots.checkpoint/1", "step": 1}, tmp_path / "partial.pt")
+    _assert_refused(cli, tmp_path / "partial.pt", "lacks the entries", capsys)
+
+
+@pytest.mark.parametrize("container", ["pickle", "torch.save"])
+def test_code_payload_is_not_run(cli, tmp_path, container, capsys):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "evil.pt"
+    evil = {"format": "pyro_slots.checkpoint/1", "model": _Payload(marker)}
+    if container == "pickle":
+        path.write_bytes(pickle.dumps(evil))
+        _assert_refused(cli, path, "not a readable pyro-slots checkpoint")
+    else:
+        torch.save(evil, path)
+        _assert_refused(cli, path, "not a readable pyro-slots checkpoint", capsys)
+    assert not marker.exists()
+
+
+def test_save_is_atomic_and_weights_only(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"format": "x", "w": torch.ones(3)})
+    assert os.listdir(tmp_path) == ["c.pt"]  # no temporary file left behind
+    with pytest.raises(CheckpointError, match="weights_only"):
+        save_checkpoint(path, {"w": _Payload(tmp_path / "m")})
+    assert torch.load(path, weights_only=True)["w"].sum() == 3  # the old file is intact
+    with pytest.raises(CheckpointError, match="unknown checkpoint format"):
+        load_checkpoint(path)

@@ -1,0 +1,126 @@
+"""Every subcommand in a subprocess on tiny settings: the files and numbers it produces."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from scipy.special import logsumexp
+from scipy.stats import norm
+
+from pyro_slots.checkpoint import load_checkpoint
+from pyro_slots.cli.streams import HELD_OUT_START
+from pyro_slots.data import sample_point_sets
+
+
+def _records(folder):
+    with open(folder / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_writes_checkpoint_metrics_config_and_pictures(gmm_run):
+    names = {p.name for p in gmm_run.iterdir()}
+    assert {"checkpoint.pt", "metrics.jsonl", "config.yaml"} <= names
+    for picture in ("training_curve.png", "inner_elbo.png", "gmm_fits.png"):
+        assert (gmm_run / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = _records(gmm_run)
+    train = [r for r in records if r["split"] == "train"]
+    held = [r for r in records if r["split"] == "held_out"]
+    assert [r["step"] for r in train] == list(range(1, 7))
+    assert [r["step"] for r in held] == [3, 6]
+    for r in train:
+        # J = -ELBO averaged over the batch, computed by Pyro's TraceEnum_ELBO on one side and by
+        # the per-datapoint ELBO of the inner loop on the other, at the same final slots.
+        assert r["J"] == pytest.approx(-r["elbo"], rel=1e-4)
+        assert r["elbo_per_measurement"] == pytest.approx(r["elbo"] / 30, rel=1e-6)
+        assert r["steps_per_s"] > 0
+    payload = load_checkpoint(gmm_run / "checkpoint.pt")
+    assert payload["step"] == 6
+    config = yaml.safe_load((gmm_run / "config.yaml").read_text())
+    assert config == payload["config"]
+    # The resolved configuration: the defaults are filled in.
+    assert (config["model"], config["inner"], config["dataset"]) == ("gmm", "em", "points")
+    assert (config["init"], config["lr"], config["inner_steps"]) == ("learned", 0.05, 5)
+
+
+def _true_loglik_per_point(num, num_points, seed=0):
+    """Mean log-density of held-out points under their true mixtures, with scipy."""
+    sets = sample_point_sets(num, num_points, seed=seed, start=HELD_OUT_START)
+    x, means, scales, weights = (t.double().numpy() for t in sets[:4])
+    total = 0.0
+    for s in range(num):
+        comp = norm.logpdf(x[s][:, None, :], means[s][None], scales[s][None]).sum(-1)
+        total += logsumexp(comp + np.log(weights[s])[None], axis=1).sum()
+    return total / (num * num_points)
+
+
+def test_evaluate_json_numbers(gmm_run, cli):
+    proc = cli("evaluate", gmm_run, "--json", "--num", 8, "--threads", 1)
+    metrics = json.loads(proc.stdout)
+    assert metrics["step"] == 6 and metrics["num_datapoints"] == 8
+    # Assignments are enumerated exactly: the ELBO equals the log-likelihood of the fit.
+    assert metrics["loglik_per_point"] == pytest.approx(metrics["elbo_per_point"], abs=1e-4)
+    assert metrics["true_loglik_per_point"] == pytest.approx(
+        _true_loglik_per_point(8, 30), abs=1e-4
+    )
+    assert metrics["gap_to_true_per_point"] == pytest.approx(
+        metrics["true_loglik_per_point"] - metrics["loglik_per_point"], abs=1e-6
+    )
+    # 100 EM steps from k-means++ fit these 30-point sets at least as well as the true mixtures.
+    assert metrics["reference_em_loglik_per_point"] > metrics["true_loglik_per_point"]
+    assert -1 <= metrics["ari"] <= 1 and metrics["mse"] > 0
+
+
+def test_evaluate_table_and_pictures(gmm_run, cli, tmp_path):
+    proc = cli("evaluate", gmm_run / "checkpoint.pt", "--num", 4, "--pictures", tmp_path)
+    rows = dict(
+        line.split()
+        for line in proc.stdout.splitlines()
+        if line.count(" ") and not line.startswith("wrote")
+    )
+    assert float(rows["loglik_per_point"]) == pytest.approx(float(rows["elbo_per_point"]), abs=1e-3)
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "training_curve.png",
+        "inner_elbo.png",
+        "gmm_fits.png",
+    }
+
+
+def test_diagnose_writes_report(gmm_run, cli, tmp_path):
+    out = tmp_path / "report"
+    proc = cli("diagnose", gmm_run, "--out", out, "--num", 3, "--threads", 1)
+    assert str(out) in proc.stdout
+    names = {p.name for p in out.iterdir()}
+    assert "elbo_trajectories.png" in names or "inner_elbo.png" in names
+    assert names & {"report.md", "inner_loop.json"}
+
+
+def test_demo_gmm_prints_loglik_and_pictures(cli, tmp_path):
+    proc = cli(
+        "demo", "--model", "gmm", "--steps", 3, "--out", tmp_path, "--no-progress", "--threads", 1
+    )
+    assert "log-likelihood per point" in proc.stdout
+    assert "true mixtures" in proc.stdout
+    for name in ("training_curve.png", "inner_elbo.png", "gmm_fits.png"):
+        assert str(tmp_path / "pictures" / name) in proc.stdout
+        assert (tmp_path / "pictures" / name).stat().st_size > 10_000
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
+
+
+def test_image_model_train_and_evaluate(cli, tmp_path):
+    cli(
+        "train", "--model", "slot-autoencoder", "--steps", 2, "--batch-size", 2,
+        "--slot-dim", 8, "--eval-every", 2, "--eval-size", 2, "--threads", 1, "--no-progress",
+        "--out", tmp_path,
+    )  # fmt: skip
+    assert (tmp_path / "slots.png").stat().st_size > 10_000
+    held = [r for r in _records(tmp_path) if r["split"] == "held_out"]
+    assert len(held) == 1 and -1 <= held[0]["fg_ari"] <= 1
+    metrics = json.loads(cli("evaluate", tmp_path, "--json", "--num", 3).stdout)
+    assert -1 <= metrics["fg_ari"] <= 1 and -1 <= metrics["ari"] <= 1
+    # The task objective of the slot autoencoder is the reconstruction MSE.
+    assert metrics["J"] == pytest.approx(metrics["mse"], rel=1e-5)
+
+
+def test_python_dash_m_and_console_script_agree(cli):
+    assert "train" in cli("--help").stdout

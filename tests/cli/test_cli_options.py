@@ -1,0 +1,117 @@
+"""Options: --help lists them all, config files and flags combine, bad names are refused."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+from pyro_slots.cli import build_parser, main
+from pyro_slots.cli.config import TrainConfig
+
+
+def _subparsers():
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return action.choices
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "diagnose", "demo"])
+def test_help_lists_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    options = [s for a in _subparsers()[command]._actions for s in a.option_strings]
+    assert options, command
+    for option in options:
+        assert option in text, f"{command} --help does not list {option}"
+    if command == "train":
+        for f in dataclasses.fields(TrainConfig):
+            assert "--" + f.name.replace("_", "-") in text
+
+
+def test_config_file_and_flag_override(cli, tiny, tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"steps": 4, "batch-size": 3, "lr": 0.01, "seed": 5}))
+    out = tmp_path / "run"
+    cli("train", "--config", config, *tiny, "--out", out, "--no-pictures")  # tiny: --steps 6
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["steps"] == 6  # the flag wins over the file
+    assert saved["lr"] == 0.01 and saved["seed"] == 5  # the file wins over the defaults
+    assert saved["batch_size"] == 4  # tiny sets --batch-size 4
+    # The saved configuration is itself a valid --config file.
+    cli(
+        "train",
+        "--config",
+        out / "config.yaml",
+        "--steps",
+        1,
+        "--out",
+        tmp_path / "again",
+        "--no-progress",
+        "--no-pictures",
+        "--threads",
+        1,
+    )
+    again = yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())
+    assert {k: v for k, v in again.items() if k not in ("steps", "out")} == {
+        k: v for k, v in saved.items() if k not in ("steps", "out")
+    }
+
+
+def test_toml_config(tmp_path, capsys):
+    from pyro_slots.cli.config import load_config_file
+
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nmodel = "gmm"\nnum-points = 50\nlr = 1\n')
+    assert load_config_file(path) == {"model": "gmm", "num_points": 50, "lr": 1.0}
+
+
+def _error(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("pyro-slots: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--model", "vae"], "valid choices are ['gmm', 'slot-autoencoder', 'iodine']"),
+        (["--inner", "newton"], "'em', 'soft-kmeans', 'gradient', 'slot-attention'"),
+        (["--dataset", "mnist"], "'points', 'shapes', 'tetrominoes', 'hdf5:PATH'"),
+        (["--gradient", "backprop"], "'unrolled', 'truncated', 'first_order', 'implicit'"),
+        (["--model", "iodine", "--inner", "em"], "needs a closed-form M-step"),
+        (["--model", "gmm", "--dataset", "tetrominoes"], "use --dataset points"),
+        (["--model", "slot-autoencoder", "--dataset", "points"], "works on images"),
+        (["--inner", "em", "--gradient", "implicit"], "never reaches the learned initialization"),
+        (["--init", "model"], "no weights to train"),
+        (["--steps", "0"], "steps: expected an integer >= 1"),
+        (["--model", "slot-autoencoder", "--dataset", "hdf5:/no/such.h5"], "no HDF5 file"),
+    ],
+)
+def test_bad_options_are_refused_before_training(argv, expected, capsys, tmp_path):
+    err = _error(["train", *argv, "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert expected in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_bad_config_file_keys(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("stepz: 3\n")
+    err = _error(["train", "--config", str(path)], capsys)
+    assert "unknown option 'stepz'" in err and "batch_size" in err
+    path.write_text("steps: many\n")
+    assert "steps expects a int" in _error(["train", "--config", str(path)], capsys)
+    assert "no such config file" in _error(["train", "--config", str(tmp_path / "x.yaml")], capsys)
+
+
+def test_existing_run_is_not_overwritten(gmm_run, capsys):
+    err = _error(["train", "--out", str(gmm_run)], capsys)
+    assert "--resume" in err and "--overwrite" in err
+
+
+def test_resume_refuses_changed_options(gmm_run, capsys):
+    err = _error(["train", "--resume", str(gmm_run), "--lr", "0.1"], capsys)
+    assert "cannot change --lr" in err
