@@ -294,14 +294,14 @@ def to_inference_data(
 
     posterior = {}
     if lam_draws is not None:
-        posterior.update(_split_fields(lam_draws, spec, coords))
+        posterior.update(_split_fields(lam_draws, spec))
     else:
         with _traces.seeded(seed):
             sites = _guide_draws(model, x_rep, flat, num_draws)
         for name, (value, dims) in sites.items():
             value = value.reshape(num_draws, num_restarts, batch, *value.shape[2:]).transpose(0, 1)
             posterior[name] = (value, dims[1:])
-        for name, (value, dims) in _split_fields(slots.unsqueeze(1), spec, coords).items():
+        for name, (value, dims) in _split_fields(slots.unsqueeze(1), spec).items():
             stats[f"lambda_{name}"] = (value, dims)
 
     stats["elbo"] = (res.elbo.unsqueeze(1), ["datapoint"])
@@ -347,7 +347,7 @@ def to_inference_data(
     return az.InferenceData(**groups)
 
 
-def _split_fields(values: torch.Tensor, spec, coords) -> dict:
+def _split_fields(values: torch.Tensor, spec) -> dict:
     """``(R, S, B, K, dim)`` λ draws as ``{field: (value, dims)}`` per slot-spec field."""
     if spec is None:
         return {"slots": (values, ["datapoint", "slot", "slot_dim"])}
