@@ -56,6 +56,7 @@ def main(args):
             gradient=args.gradient,
             seed=args.seed,
         )
+        before = refine(model, test, inner, init=init, seed=args.seed).elbo.mean().item()
         losses = []
         for update in range(args.num_updates):
             x = sample_point_sets(
@@ -67,11 +68,14 @@ def main(args):
             "num_weights": sum(p.numel() for p in svi.parameters()),
             "first_J": losses[0],
             "last_J": losses[-1],
+            "held_out_elbo_before": before / args.num_points,
             "held_out_elbo": held_out.elbo.mean().item() / args.num_points,
         }
+        r = results[name]
         print(
-            f"{name:15s} weights={results[name]['num_weights']:6d}  J: {losses[0]:.3f} -> "
-            f"{losses[-1]:.3f} nats/point; held-out ELBO {results[name]['held_out_elbo']:.3f}"
+            f"{name:15s} weights={r['num_weights']:6d}  J: {losses[0]:.3f} -> {losses[-1]:.3f}; "
+            f"held-out ELBO {r['held_out_elbo_before']:.3f} -> {r['held_out_elbo']:.3f} "
+            "(nats/point)"
         )
     return results
 
@@ -79,14 +83,14 @@ def main(args):
 def make_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", nargs="+", default=["em", "slot_attention"])
-    parser.add_argument("--num-updates", type=int, default=20)
+    parser.add_argument("--num-updates", type=int, default=30)
     parser.add_argument("--num-steps", type=int, default=3, help="inner steps T")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-points", type=int, default=100)
     parser.add_argument("--num-components", type=int, default=4)
     parser.add_argument("--hidden-dim", type=int, default=32)
     parser.add_argument("--gradient", default="unrolled")
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -379,3 +379,32 @@ def test_slot_dim_mismatch_is_reported():
         ps.refine(GaussianMixture(3, 2), _data(), rule)
     with pytest.raises(TypeError, match="learned"):
         Hybrid(object(), EM(1))
+
+
+def test_amortized_clustering_checkpoint_resume_equals_uninterrupted(tmp_path):
+    """Stop after 3 updates, resume to 6: the same weights as 6 updates in one go."""
+    import examples.amortized_clustering as ac
+
+    def run(num_updates, checkpoint):
+        argv = [
+            f"--num-updates={num_updates}",
+            "--batch-size=4",
+            "--min-points=30",
+            "--max-points=40",
+            "--hidden-dim=8",
+            f"--checkpoint={checkpoint}",
+            "--quiet",
+        ]
+        args = ac.make_parser().parse_args(argv)
+        args.lr_decay = 0.5 ** (num_updates / 6)  # the same per-update decay in both runs
+        torch.manual_seed(0)  # the same initial weights (resuming then overwrites them)
+        _, rule, svi = ac.build(args)
+        progress = ac.train(args, rule, svi)
+        return rule, progress
+
+    run(3, tmp_path / "a.pt")
+    resumed, progress = run(6, tmp_path / "a.pt")
+    straight, _ = run(6, tmp_path / "b.pt")
+    assert progress["update"] == 6 and len(progress["losses"]) == 6
+    for (name, p), q in zip(resumed.named_parameters(), straight.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
