@@ -38,7 +38,9 @@ class RefineResult:
     :ivar trajectory: λ_0, ..., λ_T (only with ``keep_trajectory=True``); the steps run with
         gradients keep their graph.
     :ivar num_steps: steps actually run (fewer than asked when ``tol`` stopped the loop).
-    :ivar x_enc: the encoded measurements the ELBO was computed on.
+    :ivar x_enc: the encoded measurements the ELBO was computed on, ``(batch, M, F)``.
+    :ivar state: the rule's final :class:`~pyro_slots.inner.InnerState` (restart dimension
+        first with restarts, like ``slots``).
     """
 
     slots: torch.Tensor
@@ -76,7 +78,14 @@ class RefineResult:
             num_steps=self.num_steps,
             responsibilities=pick(self.responsibilities),
             trajectory=[pick(s) for s in self.trajectory],
-            x_enc=None if self.x_enc is None else self.x_enc[0],
+            x_enc=self.x_enc,
+            state=None
+            if self.state is None
+            else InnerState(
+                pick(self.state.slots),
+                self.state.step,
+                tuple(pick(a) if torch.is_tensor(a) else a for a in self.state.aux),
+            ),
         )
 
 
@@ -359,3 +368,10 @@ def _split_restarts(result: RefineResult, num_restarts: int, batch: int) -> None
     result.residuals = split(result.residuals, True)
     result.relative_residuals = split(result.relative_residuals, True)
     result.trajectory = [split(s) for s in result.trajectory]
+    if result.state is not None:
+        state = result.state
+        result.state = InnerState(
+            split(state.slots),
+            state.step,
+            tuple(split(a) if torch.is_tensor(a) else a for a in state.aux),
+        )

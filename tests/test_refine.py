@@ -122,3 +122,17 @@ def test_inner_rule_base_requires_step():
 
     with pytest.raises(TypeError, match="must define step"):
         ps.refine(GaussianMixture(2, 2), torch.randn(1, 4, 2), Incomplete(2))
+
+
+def test_best_keeps_encoded_data_and_final_state(float64):
+    x, _ = make_point_sets(4, 30, seed=5)
+    gmm = GaussianMixture(3, 2)
+    rule = GradientAscent(4, 0.05, adam=True)
+    res = ps.refine(gmm, x, rule, seed=2, num_restarts=3)
+    assert res.state.slots.shape == (3, 4, 3, 5) and res.state.aux[0].shape == (3, 4, 3, 5)
+    best = res.best()
+    assert torch.equal(best.x_enc, x)
+    assert torch.equal(best.state.slots, best.slots)
+    idx = res.elbo.argmax(0)
+    for n in range(4):
+        assert torch.equal(best.state.aux[1][n], res.state.aux[1][idx[n], n])

@@ -217,7 +217,7 @@ def _best_restart(res):
 def _final_aux(result, idx: torch.Tensor) -> tuple:
     """The rule's auxiliary state after the last step, for the best restart of each datapoint.
 
-    ``refine`` keeps the final state with restarts flattened into the batch (``R · B`` rows).
+    ``refine`` keeps the final state with the restart dimension first, like the slots.
     """
     state = getattr(result, "state", None)
     if state is None or not state.aux:
@@ -226,9 +226,10 @@ def _final_aux(result, idx: torch.Tensor) -> tuple:
     rows = torch.arange(batch)
     aux = []
     for a in state.aux:
-        if not torch.is_tensor(a) or a.shape[0] != num_restarts * batch:
+        if not torch.is_tensor(a):
             return ()
-        aux.append(a.detach().reshape(num_restarts, batch, *a.shape[1:])[idx, rows])
+        a = a.detach()
+        aux.append(a[idx, rows] if num_restarts > 1 else a)
     return tuple(aux)
 
 
