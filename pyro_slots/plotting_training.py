@@ -66,7 +66,9 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 def plot_training_curve(records: list[dict], path=None, title: str | None = None) -> Figure:
     """J and the inner ELBO per measurement against the update number.
 
-    Thin lines: every training batch; thick: a moving average; dots: held-out evaluations.
+    Thin lines: every training batch; thick: a moving average; dots: held-out evaluations. A
+    third panel shows the held-out FG-ARI (image models) or log-likelihood per point next to
+    that of the true mixtures (gmm) when the records have them.
 
     :param list records: dicts with ``step``, ``split`` (``"train"`` / ``"held_out"``), ``J``
         and ``elbo_per_measurement``, as in ``metrics.jsonl``.
@@ -74,8 +76,9 @@ def plot_training_curve(records: list[dict], path=None, title: str | None = None
     """
     train = [r for r in records if r.get("split", "train") == "train"]
     held = [r for r in records if r.get("split") == "held_out"]
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
-    axes = fig.subplots(1, 2)
+    extra = next((k for k in ("fg_ari", "loglik_per_point") if held and k in held[0]), None)
+    fig = Figure(figsize=(15 if extra else 10, 3.6), layout="constrained")
+    axes = fig.subplots(1, 3 if extra else 2)
     for ax, key, label in (
         (axes[0], "J", "task objective J (lower is better)"),
         (axes[1], "elbo_per_measurement", "inner ELBO per measurement (higher is better)"),
@@ -103,6 +106,25 @@ def plot_training_curve(records: list[dict], path=None, title: str | None = None
             )
         ax.set_xlabel("outer update")
         ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if extra:
+        ax = axes[2]
+        steps = [r["step"] for r in held]
+        ax.plot(steps, [r[extra] for r in held], "o-", color="tab:orange", ms=4, label="held-out")
+        if extra == "fg_ari":
+            ax.set_title("held-out FG-ARI (higher is better)", fontsize=10)
+            ax.set_ylim(min(0.0, min(r[extra] for r in held)), 1.0)
+        else:
+            ax.plot(
+                steps,
+                [r["true_loglik_per_point"] for r in held],
+                "--",
+                color="k",
+                label="true mixtures",
+            )
+            ax.set_title("held-out log-likelihood per point", fontsize=10)
+        ax.set_xlabel("outer update")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
@@ -223,6 +245,11 @@ def plot_gmm_fits(
     return fig
 
 
+#: Grey level of the pixels a slot does not own in its panel, so that a slot painting black
+#: (the background of Tetrominoes) stays visible.
+_UNOWNED = 0.8
+
+
 def _image(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
 
@@ -237,6 +264,9 @@ def plot_slot_decomposition(
 ) -> Figure:
     """One row per image: input | reconstruction | one panel per slot (mask × slot image).
 
+    A slot's panel is ``mask_k · rgb_k + (1 - mask_k) · grey``: what the slot paints where it
+    owns the pixels, light grey elsewhere; its title gives its share of the image.
+
     :param images: ``(B, 3, H, W)`` in [0, 1]; :param recon: ``(B, 3, H, W)``;
     :param rgb: per-slot images ``(B, K, 3, H, W)``; :param masks: ``(B, K, H, W)`` or
         ``(B, K, 1, H, W)``, summing to 1 over the slots.
@@ -249,7 +279,8 @@ def plot_slot_decomposition(
     for b in range(batch):
         panels = [(_image(images[b]), "input"), (_image(recon[b]), "reconstruction")]
         for k in range(num_slots):
-            panel = _image(rgb[b, k] * masks[b, k].unsqueeze(0))
+            mask = masks[b, k].unsqueeze(0)
+            panel = _image(rgb[b, k] * mask + (1 - mask) * _UNOWNED)
             share = masks[b, k].mean().item()
             panels.append((panel, f"slot {k + 1} ({100 * share:.0f}%)"))
         for j, (panel, label) in enumerate(panels):

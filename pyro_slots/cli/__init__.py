@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="outer updates (default: 300 for gmm, 1500 for slot-autoencoder)",
+        help="outer updates (default: 300 for gmm; for slot-autoencoder 2000 or 9 minutes of "
+        "training, whichever comes first)",
     )
     demo.add_argument(
         "--out", default="runs/demo", metavar="DIR", help="output folder (default: runs/demo)"
@@ -208,6 +209,13 @@ def _train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             pictures=not args.no_pictures,
         )
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
     print(
         f"trained {run.step} steps; checkpoint, metrics.jsonl, config.yaml and pictures in "
         f"{run.config.out}"

@@ -398,16 +398,19 @@ class Components:
     stream: object
 
 
-def build(config: TrainConfig) -> Components:
+def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components:
     """Make the data stream, model, inner rule, objective and slot initializer.
 
     :param config: a configuration returned by :func:`resolve`.
+    :param int rank: this process's rank among ``world_size`` data-parallel processes; the
+        stream draws this rank's share of every global batch.
     :raises ConfigError: when a module is missing or the model rejects the rule.
     """
     from pyro_slots.validation import CapabilityError
 
     dataset = _dataset_entry(config.dataset)
     stream = dataset.factory(config, config.dataset)
+    stream.shard(rank, world_size)
     model = MODELS[config.model].factory(config, stream)
     inner = INNER_RULES[config.inner].factory(config, model)
     try:

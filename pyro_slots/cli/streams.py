@@ -30,9 +30,23 @@ class Batch:
     truth: dict = field(default_factory=dict)
 
 
-class PointStream:
+class _Stream:
+    """Batch ``s`` of rank ``r`` out of ``W`` data-parallel processes holds the datapoints
+    ``(s·W + r)·B .. (s·W + r)·B + B - 1`` of the generator: the ``W`` ranks together see exactly
+    the batches of one process with batch size ``W·B``."""
+
+    rank, world_size = 0, 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def _start(self, step: int) -> int:
+        return (step * self.world_size + self.rank) * self.batch_size
+
+
+class PointStream(_Stream):
     """Point sets of :func:`pyro_slots.data.sample_point_sets`; batch ``s`` is sets
-    ``s·B .. s·B + B - 1`` of the generator seeded with ``seed``.
+    ``s·B .. s·B + B - 1`` of the generator seeded with ``seed`` (one process).
     """
 
     kind = "points"
@@ -56,15 +70,15 @@ class PointStream:
         return Batch(sets.x, truth)
 
     def batch(self, step: int) -> Batch:
-        return self._sets(self.batch_size, step * self.batch_size)
+        return self._sets(self.batch_size, self._start(step))
 
     def held_out(self, num: int) -> Batch:
         return self._sets(num, HELD_OUT_START)
 
 
-class ImageStream:
+class ImageStream(_Stream):
     """Scenes of a generator (``shapes`` or ``tetrominoes``); batch ``s`` is scenes
-    ``s·B .. s·B + B - 1`` of the generator seeded with ``seed``.
+    ``s·B .. s·B + B - 1`` of the generator seeded with ``seed`` (one process).
     """
 
     kind = "images"
@@ -95,13 +109,13 @@ class ImageStream:
         return Batch(scenes["image"], {"mask": scenes["mask"]})
 
     def batch(self, step: int) -> Batch:
-        return self._scenes(self.batch_size, step * self.batch_size)
+        return self._scenes(self.batch_size, self._start(step))
 
     def held_out(self, num: int) -> Batch:
         return self._scenes(num, HELD_OUT_START)
 
 
-class HDF5Stream:
+class HDF5Stream(_Stream):
     """Images of a benchmark HDF5 file: the last ``held_out_size`` images are held out; the
     rest are visited in a random order per epoch, drawn from ``(seed, epoch)``.
     """
@@ -137,7 +151,8 @@ class HDF5Stream:
         return Batch(x, {"mask": torch.stack([item["mask"] for item in items])})
 
     def batch(self, step: int) -> Batch:
-        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
+        first = self._start(step)
+        positions = range(first, first + self.batch_size)
         indices = [self._permutation(p // self.num_train)[p % self.num_train] for p in positions]
         return self._items(indices)
 

@@ -97,11 +97,30 @@ def make_svi(config: TrainConfig, components: Components):
     )
 
 
+def distributed_context() -> tuple[int, int]:
+    """``(rank, world_size)``; joins the process group first when launched by ``torchrun``.
+
+    ``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and the rendezvous variables; the group uses
+    ``nccl`` when CUDA is available and ``gloo`` otherwise. Without them: ``(0, 1)``.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _new_run(config: TrainConfig) -> TrainRun:
-    # Weights are drawn from the global RNG when the modules are built: seed it first.
+    # Weights are drawn from the global RNG when the modules are built: seed it first (every
+    # rank the same; NestedSVI also broadcasts rank 0's weights).
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
-    components = build(config)
+    rank, world_size = distributed_context()
+    components = build(config, rank, world_size)
     svi = make_svi(config, components)
     if not svi.parameters():
         raise ConfigError(
@@ -277,9 +296,14 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     pictures: bool = True,
+    time_limit: float | None = None,
     echo=print,
 ) -> TrainRun:
     """Train (or continue training) and write checkpoint, metrics, config and pictures.
+
+    Under ``torchrun`` every rank trains on its share of each global batch (``batch_size`` is
+    per process) and only rank 0 writes files; the logged J is the global mean, the inner ELBO
+    rank 0's.
 
     :param TrainConfig config: the configuration (ignored with ``resume``).
     :param str resume: a folder with a checkpoint to continue; its saved configuration is used,
@@ -287,30 +311,41 @@ def train(
     :param bool overwrite: replace an existing run in ``config.out``.
     :param bool progress: show a tqdm progress bar (on stderr).
     :param bool pictures: draw the pictures at the end.
+    :param float time_limit: stop (with a checkpoint) after this many seconds of training even
+        if ``config.steps`` is not reached; single-process runs only. The run can be continued
+        with ``resume``.
     :returns: the finished :class:`TrainRun`.
     """
     from tqdm.auto import tqdm
 
+    rank, world_size = distributed_context()
+    main_rank = rank == 0
+    if time_limit is not None and world_size > 1:
+        raise ConfigError("time_limit: not supported with several processes (ranks would differ)")
     if resume is not None:
         run = load_run(resume, overrides)
         run.config.out = os.fspath(resume) if os.path.isdir(resume) else os.path.dirname(resume)
-        _truncate_metrics(os.path.join(run.config.out, METRICS_NAME), run.step)
-        echo(f"resuming {checkpoint_path(resume)} at step {run.step} of {run.config.steps}")
+        if main_rank:
+            _truncate_metrics(os.path.join(run.config.out, METRICS_NAME), run.step)
+            echo(f"resuming {checkpoint_path(resume)} at step {run.step} of {run.config.steps}")
     else:
         config = resolve(config or TrainConfig())
-        prepare_out(config, resume=False, overwrite=overwrite)
+        if main_rank:
+            prepare_out(config, resume=False, overwrite=overwrite)
         run = _new_run(config)
     config = run.config
-    save_config(os.path.join(config.out, CONFIG_NAME), config)
     stream = run.components.stream
-    held_out = stream.held_out(config.eval_size) if config.eval_every else None
-    logger = _Logger(config.out, config.tensorboard)
+    held_out = None
+    if main_rank:
+        save_config(os.path.join(config.out, CONFIG_NAME), config)
+        held_out = stream.held_out(config.eval_size) if config.eval_every else None
+        logger = _Logger(config.out, config.tensorboard)
     bar = tqdm(
         total=config.steps,
         initial=run.step,
         desc=f"train {config.model}/{config.inner}",
         unit="step",
-        disable=not progress,
+        disable=not (progress and main_rank),
         dynamic_ncols=True,
     )
     start_time, start_step = time.perf_counter(), run.step
@@ -323,6 +358,11 @@ def train(
             elbo, per_measurement = _inner_elbo(run.svi)
             elapsed = time.perf_counter() - start_time
             rate = (run.step - start_step) / elapsed if elapsed > 0 else math.nan
+            bar.set_postfix(J=f"{loss:.4g}", elbo=f"{per_measurement:.4g}/m", refresh=False)
+            bar.update(1)
+            out_of_time = time_limit is not None and elapsed > time_limit
+            if not main_rank:
+                continue
             logger.log(
                 {
                     "step": run.step,
@@ -333,15 +373,19 @@ def train(
                     "steps_per_s": rate,
                 }
             )
-            bar.set_postfix(J=f"{loss:.4g}", elbo=f"{per_measurement:.4g}/m", refresh=False)
-            bar.update(1)
             if held_out is not None and run.step % config.eval_every == 0:
                 logger.log(held_out_record(run, held_out))
-            if run.step % config.checkpoint_every == 0 or run.step == config.steps:
+            if run.step % config.checkpoint_every == 0 or run.step == config.steps or out_of_time:
                 save_run(run)
+            if out_of_time:
+                echo(f"time limit of {time_limit:.0f} s reached after {run.step} steps")
+                break
     finally:
         bar.close()
-        logger.close()
+        if main_rank:
+            logger.close()
+    if not main_rank:
+        return run
     if run.step == 0 or not os.path.exists(os.path.join(config.out, CHECKPOINT_NAME)):
         save_run(run)
     if pictures:
