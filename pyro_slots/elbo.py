@@ -17,6 +17,7 @@ import math
 from typing import NamedTuple
 
 import pyro
+import pyro.distributions as dist
 import pyro.util
 import torch
 from opt_einsum import shared_intermediates
@@ -118,7 +119,7 @@ class _LogDensityCollector(Messenger):
     def _postprocess_message(self, msg):
         if msg["type"] != "sample" or site_is_subsample(msg):
             return
-        log_prob = msg["fn"].log_prob(msg["value"])
+        log_prob = _log_prob(msg["fn"], msg["value"])
         enumerated = msg["infer"].get("_enumerate_dim") is not None
         if enumerated and not (msg["mask"] is None and is_identically_one(msg["scale"])):
             raise _LeanFallback  # Pyro scales outside the log-expectation; keep its rules.
@@ -127,22 +128,81 @@ class _LogDensityCollector(Messenger):
         self.sites.append((msg["name"], log_prob, enumerated, frames))
 
 
+def _narrow_broadcast(t):
+    """``t`` with every broadcast dimension (stride 0, size > 1) narrowed to size one."""
+    if not torch.is_tensor(t):
+        return t
+    for d, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        if stride == 0 and size > 1:
+            t = t.narrow(d, 0, 1)
+    return t
+
+
+def _unbroadcast(fn):
+    """``fn`` rebuilt on its unbroadcast parameters, or ``fn`` itself.
+
+    Plates expand every distribution to the full batch shape with stride-0 views; elementwise
+    kernels over such views run a scalar loop on the CPU (``log`` of an expanded scale is ~40x
+    slower than of a contiguous one). A Normal rebuilt on the narrowed parameters computes its
+    log-density by broadcasting against the value instead, with the same result.
+    """
+    if isinstance(fn, dist.Independent):
+        base = _unbroadcast(fn.base_dist)
+        if base is fn.base_dist:
+            return fn
+        return dist.Independent(base, fn.reinterpreted_batch_ndims, validate_args=False)
+    if type(fn) is dist.Normal:
+        loc, scale = _narrow_broadcast(fn.loc), _narrow_broadcast(fn.scale)
+        if loc is not fn.loc or scale is not fn.scale:
+            return dist.Normal(loc, scale, validate_args=False)
+    return fn
+
+
+def _log_prob(fn, value):
+    """``fn.log_prob(value)``, evaluated on unbroadcast parameters where that is cheaper."""
+    compact = _unbroadcast(fn)
+    if compact is fn:
+        return fn.log_prob(value)
+    if fn._validate_args:
+        fn._validate_sample(value)
+    log_prob = compact.log_prob(value)
+    if log_prob.shape == fn.batch_shape:
+        return log_prob
+    # The value is broadcast too: restore the shape fn.log_prob(value) has.
+    sample_shape = value.shape[: value.dim() - len(fn.event_shape)]
+    return log_prob.expand(torch.broadcast_shapes(sample_shape, fn.batch_shape))
+
+
 def _stable_logsumexp(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logsumexp, log_softmax)`` over ``dim``; differences below -80 are clamped.
 
     float32 ``exp`` of arguments below about -87 takes a slow path on the CPU (25-90x);
     well-separated components hit it constantly. Clamping changes the sum by < K e^-80.
     """
-    m = t.amax(dim, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    lse, shifted, log_norm = _stable_logsumexp_parts(t, dim)
+    return lse, shifted - log_norm
+
+
+def _stable_logsumexp_parts(t: torch.Tensor, dim: int):
+    """``(logsumexp, t - max, log Σ exp(t - max))``; the log-softmax is their difference."""
+    m = t.amax(dim, keepdim=True).detach().nan_to_num(0.0, 0.0, 0.0)  # all -inf: shift by 0
     d = (t - m).clamp_min(-80.0)
-    lse = d.exp().sum(dim, keepdim=True).log()
-    return (lse + m).squeeze(dim), d - lse
+    log_norm = d.exp().sum(dim, keepdim=True).log()
+    return (log_norm + m).squeeze(dim), d, log_norm
 
 
 class _LeanEstimate(NamedTuple):
     elbo: torch.Tensor  # (batch,)
-    log_posterior: dict  # enumerated site name -> log p(z | x) with the enum dim first
+    # The enumerated site and (t - max, log Σ exp(t - max)) over its enumeration dimension, the
+    # log-posterior's two parts; subtracted only when the posterior is asked for.
+    posterior_parts: tuple | None = None
+
+    def log_posterior(self, site: str) -> torch.Tensor | None:
+        """``log p(site | x)`` with the enumeration dimension first, or ``None``."""
+        if self.posterior_parts is None or self.posterior_parts[0] != site:
+            return None
+        _, shifted, log_norm = self.posterior_parts
+        return shifted - log_norm
 
 
 def _lean_elbo(model, x, slots, nesting: int, num_particles: int) -> _LeanEstimate:
@@ -166,24 +226,28 @@ def _lean_elbo(model, x, slots, nesting: int, num_particles: int) -> _LeanEstima
             return fn()
 
     guide_trace = poutine.trace(lambda: run(lambda: model.guide(x, slots))).get_trace()
+    guide_sites = [
+        site
+        for site in guide_trace.nodes.values()
+        if site["type"] == "sample" and not site_is_subsample(site)
+    ]
     collector = _LogDensityCollector()
-    replayed = poutine.replay(model.model, trace=guide_trace)
+    # An empty guide (every latent enumerated) has nothing to replay: one handler fewer per site.
+    replayed = poutine.replay(model.model, trace=guide_trace) if guide_sites else model.model
     enumerated = poutine.enum(replayed, first_available_dim=first_dim)
     with collector:
         run(lambda: enumerated(x, slots))
 
     batch = x.shape[0]
     plate_dims = nesting + (particles is not None)
-    total = 0.0
+    total = None
     enum_terms, enum_sites, enum_frames = [], [], None
     guide_terms = []
-    for site in guide_trace.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
+    for site in guide_sites:
         fn = site["fn"]
         if site["infer"].get("enumerate") or not getattr(fn, "has_rsample", False):
             raise _LeanFallback
-        lp = scale_and_mask(fn.log_prob(site["value"]), site["scale"], site["mask"])
+        lp = scale_and_mask(_log_prob(fn, site["value"]), site["scale"], site["mask"])
         frames = {f.name: f.dim for f in site["cond_indep_stack"] if f.vectorized}
         guide_terms.append((-lp, frames))
     for name, _, is_enum, frames in collector.sites:
@@ -200,10 +264,10 @@ def _lean_elbo(model, x, slots, nesting: int, num_particles: int) -> _LeanEstima
             extra = [d for f, d in frames.items() if f not in enum_frames]
             enum_terms.append(lp.sum(extra, keepdim=True) if extra else lp)
         else:
-            total = total + _reduce_plates(lp, frames, batch_plate, batch)
+            total = _add(total, _reduce_plates(lp, frames, batch_plate, batch))
     for neg_lq, frames in guide_terms:
-        total = total + _reduce_plates(neg_lq, frames, batch_plate, batch)
-    log_posterior = {}
+        total = _add(total, _reduce_plates(neg_lq, frames, batch_plate, batch))
+    posterior_parts = None
     if enum_terms:
         joint = enum_terms[0]
         for term in enum_terms[1:]:
@@ -211,13 +275,19 @@ def _lean_elbo(model, x, slots, nesting: int, num_particles: int) -> _LeanEstima
         lead = joint.dim() - plate_dims
         shape = joint.shape
         flat = joint.reshape(-1, *shape[lead:])
-        lse, log_post = _stable_logsumexp(flat, 0)
+        lse, shifted, log_norm = _stable_logsumexp_parts(flat, 0)
         if len(enum_sites) == 1:
-            log_posterior[enum_sites[0]] = log_post.reshape(shape[:lead] + shape[lead:])
-        total = total + _reduce_plates(lse, enum_frames, batch_plate, batch)
-    if not torch.is_tensor(total):
+            posterior_parts = (enum_sites[0], shifted.reshape(shape), log_norm)
+        total = _add(total, _reduce_plates(lse, enum_frames, batch_plate, batch))
+    if total is None:
         raise _LeanFallback
-    return _LeanEstimate(total / num_particles, log_posterior)
+    if num_particles > 1:
+        total = total / num_particles
+    return _LeanEstimate(total, posterior_parts)
+
+
+def _add(total, term):
+    return term if total is None else total + term
 
 
 def _reduce_plates(t, frames, batch_plate, batch):
@@ -231,7 +301,9 @@ def _reduce_plates(t, frames, batch_plate, batch):
         if t.shape[dim] != 1:
             raise _LeanFallback
         t = t.expand(*t.shape[:dim], batch, *t.shape[t.dim() + dim + 1 :])
-    return t.movedim(dim, -1).reshape(-1, batch).sum(0)
+    keep = t.dim() + dim
+    other = [d for d in range(t.dim()) if d != keep]
+    return t.sum(other) if other else t
 
 
 STRATEGIES = ("auto", "lean", "trace_enum")
@@ -250,7 +322,9 @@ class PerDatapointELBO:
       trace; enumerated sites that share their plates are summed out by one stable
       log-sum-exp over the enumeration dimensions (which also yields their exact posterior).
       Exact for mixture models (one group of enumerated sites per measurement, reparameterized
-      guide); several times cheaper per call.
+      guide); several times cheaper per call. Normal densities that the plates broadcast to the
+      full batch shape are evaluated on their unbroadcast parameters (same value, vectorized
+      CPU kernels), and the posterior is only formed when asked for.
     * ``"auto"`` (default) — ``"lean"`` where the program allows it, else ``"trace_enum"``.
 
     Tests check the strategies agree on every model of the zoo.
@@ -332,8 +406,9 @@ class PerDatapointELBO:
         dimensions, e.g. ``(num_slots, batch, measurements)`` for a mixture assignment.
         """
         estimate = self._lean(model, x, slots)
-        if estimate is not None and site in estimate.log_posterior:
-            return estimate.elbo, estimate.log_posterior[site]
+        log_post = None if estimate is None else estimate.log_posterior(site)
+        if log_post is not None:
+            return estimate.elbo, log_post
         elbo = self._trace_enum(model, x, slots)
         marginal = self._pyro_elbo(model).compute_marginals(model.model, model.guide, x, slots)
         if site not in marginal:
