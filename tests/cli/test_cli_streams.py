@@ -1,0 +1,81 @@
+"""Data streams of the command line: batch s depends on (seed, s) only; ranks shard it."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pyro_slots.cli import main
+from pyro_slots.cli.streams import HDF5Stream, ImageStream, PointStream
+
+
+def _shards(make, step, world_size):
+    parts = []
+    for rank in range(world_size):
+        stream = make()
+        stream.shard(rank, world_size)
+        parts.append(stream.batch(step).x)
+    return torch.cat(parts)
+
+
+def test_point_batches_depend_on_seed_and_step_only():
+    stream = PointStream(seed=3, batch_size=4, num_points=10, num_components=2, dim=2)
+    first = stream.batch(5).x
+    stream.batch(0), stream.batch(9)
+    assert torch.equal(stream.batch(5).x, first)
+    assert not torch.equal(stream.batch(4).x, first)
+    other = PointStream(seed=4, batch_size=4, num_points=10, num_components=2, dim=2)
+    assert not torch.equal(other.batch(5).x, first)
+    # Held-out sets are never training sets.
+    held = stream.held_out(4)
+    assert not any(torch.equal(held.x[0], stream.batch(s).x[0]) for s in range(20))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_rank_shards_make_the_single_process_batch(world_size):
+    single = PointStream(seed=0, batch_size=8, num_points=5, num_components=2, dim=2)
+    shards = _shards(lambda: PointStream(0, 8 // world_size, 5, 2, 2), 3, world_size)
+    assert torch.equal(shards, single.batch(3).x)
+    images = _shards(lambda: ImageStream("tetrominoes", 0, 2), 1, 2)
+    assert torch.equal(images, ImageStream("tetrominoes", 0, 4).batch(1).x)
+
+
+def _write_hdf5(path, n=12, size=8, layout="ok"):
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        f["image"] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        mask = rng.integers(0, 3, (n, size, size, 1))
+        f["mask"] = mask if layout == "ok" else mask[..., 0]
+        f["num_actual_objects"] = np.full((n, 1), 2)
+        f["visibility"] = np.ones((n, 3))
+
+
+def test_hdf5_stream_visits_every_training_image_once_per_epoch(tmp_path):
+    path = tmp_path / "d.h5"
+    _write_hdf5(path)
+    stream = HDF5Stream(str(path), seed=0, batch_size=3, held_out_size=3)
+    seen = torch.cat([stream.batch(s).x for s in range(3)])  # 9 training images, one epoch
+    assert len({tuple(x.flatten().tolist()) for x in seen}) == 9
+    held = stream.held_out(3).x
+    assert not any(torch.equal(h, x) for h in held for x in seen)
+    assert torch.equal(stream.batch(1).x, HDF5Stream(str(path), 0, 3, 3).batch(1).x)
+
+
+def test_hdf5_layout_errors_name_what_was_expected(tmp_path, capsys):
+    path = tmp_path / "bad.h5"
+    _write_hdf5(path, layout="bad")
+    code = main(["train", "--model", "slot-autoencoder", "--dataset", f"hdf5:{path}",
+                 "--out", str(tmp_path / "run")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "dataset 'mask'" in err and "expected" in err
+
+
+def test_train_on_hdf5_file(tmp_path):
+    path = tmp_path / "d.h5"
+    _write_hdf5(path, size=16)
+    out = tmp_path / "run"
+    argv = ["train", "--model", "slot-autoencoder", "--dataset", f"hdf5:{path}", "--steps", "2",
+            "--batch-size", "2", "--slot-dim", "8", "--eval-size", "3", "--eval-every", "2",
+            "--out", str(out), "--no-progress", "--no-pictures"]  # fmt: skip
+    assert main(argv) == 0
+    assert (out / "checkpoint.pt").exists()
