@@ -146,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="inner steps (default: as in training)",
     )
+    diagnose.add_argument(
+        "--restarts", type=int, default=4, metavar="R", help="restarts per datapoint (default: 4)"
+    )
+    diagnose.add_argument(
+        "--draws",
+        default="auto",
+        metavar="KIND",
+        help="posterior draws: auto, point, laplace or guide (default: auto, which keeps point "
+        "estimates only for slots with more than 128 coordinates per datapoint)",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -244,7 +254,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     from .diagnose import diagnose
 
-    folder = diagnose(args.checkpoint, out=args.out, num=args.num, inner_steps=args.inner_steps)
+    folder = diagnose(
+        args.checkpoint,
+        out=args.out,
+        num=args.num,
+        inner_steps=args.inner_steps,
+        restarts=args.restarts,
+        draws=args.draws,
+    )
     print(f"diagnostics written to {folder}")
     return 0
 

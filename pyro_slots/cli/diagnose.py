@@ -1,82 +1,33 @@
 """``pyro-slots diagnose CHECKPOINT``: the posterior diagnostics report of a trained run.
 
-The report is written by :func:`pyro_slots.diagnostics.write_report` when that package is
-installed. Without it, a basic report is written instead: the inner loop's ELBO trajectories
-and fixed-point residuals on held-out data (``inner_loop.json``, ``inner_elbo.png``,
-``residuals.png``), and the command says so.
+:func:`pyro_slots.diagnostics.write_report` runs on held-out data with the run's model, rule
+and slot initialization: ``report.md`` (per-datapoint table: R-hat across restarts, PSIS k̂,
+amortization gap, inner-loop health), ``summary.csv``, ``inference_data.nc`` and plots.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
-import torch
-
+from .config import ConfigError
 from .train import checkpoint_path, load_run
 
-__all__ = ["diagnose", "write_basic_report"]
+__all__ = ["DRAWS", "diagnose"]
 
 
-def _diagnostics_writer():
-    try:
-        from pyro_slots.diagnostics import write_report
-    except ImportError:
-        return None
-    return write_report
-
-
-def write_basic_report(folder: str, run, inner_steps: int | None = None, num: int = 64) -> list:
-    """ELBO trajectories and residuals of the inner loop on ``num`` held-out datapoints."""
-    from matplotlib.figure import Figure
-
-    from pyro_slots import plotting_training as plots
-
-    from .evaluate import infer
-
-    os.makedirs(folder, exist_ok=True)
-    result = infer(run, num, inner_steps).result
-    num_measurements = result.x_enc.shape[1]
-    history = result.history.double()
-    residuals = result.residuals.double()
-    summary = {
-        "num_datapoints": int(history.shape[1]),
-        "inner_steps": int(result.num_steps),
-        "elbo_mean": (history.mean(1) / num_measurements).tolist(),
-        "elbo_per_datapoint": (history.T / num_measurements).tolist(),
-        "residual_mean": residuals.mean(1).tolist(),
-        "relative_residual_mean": result.relative_residuals.double().mean(1).tolist(),
-        "elbo_decreased_fraction": float((history.diff(dim=0) < -1e-6).any(0).double().mean()),
-        "elbo_unit": "per measurement",
-    }
-    paths = [os.path.join(folder, "inner_loop.json")]
-    with open(paths[0], "w") as f:
-        json.dump(summary, f, indent=1)
-    paths.append(os.path.join(folder, "inner_elbo.png"))
-    plots.plot_inner_elbo(history, num_measurements, paths[-1])
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    steps = torch.arange(1, residuals.shape[0] + 1).numpy()
-    for j in range(min(residuals.shape[1], 32)):
-        ax.semilogy(steps, residuals[:, j].clamp_min(1e-12).numpy(), color="tab:gray", alpha=0.35)
-    ax.semilogy(
-        steps, residuals.mean(1).clamp_min(1e-12).numpy(), "o-", color="tab:red", lw=2, label="mean"
-    )
-    ax.set_xlabel("inner step t")
-    ax.set_ylabel("residual ‖λ_t − λ_{t−1}‖")
-    ax.set_title("inner loop: fixed-point residuals on held-out data", fontsize=11)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    paths.append(os.path.join(folder, "residuals.png"))
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-    return paths
+#: Laplace draws cost one Hessian-vector product per slot coordinate: above this many
+#: coordinates per datapoint, ``draws="auto"`` keeps the point estimates only.
+MAX_LAPLACE_COORDINATES = 128
+DRAWS = ("auto", "point", "laplace", "guide")
 
 
 def diagnose(
-    checkpoint, out: str | None = None, num: int = 64, inner_steps: int | None = None, echo=print
+    checkpoint,
+    out: str | None = None,
+    num: int = 64,
+    inner_steps: int | None = None,
+    restarts: int = 4,
+    draws: str = "auto",
 ) -> str:
     """Write the diagnostics report of ``checkpoint`` into ``out``; returns the folder.
 
@@ -84,26 +35,50 @@ def diagnose(
     :param str out: the report folder (default: ``diagnostics`` next to the checkpoint).
     :param int num: held-out datapoints.
     :param int inner_steps: inner steps (default: as in training).
+    :param int restarts: independent restarts per datapoint (chains for R-hat).
+    :param str draws: posterior draws of the report, one of :data:`DRAWS`; ``"auto"`` lets
+        :func:`~pyro_slots.diagnostics.write_report` choose unless the slots have more than
+        :data:`MAX_LAPLACE_COORDINATES` coordinates per datapoint (then ``"point"``).
     """
+    if draws not in DRAWS:
+        raise ConfigError(f"draws: unknown kind {draws!r}; valid choices are {list(DRAWS)}")
+    from pyro_slots.diagnostics import write_report
+
     path = checkpoint_path(checkpoint)
     run = load_run(path)
     folder = out or os.path.join(os.path.dirname(os.path.abspath(path)), "diagnostics")
-    write_report = _diagnostics_writer()
-    if write_report is None:
-        echo(
-            "pyro_slots.diagnostics is not installed: writing the basic report (ELBO "
-            "trajectories and residuals of the inner loop) only"
-        )
-        write_basic_report(folder, run, inner_steps, num)
-        return folder
-    x = run.components.stream.held_out(num).x
+    c = run.components
+    x = c.stream.held_out(num).x
+    inner = c.inner
+    if c.init is not None:
+        # write_report has no init argument: refine falls back to the rule's own slot_init, so
+        # hand the trained initializer to the rule (this run's copy only) to diagnose the
+        # inference the run was trained with rather than k-means++.
+        inner.slot_init = c.init
+    if draws == "auto":
+        large = c.model.slot_dim * run.config.num_slots > MAX_LAPLACE_COORDINATES
+        draws = "point" if large else None
     write_report(
         folder,
-        run.components.model,
+        c.model,
         x,
-        run.components.inner,
+        inner,
+        num_restarts=restarts,
+        draws=draws,
         num_slots=run.config.num_slots,
         num_steps=inner_steps or run.config.inner_steps,
         seed=run.config.seed,
+        image_shape=_measurement_grid(c.model),
     )
     return folder
+
+
+def _measurement_grid(model) -> tuple[int, int] | None:
+    """``(H, W)`` of an image model's measurements (pixels or encoder positions), else None."""
+    encoder = getattr(model, "encoder", None)
+    grid = getattr(encoder, "output_resolution", None)
+    if grid is None and hasattr(model, "image_size"):
+        grid = model.image_size
+    if grid is None or model.num_measurements != grid[0] * grid[1]:
+        return None
+    return tuple(grid)

@@ -88,11 +88,14 @@ def test_evaluate_table_and_pictures(gmm_run, cli, tmp_path):
 
 def test_diagnose_writes_report(gmm_run, cli, tmp_path):
     out = tmp_path / "report"
-    proc = cli("diagnose", gmm_run, "--out", out, "--num", 3, "--threads", 1)
+    proc = cli("diagnose", gmm_run, "--out", out, "--num", 3, "--restarts", 2, "--threads", 1)
     assert str(out) in proc.stdout
     names = {p.name for p in out.iterdir()}
-    assert "elbo_trajectories.png" in names or "inner_elbo.png" in names
-    assert names & {"report.md", "inner_loop.json"}
+    assert {"report.md", "summary.csv", "inference_data.nc", "elbo_trajectories.png"} <= names
+    report = (out / "report.md").read_text()
+    assert "datapoints: 3, restarts (chains): 2, inner steps: 5" in report
+    # The trained slot initialization is the one diagnosed (not k-means++).
+    assert "GaussianInit" in report
 
 
 def test_demo_gmm_prints_loglik_and_pictures(cli, tmp_path):
