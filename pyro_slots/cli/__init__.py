@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="CPU threads of torch (default: torch's choice; 1 is fastest on a busy machine; "
-        "a bit-identical resume needs the same number as the first run)",
+        help="CPU threads of torch (default: 1 for demo, torch's choice otherwise; 1 is fastest "
+        "on a busy machine; a bit-identical resume needs the same number as the first run)",
     )
 
     train = sub.add_parser(
@@ -285,12 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``pyro-slots`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
+    threads = args.threads
+    if threads is None and args.command == "demo":
+        # One thread per process: on a busy machine two intra-op threads spin against each
+        # other and run several times slower than one; on an idle one the loss is modest.
+        threads = 1
+    if threads is not None:
+        if threads < 1:
+            parser.error(f"--threads: expected an integer >= 1, got {threads}")
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, CheckpointError) as error:

@@ -365,6 +365,14 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise ConfigError("slot_dim: gmm slots are its components' parameters; leave it unset")
     elif slot_dim is None:
         slot_dim = SLOT_DIMS[config.model]
+    if config.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "tensorboard: the tensorboard package is not installed (pip install "
+                "tensorboard); run without --tensorboard"
+            ) from None
     if config.warmup_steps < 0:
         raise ConfigError(f"warmup_steps: expected an integer >= 0, got {config.warmup_steps}")
     if config.iteration_weights not in ITERATION_WEIGHTS:

@@ -217,14 +217,9 @@ class _Logger:
         self.file = open(os.path.join(out, METRICS_NAME), "a")  # noqa: SIM115 - closed in close()
         self.writer = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                self.file.close()
-                raise ConfigError(
-                    "tensorboard: the tensorboard package is not installed "
-                    "(pip install tensorboard), run without --tensorboard"
-                ) from None
+            # Checked by resolve(): the package is installed.
+            from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(os.path.join(out, "tensorboard"))
 
     def log(self, record: dict) -> None:

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,3 +136,22 @@ def test_save_is_atomic_and_weights_only(tmp_path):
     assert torch.load(path, weights_only=True)["w"].sum() == 3  # the old file is intact
     with pytest.raises(CheckpointError, match="unknown checkpoint format"):
         load_checkpoint(path)
+
+
+def test_resume_extends_a_finished_run(gmm_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(gmm_run, run)
+    assert main(["train", "--resume", str(run), "--steps", "8", "--no-progress"]) == 0
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 8
+    steps = [json.loads(line)["step"] for line in _train_lines(run)]
+    assert steps == list(range(1, 9))
+
+
+def test_time_limit_stops_with_a_resumable_checkpoint(tmp_path):
+    from pyro_slots.cli.config import TrainConfig
+    from pyro_slots.cli.train import train
+
+    config = TrainConfig(steps=50, batch_size=2, num_points=10, eval_every=0, out=str(tmp_path))
+    run = train(config, progress=False, pictures=False, time_limit=0.0, echo=lambda *a: None)
+    assert run.step == 1
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1

@@ -97,6 +97,18 @@ def test_bad_options_are_refused_before_training(argv, expected, capsys, tmp_pat
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_tensorboard_without_the_package(tmp_path, capsys):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorboard is installed")
+    err = _error(["train", "--tensorboard", "--out", str(tmp_path / "run")], capsys)
+    assert "pip install tensorboard" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_config_file_keys(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("stepz: 3\n")
