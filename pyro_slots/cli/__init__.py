@@ -196,17 +196,16 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.config is not None:
             raise ConfigError("--config: a resumed run keeps its saved configuration")
-        fixed = sorted(set(flags) - set(RESUMABLE) - {"out"})
+        fixed = sorted(set(flags) - set(RESUMABLE))
         if fixed:
             raise ConfigError(
                 f"--resume: cannot change {', '.join('--' + n.replace('_', '-') for n in fixed)}"
                 f" of a saved run; only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)}"
                 " may change"
             )
-        overrides = {k: v for k, v in flags.items() if k != "out"}
         run = train(
             resume=args.resume,
-            overrides=overrides,
+            overrides=flags,
             progress=not args.no_progress,
             pictures=not args.no_pictures,
         )
@@ -239,7 +238,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run, format_table, write_pictures
     from .train import load_run
 
-    run = load_run(args.checkpoint)
+    run = load_run(args.checkpoint, {"tensorboard": False})
     metrics = evaluate_run(run, num=args.num, inner_steps=args.inner_steps)
     if args.json:
         print(json.dumps(metrics, indent=2))

@@ -45,7 +45,7 @@ def diagnose(
     from pyro_slots.diagnostics import write_report
 
     path = checkpoint_path(checkpoint)
-    run = load_run(path)
+    run = load_run(path, {"tensorboard": False})
     folder = out or os.path.join(os.path.dirname(os.path.abspath(path)), "diagnostics")
     c = run.components
     x = c.stream.held_out(num).x

@@ -142,6 +142,9 @@ def config_from_checkpoint(payload: dict, path: str) -> TrainConfig:
 def load_run(path: str | os.PathLike, overrides: dict | None = None) -> TrainRun:
     """Rebuild a run from a checkpoint, with every state restored.
 
+    The run's folder (``config.out``) becomes the checkpoint's folder, wherever the run was
+    first written.
+
     :param path: a checkpoint file or a folder holding ``checkpoint.pt``.
     :param dict overrides: configuration fields to change (e.g. ``steps``) before rebuilding.
     :raises CheckpointError: for an unreadable checkpoint or one whose states do not fit.
@@ -149,8 +152,8 @@ def load_run(path: str | os.PathLike, overrides: dict | None = None) -> TrainRun
     path = checkpoint_path(path)
     payload = load_checkpoint(path)
     config = config_from_checkpoint(payload, path)
-    if overrides:
-        config = TrainConfig(**{**config.to_dict(), **overrides})
+    overrides = {**(overrides or {}), "out": os.path.dirname(os.path.abspath(path))}
+    config = TrainConfig(**{**config.to_dict(), **overrides})
     config = resolve(config)
     run = _new_run(config)
     c = run.components
@@ -319,7 +322,6 @@ def train(
         raise ConfigError("time_limit: not supported with several processes (ranks would differ)")
     if resume is not None:
         run = load_run(resume, overrides)
-        run.config.out = os.fspath(resume) if os.path.isdir(resume) else os.path.dirname(resume)
         if main_rank:
             _truncate_metrics(os.path.join(run.config.out, METRICS_NAME), run.step)
             echo(f"resuming {checkpoint_path(resume)} at step {run.step} of {run.config.steps}")
