@@ -9,7 +9,8 @@ Subcommands::
     pyro-slots demo [--model auto|gmm|slot-autoencoder] [--steps N]
 
 User errors (unknown names, incompatible options, unreadable checkpoints or config files) print
-one line ``pyro-slots: error: ...`` and exit with status 2, as :mod:`argparse` does.
+one line ``pyro-slots: error: ...`` and exit with status 2, as :mod:`argparse` does; a training
+run that diverges (non-finite J, ELBO or gradient) prints one line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from pyro_slots.checkpoint import CheckpointError
 
 from .config import ConfigError, TrainConfig
+from .train import TrainingError
 
 __all__ = ["build_parser", "main"]
 
@@ -300,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as error:
         print(f"pyro-slots: error: {error}", file=sys.stderr)
         return 2
+    except TrainingError as error:
+        print(f"pyro-slots: training failed: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pyro-slots: interrupted", file=sys.stderr)
         return 130

@@ -3,8 +3,9 @@
 For ``gmm`` the slots of every held-out point set are refined with the trained rule and
 initialization, and the fit is compared with the set's true mixture: log-likelihood per point
 of the fit and of the true parameters, ARI of the responsibilities against the true
-assignments, and a reference fit (k-means++ then 100 EM steps). For image models: FG-ARI, ARI,
-reconstruction MSE and the inner ELBO.
+assignments, and a reference fit (k-means++ then 100 EM steps). For image models: FG-ARI,
+ARI, mean IoU of the Hungarian-matched objects, reconstruction MSE and the inner ELBO; the
+segmentation is every pixel's most probable slot under the decoder's masks.
 """
 
 from __future__ import annotations
@@ -113,13 +114,14 @@ def decode(model, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _image_metrics(run: TrainRun, inference: Inference, reference: bool = False) -> dict:
-    from pyro_slots.metrics import ari, fg_ari, reconstruction_mse
+    from pyro_slots.metrics import ari, fg_ari, mean_iou, reconstruction_mse
 
     x, truth, result = inference.batch.x, inference.batch.truth, inference.result
     recon, _, masks = decode(run.components.model, result)
     return {
         "fg_ari": _mean(fg_ari(truth["mask"], masks)),
         "ari": _mean(ari(truth["mask"], masks)),
+        "mean_iou": _mean(mean_iou(truth["mask"], masks)),
         "mse": _mean(reconstruction_mse(x, recon)),
         "elbo": _mean(result.elbo),
         "elbo_per_pixel": _mean(result.elbo) / result.x_enc.shape[1],

@@ -34,6 +34,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "METRICS_NAME",
     "TrainRun",
+    "TrainingError",
     "checkpoint_path",
     "config_from_checkpoint",
     "load_run",
@@ -44,6 +45,10 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on a non-finite objective, ELBO or gradient."""
 
 
 @dataclass
@@ -349,7 +354,14 @@ def train(
     try:
         while run.step < config.steps:
             batch = stream.batch(run.step)
-            loss = run.svi.step(batch.x)
+            try:
+                loss = run.svi.step(batch.x)
+            except FloatingPointError as error:  # InnerLoopError too: NaN ELBO, J or gradient
+                first = (str(error).splitlines() or [type(error).__name__])[0]
+                raise TrainingError(
+                    f"update {run.step + 1} diverged: {first}; {config.out} keeps the last "
+                    "checkpoint, if any (lower --lr or --step-size, or set --clip-norm)"
+                ) from None
             run.step += 1
             _set_learning_rate(run.svi, learning_rate(config, run.step))
             elbo, per_measurement = _inner_elbo(run.svi)

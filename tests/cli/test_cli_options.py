@@ -127,3 +127,11 @@ def test_existing_run_is_not_overwritten(gmm_run, capsys):
 def test_resume_refuses_changed_options(gmm_run, capsys):
     err = _error(["train", "--resume", str(gmm_run), "--lr", "0.1"], capsys)
     assert "cannot change --lr" in err
+
+
+def test_divergence_is_one_line_and_exit_1(tmp_path, capsys):
+    argv = ["train", "--inner", "gradient", "--step-size", "1e6", "--steps", "2", "--batch-size",
+            "2", "--num-points", "10", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pyro-slots: training failed: update 1 diverged") and err.count("\n") == 1
