@@ -350,6 +350,13 @@ class NestedSVI:
         """
         params = self.parameters()
         loss = self.loss(x, *targets)
+        if not loss.requires_grad:
+            raise ValueError(
+                f"NestedSVI: the task objective does not depend on any shared weight under "
+                f"gradient={self.gradient!r} (e.g. the differentiated steps are closed-form "
+                "steps of a model without trainable weights); use gradient='unrolled' or a rule "
+                "with weights"
+            )
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         if self.distributed:
             loss, grads = self._all_reduce_mean(loss, grads, params)

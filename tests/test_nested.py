@@ -245,3 +245,22 @@ def test_implicit_falls_back_with_warning_when_adjoint_diverges(float64):
     g_fo = torch.autograd.grad(_loss_at(svi_fo, x), model.encoder.weight)[0]
     assert torch.allclose(g_impl, g_fo, atol=1e-10)
     assert svi.implicit.num_fallbacks == 1
+
+
+def test_evaluate_loss_with_negative_elbo_needs_no_gradients(float64):
+    x, _ = make_point_sets(3, 20, seed=11)
+    model = _model()
+    svi = _svi(model, EM(3), objective=NegativeELBO())
+    value = svi.evaluate_loss(x)
+    svi.generator.manual_seed(0)
+    expected = -ps.per_datapoint_elbo(model, model.encode(x), svi.last_result.slots).mean()
+    assert value == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_objective_without_trainable_dependence_is_reported():
+    x, _ = make_point_sets(2, 20, seed=12)
+    svi = ps.NestedSVI(
+        GaussianMixture(3, 2), EM(3), NegativeELBO(), pyro.optim.Adam({}), gradient="first_order"
+    )
+    with pytest.raises(ValueError, match="gradient='first_order'"):
+        svi.step(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from pyro.infer import TraceEnum_ELBO
 
 from ..validation import check_positive_int
@@ -34,5 +35,18 @@ class NegativeELBO(Objective):
                 vectorize_particles=self.num_particles > 1,
                 strict_enumeration_warning=False,
             )
-        loss = self._elbo.differentiable_loss(model.model, model.guide, x_enc, slots)
+        if torch.is_grad_enabled():
+            try:
+                loss = self._elbo.differentiable_loss(model.model, model.guide, x_enc, slots)
+            except ValueError as e:
+                # Pyro refuses to differentiate an ELBO that depends on nothing trainable;
+                # NestedSVI reports that case itself, naming the gradient mode.
+                if "cannot be differentiated" not in str(e):
+                    raise
+                loss = None
+        else:
+            loss = None
+        if loss is None:
+            value = self._elbo.loss(model.model, model.guide, x_enc, slots)
+            loss = torch.as_tensor(value, dtype=x_enc.dtype, device=x_enc.device)
         return (loss / x_enc.shape[0]).expand(x_enc.shape[0])
