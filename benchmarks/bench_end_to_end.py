@@ -1,0 +1,118 @@
+"""Training throughput of the Slot Attention autoencoder (issue 9, target 5).
+
+``NestedSVI.step`` of :class:`~pyro_slots.models.SlotAutoencoder` (CPU-sized networks) with
+the :class:`~pyro_slots.inner.SlotAttention` rule (T = 3, unrolled gradients, reconstruction
+objective, Adam), as ``examples/train_objects.py`` trains it, on 64×64 ``shapes`` and on 35×35
+``tetrominoes``. The scenes are generated before the clock starts; images/s counts outer steps
+only. The wall time to FG-ARI 0.9 on tetrominoes is quoted from ``examples/results/objects.md``
+(written by the training example), not retrained here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+
+import pyro.optim
+import torch
+from pyro_slots.models import SlotAutoencoder
+
+import pyro_slots as ps
+from benchmarks.common import markdown_table, write_result
+from pyro_slots.data import generate_shapes, generate_tetrominoes
+from pyro_slots.inner import SlotAttention
+from pyro_slots.objectives import Reconstruction
+
+OBJECTS = Path(__file__).resolve().parents[1] / "examples" / "results" / "objects.md"
+DATASETS = {
+    "shapes 64×64": (generate_shapes, 6),  # up to 5 objects + background
+    "tetrominoes 35×35": (generate_tetrominoes, 4),  # 3 pieces + background
+}
+
+
+def throughput(generate, num_slots, args) -> tuple[float, float]:
+    """``(images/s, ms per step)`` from the median step time."""
+    torch.manual_seed(0)
+    data = generate(args.batch * (args.steps + args.warmup), seed=0)["image"]
+    model = SlotAutoencoder(image_size=data.shape[-1], num_slots=num_slots)
+    rule = SlotAttention(
+        args.num_iterations,
+        slot_dim=model.slot_dim,
+        input_dim=model.feature_dim,
+        hidden_dim=model.slot_dim,
+        encoder=False,
+    )
+    svi = ps.NestedSVI(model, rule, Reconstruction(), pyro.optim.Adam({"lr": 4e-4}), seed=0)
+    batches = data.split(args.batch)
+    for x in batches[: args.warmup]:
+        svi.step(x)
+    times = []
+    for x in batches[args.warmup :]:
+        start = time.perf_counter()
+        svi.step(x)
+        times.append(time.perf_counter() - start)
+    step = sorted(times)[len(times) // 2]
+    return args.batch / step, 1e3 * step
+
+
+def wall_time_to_fg_ari() -> str:
+    """The sentence of ``examples/results/objects.md`` reporting time to FG-ARI 0.9, if any."""
+    if not OBJECTS.exists():
+        return (
+            f"`{OBJECTS.relative_to(OBJECTS.parents[2])}` does not exist yet (the tetrominoes "
+            "training run had not written it when this benchmark ran): wall time to FG-ARI 0.9 "
+            "not reported."
+        )
+    text = OBJECTS.read_text()
+    hits = [line.strip() for line in text.splitlines() if re.search(r"0\.9\b", line)]
+    source = OBJECTS.relative_to(OBJECTS.parents[2])
+    if not hits:
+        return f"`{source}` reports no time to FG-ARI 0.9."
+    return f"From `{source}`:\n\n" + "\n".join(f"> {h}" for h in hits[:6])
+
+
+def run(args) -> str:
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name, (generate, num_slots) in DATASETS.items():
+        images_per_s, ms = throughput(generate, num_slots, args)
+        rows.append([name, num_slots, args.batch, ms, images_per_s])
+    table = markdown_table(["dataset", "K", "batch", "ms / outer step", "images / s"], rows)
+    return (
+        f"SlotAutoencoder (CPU size) + SlotAttention rule, T = {args.num_iterations}, unrolled "
+        f"gradients, reconstruction J, Adam; median over {args.steps} steps after "
+        f"{args.warmup} warm-up steps.\n\n{table}\n\n"
+        f"**Wall time to FG-ARI 0.9 on tetrominoes.** {wall_time_to_fg_ari()}"
+    )
+
+
+def main(args):
+    body = run(args)
+    print(body)
+    if not args.quick:  # quick numbers would overwrite the real ones
+        write_result("end_to_end", "Training throughput of the Slot Attention autoencoder", body)
+    return body
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--num-iterations", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    return p
+
+
+def parse(argv=None):
+    args = parser().parse_args(argv)
+    if args.quick:
+        args.batch, args.steps, args.warmup = 2, 2, 1
+    return args
+
+
+if __name__ == "__main__":
+    main(parse())

@@ -1,0 +1,193 @@
+"""SlotAttention rule vs the ``slot-attention`` package (lucidrains, 1.5.x) (issue 9, target 2).
+
+Forward + backward of three slot-attention iterations, 7 slots, inputs of dim 64, in
+samples/s, at batch 32 x 4096 inputs and batch 64 x 1024 inputs:
+
+* ``slot-attention`` — ``slot_attention.SlotAttention(7, 64, iters=3)`` from PyPI;
+* ``SlotAttention rule, step only`` — three :meth:`SlotAttention.step` calls of our rule with
+  the paper's sizes (``encoder=False``, hidden 64, MLP 128, one head), on an
+  :class:`~pyro_slots.inner.InnerProblem` whose ELBO is a stub: the update alone;
+* ``SlotAttention rule + Pyro ELBO`` — the same, with the history ELBO that ``step`` records at
+  every iteration computed by the library from a Pyro program (the inner mixture of
+  :class:`~pyro_slots.models.SlotAutoencoder`, under ``no_grad``), as in training.
+
+Both sides draw the initial slots from a learned Gaussian and backpropagate
+``mean(slots ** 2)`` into every weight and the inputs. Each allocator setting runs in a fresh
+subprocess (``mallopt`` is process-wide): glibc's defaults, and
+:func:`pyro_slots._allocator.tune_allocator`. Within one subprocess the implementations are
+interleaved, repeat by repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import markdown_table, median_time, write_result
+
+NUM_SLOTS, DIM, ITERS = 7, 64, 3
+SIZES = ((32, 4096), (64, 1024))
+TARGETS = {(32, 4096): 1.5, (64, 1024): 1.3}
+IMPLS = ("slot-attention", "SlotAttention rule, step only", "SlotAttention rule + Pyro ELBO")
+
+
+def _zero_elbo(model, x, slots):
+    return x.new_zeros(x.shape[0])
+
+
+def build(impl: str):
+    """A function ``inputs -> loss`` for one implementation, and its modules."""
+    if impl == "slot-attention":
+        from slot_attention import SlotAttention as Reference
+
+        module = Reference(NUM_SLOTS, DIM, iters=ITERS, hidden_dim=2 * DIM)
+        return (lambda inputs: module(inputs).square().mean()), [module]
+
+    from pyro_slots.models import SlotAutoencoder
+
+    from pyro_slots.init import GaussianInit
+    from pyro_slots.inner import InnerProblem, SlotAttention
+
+    rule = SlotAttention(
+        ITERS, slot_dim=DIM, input_dim=DIM, hidden_dim=DIM, encoder=False, mlp_hidden_dim=2 * DIM
+    )
+    init = GaussianInit(DIM)
+    model = SlotAutoencoder(image_size=8, feature_dim=DIM)  # only its inner mixture is used
+    estimator = _zero_elbo if impl == "SlotAttention rule, step only" else None
+
+    def loss(inputs):
+        problem = InnerProblem(model, inputs, estimator)
+        state = rule.init(problem, init(inputs.shape[0], NUM_SLOTS))
+        for _ in range(ITERS):
+            state, _ = rule.step(state, problem)
+        return state.slots.square().mean()
+
+    return loss, [rule, init]
+
+
+def worker(args) -> dict:
+    """Runs in the subprocess: samples/s of every implementation at one size."""
+    torch.set_num_threads(args.threads)
+    tuned = False
+    if args.tune:
+        from pyro_slots._allocator import tune_allocator
+
+        tuned = tune_allocator()
+    torch.manual_seed(0)
+    inputs = torch.randn(args.batch, args.num_inputs, DIM, requires_grad=True)
+    fns = {}
+    for impl in args.impls:
+        loss_fn, modules = build(impl)
+
+        def step(loss_fn=loss_fn, modules=modules):
+            for m in modules:
+                m.zero_grad(set_to_none=True)
+            inputs.grad = None
+            loss_fn(inputs).backward()
+
+        fns[impl] = step
+    times = {impl: [] for impl in fns}
+    for fn in fns.values():
+        median_time(fn, 1, 1)  # warm-up
+    for _ in range(args.repeats):
+        for impl, fn in fns.items():
+            times[impl].append(median_time(fn, 1, 0))
+    return {
+        "tuned": tuned,
+        "samples_per_s": {k: args.batch / sorted(v)[len(v) // 2] for k, v in times.items()},
+    }
+
+
+def _run_worker(batch, num_inputs, tune, args) -> dict:
+    cmd = [
+        sys.executable, "-m", "benchmarks.bench_slot_attention", "--worker",
+        "--batch", str(batch), "--num-inputs", str(num_inputs),
+        "--repeats", str(args.repeats), "--threads", str(args.threads),
+        "--impls", *IMPLS,
+    ]  # fmt: skip
+    if tune:
+        cmd.append("--tune")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> str:
+    try:
+        import slot_attention  # noqa: F401
+    except ImportError:
+        return (
+            "The `slot-attention` package is not installed (`pip install slot-attention`); "
+            "the comparison was not run."
+        )
+    sizes = [(2, 256)] if args.quick else SIZES
+    rows, verdicts = [], []
+    for batch, num_inputs in sizes:
+        res = {tune: _run_worker(batch, num_inputs, tune, args) for tune in (False, True)}
+        ref = res[False]["samples_per_s"]["slot-attention"]
+        for tune in (False, True):
+            label = "tune_allocator()" if tune else "glibc defaults"
+            if tune and not res[True]["tuned"]:
+                label += " (not applied: not glibc)"
+            for impl, sps in res[tune]["samples_per_s"].items():
+                rows.append([f"{batch} × {num_inputs}", label, impl, sps, sps / ref])
+        target = TARGETS.get((batch, num_inputs), 1.5)
+        pkg = {t: res[t]["samples_per_s"]["slot-attention"] for t in (False, True)}
+        for impl in IMPLS[1:]:
+            ours = {t: res[t]["samples_per_s"][impl] for t in (False, True)}
+            ratio = ours[True] / pkg[False]
+            verdicts.append(
+                f"- {batch} × {num_inputs}, {impl}: tuned {ratio:.2f}× the package as it comes "
+                f"(target ≥ {target}×: {'met' if ratio >= target else 'NOT met'}); "
+                f"algorithm alone, both at glibc defaults: {ours[False] / pkg[False]:.2f}×; "
+                f"both tuned: {ours[True] / pkg[True]:.2f}×"
+            )
+    table = markdown_table(
+        ["batch × inputs", "allocator", "implementation", "samples/s", "× package (defaults)"],
+        rows,
+    )
+    return (
+        f"Forward + backward, {ITERS} iterations, {NUM_SLOTS} slots, dim {DIM}, float32, "
+        f"torch threads {args.threads}; median of {args.repeats} interleaved repeats per fresh "
+        f"process.\n\n{table}\n\n" + "\n".join(verdicts)
+    )
+
+
+def main(args):
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return None
+    body = run(args)
+    print(body)
+    if not args.quick:  # quick numbers would overwrite the real ones
+        write_result("slot_attention", "SlotAttention rule vs the slot-attention package", body)
+    return body
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
+    p.add_argument("--num-inputs", type=int, default=4096, help=argparse.SUPPRESS)
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), help=argparse.SUPPRESS)
+    return p
+
+
+def parse(argv=None):
+    args = parser().parse_args(argv)
+    if args.quick:
+        args.repeats = min(args.repeats, 2)
+    return args
+
+
+if __name__ == "__main__":
+    main(parse())
