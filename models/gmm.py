@@ -38,6 +38,8 @@ class GaussianMixture(SlotModel):
     :param torch.nn.Module encoder: optional shared pre-processing ``w_e`` applied to the last
         dimension of ``x`` (e.g. ``nn.Linear(dim_in, dim)``); identity by default.
     :param float reg_covar: variance added in the M-step (as in scikit-learn), >= 0.
+    :param int init_lloyd_steps: hard k-means iterations after the k-means++ seeding of
+        :meth:`init_slots` (0 keeps the bare seeds: cheaper, e.g. before a learned rule).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class GaussianMixture(SlotModel):
         encoder: nn.Module | None = None,
         input_dim: int | None = None,
         reg_covar: float = 1e-6,
+        init_lloyd_steps: int = 10,
     ):
         dim = check_positive_int(dim, "dim")
         super().__init__(SlotSpec({"loc": (dim,), "log_scale": (dim,), "logit": ()}), dim)
@@ -58,6 +61,7 @@ class GaussianMixture(SlotModel):
         if encoder is None and self.input_dim != dim:
             raise ValueError(f"input_dim: {input_dim} differs from dim {dim} but no encoder given")
         self.reg_covar = check_positive_float(reg_covar, "reg_covar", allow_zero=True)
+        self.init_lloyd_steps = check_positive_int(init_lloyd_steps, "init_lloyd_steps", minimum=0)
 
     # ------------------------------------------------------------------ Pyro program
     def encode(self, x):
@@ -152,7 +156,9 @@ class GaussianMixture(SlotModel):
         return torch.einsum("bkm,bkd->bmd", self.responsibilities(x, slots), loc)
 
     def init_slots(self, x, num_slots, generator=None):
-        return kmeans_plus_plus(self, x, num_slots, generator=generator)
+        return kmeans_plus_plus(
+            self, x, num_slots, generator=generator, lloyd_steps=self.init_lloyd_steps
+        )
 
 
 def kmeans_plus_plus(

@@ -97,8 +97,8 @@ def _detach_state(state: InnerState) -> InnerState:
     )
 
 
-def _check_elbo(elbo: torch.Tensor, step: int):
-    bad = ~torch.isfinite(elbo)
+def _check_elbo(elbo: torch.Tensor, step: int, recorded: bool = True):
+    bad = ~torch.isfinite(elbo) if recorded else elbo.isinf()
     if bad.any():
         idx = bad.nonzero().flatten()[:8].tolist()
         raise InnerLoopError(
@@ -155,6 +155,7 @@ def run_inner(
     elbo_tol: float | None = None,
     keep_trajectory: bool = False,
     estimator: PerDatapointELBO | None = None,
+    record_history: bool = True,
 ) -> RefineResult:
     """Run ``num_steps`` steps of ``inner`` from ``slots``; the one loop of the library.
 
@@ -165,8 +166,8 @@ def run_inner(
     ``implicit`` (a callable ``(out, lam) -> out``) wraps one final differentiable step from the
     detached fixed point, for implicit differentiation (see :mod:`pyro_slots.nested`).
     """
-    problem_graph = InnerProblem(model, x_enc, estimator)
-    problem_free = InnerProblem(model, x_enc.detach(), estimator)
+    problem_graph = InnerProblem(model, x_enc, estimator, record_history)
+    problem_free = InnerProblem(model, x_enc.detach(), estimator, record_history)
     state = inner.init(problem_graph if backprop_steps >= num_steps else problem_free, slots)
     start_slots = state.slots
     history, residuals, relres = [], [], []
@@ -179,7 +180,7 @@ def run_inner(
         if not in_graph:
             state = _detach_state(state)
         new_state, info = _guarded_step(inner, state, problem_graph, problem_free, in_graph, t)
-        _check_elbo(info.elbo, t)
+        _check_elbo(info.elbo, t, record_history)
         _check_slots(new_state.slots, t)
         with torch.no_grad():
             delta = (new_state.slots - state.slots).flatten(1).norm(dim=1)
@@ -206,7 +207,7 @@ def run_inner(
         lam = state.slots.detach().requires_grad_()
         fixed = InnerState(lam, state.step, tuple(a.detach() for a in state.aux))
         new_state, info = inner.step(fixed, problem_graph, create_graph=True)
-        _check_elbo(info.elbo, t)
+        _check_elbo(info.elbo, t, record_history)
         with torch.no_grad():
             delta = (new_state.slots - lam).flatten(1).norm(dim=1)
             residuals.append(delta)
@@ -265,6 +266,7 @@ def refine(
     elbo_tol: float | None = None,
     keep_trajectory: bool = False,
     estimator: PerDatapointELBO | None = None,
+    record_history: bool = True,
 ) -> RefineResult:
     """Run the inner loop alone: maximize every datapoint's ELBO over its slots.
 
@@ -291,6 +293,10 @@ def refine(
     :param float elbo_tol: stop early once every datapoint's ELBO changed by less than
         ``elbo_tol`` per measurement in one step (scikit-learn's criterion for EM).
     :param bool keep_trajectory: keep λ_t of every step in ``result.trajectory``.
+    :param bool record_history: with ``False``, rules whose update does not need the ELBO
+        (slot attention) skip evaluating it at every step: ``history`` is NaN for those steps
+        (its last row, the final ELBO, is always computed). Saves one model evaluation per
+        step at test time.
     :returns: a :class:`RefineResult`.
     """
     if not isinstance(inner, InnerRule):
@@ -341,6 +347,7 @@ def refine(
         elbo_tol=elbo_tol,
         keep_trajectory=keep_trajectory,
         estimator=estimator,
+        record_history=record_history,
     )
     result.slots = result.slots.detach()
     result.trajectory = [s.detach() for s in result.trajectory]

@@ -51,16 +51,36 @@ class InnerProblem:
     :param SlotModel model: the slot model.
     :param torch.Tensor x: encoded measurements ``(batch, M, features)``.
     :param PerDatapointELBO estimator: how the ELBO is computed (Pyro traces by default).
+    :param bool record_history: whether rules that do not need the ELBO for their update
+        still evaluate it at every step for the history (see :meth:`history_elbo`).
     """
 
-    def __init__(self, model, x: torch.Tensor, estimator: PerDatapointELBO | None = None):
+    def __init__(
+        self,
+        model,
+        x: torch.Tensor,
+        estimator: PerDatapointELBO | None = None,
+        record_history: bool = True,
+    ):
         self.model = model
         self.x = x
         self.estimator = estimator or PerDatapointELBO()
+        self.record_history = bool(record_history)
 
     def elbo(self, slots: torch.Tensor) -> torch.Tensor:
         """ELBO of every datapoint, ``(batch,)``, differentiable in slots and weights."""
         return self.estimator(self.model, self.x, slots)
+
+    def history_elbo(self, slots: torch.Tensor) -> torch.Tensor:
+        """``L(λ_t)`` for the history only (detached), or NaNs when the history is off.
+
+        Rules whose update does not use the ELBO (e.g. slot attention) call this, so that
+        ``refine(..., record_history=False)`` saves one model evaluation per step.
+        """
+        if not self.record_history:
+            return torch.full(self.x.shape[:1], float("nan"), dtype=self.x.dtype)
+        with torch.no_grad():
+            return self.elbo(slots)
 
     def elbo_and_responsibilities(self, slots: torch.Tensor):
         """``(L(λ), p(z^{n,m} = k | x, λ))`` from one evaluation of the Pyro program.

@@ -171,8 +171,7 @@ class SlotAttention(InnerRule):
         slots, x = state.slots, problem.x
         self._check_shapes(x, slots)
         # The ELBO at λ_t is only a diagnostic (the history); no graph is needed for it.
-        with torch.no_grad():
-            elbo = problem.elbo(slots)
+        elbo = problem.history_elbo(slots)
         s = state.aux[0] + self.embed(slots) if self.translate else slots
         attn, updates = self.attend(s, self.normalized_inputs(problem))
         batch, num_slots, d = s.shape
