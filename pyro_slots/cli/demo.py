@@ -52,8 +52,8 @@ def demo_config(model: str, steps: int | None, out: str, seed: int) -> TrainConf
         )
     # The CPU-sized SlotAutoencoder (64-dimensional features and slots, stride-2 encoder,
     # quarter-resolution decoder) with the paper's learning rate and a 500-step warm-up: the
-    # pieces separate after about 500 updates (held-out FG-ARI about 0.8 after 750 updates in
-    # examples/train_objects.py with these settings).
+    # pieces separate after about 500 updates. Measured on a busy 2-core machine, one thread:
+    # 1053 updates in the 9 minutes, held-out FG-ARI 0.69 / 0.79 / 0.79 after 500 / 750 / 1000.
     return TrainConfig(
         model="slot-autoencoder",
         inner="slot-attention",

@@ -124,7 +124,7 @@ def _image_metrics(run: TrainRun, inference: Inference, reference: bool = False)
         "mean_iou": _mean(mean_iou(truth["mask"], masks)),
         "mse": _mean(reconstruction_mse(x, recon)),
         "elbo": _mean(result.elbo),
-        "elbo_per_pixel": _mean(result.elbo) / result.x_enc.shape[1],
+        "elbo_per_measurement": _mean(result.elbo) / result.x_enc.shape[1],
     }
 
 

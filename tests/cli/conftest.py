@@ -32,9 +32,9 @@ def run_cli(*args, timeout=120, check=True, **kwargs):
     return proc
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gmm_run(tmp_path_factory):
-    """A tiny gmm run (6 updates) shared by the tests of a module."""
+    """A tiny gmm run (6 updates) shared by the tests (read it, never write into it)."""
     out = tmp_path_factory.mktemp("gmm_run")
     run_cli("train", *TINY, "--out", out)
     return out

@@ -45,7 +45,7 @@ def _train_lines(folder):
 
 
 def test_sigkill_and_resume_is_bit_identical(cli, tmp_path):
-    steps = 40
+    steps = 30
     full = tmp_path / "full"
     cli(*RUN, "--steps", steps, "--out", full)
 
