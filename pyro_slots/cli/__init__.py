@@ -54,7 +54,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata["help"]
         if f.name in choices:
             help_text += f"; one of: {choices[f.name]}"
-        if f.default is not None:
+        if f.default is not None and not isinstance(f.default, bool):
             help_text += f" (default: {f.default})"
         text = str(f.type)
         if text == "bool":

@@ -69,7 +69,9 @@ class TrainConfig:
     warmup_steps: int = _opt(0, "linear learning-rate warm-up over the first N updates")
     seed: int = _opt(0, "seed of the data stream, weights and slot initializations")
     out: str | None = _opt(None, "output directory (default: runs/MODEL-INNER)", metavar="DIR")
-    num_slots: int | None = _opt(None, "slots K (default: 4 for gmm, objects + 1 for images)")
+    num_slots: int | None = _opt(
+        None, "slots K (default: --num-components for gmm, objects + 1 for images)"
+    )
     inner_steps: int | None = _opt(None, "inner steps T per datapoint (default: the rule's)")
     truncate: int = _opt(1, "steps differentiated with --gradient truncated")
     iteration_weights: str = _opt(
