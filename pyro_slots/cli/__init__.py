@@ -227,10 +227,10 @@ def _train(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
         if rank != 0:
             return 0
-    print(
-        f"trained {run.step} steps; checkpoint, metrics.jsonl, config.yaml and pictures in "
-        f"{run.config.out}"
+    written = "checkpoint.pt, metrics.jsonl, config.yaml" + (
+        "" if args.no_pictures else " and pictures"
     )
+    print(f"trained {run.step} steps; {written} in {run.config.out}")
     return 0
 
 

@@ -17,7 +17,8 @@ from pyro_slots.cli import main
 
 RUN = [
     "train", "--batch-size", "4", "--num-points", "30", "--eval-every", "4", "--eval-size", "4",
-    "--checkpoint-every", "2", "--threads", "1", "--no-progress", "--no-pictures",
+    "--checkpoint-every", "2", "--warmup-steps", "10", "--threads", "1", "--no-progress",
+    "--no-pictures",
 ]  # fmt: skip
 
 
