@@ -182,7 +182,8 @@ class SlotAttention(InnerRule):
             aux = (h,)
         else:
             new_slots, aux = h, ()
-        info = StepInfo(elbo=elbo, responsibilities=attn.mean(1).detach())
+        resp = attn[:, 0] if self.num_heads == 1 else attn.mean(1)  # no copy for one head
+        info = StepInfo(elbo=elbo, responsibilities=resp.detach())
         return InnerState(new_slots, state.step + 1, aux), info
 
     # ------------------------------------------------------------------ the update
@@ -215,18 +216,22 @@ class SlotAttention(InnerRule):
         w_k = self.to_k.weight.reshape(heads, head_dim, features)
         w_v = self.to_v.weight.reshape(heads, head_dim, features)
         n = inputs.unsqueeze(1)  # (b, 1, M, F), shared by the heads
+        # The 1/sqrt(head_dim) scale goes on the (b, h, K, ·) query, not on the logits.
+        q = q * head_dim**-0.5
         if self.fold_projections:
             q_in = torch.matmul(q, w_k)  # (b, h, K, F): the query pulled back to input space
             logits = torch.matmul(q_in, n.transpose(-1, -2))
         else:
             k = torch.matmul(n, w_k.transpose(-1, -2))  # (b, h, M, head_dim)
             logits = torch.matmul(q, k.transpose(-1, -2))
-        attn = torch.softmax(logits * head_dim**-0.5, dim=2) + self.eps  # (b, h, K, M)
-        weights = attn / attn.sum(-1, keepdim=True)
+        attn = torch.softmax(logits, dim=2) + self.eps  # (b, h, K, M)
+        # Weighted mean over the measurements: normalize the (b, h, K, ·) sums, not the
+        # attention itself -- (Σ_m a_m n_m) / Σ_m a_m, one pass over (b, h, K, M) fewer.
+        mass = attn.sum(-1, keepdim=True)
         if self.fold_projections:
-            updates = torch.matmul(torch.matmul(weights, n), w_v.transpose(-1, -2))
+            updates = torch.matmul(torch.matmul(attn, n) / mass, w_v.transpose(-1, -2))
         else:
-            updates = torch.matmul(weights, torch.matmul(n, w_v.transpose(-1, -2)))
+            updates = torch.matmul(attn, torch.matmul(n, w_v.transpose(-1, -2))) / mass
         updates = updates.transpose(1, 2).reshape(batch, num_slots, heads * head_dim)
         if self.to_out is not None:
             updates = self.to_out(updates)
