@@ -125,3 +125,27 @@ def test_divergence_is_one_line_and_exit_1(tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("pyro-slots: training failed: update 1 diverged") and err.count("\n") == 1
+
+
+COMBINATIONS = (
+    [
+        ("gmm", inner, "unrolled")
+        for inner in ("em", "soft-kmeans", "gradient", "slot-attention", "learned-gradient")
+    ]
+    + [("gmm", "slot-attention", mode) for mode in ("truncated", "first_order")]
+    + [("slot-autoencoder", inner, "unrolled") for inner in ("slot-attention", "em", "soft-kmeans")]
+    + [("iodine", "learned-gradient", "unrolled")]
+)
+
+
+@pytest.mark.parametrize("model, inner, gradient", COMBINATIONS)
+def test_every_compatible_combination_trains(model, inner, gradient, tmp_path):
+    from pyro_slots.checkpoint import load_checkpoint
+
+    argv = ["train", "--model", model, "--inner", inner, "--gradient", gradient, "--steps", "1",
+            "--batch-size", "2", "--eval-every", "0", "--out", str(tmp_path), "--no-progress",
+            "--no-pictures"]  # fmt: skip
+    argv += ["--num-points", "10"] if model == "gmm" else ["--slot-dim", "4"]
+    assert main(argv) == 0
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert (saved["step"], saved["config"]["inner"]) == (1, inner)
