@@ -129,19 +129,12 @@ def _image_metrics(run: TrainRun, inference: Inference, reference: bool = False)
 
 
 def task_objective(run: TrainRun, inference: Inference) -> torch.Tensor:
-    """The task objective J of every held-out datapoint at its refined slots, ``(batch,)``.
-
-    Evaluated with gradients enabled on a detached copy of the slots, because
-    :class:`~pyro_slots.objectives.NegativeELBO` goes through Pyro's ``differentiable_loss``,
-    which refuses to run without an autograd graph.
-    """
+    """The task objective J of every held-out datapoint at its refined slots, ``(batch,)``."""
     c = run.components
     x = inference.batch.x
     with torch.no_grad():
         x_enc = c.model.encode(x)
-    with torch.enable_grad():
-        slots = inference.result.slots.detach().requires_grad_()
-        return c.objective(c.model, x, x_enc, slots).detach()
+        return c.objective(c.model, x, x_enc, inference.result.slots)
 
 
 def metrics_of(run: TrainRun, inference: Inference, reference: bool = True) -> dict:
