@@ -31,7 +31,9 @@ def test_train_writes_checkpoint_metrics_config_and_pictures(gmm_run):
     for r in train:
         # J = -ELBO averaged over the batch, computed by Pyro's TraceEnum_ELBO on one side and by
         # the per-datapoint ELBO of the inner loop on the other, at the same final slots.
-        assert r["J"] == pytest.approx(-r["elbo"], rel=1e-4)
+        assert r["J"] == pytest.approx(-r["elbo"], rel=1e-4), (
+            "J (Pyro's TraceEnum_ELBO) and the inner loop's per-datapoint ELBO disagree"
+        )
         assert r["elbo_per_measurement"] == pytest.approx(r["elbo"] / 30, rel=1e-6)
         assert r["steps_per_s"] > 0
     payload = load_checkpoint(gmm_run / "checkpoint.pt")
@@ -59,7 +61,9 @@ def test_evaluate_json_numbers(gmm_run, cli):
     metrics = json.loads(proc.stdout)
     assert metrics["step"] == 6 and metrics["num_datapoints"] == 8
     # Assignments are enumerated exactly: the ELBO equals the log-likelihood of the fit.
-    assert metrics["loglik_per_point"] == pytest.approx(metrics["elbo_per_point"], abs=1e-4)
+    assert metrics["loglik_per_point"] == pytest.approx(metrics["elbo_per_point"], abs=1e-4), (
+        "GaussianMixture.log_joint and the per-datapoint ELBO disagree"
+    )
     assert metrics["true_loglik_per_point"] == pytest.approx(
         _true_loglik_per_point(8, 30), abs=1e-4
     )
