@@ -403,7 +403,7 @@ class NestedSVI:
         """Optimizer states keyed by parameter name, RNG state and update count."""
         names = {id(p): n for n, p in self.named_parameters()}
         optim_state = {
-            names[id(p)]: opt.state_dict()
+            names[id(p)]: _optimizer_state(opt)
             for p, opt in self.optim.optim_objs.items()
             if id(p) in names
         }
@@ -421,9 +421,27 @@ class NestedSVI:
         for name, opt_state in state["optim"].items():
             p = params[name]
             opt = self.optim._get_optim(p)
-            opt.load_state_dict(opt_state)
+            _load_optimizer_state(opt, opt_state)
             self.optim.optim_objs[p] = opt
             if self.optim.grad_clip.get(p) is None:
                 self.optim.grad_clip[p] = self.optim._get_grad_clip(p)
         self.generator.set_state(state["generator"])
         self.num_updates = int(state["num_updates"])
+
+
+def _optimizer_state(opt) -> dict:
+    """State of a per-parameter torch optimizer, or of a scheduler and its optimizer."""
+    inner = getattr(opt, "optimizer", None)
+    if inner is None:
+        return {"optimizer": opt.state_dict()}
+    return {"optimizer": inner.state_dict(), "scheduler": opt.state_dict()}
+
+
+def _load_optimizer_state(opt, state: dict) -> None:
+    inner = getattr(opt, "optimizer", None)
+    if inner is None:
+        opt.load_state_dict(state["optimizer"])
+        return
+    inner.load_state_dict(state["optimizer"])
+    if "scheduler" in state:
+        opt.load_state_dict(state["scheduler"])

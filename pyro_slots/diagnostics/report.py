@@ -38,6 +38,7 @@ def write_report(
     image_shape: tuple[int, int] | None = None,
     draws: str | None = None,
     log_likelihood: bool = False,
+    init=None,
 ) -> Path:
     """Run the diagnostics on a batch and write them to ``folder``.
 
@@ -80,6 +81,9 @@ def write_report(
     :param bool log_likelihood: store the per-measurement log-likelihood of every draw in the
         netCDF (``restarts · draws · batch · measurements`` numbers: 80 MB for 64 sets of 200
         points, hence off by default).
+    :param init: the slot initializer the model was trained with (e.g. a learned
+        :class:`~pyro_slots.GaussianInit`), passed to :func:`~pyro_slots.refine`; default the
+        rule's or the model's own.
     :returns: the path of ``report.md``.
     """
     folder = Path(folder)
@@ -93,6 +97,7 @@ def write_report(
         num_steps=num_steps,
         num_restarts=num_restarts,
         seed=seed,
+        init=init,
     )
     best = result.slots if num_restarts == 1 else _best(result.slots, result.elbo)
     with torch.no_grad():
