@@ -103,20 +103,24 @@ def bench_gmm(batch, num_points, num_slots, dim, repeats):
         "pyro_slots trace_enum": lambda lam: trace_enum(gmm, x, lam),
     }
     fns.update({name: (lambda lam, f=f: f(x, lam, dim)) for name, f in HAND_WRITTEN.items()})
-    # Same value and gradient everywhere (float32 rounding only).
-    ref_elbo, ref_grad = inner_step(fns["pyro_slots trace_enum"], slots)
+    # Every method against a float64 reference of the same step: a fast version that loses
+    # float32 digits (expanding the square does, for tight 2-D clusters) is not the same math.
+    ref_elbo, ref_grad = inner_step(
+        lambda lam: gmm_slot_inner(x.double(), lam, dim), slots.double()
+    )
+    errors = {}
     for name, fn in fns.items():
         elbo, grad = inner_step(fn, slots)
-        scale = ref_elbo.abs().max()
-        err = max((elbo - ref_elbo).abs().max() / scale, (grad - ref_grad).abs().max())
-        if err > 1e-3:
-            raise AssertionError(f"{name} disagrees with trace_enum (error {err:.2e})")
+        errors[name] = ((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item()
+        elbo_err = ((elbo.double() - ref_elbo).abs().max() / ref_elbo.abs().max()).item()
+        if elbo_err > 1e-5:
+            raise AssertionError(f"{name}: ELBO differs from float64 by {elbo_err:.1e}")
     # Interleave the methods so that load changes hit them alike.
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(median_time(lambda fn=fn: inner_step(fn, slots), 1, 1))
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}, errors
 
 
 # ---------------------------------------------------------------------------- (b) IODINE
@@ -182,14 +186,15 @@ def run(args) -> str:
     sections = []
 
     # (a) GaussianMixture at full size.
-    t = bench_gmm(args.batch, args.num_points, args.num_slots, 2, args.repeats)
-    hand = {k: v for k, v in t.items() if not k.startswith("pyro_slots")}
+    t, errors = bench_gmm(args.batch, args.num_points, args.num_slots, 2, args.repeats)
+    # The reference: the fastest hand-written version that keeps float32 precision.
+    hand = {k: v for k, v in t.items() if not k.startswith("pyro_slots") and errors[k] <= 1e-5}
     best_name = min(hand, key=hand.get)
     best = hand[best_name]
-    rows = [[name, 1e3 * v, v / best] for name, v in t.items()]
+    rows = [[name, 1e3 * v, v / best, f"{errors[name]:.1e}"] for name, v in t.items()]
     lean_ratio = t["pyro_slots lean"] / best
     # Fixed overhead: the same step on a tiny batch, where the arithmetic costs ~nothing.
-    small = bench_gmm(args.small_batch, args.small_points, args.num_slots, 2, args.repeats)
+    small, _ = bench_gmm(args.small_batch, args.small_points, args.num_slots, 2, args.repeats)
     small_best = min(v for k, v in small.items() if not k.startswith("pyro_slots"))
     overhead = {k: small[k] - small_best for k in ("pyro_slots lean", "pyro_slots trace_enum")}
     sections.append(
@@ -197,8 +202,10 @@ def run(args) -> str:
         f"float32, slots from k-means++\n\n"
         f"One inner step = per-datapoint ELBO + `torch.autograd.grad(create_graph=True)` w.r.t. "
         f"the slots; median of {args.repeats} interleaved repeats.\n\n"
-        + markdown_table(["method", "ms / step", "× best hand-written"], rows)
-        + f"\n\nBest hand-written version: {best_name}.\n\n"
+        + markdown_table(
+            ["method", "ms / step", "× best hand-written", "gradient error vs float64"], rows
+        )
+        + f"\n\nBest hand-written version (fastest with gradient error ≤ 1e-5): {best_name}.\n\n"
         f"Fixed overhead per call (B={args.small_batch}, M={args.small_points}; step time "
         f"minus the best hand-written step on the same tiny problem): "
         f"lean {1e3 * overhead['pyro_slots lean']:.2f} ms, trace_enum "
