@@ -515,8 +515,13 @@ class PerDatapointELBO:
         return total / self.num_particles
 
 
-def _per_datapoint_dice_elbo(model_trace, guide_trace, keep: str, size: int) -> torch.Tensor:
-    # Mirrors pyro.infer.traceenum_elbo._compute_dice_elbo up to the final reduction.
+def marginal_model_costs(model_trace, guide_trace):
+    """Packed model log-density terms with the model's enumerated sites summed out.
+
+    The first half of ``pyro.infer.traceenum_elbo._compute_dice_elbo``: Pyro's exact
+    marginalization by tensor contraction. Returns ``(costs, ordering)``, ``costs`` mapping a
+    plate ordinal to its list of packed terms.
+    """
     marginal_costs, log_factors, ordering, sum_dims, scale = _compute_model_factors(
         model_trace, guide_trace
     )
@@ -532,7 +537,12 @@ def _per_datapoint_dice_elbo(model_trace, guide_trace, keep: str, size: int) -> 
             marginal_costs_t = marginal_costs.setdefault(t, [])
             for term in log_factors_t:
                 marginal_costs_t.append(packed.scale_and_mask(term, scale=scale))
-    costs = marginal_costs
+    return marginal_costs, ordering
+
+
+def _per_datapoint_dice_elbo(model_trace, guide_trace, keep: str, size: int) -> torch.Tensor:
+    # Mirrors pyro.infer.traceenum_elbo._compute_dice_elbo up to the final reduction.
+    costs, ordering = marginal_model_costs(model_trace, guide_trace)
     for name, site in guide_trace.nodes.items():
         if site["type"] == "sample":
             costs.setdefault(ordering[name], []).append(packed.neg(site["packed"]["log_prob"]))

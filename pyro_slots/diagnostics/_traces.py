@@ -14,12 +14,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from opt_einsum import shared_intermediates
 from pyro.infer import TraceEnum_ELBO
-from pyro.infer.traceenum_elbo import _compute_model_factors
 from pyro.ops import packed
-from pyro.ops.contract import contract_tensor_tree
-from pyro.ops.rings import SampleRing
+
+from ..elbo import marginal_model_costs
 
 PARTICLE_PLATE = "num_particles_vectorized"  # the name TraceEnum_ELBO gives its particle plate
 
@@ -62,21 +60,9 @@ def log_density_terms(model_trace, guide_trace, include_guide: bool = True) -> l
                 f"guide site {name!r} is enumerated; log weights need a guide that samples all "
                 "its sites (enumerate discrete latents in the model instead)"
             )
-    marginal_costs, log_factors, _, sum_dims, scale = _compute_model_factors(
-        model_trace, guide_trace
-    )
-    terms = [term for costs in marginal_costs.values() for term in costs]
-    if log_factors:
-        # Exact marginalization of the enumerated model sites, as in TraceEnum_ELBO.
-        dim_to_size = {}
-        for factors in log_factors.values():
-            for term in factors:
-                dim_to_size.update(zip(term._pyro_dims, term.shape))
-        with shared_intermediates() as cache:
-            ring = SampleRing(cache=cache, dim_to_size=dim_to_size)
-            contracted = contract_tensor_tree(log_factors, sum_dims, ring=ring)
-        for factors in contracted.values():
-            terms.extend(packed.scale_and_mask(term, scale=scale) for term in factors)
+    # Exact marginalization of the enumerated model sites, as in TraceEnum_ELBO.
+    costs, _ = marginal_model_costs(model_trace, guide_trace)
+    terms = [term for ordinal_terms in costs.values() for term in ordinal_terms]
     if include_guide:
         for site in guide_trace.nodes.values():
             if site["type"] == "sample":
