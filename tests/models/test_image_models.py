@@ -358,20 +358,11 @@ def test_iodine_rejects_closed_form_rules(rule):
 
 
 # ------------------------------------------------------------------------ tiny training
-def _held_out_loss(svi, x):
-    # NestedSVI.evaluate_loss runs under no_grad, where Pyro's TraceEnum_ELBO.differentiable_loss
-    # (behind NegativeELBO) refuses to run; evaluate with gradients and keep the RNG state.
-    state = svi.generator.get_state()
-    loss = svi.loss(x).item()
-    svi.generator.set_state(state)
-    return loss
-
-
 def _train(svi, images, held_out, num_updates):
-    before = _held_out_loss(svi, held_out)
+    before = svi.evaluate_loss(held_out)
     for i in range(num_updates):
         svi.step(images[8 * (i % 4) : 8 * (i % 4) + 8])
-    return before, _held_out_loss(svi, held_out)
+    return before, svi.evaluate_loss(held_out)
 
 
 def test_slot_autoencoder_training_lowers_reconstruction_error():
