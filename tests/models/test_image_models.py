@@ -18,7 +18,14 @@ from pyro_slots.models.blocks import (
 from scipy.special import logsumexp
 
 from pyro_slots import CapabilityError, NestedSVI, per_datapoint_elbo
-from pyro_slots.inner import EM, GradientAscent, InnerProblem, SoftKMeans
+from pyro_slots.inner import (
+    EM,
+    GradientAscent,
+    InnerProblem,
+    LearnedGradient,
+    SlotAttention,
+    SoftKMeans,
+)
 from pyro_slots.objectives import NegativeELBO, Reconstruction
 from pyro_slots.refine import run_inner
 
@@ -276,8 +283,6 @@ def test_elbo_strategies_agree(float64, make_model, num_particles):
 
 # --------------------------------------------------------------- every compatible rule
 def _slot_attention(model):
-    from pyro_slots.inner import SlotAttention
-
     if isinstance(model, SlotAutoencoder):
         return SlotAttention(
             2,
@@ -290,8 +295,6 @@ def _slot_attention(model):
 
 
 def _learned_gradient(model):
-    from pyro_slots.inner import LearnedGradient
-
     return LearnedGradient(2, slot_dim=model.slot_dim, hidden_dim=16)
 
 
