@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--no-pictures", action="store_true", help="do not draw the pictures")
+    train.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="under torchrun: seconds a rank waits for the others in a collective before it "
+        "fails (default: torch's, 30 minutes with gloo); a rank that dies fails the others at "
+        "once, one that stalls only after this time",
+    )
     _add_config_options(train)
 
     evaluate = sub.add_parser(
@@ -210,6 +219,7 @@ def _train(args: argparse.Namespace) -> int:
             overrides=flags,
             progress=not args.no_progress,
             pictures=not args.no_pictures,
+            dist_timeout=args.dist_timeout,
         )
     else:
         file_values = load_config_file(args.config) if args.config else {}
@@ -219,6 +229,7 @@ def _train(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
             pictures=not args.no_pictures,
+            dist_timeout=args.dist_timeout,
         )
     import torch.distributed as dist
 

@@ -14,6 +14,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import pyro
 import torch
@@ -102,18 +103,26 @@ def make_svi(config: TrainConfig, components: Components):
     )
 
 
-def distributed_context() -> tuple[int, int]:
+def distributed_context(timeout: float | None = None) -> tuple[int, int]:
     """``(rank, world_size)``; joins the process group first when launched by ``torchrun``.
 
     ``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and the rendezvous variables; the group uses
     ``nccl`` when CUDA is available and ``gloo`` otherwise. Without them: ``(0, 1)``.
+
+    :param float timeout: seconds a collective waits for the other ranks before it raises
+        (default: torch's, 30 minutes with ``gloo``). A rank that dies closes its connections
+        and the others fail at once; one that stalls (a frozen node, a lost network) is only
+        noticed after this time. Used when this call creates the group.
     """
     import torch.distributed as dist
 
     if not dist.is_available():
         return 0, 1
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo",
+            timeout=None if timeout is None else timedelta(seconds=timeout),
+        )
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -300,6 +309,7 @@ def train(
     progress: bool = True,
     pictures: bool = True,
     time_limit: float | None = None,
+    dist_timeout: float | None = None,
     echo=print,
 ) -> TrainRun:
     """Train (or continue training) and write checkpoint, metrics, config and pictures.
@@ -317,11 +327,15 @@ def train(
     :param float time_limit: stop (with a checkpoint) after this many seconds of training even
         if ``config.steps`` is not reached; single-process runs only. The run can be continued
         with ``resume``.
+    :param float dist_timeout: under ``torchrun``, seconds a collective waits for the other
+        ranks before this rank fails (see :func:`distributed_context`); ignored otherwise.
     :returns: the finished :class:`TrainRun`.
     """
     from tqdm.auto import tqdm
 
-    rank, world_size = distributed_context()
+    if dist_timeout is not None and not 0 < dist_timeout < math.inf:
+        raise ConfigError(f"dist_timeout: expected finite seconds > 0, got {dist_timeout}")
+    rank, world_size = distributed_context(dist_timeout)
     main_rank = rank == 0
     if time_limit is not None and world_size > 1:
         raise ConfigError("time_limit: not supported with several processes (ranks would differ)")
