@@ -37,6 +37,15 @@ BENCHMARKS = {
 }
 
 
+NOTES = """**Reading the numbers.** Two CPU cores shared with other engineers' jobs. With torch
+threads = 2 every operation is split between two OpenMP threads that wait for each other at its
+end: when another job holds one of the cores, each operation waits a scheduler time slice and a
+step can take 10-50× longer than on one thread (measured here: a 32-image SlotAutoencoder step,
+0.3 s on one thread, 1-3 s on two at load 2-3). Only tables taken at a load average well below
+2 are meaningful at two threads; the end-to-end table also gives one thread. There is no GPU in
+this environment: every table is CPU only."""
+
+
 # --------------------------------------------------------------------------- profiles
 def _profile_overhead(quick: bool):
     from benchmarks.bench_overhead import gmm_problem, inner_step
@@ -180,7 +189,14 @@ def main(args):
         "machine is shared: the load average printed with every table says how much the other "
         "jobs weighed on it.\n"
     )
-    text = header + "\n" + "\n\n".join(sections) + "\n"
+    targets = [
+        f"- {line.strip().lstrip('-').strip().strip('*')}"
+        for section in sections
+        for line in section.splitlines()
+        if "target" in line.lower() and "met" in line
+    ]
+    summary = "## Targets\n\n" + "\n".join(targets) + "\n\n" + NOTES
+    text = header + "\n" + summary + "\n\n" + "\n\n".join(sections) + "\n"
     if args.quick and not args.write_quick:
         print(text)
         print("(--quick: RESULTS.md not written; pass --write-quick to write it anyway)")
