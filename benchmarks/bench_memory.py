@@ -8,8 +8,9 @@ taken in a fresh subprocess per configuration so that nothing is cached between 
 * **graph**: bytes of the tensors saved for backward that are still alive when J has been
   computed (``torch.autograd.graph.saved_tensors_hooks`` + weak references, as
   ``tests/test_nested.py::_saved_bytes``): what the autograd graph holds across the inner loop;
-* **peak RSS**: the process's peak resident set (``ru_maxrss``) during the step minus its
-  resident set just before it (glibc's default allocator, which returns large blocks at once).
+* **peak RSS**: the process's peak resident set during the step (``VmHWM``, reset just before
+  it) minus its resident set just before it (glibc's default allocator, which returns large
+  blocks at once).
 """
 
 from __future__ import annotations
@@ -34,6 +35,26 @@ STEPS = (1, 3, 10, 30)
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    """High-water mark of this process's resident set (``VmHWM``; unlike ``ru_maxrss`` it is
+    not inherited from the parent that forked the process)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("VmHWM not found in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current resident set (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def worker(args) -> dict:
@@ -64,8 +85,9 @@ def worker(args) -> dict:
         saved.append(weakref.ref(t))
         return t
 
+    reset = _reset_peak_rss()
     rss_before = _rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_before = _peak_rss_bytes()
     with warnings.catch_warnings():
         # A learned rule at initialization is no fixed point; the adjoint may not converge.
         warnings.simplefilter("ignore")
@@ -78,12 +100,10 @@ def worker(args) -> dict:
                 alive[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
         del saved[:]
         torch.autograd.grad(loss, params, allow_unused=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {
-        "graph": sum(alive.values()),
-        "peak_rss": peak - rss_before,
-        "peak_before_step": max(0, peak_before - rss_before),
-    }
+    peak = _peak_rss_bytes()
+    if not reset and peak_before > rss_before:
+        raise OSError("cannot reset the peak resident set: the step's peak would be hidden")
+    return {"graph": sum(alive.values()), "peak_rss": peak - rss_before}
 
 
 def _run_worker(mode, steps, args) -> dict:
