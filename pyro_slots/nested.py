@@ -438,6 +438,8 @@ def _optimizer_state(opt) -> dict:
 
 
 def _load_optimizer_state(opt, state: dict) -> None:
+    if "optimizer" not in state:  # checkpoints written before schedulers were supported
+        state = {"optimizer": state}
     inner = getattr(opt, "optimizer", None)
     if inner is None:
         opt.load_state_dict(state["optimizer"])

@@ -305,3 +305,18 @@ def test_state_dict_resumes_exactly(float64, scheduled):
             svi_c.optim.step()
     assert torch.equal(model_c.encoder.weight, model_a.encoder.weight)
     assert not torch.equal(model_c.encoder.weight, model_b.encoder.weight)
+
+
+def test_load_state_dict_reads_the_earlier_plain_optimizer_format(float64):
+    x, _ = make_point_sets(2, 20, seed=14)
+    model = _model()
+    svi = ps.NestedSVI(model, EM(2), Reconstruction(), pyro.optim.Adam({"lr": 0.05}), seed=1)
+    svi.step(x)
+    state = svi.state_dict()
+    old = dict(state, optim={k: v["optimizer"] for k, v in state["optim"].items()})
+    fresh = ps.NestedSVI(_model(), EM(2), Reconstruction(), pyro.optim.Adam({"lr": 0.05}))
+    fresh.load_state_dict(old)
+    assert fresh.state_dict()["optim"].keys() == state["optim"].keys()
+    for name, value in state["optim"].items():
+        got = fresh.state_dict()["optim"][name]["optimizer"]["state"][0]["exp_avg"]
+        assert torch.equal(got, value["optimizer"]["state"][0]["exp_avg"])
