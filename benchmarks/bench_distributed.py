@@ -9,7 +9,7 @@ warm-up ones: process start, imports, the rendezvous and the final checkpoint ar
 generating each rank's data shard, the inner loop, the all_reduce and the metrics line are.
 Samples/s = steps/s × global batch. The median over the repeats is reported.
 
-    python -m benchmarks.bench_distributed            # both configs, 3 repeats
+    python -m benchmarks.bench_distributed            # both configs, 5 repeats (~5 min)
     python -m benchmarks.bench_distributed --quick    # tiny sizes: checks that the script runs
 """
 
@@ -121,13 +121,14 @@ def run(args) -> str:
             print(f"{name}: {processes} process(es) × {threads} thread(s): {runs}", flush=True)
             rate = statistics.median(runs)
             speedup = f"{rate / baseline:.2f}×"
+            spread = f"{min(runs):.3g}–{max(runs):.3g}"
             rows.append(
-                [name, processes, threads, global_batch, rate, rate * global_batch, speedup]
+                [name, processes, threads, global_batch, rate, spread, rate * global_batch, speedup]
             )
     load_after = os.getloadavg()
     table = markdown_table(
-        ["config", "processes", "threads / process", "global batch", "steps / s", "samples / s",
-         "vs 1 × 1"],
+        ["config", "processes", "threads / process", "global batch", "steps / s",
+         "min–max steps / s", "samples / s", "vs 1 × 1"],
         rows,
     )  # fmt: skip
     configs = "\n".join(f"* `{name}`: {CONFIGS[name][0]}" for name in args.configs)
@@ -138,8 +139,9 @@ def run(args) -> str:
         "`torchrun --nproc-per-node 2` with `gloo` on loopback, each with half of the global "
         f"batch.\n\n{configs}\n\n{table}\n\n"
         f"Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; "
-        f"after: {', '.join(f'{v:.2f}' for v in load_after)} (the machine is shared: other "
-        "jobs take cores from these runs).\n"
+        f"after: {', '.join(f'{v:.2f}' for v in load_after)}. The machine is shared: other "
+        "jobs take cores from these runs, and the load after counts this benchmark's own "
+        "processes (up to 2 running at a time).\n"
     )
 
 
@@ -154,12 +156,12 @@ def main(args):
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3, help="updates not timed")
     p.add_argument("--gmm-batch", type=int, default=64, help="global batch of gmm")
-    p.add_argument("--gmm-steps", type=int, default=40)
+    p.add_argument("--gmm-steps", type=int, default=80)
     p.add_argument("--image-batch", type=int, default=16, help="global batch of the image model")
-    p.add_argument("--image-steps", type=int, default=13)
+    p.add_argument("--image-steps", type=int, default=25)
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     return p
 
