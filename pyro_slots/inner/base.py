@@ -150,5 +150,14 @@ class InnerRule(PyroModule):
     def check_model(self, model) -> None:
         """Raise :class:`~pyro_slots.validation.CapabilityError` if ``model`` can't be used."""
 
+    def _require_slot_dim(self, model, slot_dim: int) -> None:
+        """For rules whose weights are sized for one slot dimension."""
+        if getattr(model, "slot_dim", None) != slot_dim:
+            raise CapabilityError(
+                f"{type(self).__name__} was built for slot_dim={slot_dim}, but "
+                f"{type(model).__name__} has slot_dim={getattr(model, 'slot_dim', None)}; build "
+                "it with slot_dim=model.slot_dim"
+            )
+
     def extra_repr(self) -> str:
         return f"num_steps={self.num_steps}"

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..validation import CapabilityError, check_positive_float, check_positive_int
+from ..validation import check_positive_float, check_positive_int
 from .base import InnerProblem, InnerRule, InnerState, StepInfo
 
 __all__ = ["LearnedGradient"]
@@ -126,13 +126,7 @@ class LearnedGradient(InnerRule):
         self.log_step_size = nn.Parameter(torch.full((self.slot_dim,), math.log(step_size)))
 
     def check_model(self, model):
-        slot_dim = getattr(model, "slot_dim", None)
-        if slot_dim != self.slot_dim:
-            raise CapabilityError(
-                f"LearnedGradient was built for slot_dim={self.slot_dim}, but "
-                f"{type(model).__name__} has slot_dim={slot_dim}; build it with "
-                f"slot_dim=model.slot_dim"
-            )
+        self._require_slot_dim(model, self.slot_dim)
 
     def init(self, problem: InnerProblem, slots: torch.Tensor) -> InnerState:
         if slots.dim() != 3 or slots.shape[-1] != self.slot_dim:

@@ -7,7 +7,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..validation import CapabilityError, check_positive_float, check_positive_int
+from ..validation import check_positive_float, check_positive_int
 from .base import InnerProblem, InnerRule, InnerState, StepInfo
 
 __all__ = ["SlotAttention"]
@@ -154,13 +154,7 @@ class SlotAttention(InnerRule):
 
     # ------------------------------------------------------------------ interface
     def check_model(self, model):
-        slot_dim = getattr(model, "slot_dim", None)
-        if slot_dim != self.slot_dim:
-            raise CapabilityError(
-                f"SlotAttention was built for slot_dim={self.slot_dim}, but "
-                f"{type(model).__name__} has slot_dim={slot_dim}; build it with "
-                f"slot_dim=model.slot_dim"
-            )
+        self._require_slot_dim(model, self.slot_dim)
 
     def init(self, problem: InnerProblem, slots: torch.Tensor) -> InnerState:
         self._check_shapes(problem.x, slots)
