@@ -56,7 +56,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 def write_result(name: str, title: str, body: str) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.md"
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    # The scripts run as modules of the benchmarks package (python -m benchmarks.NAME).
+    command = " ".join(["python -m benchmarks." + Path(sys.argv[0]).stem, *sys.argv[1:]])
     path.write_text(f"# {title}\n\n{machine()}\n\nCommand: `{command}`\n\n{body}\n")
     print(f"wrote {path}")
     return path
