@@ -124,7 +124,7 @@ def main(args):
 def parser():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--num-iterations", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)

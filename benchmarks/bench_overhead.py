@@ -251,7 +251,7 @@ def parser():
     p.add_argument("--small-points", type=int, default=20)
     p.add_argument("--iodine-batch", type=int, default=32)
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=31)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     return p

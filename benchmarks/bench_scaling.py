@@ -98,7 +98,7 @@ def parser():
     p.add_argument("--image-sizes", type=int, nargs="+", default=[16, 24, 32, 48, 64])
     p.add_argument("--slot-counts", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--step-counts", type=int, nargs="+", default=[1, 3, 10, 30])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     return p

@@ -182,6 +182,7 @@ def _diag_normal_log_prob(loc, scale, value):
     """``Independent(Normal(loc, scale), 1).log_prob(value)`` without a ``(K, ..., M, F)``
     temporary, for mixture means ``loc`` broadcast against points ``value``.
 
+    Means that already have the points' shape (per-pixel means): one pass over ``(x - μ)²``.
     Few features: the squared distance is accumulated one feature at a time, each pass over a
     contiguous ``(K, ..., M)`` tensor (the feature axis of size 2-3 is the worst innermost axis
     for the CPU's vector units). Many features: ``-½ Σ (x - μ)²/σ² = Σ x μ/σ² - ½ Σ x²/σ²
