@@ -147,9 +147,11 @@ def run(args) -> str:
         )
     g = [res[("unrolled", t)]["graph"] * mib for t in steps]
     p = [res[("unrolled", t)]["peak_rss"] * mib for t in steps]
+    per_step = ", ".join(f"{(g[i] - g[0]) / (t - steps[0]):.2f}" for i, t in enumerate(steps) if i)
     lines.append(
         f"- unrolled: slope {_slope(steps, g):.2f} MiB per inner step (graph), "
-        f"{_slope(steps, p):.2f} MiB per inner step (peak RSS); expected: about linear growth"
+        f"{_slope(steps, p):.2f} MiB per inner step (peak RSS); expected: about linear growth. "
+        f"Graph growth per extra step from T={steps[0]}: {per_step} MiB (constant: linear)"
     )
     table = markdown_table(
         ["gradient", "T", "graph MiB", "× T=1", "peak RSS MiB", "× T=1"],
