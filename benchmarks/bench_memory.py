@@ -147,11 +147,13 @@ def run(args) -> str:
         )
     g = [res[("unrolled", t)]["graph"] * mib for t in steps]
     p = [res[("unrolled", t)]["peak_rss"] * mib for t in steps]
-    per_step = ", ".join(f"{(g[i] - g[0]) / (t - steps[0]):.2f}" for i, t in enumerate(steps) if i)
+    growth = [(g[i] - g[0]) / (t - steps[0]) for i, t in enumerate(steps) if i]
+    linear = min(growth) > 0 and max(growth) <= 1.2 * min(growth)
     lines.append(
         f"- unrolled: slope {_slope(steps, g):.2f} MiB per inner step (graph), "
-        f"{_slope(steps, p):.2f} MiB per inner step (peak RSS); expected: about linear growth. "
-        f"Graph growth per extra step from T={steps[0]}: {per_step} MiB (constant: linear)"
+        f"{_slope(steps, p):.2f} MiB per inner step (peak RSS); graph growth per extra step "
+        f"from T={steps[0]}: {', '.join(f'{v:.2f}' for v in growth)} MiB — target about linear "
+        f"growth (equal increments within 20%): {'met' if linear else 'NOT met'}"
     )
     table = markdown_table(
         ["gradient", "T", "graph MiB", "× T=1", "peak RSS MiB", "× T=1"],

@@ -193,7 +193,7 @@ def main(args):
         f"- {line.strip().lstrip('-').strip().strip('*')}"
         for section in sections
         for line in section.splitlines()
-        if "target" in line.lower() and "met" in line
+        if ("target" in line.lower() and "met" in line) or line.startswith("**Wall time")
     ]
     summary = "## Targets\n\n" + "\n".join(targets) + "\n\n" + NOTES
     text = header + "\n" + summary + "\n\n" + "\n\n".join(sections) + "\n"
