@@ -190,7 +190,7 @@ def main(args):
         "jobs weighed on it.\n"
     )
     targets = [
-        f"- {line.strip().lstrip('-').strip().strip('*')}"
+        f"- {line.strip().lstrip('-').strip().replace('**', '')}"
         for section in sections
         for line in section.splitlines()
         if ("target" in line.lower() and "met" in line) or line.startswith("**Wall time")
