@@ -198,22 +198,24 @@ def kmeans_plus_plus(
             centers.append(cand[rows, best])
             closest = new_closest[rows, best]
         centers = torch.stack(centers, 1)  # (B, K, D)
+        nearest = None
         for step in range(lloyd_steps + 1):
-            d2 = ((xd.unsqueeze(1) - centers.unsqueeze(2)) ** 2).sum(-1)  # (B, K, M)
-            # argmin over a contiguous last axis: ~5x faster than over the slot axis here.
-            nearest = d2.transpose(1, 2).contiguous().argmin(-1)  # (B, M)
-            hard = torch.nn.functional.one_hot(nearest, num_slots).transpose(1, 2)
-            hard = hard.to(x.dtype)
-            nk = hard.sum(-1, keepdim=True)  # (B, K, 1)
-            if step < lloyd_steps:
-                means = torch.einsum("bkm,bmd->bkd", hard, xd) / nk.clamp_min(1)
-                centers = torch.where(nk > 0, means, centers)
+            # |x - c|² up to the per-point constant |x|², as one batched matrix product; the
+            # nearest center is taken over a contiguous last axis.
+            score = (centers * centers).sum(-1, keepdim=True) - 2 * centers @ xd.transpose(1, 2)
+            previous, nearest = nearest, score.transpose(1, 2).contiguous().argmin(-1)  # (B, M)
+            if step == lloyd_steps or (previous is not None and torch.equal(previous, nearest)):
+                break  # the assignment is a fixed point of Lloyd's iteration
+            sums, counts = _cluster_sums(xd, nearest, num_slots)
+            centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
+    sums, counts = _cluster_sums(x, nearest, num_slots)  # with gradients, as promised above
     # An empty cluster keeps its seed: its statistics come from the pooled data.
-    loc = torch.einsum("bkm,bmd->bkd", hard, x) / nk.clamp_min(1)
-    loc = torch.where(nk > 0, loc, centers)
+    loc = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
+    nk = counts
     pooled = x.var(1, keepdim=True).expand(batch, num_slots, dim)
-    sq = (x.unsqueeze(1) - loc.unsqueeze(2)) ** 2  # (B, K, M, D)
-    var = torch.einsum("bkm,bkmd->bkd", hard, sq)
+    # Squared deviation of every point from its own cluster's mean: O(B M D), no (B, K, M, D).
+    own = torch.gather(loc, 1, nearest.unsqueeze(-1).expand(-1, -1, dim))  # (B, M, D)
+    var, _ = _cluster_sums((x - own) ** 2, nearest, num_slots)
     var = torch.where(nk > 1, var / nk.clamp_min(1), pooled)
     var = var.clamp_min(1e-6 * pooled.detach().clamp_min(1e-12))
     parts = {
@@ -222,3 +224,13 @@ def kmeans_plus_plus(
         "logit": ((nk.squeeze(-1) + 1.0) / (num_points + num_slots)).log(),
     }
     return model.slot_spec.pack(parts)
+
+
+def _cluster_sums(values, nearest, num_slots: int):
+    """Per-cluster sums ``(B, K, D)`` and counts ``(B, K, 1)`` of a hard assignment ``(B, M)``."""
+    batch, _, dim = values.shape
+    index = nearest.unsqueeze(-1).expand(-1, -1, dim)
+    sums = values.new_zeros(batch, num_slots, dim).scatter_add(1, index, values)
+    ones = values.new_ones(nearest.shape).unsqueeze(-1)
+    counts = values.new_zeros(batch, num_slots, 1).scatter_add(1, nearest.unsqueeze(-1), ones)
+    return sums, counts

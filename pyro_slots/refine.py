@@ -41,6 +41,8 @@ class RefineResult:
     :ivar x_enc: the encoded measurements the ELBO was computed on, ``(batch, M, F)``.
     :ivar state: the rule's final :class:`~pyro_slots.inner.InnerState` (restart dimension
         first with restarts, like ``slots``).
+    :ivar steps: ``(batch,)`` steps each datapoint ran, when ``refine`` stopped datapoints
+        individually (``tol`` / ``elbo_tol``); else ``None`` (all ran ``num_steps``).
     """
 
     slots: torch.Tensor
@@ -55,6 +57,7 @@ class RefineResult:
     trajectory: list = field(default_factory=list)
     x_enc: torch.Tensor | None = None
     state: InnerState | None = None
+    steps: torch.Tensor | None = None
 
     def best(self) -> RefineResult:
         """The restart with the highest final ELBO for every datapoint (``R == 1``: itself)."""
@@ -79,6 +82,7 @@ class RefineResult:
             responsibilities=pick(self.responsibilities),
             trajectory=[pick(s) for s in self.trajectory],
             x_enc=self.x_enc,
+            steps=pick(self.steps),
             state=None
             if self.state is None
             else InnerState(
@@ -236,6 +240,117 @@ def run_inner(
     )
 
 
+def _slice_state(state: InnerState, keep: torch.Tensor) -> InnerState:
+    return InnerState(
+        state.slots[keep],
+        state.step,
+        tuple(a[keep] if torch.is_tensor(a) else a for a in state.aux),
+    )
+
+
+def run_inner_freezing(
+    model,
+    x_enc: torch.Tensor,
+    inner: InnerRule,
+    slots: torch.Tensor,
+    num_steps: int,
+    *,
+    tol: float | None = None,
+    elbo_tol: float | None = None,
+    keep_trajectory: bool = False,
+    estimator: PerDatapointELBO | None = None,
+    record_history: bool = True,
+) -> RefineResult:
+    """Graph-free inner loop in which every datapoint stops on its own criterion.
+
+    A datapoint is frozen once its residual falls below ``tol`` or its ELBO changed by less than
+    ``elbo_tol`` per measurement in one step; the following steps run on the datapoints still
+    active only, so the cost is the sum of the datapoints' step counts rather than the batch
+    size times the slowest one (as one scikit-learn fit per datapoint would). A frozen
+    datapoint's slots stay put: its later history entries repeat its final ELBO and its later
+    residuals are zero. ``RefineResult.steps`` holds each datapoint's step count.
+    """
+    batch, num_points = x_enc.shape[:2]
+    x_free = x_enc.detach()
+    problem = InnerProblem(model, x_free, estimator, record_history)
+    with torch.no_grad():
+        state = _detach_state(inner.init(problem, slots))
+    start_slots = state.slots
+    # Full-batch copy of the state, whose active rows are overwritten after every step.
+    final = InnerState(
+        state.slots.clone(),
+        state.step,
+        tuple(a.clone() if torch.is_tensor(a) else a for a in state.aux),
+    )
+    dtype = x_enc.dtype
+    history = torch.full((num_steps + 1, batch), float("nan"), dtype=dtype)
+    residuals = torch.zeros(num_steps, batch, dtype=dtype)
+    relres = torch.zeros(num_steps, batch, dtype=dtype)
+    steps = torch.zeros(batch, dtype=torch.long)
+    trajectory = [start_slots.clone()] if keep_trajectory else []
+    responsibilities = None
+    active = torch.arange(batch)
+    previous = None
+    t = 0
+    while t < num_steps:
+        new_state, info = _guarded_step(inner, state, problem, problem, False, t)
+        _check_elbo(info.elbo, t, record_history)
+        _check_slots(new_state.slots, t)
+        with torch.no_grad():
+            delta = (new_state.slots - state.slots).flatten(1).norm(dim=1)
+            residuals[t, active] = delta
+            relres[t, active] = delta / (state.slots.flatten(1).norm(dim=1) + 1e-8)
+            history[t, active] = info.elbo.detach().to(dtype)
+            final.slots[active] = new_state.slots
+            for full, part in zip(final.aux, new_state.aux):
+                if torch.is_tensor(full):
+                    full[active] = part
+            if info.responsibilities is not None:
+                if responsibilities is None:
+                    shape = (batch, *info.responsibilities.shape[1:])
+                    responsibilities = info.responsibilities.new_zeros(shape)
+                responsibilities[active] = info.responsibilities
+        steps[active] += 1
+        t += 1
+        if keep_trajectory:
+            trajectory.append(final.slots.clone())
+        converged = torch.zeros_like(delta, dtype=torch.bool)
+        if tol is not None:
+            converged |= delta < tol
+        if elbo_tol is not None and previous is not None:
+            converged |= (info.elbo - previous).abs() / num_points < elbo_tol
+        if bool(converged.all()):
+            break
+        keep = ~converged
+        state = _slice_state(new_state, keep) if bool(converged.any()) else new_state
+        previous = info.elbo[keep] if bool(converged.any()) else info.elbo
+        if bool(converged.any()):
+            active = active[keep]
+            problem = InnerProblem(model, x_free[active], estimator, record_history)
+    final = InnerState(final.slots, t, final.aux)
+    with torch.no_grad():
+        final_elbo = InnerProblem(model, x_free, estimator).elbo(final.slots)
+    _check_elbo(final_elbo, t)
+    history = history[: t + 1]
+    # A frozen datapoint sits at λ_{steps_n} from then on: its ELBO is the final one.
+    rows = torch.arange(t + 1).unsqueeze(1)
+    history = torch.where(rows >= steps.unsqueeze(0), final_elbo.unsqueeze(0), history)
+    return RefineResult(
+        slots=final.slots,
+        elbo=final_elbo,
+        history=history,
+        residuals=residuals[:t],
+        relative_residuals=relres[:t],
+        initial_slots=start_slots,
+        num_steps=t,
+        responsibilities=responsibilities,
+        trajectory=trajectory,
+        x_enc=x_enc,
+        state=final,
+        steps=steps,
+    )
+
+
 def make_generator(seed=None, generator=None) -> torch.Generator | None:
     if generator is not None and seed is not None:
         raise ValueError("seed, generator: pass one of them, not both")
@@ -289,8 +404,9 @@ def refine(
     :param init: a :class:`~pyro_slots.init.SlotInitializer` to draw λ_0 from.
     :param int seed: seed of the slot initialization (or pass ``generator``).
     :param int num_restarts: R independent initializations per datapoint, run side by side.
-    :param float tol: stop early once every residual ``‖λ_{t+1} - λ_t‖`` is below ``tol``.
-    :param float elbo_tol: stop early once every datapoint's ELBO changed by less than
+    :param float tol: stop a datapoint early once its residual ``‖λ_{t+1} - λ_t‖`` is below
+        ``tol``; later steps only run on the datapoints still active.
+    :param float elbo_tol: stop a datapoint early once its ELBO changed by less than
         ``elbo_tol`` per measurement in one step (scikit-learn's criterion for EM).
     :param bool keep_trajectory: keep λ_t of every step in ``result.trajectory``.
     :param bool record_history: with ``False``, rules whose update does not need the ELBO
@@ -337,7 +453,8 @@ def refine(
                 model, x_rep, num_slots, inner=inner, init=init, generator=generator
             )
     slots = check_finite(slots.detach(), "initial slots")
-    result = run_inner(
+    loop = run_inner_freezing if tol is not None or elbo_tol is not None else run_inner
+    result = loop(
         model,
         x_rep,
         inner,
@@ -375,6 +492,7 @@ def _split_restarts(result: RefineResult, num_restarts: int, batch: int) -> None
     result.residuals = split(result.residuals, True)
     result.relative_residuals = split(result.relative_residuals, True)
     result.trajectory = [split(s) for s in result.trajectory]
+    result.steps = split(result.steps)
     if result.state is not None:
         state = result.state
         result.state = InnerState(

@@ -136,3 +136,21 @@ def test_best_keeps_encoded_data_and_final_state(float64):
     idx = res.elbo.argmax(0)
     for n in range(4):
         assert torch.equal(best.state.aux[1][n], res.state.aux[1][idx[n], n])
+
+
+@pytest.mark.parametrize("criterion", ["tol", "elbo_tol"])
+def test_each_datapoint_stops_on_its_own_and_matches_a_solo_run(float64, criterion):
+    x, _ = make_point_sets(6, 40, seed=21)
+    gmm = GaussianMixture(3, 2)
+    slots0 = gmm.init_slots(x, 3, torch.Generator().manual_seed(2))
+    kwargs = {"tol": 1e-3} if criterion == "tol" else {"elbo_tol": 1e-4}
+    res = ps.refine(gmm, x, EM(200), slots=slots0, **kwargs)
+    assert res.steps.shape == (6,) and int(res.steps.max()) == res.num_steps
+    assert len(set(res.steps.tolist())) > 1  # datapoints really stopped at different steps
+    for n in range(6):
+        k = int(res.steps[n])
+        solo = ps.refine(gmm, x[n : n + 1], EM(k), slots=slots0[n : n + 1])
+        assert torch.allclose(res.slots[n], solo.slots[0], atol=1e-12)
+        assert torch.allclose(res.history[: k + 1, n], solo.history[:, 0], atol=1e-10)
+        assert (res.history[k:, n] == res.elbo[n]).all()
+        assert (res.residuals[k:, n] == 0).all()
