@@ -5,6 +5,7 @@ objective J -> outer optimizer.
 """
 
 from . import data, inner, metrics, objectives
+from ._allocator import tune_allocator
 from .elbo import PerDatapointELBO, per_datapoint_elbo
 from .init import GaussianInit, SlotInitializer
 from .model import SlotModel, SlotSpec
@@ -32,4 +33,5 @@ __all__ = [
     "objectives",
     "per_datapoint_elbo",
     "refine",
+    "tune_allocator",
 ]

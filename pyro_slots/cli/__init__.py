@@ -302,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         # One thread per process: on a busy machine two intra-op threads spin against each
         # other and run several times slower than one; on an idle one the loss is modest.
         threads = 1
+    if args.command in ("train", "demo"):
+        # Training allocates the same large activations every step; keep them in the heap
+        # (glibc only; benchmarks/results/slot_attention.md measures the effect).
+        from .._allocator import tune_allocator
+
+        tune_allocator()
     if threads is not None:
         if threads < 1:
             parser.error(f"--threads: expected an integer >= 1, got {threads}")
