@@ -114,7 +114,7 @@ if __name__ == "__main__":
     parser.add_argument("--num-points", type=int, default=500)
     parser.add_argument("--num-components", type=int, default=4)
     parser.add_argument("--max-steps", type=int, default=100)
-    parser.add_argument("--elbo-tol", type=float, default=1e-3)
+    parser.add_argument("--elbo-tol", type=float, default=3e-4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     main(parser.parse_args())
