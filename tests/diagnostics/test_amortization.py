@@ -29,11 +29,12 @@ def test_one_gradient_step_leaves_a_positive_gap(float64, point_sets):
 
 
 def test_learned_rule_with_one_step_has_nonnegative_gap(float64, point_sets):
-    slot_attention = pytest.importorskip("pyro_slots.inner.slot_attention")
+    from pyro_slots.inner import SlotAttention
+
     x = point_sets(4, 30, seed=7)
     gmm = GaussianMixture(3, 2)
     torch.manual_seed(0)
-    rule = slot_attention.SlotAttention(
+    rule = SlotAttention(
         1, slot_dim=gmm.slot_dim, input_dim=2, hidden_dim=16, moments=True
     ).double()
     gap = amortization_gap(gmm, x, rule, EM(500), seed=0, refine_steps=200)
