@@ -218,12 +218,22 @@ def _diag_normal_log_prob(loc, scale, value):
         square = _contract_last(value * value, prec)
     weighted = loc * prec
     weighted = weighted.expand(weighted.shape[:-1] + (event,))
+    loc_square = (weighted * loc).sum(-1)
+    # Expanding the square cancels terms of size |x|²/σ² and |μ|²/σ² down to (x - μ)²/σ²: its
+    # rounding error is about their size times the machine epsilon. Where that could exceed
+    # _CANCELLATION_TOL nats (tight components far from the origin in float32), return None and
+    # let the caller evaluate the distribution directly.
+    size = square.detach().amax() + loc_square.detach().amax()
+    if float(size) * torch.finfo(value.dtype).eps > _CANCELLATION_TOL:
+        return None
     cross = _contract_last(value, weighted)
-    return cross - 0.5 * square - 0.5 * (weighted * loc).sum(-1) - const
+    return cross - 0.5 * square - 0.5 * loc_square - const
 
 
 # Features from which the squared distance is expanded into a matrix product (see above).
 _CONTRACT_MIN_FEATURES = 16
+# Largest rounding error (nats per measurement and component) the expansion may introduce.
+_CANCELLATION_TOL = 1e-4
 
 
 def _is_outer(loc_shape, value_shape, shape) -> bool:
@@ -252,6 +262,8 @@ def _log_prob(fn, value):
         and value.dim() >= 1
     ):
         log_prob = _diag_normal_log_prob(base.loc, base.scale, value)
+        if log_prob is None:
+            log_prob = compact.log_prob(value)
     else:
         log_prob = compact.log_prob(value)
     if log_prob.shape == fn.batch_shape:
