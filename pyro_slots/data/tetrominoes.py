@@ -37,6 +37,8 @@ from torch.utils.data import Dataset
 
 from ..validation import check_positive_int
 from ._scene import check_index_range, check_seed, dataset_index, scene_rng, unstack_item
+from .shapes import COLOR_NAMES as _SHAPE_COLOR_NAMES
+from .shapes import PALETTE as _SHAPE_PALETTE
 
 __all__ = [
     "BLOCK_SIZE",
@@ -55,17 +57,9 @@ IMAGE_SIZE = 35
 BLOCK_SIZE = 5
 NUM_PIECES = 3
 TETROMINO_NAMES = ("I", "O", "T", "S", "Z", "J", "L")
-COLOR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan")
-PALETTE = np.array(
-    [
-        [1.0, 0.0, 0.0],
-        [0.0, 1.0, 0.0],
-        [0.0, 0.0, 1.0],
-        [1.0, 1.0, 0.0],
-        [1.0, 0.0, 1.0],
-        [0.0, 1.0, 1.0],
-    ]
-)
+# The first six colours of the shapes palette (red, green, blue, yellow, magenta, cyan).
+COLOR_NAMES = _SHAPE_COLOR_NAMES[:6]
+PALETTE = _SHAPE_PALETTE[:6]
 
 # The 19 fixed tetrominoes as (row, col) block cells, grouped by type (rotations clockwise).
 _PIECES_BY_TYPE = {

@@ -93,6 +93,8 @@ def test_tensorboard_without_the_package(tmp_path, capsys):
     except ImportError:
         pass
     else:
+        # This checks the refusal when tensorboard is absent (it is not a project dependency);
+        # with it installed there is nothing to refuse.
         pytest.skip("tensorboard is installed")
     err = _error(["train", "--tensorboard", "--out", str(tmp_path / "run")], capsys)
     assert "pip install tensorboard" in err
