@@ -1,7 +1,7 @@
 """The pyro_slots model zoo (installed as :mod:`pyro_slots.models`)."""
 
 from .blocks import CNNEncoder, SoftPositionEmbed, SpatialBroadcastDecoder
-from .gmm import GaussianMixture, kmeans_plus_plus
+from .gmm import GaussianMixture, kmeans_plus_plus, random_from_data
 from .iodine import IODINE
 from .slot_autoencoder import SlotAutoencoder
 
@@ -13,4 +13,5 @@ __all__ = [
     "SoftPositionEmbed",
     "SpatialBroadcastDecoder",
     "kmeans_plus_plus",
+    "random_from_data",
 ]

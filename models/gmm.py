@@ -19,7 +19,7 @@ from torch import nn
 from pyro_slots.model import SlotModel, SlotSpec
 from pyro_slots.validation import check_measurements, check_positive_float, check_positive_int
 
-__all__ = ["GaussianMixture", "kmeans_plus_plus"]
+__all__ = ["GaussianMixture", "kmeans_plus_plus", "random_from_data"]
 
 
 class GaussianMixture(SlotModel):
@@ -40,6 +40,12 @@ class GaussianMixture(SlotModel):
     :param float reg_covar: variance added in the M-step (as in scikit-learn), >= 0.
     :param int init_lloyd_steps: hard k-means iterations after the k-means++ seeding of
         :meth:`init_slots` (0 keeps the bare seeds: cheaper, e.g. before a learned rule).
+    :param str init: how :meth:`init_slots` draws λ_0: ``"kmeans++"`` (greedy k-means++ seeding
+        and ``init_lloyd_steps`` Lloyd iterations, as scikit-learn's ``init_params="kmeans"``)
+        or ``"random_from_data"`` (``K`` distinct measurements of the datapoint as the means,
+        the datapoint's pooled standard deviation as every scale, uniform weights; as
+        scikit-learn's option of that name, and the cheapest data-dependent start: one top-k
+        over random keys, no distance computations).
     """
 
     def __init__(
@@ -50,6 +56,7 @@ class GaussianMixture(SlotModel):
         input_dim: int | None = None,
         reg_covar: float = 1e-6,
         init_lloyd_steps: int = 10,
+        init: str = "kmeans++",
     ):
         dim = check_positive_int(dim, "dim")
         super().__init__(SlotSpec({"loc": (dim,), "log_scale": (dim,), "logit": ()}), dim)
@@ -62,6 +69,9 @@ class GaussianMixture(SlotModel):
             raise ValueError(f"input_dim: {input_dim} differs from dim {dim} but no encoder given")
         self.reg_covar = check_positive_float(reg_covar, "reg_covar", allow_zero=True)
         self.init_lloyd_steps = check_positive_int(init_lloyd_steps, "init_lloyd_steps", minimum=0)
+        if init not in _INITS:
+            raise ValueError(f"init: expected one of {_INITS}, got {init!r}")
+        self.init = init
 
     # ------------------------------------------------------------------ Pyro program
     def encode(self, x):
@@ -156,9 +166,43 @@ class GaussianMixture(SlotModel):
         return torch.einsum("bkm,bkd->bmd", self.responsibilities(x, slots), loc)
 
     def init_slots(self, x, num_slots, generator=None):
+        if self.init == "random_from_data":
+            return random_from_data(self, x, num_slots, generator=generator)
         return kmeans_plus_plus(
             self, x, num_slots, generator=generator, lloyd_steps=self.init_lloyd_steps
         )
+
+
+_INITS = ("kmeans++", "random_from_data")
+
+
+def random_from_data(model: GaussianMixture, x, num_slots: int, generator=None):
+    """``num_slots`` distinct measurements per datapoint as the means, pooled scales, equal weights.
+
+    The measurements are the ``num_slots`` largest of ``M`` independent uniform keys per
+    datapoint, i.e. a uniformly random subset without replacement; distinct indices matter to a
+    symmetric rule, which can never separate two identical slots. Every scale is the datapoint's
+    pooled per-feature standard deviation and every logit is zero. The means keep their gradient
+    with respect to ``x`` (an encoder upstream is trained through them).
+
+    :returns: slots ``(batch, num_slots, 2 dim + 1)``.
+    """
+    num_slots = check_positive_int(num_slots, "num_slots")
+    batch, num_points, dim = x.shape
+    if num_slots > num_points:
+        raise ValueError(
+            f"num_slots: random_from_data needs at most M={num_points} slots, got {num_slots}"
+        )
+    keys = torch.rand((batch, num_points), generator=generator, dtype=x.dtype, device=x.device)
+    idx = keys.topk(num_slots, dim=1, sorted=False).indices  # (B, K), distinct per row
+    loc = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, dim))
+    pooled = x.var(1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    parts = {
+        "loc": loc,
+        "log_scale": (0.5 * pooled.log()).expand(batch, num_slots, dim),
+        "logit": x.new_zeros(batch, num_slots),
+    }
+    return model.slot_spec.pack(parts)
 
 
 def kmeans_plus_plus(
@@ -184,16 +228,16 @@ def kmeans_plus_plus(
     # them, so an unrolled outer gradient sees how the initialization moves with an encoder.
     with torch.no_grad():
         xd = x.detach()
+        xt = xd.transpose(1, 2).contiguous()  # (B, D, M): distances feature by feature
         first = torch.randint(num_points, (batch,), generator=generator, device=x.device)
         centers = [xd[rows, first]]
-        closest = ((xd - centers[0].unsqueeze(1)) ** 2).sum(-1)  # (B, M)
+        closest = _squared_distances(xt, centers[0].unsqueeze(1))[:, 0]  # (B, M)
         for _ in range(1, num_slots):
             cdf = (closest + 1e-12).cumsum(-1)
             u = torch.rand((batch, trials), generator=generator, dtype=x.dtype, device=x.device)
             idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(num_points - 1)  # (B, T)
             cand = xd[rows.unsqueeze(1), idx]  # (B, T, D)
-            d2 = ((xd.unsqueeze(1) - cand.unsqueeze(2)) ** 2).sum(-1)  # (B, T, M)
-            new_closest = torch.minimum(closest.unsqueeze(1), d2)
+            new_closest = torch.minimum(closest.unsqueeze(1), _squared_distances(xt, cand))
             best = new_closest.sum(-1).argmin(1)  # (B,)
             centers.append(cand[rows, best])
             closest = new_closest[rows, best]
@@ -224,6 +268,17 @@ def kmeans_plus_plus(
         "logit": ((nk.squeeze(-1) + 1.0) / (num_points + num_slots)).log(),
     }
     return model.slot_spec.pack(parts)
+
+
+def _squared_distances(xt, centers):
+    """``|x_m - c_j|²`` of shape ``(B, C, M)`` from feature-major points ``xt`` ``(B, D, M)`` and
+    centers ``(B, C, D)``, accumulated one feature at a time: contiguous ``(B, C, M)`` passes
+    instead of a ``(B, C, M, D)`` temporary reduced over its short last axis."""
+    out = None
+    for d in range(xt.shape[1]):
+        diff = xt[:, d].unsqueeze(1) - centers[:, :, d].unsqueeze(-1)
+        out = diff * diff if out is None else out.addcmul_(diff, diff)
+    return out
 
 
 def _cluster_sums(values, nearest, num_slots: int):

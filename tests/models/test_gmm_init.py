@@ -1,0 +1,52 @@
+"""GaussianMixture's ``init="random_from_data"``: distinct data points, pooled scales, equal weights."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from pyro_slots.models import GaussianMixture, random_from_data
+
+
+def test_random_from_data_takes_distinct_points_pooled_scales_and_equal_weights():
+    x = torch.randn(6, 9, 3, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + 4.0
+    gmm = GaussianMixture(5, 3, init="random_from_data")
+    slots = gmm.init_slots(x, 5, torch.Generator().manual_seed(0))
+    parts = gmm.slot_spec.split(slots)
+    xn = x.numpy()
+    for n in range(6):
+        # every mean is one of the datapoint's own points, and no point is used twice
+        match = np.all(np.isclose(parts["loc"][n].numpy()[:, None], xn[n][None]), -1)  # (K, M)
+        assert (match.sum(1) == 1).all()
+        assert len(set(match.argmax(1))) == 5
+        pooled_std = xn[n].std(0, ddof=1)  # numpy's unbiased standard deviation per feature
+        np.testing.assert_allclose(parts["log_scale"][n].exp().numpy(), np.tile(pooled_std, (5, 1)))
+    assert torch.equal(parts["logit"], torch.zeros(6, 5, dtype=torch.float64))
+
+
+def test_random_from_data_draws_a_uniform_subset():
+    """Each of M = 6 points is chosen with probability K / M = 1/2: chi-square over 3,000 sets."""
+    x = torch.arange(6.0).reshape(1, 6, 1).expand(3000, 6, 1)
+    slots = random_from_data(GaussianMixture(3, 1), x, 3, torch.Generator().manual_seed(1))
+    chosen = slots[..., 0].round().long()  # the loc is the point's index
+    counts = torch.bincount(chosen.flatten(), minlength=6).numpy()
+    assert counts.sum() == 9000
+    assert stats.chisquare(counts).pvalue > 1e-3  # expected 1,500 each
+    # and the draw is a function of the generator alone
+    again = random_from_data(GaussianMixture(3, 1), x, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(again, slots)
+
+
+def test_random_from_data_means_carry_the_gradient_of_x():
+    x = torch.randn(2, 7, 2, requires_grad=True)
+    slots = random_from_data(GaussianMixture(3, 2), x, 3, torch.Generator().manual_seed(0))
+    slots[..., :2].sum().backward()
+    # exactly the 3 chosen points of each datapoint get gradient 1 in each feature
+    assert torch.equal(x.grad.sum((1, 2)), torch.tensor([6.0, 6.0]))
+
+
+def test_bad_init_arguments_raise_naming_the_argument():
+    with pytest.raises(ValueError, match="init"):
+        GaussianMixture(3, 2, init="kmeans")
+    with pytest.raises(ValueError, match="num_slots"):
+        GaussianMixture(3, 2, init="random_from_data").init_slots(torch.randn(1, 2, 2), 3)
