@@ -9,10 +9,11 @@ from .em import EM, SoftKMeans
 from .gradient import GradientAscent
 from .hybrid import Hybrid
 from .learned_gradient import LearnedGradient
-from .slot_attention import SlotAttention
+from .slot_attention import GaussianFeatures, SlotAttention
 
 __all__ = [
     "EM",
+    "GaussianFeatures",
     "GradientAscent",
     "Hybrid",
     "InnerProblem",

@@ -10,11 +10,42 @@ from torch import nn
 from ..validation import check_positive_float, check_positive_int
 from .base import InnerProblem, InnerRule, InnerState, StepInfo
 
-__all__ = ["SlotAttention"]
+__all__ = ["GaussianFeatures", "SlotAttention"]
 
 
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+
+
+class GaussianFeatures(nn.Module):
+    r"""Per-measurement sufficient statistics of a diagonal Gaussian, ``(1, z, z²)``.
+
+    ``z = (x - mean_M x) / std_M x`` standardizes every datapoint's measurements feature by
+    feature (a per-datapoint affine map, so the measurements' order does not matter), which puts
+    the features of every datapoint on the unit scale. As the keys of :class:`SlotAttention`
+    (with ``norm_inputs=False``) they make the attention logits quadratic in ``z``,
+    ``q_k·(1, z, z²) = c_k + a_k·z + b_k·z²``, the form of an E-step's
+    ``log π_k + log N(x | μ_k, σ_k)`` (the standardization only adds a term shared by all slots,
+    which the softmax over slots ignores): the rule can express the E-step of a diagonal
+    Gaussian mixture exactly, at ``2 dim + 1`` features per measurement instead of a hidden
+    layer's worth.
+
+    :param int dim: features per measurement; the output has ``2 dim + 1``.
+    :param float eps: added to the standard deviation, > 0.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.dim = check_positive_int(dim, "dim")
+        self.eps = check_positive_float(eps, "eps")
+        self.feature_dim = 2 * self.dim + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected (batch, M, {self.dim}), got {tuple(x.shape)}")
+        std, mean = torch.std_mean(x, dim=1, keepdim=True)
+        z = (x - mean) / (std + self.eps)
+        return torch.cat([torch.ones_like(z[..., :1]), z, z * z], dim=-1)
 
 
 class SlotAttention(InnerRule):
@@ -83,8 +114,13 @@ class SlotAttention(InnerRule):
     :param int hidden_dim: size of the slots' hidden vectors and of the attention.
     :param int num_heads: attention heads; must divide ``hidden_dim``.
     :param int mlp_hidden_dim: hidden width of the residual MLP (default ``2 hidden_dim``).
-    :param bool encoder: apply a per-measurement MLP ``input_dim -> hidden_dim`` before the
-        input LayerNorm.
+    :param encoder: ``True``: a per-measurement MLP ``input_dim -> hidden_dim`` before the
+        input LayerNorm; ``False``: none; or any module mapping ``(batch, M, input_dim)`` to
+        ``(batch, M, feature_dim)`` (e.g. :class:`GaussianFeatures`).
+    :param int feature_dim: output features of an encoder module (only with a module).
+    :param bool norm_inputs: layer-normalize the encoded measurements (the paper's
+        ``LayerNorm(inputs)``). ``False`` keeps features whose scale carries meaning, such as
+        the sufficient statistics of :class:`GaussianFeatures`.
     :param bool moments: give the readout the attention-weighted moments of the raw inputs.
     :param float eps: offset added to the attention before renormalizing over measurements, > 0.
     :param bool fold_projections: fold the key/value projections (see *Cost*).
@@ -101,7 +137,9 @@ class SlotAttention(InnerRule):
         hidden_dim: int = 64,
         num_heads: int = 1,
         mlp_hidden_dim: int | None = None,
-        encoder: bool = True,
+        encoder: bool | nn.Module = True,
+        feature_dim: int | None = None,
+        norm_inputs: bool = True,
         moments: bool = False,
         eps: float = 1e-8,
         fold_projections: bool = True,
@@ -130,9 +168,27 @@ class SlotAttention(InnerRule):
         self.slot_init = slot_init
 
         d = self.hidden_dim
-        self.encoder = _mlp(self.input_dim, d, d) if encoder else None
-        feature_dim = d if encoder else self.input_dim
-        self.norm_inputs = nn.LayerNorm(feature_dim)
+        if isinstance(encoder, nn.Module):
+            if feature_dim is None:
+                raise ValueError(
+                    "feature_dim: required with an encoder module (its output features)"
+                )
+            self.encoder = encoder
+            feature_dim = check_positive_int(feature_dim, "feature_dim")
+        elif isinstance(encoder, bool):
+            if feature_dim is not None:
+                raise ValueError(
+                    f"feature_dim: only for an encoder module, got {feature_dim} with "
+                    f"encoder={encoder}"
+                )
+            self.encoder = _mlp(self.input_dim, d, d) if encoder else None
+            feature_dim = d if encoder else self.input_dim
+        else:
+            raise TypeError(
+                f"encoder: expected a bool or a torch.nn.Module, got {type(encoder).__name__}"
+            )
+        self.feature_dim = feature_dim
+        self.norm_inputs = nn.LayerNorm(feature_dim) if norm_inputs else None
         self.norm_slots = nn.LayerNorm(d)
         self.to_q = nn.Linear(d, d, bias=False)
         self.to_k = nn.Linear(feature_dim, d, bias=False)
@@ -172,7 +228,7 @@ class SlotAttention(InnerRule):
         h = self.gru(updates.reshape(-1, d), s.reshape(-1, d)).reshape(batch, num_slots, d)
         h = h + self.mlp(self.norm_mlp(h))
         if self.translate:
-            new_slots = self._readout(h, attn, x)
+            new_slots = self._readout(h, attn, problem)
             aux = (h,)
         else:
             new_slots, aux = h, ()
@@ -184,15 +240,23 @@ class SlotAttention(InnerRule):
     def normalized_inputs(self, problem: InnerProblem) -> torch.Tensor:
         """``LayerNorm(encoder(x̃))`` of shape ``(batch, M, features)``, once per problem."""
         x = problem.x
-        params = [*self.norm_inputs.parameters()]
-        if self.encoder is not None:
-            params += [*self.encoder.parameters()]
+        params = [
+            p for m in (self.encoder, self.norm_inputs) if m is not None for p in m.parameters()
+        ]
         key = (torch.is_grad_enabled(), id(x), x._version, *((id(p), p._version) for p in params))
         memo = self._input_memo()
         hit = memo.get(problem)
         if hit is not None and hit[0] == key:
             return hit[1]
-        inputs = self.norm_inputs(x if self.encoder is None else self.encoder(x))
+        self._moments_memo().pop(problem, None)
+        inputs = x if self.encoder is None else self.encoder(x)
+        if inputs.shape[-1] != self.feature_dim:
+            raise ValueError(
+                f"encoder: expected {self.feature_dim} output features (feature_dim), "
+                f"got {tuple(inputs.shape)}"
+            )
+        if self.norm_inputs is not None:
+            inputs = self.norm_inputs(inputs)
         memo[problem] = (key, inputs)
         return inputs
 
@@ -231,6 +295,24 @@ class SlotAttention(InnerRule):
             updates = self.to_out(updates)
         return attn, updates
 
+    def moment_inputs(self, problem: InnerProblem) -> torch.Tensor:
+        """``(x, x²)`` of the raw measurements, ``(batch, M, 2 input_dim)``, once per problem."""
+        x = problem.x
+        key = (torch.is_grad_enabled(), id(x), x._version)
+        memo = self._moments_memo()
+        hit = memo.get(problem)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        both = torch.cat([x, x * x], dim=-1)
+        memo[problem] = (key, both)
+        return both
+
+    def _moments_memo(self) -> weakref.WeakKeyDictionary:
+        memo = self.__dict__.get("_mmemo")
+        if memo is None:
+            memo = self.__dict__["_mmemo"] = weakref.WeakKeyDictionary()
+        return memo
+
     def _input_memo(self) -> weakref.WeakKeyDictionary:
         memo = self.__dict__.get("_memo")
         if memo is None:
@@ -241,18 +323,20 @@ class SlotAttention(InnerRule):
         # The memo holds weak references (not picklable) to problems that no longer exist.
         state = dict(super().__getstate__())
         state.pop("_memo", None)
+        state.pop("_mmemo", None)
         return state
 
-    def _readout(self, h: torch.Tensor, attn: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _readout(self, h: torch.Tensor, attn: torch.Tensor, problem: InnerProblem) -> torch.Tensor:
         if not self.moments:
             return self.readout(h)
-        attn = attn.mean(1)  # (batch, K, M), averaged over heads
+        attn = attn[:, 0] if self.num_heads == 1 else attn.mean(1)  # (batch, K, M)
         mass = attn.sum(-1, keepdim=True)  # (batch, K, 1)
-        weights = attn / mass
-        mean = torch.matmul(weights, x)  # (batch, K, F)
-        var = torch.matmul(weights, x * x) - mean * mean
+        # First and second moments in one pass over the attention, normalized on (batch, K, ·).
+        raw = torch.matmul(attn, self.moment_inputs(problem)) / mass  # (batch, K, 2F)
+        mean, second = raw.split(self.input_dim, dim=-1)
+        var = second - mean * mean
         log_std = 0.5 * (var.clamp_min(0) + self.eps).log()
-        log_share = (mass / x.shape[1]).log()
+        log_share = (mass / problem.x.shape[1]).log()
         stats = torch.cat([mean, log_std, log_share], dim=-1)
         return self.readout(torch.cat([h, stats], dim=-1)) + self.readout_skip(stats)
 
