@@ -4,7 +4,10 @@ Every datapoint is a set of 100-500 2-D points from its own mixture of 4 Gaussia
 weights and scales; :func:`pyro_slots.data.sample_point_sets`). The model is
 :class:`~pyro_slots.models.GaussianMixture`; its slots are the component parameters
 ``(loc, log_scale, logit)``. The inner rule is :class:`~pyro_slots.inner.SlotAttention` over the
-points, decoding its hidden slots to component parameters, trained by
+points, decoding its hidden slots to component parameters; its keys are the points' Gaussian
+sufficient statistics ``(1, z, z²)`` (:class:`~pyro_slots.inner.GaussianFeatures`, ``--features
+gaussian``), so the attention logits can express an E-step at 5 numbers per point, or the
+paper's per-point MLP + LayerNorm (``--features mlp``). It is trained by
 :class:`~pyro_slots.NestedSVI` with ``J = -ELBO`` (Eq. 5 of the seed paper: the update rule is
 part of the shared weights). Gradients are unrolled through all ``T`` inner steps by default.
 
@@ -43,9 +46,16 @@ from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from pyro_slots import NestedSVI, refine
+from pyro_slots import NestedSVI, refine, tune_allocator
 from pyro_slots.data import sample_point_sets, true_log_likelihood
-from pyro_slots.inner import EM, GradientAscent, Hybrid, SlotAttention
+from pyro_slots.inner import (
+    EM,
+    GaussianFeatures,
+    GradientAscent,
+    Hybrid,
+    Safeguarded,
+    SlotAttention,
+)
 from pyro_slots.objectives import NegativeELBO
 
 NUM_COMPONENTS = 4
@@ -54,7 +64,23 @@ TRAIN_SEED, TEST_SEED = 0, 1
 
 
 def build(args):
-    model = GaussianMixture(num_slots=NUM_COMPONENTS, dim=DIM)
+    """The model the learned rule is trained and evaluated with, the rule and ``NestedSVI``.
+
+    The model's ``init_slots`` gives the rule its λ_0: ``--init`` (default ``kmeans++``, with
+    ``--learned-lloyd-steps`` Lloyd iterations after the seeding, 0 by default; or
+    ``random_from_data``: 4 distinct points of the set as the means, the set's pooled scale,
+    equal weights).
+    """
+    model = GaussianMixture(
+        num_slots=NUM_COMPONENTS,
+        dim=DIM,
+        init=args.init,
+        init_lloyd_steps=args.learned_lloyd_steps,
+    )
+    features = {}
+    if args.features == "gaussian":  # keys (1, z, z²) of standardized points, no LayerNorm
+        features = {"encoder": GaussianFeatures(DIM), "feature_dim": 2 * DIM + 1}
+        features["norm_inputs"] = False
     rule = SlotAttention(
         num_steps=args.num_steps,
         slot_dim=model.slot_dim,
@@ -62,6 +88,7 @@ def build(args):
         hidden_dim=args.hidden_dim,
         num_heads=args.num_heads,
         moments=args.moments,
+        **features,
     )
     # lr decays geometrically by --lr-decay over the whole run (ClippedAdam's ``lrd``).
     lrd = args.lr_decay ** (1.0 / max(args.num_updates, 1))
@@ -85,6 +112,17 @@ def train_batch(args, update: int) -> torch.Tensor:
     num_points = int(torch.randint(args.min_points, args.max_points + 1, (1,), generator=g))
     start = update * args.batch_size
     return sample_point_sets(args.batch_size, num_points, NUM_COMPONENTS, DIM, TRAIN_SEED, start).x
+
+
+def train_steps(args, update: int) -> int:
+    """T of this update: ``--num-steps``, or uniform on ``[--num-steps, --max-train-steps]``.
+
+    Training on a range of T keeps the rule stable when it runs more steps at test time than
+    the T it is evaluated at; drawn from the update's own generator, so a resumed run repeats it.
+    """
+    high = max(args.max_train_steps or args.num_steps, args.num_steps)
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + update + 7)
+    return int(torch.randint(args.num_steps, high + 1, (1,), generator=g))
 
 
 def save_checkpoint(path: str, rule, svi, progress: dict, args) -> None:
@@ -124,6 +162,7 @@ def train(args, rule, svi) -> dict:
     for update in bar:
         start = time.perf_counter()
         x = train_batch(args, update)
+        svi.num_steps = train_steps(args, update)
         loss = svi.step(x) / x.shape[1]
         progress["seconds"] += time.perf_counter() - start
         inner_elbo = svi.last_result.elbo.mean().item() / x.shape[1]
@@ -181,42 +220,45 @@ def evaluate(args, model, rule) -> list[dict]:
     """Log-likelihood per point and wall time per set of every method on the held-out sets."""
     groups = test_groups(args)
     ga = GradientAscent(num_steps=100, step_size=args.ga_step_size, adam=True)
+    # EM and gradient ascent start as scikit-learn does: k-means++ seeding + Lloyd iterations.
+    baseline = GaussianMixture(num_slots=NUM_COMPONENTS, dim=DIM)
     methods = {
         "oracle (true parameters)": lambda s: true_log_likelihood(
             s.x, s.means, s.scales, s.weights
         ).mean(1),
         "sklearn GaussianMixture (diag, n_init=1)": lambda s: eval_sklearn(s, 1, args.seed),
         "sklearn GaussianMixture (diag, n_init=5)": lambda s: eval_sklearn(s, 5, args.seed),
-        "EM, 10 steps": lambda s: eval_refine(model, s, EM(10), 10, args.seed),
-        "EM, 100 steps": lambda s: eval_refine(model, s, EM(100), 100, args.seed),
-        "GradientAscent (Adam), 100 steps": lambda s: eval_refine(model, s, ga, 100, args.seed),
+        "EM, 10 steps": lambda s: eval_refine(baseline, s, EM(10), 10, args.seed),
+        "EM, 100 steps": lambda s: eval_refine(baseline, s, EM(100), 100, args.seed),
+        "GradientAscent (Adam), 100 steps": lambda s: eval_refine(baseline, s, ga, 100, args.seed),
     }
     if args.learned_only:
         methods = {"oracle (true parameters)": methods["oracle (true parameters)"]}
-    # The learned rule starts from k-means++ seeding without Lloyd iterations: the Lloyd
-    # iterations cost more than its steps, and it was trained from the seeding alone.
-    seeded = GaussianMixture(
-        num_slots=NUM_COMPONENTS, dim=DIM, init_lloyd_steps=args.learned_lloyd_steps
-    )
     # --fast-learned: the learned rows skip the per-step ELBO of the history (slot attention's
     # update does not use it); their ELBO is the final one, which refine always computes.
     record = not args.fast_learned
     t_train = args.num_steps
     for t in args.test_steps:
         methods[f"learned, T={t}"] = lambda s, t=t: eval_refine(
-            seeded, s, rule, t, args.seed, record
+            model, s, rule, t, args.seed, record
         )
         if args.fast_learned and t == t_train:
             methods[f"learned, T={t} (history recorded)"] = lambda s, t=t: eval_refine(
-                seeded, s, rule, t, args.seed
+                model, s, rule, t, args.seed
+            )
+    if args.safeguarded:
+        safe = Safeguarded(rule, fallback=EM(1))
+        for t in args.test_steps:
+            methods[f"learned, T={t}, safeguarded (EM fallback)"] = lambda s, t=t: eval_refine(
+                model, s, safe, t, args.seed, record
             )
     for k in (1, 5):
         hybrid = Hybrid(rule, EM(1), num_fixed_steps=k, num_learned_steps=t_train)
         methods[f"learned T={t_train} + {k} EM"] = lambda s, h=hybrid: eval_refine(
-            seeded, s, h, h.num_steps, args.seed, record
+            model, s, h, h.num_steps, args.seed, record
         )
-    methods[f"learned, T={t_train}, from the model's init"] = lambda s: eval_refine(
-        model, s, rule, t_train, args.seed, record
+    methods[f"learned, T={t_train}, from the EM baselines' init"] = lambda s: eval_refine(
+        baseline, s, rule, t_train, args.seed, record
     )
     warmup = type(groups[0])(*(t[:2] for t in groups[0]))
     rows = []
@@ -256,6 +298,10 @@ def evaluate(args, model, rule) -> list[dict]:
     return rows
 
 
+def _ratio(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.1f}x"
+
+
 def write_results(
     path: str, rows: list[dict], args, progress: dict, command: str, load: dict | None = None
 ) -> None:
@@ -271,13 +317,28 @@ def write_results(
         f"{args.num_test_groups} groups of equal set size; per point: mean over sets of the "
         "set's log-likelihood / its size; gap to oracle = oracle - method (negative: above "
         "the oracle, as in-sample maximum-likelihood fits are). EM and gradient ascent start "
-        "from the model's initialization (k-means++ seeding + Lloyd iterations, as "
-        "scikit-learn), the learned "
-        f"rule from k-means++ seeding + {args.learned_lloyd_steps} Lloyd iterations "
-        "unless the row says otherwise. Learned rule: SlotAttention(hidden_dim="
-        f"{args.hidden_dim}, num_heads={args.num_heads}, moments={args.moments}), "
-        f"trained by NestedSVI with J = -ELBO, gradient={args.gradient!r}, T={args.num_steps}, "
-        f"iteration_weights={args.iteration_weights!r}, {progress['update']} updates of "
+        "from k-means++ seeding + 10 Lloyd iterations (scikit-learn's initialization), the "
+        "learned rule from "
+        + (
+            f"k-means++ seeding + {args.learned_lloyd_steps} Lloyd iterations"
+            if args.init == "kmeans++"
+            else "4 random points of the set (init='random_from_data')"
+        )
+        + " unless the row says otherwise. Learned rule: SlotAttention(hidden_dim="
+        f"{args.hidden_dim}, num_heads={args.num_heads}, moments={args.moments}"
+        + (
+            ", encoder=GaussianFeatures(2), norm_inputs=False: the keys are the standardized "
+            "points' (1, z, z²))"
+            if args.features == "gaussian"
+            else ", per-point MLP encoder + LayerNorm)"
+        )
+        + f", trained by NestedSVI with J = -ELBO, gradient={args.gradient!r}, "
+        + (
+            f"T drawn uniformly from {args.num_steps}..{args.max_train_steps} per update"
+            if args.max_train_steps > args.num_steps
+            else f"T={args.num_steps}"
+        )
+        + f", iteration_weights={args.iteration_weights!r}, {progress['update']} updates of "
         f"{args.batch_size} sets in {progress['seconds'] / 60:.1f} min "
         f"(J per point over the last 100 updates: {final_j}). "
         f"Times are per set on {args.threads} thread(s) (torch and BLAS), batched by set size "
@@ -308,7 +369,7 @@ def write_results(
         lines.append(
             f"| {r['method']} | {r['loglik_per_point']:.4f} | {r['stderr']:.4f} | "
             f"{r['gap_to_oracle']:+.4f} | {r['ms_per_set']:.3f} | {r['cpu_ms_per_set']:.3f} "
-            f"| {r['cpu_ms_per_set_largest']:.3f} | {r['cpu_speedup_vs_sklearn']:.1f}x |"
+            f"| {r['cpu_ms_per_set_largest']:.3f} | {_ratio(r['cpu_speedup_vs_sklearn'])} |"
         )
     by_name = {r["method"]: r for r in rows}
     t = args.num_steps
@@ -340,6 +401,7 @@ def write_results(
 
 
 def main(args):
+    tune_allocator()  # keep large tensors in the heap (every method is timed with it)
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)  # numpy's BLAS, used by scikit-learn
     model, rule, svi = build(args)
@@ -361,8 +423,21 @@ def make_parser():
     parser.add_argument("--min-points", type=int, default=100)
     parser.add_argument("--max-points", type=int, default=500)
     parser.add_argument("--num-steps", type=int, default=3, help="inner steps T in training")
+    parser.add_argument(
+        "--max-train-steps",
+        type=int,
+        default=6,
+        help="train on T drawn uniformly from [--num-steps, this] per update (0: T = --num-steps)",
+    )
     parser.add_argument("--hidden-dim", type=int, default=64)
     parser.add_argument("--num-heads", type=int, default=1)
+    parser.add_argument(
+        "--features",
+        choices=["gaussian", "mlp"],
+        default="gaussian",
+        help="the attention's inputs: GaussianFeatures (1, z, z²) of the standardized points "
+        "without LayerNorm, or the paper's per-point MLP + LayerNorm",
+    )
     parser.add_argument("--moments", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--gradient", default="unrolled", help="NestedSVI gradient mode")
     parser.add_argument("--iteration-weights", default="linear")
@@ -372,16 +447,28 @@ def make_parser():
     parser.add_argument("--num-test-sets", type=int, default=50)
     parser.add_argument("--test-steps", type=int, nargs="+", default=[1, 3, 5, 10])
     parser.add_argument(
+        "--init",
+        choices=["kmeans++", "random_from_data"],
+        default="kmeans++",
+        help="the learned rule's λ_0 (GaussianMixture's init), in training and at test time",
+    )
+    parser.add_argument(
         "--learned-lloyd-steps",
         type=int,
         default=0,
-        help="Lloyd iterations after k-means++ seeding for the learned rule's λ_0 at test time",
+        help="Lloyd iterations after k-means++ seeding of the learned rule's λ_0 (--init kmeans++)",
     )
     parser.add_argument(
         "--fast-learned",
         action="store_true",
         help="the learned rows skip the per-step ELBO history (refine(..., "
         "record_history=False)); a 'history recorded' row keeps the training T for comparison",
+    )
+    parser.add_argument(
+        "--safeguarded",
+        action="store_true",
+        help="also evaluate Safeguarded(rule, fallback=EM(1)) at every --test-steps T: a "
+        "learned step is kept only where it does not lower the ELBO",
     )
     parser.add_argument("--num-test-groups", type=int, default=5, help="distinct set sizes")
     parser.add_argument("--checkpoint", default=None, help="checkpoint file (resumes if present)")

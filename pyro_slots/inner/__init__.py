@@ -9,6 +9,7 @@ from .em import EM, SoftKMeans
 from .gradient import GradientAscent
 from .hybrid import Hybrid
 from .learned_gradient import LearnedGradient
+from .safeguard import Safeguarded
 from .slot_attention import GaussianFeatures, SlotAttention
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "InnerRule",
     "InnerState",
     "LearnedGradient",
+    "Safeguarded",
     "SlotAttention",
     "SoftKMeans",
     "StepInfo",

@@ -17,6 +17,7 @@ from pyro_slots.inner import (
     GradientAscent,
     Hybrid,
     LearnedGradient,
+    Safeguarded,
     SlotAttention,
 )
 from pyro_slots.inner.base import InnerProblem
@@ -47,6 +48,9 @@ RULES = {
     ),
     "lg_mlp": lambda: LearnedGradient(2, slot_dim=5, hidden_dim=16, cell="mlp"),
     "hybrid": lambda: Hybrid(SlotAttention(2, slot_dim=5, input_dim=2, hidden_dim=16), EM(1), 1),
+    "safeguarded": lambda: Safeguarded(
+        SlotAttention(2, slot_dim=5, input_dim=2, hidden_dim=16, moments=True), EM(1)
+    ),
 }
 
 
@@ -310,7 +314,9 @@ MODES = ["unrolled", "truncated", "first_order", "implicit"]
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", ["sa_heads_moments", "sa_plain", "lg_gru", "lg_lstm_layernorm"])
+@pytest.mark.parametrize(
+    "name", ["sa_heads_moments", "sa_plain", "sa_gaussian_features", "lg_gru", "lg_lstm_layernorm"]
+)
 def test_gradients_reach_every_learned_parameter(name, mode):
     torch.manual_seed(0)
     rule = RULES[name]()
