@@ -1,11 +1,10 @@
-"""GaussianMixture's ``init="random_from_data"``: distinct data points, pooled scales, equal weights."""
+"""GaussianMixture(init="random_from_data"): distinct data points, pooled scales, equal weights."""
 
 import numpy as np
 import pytest
 import torch
-from scipy import stats
-
 from pyro_slots.models import GaussianMixture, random_from_data
+from scipy import stats
 
 
 def test_random_from_data_takes_distinct_points_pooled_scales_and_equal_weights():
