@@ -14,6 +14,7 @@ The sum over datapoints of :func:`per_datapoint_elbo` therefore equals
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import pyro
@@ -242,6 +243,23 @@ def _is_outer(loc_shape, value_shape, shape) -> bool:
     return max(math.prod(loc_shape), math.prod(value_shape)) < math.prod(shape)
 
 
+# id(observed tensor) -> (weak reference to it, (version, batch shape, event shape)) of the
+# observed values whose support check passed; an entry leaves with its tensor. Nothing is
+# written onto the user's tensors.
+_VALIDATED: dict[int, tuple] = {}
+
+
+def _validated_before(value: torch.Tensor, key: tuple) -> bool:
+    entry = _VALIDATED.get(id(value))
+    return entry is not None and entry[0]() is value and entry[1] == key
+
+
+def _remember_validated(value: torch.Tensor, key: tuple) -> None:
+    ident = id(value)
+    ref = weakref.ref(value, lambda _, ident=ident: _VALIDATED.pop(ident, None))
+    _VALIDATED[ident] = (ref, key)
+
+
 def _log_prob(fn, value):
     """``fn.log_prob(value)``, evaluated on unbroadcast parameters where that is cheaper."""
     compact = _unbroadcast(fn)
@@ -251,9 +269,9 @@ def _log_prob(fn, value):
         # A Normal's support is the real line whatever its parameters: an observed value that
         # passed once (the same tensor, unmodified, same shapes) passes again at the next step.
         key = (value._version, fn.batch_shape, fn.event_shape)
-        if getattr(value, "_pyro_slots_real", None) != key:
+        if not _validated_before(value, key):
             fn._validate_sample(value)
-            value._pyro_slots_real = key
+            _remember_validated(value, key)
     base = compact.base_dist if isinstance(compact, dist.Independent) else None
     if (
         type(base) is dist.Normal

@@ -8,7 +8,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro_slots.models import GaussianMixture
 
-from pyro_slots import SlotModel, SlotSpec, per_datapoint_elbo
+from pyro_slots import PerDatapointELBO, SlotModel, SlotSpec, per_datapoint_elbo
 from tests.conftest import make_point_sets
 
 
@@ -300,3 +300,29 @@ def test_lean_keeps_float32_digits_for_tight_components_in_many_dimensions():
     lean = per_datapoint_elbo(gmm, x, slots, strategy="lean")
     exact = per_datapoint_elbo(gmm, x.double(), slots.double(), strategy="trace_enum")
     assert torch.allclose(lean.double(), exact, rtol=1e-5)
+
+
+def test_observed_values_are_validated_once_per_version_and_untouched():
+    """The support check of an observed tensor is remembered aside (nothing is written onto the
+    tensor), repeated after an in-place change, and forgotten with the tensor."""
+    import gc
+
+    from pyro_slots import elbo as elbo_module
+
+    gmm = GaussianMixture(3, 2)
+    x, _ = make_point_sets(2, 30, num_components=3, seed=0)
+    slots = gmm.init_slots(x, 3, torch.Generator().manual_seed(0))
+    estimator = PerDatapointELBO(strategy="lean")
+    first = estimator(gmm, x, slots)
+    assert not hasattr(x, "_pyro_slots_real") and id(x) in elbo_module._VALIDATED
+    x.mul_(1.0)  # a new version: validated again, the same numbers
+    assert torch.allclose(estimator(gmm, x, slots), first)
+    assert elbo_module._VALIDATED[id(x)][1][0] == x._version
+    x_nan = x.clone()
+    x_nan[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError):
+        estimator(gmm, x_nan, slots)
+    ident = id(x)
+    del x, x_nan
+    gc.collect()
+    assert ident not in elbo_module._VALIDATED
