@@ -53,6 +53,11 @@ def test_train_objects_tiny(train_objects, tmp_path, model):
     assert {k: test[k]["n"] for k in test} == {"fg_ari": 6, "ari": 6, "mean_iou": 6, "mse": 6}
     assert -1.0 <= test["fg_ari"]["mean"] <= 1.0 and 0.0 <= test["mean_iou"]["mean"] <= 1.0
     assert 0.0 < test["mse"]["mean"] < 1.0
+    # and the summary script reads what the run wrote
+    import summarize_objects
+
+    text = summarize_objects.main([str(out)])
+    assert f"{test['fg_ari']['mean']:.3f} ± {test['fg_ari']['std']:.3f}" in text
 
 
 def test_train_objects_set_prediction(train_objects, tmp_path):
@@ -109,3 +114,34 @@ def test_set_prediction_needs_a_slot_per_object(train_objects):
     args = train_objects.parse_args(["--dataset", "shapes", "--objective", "set-prediction"])
     with pytest.raises(ValueError, match="num_slots"):
         train_objects.main(args)
+
+
+def test_summary_across_seeds_is_the_spread_of_the_run_means(train_objects, tmp_path):
+    """Mean ± sample std (n - 1) over runs of the per-run test means, against numpy."""
+    import numpy as np
+    import summarize_objects
+
+    rng = np.random.default_rng(0)
+    paths, means = [], {m: [] for m in summarize_objects.METRICS}
+    for seed in range(3):
+        test = {}
+        for m in summarize_objects.METRICS:
+            value = float(rng.uniform(0, 1))
+            means[m].append(value)
+            test[m] = {"mean": value, "std": 0.1, "n": 10}
+        run = {"args": {"seed": seed}, "num_updates": 5, "train_seconds": 60.0, "test": test}
+        run["validation"] = [{"step": 2, "seconds": 30.0, "fg_ari": test["fg_ari"]}]
+        paths.append(tmp_path / f"run{seed}.json")
+        paths[-1].write_text(json.dumps(run))
+    runs = summarize_objects.load([str(p) for p in paths])
+    for m in summarize_objects.METRICS:
+        mean, std = summarize_objects.across_runs(runs, m)
+        assert mean == pytest.approx(np.mean(means[m]))
+        assert std == pytest.approx(np.std(means[m], ddof=1))
+    text = summarize_objects.main([str(p) for p in paths])
+    mean, std = np.mean(means["fg_ari"]), np.std(means["fg_ari"], ddof=1)
+    assert f"**{mean:.3f} ± {std:.3f}**" in text
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"test": {"fg_ari": {}}}))
+    with pytest.raises(ValueError, match="no test metrics"):
+        summarize_objects.load([str(broken)])
