@@ -9,7 +9,7 @@ from ._allocator import tune_allocator
 from .elbo import PerDatapointELBO, per_datapoint_elbo
 from .init import GaussianInit, SlotInitializer
 from .model import SlotModel, SlotSpec
-from .nested import GRADIENT_MODES, ImplicitGradientWarning, NestedSVI
+from .nested import GRADIENT_MODES, ImplicitAdjoint, ImplicitGradientWarning, NestedSVI
 from .refine import InnerLoopError, RefineResult, refine
 from .validation import CapabilityError
 
@@ -19,6 +19,7 @@ __all__ = [
     "GRADIENT_MODES",
     "CapabilityError",
     "GaussianInit",
+    "ImplicitAdjoint",
     "ImplicitGradientWarning",
     "InnerLoopError",
     "NestedSVI",

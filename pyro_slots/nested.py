@@ -28,19 +28,34 @@ class ImplicitAdjoint:
 
     By the implicit function theorem ``dλ*/dw = (I - ∂f/∂λ)^{-1} ∂f/∂w``, so the gradient of
     J reaching ``λ* = f(λ*, w)`` is replaced by the solution ``u`` of the adjoint system
-    ``u = g + (∂f/∂λ)^T u`` (``g = ∂J/∂λ*``), solved by fixed-point iteration with
-    vector-Jacobian products (Bai et al. 2019, DEQ; Amos & Kolter 2017). ``u`` then flows into
-    ``w`` through the one differentiable step. If the iteration does not converge in
-    ``max_iter`` steps or produces non-finite values, ``g`` is passed through unchanged (the
-    first-order gradient) with an :class:`ImplicitGradientWarning`.
+    ``(I - (∂f/∂λ)^T) u = g`` (``g = ∂J/∂λ*``), with vector-Jacobian products only (Bai et al.
+    2019, DEQ; Amos & Kolter 2017). ``u`` then flows into ``w`` through the one differentiable
+    step. Two solvers:
 
-    :param int max_iter: adjoint iterations.
-    :param float tol: stop when ``‖u_{i+1} - u_i‖ <= tol · ‖g‖``.
+    * ``"gmres"`` (default) — GMRES (Saad & Schultz 1986) on the Krylov space of the
+      vector-Jacobian product: converges whenever ``I - ∂f/∂λ`` is invertible, also where the
+      update is expansive (spectral radius >= 1) and the fixed-point iteration diverges;
+    * ``"fixed_point"`` — the Neumann iteration ``u ← g + (∂f/∂λ)^T u``, which needs a
+      contraction.
+
+    Both cost one vector-Jacobian product per iteration. If the solve does not reach ``tol``
+    in ``max_iter`` iterations or produces non-finite values, ``g`` is passed through unchanged
+    (the first-order gradient) with an :class:`ImplicitGradientWarning`.
+
+    :param int max_iter: adjoint iterations (GMRES: the Krylov dimension, without restarts).
+    :param float tol: stop when the residual ``‖g - (I - J^T) u‖`` (GMRES) or the step
+        ``‖u_{i+1} - u_i‖`` (fixed point) is at most ``tol · ‖g‖``.
+    :param str solver: ``"gmres"`` or ``"fixed_point"``.
     """
 
-    def __init__(self, max_iter: int = 100, tol: float = 1e-6):
+    SOLVERS = ("gmres", "fixed_point")
+
+    def __init__(self, max_iter: int = 100, tol: float = 1e-6, solver: str = "gmres"):
         self.max_iter = check_positive_int(max_iter, "max_iter")
         self.tol = check_positive_float(tol, "tol")
+        if solver not in self.SOLVERS:
+            raise ValueError(f"solver: expected one of {self.SOLVERS}, got {solver!r}")
+        self.solver = solver
         self.last_iterations = 0
         self.num_fallbacks = 0
 
@@ -51,27 +66,65 @@ class ImplicitAdjoint:
         return _AdjointSolve.apply(out, lambda g: self.solve(g, out, lam))
 
     def solve(self, g: torch.Tensor, out: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        u = g
-        scale = g.norm() + 1e-30
-        for i in range(self.max_iter):
-            (vjp,) = torch.autograd.grad(out, lam, u, retain_graph=True, allow_unused=True)
-            u_next = g if vjp is None else g + vjp
-            if not torch.isfinite(u_next).all():
-                break
-            if (u_next - u).norm() <= self.tol * scale:
-                self.last_iterations = i + 1
-                return u_next
-            u = u_next
+        def vjp(u):
+            (v,) = torch.autograd.grad(out, lam, u, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(u) if v is None else v
+
+        solve = self._gmres if self.solver == "gmres" else self._fixed_point
+        u, iterations = solve(vjp, g)
+        if u is not None:
+            self.last_iterations = iterations
+            return u
         self.num_fallbacks += 1
         self.last_iterations = self.max_iter
         warnings.warn(
-            "implicit gradient: the adjoint solve did not converge in "
+            f"implicit gradient: the adjoint solve ({self.solver}) did not converge in "
             f"{self.max_iter} iterations (or diverged); using the first-order gradient for "
             "this step",
             ImplicitGradientWarning,
             stacklevel=2,
         )
         return g
+
+    def _fixed_point(self, vjp, g):
+        u = g
+        scale = g.norm() + 1e-30
+        for i in range(self.max_iter):
+            u_next = g + vjp(u)
+            if not torch.isfinite(u_next).all():
+                return None, i + 1
+            if (u_next - u).norm() <= self.tol * scale:
+                return u_next, i + 1
+            u = u_next
+        return None, self.max_iter
+
+    def _gmres(self, vjp, g):
+        """GMRES without restarts: Arnoldi with modified Gram-Schmidt, the small least-squares
+        problem in float64 (the Hessenberg matrix is at most ``(max_iter + 1) x max_iter``)."""
+        beta = g.norm()
+        if beta == 0:
+            return g, 0
+        basis = [g / beta]
+        hess = torch.zeros(self.max_iter + 1, self.max_iter, dtype=torch.float64)
+        for j in range(self.max_iter):
+            w = basis[j] - vjp(basis[j])  # (I - J^T) v_j
+            if not torch.isfinite(w).all():
+                return None, j + 1
+            for i, v in enumerate(basis):
+                hess[i, j] = (w * v).sum().double()
+                w = w - hess[i, j].to(w.dtype) * v
+            hess[j + 1, j] = w.norm().double()
+            rhs = torch.zeros(j + 2, dtype=torch.float64)
+            rhs[0] = beta.double()
+            h = hess[: j + 2, : j + 1]
+            y = torch.linalg.lstsq(h, rhs.unsqueeze(-1)).solution.squeeze(-1)
+            residual = (rhs - h @ y).norm()
+            breakdown = hess[j + 1, j] <= 1e-12 * beta.double()
+            if residual <= self.tol * beta.double() or breakdown:
+                u = sum(c.to(g.dtype) * v for c, v in zip(y, basis))
+                return (u, j + 1) if torch.isfinite(u).all() else (None, j + 1)
+            basis.append(w / hess[j + 1, j].to(w.dtype))
+        return None, self.max_iter
 
 
 class _AdjointSolve(torch.autograd.Function):
@@ -122,6 +175,10 @@ class NestedSVI:
     :param int seed: seed of the slot initializations.
     :param float clip_norm: clip the global gradient norm of w to this value.
     :param PerDatapointELBO estimator: how the inner ELBO is computed.
+    :param int implicit_max_iter: iterations of the adjoint solve (``gradient="implicit"``).
+    :param float implicit_tol: relative tolerance of the adjoint solve.
+    :param str implicit_solver: ``"gmres"`` (default) or ``"fixed_point"``
+        (:class:`ImplicitAdjoint`).
     :param bool distributed: average J's gradients over the ranks of ``torch.distributed``
         (default: whenever a process group is initialized). The inner loop stays local to each
         rank; only the shared weights' gradients are communicated, by one ``all_reduce`` per
@@ -148,6 +205,7 @@ class NestedSVI:
         clip_norm: float | None = None,
         implicit_max_iter: int = 100,
         implicit_tol: float = 1e-6,
+        implicit_solver: str = "gmres",
         estimator: PerDatapointELBO | None = None,
         distributed: bool | None = None,
     ):
@@ -183,7 +241,7 @@ class NestedSVI:
         self.tol = None if tol is None else check_positive_float(tol, "tol")
         self.init = init
         self.clip_norm = None if clip_norm is None else check_positive_float(clip_norm, "clip_norm")
-        self.implicit = ImplicitAdjoint(implicit_max_iter, implicit_tol)
+        self.implicit = ImplicitAdjoint(implicit_max_iter, implicit_tol, implicit_solver)
         self.estimator = estimator
         self.generator = make_generator(0 if seed is None else seed)
         self.num_updates = 0

@@ -235,16 +235,58 @@ def test_non_finite_objective_does_not_update_weights(float64):
 
 
 def test_implicit_falls_back_with_warning_when_adjoint_diverges(float64):
-    """A step size large enough to make the update expansive: the adjoint iteration diverges."""
+    """A step size large enough to make the update expansive: the fixed-point adjoint
+    iteration diverges and falls back to the first-order gradient."""
     x, _ = make_point_sets(2, 20, seed=10)
     model = _model()
-    svi = _svi(model, GradientAscent(3, step_size=5.0), gradient="implicit", implicit_max_iter=20)
+    svi = _svi(
+        model,
+        GradientAscent(3, step_size=5.0),
+        gradient="implicit",
+        implicit_max_iter=20,
+        implicit_solver="fixed_point",
+    )
     with pytest.warns(ps.ImplicitGradientWarning):
         g_impl = torch.autograd.grad(_loss_at(svi, x), model.encoder.weight)[0]
     svi_fo = _svi(model, GradientAscent(3, step_size=5.0), gradient="first_order")
     g_fo = torch.autograd.grad(_loss_at(svi_fo, x), model.encoder.weight)[0]
     assert torch.allclose(g_impl, g_fo, atol=1e-10)
     assert svi.implicit.num_fallbacks == 1
+
+
+@pytest.mark.parametrize("radius", [0.5, 3.0])
+@pytest.mark.parametrize("solver", ["gmres", "fixed_point"])
+def test_adjoint_solve_matches_a_dense_solve(float64, solver, radius):
+    """f(λ) = A λ + b: the adjoint is (I - A)^{-T} g. GMRES solves it also when A is expansive
+    (spectral radius 3), where the fixed-point iteration must diverge and fall back."""
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    eigs = radius * torch.linspace(-1.0, 1.0, n)  # symmetric A with spectral radius `radius`
+    eigs[eigs.abs() < 0.2] = 0.3  # keep I - A well conditioned
+    a = q @ torch.diag(eigs) @ q.T + 0.1 * torch.randn(n, n, generator=g)  # and non-symmetric
+    lam = torch.randn(n, generator=g, requires_grad=True)
+    out = a @ lam + 1.0
+    grad_out = torch.randn(n, generator=g)
+    expected = torch.linalg.solve((torch.eye(n) - a).T, grad_out)
+    adjoint = ps.ImplicitAdjoint(
+        max_iter=50 if solver == "gmres" else 400, tol=1e-10, solver=solver
+    )
+    if solver == "fixed_point" and radius > 1:
+        with pytest.warns(ps.ImplicitGradientWarning):
+            got = adjoint.solve(grad_out, out, lam)
+        assert torch.equal(got, grad_out) and adjoint.num_fallbacks == 1
+        return
+    got = adjoint.solve(grad_out, out, lam)
+    assert torch.allclose(got, expected, atol=1e-8)
+    assert adjoint.num_fallbacks == 0
+    if solver == "gmres":
+        assert adjoint.last_iterations <= n  # GMRES is exact after n Krylov vectors
+
+
+def test_adjoint_solver_is_validated():
+    with pytest.raises(ValueError, match="solver"):
+        ps.ImplicitAdjoint(solver="broyden")
 
 
 def test_evaluate_loss_with_negative_elbo_needs_no_gradients(float64):
