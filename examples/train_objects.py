@@ -37,7 +37,7 @@ import time
 import pyro
 import pyro.optim
 import torch
-from pyro_slots.models import IODINE, SlotAutoencoder
+from pyro_slots.models import IODINE, RefinementInputs, SlotAutoencoder
 
 from pyro_slots import NestedSVI, refine
 from pyro_slots.data import generate_shapes, generate_tetrominoes, shapes, tetrominoes
@@ -90,8 +90,17 @@ def build_rule(args, model):
     if rule == "soft_kmeans":
         return SoftKMeans(args.num_iterations, temperature=model.variance)
     if rule == "learned_gradient":
+        extra = {}
+        if args.refinement_inputs:  # IODINE's image-sized auxiliary inputs, per slot
+            if not isinstance(model, IODINE):
+                raise ValueError("refinement_inputs: only for --model iodine")
+            extra = {"features": RefinementInputs(out_dim=32), "extra_dim": 32}
         return LearnedGradient(
-            args.num_iterations, slot_dim=model.slot_dim, hidden_dim=128, preprocessing="layernorm"
+            args.num_iterations,
+            slot_dim=model.slot_dim,
+            hidden_dim=128,
+            preprocessing="layernorm",
+            **extra,
         )
     if rule == "gradient_ascent":
         return GradientAscent(args.num_iterations, step_size=0.1, adam=True)
@@ -293,6 +302,12 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default="tetrominoes", choices=DATASETS)
     parser.add_argument("--rule", default="default", choices=RULES)
     parser.add_argument("--paper-size", action="store_true", help="the papers' architectures")
+    parser.add_argument(
+        "--refinement-inputs",
+        action="store_true",
+        help="IODINE: feed LearnedGradient the auxiliary inputs of the paper (image, decoded "
+        "means and masks, posterior masks, coordinates; models.RefinementInputs)",
+    )
     parser.add_argument(
         "--objective",
         default="reconstruction",

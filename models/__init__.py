@@ -2,13 +2,14 @@
 
 from .blocks import CNNEncoder, SoftPositionEmbed, SpatialBroadcastDecoder
 from .gmm import GaussianMixture, kmeans_plus_plus, random_from_data
-from .iodine import IODINE
+from .iodine import IODINE, RefinementInputs
 from .slot_autoencoder import SlotAutoencoder
 
 __all__ = [
     "CNNEncoder",
     "GaussianMixture",
     "IODINE",
+    "RefinementInputs",
     "SlotAutoencoder",
     "SoftPositionEmbed",
     "SpatialBroadcastDecoder",

@@ -14,6 +14,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.ops.indexing import Vindex
+from torch import nn
 
 from pyro_slots.init import GaussianInit
 from pyro_slots.model import SlotModel, SlotSpec
@@ -21,7 +22,7 @@ from pyro_slots.validation import check_positive_float, check_positive_int, chec
 
 from .blocks import SpatialBroadcastDecoder, _int_tuple, _pair
 
-__all__ = ["IODINE"]
+__all__ = ["IODINE", "RefinementInputs"]
 
 
 class IODINE(SlotModel):
@@ -206,3 +207,75 @@ class IODINE(SlotModel):
         with pyro.plate(self.batch_plate, batch, dim=-2):
             with pyro.plate("slots", slots.shape[1], dim=-1):
                 pyro.sample("z", dist.Normal(parts["loc"], parts["log_scale"].exp()).to_event(1))
+
+
+class RefinementInputs(nn.Module):
+    r"""IODINE's auxiliary inputs to the refinement network, encoded per slot.
+
+    Greff et al. (2019, §2.3) feed the refinement network, besides the posterior parameters and
+    their gradient, image-sized inputs of every slot: the image, the slot's decoded means and
+    mask, its posterior mask (the pixel's responsibility) and coordinate channels. This module
+    builds them from the posterior means of the current slots,
+
+        x, μ_k, m_k, p(a_m = k | x, λ), x - μ_k, (i, j)          # 3 + 3 + 1 + 1 + 3 + 2 channels
+
+    and encodes each slot's stack with a small CNN (shared by the slots, so the rule stays
+    permutation-equivariant) and a mean over positions into ``out_dim`` numbers. Pass it to
+    :class:`~pyro_slots.inner.LearnedGradient` as ``features=RefinementInputs(...)`` with
+    ``extra_dim=out_dim``. It reads the model from the inner problem (``problem.model``, an
+    :class:`IODINE`), so the decoder is not registered twice; as in IODINE, no gradient flows
+    back through the decoded inputs (they are computed without a graph).
+
+    :param int in_channels: image channels (3).
+    :param int out_dim: features per slot.
+    :param int channels: width of the CNN.
+    """
+
+    def __init__(self, in_channels: int = 3, out_dim: int = 32, channels: int = 32):
+        super().__init__()
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.out_dim = check_positive_int(out_dim, "out_dim")
+        channels = check_positive_int(channels, "channels")
+        stack = 3 * self.in_channels + 4
+        self.net = nn.Sequential(
+            nn.Conv2d(stack, channels, 3, stride=2, padding=1),
+            nn.ELU(),
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1),
+            nn.ELU(),
+        )
+        self.out = nn.Linear(channels, self.out_dim)
+
+    def inputs(self, model: IODINE, pixels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The per-slot input stack ``(batch, K, 3 C + 4, H, W)``, without a graph."""
+        with torch.no_grad():
+            image = model.to_image(pixels)  # (B, C, H, W)
+            _, rgb, masks = model.decode(slots.detach())  # (B, K, C, H, W), (B, K, H, W)
+            sq = (image.unsqueeze(1) - rgb).pow(2).sum(2)  # (B, K, H, W)
+            log_lik = -0.5 * sq / model.pixel_scale**2
+            posterior = torch.softmax(masks.clamp_min(1e-30).log() + log_lik, dim=1)
+            batch, num_slots, _, height, width = rgb.shape
+            rows = torch.linspace(-1, 1, height, dtype=image.dtype, device=image.device)
+            cols = torch.linspace(-1, 1, width, dtype=image.dtype, device=image.device)
+            grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # (2, H, W)
+            parts = [
+                image.unsqueeze(1).expand_as(rgb),
+                rgb,
+                masks.unsqueeze(2),
+                posterior.unsqueeze(2),
+                image.unsqueeze(1) - rgb,
+                grid.expand(batch, num_slots, 2, height, width),
+            ]
+            return torch.cat(parts, dim=2)
+
+    def forward(self, problem, slots: torch.Tensor) -> torch.Tensor:
+        model = problem.model
+        if not isinstance(model, IODINE):
+            raise TypeError(f"problem.model: expected an IODINE, got {type(model).__name__}")
+        if model.in_channels != self.in_channels:
+            raise ValueError(
+                f"in_channels: {self.in_channels} differs from the model's {model.in_channels}"
+            )
+        stack = self.inputs(model, problem.x, slots)
+        batch, num_slots = stack.shape[:2]
+        h = self.net(stack.flatten(0, 1)).mean((-2, -1))  # (B K, channels)
+        return self.out(h).reshape(batch, num_slots, self.out_dim)

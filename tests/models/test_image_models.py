@@ -404,3 +404,41 @@ def test_iodine_training_lowers_negative_elbo():
     pyro.set_rng_seed(0)
     before, after = _train(svi, images, held_out, 60)
     assert after < 0.6 * before, (before, after)
+
+
+def test_refinement_inputs_are_iodines_auxiliary_inputs(float64):
+    """The stack against a direct computation; the encoding is equivariant in the slots."""
+    from pyro_slots.models import RefinementInputs
+
+    from pyro_slots.inner import InnerProblem, LearnedGradient
+
+    torch.manual_seed(0)
+    model = tiny_iodine().double()
+    images, _ = squares(2)
+    x = model.encode(images.double())
+    slots = model.init_slots(x, 3, generator=torch.Generator().manual_seed(0))
+    feats = RefinementInputs(out_dim=5, channels=4).double()
+    stack = feats.inputs(model, x, slots)
+    assert stack.shape == (2, 3, 13, SIZE, SIZE)
+    _, rgb, masks = model.decode(slots)
+    k, b, i, j = 1, 0, 4, 6  # one slot, one pixel, by hand
+    pixel = images[b, :, i, j].double()
+    loglik = torch.stack(
+        [-0.5 * ((pixel - rgb[b, s, :, i, j]) ** 2).sum() / model.pixel_scale**2 for s in range(3)]
+    )
+    post = torch.softmax(masks[b, :, i, j].log() + loglik, 0)[k]
+    expected = [*pixel, *rgb[b, k, :, i, j], masks[b, k, i, j], post, *(pixel - rgb[b, k, :, i, j])]
+    expected += [-1 + 2 * i / (SIZE - 1), -1 + 2 * j / (SIZE - 1)]
+    assert torch.allclose(stack[b, k, :, i, j], torch.stack([torch.as_tensor(v) for v in expected]))
+    problem = InnerProblem(model, x)
+    out = feats(problem, slots)
+    perm = [2, 0, 1]
+    assert out.shape == (2, 3, 5)
+    assert torch.allclose(feats(problem, slots[:, perm]), out[:, perm], atol=1e-12)
+    # wired into IODINE's refinement rule, its weights are trained with the rule
+    rule = LearnedGradient(2, slot_dim=model.slot_dim, hidden_dim=8, features=feats, extra_dim=5)
+    svi = NestedSVI(model, rule.double(), NegativeELBO(), pyro.optim.Adam({"lr": 1e-3}), seed=0)
+    svi.loss_and_grads(images[:2].double())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in feats.parameters())
+    with pytest.raises(TypeError, match="problem.model"):
+        feats(InnerProblem(object(), x), slots)

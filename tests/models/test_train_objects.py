@@ -20,11 +20,14 @@ def train_objects():
         sys.path.remove(str(EXAMPLES))
 
 
-@pytest.mark.parametrize("model", ["slot_autoencoder", "iodine"])
-def test_train_objects_tiny(train_objects, tmp_path, model):
+@pytest.mark.parametrize(
+    "model, extra", [("slot_autoencoder", []), ("iodine", []), ("iodine", ["--refinement-inputs"])]
+)
+def test_train_objects_tiny(train_objects, tmp_path, model, extra):
     out = tmp_path / "results.json"
     args = train_objects.parse_args(
         [
+            *extra,
             "--model",
             model,
             "--num-steps",
