@@ -338,14 +338,20 @@ def parse_args(argv=None):
     parser.add_argument("--clip-norm", type=float, default=None)
     parser.add_argument("--num-eval", type=int, default=32, help="held-out test images")
     parser.add_argument("--eval-batch-size", type=int, default=100)
-    parser.add_argument("--num-val", type=int, default=64, help="validation images")
+    parser.add_argument(
+        "--num-val", type=int, default=64, help="validation images (J before/after, the curve)"
+    )
     parser.add_argument("--val-every", type=int, default=0, help="0: no validation curve")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint", default=None, help="where to save the weights")
     parser.add_argument("--output", default=None, help="JSON file for the results")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("num_val", "num_eval", "batch_size", "eval_batch_size"):
+        if getattr(args, name) < 1:  # J before/after training is measured on the validation set
+            parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
+    return args
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ def generate_tetrominoes(num_images: int, seed: int = 0, start: int = 0) -> dict
     flat = mask + (NUM_PIECES + 1) * np.arange(n)[:, None, None]
     image = np.ascontiguousarray(table[flat].transpose(0, 3, 1, 2))
     # Centroid of each piece's pixel centres; pieces never overlap, so the mask holds them all.
-    counts = np.bincount(flat.ravel(), minlength=n * (NUM_PIECES + 1)).reshape(n, -1)[:, 1:]
+    counts = np.bincount(flat.ravel(), minlength=n * (NUM_PIECES + 1))
+    counts = counts.reshape(n, NUM_PIECES + 1)[:, 1:]
     grid = np.arange(size, dtype=np.float64) + 0.5
     rows = np.stack([(mask == j + 1).sum(axis=2) @ grid for j in range(NUM_PIECES)], axis=1)
     cols = np.stack([(mask == j + 1).sum(axis=1) @ grid for j in range(NUM_PIECES)], axis=1)

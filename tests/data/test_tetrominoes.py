@@ -106,3 +106,12 @@ def test_factory_and_arguments():
         generate_tetrominoes(-1)
     with pytest.raises(TypeError, match="seed"):
         TetrominoesDataset(3, seed=1.5)
+
+
+def test_zero_scenes_give_empty_tensors_of_the_right_shapes():
+    """num_images=0 is a valid (empty) range, as for the shapes generator."""
+    empty, one = generate_tetrominoes(0), generate_tetrominoes(1)
+    assert set(empty) == set(one)
+    for key, value in empty.items():
+        assert value.shape == (0, *one[key].shape[1:]), key
+        assert value.dtype == one[key].dtype, key

@@ -148,3 +148,10 @@ def test_summary_across_seeds_is_the_spread_of_the_run_means(train_objects, tmp_
     broken.write_text(json.dumps({"test": {"fg_ari": {}}}))
     with pytest.raises(ValueError, match="no test metrics"):
         summarize_objects.load([str(broken)])
+
+
+@pytest.mark.parametrize("flag", ["--num-val", "--num-eval", "--batch-size", "--eval-batch-size"])
+def test_empty_sizes_are_refused_before_any_work(train_objects, capsys, flag):
+    with pytest.raises(SystemExit):
+        train_objects.parse_args([flag, "0"])
+    assert f"{flag}: expected an integer >= 1" in capsys.readouterr().err
