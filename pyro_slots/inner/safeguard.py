@@ -14,12 +14,16 @@ class Safeguarded(InnerRule):
 
     Every step proposes ``λ' = rule(λ_t)`` and evaluates ``L(λ')``; a datapoint keeps ``λ'`` when
     ``L(λ') >= L(λ_t)``, otherwise it takes the ``fallback`` rule's step from ``λ_t`` (e.g.
-    :class:`~pyro_slots.inner.EM`, which never lowers the ELBO) or, with ``fallback=None``,
-    stays at ``λ_t``. The per-datapoint ELBO is therefore non-decreasing in the number of steps
-    whatever the proposing rule does -- a learned rule run for more steps than it was trained
+    :class:`~pyro_slots.inner.EM`, which never lowers the ELBO) where that step does not lower
+    the ELBO either, and stays at ``λ_t`` elsewhere (always, with ``fallback=None``). The
+    per-datapoint ELBO is therefore non-decreasing in the number of steps whatever the
+    proposing rule does -- a learned rule run for more steps than it was trained
     for, an untrained one, a rule with an unstable fixed point (the safeguarded learned
     optimizers of Heaton et al. 2023, with the ELBO as the merit function). A rejected datapoint
-    also keeps the proposing rule's recurrent state (``aux``) of ``λ_t``.
+    also keeps the proposing rule's recurrent state (``aux``) of ``λ_t``. The guarantee is on the
+    ELBO as computed in the step's batch: :func:`~pyro_slots.refine`'s per-datapoint early
+    stopping re-evaluates it on sub-batches, which in float32 can differ by rounding (~1e-7
+    relative).
 
     Cost per step: one ELBO evaluation of the proposal (the ELBO at ``λ_t`` is carried over from
     the previous step), plus the fallback step and its ELBO when there is a fallback. The
@@ -79,13 +83,17 @@ class Safeguarded(InnerRule):
         )
         proposed = _merit(problem, proposal.slots)
         accept = proposed >= current  # NaN proposals are rejected
-        if self.fallback is None:
-            other_slots, other_elbo = state.slots, current
-        else:
+        other_slots, other_elbo = state.slots, current
+        if self.fallback is not None:
             other, _ = self.fallback.step(
                 InnerState(state.slots, state.step), problem, create_graph
             )
-            other_slots, other_elbo = other.slots, _merit(problem, other.slots)
+            fallback_elbo = _merit(problem, other.slots)
+            # EM never lowers the ELBO in exact arithmetic; in floating point, at convergence,
+            # it may by a rounding error: then stay put, so the guarantee holds as computed.
+            keep = fallback_elbo >= current
+            other_slots = torch.where(keep.view(-1, 1, 1), other.slots, state.slots)
+            other_elbo = torch.where(keep, fallback_elbo, current)
         slots = torch.where(accept.view(-1, 1, 1), proposal.slots, other_slots)
         elbo = torch.where(accept, proposed, other_elbo)
         if len(proposal.aux) == len(inner_aux) and all(

@@ -77,6 +77,7 @@ def test_rejected_steps_take_the_fallback_step(float64):
     em_step, _ = EM(1).step(EM(1).init(problem, slots), problem)
     accepted = problem.elbo(proposal.slots) >= problem.elbo(slots)
     assert not accepted.all()
+    assert (problem.elbo(em_step.slots) >= problem.elbo(slots)).all()  # EM improves here
     expected = torch.where(accepted.view(-1, 1, 1), proposal.slots, em_step.slots)
     assert torch.equal(new.slots, expected)
     assert torch.allclose(info.elbo, problem.elbo(slots))
@@ -92,3 +93,14 @@ def test_stateful_fallback_and_non_rules_are_refused():
         Safeguarded(EM(1), fallback="em")
     with pytest.raises(ValueError, match="fallback"):
         ps.refine(gmm, x, Safeguarded(EM(1), GradientAscent(1, adam=True)), slots=slots)
+
+
+def test_a_fallback_step_that_lowers_the_elbo_is_refused_too(float64):
+    """With a bad fallback as well, every rejected datapoint stays exactly where it was."""
+    gmm, x, slots = _setup(3)
+    rule = Safeguarded(Scramble(1, size=50.0), fallback=Scramble(1, size=40.0))
+    problem = ps.inner.InnerProblem(gmm, x)
+    new, _ = rule.step(rule.init(problem, slots), problem)
+    moved = (new.slots != slots).any(-1).any(-1)
+    assert (problem.elbo(new.slots) >= problem.elbo(slots)).all()
+    assert not moved.all()  # the scrambled steps are refused for (almost) every datapoint
