@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import markdown_table, write_result
+from benchmarks.common import markdown_table, report
 
 #: ``(name, pyro-slots train options without --batch-size and --steps)``
 CONFIGS = {
@@ -146,11 +146,9 @@ def run(args) -> str:
 
 
 def main(args):
-    body = run(args)
-    print(body)
-    if not args.quick:  # quick numbers would overwrite the real ones
-        write_result("distributed", "Throughput on 1 and 2 processes (torch.distributed)", body)
-    return body
+    return report(
+        args, "distributed", "Throughput on 1 and 2 processes (torch.distributed)", run(args)
+    )
 
 
 def parser():

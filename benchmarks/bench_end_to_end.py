@@ -19,7 +19,7 @@ import torch
 from pyro_slots.models import SlotAutoencoder
 
 import pyro_slots as ps
-from benchmarks.common import markdown_table, write_result
+from benchmarks.common import markdown_table, report
 from pyro_slots.data import generate_shapes, generate_tetrominoes
 from pyro_slots.inner import SlotAttention
 from pyro_slots.objectives import Reconstruction
@@ -114,11 +114,9 @@ def run(args) -> str:
 
 
 def main(args):
-    body = run(args)
-    print(body)
-    if not args.quick:  # quick numbers would overwrite the real ones
-        write_result("end_to_end", "Training throughput of the Slot Attention autoencoder", body)
-    return body
+    return report(
+        args, "end_to_end", "Training throughput of the Slot Attention autoencoder", run(args)
+    )
 
 
 def parser():

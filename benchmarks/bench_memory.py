@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import markdown_table, write_result
+from benchmarks.common import markdown_table, report
 
 MODES = ("first_order", "implicit", "unrolled")
 STEPS = (1, 3, 10, 30)
@@ -171,11 +171,9 @@ def main(args):
     if args.worker:
         print(json.dumps(worker(args)))
         return None
-    body = run(args)
-    print(body)
-    if not args.quick:  # quick numbers would overwrite the real ones
-        write_result("memory", "Memory of one outer step against the number of inner steps", body)
-    return body
+    return report(
+        args, "memory", "Memory of one outer step against the number of inner steps", run(args)
+    )
 
 
 def parser():

@@ -21,7 +21,7 @@ import math
 import torch
 from pyro_slots.models import IODINE, GaussianMixture
 
-from benchmarks.common import markdown_table, median_time, write_result
+from benchmarks.common import markdown_table, median_time, report
 from pyro_slots.data import sample_point_sets
 from pyro_slots.elbo import PerDatapointELBO
 
@@ -235,11 +235,7 @@ def _met(ok: bool) -> str:
 
 
 def main(args):
-    body = run(args)
-    print(body)
-    if not args.quick:  # quick numbers would overwrite the real ones
-        write_result("overhead", "Pyro overhead of one inner step", body)
-    return body
+    return report(args, "overhead", "Pyro overhead of one inner step", run(args))
 
 
 def parser():

@@ -23,7 +23,7 @@ import torch
 from pyro_slots.models import SlotAutoencoder
 
 import pyro_slots as ps
-from benchmarks.common import markdown_table, median_time, write_result
+from benchmarks.common import markdown_table, median_time, report
 from pyro_slots.inner import SlotAttention
 from pyro_slots.objectives import Reconstruction
 
@@ -87,11 +87,7 @@ def run(args) -> str:
 
 
 def main(args):
-    body = run(args)
-    print(body)
-    if not args.quick:  # quick numbers would overwrite the real ones
-        write_result("scaling", "Time per outer step against M, K and T", body)
-    return body
+    return report(args, "scaling", "Time per outer step against M, K and T", run(args))
 
 
 def parser():

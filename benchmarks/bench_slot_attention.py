@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import markdown_table, median_time, write_result
+from benchmarks.common import markdown_table, median_time, report
 
 NUM_SLOTS, DIM, ITERS = 7, 64, 3
 SIZES = ((32, 4096), (64, 1024))
@@ -162,11 +162,9 @@ def main(args):
     if args.worker:
         print(json.dumps(worker(args)))
         return None
-    body = run(args)
-    print(body)
-    if not args.quick:  # quick numbers would overwrite the real ones
-        write_result("slot_attention", "SlotAttention rule vs the slot-attention package", body)
-    return body
+    return report(
+        args, "slot_attention", "SlotAttention rule vs the slot-attention package", run(args)
+    )
 
 
 def parser():

@@ -61,3 +61,12 @@ def write_result(name: str, title: str, body: str) -> Path:
     path.write_text(f"# {title}\n\n{machine()}\n\nCommand: `{command}`\n\n{body}\n")
     print(f"wrote {path}")
     return path
+
+
+def report(args, name: str, title: str, body: str) -> str:
+    """Print a benchmark's markdown and write it to ``results/NAME.md``, except with
+    ``--quick`` (tiny sizes that only check the script runs must not overwrite real numbers)."""
+    print(body)
+    if not args.quick:
+        write_result(name, title, body)
+    return body
