@@ -40,9 +40,17 @@ import torch
 from pyro_slots.models import IODINE, RefinementInputs, SlotAutoencoder
 
 from pyro_slots import NestedSVI, refine
+from pyro_slots.checkpoint import save_checkpoint
 from pyro_slots.data import generate_shapes, generate_tetrominoes, shapes, tetrominoes
 from pyro_slots.inner import GradientAscent, LearnedGradient, SlotAttention, SoftKMeans
-from pyro_slots.metrics import AP_THRESHOLDS, ari, fg_ari, mean_iou, reconstruction_mse
+from pyro_slots.metrics import (
+    AP_THRESHOLDS,
+    ari,
+    fg_ari,
+    mean_iou,
+    reconstruction_mse,
+    segmentation_errors,
+)
 from pyro_slots.objectives import NegativeELBO, Reconstruction, SetPrediction, WeightedSum
 
 MODELS = ("slot_autoencoder", "iodine")
@@ -56,6 +64,9 @@ ATTRIBUTES = {
 }
 # Held-out images come from a generator seed no training run uses.
 TEST_SEED_OFFSET = 1_000_000
+# Per-image scores: segmentation, reconstruction, and how a segmentation fails (objects split
+# over slots, objects sharing a slot, the share of the background held by one slot).
+SCORES = ("fg_ari", "ari", "mean_iou", "mse", "split", "merged", "background_share")
 
 
 def make_batch(name: str, num_images: int, seed: int, start: int) -> dict:
@@ -151,7 +162,7 @@ def evaluate(
     With a set-prediction ``head``, also ``"ap"``: ``{threshold: AP}`` over all the images at
     once (predictions ranked by confidence across images, as the paper's metric).
     """
-    scores = {"fg_ari": [], "ari": [], "mean_iou": [], "mse": []}
+    scores = {name: [] for name in SCORES}
     final_slots = []
     generator = torch.Generator().manual_seed(seed)
     images, masks = data["image"], data["mask"]
@@ -164,6 +175,8 @@ def evaluate(
         scores["ari"].append(ari(true, pred))
         scores["mean_iou"].append(mean_iou(true, pred))
         scores["mse"].append(reconstruction_mse(x, recon).double())
+        for name, values in segmentation_errors(true, pred).items():
+            scores[name].append(values.double())
     out = {}
     for name, values in scores.items():
         v = torch.cat(values)
@@ -224,6 +237,13 @@ def main(args):
         f"params={num_params}",
         flush=True,
     )
+    if args.eval_only:  # the weights of a finished run, evaluated on the test set only
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        rule.load_state_dict(state["rule"])
+        if head is not None:
+            head.load_state_dict(state["set_prediction"])
+        return test_and_report(args, model, rule, head, {"eval_only": True})
     val_targets = targets(head, val)
     # J on the validation scenes before and after training (slots refined, no update).
     val_j_initial = svi.evaluate_loss(val["image"], *val_targets)
@@ -260,26 +280,33 @@ def main(args):
             val_curve.append({"step": step, "seconds": round(time.time() - start, 1), **scores})
             print(f"  val step {step}: {format_scores(scores)}", flush=True)
             if args.checkpoint:
-                torch.save(checkpoint(model, rule, head), args.checkpoint)
+                save_checkpoint(args.checkpoint, checkpoint(model, rule, head))
     train_seconds = time.time() - start
     if args.checkpoint:
-        torch.save(checkpoint(model, rule, head), args.checkpoint)
+        save_checkpoint(args.checkpoint, checkpoint(model, rule, head))
     val_j_final = svi.evaluate_loss(val["image"], *val_targets)
     print(f"validation J: {val_j_initial:.5f} before training, {val_j_final:.5f} after")
-    test = make_batch(args.dataset, args.num_eval, args.seed + TEST_SEED_OFFSET, 0)
-    eval_start = time.time()
-    scores = evaluate(model, rule, test, args.eval_batch_size, args.num_slots, args.seed, head=head)
-    eval_seconds = time.time() - eval_start
     results = {
-        "args": vars(args),
         "num_parameters": num_params,
         "num_updates": step,
         "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(eval_seconds, 1),
         "validation_J": {"initial": val_j_initial, "final": val_j_final},
-        "test": scores,
         "curve": curve,
         "validation": val_curve,
+    }
+    return test_and_report(args, model, rule, head, results)
+
+
+def test_and_report(args, model, rule, head, results: dict) -> dict:
+    """Scores on the held-out test scenes, printed and written to ``--output`` with ``results``."""
+    test = make_batch(args.dataset, args.num_eval, args.seed + TEST_SEED_OFFSET, 0)
+    eval_start = time.time()
+    scores = evaluate(model, rule, test, args.eval_batch_size, args.num_slots, args.seed, head=head)
+    results = {
+        "args": vars(args),
+        **results,
+        "eval_seconds": round(time.time() - eval_start, 1),
+        "test": scores,
     }
     print(
         f"test ({args.num_eval} images): "
@@ -346,8 +373,15 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint", default=None, help="where to save the weights")
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="load --checkpoint (a finished run's weights) and only evaluate on the test set",
+    )
     parser.add_argument("--output", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
+    if args.eval_only and not args.checkpoint:
+        parser.error("--eval-only: needs --checkpoint, the weights to evaluate")
     for name in ("num_val", "num_eval", "batch_size", "eval_batch_size"):
         if getattr(args, name) < 1:  # J before/after training is measured on the validation set
             parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1")

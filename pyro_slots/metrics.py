@@ -32,6 +32,7 @@ __all__ = [
     "mean_iou",
     "reconstruction_mse",
     "segmentation_covering",
+    "segmentation_errors",
 ]
 
 AP_THRESHOLDS = (math.inf, 1.0, 0.5, 0.25, 0.125)
@@ -211,6 +212,54 @@ def segmentation_covering(
         best = iou.max(axis=1)
         scores.append((best * sizes).sum() / sizes.sum() if weighted else best.mean())
     return torch.tensor(scores, dtype=torch.float64)
+
+
+def segmentation_errors(
+    true_mask: torch.Tensor, pred_mask: torch.Tensor, threshold: float = 0.1
+) -> dict[str, torch.Tensor]:
+    """How a segmentation fails, per image: split objects, merged objects, a shared background.
+
+    With ``n_jk`` the pixels of true object ``j`` assigned to predicted segment ``k``:
+
+    * ``"split"`` — true objects (labels >= 1) with more than ``threshold`` of their pixels in
+      each of two or more segments;
+    * ``"merged"`` — true objects whose majority segment is also another object's majority
+      segment;
+    * ``"background_share"`` — the fraction of the background (label 0) in the one segment that
+      holds most of it (1: one slot owns the background; ``NaN`` without background pixels).
+
+    FG-ARI counts split and merged objects alike; these counts tell them apart, and
+    ``background_share`` explains an ARI far below the FG-ARI (a background shared by all
+    slots). Soft masks ``(batch, K, ...)`` are taken at their argmax.
+
+    :param float threshold: in ``(0, 0.5]``.
+    :returns: ``{"split": (batch,) int64, "merged": (batch,) int64, "background_share":
+        (batch,) float64}``.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise TypeError(f"threshold: expected a number in (0, 0.5], got {threshold!r}")
+    if not 0 < threshold <= 0.5:
+        raise ValueError(f"threshold: expected a number in (0, 0.5], got {threshold}")
+    labels = _flat_labels(true_mask)
+    pred_onehot = _pred_onehot(pred_mask, true_mask.shape, "argmax", "pred_mask")
+    true_onehot = F.one_hot(labels, int(labels.max()) + 1 if labels.numel() else 1).double()
+    inter = torch.einsum("bnj,bnk->bjk", true_onehot, pred_onehot).cpu().numpy()
+    split, merged, share = [], [], []
+    for counts in inter:
+        size = counts.sum(1)
+        background = counts[0] if size[0] > 0 else None
+        objects = counts[1:][size[1:] > 0]
+        fractions = objects / objects.sum(1, keepdims=True).clip(min=1)
+        split.append(int(((fractions > threshold).sum(1) >= 2).sum()))
+        majority = objects.argmax(1)
+        shared = np.bincount(majority, minlength=counts.shape[1])[majority] >= 2
+        merged.append(int(shared.sum()))
+        share.append(math.nan if background is None else background.max() / background.sum())
+    return {
+        "split": torch.tensor(split, dtype=torch.int64),
+        "merged": torch.tensor(merged, dtype=torch.int64),
+        "background_share": torch.tensor(share, dtype=torch.float64),
+    }
 
 
 def reconstruction_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

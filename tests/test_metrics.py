@@ -17,6 +17,7 @@ from pyro_slots.metrics import (
     mean_iou,
     reconstruction_mse,
     segmentation_covering,
+    segmentation_errors,
 )
 
 
@@ -240,3 +241,44 @@ def test_average_precision_edge_cases():
         average_precision({k: v for k, v in pred.items() if k != "color"}, targets, 1.0)
     with pytest.raises(ValueError, match="distance_threshold"):
         average_precision(pred, targets, 0.0)
+
+
+def test_segmentation_errors_on_a_hand_made_scene():
+    """4x4 image, objects 1 and 2 and a background; predicted slots a, b, c."""
+    true = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 0, 0], [2, 2, 0, 0]]])
+    # object 1 split 2:2 between slots 1 and 2; object 2 all in slot 1 (merged with half of 1's
+    # majority? its majority is slot 1, object 1's majority is slot 1 too: argmax of a tie -> 1)
+    pred = torch.tensor([[[0, 0, 1, 2], [0, 3, 1, 2], [1, 1, 0, 0], [1, 1, 3, 3]]])
+    out = segmentation_errors(true, pred)
+    assert out["split"].tolist() == [1]
+    assert out["merged"].tolist() == [2]
+    # background: 8 pixels, 5 in slot 0, 3 in slot 3
+    assert out["background_share"].tolist() == [5 / 8]
+    # a perfect segmentation has no errors and one slot for the background
+    perfect = segmentation_errors(true, true)
+    assert perfect["split"].tolist() == [0] and perfect["merged"].tolist() == [0]
+    assert perfect["background_share"].tolist() == [1.0]
+
+
+def test_segmentation_errors_match_a_pixel_loop():
+    g = torch.Generator().manual_seed(0)
+    true = torch.randint(0, 4, (6, 5, 5), generator=g)
+    soft = torch.randn(6, 3, 5, 5, generator=g)
+    out = segmentation_errors(true, soft, threshold=0.2)
+    pred = soft.argmax(1)
+    for b in range(6):
+        objects = [j for j in range(1, 4) if (true[b] == j).any()]
+        counts = {
+            j: [int(((true[b] == j) & (pred[b] == k)).sum()) for k in range(3)] for j in objects
+        }
+        split = sum(sum(c / sum(cs) > 0.2 for c in cs) >= 2 for cs in counts.values())
+        majority = {j: max(range(3), key=lambda k: (counts[j][k], -k)) for j in objects}
+        merged = sum(list(majority.values()).count(majority[j]) >= 2 for j in objects)
+        bg = [int(((true[b] == 0) & (pred[b] == k)).sum()) for k in range(3)]
+        assert out["split"][b] == split and out["merged"][b] == merged
+        assert out["background_share"][b].item() == pytest.approx(max(bg) / sum(bg))
+
+
+def test_segmentation_errors_validate_the_threshold():
+    with pytest.raises(ValueError, match="threshold"):
+        segmentation_errors(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2), 0.7)

@@ -53,7 +53,7 @@ def test_train_objects_tiny(train_objects, tmp_path, model, extra):
     assert results["num_updates"] == 2
     assert len(results["validation"]) == 1
     test = results["test"]
-    assert {k: test[k]["n"] for k in test} == {"fg_ari": 6, "ari": 6, "mean_iou": 6, "mse": 6}
+    assert {k: test[k]["n"] for k in test} == {k: 6 for k in train_objects.SCORES}
     assert -1.0 <= test["fg_ari"]["mean"] <= 1.0 and 0.0 <= test["mean_iou"]["mean"] <= 1.0
     assert 0.0 < test["mse"]["mean"] < 1.0
     # and the summary script reads what the run wrote
@@ -155,3 +155,27 @@ def test_empty_sizes_are_refused_before_any_work(train_objects, capsys, flag):
     with pytest.raises(SystemExit):
         train_objects.parse_args([flag, "0"])
     assert f"{flag}: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_eval_only_reproduces_the_test_scores_of_a_run(train_objects, tmp_path):
+    """Train 2 updates with a checkpoint, then --eval-only on it: the same seven test scores
+    (segmentation, reconstruction and segmentation errors) from the saved weights."""
+    ckpt, out, again = tmp_path / "w.pt", tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--num-eval", "6", "--eval-batch-size", "3", "--num-val", "4", "--threads", "1"]
+    common += ["--checkpoint", str(ckpt)]
+    train_objects.main(
+        train_objects.parse_args(
+            [*common, "--num-steps", "2", "--batch-size", "4", "--output", str(out)]
+        )
+    )
+    train_objects.main(train_objects.parse_args([*common, "--eval-only", "--output", str(again)]))
+    first, second = json.loads(out.read_text()), json.loads(again.read_text())
+    assert second["eval_only"] and "curve" not in second
+    for name in ("fg_ari", "ari", "mean_iou", "mse", "split", "merged", "background_share"):
+        assert second["test"][name]["mean"] == pytest.approx(first["test"][name]["mean"], abs=1e-6)
+    assert (
+        0 <= second["test"]["split"]["mean"] <= 3
+        and 0 < second["test"]["background_share"]["mean"] <= 1
+    )
+    with pytest.raises(SystemExit):
+        train_objects.parse_args(["--eval-only"])
