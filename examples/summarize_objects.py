@@ -81,9 +81,7 @@ def validation_table(runs: list[dict], metric: str = "fg_ari") -> str:
         cells = []
         for run in runs:
             hit = [v for v in run.get("validation", []) if v["step"] == step]
-            cells.append(
-                f"{hit[0][metric]['mean']:.3f} ({hit[0]['seconds'] / 60:.0f} min)" if hit else ""
-            )
+            cells.append(f"{hit[0][metric]['mean']:.3f} ({hit[0]['seconds']:.0f} s)" if hit else "")
         lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -97,7 +95,7 @@ def main(argv=None) -> str:
     text = (
         "Test (held-out images; per run mean ± std over images):\n\n"
         + test_table(runs)
-        + f"\n\nValidation {args.metric} (minutes of training in brackets):\n\n"
+        + f"\n\nValidation {args.metric} (seconds of training in brackets):\n\n"
         + validation_table(runs, args.metric)
     )
     print(text)
