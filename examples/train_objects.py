@@ -249,10 +249,20 @@ def main(args):
     val_j_initial = svi.evaluate_loss(val["image"], *val_targets)
     curve, val_curve = [], []
     start = time.time()
-    running, running_terms, step = None, None, 0
+    running, running_terms, step, skipped = None, None, 0, []
     while step < args.num_steps and time.time() - start < 60 * args.max_minutes:
         batch = make_batch(args.dataset, args.batch_size, args.seed, step * args.batch_size)
-        loss = svi.step(batch["image"], *targets(head, batch))
+        try:
+            loss = svi.step(batch["image"], *targets(head, batch))
+        except FloatingPointError as error:
+            # NestedSVI refused the update (non-finite J or gradient) and left the weights
+            # unchanged: skip this batch, up to --max-skipped times in the whole run.
+            skipped.append(step + 1)
+            print(f"step {step + 1:6d}  skipped: {error}", flush=True)
+            if len(skipped) > args.max_skipped:
+                raise
+            step += 1
+            continue
         optim.step()
         running = loss if running is None else 0.98 * running + 0.02 * loss
         terms = getattr(objective, "last_terms", None)
@@ -289,6 +299,7 @@ def main(args):
     results = {
         "num_parameters": num_params,
         "num_updates": step,
+        "skipped_updates": skipped,
         "train_seconds": round(train_seconds, 1),
         "validation_J": {"initial": val_j_initial, "final": val_j_final},
         "curve": curve,
@@ -362,6 +373,12 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--warmup-steps", type=int, default=1000)
     parser.add_argument("--decay-half-life", type=int, default=100_000)
+    parser.add_argument(
+        "--max-skipped",
+        type=int,
+        default=10,
+        help="updates NestedSVI may refuse as non-finite (batch skipped) before the run stops",
+    )
     parser.add_argument("--clip-norm", type=float, default=None)
     parser.add_argument("--num-eval", type=int, default=32, help="held-out test images")
     parser.add_argument("--eval-batch-size", type=int, default=100)
@@ -380,6 +397,8 @@ def parse_args(argv=None):
     )
     parser.add_argument("--output", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
+    if args.max_skipped < 0:
+        parser.error("--max-skipped: expected an integer >= 0")
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only: needs --checkpoint, the weights to evaluate")
     for name in ("num_val", "num_eval", "batch_size", "eval_batch_size"):

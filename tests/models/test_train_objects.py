@@ -179,3 +179,26 @@ def test_eval_only_reproduces_the_test_scores_of_a_run(train_objects, tmp_path):
     )
     with pytest.raises(SystemExit):
         train_objects.parse_args(["--eval-only"])
+
+
+def test_refused_updates_are_skipped_up_to_a_limit(train_objects, tmp_path, monkeypatch):
+    """NestedSVI raises FloatingPointError (weights unchanged) on a non-finite update: the run
+    skips that batch and goes on, and stops once more than --max-skipped were refused."""
+    original = train_objects.NestedSVI.step
+    calls = []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) in (2, 3):
+            raise FloatingPointError("NestedSVI: non-finite gradient (injected)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_objects.NestedSVI, "step", flaky)
+    out = tmp_path / "r.json"
+    argv = ["--num-steps", "4", "--batch-size", "2", "--num-eval", "2", "--num-val", "2"]
+    argv += ["--threads", "1", "--output", str(out)]
+    results = train_objects.main(train_objects.parse_args(argv))
+    assert results["skipped_updates"] == [2, 3] and results["num_updates"] == 4
+    calls.clear()
+    with pytest.raises(FloatingPointError, match="injected"):
+        train_objects.main(train_objects.parse_args([*argv, "--max-skipped", "1"]))
