@@ -140,18 +140,24 @@ def fg_ari(true_mask: torch.Tensor, pred: torch.Tensor, soft: str = "argmax") ->
     return ari(true_mask, pred, ignore_background=True, soft=soft)
 
 
-def _overlaps(true_mask, pred_mask, ignore_background):
-    """Per image: true segment ids, their sizes, and the IoU matrix (true × predicted)."""
+def _intersections(true_mask, pred_mask):
+    """Pixel counts ``n_jk`` of true segment ``j`` in predicted segment ``k``, ``(batch, J, K)``
+    float64, and the predicted one-hot masks ``(batch, N, K)`` (soft masks at their argmax)."""
     labels = _flat_labels(true_mask)
     pred_onehot = _pred_onehot(pred_mask, true_mask.shape, "argmax", "pred_mask")
     true_onehot = F.one_hot(labels, int(labels.max()) + 1 if labels.numel() else 1).double()
-    inter = torch.einsum("bnj,bnk->bjk", true_onehot, pred_onehot)
+    return torch.einsum("bnj,bnk->bjk", true_onehot, pred_onehot), pred_onehot
+
+
+def _overlaps(true_mask, pred_mask, ignore_background):
+    """Per image: true segment ids, their sizes, and the IoU matrix (true × predicted)."""
+    inter, pred_onehot = _intersections(true_mask, pred_mask)
     true_size = inter.sum(2)
     union = true_size.unsqueeze(2) + pred_onehot.sum(1).unsqueeze(1) - inter
     iou = (inter / union.clamp(min=1)).cpu().numpy()
     true_size = true_size.cpu().numpy()
     first = 1 if ignore_background else 0
-    for b in range(labels.shape[0]):
+    for b in range(inter.shape[0]):
         ids = np.nonzero(true_size[b, first:])[0] + first
         yield ids, true_size[b, ids], iou[b, ids]
 
@@ -240,10 +246,7 @@ def segmentation_errors(
         raise TypeError(f"threshold: expected a number in (0, 0.5], got {threshold!r}")
     if not 0 < threshold <= 0.5:
         raise ValueError(f"threshold: expected a number in (0, 0.5], got {threshold}")
-    labels = _flat_labels(true_mask)
-    pred_onehot = _pred_onehot(pred_mask, true_mask.shape, "argmax", "pred_mask")
-    true_onehot = F.one_hot(labels, int(labels.max()) + 1 if labels.numel() else 1).double()
-    inter = torch.einsum("bnj,bnk->bjk", true_onehot, pred_onehot).cpu().numpy()
+    inter = _intersections(true_mask, pred_mask)[0].cpu().numpy()
     split, merged, share = [], [], []
     for counts in inter:
         size = counts.sum(1)
