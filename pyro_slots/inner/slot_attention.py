@@ -244,21 +244,16 @@ class SlotAttention(InnerRule):
             p for m in (self.encoder, self.norm_inputs) if m is not None for p in m.parameters()
         ]
         key = (torch.is_grad_enabled(), id(x), x._version, *((id(p), p._version) for p in params))
-        memo = self._input_memo()
-        hit = memo.get(problem)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        self._moments_memo().pop(problem, None)
+        return self._per_problem(problem, "inputs", key, lambda: self._encode(x))
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         inputs = x if self.encoder is None else self.encoder(x)
         if inputs.shape[-1] != self.feature_dim:
             raise ValueError(
                 f"encoder: expected {self.feature_dim} output features (feature_dim), "
                 f"got {tuple(inputs.shape)}"
             )
-        if self.norm_inputs is not None:
-            inputs = self.norm_inputs(inputs)
-        memo[problem] = (key, inputs)
-        return inputs
+        return inputs if self.norm_inputs is None else self.norm_inputs(inputs)
 
     def attend(self, s: torch.Tensor, inputs: torch.Tensor):
         """Attention of slots ``s`` ``(batch, K, hidden)`` over normalized inputs ``(batch, M, F)``.
@@ -299,31 +294,23 @@ class SlotAttention(InnerRule):
         """``(x, x²)`` of the raw measurements, ``(batch, M, 2 input_dim)``, once per problem."""
         x = problem.x
         key = (torch.is_grad_enabled(), id(x), x._version)
-        memo = self._moments_memo()
-        hit = memo.get(problem)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        both = torch.cat([x, x * x], dim=-1)
-        memo[problem] = (key, both)
-        return both
+        return self._per_problem(problem, "moments", key, lambda: torch.cat([x, x * x], dim=-1))
 
-    def _moments_memo(self) -> weakref.WeakKeyDictionary:
-        memo = self.__dict__.get("_mmemo")
-        if memo is None:
-            memo = self.__dict__["_mmemo"] = weakref.WeakKeyDictionary()
-        return memo
-
-    def _input_memo(self) -> weakref.WeakKeyDictionary:
+    def _per_problem(self, problem: InnerProblem, name: str, key: tuple, compute):
+        """``compute()``, memoized per problem under ``name`` while ``key`` stays the same."""
         memo = self.__dict__.get("_memo")
         if memo is None:
             memo = self.__dict__["_memo"] = weakref.WeakKeyDictionary()
-        return memo
+        entries = memo.setdefault(problem, {})
+        hit = entries.get(name)
+        if hit is None or hit[0] != key:
+            hit = entries[name] = (key, compute())
+        return hit[1]
 
     def __getstate__(self):
         # The memo holds weak references (not picklable) to problems that no longer exist.
         state = dict(super().__getstate__())
         state.pop("_memo", None)
-        state.pop("_mmemo", None)
         return state
 
     def _readout(self, h: torch.Tensor, attn: torch.Tensor, problem: InnerProblem) -> torch.Tensor:
