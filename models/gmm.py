@@ -246,7 +246,7 @@ def kmeans_plus_plus(
         for step in range(lloyd_steps + 1):
             # |x - c|² up to the per-point constant |x|², as one batched matrix product; the
             # nearest center is taken over a contiguous last axis.
-            score = (centers * centers).sum(-1, keepdim=True) - 2 * centers @ xd.transpose(1, 2)
+            score = (centers * centers).sum(-1, keepdim=True) - 2 * centers @ xt
             previous, nearest = nearest, score.transpose(1, 2).contiguous().argmin(-1)  # (B, M)
             if step == lloyd_steps or (previous is not None and torch.equal(previous, nearest)):
                 break  # the assignment is a fixed point of Lloyd's iteration
@@ -255,7 +255,7 @@ def kmeans_plus_plus(
     sums, counts = _cluster_sums(x, nearest, num_slots)  # with gradients, as promised above
     # An empty cluster keeps its seed: its statistics come from the pooled data.
     loc = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
-    nk = counts
+    nk = counts  # (B, K, 1)
     pooled = x.var(1, keepdim=True).expand(batch, num_slots, dim)
     # Squared deviation of every point from its own cluster's mean: O(B M D), no (B, K, M, D).
     own = torch.gather(loc, 1, nearest.unsqueeze(-1).expand(-1, -1, dim))  # (B, M, D)

@@ -319,13 +319,12 @@ def run_inner_freezing(
             converged |= delta < tol
         if elbo_tol is not None and previous is not None:
             converged |= (info.elbo - previous).abs() / num_points < elbo_tol
-        if bool(converged.all()):
-            break
-        keep = ~converged
-        state = _slice_state(new_state, keep) if bool(converged.any()) else new_state
-        previous = info.elbo[keep] if bool(converged.any()) else info.elbo
+        state, previous = new_state, info.elbo
         if bool(converged.any()):
-            active = active[keep]
+            if bool(converged.all()):
+                break
+            keep = ~converged
+            state, previous, active = _slice_state(state, keep), previous[keep], active[keep]
             problem = InnerProblem(model, x_free[active], estimator, record_history)
     final = InnerState(final.slots, t, final.aux)
     with torch.no_grad():
