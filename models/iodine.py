@@ -249,10 +249,13 @@ class RefinementInputs(nn.Module):
         """The per-slot input stack ``(batch, K, 3 C + 4, H, W)``, without a graph."""
         with torch.no_grad():
             image = model.to_image(pixels)  # (B, C, H, W)
-            _, rgb, masks = model.decode(slots.detach())  # (B, K, C, H, W), (B, K, H, W)
+            loc = model.slot_spec.split(slots.detach())["loc"]
+            rgb, logits = model.decode_latents(loc)  # (B, K, C, H, W), (B, K, H, W)
+            log_masks = torch.log_softmax(logits, dim=1)
+            masks = log_masks.exp()
             sq = (image.unsqueeze(1) - rgb).pow(2).sum(2)  # (B, K, H, W)
             log_lik = -0.5 * sq / model.pixel_scale**2
-            posterior = torch.softmax(masks.clamp_min(1e-30).log() + log_lik, dim=1)
+            posterior = torch.softmax(log_masks + log_lik, dim=1)
             batch, num_slots, _, height, width = rgb.shape
             rows = torch.linspace(-1, 1, height, dtype=image.dtype, device=image.device)
             cols = torch.linspace(-1, 1, width, dtype=image.dtype, device=image.device)
