@@ -31,3 +31,21 @@ def make_point_sets(num_sets, num_points, num_components=3, dim=2, seed=0, sprea
     centers = torch.gather(means, 1, labels.unsqueeze(-1).expand(-1, -1, dim))
     x = centers + 0.5 * torch.randn(num_sets, num_points, dim, generator=g)
     return x.to(torch.get_default_dtype()), labels
+
+
+def tiny_autoencoder(image_size=12, **kwargs):
+    """A SlotAutoencoder small enough for unit tests (3 slots, two 3x3 layers each way)."""
+    from pyro_slots.models import SlotAutoencoder
+
+    config = dict(
+        image_size=image_size,
+        num_slots=3,
+        feature_dim=16,
+        encoder_channels=(8, 8),
+        encoder_strides=(1, 2),
+        decoder_channels=(8, 8),
+        decoder_upsample=1,
+        kernel_size=3,
+    )
+    config.update(kwargs)
+    return SlotAutoencoder(**config)

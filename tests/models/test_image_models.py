@@ -28,23 +28,9 @@ from pyro_slots.inner import (
 )
 from pyro_slots.objectives import NegativeELBO, Reconstruction
 from pyro_slots.refine import run_inner
+from tests.conftest import tiny_autoencoder
 
 SIZE = 12  # side of the synthetic test images
-
-
-def tiny_autoencoder(**kwargs):
-    config = dict(
-        image_size=SIZE,
-        num_slots=3,
-        feature_dim=16,
-        encoder_channels=(8, 8),
-        encoder_strides=(1, 2),
-        decoder_channels=(8, 8),
-        decoder_upsample=1,
-        kernel_size=3,
-    )
-    config.update(kwargs)
-    return SlotAutoencoder(**config)
 
 
 def tiny_iodine(**kwargs):

@@ -25,29 +25,9 @@ def train_objects():
 )
 def test_train_objects_tiny(train_objects, tmp_path, model, extra):
     out = tmp_path / "results.json"
-    args = train_objects.parse_args(
-        [
-            *extra,
-            "--model",
-            model,
-            "--num-steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--num-eval",
-            "6",
-            "--eval-batch-size",
-            "4",
-            "--num-val",
-            "4",
-            "--val-every",
-            "2",
-            "--threads",
-            "1",
-            "--output",
-            str(out),
-        ]
-    )
+    argv = f"--model {model} --num-steps 2 --batch-size 4 --num-eval 6 --eval-batch-size 4"
+    argv += " --num-val 4 --val-every 2 --threads 1"
+    args = train_objects.parse_args([*extra, *argv.split(), "--output", str(out)])
     train_objects.main(args)
     results = json.loads(out.read_text())
     assert results["num_updates"] == 2
@@ -66,36 +46,10 @@ def test_train_objects_tiny(train_objects, tmp_path, model, extra):
 def test_train_objects_set_prediction(train_objects, tmp_path):
     """Reconstruction + set prediction on shapes: J falls on held-out scenes, AP is reported."""
     out = tmp_path / "results.json"
-    args = train_objects.parse_args(
-        [
-            "--dataset",
-            "shapes",
-            "--num-slots",
-            "6",
-            "--objective",
-            "both",
-            "--num-steps",
-            "20",
-            "--batch-size",
-            "8",
-            "--lr",
-            "2e-3",
-            "--warmup-steps",
-            "1",
-            "--num-eval",
-            "8",
-            "--eval-batch-size",
-            "8",
-            "--num-val",
-            "16",
-            "--val-every",
-            "20",
-            "--threads",
-            "1",
-            "--output",
-            str(out),
-        ]
-    )
+    argv = "--dataset shapes --num-slots 6 --objective both --num-steps 20 --batch-size 8"
+    argv += " --lr 2e-3 --warmup-steps 1 --num-eval 8 --eval-batch-size 8 --num-val 16"
+    argv += " --val-every 20 --threads 1"
+    args = train_objects.parse_args([*argv.split(), "--output", str(out)])
     train_objects.main(args)
     results = json.loads(out.read_text())
     assert results["num_updates"] == 20

@@ -5,27 +5,24 @@ import math
 import pyro.optim
 import pytest
 import torch
-from pyro_slots.models import SlotAutoencoder
 
 from pyro_slots import NestedSVI
 from pyro_slots.data import generate_shapes
 from pyro_slots.inner import SoftKMeans
 from pyro_slots.objectives import Objective, Reconstruction, SetPrediction, WeightedSum
+from tests import conftest
 
 SIZE = 16
 NUM_SLOTS = 3
 
 
 def tiny_autoencoder():
-    return SlotAutoencoder(
+    return conftest.tiny_autoencoder(
         image_size=SIZE,
         num_slots=NUM_SLOTS,
         feature_dim=8,
         encoder_channels=(4, 4),
-        encoder_strides=(1, 2),
         decoder_channels=(4, 4),
-        decoder_upsample=1,
-        kernel_size=3,
     )
 
 
