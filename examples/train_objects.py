@@ -30,8 +30,10 @@ Set prediction and reconstruction together on shapes (up to 5 objects, so 6 slot
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import os
 import time
 
 import pyro
@@ -153,6 +155,44 @@ def learning_rate(step: int, warmup: int, half_life: int) -> float:
     return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 ** (step / half_life)
 
 
+def cosine_learning_rate(step: int, progress: float, warmup: int, final: float) -> float:
+    """Linear warm-up, then cosine annealing from 1 to ``final`` as ``progress`` goes 0 -> 1."""
+    progress = min(max(progress, 0.0), 1.0)
+    anneal = final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min(1.0, (step + 1) / max(warmup, 1)) * anneal
+
+
+class Schedule:
+    """The factor of ``--lr`` for update ``step``, as ``pyro.optim.LambdaLR`` asks for it.
+
+    ``exponential``: :func:`learning_rate` (warm-up, then half-life ``--decay-half-life``).
+    ``cosine``: :func:`cosine_learning_rate` over the run's budget, whichever of
+    ``--num-steps`` and ``--max-minutes`` runs out first: the progress of update ``step`` is
+    ``max(step / num_steps, elapsed / max_seconds)``, the clock started by :meth:`start`. A
+    run bounded by wall time thus anneals to ``--final-lr-factor`` at its end whatever the
+    speed of the machine (and is, in its number of updates, no more reproducible than the clock).
+    """
+
+    def __init__(self, args):
+        self.kind = args.lr_schedule
+        self.warmup, self.half_life = args.warmup_steps, args.decay_half_life
+        self.num_steps, self.final = args.num_steps, args.final_lr_factor
+        self.max_seconds = 60.0 * args.max_minutes
+        self.started = None
+
+    def start(self) -> None:
+        self.started = time.time()
+
+    def progress(self, step: int) -> float:
+        elapsed = 0.0 if self.started is None else time.time() - self.started
+        return max(step / self.num_steps, elapsed / self.max_seconds)
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "exponential":
+            return learning_rate(step, self.warmup, self.half_life)
+        return cosine_learning_rate(step, self.progress(step), self.warmup, self.final)
+
+
 @torch.no_grad()
 def evaluate(
     model, rule, data: dict, batch_size: int, num_slots: int, seed: int, head=None
@@ -207,6 +247,7 @@ def main(args):
     model = build_model(args, image_size)
     rule = build_rule(args, model)
     objective, head = build_objective(args, model)
+    schedule = Schedule(args)
     val = make_batch(args.dataset, args.num_val, args.seed + TEST_SEED_OFFSET + 1, 0)
     if head is not None and args.num_slots < val["present"].shape[1]:
         raise ValueError(
@@ -217,7 +258,7 @@ def main(args):
         {
             "optimizer": torch.optim.Adam,
             "optim_args": {"lr": args.lr},
-            "lr_lambda": lambda s: learning_rate(s, args.warmup_steps, args.decay_half_life),
+            "lr_lambda": schedule,
         }
     )
     svi = NestedSVI(
@@ -239,16 +280,15 @@ def main(args):
     )
     if args.eval_only:  # the weights of a finished run, evaluated on the test set only
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        rule.load_state_dict(state["rule"])
-        if head is not None:
-            head.load_state_dict(state["set_prediction"])
+        load_weights(model, rule, head, state)
         return test_and_report(args, model, rule, head, {"eval_only": True})
     val_targets = targets(head, val)
     # J on the validation scenes before and after training (slots refined, no update).
     val_j_initial = svi.evaluate_loss(val["image"], *val_targets)
     curve, val_curve = [], []
+    best = None  # (validation FG-ARI, update, weights) with --select-best
     start = time.time()
+    schedule.start()
     running, running_terms, step, skipped = None, None, 0, []
     while step < args.num_steps and time.time() - start < 60 * args.max_minutes:
         batch = make_batch(args.dataset, args.batch_size, args.seed, step * args.batch_size)
@@ -276,6 +316,7 @@ def main(args):
         if step % args.log_every == 0 or step == 1:
             elapsed = time.time() - start
             entry = {"step": step, "seconds": round(elapsed, 1), "J": running}
+            entry["lr"] = args.lr * schedule(step)
             text = f"step {step:6d}  {elapsed:7.1f}s  J {running:.5f}"
             if running_terms is not None:
                 # Unweighted parts of J: the model's own objective, then set prediction.
@@ -291,6 +332,11 @@ def main(args):
             print(f"  val step {step}: {format_scores(scores)}", flush=True)
             if args.checkpoint:
                 save_checkpoint(args.checkpoint, checkpoint(model, rule, head))
+            if args.select_best and (best is None or scores["fg_ari"]["mean"] > best[0]):
+                state = copy.deepcopy(checkpoint(model, rule, head))
+                best = (scores["fg_ari"]["mean"], step, state)
+                if args.checkpoint:
+                    save_checkpoint(best_path(args.checkpoint), state)
     train_seconds = time.time() - start
     if args.checkpoint:
         save_checkpoint(args.checkpoint, checkpoint(model, rule, head))
@@ -305,12 +351,40 @@ def main(args):
         "curve": curve,
         "validation": val_curve,
     }
+    if best is not None:
+        # Test the weights of the best validation FG-ARI too (the final ones stay "test").
+        final_state = copy.deepcopy(checkpoint(model, rule, head))
+        load_weights(model, rule, head, best[2])
+        selected = evaluate(
+            model, rule, make_test(args), args.eval_batch_size, args.num_slots, args.seed, head
+        )
+        print(f"test of the best validation weights (update {best[1]}): {format_scores(selected)}")
+        results["selected"] = {"step": best[1], "val_fg_ari": best[0], "test": selected}
+        load_weights(model, rule, head, final_state)
     return test_and_report(args, model, rule, head, results)
+
+
+def best_path(path: str) -> str:
+    """Where ``--select-best`` keeps the best validation weights beside ``--checkpoint``."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.best{ext or '.pt'}"
+
+
+def load_weights(model, rule, head, state: dict) -> None:
+    model.load_state_dict(state["model"])
+    rule.load_state_dict(state["rule"])
+    if head is not None:
+        head.load_state_dict(state["set_prediction"])
+
+
+def make_test(args) -> dict:
+    """The held-out test scenes: a generator seed no training batch or validation scene uses."""
+    return make_batch(args.dataset, args.num_eval, args.seed + TEST_SEED_OFFSET, 0)
 
 
 def test_and_report(args, model, rule, head, results: dict) -> dict:
     """Scores on the held-out test scenes, printed and written to ``--output`` with ``results``."""
-    test = make_batch(args.dataset, args.num_eval, args.seed + TEST_SEED_OFFSET, 0)
+    test = make_test(args)
     eval_start = time.time()
     scores = evaluate(model, rule, test, args.eval_batch_size, args.num_slots, args.seed, head=head)
     results = {
@@ -372,7 +446,22 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--warmup-steps", type=int, default=1000)
+    parser.add_argument(
+        "--lr-schedule",
+        default="exponential",
+        choices=("exponential", "cosine"),
+        help="after the warm-up: exponential decay (--decay-half-life, the paper's) or cosine "
+        "annealing to --final-lr-factor over the run's budget (--num-steps or --max-minutes, "
+        "whichever ends first)",
+    )
     parser.add_argument("--decay-half-life", type=int, default=100_000)
+    parser.add_argument("--final-lr-factor", type=float, default=0.05)
+    parser.add_argument(
+        "--select-best",
+        action="store_true",
+        help="keep the weights of the best validation FG-ARI (every --val-every updates) and "
+        "score them on the test scenes too (beside the final weights)",
+    )
     parser.add_argument(
         "--max-skipped",
         type=int,
@@ -399,6 +488,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.max_skipped < 0:
         parser.error("--max-skipped: expected an integer >= 0")
+    if not 0.0 <= args.final_lr_factor <= 1.0:
+        parser.error(f"--final-lr-factor: expected a number in [0, 1], got {args.final_lr_factor}")
+    if args.select_best and not args.val_every:
+        parser.error("--select-best: needs a validation curve (--val-every > 0)")
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only: needs --checkpoint, the weights to evaluate")
     for name in ("num_val", "num_eval", "batch_size", "eval_batch_size"):
