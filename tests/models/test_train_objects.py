@@ -156,3 +156,66 @@ def test_refused_updates_are_skipped_up_to_a_limit(train_objects, tmp_path, monk
     calls.clear()
     with pytest.raises(FloatingPointError, match="injected"):
         train_objects.main(train_objects.parse_args([*argv, "--max-skipped", "1"]))
+
+
+def test_cosine_schedule_anneals_over_the_budget_that_ends_first(train_objects):
+    """Warm-up, then ½(1 + cos πp) from 1 to the final factor; p is the larger of the step and
+    wall-time fractions of the budget."""
+    import math
+    import time
+
+    f = train_objects.cosine_learning_rate
+    assert f(0, 0.0, warmup=4, final=0.1) == pytest.approx(0.25)  # warm-up: (0 + 1) / 4
+    assert f(10, 0.0, warmup=4, final=0.1) == pytest.approx(1.0)
+    assert f(10, 0.5, warmup=4, final=0.1) == pytest.approx(0.55)  # halfway: (1 + 0.1) / 2
+    assert f(10, 1.0, warmup=4, final=0.1) == pytest.approx(0.1)
+    assert f(10, 3.0, warmup=4, final=0.1) == pytest.approx(0.1)  # past the end: stays final
+    p = 0.3
+    assert f(10, p, 4, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * p)))
+
+    args = train_objects.parse_args(
+        ["--lr-schedule", "cosine", "--num-steps", "1000", "--max-minutes", "2"]
+    )
+    args.warmup_steps, args.final_lr_factor = 1, 0.0
+    schedule = train_objects.Schedule(args)
+    schedule.start()
+    assert schedule(250) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)), abs=1e-3)
+    schedule.started = time.time() - 60.0  # half the wall time gone, a quarter of the steps
+    assert schedule(250) == pytest.approx(0.5, abs=1e-3)
+    exponential = train_objects.Schedule(
+        train_objects.parse_args(["--decay-half-life", "10", "--warmup-steps", "5"])
+    )
+    assert exponential(20) == pytest.approx(0.25)  # warm-up over, two half-lives
+    assert exponential(1) == pytest.approx(2 / 5 * 0.5**0.1)
+
+
+def test_select_best_tests_the_weights_of_the_best_validation_score(train_objects, tmp_path):
+    """--select-best keeps the update with the highest validation FG-ARI of the curve, saves its
+    weights beside the checkpoint, and its test scores equal an --eval-only run on that file."""
+    ckpt, out, again = tmp_path / "w.pt", tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--num-eval", "6", "--eval-batch-size", "3", "--num-val", "4", "--threads", "1"]
+    argv = [*common, "--num-steps", "4", "--batch-size", "4", "--val-every", "1", "--lr", "3e-3"]
+    argv += ["--warmup-steps", "1", "--lr-schedule", "cosine", "--select-best", "--log-every", "1"]
+    train_objects.main(
+        train_objects.parse_args([*argv, "--checkpoint", str(ckpt), "--output", str(out)])
+    )
+    results = json.loads(out.read_text())
+    scores = [v["fg_ari"]["mean"] for v in results["validation"]]
+    best = results["selected"]
+    assert best["step"] == results["validation"][scores.index(max(scores))]["step"]
+    assert best["val_fg_ari"] == pytest.approx(max(scores))
+    lrs = [entry["lr"] for entry in results["curve"]]
+    assert lrs[-1] < lrs[1]  # annealed over the 4 updates
+    best_file = tmp_path / "w.best.pt"
+    train_objects.main(
+        train_objects.parse_args(
+            [*common, "--eval-only", "--checkpoint", str(best_file), "--output", str(again)]
+        )
+    )
+    rerun = json.loads(again.read_text())["test"]
+    for name in ("fg_ari", "ari", "mean_iou", "mse"):
+        assert rerun[name]["mean"] == pytest.approx(best["test"][name]["mean"], abs=1e-6)
+    with pytest.raises(SystemExit):
+        train_objects.parse_args(["--select-best"])  # no validation curve to select on
+    with pytest.raises(SystemExit):
+        train_objects.parse_args(["--final-lr-factor", "1.5"])
