@@ -82,9 +82,16 @@ def make_batch(name: str, num_images: int, seed: int, start: int) -> dict:
 
 def build_model(args, image_size: int):
     cls = {"slot_autoencoder": SlotAutoencoder, "iodine": IODINE}[args.model]
+    sizes = {}
+    if args.decoder_resolution is not None:
+        sizes["decoder_resolution"] = args.decoder_resolution
+    if args.encoder_strides is not None:
+        if args.model != "slot_autoencoder":
+            raise ValueError("encoder_strides: only for --model slot_autoencoder (IODINE has none)")
+        sizes["encoder_strides"] = args.encoder_strides
     if args.paper_size:
-        return cls.paper_size(image_size=image_size, num_slots=args.num_slots)
-    return cls(image_size=image_size, num_slots=args.num_slots)
+        return cls.paper_size(image_size=image_size, num_slots=args.num_slots, **sizes)
+    return cls(image_size=image_size, num_slots=args.num_slots, **sizes)
 
 
 def build_rule(args, model):
@@ -408,6 +415,16 @@ def test_and_report(args, model, rule, head, results: dict) -> dict:
     return results
 
 
+def _strides(text: str) -> tuple[int, ...]:
+    try:
+        strides = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        strides = ()
+    if not strides or min(strides) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 2,1,2,1, got {text!r}")
+    return strides
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="slot_autoencoder", choices=MODELS)
@@ -434,6 +451,19 @@ def parse_args(argv=None):
         # the MSE into the encoder and the rule; 0.01 keeps reconstruction in the game.
         default=0.01,
         help="weight of the set-prediction loss in J with --objective both",
+    )
+    parser.add_argument(
+        "--encoder-strides",
+        type=_strides,
+        default=None,
+        help="strides of the encoder's four convolutions, e.g. 2,1,2,1 (default 1,2,1,1)",
+    )
+    parser.add_argument(
+        "--decoder-resolution",
+        type=int,
+        default=None,
+        help="decode at this resolution, then resize bilinearly to the image (default: the "
+        "image's)",
     )
     parser.add_argument("--num-slots", type=int, default=4)
     parser.add_argument("--num-iterations", type=int, default=3, help="inner steps T")

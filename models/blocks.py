@@ -171,6 +171,9 @@ class SpatialBroadcastDecoder(nn.Module):
     :param broadcast_resolution: ``(h, w)`` of the broadcast grid; default ``resolution``.
     :param int num_upsample: how many of the hidden layers (the last ones) upsample by two.
     :param int kernel_size: odd kernel size of the hidden convolutions.
+    :param decode_resolution: ``(h, w)`` the convolutions produce (cropped top-left), then
+        resized bilinearly to ``resolution``; default ``resolution`` (no resize). Decoding at
+        half the resolution costs about a quarter of the decoder's arithmetic.
     """
 
     def __init__(
@@ -182,10 +185,21 @@ class SpatialBroadcastDecoder(nn.Module):
         broadcast_resolution=None,
         num_upsample: int = 0,
         kernel_size: int = 5,
+        decode_resolution=None,
     ):
         super().__init__()
         self.input_dim = check_positive_int(input_dim, "input_dim")
         self.resolution = _pair(resolution, "resolution")
+        self.decode_resolution = (
+            self.resolution
+            if decode_resolution is None
+            else _pair(decode_resolution, "decode_resolution")
+        )
+        if any(d > r for d, r in zip(self.decode_resolution, self.resolution)):
+            raise ValueError(
+                f"decode_resolution: expected at most resolution {self.resolution}, "
+                f"got {self.decode_resolution}"
+            )
         self.out_channels = check_positive_int(out_channels, "out_channels")
         channels = _int_tuple(channels, "channels")
         self.broadcast_resolution = (
@@ -200,10 +214,10 @@ class SpatialBroadcastDecoder(nn.Module):
             )
         scale = 2**self.num_upsample
         bh, bw = self.broadcast_resolution
-        if bh * scale < self.resolution[0] or bw * scale < self.resolution[1]:
+        if bh * scale < self.decode_resolution[0] or bw * scale < self.decode_resolution[1]:
             raise ValueError(
                 f"broadcast_resolution: {self.broadcast_resolution} upsampled {scale}x does not "
-                f"cover resolution {self.resolution}; raise it or num_upsample"
+                f"cover the decoded resolution {self.decode_resolution}; raise it or num_upsample"
             )
         self.kernel_size = check_positive_int(kernel_size, "kernel_size")
         if self.kernel_size % 2 == 0:
@@ -233,5 +247,10 @@ class SpatialBroadcastDecoder(nn.Module):
         bh, bw = self.broadcast_resolution
         grid = vectors[:, :, None, None].expand(-1, -1, bh, bw)
         out = self.net(self.position(grid))
-        h, w = self.resolution
-        return out[:, :, :h, :w]
+        h, w = self.decode_resolution
+        out = out[:, :, :h, :w]
+        if self.decode_resolution != self.resolution:
+            out = nn.functional.interpolate(
+                out, size=self.resolution, mode="bilinear", align_corners=False
+            )
+        return out

@@ -57,6 +57,8 @@ class IODINE(SlotModel):
     :param int decoder_upsample: number of stride-2 upsampling layers.
     :param int kernel_size: kernel size of the decoder's hidden convolutions.
     :param int in_channels: image channels.
+    :param decoder_resolution: ``(h, w)`` the decoder's convolutions produce before a bilinear
+        resize to the image size (masks and RGB alike); default the image size (no resize).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class IODINE(SlotModel):
         decoder_upsample: int = 2,
         kernel_size: int = 5,
         in_channels: int = 3,
+        decoder_resolution=None,
     ):
         latent_dim = check_positive_int(latent_dim, "latent_dim")
         in_channels = check_positive_int(in_channels, "in_channels")
@@ -83,9 +86,14 @@ class IODINE(SlotModel):
         self.in_channels = in_channels
         self.pixel_scale = check_positive_float(pixel_scale, "pixel_scale")
         decoder_upsample = check_positive_int(decoder_upsample, "decoder_upsample", minimum=0)
+        decoder_resolution = (
+            self.image_size
+            if decoder_resolution is None
+            else _pair(decoder_resolution, "decoder_resolution")
+        )
         if decoder_broadcast is None:
             scale = 2**decoder_upsample
-            decoder_broadcast = tuple(-(-s // scale) for s in self.image_size)
+            decoder_broadcast = tuple(-(-s // scale) for s in decoder_resolution)
         self.decoder = SpatialBroadcastDecoder(
             latent_dim,
             self.image_size,
@@ -94,6 +102,7 @@ class IODINE(SlotModel):
             broadcast_resolution=_pair(decoder_broadcast, "decoder_broadcast"),
             num_upsample=decoder_upsample,
             kernel_size=kernel_size,
+            decode_resolution=decoder_resolution,
         )
         # λ_0: a learned initial posterior shared by all slots, symmetry broken by the noise.
         self.slot_init = GaussianInit(spec.dim, scale=0.1)

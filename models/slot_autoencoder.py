@@ -72,10 +72,13 @@ class SlotAutoencoder(SlotModel):
     :param encoder_channels: channels of the encoder's convolutions.
     :param encoder_strides: their strides (default: 1, 2, 1, 1 -- a quarter of the positions).
     :param decoder_channels: channels of the decoder's hidden convolutions.
-    :param decoder_broadcast: broadcast resolution of the decoder; default ``ceil(H/4)``.
+    :param decoder_broadcast: broadcast resolution of the decoder; default
+        ``ceil(decoder_resolution / 2^decoder_upsample)``.
     :param int decoder_upsample: number of stride-2 upsampling layers of the decoder.
     :param int kernel_size: kernel size of the hidden convolutions.
     :param int in_channels: image channels.
+    :param decoder_resolution: ``(h, w)`` the decoder's convolutions produce before a bilinear
+        resize to the image size (masks and RGB alike); default the image size (no resize).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class SlotAutoencoder(SlotModel):
         decoder_upsample: int = 2,
         kernel_size: int = 5,
         in_channels: int = 3,
+        decoder_resolution=None,
     ):
         feature_dim = check_positive_int(feature_dim, "feature_dim")
         slot_dim = feature_dim if slot_dim is None else check_positive_int(slot_dim, "slot_dim")
@@ -107,9 +111,14 @@ class SlotAutoencoder(SlotModel):
         )
         self.in_channels = check_positive_int(in_channels, "in_channels")
         decoder_upsample = check_positive_int(decoder_upsample, "decoder_upsample", minimum=0)
+        decoder_resolution = (
+            self.image_size
+            if decoder_resolution is None
+            else _pair(decoder_resolution, "decoder_resolution")
+        )
         if decoder_broadcast is None:
             scale = 2**decoder_upsample
-            decoder_broadcast = tuple(-(-s // scale) for s in self.image_size)
+            decoder_broadcast = tuple(-(-s // scale) for s in decoder_resolution)
         self.encoder = CNNEncoder(
             self.image_size,
             in_channels=self.in_channels,
@@ -126,6 +135,7 @@ class SlotAutoencoder(SlotModel):
             broadcast_resolution=_pair(decoder_broadcast, "decoder_broadcast"),
             num_upsample=decoder_upsample,
             kernel_size=kernel_size,
+            decode_resolution=decoder_resolution,
         )
         # A = I when slots live in feature space; otherwise a shared linear map (no bias, so the
         # M-step stays a least-squares projection).

@@ -91,6 +91,46 @@ def test_encoder_and_decoder_shapes():
         encoder(torch.rand(2, 3, 34, 35))
 
 
+def test_decoder_at_lower_resolution_is_a_bilinear_resize_of_the_same_convolutions():
+    """decode_resolution=(h, w): the convolutions of a decoder built for (h, w), then a bilinear
+    resize to the image size, checked against a resize written out by hand (the four
+    neighbours of every output pixel centre, half-pixel centres, edges clamped)."""
+    torch.manual_seed(0)
+    kwargs = dict(channels=(4, 4), num_upsample=1, broadcast_resolution=5)
+    low = SpatialBroadcastDecoder(7, 9, **kwargs)
+    resized = SpatialBroadcastDecoder(7, 17, decode_resolution=9, **kwargs)
+    resized.load_state_dict(low.state_dict())
+    assert resized.broadcast_resolution == (5, 5)
+    v = torch.randn(3, 7, dtype=torch.float64)
+    small, big = low.double()(v), resized.double()(v)
+    assert small.shape == (3, 4, 9, 9) and big.shape == (3, 4, 17, 17)
+    scale = 9 / 17
+    expected = torch.empty_like(big)
+    for i in range(17):
+        for j in range(17):
+            y = min(max((i + 0.5) * scale - 0.5, 0.0), 8.0)
+            x = min(max((j + 0.5) * scale - 0.5, 0.0), 8.0)
+            y0, x0 = int(y), int(x)
+            y1, x1 = min(y0 + 1, 8), min(x0 + 1, 8)
+            dy, dx = y - y0, x - x0
+            expected[..., i, j] = (
+                (1 - dy) * (1 - dx) * small[..., y0, x0]
+                + (1 - dy) * dx * small[..., y0, x1]
+                + dy * (1 - dx) * small[..., y1, x0]
+                + dy * dx * small[..., y1, x1]
+            )
+    assert torch.allclose(big, expected, atol=1e-12)
+    with pytest.raises(ValueError, match="decode_resolution"):
+        SpatialBroadcastDecoder(7, 9, decode_resolution=17, **kwargs)
+    with pytest.raises(ValueError, match="broadcast_resolution"):
+        SpatialBroadcastDecoder(7, 40, decode_resolution=20, **kwargs)
+    model = SlotAutoencoder(image_size=64, num_slots=2, decoder_resolution=32)
+    assert model.decoder.broadcast_resolution == (8, 8)
+    _, rgb, masks = model.decode(torch.randn(1, 2, model.slot_dim))
+    assert rgb.shape == (1, 2, 3, 64, 64) and masks.shape == (1, 2, 64, 64)
+    assert IODINE(image_size=64, decoder_resolution=32).decoder.decode_resolution == (32, 32)
+
+
 # ------------------------------------------------------------------------- SlotAutoencoder
 def test_slot_autoencoder_shapes():
     model = tiny_autoencoder()
