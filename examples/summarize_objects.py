@@ -4,7 +4,9 @@ Every run writes a JSON file (``--output``); this script reads several of them (
 training seeds of one configuration) and prints markdown: one row per run with its test metrics
 (mean ± std over the test images), a row with the mean ± standard deviation *across runs* of the
 per-run means (the seed-to-seed spread, which is what "± over 3 seeds" reports), and the
-validation FG-ARI of every run at every validation step.
+validation FG-ARI of every run at every validation step. ``--weights selected`` reports the
+test scores of the weights with the best validation FG-ARI (runs trained with ``--select-best``)
+instead of the final ones.
 
 Example::
 
@@ -19,13 +21,24 @@ import math
 
 METRICS = ("fg_ari", "ari", "mean_iou", "mse")
 HEADER = ("FG-ARI", "ARI", "mean IoU", "MSE")
+WEIGHTS = ("final", "selected")
 
 
-def load(paths: list[str]) -> list[dict]:
+def load(paths: list[str], weights: str = "final") -> list[dict]:
+    """The runs' JSON files; ``run["test"]`` holds the scores of ``weights`` ("final" or
+    "selected": the best validation FG-ARI of a ``--select-best`` run, whose update goes to
+    ``run["selected_step"]``)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: expected one of {WEIGHTS}, got {weights!r}")
     runs = []
     for path in paths:
         with open(path) as f:
             run = json.load(f)
+        if weights == "selected":
+            if "selected" not in run:
+                raise ValueError(f"{path}: no selected weights (train with --select-best)")
+            run["final_test"], run["test"] = run.get("test"), run["selected"]["test"]
+            run["selected_step"] = run["selected"]["step"]
         missing = [m for m in METRICS if m not in run.get("test", {})]
         if missing:
             raise ValueError(f"{path}: no test metrics {missing} (did the run finish?)")
@@ -47,19 +60,23 @@ def across_runs(runs: list[dict], metric: str) -> tuple[float, float]:
 
 
 def test_table(runs: list[dict]) -> str:
+    selected = any("selected_step" in run for run in runs)
+    extra = "selected update | " if selected else ""
     lines = [
-        "| run | seed | updates | train min | " + " | ".join(HEADER) + " |",
-        "|---|---:|---:|---:|" + "---:|" * len(METRICS),
+        "| run | seed | updates | train min | " + extra + " | ".join(HEADER) + " |",
+        "|---|---:|---:|---:|" + "---:|" * (len(METRICS) + selected),
     ]
     for run in runs:
         cells = [f"{run['test'][m]['mean']:.3f} ± {run['test'][m]['std']:.3f}" for m in METRICS]
+        if selected:
+            cells.insert(0, f"{run['selected_step']:,}")
         seed = run.get("args", {}).get("seed", "?")
         lines.append(
             f"| `{run['path']}` | {seed} | {run['num_updates']:,} | "
             f"{run['train_seconds'] / 60:.1f} | " + " | ".join(cells) + " |"
         )
     if len(runs) > 1:
-        cells = []
+        cells = [""] if selected else []
         for m in METRICS:
             mean, std = across_runs(runs, m)
             cells.append(f"**{mean:.3f} ± {std:.3f}**")
@@ -90,10 +107,17 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="JSON files written by train_objects.py")
     parser.add_argument("--metric", default="fg_ari", choices=METRICS, help="validation metric")
+    parser.add_argument(
+        "--weights",
+        default="final",
+        choices=WEIGHTS,
+        help="test scores of the final weights or of the best validation FG-ARI (--select-best)",
+    )
     args = parser.parse_args(argv)
-    runs = load(args.paths)
+    runs = load(args.paths, args.weights)
+    which = "final weights" if args.weights == "final" else "weights of the best validation FG-ARI"
     text = (
-        "Test (held-out images; per run mean ± std over images):\n\n"
+        f"Test (held-out images, {which}; per run mean ± std over images):\n\n"
         + test_table(runs)
         + f"\n\nValidation {args.metric} (seconds of training in brackets):\n\n"
         + validation_table(runs, args.metric)

@@ -215,6 +215,14 @@ def test_select_best_tests_the_weights_of_the_best_validation_score(train_object
     rerun = json.loads(again.read_text())["test"]
     for name in ("fg_ari", "ari", "mean_iou", "mse"):
         assert rerun[name]["mean"] == pytest.approx(best["test"][name]["mean"], abs=1e-6)
+    # The summary reads the selected weights' scores on request, and refuses runs without them.
+    import summarize_objects
+
+    text = summarize_objects.main([str(out), "--weights", "selected"])
+    fg = best["test"]["fg_ari"]
+    assert f"| {best['step']:,} | {fg['mean']:.3f} ± {fg['std']:.3f} |" in text
+    with pytest.raises(ValueError, match="select-best"):
+        summarize_objects.load([str(again)], weights="selected")
     with pytest.raises(SystemExit):
         train_objects.parse_args(["--select-best"])  # no validation curve to select on
     with pytest.raises(SystemExit):
