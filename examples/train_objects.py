@@ -59,6 +59,7 @@ MODELS = ("slot_autoencoder", "iodine")
 DATASETS = ("tetrominoes", "shapes")
 RULES = ("default", "slot_attention", "soft_kmeans", "learned_gradient", "gradient_ascent")
 OBJECTIVES = ("reconstruction", "set-prediction", "both")
+CRITERIA = ("elbo", "mse")  # how a restart is chosen at test time (see infer_slots)
 # Attribute classes of the generators: (shape classes, colour classes, has a scale).
 ATTRIBUTES = {
     "tetrominoes": (len(tetrominoes.TETROMINO_NAMES), len(tetrominoes.COLOR_NAMES), False),
@@ -201,13 +202,64 @@ class Schedule:
 
 
 @torch.no_grad()
+def infer_slots(
+    model,
+    rule,
+    x: torch.Tensor,
+    num_slots: int,
+    generator: torch.Generator,
+    num_steps: int | None = None,
+    num_restarts: int = 1,
+    criterion: str = "elbo",
+) -> torch.Tensor:
+    """The refined slots ``(batch, K, slot_dim)`` of images ``x``.
+
+    With ``num_restarts = R > 1`` the inner loop runs from R independent initializations side
+    by side and every image keeps one restart: the highest inner ELBO (``criterion="elbo"``) or
+    the lowest reconstruction error of the decoded slots (``"mse"``, the task objective J of the
+    autoencoder). Both criteria use the image alone, never its true segmentation.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion: expected one of {CRITERIA}, got {criterion!r}")
+    result = refine(
+        model,
+        x,
+        rule,
+        num_slots=num_slots,
+        num_steps=num_steps,
+        num_restarts=num_restarts,
+        generator=generator,
+    )
+    if num_restarts == 1:
+        return result.slots
+    if criterion == "elbo":
+        return result.best().slots
+    restarts, batch = result.slots.shape[:2]
+    recon = model.decode(result.slots.flatten(0, 1))[0]  # restart-major, as x.repeat
+    mse = (recon - x.repeat(restarts, 1, 1, 1)).pow(2).flatten(1).mean(1)
+    best = mse.reshape(restarts, batch).argmin(0)
+    return result.slots[best, torch.arange(batch)]
+
+
+@torch.no_grad()
 def evaluate(
-    model, rule, data: dict, batch_size: int, num_slots: int, seed: int, head=None
+    model,
+    rule,
+    data: dict,
+    batch_size: int,
+    num_slots: int,
+    seed: int,
+    head=None,
+    num_steps: int | None = None,
+    num_restarts: int = 1,
+    criterion: str = "elbo",
 ) -> dict:
     """Segmentation and reconstruction scores of ``data`` (held-out images), mean and std.
 
     With a set-prediction ``head``, also ``"ap"``: ``{threshold: AP}`` over all the images at
     once (predictions ranked by confidence across images, as the paper's metric).
+    ``num_steps`` (default: the rule's), ``num_restarts`` and ``criterion`` are those of
+    :func:`infer_slots`.
     """
     scores = {name: [] for name in SCORES}
     final_slots = []
@@ -215,9 +267,11 @@ def evaluate(
     images, masks = data["image"], data["mask"]
     for i in range(0, images.shape[0], batch_size):
         x, true = images[i : i + batch_size], masks[i : i + batch_size]
-        result = refine(model, x, rule, num_slots=num_slots, generator=generator)
-        final_slots.append(result.slots)
-        recon, _, pred = model.decode(result.slots)
+        slots = infer_slots(
+            model, rule, x, num_slots, generator, num_steps, num_restarts, criterion
+        )
+        final_slots.append(slots)
+        recon, _, pred = model.decode(slots)
         scores["fg_ari"].append(fg_ari(true, pred))
         scores["ari"].append(ari(true, pred))
         scores["mean_iou"].append(mean_iou(true, pred))
@@ -255,7 +309,7 @@ def main(args):
     rule = build_rule(args, model)
     objective, head = build_objective(args, model)
     schedule = Schedule(args)
-    val = make_batch(args.dataset, args.num_val, args.seed + TEST_SEED_OFFSET + 1, 0)
+    val = make_validation(args)
     if head is not None and args.num_slots < val["present"].shape[1]:
         raise ValueError(
             f"num_slots: set prediction on {args.dataset} needs at least "
@@ -362,9 +416,7 @@ def main(args):
         # Test the weights of the best validation FG-ARI too (the final ones stay "test").
         final_state = copy.deepcopy(checkpoint(model, rule, head))
         load_weights(model, rule, head, best[2])
-        selected = evaluate(
-            model, rule, make_test(args), args.eval_batch_size, args.num_slots, args.seed, head
-        )
+        selected = evaluate(model, rule, make_test(args), head=head, **test_options(args))
         print(f"test of the best validation weights (update {best[1]}): {format_scores(selected)}")
         results["selected"] = {"step": best[1], "val_fg_ari": best[0], "test": selected}
         load_weights(model, rule, head, final_state)
@@ -384,24 +436,47 @@ def load_weights(model, rule, head, state: dict) -> None:
         head.load_state_dict(state["set_prediction"])
 
 
+def test_options(args) -> dict:
+    """How the test scenes are inferred: the rule's T unless --eval-iterations, restarts."""
+    return dict(
+        batch_size=args.eval_batch_size,
+        num_slots=args.num_slots,
+        seed=args.seed,
+        num_steps=args.eval_iterations,
+        num_restarts=args.eval_restarts,
+        criterion=args.restart_criterion,
+    )
+
+
 def make_test(args) -> dict:
-    """The held-out test scenes: a generator seed no training batch or validation scene uses."""
+    """The held-out test scenes: a generator seed no training batch or validation scene uses.
+
+    With ``--eval-on validation`` the validation scenes instead (``--num-val`` of them), to
+    choose test-time settings (``--eval-iterations``, restarts) without looking at the test set.
+    """
+    if args.eval_on == "validation":
+        return make_validation(args)
     return make_batch(args.dataset, args.num_eval, args.seed + TEST_SEED_OFFSET, 0)
+
+
+def make_validation(args) -> dict:
+    return make_batch(args.dataset, args.num_val, args.seed + TEST_SEED_OFFSET + 1, 0)
 
 
 def test_and_report(args, model, rule, head, results: dict) -> dict:
     """Scores on the held-out test scenes, printed and written to ``--output`` with ``results``."""
     test = make_test(args)
     eval_start = time.time()
-    scores = evaluate(model, rule, test, args.eval_batch_size, args.num_slots, args.seed, head=head)
+    scores = evaluate(model, rule, test, head=head, **test_options(args))
     results = {
         "args": vars(args),
         **results,
         "eval_seconds": round(time.time() - eval_start, 1),
+        "eval_on": args.eval_on,
         "test": scores,
     }
     print(
-        f"test ({args.num_eval} images): "
+        f"{args.eval_on} ({test['image'].shape[0]} images): "
         + "  ".join(
             f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in scores.items() if k != "ap"
         ),
@@ -502,6 +577,32 @@ def parse_args(argv=None):
     parser.add_argument("--num-eval", type=int, default=32, help="held-out test images")
     parser.add_argument("--eval-batch-size", type=int, default=100)
     parser.add_argument(
+        "--eval-iterations",
+        type=int,
+        default=None,
+        help="inner steps T on the test scenes (default: --num-iterations)",
+    )
+    parser.add_argument(
+        "--eval-restarts",
+        type=int,
+        default=1,
+        help="independent slot initializations per test scene; one is kept per scene by "
+        "--restart-criterion",
+    )
+    parser.add_argument(
+        "--eval-on",
+        default="test",
+        choices=("test", "validation"),
+        help="score the final weights on the test scenes or on the validation scenes (to "
+        "choose test-time settings without the test set)",
+    )
+    parser.add_argument(
+        "--restart-criterion",
+        default="elbo",
+        choices=CRITERIA,
+        help="keep the restart with the highest inner ELBO or the lowest reconstruction MSE",
+    )
+    parser.add_argument(
         "--num-val", type=int, default=64, help="validation images (J before/after, the curve)"
     )
     parser.add_argument("--val-every", type=int, default=0, help="0: no validation curve")
@@ -524,7 +625,9 @@ def parse_args(argv=None):
         parser.error("--select-best: needs a validation curve (--val-every > 0)")
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only: needs --checkpoint, the weights to evaluate")
-    for name in ("num_val", "num_eval", "batch_size", "eval_batch_size"):
+    if args.eval_iterations is not None and args.eval_iterations < 1:
+        parser.error("--eval-iterations: expected an integer >= 1")
+    for name in ("num_val", "num_eval", "batch_size", "eval_batch_size", "eval_restarts"):
         if getattr(args, name) < 1:  # J before/after training is measured on the validation set
             parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
     return args

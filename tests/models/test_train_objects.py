@@ -227,3 +227,67 @@ def test_select_best_tests_the_weights_of_the_best_validation_score(train_object
         train_objects.parse_args(["--select-best"])  # no validation curve to select on
     with pytest.raises(SystemExit):
         train_objects.parse_args(["--final-lr-factor", "1.5"])
+
+
+def test_test_time_restarts_keep_the_best_restart_of_every_image(train_objects):
+    """infer_slots with R restarts: per image, the restart of the lowest reconstruction MSE
+    (checked by decoding every restart on its own) or of the highest inner ELBO."""
+    import torch
+
+    from pyro_slots import refine
+    from pyro_slots.metrics import reconstruction_mse
+
+    args = train_objects.parse_args(["--num-slots", "3"])
+    torch.manual_seed(0)
+    model = train_objects.build_model(args, 35)
+    rule = train_objects.build_rule(args, model)
+    x = train_objects.make_batch("tetrominoes", 5, 0, 0)["image"]
+    result = refine(model, x, rule, num_slots=3, num_restarts=4, seed=7)
+    per_restart = torch.stack([reconstruction_mse(x, model.decode(s)[0]) for s in result.slots])
+    best = per_restart.argmin(0)
+    assert len(set(best.tolist())) > 1  # the choice differs between images
+    expected = torch.stack([result.slots[r, b] for b, r in enumerate(best.tolist())])
+    chosen = train_objects.infer_slots(
+        model, rule, x, 3, torch.Generator().manual_seed(7), num_restarts=4, criterion="mse"
+    )
+    assert torch.allclose(chosen, expected)
+    by_elbo = train_objects.infer_slots(
+        model, rule, x, 3, torch.Generator().manual_seed(7), num_restarts=4
+    )
+    top = result.elbo.argmax(0)
+    assert torch.allclose(by_elbo, torch.stack([result.slots[r, b] for b, r in enumerate(top)]))
+    longer = train_objects.infer_slots(
+        model, rule, x, 3, torch.Generator().manual_seed(7), num_steps=5
+    )
+    assert torch.allclose(longer, refine(model, x, rule, num_slots=3, num_steps=5, seed=7).slots)
+    with pytest.raises(SystemExit):
+        train_objects.parse_args(["--eval-restarts", "0"])
+
+
+def test_eval_on_validation_scores_the_validation_scenes(train_objects, tmp_path):
+    """--eval-only --eval-on validation reproduces the last point of the validation curve."""
+    ckpt, out, again = tmp_path / "w.pt", tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--num-val", "6", "--batch-size", "3", "--eval-batch-size", "3", "--threads", "1"]
+    common += ["--checkpoint", str(ckpt)]
+    train_objects.main(
+        train_objects.parse_args(
+            [
+                *common,
+                "--num-steps",
+                "2",
+                "--val-every",
+                "2",
+                "--num-eval",
+                "2",
+                "--output",
+                str(out),
+            ]
+        )
+    )
+    args = [*common, "--eval-only", "--eval-on", "validation", "--output", str(again)]
+    train_objects.main(train_objects.parse_args(args))
+    last = json.loads(out.read_text())["validation"][-1]
+    rerun = json.loads(again.read_text())
+    assert rerun["eval_on"] == "validation" and rerun["test"]["fg_ari"]["n"] == 6
+    for name in ("fg_ari", "ari", "mean_iou", "mse"):
+        assert rerun["test"][name]["mean"] == pytest.approx(last[name]["mean"], abs=1e-6)
