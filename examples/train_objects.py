@@ -386,8 +386,16 @@ def main(args):
             curve.append(entry)
             print(text, flush=True)
         if args.val_every and step % args.val_every == 0:
+            # Scored as the test scenes will be (--eval-iterations), one restart per scene.
             scores = evaluate(
-                model, rule, val, args.batch_size, args.num_slots, args.seed, head=head
+                model,
+                rule,
+                val,
+                args.batch_size,
+                args.num_slots,
+                args.seed,
+                head=head,
+                num_steps=args.eval_iterations,
             )
             val_curve.append({"step": step, "seconds": round(time.time() - start, 1), **scores})
             print(f"  val step {step}: {format_scores(scores)}", flush=True)
@@ -580,7 +588,9 @@ def parse_args(argv=None):
         "--eval-iterations",
         type=int,
         default=None,
-        help="inner steps T on the test scenes (default: --num-iterations)",
+        help="inner steps T on the validation and test scenes (default: --num-iterations); "
+        "a rule trained with --gradient first_order may need more steps than it was trained "
+        "with to reach its fixed point",
     )
     parser.add_argument(
         "--eval-restarts",

@@ -265,10 +265,11 @@ def test_test_time_restarts_keep_the_best_restart_of_every_image(train_objects):
 
 
 def test_eval_on_validation_scores_the_validation_scenes(train_objects, tmp_path):
-    """--eval-only --eval-on validation reproduces the last point of the validation curve."""
+    """--eval-only --eval-on validation reproduces the last point of the validation curve, which
+    is scored with the test-time --eval-iterations (here 5, not the 3 of training)."""
     ckpt, out, again = tmp_path / "w.pt", tmp_path / "a.json", tmp_path / "b.json"
     common = ["--num-val", "6", "--batch-size", "3", "--eval-batch-size", "3", "--threads", "1"]
-    common += ["--checkpoint", str(ckpt)]
+    common += ["--checkpoint", str(ckpt), "--eval-iterations", "5"]
     train_objects.main(
         train_objects.parse_args(
             [
@@ -291,3 +292,5 @@ def test_eval_on_validation_scores_the_validation_scenes(train_objects, tmp_path
     assert rerun["eval_on"] == "validation" and rerun["test"]["fg_ari"]["n"] == 6
     for name in ("fg_ari", "ari", "mean_iou", "mse"):
         assert rerun["test"][name]["mean"] == pytest.approx(last[name]["mean"], abs=1e-6)
+    three = train_objects.main(train_objects.parse_args([*args, "--eval-iterations", "3"]))
+    assert three["test"]["mse"]["mean"] != pytest.approx(last["mse"]["mean"], abs=1e-6)
