@@ -117,13 +117,17 @@ def psis_diagnostic(
         with _traces.seeded(seed):
             lw = _traces.log_weights(model, x_enc, slots.detach(), num_samples).T  # (B, S)
     lw_np = lw.cpu().numpy().astype(np.float64)
-    smoothed, khat = az.psislw(lw_np, reff=1.0, normalize=False)
-    smoothed = np.asarray(smoothed)
-    khat = np.asarray(khat, dtype=np.float64).reshape(lw_np.shape[0])
     spread = lw_np.max(-1) - lw_np.min(-1)
     constant = spread <= constant_tol * (1.0 + np.abs(lw_np.mean(-1)))
-    khat = np.where(constant, -np.inf, khat)
-    smoothed = np.where(constant[:, None], lw_np, smoothed)
+    # Constant rows have no tail to fit (ArviZ would divide by zero on them): k̂ = -inf and the
+    # weights stay as they are; the others are smoothed by ArviZ.
+    khat = np.full(lw_np.shape[0], -np.inf)
+    smoothed = lw_np.copy()
+    fit = ~constant
+    if fit.any():
+        fitted, fitted_khat = az.psislw(lw_np[fit], reff=1.0, normalize=False)
+        smoothed[fit] = np.asarray(fitted)
+        khat[fit] = np.asarray(fitted_khat, dtype=np.float64).reshape(-1)
     log_s = math.log(num_samples)
     to = lw.new_tensor
     return PSISResult(
