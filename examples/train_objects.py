@@ -14,11 +14,14 @@ Tiny defaults run in seconds::
 
     python examples/train_objects.py
 
-The headline configuration (see ``examples/results/objects.md``)::
+The headline configuration (see ``examples/results/objects.md``): first-order gradients
+through T = 5 slot-attention steps, the learning rate annealed over the hour, the weights of
+the best validation FG-ARI kept::
 
     python examples/train_objects.py --model slot_autoencoder --dataset tetrominoes \\
-        --max-minutes 35 --num-steps 100000 --batch-size 32 --num-eval 1000 \\
-        --output /tmp/objects.json
+        --max-minutes 60 --num-steps 100000 --batch-size 32 --lr 4e-4 --warmup-steps 500 \\
+        --lr-schedule cosine --gradient first_order --num-iterations 5 --select-best \\
+        --num-val 256 --val-every 500 --num-eval 1000 --threads 1 --output /tmp/objects.json
 
 Set prediction and reconstruction together on shapes (up to 5 objects, so 6 slots)::
 
