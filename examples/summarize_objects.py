@@ -71,9 +71,11 @@ def test_table(runs: list[dict]) -> str:
         if selected:
             cells.insert(0, f"{run['selected_step']:,}")
         seed = run.get("args", {}).get("seed", "?")
+        # An --eval-only run (weights scored again) has no training of its own to report.
+        updates = f"{run['num_updates']:,}" if "num_updates" in run else "–"
+        minutes = f"{run['train_seconds'] / 60:.1f}" if "train_seconds" in run else "–"
         lines.append(
-            f"| `{run['path']}` | {seed} | {run['num_updates']:,} | "
-            f"{run['train_seconds'] / 60:.1f} | " + " | ".join(cells) + " |"
+            f"| `{run['path']}` | {seed} | {updates} | {minutes} | " + " | ".join(cells) + " |"
         )
     if len(runs) > 1:
         cells = [""] if selected else []

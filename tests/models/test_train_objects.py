@@ -125,6 +125,11 @@ def test_eval_only_reproduces_the_test_scores_of_a_run(train_objects, tmp_path):
     train_objects.main(train_objects.parse_args([*common, "--eval-only", "--output", str(again)]))
     first, second = json.loads(out.read_text()), json.loads(again.read_text())
     assert second["eval_only"] and "curve" not in second
+    import summarize_objects  # an --eval-only file has no training to report: dashes
+
+    fg = second["test"]["fg_ari"]
+    row = f"| 0 | – | – | {fg['mean']:.3f} ± {fg['std']:.3f} |"
+    assert row in summarize_objects.main([str(again)])
     for name in ("fg_ari", "ari", "mean_iou", "mse", "split", "merged", "background_share"):
         assert second["test"][name]["mean"] == pytest.approx(first["test"][name]["mean"], abs=1e-6)
     assert (
