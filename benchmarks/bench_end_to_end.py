@@ -100,7 +100,7 @@ def wall_time_to_fg_ari(threshold: float = 0.9) -> str:
             else f"{name}: no curve"
         )
     return (
-        "; ".join(parts) + f" of training wall time, the first validation point (128 scenes) at or "
+        "; ".join(parts) + " of training wall time, the first validation point at or "
         f"above {threshold} in the headline runs of `{source}` (read from that file, not retrained "
         "here)."
     )
