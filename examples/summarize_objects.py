@@ -37,7 +37,7 @@ def load(paths: list[str], weights: str = "final") -> list[dict]:
         if weights == "selected":
             if "selected" not in run:
                 raise ValueError(f"{path}: no selected weights (train with --select-best)")
-            run["final_test"], run["test"] = run.get("test"), run["selected"]["test"]
+            run["test"] = run["selected"]["test"]
             run["selected_step"] = run["selected"]["step"]
         missing = [m for m in METRICS if m not in run.get("test", {})]
         if missing:

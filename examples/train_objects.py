@@ -239,7 +239,7 @@ def infer_slots(
         return result.best().slots
     restarts, batch = result.slots.shape[:2]
     recon = model.decode(result.slots.flatten(0, 1))[0]  # restart-major, as x.repeat
-    mse = (recon - x.repeat(restarts, 1, 1, 1)).pow(2).flatten(1).mean(1)
+    mse = reconstruction_mse(x.repeat(restarts, 1, 1, 1), recon)
     best = mse.reshape(restarts, batch).argmin(0)
     return result.slots[best, torch.arange(batch)]
 
@@ -423,15 +423,16 @@ def main(args):
         "curve": curve,
         "validation": val_curve,
     }
+    test = make_test(args)
     if best is not None:
         # Test the weights of the best validation FG-ARI too (the final ones stay "test").
         final_state = copy.deepcopy(checkpoint(model, rule, head))
         load_weights(model, rule, head, best[2])
-        selected = evaluate(model, rule, make_test(args), head=head, **test_options(args))
+        selected = evaluate(model, rule, test, head=head, **test_options(args))
         print(f"test of the best validation weights (update {best[1]}): {format_scores(selected)}")
         results["selected"] = {"step": best[1], "val_fg_ari": best[0], "test": selected}
         load_weights(model, rule, head, final_state)
-    return test_and_report(args, model, rule, head, results)
+    return test_and_report(args, model, rule, head, results, test)
 
 
 def best_path(path: str) -> str:
@@ -474,9 +475,10 @@ def make_validation(args) -> dict:
     return make_batch(args.dataset, args.num_val, args.seed + TEST_SEED_OFFSET + 1, 0)
 
 
-def test_and_report(args, model, rule, head, results: dict) -> dict:
-    """Scores on the held-out test scenes, printed and written to ``--output`` with ``results``."""
-    test = make_test(args)
+def test_and_report(args, model, rule, head, results: dict, test: dict | None = None) -> dict:
+    """Scores on the held-out test scenes (``make_test(args)`` unless given), printed and
+    written to ``--output`` with ``results``."""
+    test = make_test(args) if test is None else test
     eval_start = time.time()
     scores = evaluate(model, rule, test, head=head, **test_options(args))
     results = {

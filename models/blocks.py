@@ -168,7 +168,8 @@ class SpatialBroadcastDecoder(nn.Module):
     :param resolution: ``(H, W)`` of the output.
     :param int out_channels: output channels (RGB + mask logit: 4).
     :param channels: channels of the hidden convolutions.
-    :param broadcast_resolution: ``(h, w)`` of the broadcast grid; default ``resolution``.
+    :param broadcast_resolution: ``(h, w)`` of the broadcast grid; default
+        ``ceil(decode_resolution / 2^num_upsample)``, the smallest grid that covers it.
     :param int num_upsample: how many of the hidden layers (the last ones) upsample by two.
     :param int kernel_size: odd kernel size of the hidden convolutions.
     :param decode_resolution: ``(h, w)`` the convolutions produce (cropped top-left), then
@@ -202,12 +203,12 @@ class SpatialBroadcastDecoder(nn.Module):
             )
         self.out_channels = check_positive_int(out_channels, "out_channels")
         channels = _int_tuple(channels, "channels")
+        self.num_upsample = check_positive_int(num_upsample, "num_upsample", minimum=0)
         self.broadcast_resolution = (
-            self.resolution
+            tuple(-(-s // 2**self.num_upsample) for s in self.decode_resolution)
             if broadcast_resolution is None
             else _pair(broadcast_resolution, "broadcast_resolution")
         )
-        self.num_upsample = check_positive_int(num_upsample, "num_upsample", minimum=0)
         if self.num_upsample > len(channels):
             raise ValueError(
                 f"num_upsample: at most len(channels) = {len(channels)}, got {num_upsample}"

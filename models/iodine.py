@@ -53,7 +53,8 @@ class IODINE(SlotModel):
     :param int latent_dim: size of ``z^{n,k}``.
     :param float pixel_scale: σ_x, > 0.
     :param decoder_channels: channels of the decoder's hidden convolutions.
-    :param decoder_broadcast: broadcast resolution; default ``ceil(H / 2^decoder_upsample)``.
+    :param decoder_broadcast: broadcast resolution; default
+        ``ceil(decoder_resolution / 2^decoder_upsample)``.
     :param int decoder_upsample: number of stride-2 upsampling layers.
     :param int kernel_size: kernel size of the decoder's hidden convolutions.
     :param int in_channels: image channels.
@@ -86,23 +87,19 @@ class IODINE(SlotModel):
         self.in_channels = in_channels
         self.pixel_scale = check_positive_float(pixel_scale, "pixel_scale")
         decoder_upsample = check_positive_int(decoder_upsample, "decoder_upsample", minimum=0)
-        decoder_resolution = (
-            self.image_size
-            if decoder_resolution is None
-            else _pair(decoder_resolution, "decoder_resolution")
-        )
-        if decoder_broadcast is None:
-            scale = 2**decoder_upsample
-            decoder_broadcast = tuple(-(-s // scale) for s in decoder_resolution)
         self.decoder = SpatialBroadcastDecoder(
             latent_dim,
             self.image_size,
             out_channels=in_channels + 1,
             channels=_int_tuple(decoder_channels, "decoder_channels"),
-            broadcast_resolution=_pair(decoder_broadcast, "decoder_broadcast"),
+            broadcast_resolution=None
+            if decoder_broadcast is None
+            else _pair(decoder_broadcast, "decoder_broadcast"),
             num_upsample=decoder_upsample,
             kernel_size=kernel_size,
-            decode_resolution=decoder_resolution,
+            decode_resolution=None
+            if decoder_resolution is None
+            else _pair(decoder_resolution, "decoder_resolution"),
         )
         # λ_0: a learned initial posterior shared by all slots, symmetry broken by the noise.
         self.slot_init = GaussianInit(spec.dim, scale=0.1)

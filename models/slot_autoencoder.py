@@ -111,14 +111,6 @@ class SlotAutoencoder(SlotModel):
         )
         self.in_channels = check_positive_int(in_channels, "in_channels")
         decoder_upsample = check_positive_int(decoder_upsample, "decoder_upsample", minimum=0)
-        decoder_resolution = (
-            self.image_size
-            if decoder_resolution is None
-            else _pair(decoder_resolution, "decoder_resolution")
-        )
-        if decoder_broadcast is None:
-            scale = 2**decoder_upsample
-            decoder_broadcast = tuple(-(-s // scale) for s in decoder_resolution)
         self.encoder = CNNEncoder(
             self.image_size,
             in_channels=self.in_channels,
@@ -132,10 +124,14 @@ class SlotAutoencoder(SlotModel):
             self.image_size,
             out_channels=self.in_channels + 1,
             channels=_int_tuple(decoder_channels, "decoder_channels"),
-            broadcast_resolution=_pair(decoder_broadcast, "decoder_broadcast"),
+            broadcast_resolution=None
+            if decoder_broadcast is None
+            else _pair(decoder_broadcast, "decoder_broadcast"),
             num_upsample=decoder_upsample,
             kernel_size=kernel_size,
-            decode_resolution=decoder_resolution,
+            decode_resolution=None
+            if decoder_resolution is None
+            else _pair(decoder_resolution, "decoder_resolution"),
         )
         # A = I when slots live in feature space; otherwise a shared linear map (no bias, so the
         # M-step stays a least-squares projection).
