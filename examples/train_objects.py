@@ -61,7 +61,7 @@ from pyro_slots.objectives import NegativeELBO, Reconstruction, SetPrediction, W
 MODELS = ("slot_autoencoder", "iodine")
 DATASETS = ("tetrominoes", "shapes")
 RULES = ("default", "slot_attention", "soft_kmeans", "learned_gradient", "gradient_ascent")
-OBJECTIVES = ("reconstruction", "set-prediction", "both")
+OBJECTIVES = ("reconstruction", "mse", "set-prediction", "both")
 CRITERIA = ("elbo", "mse")  # how a restart is chosen at test time (see infer_slots)
 # Attribute classes of the generators: (shape classes, colour classes, has a scale).
 ATTRIBUTES = {
@@ -135,11 +135,15 @@ def build_objective(args, model):
     """The task objective J and its set-prediction head (``None`` without one).
 
     ``reconstruction`` is the model's own J (MSE for the autoencoder, the negative ELBO for
-    IODINE); ``both`` adds ``--set-prediction-weight`` times the set-prediction loss to it.
+    IODINE); ``mse`` the reconstruction MSE of the decoded slots for either model (for IODINE
+    the posterior means: the inner ELBO refines λ, J alone trains the weights); ``both`` adds
+    ``--set-prediction-weight`` times the set-prediction loss to the model's own J.
     """
     own = Reconstruction() if args.model == "slot_autoencoder" else NegativeELBO()
     if args.objective == "reconstruction":
         return own, None
+    if args.objective == "mse":  # IODINE too: the inner ELBO refines, J is the decoded error
+        return Reconstruction(), None
     num_shapes, num_colors, has_scale = ATTRIBUTES[args.dataset]
     head = SetPrediction(model.slot_dim, num_shapes, num_colors, predict_scale=has_scale)
     if args.objective == "set-prediction":
@@ -529,8 +533,8 @@ def parse_args(argv=None):
         "--objective",
         default="reconstruction",
         choices=OBJECTIVES,
-        help="J: the model's own (reconstruction MSE; IODINE: negative ELBO), set prediction "
-        "from the final slots, or both",
+        help="J: the model's own (reconstruction MSE; IODINE: negative ELBO), the MSE of the "
+        "decoded slots for either model (mse), set prediction from the final slots, or both",
     )
     parser.add_argument(
         "--set-prediction-weight",

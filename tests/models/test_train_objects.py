@@ -67,6 +67,25 @@ def test_train_objects_set_prediction(train_objects, tmp_path):
     assert curve[-1]["J"] == pytest.approx(curve[-1]["J_own"] + 0.01 * curve[-1]["J_set"])
 
 
+def test_iodine_with_the_mse_objective(train_objects, tmp_path):
+    """--objective mse: IODINE's inner ELBO refines λ, J is the decoded image's MSE (a number in
+    (0, 1), where IODINE's own J, the negative ELBO, is in the thousands), and it falls."""
+    from pyro_slots.objectives import Reconstruction
+
+    out = tmp_path / "results.json"
+    argv = "--model iodine --objective mse --num-steps 20 --batch-size 8 --lr 2e-3"
+    argv += " --warmup-steps 1 --num-eval 4 --eval-batch-size 4 --num-val 16 --threads 1"
+    args = train_objects.parse_args([*argv.split(), "--output", str(out)])
+    model = train_objects.build_model(args, 35)
+    objective, head = train_objects.build_objective(args, model)
+    assert isinstance(objective, Reconstruction) and head is None
+    train_objects.main(args)
+    results = json.loads(out.read_text())
+    val_j = results["validation_J"]
+    assert 0.05 < val_j["initial"] < 0.3  # observed: 0.127 (an MSE, not a negative ELBO)
+    assert val_j["final"] < 0.9 * val_j["initial"]  # observed: 0.109 / 0.127 = 0.861
+
+
 def test_set_prediction_needs_a_slot_per_object(train_objects):
     args = train_objects.parse_args(["--dataset", "shapes", "--objective", "set-prediction"])
     with pytest.raises(ValueError, match="num_slots"):
