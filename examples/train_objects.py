@@ -61,7 +61,7 @@ from pyro_slots.objectives import NegativeELBO, Reconstruction, SetPrediction, W
 MODELS = ("slot_autoencoder", "iodine")
 DATASETS = ("tetrominoes", "shapes")
 RULES = ("default", "slot_attention", "soft_kmeans", "learned_gradient", "gradient_ascent")
-OBJECTIVES = ("reconstruction", "mse", "set-prediction", "both")
+OBJECTIVES = ("reconstruction", "mse", "elbo+mse", "set-prediction", "both")
 CRITERIA = ("elbo", "mse")  # how a restart is chosen at test time (see infer_slots)
 # Attribute classes of the generators: (shape classes, colour classes, has a scale).
 ATTRIBUTES = {
@@ -136,7 +136,8 @@ def build_objective(args, model):
 
     ``reconstruction`` is the model's own J (MSE for the autoencoder, the negative ELBO for
     IODINE); ``mse`` the reconstruction MSE of the decoded slots for either model (for IODINE
-    the posterior means: the inner ELBO refines λ, J alone trains the weights); ``both`` adds
+    the posterior means: the inner ELBO refines λ, J alone trains the weights); ``elbo+mse``
+    (IODINE) the negative ELBO plus :func:`mse_weight` times that MSE; ``both`` adds
     ``--set-prediction-weight`` times the set-prediction loss to the model's own J.
     """
     own = Reconstruction() if args.model == "slot_autoencoder" else NegativeELBO()
@@ -144,6 +145,10 @@ def build_objective(args, model):
         return own, None
     if args.objective == "mse":  # IODINE too: the inner ELBO refines, J is the decoded error
         return Reconstruction(), None
+    if args.objective == "elbo+mse":
+        if not isinstance(model, IODINE):
+            raise ValueError("objective: elbo+mse is only for --model iodine")
+        return WeightedSum([NegativeELBO(), Reconstruction()], [1.0, mse_weight(args, model)]), None
     num_shapes, num_colors, has_scale = ATTRIBUTES[args.dataset]
     head = SetPrediction(model.slot_dim, num_shapes, num_colors, predict_scale=has_scale)
     if args.objective == "set-prediction":
@@ -151,6 +156,18 @@ def build_objective(args, model):
     if args.objective == "both":
         return WeightedSum([own, head], weights=[1.0, args.set_prediction_weight]), head
     raise ValueError(f"objective: expected one of {OBJECTIVES}, got {args.objective!r}")
+
+
+def mse_weight(args, model) -> float:
+    """The weight of the MSE in ``--objective elbo+mse``: ``--mse-weight``, by default
+    ``C·H·W / (2 σ_x²)``, which makes the term the negative log-likelihood (up to a constant) of
+    the image under a Gaussian of IODINE's pixel scale centred on the decoded mean image
+    ``Σ_k m_k μ_k`` -- the scale of the ELBO's own likelihood term. The mixture likelihood alone
+    is as high when every slot paints one colour over the whole image under soft masks as when
+    the masks follow the objects; the mean image is not."""
+    if args.mse_weight is not None:
+        return args.mse_weight
+    return model.in_channels * model.num_measurements / (2.0 * model.pixel_scale**2)
 
 
 def targets(head, batch: dict) -> tuple:
@@ -387,9 +404,11 @@ def main(args):
             entry["lr"] = args.lr * schedule(step)
             text = f"step {step:6d}  {elapsed:7.1f}s  J {running:.5f}"
             if running_terms is not None:
-                # Unweighted parts of J: the model's own objective, then set prediction.
-                entry["J_own"], entry["J_set"] = running_terms
-                text += f"  (own {running_terms[0]:.5f}, set {running_terms[1]:.4f})"
+                # Unweighted parts of J: the model's own objective, then set prediction or
+                # (elbo+mse) the decoded image's MSE.
+                second = "mse" if args.objective == "elbo+mse" else "set"
+                entry["J_own"], entry[f"J_{second}"] = running_terms
+                text += f"  (own {running_terms[0]:.5f}, {second} {running_terms[1]:.4f})"
             curve.append(entry)
             print(text, flush=True)
         if args.val_every and step % args.val_every == 0:
@@ -534,7 +553,8 @@ def parse_args(argv=None):
         default="reconstruction",
         choices=OBJECTIVES,
         help="J: the model's own (reconstruction MSE; IODINE: negative ELBO), the MSE of the "
-        "decoded slots for either model (mse), set prediction from the final slots, or both",
+        "decoded slots for either model (mse), IODINE's negative ELBO plus the MSE (elbo+mse), "
+        "set prediction from the final slots, or both",
     )
     parser.add_argument(
         "--set-prediction-weight",
@@ -543,6 +563,12 @@ def parse_args(argv=None):
         # the MSE into the encoder and the rule; 0.01 keeps reconstruction in the game.
         default=0.01,
         help="weight of the set-prediction loss in J with --objective both",
+    )
+    parser.add_argument(
+        "--mse-weight",
+        type=float,
+        default=None,
+        help="weight of the MSE in J with --objective elbo+mse (default C H W / (2 sigma_x^2))",
     )
     parser.add_argument(
         "--encoder-strides",
@@ -642,6 +668,10 @@ def parse_args(argv=None):
         parser.error(f"--final-lr-factor: expected a number in [0, 1], got {args.final_lr_factor}")
     if args.select_best and not args.val_every:
         parser.error("--select-best: needs a validation curve (--val-every > 0)")
+    if args.mse_weight is not None and not args.mse_weight > 0:
+        parser.error(f"--mse-weight: expected a number > 0, got {args.mse_weight}")
+    if args.mse_weight is not None and args.objective != "elbo+mse":
+        parser.error("--mse-weight: only with --objective elbo+mse")
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only: needs --checkpoint, the weights to evaluate")
     if args.eval_iterations is not None and args.eval_iterations < 1:

@@ -86,6 +86,29 @@ def test_iodine_with_the_mse_objective(train_objects, tmp_path):
     assert val_j["final"] < 0.9 * val_j["initial"]  # observed: 0.109 / 0.127 = 0.861
 
 
+def test_iodine_with_the_elbo_plus_mse_objective(train_objects, tmp_path, capsys):
+    """--objective elbo+mse: J = -ELBO + w MSE with w = C H W / (2 σ_x²) by default, logged
+    part by part; refused for the autoencoder and --mse-weight refused without it."""
+    out = tmp_path / "results.json"
+    argv = "--model iodine --objective elbo+mse --num-steps 2 --batch-size 4 --log-every 1"
+    argv += " --num-eval 4 --eval-batch-size 4 --num-val 4 --threads 1"
+    args = train_objects.parse_args([*argv.split(), "--output", str(out)])
+    model = train_objects.build_model(args, 35)
+    assert train_objects.mse_weight(args, model) == pytest.approx(3 * 35 * 35 / (2 * 0.1**2))
+    train_objects.main(args)
+    last = json.loads(out.read_text())["curve"][-1]
+    # the running means are those of J and its parts, so the identity holds for them too
+    assert last["J"] == pytest.approx(last["J_own"] + 183_750.0 * last["J_mse"], rel=1e-6)
+    assert 0.0 < last["J_mse"] < 1.0 and last["J_own"] > 1_000.0  # an MSE; a negative ELBO
+    with pytest.raises(ValueError, match="elbo\\+mse is only for --model iodine"):
+        train_objects.build_objective(
+            train_objects.parse_args(["--objective", "elbo+mse"]), model=None
+        )
+    with pytest.raises(SystemExit):
+        train_objects.parse_args(["--mse-weight", "10"])
+    assert "--mse-weight: only with --objective elbo+mse" in capsys.readouterr().err
+
+
 def test_set_prediction_needs_a_slot_per_object(train_objects):
     args = train_objects.parse_args(["--dataset", "shapes", "--objective", "set-prediction"])
     with pytest.raises(ValueError, match="num_slots"):
