@@ -118,7 +118,8 @@ def build_rule(args, model):
         if args.refinement_inputs:  # IODINE's image-sized auxiliary inputs, per slot
             if not isinstance(model, IODINE):
                 raise ValueError("refinement_inputs: only for --model iodine")
-            extra = {"features": RefinementInputs(out_dim=32), "extra_dim": 32}
+            features = RefinementInputs(out_dim=32, pooling=args.refinement_pooling)
+            extra = {"features": features, "extra_dim": 32}
         return LearnedGradient(
             args.num_iterations,
             slot_dim=model.slot_dim,
@@ -549,6 +550,13 @@ def parse_args(argv=None):
         "means and masks, posterior masks, coordinates; models.RefinementInputs)",
     )
     parser.add_argument(
+        "--refinement-pooling",
+        default="mean",
+        choices=RefinementInputs.POOLINGS,
+        help="how --refinement-inputs pools each slot's feature map: the mean, or the mean and "
+        "the average weighted by the slot's posterior mask",
+    )
+    parser.add_argument(
         "--objective",
         default="reconstruction",
         choices=OBJECTIVES,
@@ -672,6 +680,8 @@ def parse_args(argv=None):
         parser.error(f"--mse-weight: expected a number > 0, got {args.mse_weight}")
     if args.mse_weight is not None and args.objective != "elbo+mse":
         parser.error("--mse-weight: only with --objective elbo+mse")
+    if args.refinement_pooling != "mean" and not args.refinement_inputs:
+        parser.error("--refinement-pooling: only with --refinement-inputs")
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only: needs --checkpoint, the weights to evaluate")
     if args.eval_iterations is not None and args.eval_iterations < 1:

@@ -226,7 +226,11 @@ class RefinementInputs(nn.Module):
         x, μ_k, m_k, p(a_m = k | x, λ), x - μ_k, (i, j)          # 3 + 3 + 1 + 1 + 3 + 2 channels
 
     and encodes each slot's stack with a small CNN (shared by the slots, so the rule stays
-    permutation-equivariant) and a mean over positions into ``out_dim`` numbers. Pass it to
+    permutation-equivariant) and a pooling over positions into ``out_dim`` numbers: the mean
+    (``pooling="mean"``) or, with ``pooling="posterior"``, the mean next to the average weighted
+    by the slot's posterior mask ``p(a_m = k | x, λ)`` (average-pooled to the CNN's output grid)
+    -- what the slot explains, in the way Slot Attention's update reads its attention-weighted
+    mean, where IODINE flattens the feature map into an MLP. Pass it to
     :class:`~pyro_slots.inner.LearnedGradient` as ``features=RefinementInputs(...)`` with
     ``extra_dim=out_dim``. It reads the model from the inner problem (``problem.model``, an
     :class:`IODINE`), so the decoder is not registered twice; as in IODINE, no gradient flows
@@ -235,13 +239,21 @@ class RefinementInputs(nn.Module):
     :param int in_channels: image channels (3).
     :param int out_dim: features per slot.
     :param int channels: width of the CNN.
+    :param str pooling: ``"mean"`` or ``"posterior"`` (see above).
     """
 
-    def __init__(self, in_channels: int = 3, out_dim: int = 32, channels: int = 32):
+    POOLINGS = ("mean", "posterior")
+
+    def __init__(
+        self, in_channels: int = 3, out_dim: int = 32, channels: int = 32, pooling: str = "mean"
+    ):
         super().__init__()
         self.in_channels = check_positive_int(in_channels, "in_channels")
         self.out_dim = check_positive_int(out_dim, "out_dim")
         channels = check_positive_int(channels, "channels")
+        if pooling not in self.POOLINGS:
+            raise ValueError(f"pooling: expected one of {self.POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
         stack = 3 * self.in_channels + 4
         self.net = nn.Sequential(
             nn.Conv2d(stack, channels, 3, stride=2, padding=1),
@@ -249,7 +261,7 @@ class RefinementInputs(nn.Module):
             nn.Conv2d(channels, channels, 3, stride=2, padding=1),
             nn.ELU(),
         )
-        self.out = nn.Linear(channels, self.out_dim)
+        self.out = nn.Linear(channels * (1 if pooling == "mean" else 2), self.out_dim)
 
     def inputs(self, model: IODINE, pixels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """The per-slot input stack ``(batch, K, 3 C + 4, H, W)``, without a graph."""
@@ -286,5 +298,12 @@ class RefinementInputs(nn.Module):
             )
         stack = self.inputs(model, problem.x, slots)
         batch, num_slots = stack.shape[:2]
-        h = self.net(stack.flatten(0, 1)).mean((-2, -1))  # (B K, channels)
+        maps = self.net(stack.flatten(0, 1))  # (B K, channels, h, w)
+        h = maps.mean((-2, -1))
+        if self.pooling == "posterior":
+            # the posterior mask (channel 2 C + 1 of the stack) on the feature grid, normalized
+            post = stack[:, :, 2 * self.in_channels + 1].flatten(0, 1).unsqueeze(1)
+            weights = nn.functional.adaptive_avg_pool2d(post, maps.shape[-2:])
+            weights = weights / weights.sum((-2, -1), keepdim=True).clamp_min(1e-6)
+            h = torch.cat([h, (maps * weights).sum((-2, -1))], dim=-1)
         return self.out(h).reshape(batch, num_slots, self.out_dim)

@@ -468,3 +468,40 @@ def test_refinement_inputs_are_iodines_auxiliary_inputs(float64):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in feats.parameters())
     with pytest.raises(TypeError, match="problem.model"):
         feats(InnerProblem(object(), x), slots)
+
+
+def test_refinement_inputs_posterior_pooling_by_hand(float64):
+    """pooling="posterior": the feature map's mean next to its average weighted by the slot's
+    posterior mask, pooled by hand over the adaptive bins (floor/ceil bounds); equivariant."""
+    import math
+
+    from pyro_slots.models import RefinementInputs
+
+    from pyro_slots.inner import InnerProblem
+
+    torch.manual_seed(1)
+    model = tiny_iodine().double()
+    images, _ = squares(2)
+    x = model.encode(images.double())
+    slots = model.init_slots(x, 3, generator=torch.Generator().manual_seed(1))
+    feats = RefinementInputs(out_dim=5, channels=4, pooling="posterior").double()
+    problem = InnerProblem(model, x)
+    out = feats(problem, slots)
+    b, k = 1, 2
+    stack = feats.inputs(model, x, slots)
+    maps = feats.net(stack[b, k].unsqueeze(0))[0]  # (channels, h, w)
+    post = stack[b, k, 7]  # image, rgb (3 + 3), mask, then the posterior mask
+    (height, width), (h, w) = post.shape, maps.shape[-2:]
+    cells = torch.zeros(h, w, dtype=post.dtype)
+    for i in range(h):
+        for j in range(w):
+            rows = slice(i * height // h, math.ceil((i + 1) * height / h))
+            cols = slice(j * width // w, math.ceil((j + 1) * width / w))
+            cells[i, j] = post[rows, cols].mean()
+    weighted = (maps * cells).sum((-2, -1)) / cells.sum()
+    expected = feats.out(torch.cat([maps.mean((-2, -1)), weighted]))
+    assert torch.allclose(out[b, k], expected, atol=1e-10)
+    perm = [1, 2, 0]
+    assert torch.allclose(feats(problem, slots[:, perm]), out[:, perm], atol=1e-12)
+    with pytest.raises(ValueError, match="pooling"):
+        RefinementInputs(pooling="max")
