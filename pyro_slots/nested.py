@@ -157,6 +157,10 @@ class NestedSVI:
     * ``"implicit"`` — implicit differentiation at the fixed point (:class:`ImplicitAdjoint`),
       memory independent of the number of steps.
 
+    ``"first_order"``, and ``"truncated"`` with fewer differentiated steps than T, detach λ
+    before the differentiated steps, so J's gradient reaches no parameter of a learned slot
+    initialization (``init``, or an initializer of the model or rule): it stays where it starts.
+
     Inner-loop gradients are taken with :func:`torch.autograd.grad`; only J's gradient is ever
     written into the shared weights' ``.grad``.
 

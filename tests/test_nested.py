@@ -362,3 +362,35 @@ def test_load_state_dict_reads_the_earlier_plain_optimizer_format(float64):
     for name, value in state["optim"].items():
         got = fresh.state_dict()["optim"][name]["optimizer"]["state"][0]["exp_avg"]
         assert torch.equal(got, value["optimizer"]["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("gradient, truncate", [("first_order", 1), ("truncated", 2)])
+def test_detached_modes_give_the_initializer_no_gradient(float64, gradient, truncate):
+    """first_order (and truncated with fewer steps than T) detach λ before the differentiated
+    steps: J still depends on the learned initialization (a finite difference says so), but
+    its gradient reaches no parameter of it, so such an initializer stays where it starts."""
+    x, _ = make_point_sets(2, 20, seed=6)
+    model = GaussianMixture(3, 2)
+    init = ps.GaussianInit(model.slot_dim, loc=0.0, scale=0.5)
+    rule, objective = GradientAscent(3, 0.2), Reconstruction()
+    svi = ps.NestedSVI(
+        model,
+        rule,
+        objective,
+        pyro.optim.Adam({"lr": 1e-2}),
+        init=init,
+        seed=0,
+        gradient=gradient,
+        truncate=truncate,
+    )
+
+    def j(shift):
+        svi.generator.manual_seed(3)
+        with torch.no_grad():
+            init.loc.fill_(shift)
+        return svi.loss(x)
+
+    loss = j(0.0)
+    grads = torch.autograd.grad(loss, [init.loc, init.log_scale], allow_unused=True)
+    assert all(g is None or g.abs().max() == 0 for g in grads)
+    assert abs(j(1e-3).item() - j(-1e-3).item()) > 1e-8
