@@ -28,6 +28,9 @@ Set prediction and reconstruction together on shapes (up to 5 objects, so 6 slot
     python examples/train_objects.py --dataset shapes --num-slots 6 --objective both
 
 ``--paper-size`` swaps the CPU-sized networks for the architectures of the papers.
+``--init-from RUN.pt`` starts from a finished run's weights (a longer run in stages, or a
+second stage with another ``--objective``); pass ``--first-scene`` = its updates × batch size
+so the continuation trains on scenes the first stage never saw.
 """
 
 from __future__ import annotations
@@ -368,6 +371,15 @@ def main(args):
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         load_weights(model, rule, head, state)
         return test_and_report(args, model, rule, head, {"eval_only": True})
+    if args.init_from:  # warm start: a finished run's weights, a fresh optimizer and schedule
+        state = torch.load(args.init_from, map_location="cpu", weights_only=True)
+        try:
+            load_weights(model, rule, head, state)
+        except (KeyError, RuntimeError) as error:
+            raise ValueError(
+                f"init_from: {args.init_from} does not hold weights of this configuration "
+                f"(--model {args.model}, architecture flags): {str(error).splitlines()[0]}"
+            ) from None
     val_targets = targets(head, val)
     # J on the validation scenes before and after training (slots refined, no update).
     val_j_initial = svi.evaluate_loss(val["image"], *val_targets)
@@ -377,7 +389,8 @@ def main(args):
     schedule.start()
     running, running_terms, step, skipped = None, None, 0, []
     while step < args.num_steps and time.time() - start < 60 * args.max_minutes:
-        batch = make_batch(args.dataset, args.batch_size, args.seed, step * args.batch_size)
+        first = args.first_scene + step * args.batch_size
+        batch = make_batch(args.dataset, args.batch_size, args.seed, first)
         try:
             loss = svi.step(batch["image"], *targets(head, batch))
         except FloatingPointError as error:
@@ -668,8 +681,27 @@ def parse_args(argv=None):
         action="store_true",
         help="load --checkpoint (a finished run's weights) and only evaluate on the test set",
     )
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        help="start training from the weights of a finished run (its --checkpoint file); the "
+        "optimizer state, the learning-rate schedule and the update count start afresh",
+    )
+    parser.add_argument(
+        "--first-scene",
+        type=int,
+        default=0,
+        help="index of the first training scene of the generator's stream; to continue a run "
+        "with --init-from on unseen scenes, its updates times its batch size",
+    )
     parser.add_argument("--output", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
+    if args.first_scene < 0:
+        parser.error(f"--first-scene: expected an integer >= 0, got {args.first_scene}")
+    if args.init_from and args.eval_only:
+        parser.error("--init-from: training only (--eval-only evaluates --checkpoint)")
+    if args.init_from and not os.path.isfile(args.init_from):
+        parser.error(f"--init-from: no such file {args.init_from!r}")
     if args.max_skipped < 0:
         parser.error("--max-skipped: expected an integer >= 0")
     if not 0.0 <= args.final_lr_factor <= 1.0:
