@@ -160,6 +160,7 @@ class NestedSVI:
     ``"first_order"``, and ``"truncated"`` with fewer differentiated steps than T, detach λ
     before the differentiated steps, so J's gradient reaches no parameter of a learned slot
     initialization (``init``, or an initializer of the model or rule): it stays where it starts.
+    The constructor warns (``UserWarning``) when such an initializer has trainable parameters.
 
     Inner-loop gradients are taken with :func:`torch.autograd.grad`; only J's gradient is ever
     written into the shared weights' ``.grad``.
@@ -256,6 +257,33 @@ class NestedSVI:
             # Data-dependent initializations (k-means++) draw per rank from their own stream.
             self.generator = make_generator((0 if seed is None else seed) + 7919 * self.rank)
         self.last_result = None
+        self._warn_if_init_is_frozen()
+
+    def _learned_initializer(self):
+        """The slot initializer that draws λ_0 (``init``, the rule's, or the model's)."""
+        for owner, name in ((self, "init"), (self.inner, "slot_init"), (self.model, "slot_init")):
+            init = getattr(owner, name, None)
+            if init is not None:
+                return init
+        return None
+
+    def _warn_if_init_is_frozen(self) -> None:
+        if self._backprop_steps() >= self.num_steps:
+            return
+        init = self._learned_initializer()
+        params = getattr(init, "parameters", None)
+        trainable = [p for p in params() if p.requires_grad] if callable(params) else []
+        if trainable:
+            warnings.warn(
+                f"NestedSVI: gradient={self.gradient!r} detaches λ before the differentiated "
+                f"steps ({self._backprop_steps()} of T={self.num_steps}), so J's gradient "
+                f"reaches none of the {sum(p.numel() for p in trainable)} trainable "
+                f"parameters of the slot initializer {type(init).__name__}: they stay where "
+                f"they start (use gradient='unrolled', or a fixed initializer, e.g. "
+                f"GaussianInit(..., learnable=False), to silence this)",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ parameters
     def modules(self):

@@ -373,16 +373,19 @@ def test_detached_modes_give_the_initializer_no_gradient(float64, gradient, trun
     model = GaussianMixture(3, 2)
     init = ps.GaussianInit(model.slot_dim, loc=0.0, scale=0.5)
     rule, objective = GradientAscent(3, 0.2), Reconstruction()
-    svi = ps.NestedSVI(
-        model,
-        rule,
-        objective,
-        pyro.optim.Adam({"lr": 1e-2}),
-        init=init,
-        seed=0,
-        gradient=gradient,
-        truncate=truncate,
-    )
+    # ... and the constructor says so, counting the initializer's trainable numbers.
+    message = f"reaches none of the {2 * model.slot_dim} trainable parameters of the slot "
+    with pytest.warns(UserWarning, match=message + "initializer GaussianInit"):
+        svi = ps.NestedSVI(
+            model,
+            rule,
+            objective,
+            pyro.optim.Adam({"lr": 1e-2}),
+            init=init,
+            seed=0,
+            gradient=gradient,
+            truncate=truncate,
+        )
 
     def j(shift):
         svi.generator.manual_seed(3)
@@ -394,3 +397,23 @@ def test_detached_modes_give_the_initializer_no_gradient(float64, gradient, trun
     grads = torch.autograd.grad(loss, [init.loc, init.log_scale], allow_unused=True)
     assert all(g is None or g.abs().max() == 0 for g in grads)
     assert abs(j(1e-3).item() - j(-1e-3).item()) > 1e-8
+
+
+@pytest.mark.parametrize(
+    "gradient, learnable", [("unrolled", True), ("truncated", True), ("first_order", False)]
+)
+def test_no_frozen_initializer_warning_when_the_gradient_reaches_it(gradient, learnable):
+    """Unrolled (and truncated over all T steps) differentiate λ_0; a fixed initializer has
+    nothing to train: no warning (warnings are errors in this suite)."""
+    model = GaussianMixture(3, 2)
+    init = ps.GaussianInit(model.slot_dim, learnable=learnable)
+    svi = ps.NestedSVI(
+        model,
+        GradientAscent(3, 0.2),
+        Reconstruction(),
+        pyro.optim.Adam({"lr": 1e-2}),
+        init=init,
+        gradient=gradient,
+        truncate=3,
+    )
+    assert svi._backprop_steps() == (1 if gradient == "first_order" else 3)
