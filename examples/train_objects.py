@@ -96,6 +96,10 @@ def build_model(args, image_size: int):
         if args.model != "slot_autoencoder":
             raise ValueError("encoder_strides: only for --model slot_autoencoder (IODINE has none)")
         sizes["encoder_strides"] = args.encoder_strides
+    if args.latent_dim is not None:
+        if args.model != "iodine":
+            raise ValueError("latent_dim: only for --model iodine (the size of z per slot)")
+        sizes["latent_dim"] = args.latent_dim
     if args.paper_size:
         return cls.paper_size(image_size=image_size, num_slots=args.num_slots, **sizes)
     return cls(image_size=image_size, num_slots=args.num_slots, **sizes)
@@ -604,6 +608,12 @@ def parse_args(argv=None):
         help="decode at this resolution, then resize bilinearly to the image (default: the "
         "image's)",
     )
+    parser.add_argument(
+        "--latent-dim",
+        type=int,
+        default=None,
+        help="IODINE: size of each slot's latent z (default 16, with --paper-size 32)",
+    )
     parser.add_argument("--num-slots", type=int, default=4)
     parser.add_argument("--num-iterations", type=int, default=3, help="inner steps T")
     parser.add_argument("--gradient", default="unrolled")
@@ -696,6 +706,8 @@ def parse_args(argv=None):
     )
     parser.add_argument("--output", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
+    if args.latent_dim is not None and args.latent_dim < 1:
+        parser.error(f"--latent-dim: expected an integer >= 1, got {args.latent_dim}")
     if args.first_scene < 0:
         parser.error(f"--first-scene: expected an integer >= 0, got {args.first_scene}")
     if args.init_from and args.eval_only:

@@ -407,3 +407,18 @@ def test_init_from_arguments_are_checked(train_objects, capsys, argv, message):
     with pytest.raises(SystemExit):
         train_objects.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_latent_dim_sizes_iodines_slots_only(train_objects, capsys):
+    """--latent-dim 8 gives IODINE slots of 2 × 8 numbers (μ and log σ); the flag is refused
+    for the autoencoder and below 1."""
+    args = train_objects.parse_args(["--model", "iodine", "--latent-dim", "8"])
+    model = train_objects.build_model(args, 35)
+    assert (model.latent_dim, model.slot_dim) == (8, 16)
+    default = train_objects.build_model(train_objects.parse_args(["--model", "iodine"]), 35)
+    assert default.slot_dim == 32
+    with pytest.raises(ValueError, match="latent_dim: only for --model iodine"):
+        train_objects.build_model(train_objects.parse_args(["--latent-dim", "8"]), 35)
+    with pytest.raises(SystemExit):
+        train_objects.parse_args(["--model", "iodine", "--latent-dim", "0"])
+    assert "--latent-dim: expected an integer >= 1" in capsys.readouterr().err
