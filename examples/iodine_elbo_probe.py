@@ -29,6 +29,7 @@ import math
 
 import torch
 import train_objects as to
+from pyro_slots.models import RefinementInputs
 
 from pyro_slots import PerDatapointELBO, refine
 from pyro_slots.inner import GradientAscent
@@ -65,9 +66,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoints", nargs="+", help="--checkpoint files of IODINE runs")
     parser.add_argument("--refinement-inputs", action="store_true")
-    parser.add_argument("--refinement-pooling", default="mean")
+    parser.add_argument("--refinement-pooling", default="mean", choices=RefinementInputs.POOLINGS)
     parser.add_argument("--decoder-resolution", type=int, default=None)
     parser.add_argument("--latent-dim", type=int, default=None)
+    parser.add_argument("--num-slots", type=int, default=4)
     parser.add_argument("--num-iterations", type=int, default=10, help="steps of the rule")
     parser.add_argument("--ascent-steps", type=int, default=300)
     parser.add_argument("--ascent-lr", type=float, default=0.05)
@@ -77,12 +79,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
-    for name in ("num_iterations", "ascent_steps", "particles", "num_scenes"):
+    for name in ("num_slots", "num_iterations", "ascent_steps", "particles", "num_scenes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
     torch.set_num_threads(args.threads)
     flags = ["--model", "iodine", "--rule", "learned_gradient"]
     flags += ["--num-iterations", str(args.num_iterations), "--num-val", str(args.num_scenes)]
+    flags += ["--num-slots", str(args.num_slots)]
     flags += ["--seed", str(args.seed), "--refinement-pooling", args.refinement_pooling]
     flags += ["--refinement-inputs"] if args.refinement_inputs else []
     for name in ("decoder_resolution", "latent_dim"):
@@ -98,7 +101,7 @@ def main(argv=None) -> dict:
         to.load_weights(model, rule, None, torch.load(path, weights_only=True))
         for p in [*model.parameters(), *rule.parameters()]:
             p.requires_grad_(False)
-        learned = refine(model, x, rule, num_slots=4, seed=args.seed).slots
+        learned = refine(model, x, rule, num_slots=args.num_slots, seed=args.seed).slots
         ascent = GradientAscent(args.ascent_steps, step_size=args.ascent_lr, adam=True)
         climbed = refine(model, x, ascent, slots=learned).slots
         results[path] = {
