@@ -251,26 +251,24 @@ class NestedSVI:
         self.generator = make_generator(0 if seed is None else seed)
         self.num_updates = 0
         self._setup_distributed(distributed)
-        if self.world_size > 1 and not (
-            init is not None or getattr(inner, "slot_init", None) is not None
-        ):
+        if self.world_size > 1 and self._slot_initializer() is None:
             # Data-dependent initializations (k-means++) draw per rank from their own stream.
             self.generator = make_generator((0 if seed is None else seed) + 7919 * self.rank)
         self.last_result = None
         self._warn_if_init_is_frozen()
 
-    def _learned_initializer(self):
-        """The slot initializer that draws λ_0 (``init``, the rule's, or the model's)."""
-        for owner, name in ((self, "init"), (self.inner, "slot_init"), (self.model, "slot_init")):
-            init = getattr(owner, name, None)
-            if init is not None:
-                return init
-        return None
+    def _slot_initializer(self):
+        """What draws λ_0: ``init``, else the rule's ``slot_init``; ``None`` leaves it to the
+        model's ``init_slots`` (:func:`~pyro_slots.refine.initial_slots`)."""
+        return self.init if self.init is not None else getattr(self.inner, "slot_init", None)
 
     def _warn_if_init_is_frozen(self) -> None:
         if self._backprop_steps() >= self.num_steps:
             return
-        init = self._learned_initializer()
+        # SlotModel.init_slots draws from the model's slot_init when nothing else does.
+        init = self._slot_initializer()
+        if init is None:
+            init = getattr(self.model, "slot_init", None)
         params = getattr(init, "parameters", None)
         trainable = [p for p in params() if p.requires_grad] if callable(params) else []
         if trainable:
@@ -370,7 +368,7 @@ class NestedSVI:
         return loss
 
     def _initial_slots(self, x_enc):
-        init = self.init if self.init is not None else getattr(self.inner, "slot_init", None)
+        init = self._slot_initializer()
         if init is not None and self.world_size > 1:
             # Data-independent draws: every rank draws the global batch from the same stream
             # and keeps its shard, so N processes see exactly the single-process draws.

@@ -505,3 +505,17 @@ def test_refinement_inputs_posterior_pooling_by_hand(float64):
     assert torch.allclose(feats(problem, slots[:, perm]), out[:, perm], atol=1e-12)
     with pytest.raises(ValueError, match="pooling"):
         RefinementInputs(pooling="max")
+
+
+def test_first_order_warns_about_the_models_own_learned_slot_init():
+    """With no ``init`` and no rule initializer, λ_0 comes from the model's ``slot_init``
+    (the autoencoder's learnable GaussianInit, loc and log-scale of slot_dim each): first-order
+    gradients leave exactly those 2 · slot_dim numbers untrained, and the warning counts them."""
+    model = tiny_autoencoder()
+    rule = _slot_attention(model)
+    count = sum(p.numel() for p in model.slot_init.parameters())
+    assert count == 2 * model.slot_dim
+    with pytest.warns(UserWarning, match=f"none of the {count} trainable parameters of the slot "):
+        NestedSVI(
+            model, rule, Reconstruction(), pyro.optim.Adam({"lr": 1e-3}), gradient="first_order"
+        )
