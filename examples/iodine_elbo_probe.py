@@ -67,8 +67,6 @@ def main(argv=None) -> dict:
     parser.add_argument("checkpoints", nargs="+", help="--checkpoint files of IODINE runs")
     parser.add_argument("--refinement-inputs", action="store_true")
     parser.add_argument("--refinement-pooling", default="mean", choices=RefinementInputs.POOLINGS)
-    parser.add_argument("--decoder-resolution", type=int, default=None)
-    parser.add_argument("--latent-dim", type=int, default=None)
     parser.add_argument("--num-slots", type=int, default=4)
     parser.add_argument("--num-iterations", type=int, default=10, help="steps of the rule")
     parser.add_argument("--ascent-steps", type=int, default=300)
@@ -78,7 +76,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None)
-    args = parser.parse_args(argv)
+    # Every other flag describes the architecture, as train_objects.py takes it
+    # (--decoder-resolution, --latent-dim, --decoder-channels, --paper-size, ...).
+    args, architecture = parser.parse_known_args(argv)
     for name in ("num_slots", "num_iterations", "ascent_steps", "particles", "num_scenes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
@@ -88,10 +88,7 @@ def main(argv=None) -> dict:
     flags += ["--num-slots", str(args.num_slots)]
     flags += ["--seed", str(args.seed), "--refinement-pooling", args.refinement_pooling]
     flags += ["--refinement-inputs"] if args.refinement_inputs else []
-    for name in ("decoder_resolution", "latent_dim"):
-        if getattr(args, name) is not None:
-            flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    run_args = to.parse_args(flags)
+    run_args = to.parse_args(flags + architecture)
     data = to.make_validation(run_args)
     x, true = data["image"], data["mask"]
     results = {}

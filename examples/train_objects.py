@@ -96,6 +96,9 @@ def build_model(args, image_size: int):
         if args.model != "slot_autoencoder":
             raise ValueError("encoder_strides: only for --model slot_autoencoder (IODINE has none)")
         sizes["encoder_strides"] = args.encoder_strides
+    for name in ("decoder_channels", "decoder_upsample", "kernel_size"):
+        if getattr(args, name) is not None:
+            sizes[name] = getattr(args, name)
     if args.latent_dim is not None:
         if args.model != "iodine":
             raise ValueError("latent_dim: only for --model iodine (the size of z per slot)")
@@ -554,6 +557,16 @@ def _strides(text: str) -> tuple[int, ...]:
     return strides
 
 
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        channels = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        channels = ()
+    if not channels or min(channels) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 32,32,32, got {text!r}")
+    return channels
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="slot_autoencoder", choices=MODELS)
@@ -607,6 +620,27 @@ def parse_args(argv=None):
         default=None,
         help="decode at this resolution, then resize bilinearly to the image (default: the "
         "image's)",
+    )
+    parser.add_argument(
+        "--decoder-channels",
+        type=_channels,
+        default=None,
+        help="channels of the decoder's hidden convolutions, e.g. 32,32,32 (default 32,32,16; "
+        "with --paper-size the paper's)",
+    )
+    parser.add_argument(
+        "--decoder-upsample",
+        type=int,
+        default=None,
+        help="how many of the decoder's hidden layers upsample by two (default 2; 0 broadcasts "
+        "at the decoding resolution, as the papers' decoders do)",
+    )
+    parser.add_argument(
+        "--kernel-size",
+        type=int,
+        default=None,
+        help="odd kernel size of the hidden convolutions (default 5; the autoencoder's encoder "
+        "uses it too)",
     )
     parser.add_argument(
         "--latent-dim",
@@ -708,6 +742,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.latent_dim is not None and args.latent_dim < 1:
         parser.error(f"--latent-dim: expected an integer >= 1, got {args.latent_dim}")
+    if args.decoder_upsample is not None and args.decoder_upsample < 0:
+        parser.error(f"--decoder-upsample: expected an integer >= 0, got {args.decoder_upsample}")
+    if args.kernel_size is not None and (args.kernel_size < 1 or args.kernel_size % 2 == 0):
+        parser.error(f"--kernel-size: expected an odd integer >= 1, got {args.kernel_size}")
     if args.first_scene < 0:
         parser.error(f"--first-scene: expected an integer >= 0, got {args.first_scene}")
     if args.init_from and args.eval_only:
