@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -422,6 +423,36 @@ def test_latent_dim_sizes_iodines_slots_only(train_objects, capsys):
     with pytest.raises(SystemExit):
         train_objects.parse_args(["--model", "iodine", "--latent-dim", "0"])
     assert "--latent-dim: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_decoder_flags_build_a_full_resolution_broadcast_decoder(train_objects, capsys):
+    """--decoder-upsample 0 broadcasts at the decoding resolution (18 x 18 here) and the
+    hidden layers are stride-1 convolutions of --decoder-channels with --kernel-size; the
+    weight count against a hand count, and the decoded images of the right size."""
+    flags = "--model iodine --decoder-resolution 18 --decoder-upsample 0"
+    flags += " --decoder-channels 32,32,32 --kernel-size 3"
+    model = train_objects.build_model(train_objects.parse_args(flags.split()), 35)
+    decoder = model.decoder
+    assert decoder.broadcast_resolution == (18, 18) and decoder.num_upsample == 0
+    z, c = model.latent_dim, 32
+    # position embedding: Linear(4 -> z); convolutions z -> 32 -> 32 -> 32 (3 x 3), then
+    # 32 -> RGB + mask logit (3 x 3)
+    count = (4 * z + z) + (z * c * 9 + c) + 2 * (c * c * 9 + c) + (c * 4 * 9 + 4)
+    assert sum(p.numel() for p in decoder.parameters()) == count
+    convs = [m for m in decoder.net if isinstance(m, torch.nn.Conv2d)]
+    assert [m.kernel_size for m in convs] == [(3, 3)] * 4
+    rgb, logits = model.decode_latents(torch.zeros(2, 4, z))
+    assert rgb.shape == (2, 4, 3, 35, 35) and logits.shape == (2, 4, 35, 35)
+    for argv, message in [
+        (["--decoder-upsample", "-1"], "--decoder-upsample: expected an integer >= 0"),
+        (["--kernel-size", "4"], "--kernel-size: expected an odd integer >= 1"),
+    ]:
+        with pytest.raises(SystemExit):
+            train_objects.parse_args(argv)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_objects.parse_args(["--decoder-channels", "32,0"])
+    assert "expected positive integers like 32,32,32" in capsys.readouterr().err
 
 
 def test_iodine_elbo_probe_parts_agree_with_pyros_elbo(train_objects, tmp_path):
