@@ -547,24 +547,21 @@ def test_and_report(args, model, rule, head, results: dict, test: dict | None = 
     return results
 
 
-def _strides(text: str) -> tuple[int, ...]:
-    try:
-        strides = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        strides = ()
-    if not strides or min(strides) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 2,1,2,1, got {text!r}")
-    return strides
+def _positive_ints(example: str):
+    """An argparse type: comma-separated positive integers like ``example``."""
 
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected positive integers like {example}, got {text!r}"
+            )
+        return values
 
-def _channels(text: str) -> tuple[int, ...]:
-    try:
-        channels = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        channels = ()
-    if not channels or min(channels) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 32,32,32, got {text!r}")
-    return channels
+    return parse
 
 
 def parse_args(argv=None):
@@ -610,7 +607,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--encoder-strides",
-        type=_strides,
+        type=_positive_ints("2,1,2,1"),
         default=None,
         help="strides of the encoder's four convolutions, e.g. 2,1,2,1 (default 1,2,1,1)",
     )
@@ -623,7 +620,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--decoder-channels",
-        type=_channels,
+        type=_positive_ints("32,32,32"),
         default=None,
         help="channels of the decoder's hidden convolutions, e.g. 32,32,32 (default 32,32,16; "
         "with --paper-size the paper's)",
