@@ -1,10 +1,12 @@
 """Train an object-centric image model (Slot Attention autoencoder or IODINE) with NestedSVI.
 
 The inner rule refines K slots per image on the model's ELBO, the outer loop fits the shared
-weights on the task objective J (``--objective``): the model's own J (reconstruction for the
-Slot Attention autoencoder, the negative ELBO for IODINE), Hungarian-matched set prediction of
-the objects' attributes from the final slots (``SetPrediction``, Locatello et al. 2020, §4.2),
-or both, weighted. J never enters the inner rule. Held-out images are then segmented by the
+weights on the task objective J (``--objective``): the model's own J (``own``: reconstruction
+for the Slot Attention autoencoder, the negative ELBO for IODINE), the reconstruction MSE or the
+negative ELBO by name (``reconstruction``, ``elbo``, as in ``python -m pyro_slots train``),
+Hungarian-matched set prediction of the objects' attributes from the final slots
+(``SetPrediction``, Locatello et al. 2020, §4.2), or the model's own J and set prediction,
+weighted (``both``). J never enters the inner rule. Held-out images are then segmented by the
 decoder's masks and scored with FG-ARI, ARI, mean IoU and reconstruction MSE
 (``pyro_slots.metrics``) and, with a set-prediction head, with the average precision of its
 predictions at the distance thresholds ``AP_THRESHOLDS`` (positions in units of the image
@@ -64,7 +66,10 @@ from pyro_slots.objectives import NegativeELBO, Reconstruction, SetPrediction, W
 MODELS = ("slot_autoencoder", "iodine")
 DATASETS = ("tetrominoes", "shapes")
 RULES = ("default", "slot_attention", "soft_kmeans", "learned_gradient", "gradient_ascent")
-OBJECTIVES = ("reconstruction", "mse", "elbo+mse", "set-prediction", "both")
+# "own" is the model's own J; "reconstruction" and "elbo" mean what they mean in the command line
+# (``python -m pyro_slots train --objective``); "mse" is the name earlier runs recorded for
+# "reconstruction".
+OBJECTIVES = ("own", "reconstruction", "mse", "elbo", "elbo+mse", "set-prediction", "both")
 CRITERIA = ("elbo", "mse")  # how a restart is chosen at test time (see infer_slots)
 # Attribute classes of the generators: (shape classes, colour classes, has a scale).
 ATTRIBUTES = {
@@ -145,20 +150,23 @@ def build_rule(args, model):
 def build_objective(args, model):
     """The task objective J and its set-prediction head (``None`` without one).
 
-    ``reconstruction`` is the model's own J (MSE for the autoencoder, the negative ELBO for
-    IODINE); ``mse`` the reconstruction MSE of the decoded slots for either model (for IODINE
-    the posterior means: the inner ELBO refines λ, J alone trains the weights); ``elbo+mse``
+    ``own`` is the model's own J (MSE for the autoencoder, the negative ELBO for IODINE);
+    ``reconstruction`` (or ``mse``) the reconstruction MSE of the decoded slots for either model
+    (for IODINE the posterior means: the inner ELBO refines λ, J alone trains the weights);
+    ``elbo`` (IODINE) the negative ELBO, as ``pyro_slots train --objective elbo``; ``elbo+mse``
     (IODINE) the negative ELBO plus :func:`mse_weight` times that MSE; ``both`` adds
     ``--set-prediction-weight`` times the set-prediction loss to the model's own J.
     """
     own = Reconstruction() if args.model == "slot_autoencoder" else NegativeELBO()
-    if args.objective == "reconstruction":
+    if args.objective == "own":
         return own, None
-    if args.objective == "mse":  # IODINE too: the inner ELBO refines, J is the decoded error
+    if args.objective in ("reconstruction", "mse"):  # IODINE: the inner ELBO refines λ
         return Reconstruction(), None
+    if args.objective in ("elbo", "elbo+mse") and not isinstance(model, IODINE):
+        raise ValueError(f"objective: {args.objective} is only for --model iodine")
+    if args.objective == "elbo":
+        return NegativeELBO(), None
     if args.objective == "elbo+mse":
-        if not isinstance(model, IODINE):
-            raise ValueError("objective: elbo+mse is only for --model iodine")
         return WeightedSum([NegativeELBO(), Reconstruction()], [1.0, mse_weight(args, model)]), None
     num_shapes, num_colors, has_scale = ATTRIBUTES[args.dataset]
     head = SetPrediction(model.slot_dim, num_shapes, num_colors, predict_scale=has_scale)
@@ -585,11 +593,12 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--objective",
-        default="reconstruction",
+        default="own",
         choices=OBJECTIVES,
-        help="J: the model's own (reconstruction MSE; IODINE: negative ELBO), the MSE of the "
-        "decoded slots for either model (mse), IODINE's negative ELBO plus the MSE (elbo+mse), "
-        "set prediction from the final slots, or both",
+        help="J: the model's own (own: the autoencoder's reconstruction MSE, IODINE's negative "
+        "ELBO), the MSE of the decoded slots for either model (reconstruction, or its older "
+        "name mse), IODINE's negative ELBO (elbo) or the ELBO plus the MSE (elbo+mse), set "
+        "prediction from the final slots, or the model's own J plus set prediction (both)",
     )
     parser.add_argument(
         "--set-prediction-weight",

@@ -110,6 +110,29 @@ def test_iodine_with_the_elbo_plus_mse_objective(train_objects, tmp_path, capsys
     assert "--mse-weight: only with --objective elbo+mse" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("model", ["slot_autoencoder", "iodine"])
+def test_objective_names_mean_what_the_command_line_means(train_objects, model):
+    """reconstruction and elbo build the command line's objectives (pyro_slots.cli.registry);
+    own is the model's own J; mse is reconstruction's older name; elbo needs IODINE."""
+    from pyro_slots.cli.registry import OBJECTIVES as CLI_OBJECTIVES
+    from pyro_slots.objectives import NegativeELBO, Reconstruction
+
+    def built(name):
+        args = train_objects.parse_args(["--model", model, "--objective", name])
+        return train_objects.build_objective(args, train_objects.build_model(args, 35))
+
+    assert type(built("reconstruction")[0]) is type(CLI_OBJECTIVES["reconstruction"](None))
+    assert type(built("mse")[0]) is Reconstruction
+    own = NegativeELBO if model == "iodine" else Reconstruction
+    assert type(built("own")[0]) is own
+    assert train_objects.parse_args([]).objective == "own"
+    if model == "iodine":
+        assert type(built("elbo")[0]) is type(CLI_OBJECTIVES["elbo"](None))
+    else:
+        with pytest.raises(ValueError, match="objective: elbo is only for --model iodine"):
+            built("elbo")
+
+
 def test_set_prediction_needs_a_slot_per_object(train_objects):
     args = train_objects.parse_args(["--dataset", "shapes", "--objective", "set-prediction"])
     with pytest.raises(ValueError, match="num_slots"):
