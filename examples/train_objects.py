@@ -108,6 +108,10 @@ def build_model(args, image_size: int):
         if args.model != "iodine":
             raise ValueError("latent_dim: only for --model iodine (the size of z per slot)")
         sizes["latent_dim"] = args.latent_dim
+    if args.pixel_scale is not None:
+        if args.model != "iodine":
+            raise ValueError("pixel_scale: only for --model iodine (its likelihood's sigma_x)")
+        sizes["pixel_scale"] = args.pixel_scale
     if args.paper_size:
         return cls.paper_size(image_size=image_size, num_slots=args.num_slots, **sizes)
     return cls(image_size=image_size, num_slots=args.num_slots, **sizes)
@@ -654,6 +658,12 @@ def parse_args(argv=None):
         default=None,
         help="IODINE: size of each slot's latent z (default 16, with --paper-size 32)",
     )
+    parser.add_argument(
+        "--pixel-scale",
+        type=float,
+        default=None,
+        help="IODINE: sigma_x of the pixel likelihood, > 0 (default 0.1)",
+    )
     parser.add_argument("--num-slots", type=int, default=4)
     parser.add_argument("--num-iterations", type=int, default=3, help="inner steps T")
     parser.add_argument("--gradient", default="unrolled")
@@ -752,6 +762,8 @@ def parse_args(argv=None):
         parser.error(f"--decoder-upsample: expected an integer >= 0, got {args.decoder_upsample}")
     if args.kernel_size is not None and (args.kernel_size < 1 or args.kernel_size % 2 == 0):
         parser.error(f"--kernel-size: expected an odd integer >= 1, got {args.kernel_size}")
+    if args.pixel_scale is not None and not args.pixel_scale > 0:
+        parser.error(f"--pixel-scale: expected a number > 0, got {args.pixel_scale}")
     if args.first_scene < 0:
         parser.error(f"--first-scene: expected an integer >= 0, got {args.first_scene}")
     if args.init_from and args.eval_only:

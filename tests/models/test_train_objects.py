@@ -448,6 +448,20 @@ def test_latent_dim_sizes_iodines_slots_only(train_objects, capsys):
     assert "--latent-dim: expected an integer >= 1" in capsys.readouterr().err
 
 
+def test_pixel_scale_sets_iodines_likelihood(train_objects, capsys):
+    """--pixel-scale 0.3: the default elbo+mse weight C H W / (2 σ_x²) follows it; refused for
+    the autoencoder and at 0."""
+    args = train_objects.parse_args(["--model", "iodine", "--pixel-scale", "0.3"])
+    model = train_objects.build_model(args, 35)
+    assert model.pixel_scale == 0.3
+    assert train_objects.mse_weight(args, model) == pytest.approx(3 * 35 * 35 / (2 * 0.09))
+    with pytest.raises(ValueError, match="pixel_scale: only for --model iodine"):
+        train_objects.build_model(train_objects.parse_args(["--pixel-scale", "0.3"]), 35)
+    with pytest.raises(SystemExit):
+        train_objects.parse_args(["--model", "iodine", "--pixel-scale", "0"])
+    assert "--pixel-scale: expected a number > 0" in capsys.readouterr().err
+
+
 def test_decoder_flags_build_a_full_resolution_broadcast_decoder(train_objects, capsys):
     """--decoder-upsample 0 broadcasts at the decoding resolution (18 x 18 here) and the
     hidden layers are stride-1 convolutions of --decoder-channels with --kernel-size; the
