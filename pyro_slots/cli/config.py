@@ -50,7 +50,8 @@ class TrainConfig:
     )
     objective: str | None = _opt(
         None,
-        "task objective J (default: elbo for gmm, reconstruction for image models)",
+        "task objective J (default: the model's own, elbo for gmm and iodine, reconstruction for "
+        "slot-autoencoder)",
         metavar="NAME",
     )
     init: str = _opt(
