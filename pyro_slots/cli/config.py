@@ -97,6 +97,9 @@ class TrainConfig:
         "slot size of the image models: features and slots of slot-autoencoder (default 64), "
         "latents of iodine (default 16)",
     )
+    pixel_scale: float | None = _opt(
+        None, "sigma_x of iodine's pixel likelihood (default 0.1; see examples/results/objects.md)"
+    )
     hidden_dim: int = _opt(64, "width of the learned rules (gmm)")
     tensorboard: bool = _opt(False, "also log to TensorBoard (needs the tensorboard package)")
 

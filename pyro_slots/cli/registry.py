@@ -75,7 +75,13 @@ def _slot_autoencoder(config: TrainConfig, stream):
 
 def _iodine(config: TrainConfig, stream):
     cls = _import("pyro_slots.models", "IODINE", "iodine")
-    return cls(image_size=stream.image_size, num_slots=config.num_slots, latent_dim=config.slot_dim)
+    sizes = {} if config.pixel_scale is None else {"pixel_scale": config.pixel_scale}
+    return cls(
+        image_size=stream.image_size,
+        num_slots=config.num_slots,
+        latent_dim=config.slot_dim,
+        **sizes,
+    )
 
 
 MODELS = {
@@ -274,7 +280,7 @@ def _check_positive(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"{name}: expected an integer >= 1, got {value}")
-    for name in ("lr", "step_size", "temperature", "clip_norm"):
+    for name in ("lr", "step_size", "temperature", "clip_norm", "pixel_scale"):
         value = getattr(config, name)
         if value is not None and not value > 0:
             raise ConfigError(f"{name}: expected a number > 0, got {value}")
@@ -365,6 +371,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise ConfigError("slot_dim: gmm slots are its components' parameters; leave it unset")
     elif slot_dim is None:
         slot_dim = SLOT_DIMS[config.model]
+    if config.pixel_scale is not None and config.model != "iodine":
+        raise ConfigError(
+            f"pixel_scale: only for --model iodine (its likelihood's sigma_x), not {config.model}"
+        )
     if config.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401

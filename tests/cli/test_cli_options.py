@@ -78,6 +78,8 @@ def _error(argv, capsys):
         (["--inner", "em", "--gradient", "implicit"], "never reaches the learned initialization"),
         (["--init", "model"], "no weights to train"),
         (["--steps", "0"], "steps: expected an integer >= 1"),
+        (["--model", "iodine", "--pixel-scale", "0"], "pixel_scale: expected a number > 0"),
+        (["--model", "gmm", "--pixel-scale", "0.5"], "pixel_scale: only for --model iodine"),
         (["--model", "slot-autoencoder", "--dataset", "hdf5:/no/such.h5"], "no HDF5 file"),
     ],
 )
@@ -151,3 +153,16 @@ def test_every_compatible_combination_trains(model, inner, gradient, tmp_path):
     assert main(argv) == 0
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
     assert (saved["step"], saved["config"]["inner"]) == (1, inner)
+
+
+def test_pixel_scale_reaches_iodines_likelihood():
+    """--pixel-scale is the sigma_x of the IODINE that the command line builds (default 0.1)."""
+    from pyro_slots.cli.registry import build, resolve
+
+    def model(scale):
+        config = TrainConfig(model="iodine", pixel_scale=scale, batch_size=2, steps=1)
+        return build(resolve(config)).model
+
+    assert TrainConfig().pixel_scale is None
+    assert model(None).pixel_scale == 0.1
+    assert model(0.5).pixel_scale == 0.5
