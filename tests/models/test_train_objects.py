@@ -105,9 +105,9 @@ def test_iodine_with_the_elbo_plus_mse_objective(train_objects, tmp_path, capsys
         train_objects.build_objective(
             train_objects.parse_args(["--objective", "elbo+mse"]), model=None
         )
-    with pytest.raises(SystemExit):
-        train_objects.parse_args(["--mse-weight", "10"])
-    assert "--mse-weight: only with --objective elbo+mse" in capsys.readouterr().err
+    assert "--mse-weight: only with --objective elbo+mse" in parse_error(
+        train_objects, capsys, ["--mse-weight", "10"]
+    )
 
 
 @pytest.mark.parametrize("model", ["slot_autoencoder", "iodine"])
@@ -131,6 +131,13 @@ def test_objective_names_mean_what_the_command_line_means(train_objects, model):
     else:
         with pytest.raises(ValueError, match="objective: elbo is only for --model iodine"):
             built("elbo")
+
+
+def parse_error(train_objects, capsys, argv) -> str:
+    """What train_objects' parser prints when it refuses ``argv``."""
+    with pytest.raises(SystemExit):
+        train_objects.parse_args(argv)
+    return capsys.readouterr().err
 
 
 def test_set_prediction_needs_a_slot_per_object(train_objects):
@@ -443,9 +450,9 @@ def test_latent_dim_sizes_iodines_slots_only(train_objects, capsys):
     assert default.slot_dim == 32
     with pytest.raises(ValueError, match="latent_dim: only for --model iodine"):
         train_objects.build_model(train_objects.parse_args(["--latent-dim", "8"]), 35)
-    with pytest.raises(SystemExit):
-        train_objects.parse_args(["--model", "iodine", "--latent-dim", "0"])
-    assert "--latent-dim: expected an integer >= 1" in capsys.readouterr().err
+    assert "--latent-dim: expected an integer >= 1" in parse_error(
+        train_objects, capsys, ["--model", "iodine", "--latent-dim", "0"]
+    )
 
 
 def test_pixel_scale_sets_iodines_likelihood(train_objects, capsys):
@@ -457,9 +464,9 @@ def test_pixel_scale_sets_iodines_likelihood(train_objects, capsys):
     assert train_objects.mse_weight(args, model) == pytest.approx(3 * 35 * 35 / (2 * 0.09))
     with pytest.raises(ValueError, match="pixel_scale: only for --model iodine"):
         train_objects.build_model(train_objects.parse_args(["--pixel-scale", "0.3"]), 35)
-    with pytest.raises(SystemExit):
-        train_objects.parse_args(["--model", "iodine", "--pixel-scale", "0"])
-    assert "--pixel-scale: expected a number > 0" in capsys.readouterr().err
+    assert "--pixel-scale: expected a number > 0" in parse_error(
+        train_objects, capsys, ["--model", "iodine", "--pixel-scale", "0"]
+    )
 
 
 def test_decoder_flags_build_a_full_resolution_broadcast_decoder(train_objects, capsys):
@@ -483,13 +490,9 @@ def test_decoder_flags_build_a_full_resolution_broadcast_decoder(train_objects, 
     for argv, message in [
         (["--decoder-upsample", "-1"], "--decoder-upsample: expected an integer >= 0"),
         (["--kernel-size", "4"], "--kernel-size: expected an odd integer >= 1"),
+        (["--decoder-channels", "32,0"], "expected positive integers like 32,32,32"),
     ]:
-        with pytest.raises(SystemExit):
-            train_objects.parse_args(argv)
-        assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train_objects.parse_args(["--decoder-channels", "32,0"])
-    assert "expected positive integers like 32,32,32" in capsys.readouterr().err
+        assert message in parse_error(train_objects, capsys, argv)
 
 
 def test_iodine_elbo_probe_parts_agree_with_pyros_elbo(train_objects, tmp_path):
