@@ -92,26 +92,26 @@ def make_batch(name: str, num_images: int, seed: int, start: int) -> dict:
     raise ValueError(f"dataset: expected one of {DATASETS}, got {name!r}")
 
 
+#: Architecture flags that only one model takes: (that model, why, for the error message).
+MODEL_ONLY_SIZES = {
+    "encoder_strides": ("slot_autoencoder", "IODINE has none"),
+    "latent_dim": ("iodine", "the size of z per slot"),
+    "pixel_scale": ("iodine", "its likelihood's sigma_x"),
+}
+
+
 def build_model(args, image_size: int):
     cls = {"slot_autoencoder": SlotAutoencoder, "iodine": IODINE}[args.model]
     sizes = {}
-    if args.decoder_resolution is not None:
-        sizes["decoder_resolution"] = args.decoder_resolution
-    if args.encoder_strides is not None:
-        if args.model != "slot_autoencoder":
-            raise ValueError("encoder_strides: only for --model slot_autoencoder (IODINE has none)")
-        sizes["encoder_strides"] = args.encoder_strides
-    for name in ("decoder_channels", "decoder_upsample", "kernel_size"):
-        if getattr(args, name) is not None:
-            sizes[name] = getattr(args, name)
-    if args.latent_dim is not None:
-        if args.model != "iodine":
-            raise ValueError("latent_dim: only for --model iodine (the size of z per slot)")
-        sizes["latent_dim"] = args.latent_dim
-    if args.pixel_scale is not None:
-        if args.model != "iodine":
-            raise ValueError("pixel_scale: only for --model iodine (its likelihood's sigma_x)")
-        sizes["pixel_scale"] = args.pixel_scale
+    names = ("decoder_resolution", "decoder_channels", "decoder_upsample", "kernel_size")
+    for name in (*names, *MODEL_ONLY_SIZES):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name in MODEL_ONLY_SIZES and args.model != MODEL_ONLY_SIZES[name][0]:
+            only, why = MODEL_ONLY_SIZES[name]
+            raise ValueError(f"{name}: only for --model {only} ({why})")
+        sizes[name] = value
     if args.paper_size:
         return cls.paper_size(image_size=image_size, num_slots=args.num_slots, **sizes)
     return cls(image_size=image_size, num_slots=args.num_slots, **sizes)

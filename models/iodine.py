@@ -61,9 +61,8 @@ class IODINE(SlotModel):
     σ_x = 0.7 to 0.87 in 45 CPU minutes, while 0.3 does so slowly and 1.0 not at all. J =
     :class:`~pyro_slots.objectives.Reconstruction` (the error of the mean image
     ``Σ_k m_k μ_k``, while the inner rule still climbs this ELBO) segments at σ_x = 0.1 too.
-    Numbers:
-    ``examples/results/objects.md``; ``examples/iodine_elbo_probe.py`` splits a checkpoint's
-    ELBO into its parts.
+    Numbers: ``examples/results/objects.md``; ``examples/iodine_elbo_probe.py`` splits a
+    checkpoint's ELBO into its parts.
 
     :param image_size: ``H`` or ``(H, W)``.
     :param int num_slots: default ``K``.

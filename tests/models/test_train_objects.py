@@ -21,6 +21,13 @@ def train_objects():
         sys.path.remove(str(EXAMPLES))
 
 
+def parse_error(train_objects, capsys, argv) -> str:
+    """What train_objects' parser prints when it refuses ``argv``."""
+    with pytest.raises(SystemExit):
+        train_objects.parse_args(argv)
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "model, extra", [("slot_autoencoder", []), ("iodine", []), ("iodine", ["--refinement-inputs"])]
 )
@@ -131,13 +138,6 @@ def test_objective_names_mean_what_the_command_line_means(train_objects, model):
     else:
         with pytest.raises(ValueError, match="objective: elbo is only for --model iodine"):
             built("elbo")
-
-
-def parse_error(train_objects, capsys, argv) -> str:
-    """What train_objects' parser prints when it refuses ``argv``."""
-    with pytest.raises(SystemExit):
-        train_objects.parse_args(argv)
-    return capsys.readouterr().err
 
 
 def test_set_prediction_needs_a_slot_per_object(train_objects):
