@@ -450,6 +450,9 @@ def test_latent_dim_sizes_iodines_slots_only(train_objects, capsys):
     assert default.slot_dim == 32
     with pytest.raises(ValueError, match="latent_dim: only for --model iodine"):
         train_objects.build_model(train_objects.parse_args(["--latent-dim", "8"]), 35)
+    iodine_strides = ["--model", "iodine", "--encoder-strides", "2,1,2,1"]
+    with pytest.raises(ValueError, match="encoder_strides: only for --model slot_autoencoder"):
+        train_objects.build_model(train_objects.parse_args(iodine_strides), 35)
     assert "--latent-dim: expected an integer >= 1" in parse_error(
         train_objects, capsys, ["--model", "iodine", "--latent-dim", "0"]
     )
