@@ -76,7 +76,10 @@ def worker(args) -> dict:
     )  # fmt: skip
     svi = ps.NestedSVI(
         model, rule, Reconstruction(), pyro.optim.Adam({"lr": 1e-4}),
-        gradient=args.mode, seed=0, implicit_max_iter=args.implicit_max_iter,
+        gradient=(
+            ps.ImplicitAdjoint(max_iter=args.implicit_max_iter)
+            if args.mode == "implicit" else args.mode
+        ), seed=0,
     )  # fmt: skip
     params = svi.parameters()
     saved = []

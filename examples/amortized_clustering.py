@@ -163,9 +163,10 @@ def train(args, rule, svi) -> dict:
         start = time.perf_counter()
         x = train_batch(args, update)
         svi.num_steps = train_steps(args, update)
-        loss = svi.step(x) / x.shape[1]
+        loss, result = svi.step(x)
+        loss = loss / x.shape[1]
         progress["seconds"] += time.perf_counter() - start
-        inner_elbo = svi.last_result.elbo.mean().item() / x.shape[1]
+        inner_elbo = result.elbo.mean().item() / x.shape[1]
         progress["losses"].append(loss)
         progress["update"] = update + 1
         bar.set_postfix(J=f"{loss:.4f}", elbo=f"{inner_elbo:.4f}")
@@ -213,7 +214,7 @@ def eval_refine(model, sets, rule, num_steps: int, seed: int, record_history: bo
     result = refine(
         model, sets.x, rule, num_steps=num_steps, seed=seed, record_history=record_history
     )
-    return result.elbo / sets.x.shape[1]
+    return result.elbo[0] / sets.x.shape[1]
 
 
 def evaluate(args, model, rule) -> list[dict]:

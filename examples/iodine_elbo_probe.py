@@ -98,9 +98,9 @@ def main(argv=None) -> dict:
         to.load_weights(model, rule, None, torch.load(path, weights_only=True))
         for p in [*model.parameters(), *rule.parameters()]:
             p.requires_grad_(False)
-        learned = refine(model, x, rule, num_slots=args.num_slots, seed=args.seed).slots
+        learned = refine(model, x, rule, num_slots=args.num_slots, seed=args.seed).slots[0]
         ascent = GradientAscent(args.ascent_steps, step_size=args.ascent_lr, adam=True)
-        climbed = refine(model, x, ascent, slots=learned).slots
+        climbed = refine(model, x, ascent, slots=learned).slots[0]
         results[path] = {
             f"rule T={args.num_iterations}": scores(model, x, true, learned, args.particles),
             f"+ {args.ascent_steps} Adam steps": scores(model, x, true, climbed, args.particles),

@@ -62,7 +62,7 @@ def main(args):
             x = sample_point_sets(
                 args.batch_size, args.num_points, args.num_components, seed=0, start=update
             ).x
-            losses.append(svi.step(x) / args.num_points)
+            losses.append(svi.step(x).loss / args.num_points)
         held_out = refine(model, test, inner, init=init, seed=args.seed)
         results[name] = {
             "num_weights": sum(p.numel() for p in svi.parameters()),

@@ -277,15 +277,12 @@ def infer_slots(
         num_restarts=num_restarts,
         generator=generator,
     )
-    if num_restarts == 1:
-        return result.slots
     if criterion == "elbo":
-        return result.best().slots
+        return result.best().slots[0]
     restarts, batch = result.slots.shape[:2]
     recon = model.decode(result.slots.flatten(0, 1))[0]  # restart-major, as x.repeat
     mse = reconstruction_mse(x.repeat(restarts, 1, 1, 1), recon)
-    best = mse.reshape(restarts, batch).argmin(0)
-    return result.slots[best, torch.arange(batch)]
+    return result.select(mse.reshape(restarts, batch).argmin(0)).slots[0]
 
 
 @torch.no_grad()
@@ -411,7 +408,7 @@ def main(args):
         first = args.first_scene + step * args.batch_size
         batch = make_batch(args.dataset, args.batch_size, args.seed, first)
         try:
-            loss = svi.step(batch["image"], *targets(head, batch))
+            loss, _ = svi.step(batch["image"], *targets(head, batch))
         except FloatingPointError as error:
             # NestedSVI refused the update (non-finite J or gradient) and left the weights
             # unchanged: skip this batch, up to --max-skipped times in the whole run.

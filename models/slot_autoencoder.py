@@ -193,21 +193,7 @@ class SlotAutoencoder(SlotModel):
                     obs=x,
                 )
 
-    # --------------------------------------------------------------- closed-form rules
-    def log_joint(self, x: torch.Tensor, slots: torch.Tensor, variance: float | None = None):
-        """``log(1/K) + log N(x̃_m | μ_k, σ² I)`` of shape ``(batch, K, M)``.
-
-        :param float variance: σ²; default :attr:`variance` (the model's own).
-        """
-        variance = self.variance if variance is None else variance
-        means = self.component_means(slots)  # (B, K, F)
-        comp = dist.Normal(means.unsqueeze(-2), math.sqrt(variance)).to_event(1)  # (B, K, 1)
-        return comp.log_prob(x.unsqueeze(1)) - math.log(means.shape[1])
-
-    def responsibilities(self, x, slots, variance: float | None = None) -> torch.Tensor:
-        """Posterior ``p(z^{n,m} = k | x̃, λ)`` of shape ``(batch, K, M)``."""
-        return torch.softmax(self.log_joint(x, slots, variance), dim=1)
-
+    # ---------------------------------------------------------- the documented M-step
     def m_step(
         self,
         x: torch.Tensor,
@@ -242,11 +228,6 @@ class SlotAutoencoder(SlotModel):
             means = means @ pinv.transpose(0, 1)
         return self.slot_spec.pack({"loc": means})
 
-    def em_update(self, x: torch.Tensor, slots: torch.Tensor):
-        """One EM step (soft k-means at σ²), closed-form responsibilities: ``(slots, resp)``."""
-        resp = self.responsibilities(x, slots)
-        return self.m_step(x, resp, slots), resp
-
     def _check_temperature(self, temperature: float) -> None:
         temperature = check_positive_float(temperature, "temperature")
         if not math.isclose(temperature, self.variance, rel_tol=1e-9):
@@ -264,11 +245,6 @@ class SlotAutoencoder(SlotModel):
         """
         self._check_temperature(variance)
         return slots
-
-    def soft_kmeans_update(self, x: torch.Tensor, slots: torch.Tensor, temperature: float):
-        """Soft k-means step at ``temperature`` (must be σ²): ``(slots, resp (batch, K, M))``."""
-        self._check_temperature(temperature)
-        return self.em_update(x, slots)
 
     # ---------------------------------------------------------------------- decoder
     def decode(self, slots: torch.Tensor):

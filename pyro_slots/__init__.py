@@ -9,7 +9,13 @@ from ._allocator import tune_allocator
 from .elbo import PerDatapointELBO, per_datapoint_elbo
 from .init import GaussianInit, SlotInitializer
 from .model import SlotModel, SlotSpec
-from .nested import GRADIENT_MODES, ImplicitAdjoint, ImplicitGradientWarning, NestedSVI
+from .nested import (
+    GRADIENT_MODES,
+    ImplicitAdjoint,
+    ImplicitGradientWarning,
+    NestedStep,
+    NestedSVI,
+)
 from .refine import InnerLoopError, RefineResult, refine
 from .validation import CapabilityError
 
@@ -23,6 +29,7 @@ __all__ = [
     "ImplicitGradientWarning",
     "InnerLoopError",
     "NestedSVI",
+    "NestedStep",
     "PerDatapointELBO",
     "RefineResult",
     "SlotInitializer",

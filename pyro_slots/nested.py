@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from typing import NamedTuple
 
+import pyro
 import torch
 from pyro.optim import PyroOptim
 
 from .elbo import PerDatapointELBO
 from .inner.base import InnerRule
 from .objectives.base import Objective
-from .refine import initial_slots, make_generator, run_inner
+from .refine import RefineResult, initial_slots, make_generator, run_inner
 from .validation import check_positive_float, check_positive_int
 
-__all__ = ["GRADIENT_MODES", "ITERATION_WEIGHTS", "ImplicitGradientWarning", "NestedSVI"]
+__all__ = [
+    "GRADIENT_MODES",
+    "ITERATION_WEIGHTS",
+    "ImplicitAdjoint",
+    "ImplicitGradientWarning",
+    "NestedSVI",
+    "NestedStep",
+]
 
 GRADIENT_MODES = ("unrolled", "truncated", "first_order", "implicit")
 ITERATION_WEIGHTS = ("last", "uniform", "linear")
+
+
+_INSTANCES = itertools.count()
 
 
 class ImplicitGradientWarning(RuntimeWarning):
@@ -168,22 +181,24 @@ class NestedSVI:
     :param SlotModel model: the model.
     :param InnerRule inner: the inner rule.
     :param Objective objective: the task objective J.
-    :param PyroOptim optim: a :mod:`pyro.optim` optimizer, e.g. ``pyro.optim.Adam({"lr": 1e-3})``.
-    :param str gradient: one of :data:`GRADIENT_MODES`.
+    :param PyroOptim optim: a :mod:`pyro.optim` optimizer, e.g. ``pyro.optim.Adam({"lr": 1e-3})``,
+        or one of its learning-rate scheduler wrappers (e.g. ``pyro.optim.LambdaLR``), which the
+        caller steps with ``optim.step()`` as in Pyro. :meth:`step` calls ``optim(params)``;
+        :meth:`state_dict` saves its state through ``optim.get_state()``, keyed by the names
+        of :meth:`named_parameters`.
+    :param gradient: one of :data:`GRADIENT_MODES`, or an :class:`ImplicitAdjoint` (implicit
+        gradients with that solver; ``"implicit"`` is ``ImplicitAdjoint()``).
     :param int num_slots: K during training; defaults to ``model.num_slots``.
     :param int num_steps: T during training; defaults to ``inner.num_steps``.
     :param int truncate: number of differentiated steps for ``"truncated"``.
     :param str iteration_weights: how J weights the inner iterates: ``"last"`` (J at λ_T),
         ``"uniform"`` or ``"linear"`` (``t / T``, as IODINE) over λ_1..λ_T.
-    :param float tol: early stopping tolerance of the inner loop.
+    :param float tol: per-datapoint stopping tolerance of the graph-free inner steps
+        (:func:`~pyro_slots.refine.run_inner`); the differentiated steps always run.
     :param init: optional slot initializer (its parameters are trained too).
     :param int seed: seed of the slot initializations.
     :param float clip_norm: clip the global gradient norm of w to this value.
     :param PerDatapointELBO estimator: how the inner ELBO is computed.
-    :param int implicit_max_iter: iterations of the adjoint solve (``gradient="implicit"``).
-    :param float implicit_tol: relative tolerance of the adjoint solve.
-    :param str implicit_solver: ``"gmres"`` (default) or ``"fixed_point"``
-        (:class:`ImplicitAdjoint`).
     :param bool distributed: average J's gradients over the ranks of ``torch.distributed``
         (default: whenever a process group is initialized). The inner loop stays local to each
         rank; only the shared weights' gradients are communicated, by one ``all_reduce`` per
@@ -199,7 +214,7 @@ class NestedSVI:
         objective: Objective,
         optim: PyroOptim,
         *,
-        gradient: str = "unrolled",
+        gradient: str | ImplicitAdjoint = "unrolled",
         num_slots: int | None = None,
         num_steps: int | None = None,
         truncate: int = 1,
@@ -208,9 +223,6 @@ class NestedSVI:
         init=None,
         seed: int | None = None,
         clip_norm: float | None = None,
-        implicit_max_iter: int = 100,
-        implicit_tol: float = 1e-6,
-        implicit_solver: str = "gmres",
         estimator: PerDatapointELBO | None = None,
         distributed: bool | None = None,
     ):
@@ -223,8 +235,15 @@ class NestedSVI:
                 f"optim: expected a pyro.optim optimizer (e.g. pyro.optim.Adam), "
                 f"got {type(optim).__name__}"
             )
-        if gradient not in GRADIENT_MODES:
-            raise ValueError(f"gradient: expected one of {GRADIENT_MODES}, got {gradient!r}")
+        if isinstance(gradient, ImplicitAdjoint):
+            self.implicit, gradient = gradient, "implicit"
+        elif gradient in GRADIENT_MODES:
+            self.implicit = ImplicitAdjoint() if gradient == "implicit" else None
+        else:
+            raise ValueError(
+                f"gradient: expected one of {GRADIENT_MODES} or an ImplicitAdjoint, "
+                f"got {gradient!r}"
+            )
         if iteration_weights not in ITERATION_WEIGHTS:
             raise ValueError(
                 f"iteration_weights: expected one of {ITERATION_WEIGHTS}, got {iteration_weights!r}"
@@ -246,15 +265,15 @@ class NestedSVI:
         self.tol = None if tol is None else check_positive_float(tol, "tol")
         self.init = init
         self.clip_norm = None if clip_norm is None else check_positive_float(clip_norm, "clip_norm")
-        self.implicit = ImplicitAdjoint(implicit_max_iter, implicit_tol, implicit_solver)
         self.estimator = estimator
         self.generator = make_generator(0 if seed is None else seed)
         self.num_updates = 0
+        self._store_prefix = f"NestedSVI{next(_INSTANCES)}"
+        self._pending_optim_state = {}
         self._setup_distributed(distributed)
         if self.world_size > 1 and self._slot_initializer() is None:
             # Data-dependent initializations (k-means++) draw per rank from their own stream.
             self.generator = make_generator((0 if seed is None else seed) + 7919 * self.rank)
-        self.last_result = None
         self._warn_if_init_is_frozen()
 
     def _slot_initializer(self):
@@ -322,6 +341,12 @@ class NestedSVI:
 
     def loss(self, x, *targets, differentiable: bool = True) -> torch.Tensor:
         """The task objective J of this batch (a scalar), differentiable in w."""
+        return self.loss_and_result(x, *targets, differentiable=differentiable)[0]
+
+    def loss_and_result(self, x, *targets, differentiable: bool = True):
+        """``(J, result)``: the task objective (a scalar tensor, differentiable in w unless
+        ``differentiable=False``) and the batch's inner :class:`~pyro_slots.RefineResult`
+        (restart axis of size 1; its slots and trajectory keep their graph)."""
         for t in targets:
             if torch.is_tensor(t) and t.shape[:1] != x.shape[:1]:
                 raise ValueError(
@@ -349,13 +374,12 @@ class NestedSVI:
                 keep_trajectory=keep,
                 estimator=self.estimator,
             )
-            self.last_result = result
             if keep:
                 terms = [
-                    (result.trajectory[t], w) for t, w in self._iterate_weights(result.num_steps)
+                    (result.trajectory[t][0], w) for t, w in self._iterate_weights(result.num_steps)
                 ]
             else:
-                terms = [(result.slots, 1.0)]
+                terms = [(result.slots[0], 1.0)]
             loss = 0.0
             for slots, weight in terms:
                 per_datapoint = self.objective(self.model, x, x_enc, slots, *targets)
@@ -365,7 +389,7 @@ class NestedSVI:
                         f"{tuple(per_datapoint.shape)}, expected ({x.shape[0]},)"
                     )
                 loss = loss + weight * per_datapoint.mean()
-        return loss
+        return loss, result
 
     def _initial_slots(self, x_enc):
         init = self._slot_initializer()
@@ -430,14 +454,17 @@ class NestedSVI:
 
     # -------------------------------------------------------------------- steps
     def loss_and_grads(self, x, *targets) -> float:
-        """Compute J and write ``dJ/dw`` into ``.grad`` of the shared weights.
+        """Compute J and write ``dJ/dw`` into ``.grad`` of the shared weights; returns J.
 
         Under ``torch.distributed`` J and ``dJ/dw`` are averaged over ranks (equal local batch
         sizes make this the gradient of the global batch); every rank sees the same values, so
         a non-finite J or gradient stops all ranks together instead of hanging the others.
         """
+        return self._loss_and_grads(x, *targets)[0]
+
+    def _loss_and_grads(self, x, *targets):
         params = self.parameters()
-        loss = self.loss(x, *targets)
+        loss, result = self.loss_and_result(x, *targets)
         if not loss.requires_grad:
             raise ValueError(
                 f"NestedSVI: the task objective does not depend on any shared weight under "
@@ -465,17 +492,28 @@ class NestedSVI:
             torch.nn.utils.clip_grad_norm_(
                 [p for p in params if p.grad is not None], self.clip_norm
             )
-        return loss.item()
+        return loss.item(), _detached(result)
 
-    def step(self, x, *targets) -> float:
-        """One optimizer step on the shared weights; returns the task loss J (before it)."""
-        loss = self.loss_and_grads(x, *targets)
+    def step(self, x, *targets) -> NestedStep:
+        """One optimizer step on the shared weights.
+
+        :returns: a :class:`NestedStep` ``(loss, result)``: the task loss J before the step and
+            the inner loop's :class:`~pyro_slots.RefineResult` of this batch (detached, restart
+            axis of size 1).
+        """
+        loss, result = self._loss_and_grads(x, *targets)
         params = [p for p in self.parameters() if p.grad is not None]
+        names = self._name_parameters()
+        if self._pending_optim_state:
+            # pyro.optim hands a saved state to a parameter's optimizer when it first meets
+            # the parameter, by its param-store name: set it under the names of this moment.
+            pending, self._pending_optim_state = self._pending_optim_state, {}
+            self.optim.set_state({names[n]: _from_v01(s) for n, s in pending.items()})
         self.optim(params)
         for p in self.parameters():
             p.grad = None
         self.num_updates += 1
-        return loss
+        return NestedStep(loss, result)
 
     def evaluate_loss(self, x, *targets) -> float:
         """J on a batch without gradients or weight updates (slots still refined)."""
@@ -487,51 +525,85 @@ class NestedSVI:
             self.generator.set_state(state)
 
     # -------------------------------------------------------------- checkpoints
+    def _name_parameters(self) -> dict:
+        """``{name: param-store name}`` of the shared weights.
+
+        :class:`pyro.optim.PyroOptim` keys its state by the Pyro param store's names
+        (``get_state``/``set_state``). Weights of a :class:`~pyro.nn.PyroModule` are in the
+        store once the module has run; any other weight is registered under its name here
+        (``pyro.param`` with the tensor itself, so it stays the same leaf).
+        """
+        store = pyro.get_param_store()
+        names = {}
+        for name, p in self.named_parameters():
+            stored = store.param_name(p)
+            if stored is None:
+                stored = f"{self._store_prefix}.{name}"
+                with torch.no_grad():
+                    pyro.param(stored, p)
+                if store.param_name(p) != stored:
+                    raise RuntimeError(
+                        f"NestedSVI: could not register {name} in the Pyro param store"
+                    )
+            names[name] = stored
+        return names
+
     def state_dict(self) -> dict:
         """Optimizer states keyed by parameter name, RNG state and update count."""
-        names = {id(p): n for n, p in self.named_parameters()}
-        optim_state = {
-            names[id(p)]: _optimizer_state(opt)
-            for p, opt in self.optim.optim_objs.items()
-            if id(p) in names
-        }
+        names = self._name_parameters()
+        optim_state = self.optim.get_state()
+        # Loaded but not handed to pyro.optim yet (no step since load_state_dict).
+        optim = {n: _from_v01(s) for n, s in self._pending_optim_state.items()}
+        optim.update({n: optim_state[s] for n, s in names.items() if s in optim_state})
         return {
-            "optim": optim_state,
+            "optim": optim,
             "generator": self.generator.get_state(),
             "num_updates": self.num_updates,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        params = dict(self.named_parameters())
-        unknown = set(state["optim"]) - set(params)
+        """Restore :meth:`state_dict`; call it before the first :meth:`step` (as with Pyro's
+        ``set_state``, the optimizer states are handed over when a parameter is first met, at
+        the next step)."""
+        if self.num_updates:
+            raise ValueError(
+                "state: load_state_dict needs a NestedSVI that has not stepped yet "
+                f"(this one made {self.num_updates} updates)"
+            )
+        names = self._name_parameters()
+        unknown = set(state["optim"]) - set(names)
         if unknown:
             raise ValueError(f"state: optimizer state for unknown parameters {sorted(unknown)}")
-        for name, opt_state in state["optim"].items():
-            p = params[name]
-            opt = self.optim._get_optim(p)
-            _load_optimizer_state(opt, opt_state)
-            self.optim.optim_objs[p] = opt
-            if self.optim.grad_clip.get(p) is None:
-                self.optim.grad_clip[p] = self.optim._get_grad_clip(p)
+        self._pending_optim_state = dict(state["optim"])
         self.generator.set_state(state["generator"])
         self.num_updates = int(state["num_updates"])
 
 
-def _optimizer_state(opt) -> dict:
-    """State of a per-parameter torch optimizer, or of a scheduler and its optimizer."""
-    inner = getattr(opt, "optimizer", None)
-    if inner is None:
-        return {"optimizer": opt.state_dict()}
-    return {"optimizer": inner.state_dict(), "scheduler": opt.state_dict()}
+def _from_v01(state: dict) -> dict:
+    """Checkpoints of v0.1 wrapped a plain optimizer's state as ``{"optimizer": ...}``."""
+    if "optimizer" in state and "scheduler" not in state:
+        return state["optimizer"]
+    return state
 
 
-def _load_optimizer_state(opt, state: dict) -> None:
-    if "optimizer" not in state:  # checkpoints written before schedulers were supported
-        state = {"optimizer": state}
-    inner = getattr(opt, "optimizer", None)
-    if inner is None:
-        opt.load_state_dict(state["optimizer"])
-        return
-    inner.load_state_dict(state["optimizer"])
-    if "scheduler" in state:
-        opt.load_state_dict(state["scheduler"])
+class NestedStep(NamedTuple):
+    """What :meth:`NestedSVI.step` returns.
+
+    :ivar float loss: the task objective J of the batch, before the update.
+    :ivar RefineResult result: the inner loop of the batch (detached, restart axis of size 1).
+    """
+
+    loss: float
+    result: RefineResult
+
+
+def _detached(result: RefineResult) -> RefineResult:
+    def d(t):
+        return t.detach() if torch.is_tensor(t) else t
+
+    result.slots = d(result.slots)
+    result.trajectory = [d(t) for t in result.trajectory]
+    result.x_enc = d(result.x_enc)
+    state = result.state
+    result.state = type(state)(d(state.slots), state.step, tuple(d(a) for a in state.aux))
+    return result

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -10,7 +10,7 @@ from .elbo import PerDatapointELBO
 from .inner.base import InnerProblem, InnerRule, InnerState
 from .validation import check_finite, check_positive_float, check_positive_int, check_slots
 
-__all__ = ["InnerLoopError", "RefineResult", "refine"]
+__all__ = ["InnerLoopError", "RefineResult", "refine", "run_inner"]
 
 
 class InnerLoopError(FloatingPointError):
@@ -19,30 +19,34 @@ class InnerLoopError(FloatingPointError):
 
 @dataclass
 class RefineResult:
-    """What :func:`refine` returns.
+    """What :func:`refine` returns: every tensor keeps a leading *restart* axis ``R``.
 
-    Shapes are given for ``num_restarts == 1``; with ``R > 1`` restarts every tensor gains a
-    leading restart dimension (``history`` and ``residuals`` after their step dimension), e.g.
-    ``slots`` is ``(R, batch, num_slots, slot_dim)`` and ``history`` is
-    ``(num_steps + 1, R, batch)``. :meth:`best` picks the best restart per datapoint.
+    Independent restarts are to the inner loop what chains are to MCMC, so, as ArviZ keeps its
+    ``chain`` dimension, the restart axis is always there (``R = 1`` without restarts). Per
+    restart and datapoint (``batch``) the shapes are:
 
-    :ivar slots: ``(batch, num_slots, slot_dim)`` final slots λ*; inside the autograd graph when
-        the last steps were run with ``backprop_steps > 0``.
-    :ivar elbo: ``(batch,)`` ELBO at the final slots.
-    :ivar history: ``(num_steps + 1, batch)`` ELBO at λ_0, ..., λ_T.
-    :ivar residuals: ``(num_steps, batch)`` fixed-point residual ``‖λ_{t+1} - λ_t‖``.
-    :ivar relative_residuals: ``(num_steps, batch)`` residual divided by ``‖λ_t‖ + 1e-8``.
-    :ivar responsibilities: ``(batch, num_slots, measurements)`` posterior assignment
-        probabilities from the last step, where the rule computes them.
-    :ivar initial_slots: ``(batch, num_slots, slot_dim)`` λ_0.
-    :ivar trajectory: λ_0, ..., λ_T (only with ``keep_trajectory=True``); the steps run with
-        gradients keep their graph.
-    :ivar num_steps: steps actually run (fewer than asked when ``tol`` stopped the loop).
-    :ivar x_enc: the encoded measurements the ELBO was computed on, ``(batch, M, F)``.
-    :ivar state: the rule's final :class:`~pyro_slots.inner.InnerState` (restart dimension
-        first with restarts, like ``slots``).
-    :ivar steps: ``(batch,)`` steps each datapoint ran, when ``refine`` stopped datapoints
-        individually (``tol`` / ``elbo_tol``); else ``None`` (all ran ``num_steps``).
+    :ivar slots: ``(R, batch, num_slots, slot_dim)`` final slots λ*.
+    :ivar elbo: ``(R, batch)`` ELBO at the final slots.
+    :ivar history: ``(num_steps + 1, R, batch)`` ELBO at λ_0, ..., λ_T (a datapoint that stopped
+        early repeats its final ELBO).
+    :ivar residuals: ``(num_steps, R, batch)`` fixed-point residual ``‖λ_{t+1} - λ_t‖`` (zero
+        after a datapoint stopped).
+    :ivar relative_residuals: ``(num_steps, R, batch)`` residual divided by ``‖λ_t‖ + 1e-8``.
+    :ivar initial_slots: ``(R, batch, num_slots, slot_dim)`` λ_0.
+    :ivar steps: ``(R, batch)`` steps each datapoint ran (fewer than ``num_steps`` where
+        ``tol`` / ``elbo_tol`` stopped it).
+    :ivar num_steps: steps of the loop, the largest entry of ``steps``.
+    :ivar responsibilities: ``(R, batch, num_slots, measurements)`` posterior assignment
+        probabilities ``p(z^{n,m} = k | x, λ*)`` at the final slots, from the Pyro program,
+        whatever the rule, where the model declares an ``assignment_site``; else ``None``.
+    :ivar trajectory: λ_0, ..., λ_T, each ``(R, batch, num_slots, slot_dim)`` (only with
+        ``keep_trajectory=True``).
+    :ivar x_enc: the encoded measurements ``(batch, M, F)`` the ELBO was computed on (shared by
+        the restarts).
+    :ivar state: the rule's final :class:`~pyro_slots.inner.InnerState`, its tensors with the
+        restart axis first.
+
+    :meth:`best` keeps the best restart of every datapoint, :meth:`select` given ones.
     """
 
     slots: torch.Tensor
@@ -51,99 +55,137 @@ class RefineResult:
     residuals: torch.Tensor
     relative_residuals: torch.Tensor
     initial_slots: torch.Tensor
+    steps: torch.Tensor
     num_steps: int
-    num_restarts: int = 1
     responsibilities: torch.Tensor | None = None
     trajectory: list = field(default_factory=list)
     x_enc: torch.Tensor | None = None
     state: InnerState | None = None
-    steps: torch.Tensor | None = None
+
+    #: Fields whose restart axis comes after a leading step axis.
+    _STEP_FIRST = ("history", "residuals", "relative_residuals")
+
+    @property
+    def num_restarts(self) -> int:
+        """``R``, the size of the restart axis."""
+        return self.slots.shape[0]
 
     def best(self) -> RefineResult:
-        """The restart with the highest final ELBO for every datapoint (``R == 1``: itself)."""
-        if self.num_restarts == 1:
-            return self
-        idx = self.elbo.argmax(0)  # (batch,)
-        ar = torch.arange(idx.shape[0])
+        """The restart with the highest final ELBO for every datapoint (``R = 1`` afterwards)."""
+        return self.select(self.elbo.argmax(0))
 
-        def pick(t, step_dim=False):
-            if t is None:
-                return None
-            return t[:, idx, ar] if step_dim else t[idx, ar]
+    def select(self, index) -> RefineResult:
+        """Keep one restart per datapoint: ``index`` is an int (the same restart for every
+        datapoint) or a ``(batch,)`` integer tensor. The result has ``R = 1``."""
+        batch = self.elbo.shape[1]
+        if isinstance(index, int):
+            if not -self.num_restarts <= index < self.num_restarts:
+                raise ValueError(
+                    f"index: expected a restart in [0, {self.num_restarts}), got {index}"
+                )
+            index = torch.full((batch,), index % self.num_restarts, dtype=torch.long)
+        if not torch.is_tensor(index) or index.shape != (batch,) or index.is_floating_point():
+            raise ValueError(
+                f"index: expected an int or a ({batch},) integer tensor, got {index!r}"
+            )
+        index = index.to(self.slots.device)
+        rows = torch.arange(batch, device=index.device)
 
+        def pick(t, step_first=False):
+            if not torch.is_tensor(t):
+                return t
+            return (t[:, index, rows] if step_first else t[index, rows]).unsqueeze(
+                1 if step_first else 0
+            )
+
+        picked = {
+            f.name: pick(getattr(self, f.name), f.name in self._STEP_FIRST)
+            for f in fields(self)
+            if f.name not in ("trajectory", "state", "x_enc", "num_steps")
+        }
+        state = self.state
+        if state is not None:
+            state = InnerState(pick(state.slots), state.step, tuple(pick(a) for a in state.aux))
         return RefineResult(
-            slots=pick(self.slots),
-            elbo=pick(self.elbo),
-            history=pick(self.history, True),
-            residuals=pick(self.residuals, True),
-            relative_residuals=pick(self.relative_residuals, True),
-            initial_slots=pick(self.initial_slots),
+            **picked,
             num_steps=self.num_steps,
-            responsibilities=pick(self.responsibilities),
             trajectory=[pick(s) for s in self.trajectory],
             x_enc=self.x_enc,
-            steps=pick(self.steps),
-            state=None
-            if self.state is None
-            else InnerState(
-                pick(self.state.slots),
-                self.state.step,
-                tuple(pick(a) if torch.is_tensor(a) else a for a in self.state.aux),
-            ),
+            state=state,
         )
 
 
-def _detach_state(state: InnerState) -> InnerState:
-    return InnerState(
-        slots=state.slots.detach(),
-        step=state.step,
-        aux=tuple(a.detach() if torch.is_tensor(a) else a for a in state.aux),
-    )
+# --------------------------------------------------------------------------- the loop
+def _map_state(fn, state: InnerState) -> InnerState:
+    return InnerState(fn(state.slots), state.step, tuple(fn(a) for a in state.aux))
 
 
-def _check_elbo(elbo: torch.Tensor, step: int, recorded: bool = True):
+def _detach(t):
+    return t.detach() if torch.is_tensor(t) else t
+
+
+def _hint(inner) -> str:
+    hint = getattr(inner, "divergence_hint", None)
+    return hint() if callable(hint) else "lower the step size or check the model"
+
+
+def _check_elbo(inner, elbo: torch.Tensor, step: int, recorded: bool = True):
     bad = ~torch.isfinite(elbo) if recorded else elbo.isinf()
     if bad.any():
         idx = bad.nonzero().flatten()[:8].tolist()
         raise InnerLoopError(
             f"inner step {step}: the ELBO is not finite for datapoints {idx} "
-            f"(values {elbo[bad][:8].tolist()}); lower the step size or check the model"
+            f"(values {elbo[bad][:8].tolist()}); {_hint(inner)}"
         )
 
 
-def _guarded_step(inner, state, problem_graph, problem_free, in_graph, t):
-    """One step; a distribution rejecting its parameters becomes an error naming the step."""
-    try:
-        if in_graph:
-            return inner.step(state, problem_graph, create_graph=True)
-        with torch.no_grad():
-            return inner.step(state, problem_free, create_graph=False)
-    except ValueError as e:
-        if "Expected parameter" not in str(e):
-            raise
-        raise InnerLoopError(
-            f"inner step {t}: a distribution of the model got invalid parameters "
-            f"({str(e).splitlines()[0]}); lower the step size or check the model"
-        ) from e
-
-
-def _check_slots(slots: torch.Tensor, step: int):
+def _check_slots(inner, slots: torch.Tensor, step: int):
     bad = ~torch.isfinite(slots.detach()).flatten(1).all(1)
     if bad.any():
         idx = bad.nonzero().flatten()[:8].tolist()
         raise InnerLoopError(
             f"inner step {step}: the update produced non-finite slots for datapoints {idx}; "
-            "lower the step size or check the model"
+            f"{_hint(inner)}"
         )
 
 
-def initial_slots(model, x_enc, num_slots, *, inner=None, init=None, generator=None):
-    """λ_0 ``(batch, num_slots, slot_dim)``: from ``init``, else the rule's, else the model's."""
-    if init is None:
-        init = getattr(inner, "slot_init", None)
-    if init is not None:
-        return init(x_enc.shape[0], num_slots, generator=generator, dtype=x_enc.dtype)
-    return model.init_slots(x_enc, num_slots, generator=generator)
+def _step(inner, state, problem, create_graph: bool, t: int):
+    """One step; a distribution rejecting its parameters becomes an error naming the step."""
+    try:
+        with torch.set_grad_enabled(create_graph):
+            return inner.step(state, problem, create_graph=create_graph)
+    except ValueError as e:
+        if "Expected parameter" not in str(e):
+            raise
+        raise InnerLoopError(
+            f"inner step {t}: a distribution of the model got invalid parameters "
+            f"({str(e).splitlines()[0]}); {_hint(inner)}"
+        ) from e
+
+
+class _Trace:
+    """Per-step records of the whole batch while only an active subset of it may step."""
+
+    def __init__(self, batch: int, keep_trajectory: bool):
+        self.batch = batch
+        self.history, self.residuals, self.relres = [], [], []
+        self.trajectory = [] if keep_trajectory else None
+
+    def record(self, elbo, old_slots, new_slots, active, frozen_elbo, full_slots):
+        with torch.no_grad():
+            delta = (new_slots.detach() - old_slots.detach()).flatten(1).norm(dim=1)
+            rel = delta / (old_slots.detach().flatten(1).norm(dim=1) + 1e-8)
+            elbo = elbo.detach()
+            if active is not None:
+                delta = delta.new_zeros(self.batch).index_copy(0, active, delta)
+                rel = rel.new_zeros(self.batch).index_copy(0, active, rel)
+                elbo = frozen_elbo.index_copy(0, active, elbo.to(frozen_elbo.dtype))
+        self.history.append(elbo)
+        self.residuals.append(delta)
+        self.relres.append(rel)
+        if self.trajectory is not None:
+            self.trajectory.append(full_slots)
+        return delta
 
 
 def run_inner(
@@ -160,163 +202,79 @@ def run_inner(
     keep_trajectory: bool = False,
     estimator: PerDatapointELBO | None = None,
     record_history: bool = True,
+    responsibilities: bool = False,
 ) -> RefineResult:
-    """Run ``num_steps`` steps of ``inner`` from ``slots``; the one loop of the library.
+    """Run the inner loop from λ_0 = ``slots``: the one loop of the library.
 
-    The first ``num_steps - backprop_steps`` steps run without an autograd graph (λ detached);
-    the last ``backprop_steps`` keep it (``create_graph=True``). With ``tol``, the graph-free
-    phase stops once every datapoint's residual is below ``tol`` (or its ELBO changed by less
-    than ``elbo_tol`` per measurement in the last step) and the graph steps follow.
-    ``implicit`` (a callable ``(out, lam) -> out``) wraps one final differentiable step from the
-    detached fixed point, for implicit differentiation (see :mod:`pyro_slots.nested`).
-    """
-    problem_graph = InnerProblem(model, x_enc, estimator, record_history)
-    problem_free = InnerProblem(model, x_enc.detach(), estimator, record_history)
-    state = inner.init(problem_graph if backprop_steps >= num_steps else problem_free, slots)
-    start_slots = state.slots
-    history, residuals, relres = [], [], []
-    trajectory = [state.slots] if keep_trajectory else []
-    responsibilities = None
-    graph_from = num_steps - backprop_steps
-    t = 0
-    while t < num_steps:
-        in_graph = t >= graph_from
-        if not in_graph:
-            state = _detach_state(state)
-        new_state, info = _guarded_step(inner, state, problem_graph, problem_free, in_graph, t)
-        _check_elbo(info.elbo, t, record_history)
-        _check_slots(new_state.slots, t)
-        with torch.no_grad():
-            delta = (new_state.slots - state.slots).flatten(1).norm(dim=1)
-            residuals.append(delta)
-            relres.append(delta / (state.slots.flatten(1).norm(dim=1) + 1e-8))
-        history.append(info.elbo.detach())
-        if info.responsibilities is not None:
-            responsibilities = info.responsibilities
-        state = new_state
-        t += 1
-        if keep_trajectory:
-            trajectory.append(state.slots)
-        converged = tol is not None and bool((delta < tol).all())
-        if elbo_tol is not None and len(history) >= 2:
-            change = (history[-1] - history[-2]).abs() / x_enc.shape[1]
-            converged = converged or bool((change < elbo_tol).all())
-        if converged and t < num_steps:
-            if in_graph or backprop_steps == 0:
-                break
-            # Converged without a graph: the differentiable steps follow right away.
-            num_steps = t + backprop_steps
-            graph_from = t
-    if implicit is not None:
-        lam = state.slots.detach().requires_grad_()
-        fixed = InnerState(lam, state.step, tuple(a.detach() for a in state.aux))
-        new_state, info = inner.step(fixed, problem_graph, create_graph=True)
-        _check_elbo(info.elbo, t, record_history)
-        with torch.no_grad():
-            delta = (new_state.slots - lam).flatten(1).norm(dim=1)
-            residuals.append(delta)
-            relres.append(delta / (lam.flatten(1).norm(dim=1) + 1e-8))
-        history.append(info.elbo.detach())
-        state = InnerState(implicit(new_state.slots, lam), new_state.step, new_state.aux)
-        t += 1
-        if keep_trajectory:
-            trajectory.append(state.slots)
-    with torch.no_grad():
-        final = problem_free.elbo(state.slots.detach())
-    _check_elbo(final, t)
-    history.append(final)
-    return RefineResult(
-        slots=state.slots,
-        elbo=final,
-        history=torch.stack(history),
-        residuals=torch.stack(residuals) if residuals else final.new_zeros(0, final.shape[0]),
-        relative_residuals=torch.stack(relres) if relres else final.new_zeros(0, final.shape[0]),
-        initial_slots=start_slots.detach(),
-        num_steps=t,
-        responsibilities=responsibilities,
-        trajectory=trajectory,
-        x_enc=x_enc,
-        state=state,
-    )
+    Three phases, each over the whole batch ``(batch, ...)`` of ``x_enc``:
 
+    1. ``num_steps - backprop_steps`` steps **without** an autograd graph (λ detached). Here
+       every datapoint stops on its own (``tol`` / ``elbo_tol``): a datapoint whose residual
+       ``‖λ_{t+1} - λ_t‖`` fell below ``tol``, or whose ELBO changed by less than ``elbo_tol``
+       per measurement in its last step, is *frozen* — its slots and rule state stay put and
+       the following steps run on the datapoints still active only, so the cost is the sum of
+       the datapoints' step counts. The phase ends when every datapoint is frozen.
+    2. ``backprop_steps`` steps **with** the graph (``create_graph=True``), on every datapoint,
+       from where phase 1 left each of them (unrolled and truncated gradients).
+    3. With ``implicit`` (a callable ``(out, lam) -> out``), one differentiable step from the
+       detached fixed point, wrapped for implicit differentiation (:mod:`pyro_slots.nested`).
 
-def _slice_state(state: InnerState, keep: torch.Tensor) -> InnerState:
-    return InnerState(
-        state.slots[keep],
-        state.step,
-        tuple(a[keep] if torch.is_tensor(a) else a for a in state.aux),
-    )
+    The result has a restart axis of size 1 (:class:`RefineResult`); :func:`refine` runs
+    restarts by stacking them into the batch and splitting them afterwards.
 
-
-def run_inner_freezing(
-    model,
-    x_enc: torch.Tensor,
-    inner: InnerRule,
-    slots: torch.Tensor,
-    num_steps: int,
-    *,
-    tol: float | None = None,
-    elbo_tol: float | None = None,
-    keep_trajectory: bool = False,
-    estimator: PerDatapointELBO | None = None,
-    record_history: bool = True,
-) -> RefineResult:
-    """Graph-free inner loop in which every datapoint stops on its own criterion.
-
-    A datapoint is frozen once its residual falls below ``tol`` or its ELBO changed by less than
-    ``elbo_tol`` per measurement in one step; the following steps run on the datapoints still
-    active only, so the cost is the sum of the datapoints' step counts rather than the batch
-    size times the slowest one (as one scikit-learn fit per datapoint would). A frozen
-    datapoint's slots stay put: its later history entries repeat its final ELBO and its later
-    residuals are zero. ``RefineResult.steps`` holds each datapoint's step count.
+    :param bool responsibilities: also return the posterior of the model's assignment site at
+        the final slots (computed with the final ELBO, from one evaluation of the program).
     """
     batch, num_points = x_enc.shape[:2]
+    free_steps = num_steps - backprop_steps
+    problem_graph = InnerProblem(model, x_enc, estimator, record_history)
     x_free = x_enc.detach()
     problem = InnerProblem(model, x_free, estimator, record_history)
-    with torch.no_grad():
-        state = _detach_state(inner.init(problem, slots))
-    start_slots = state.slots
-    # Full-batch copy of the state, whose active rows are overwritten after every step.
-    final = InnerState(
-        state.slots.clone(),
-        state.step,
-        tuple(a.clone() if torch.is_tensor(a) else a for a in state.aux),
-    )
-    dtype = x_enc.dtype
-    history = torch.full((num_steps + 1, batch), float("nan"), dtype=dtype)
-    residuals = torch.zeros(num_steps, batch, dtype=dtype)
-    relres = torch.zeros(num_steps, batch, dtype=dtype)
-    steps = torch.zeros(batch, dtype=torch.long)
-    trajectory = [start_slots.clone()] if keep_trajectory else []
-    responsibilities = None
-    active = torch.arange(batch)
-    previous = None
+    state = inner.init(problem_graph if free_steps <= 0 else problem, slots)
+    start_slots = state.slots.detach()
+    trace = _Trace(batch, keep_trajectory)
+    if keep_trajectory:
+        trace.trajectory.append(state.slots)
+    steps = torch.zeros(batch, dtype=torch.long, device=x_enc.device)
+    stopping = tol is not None or elbo_tol is not None
     t = 0
-    while t < num_steps:
-        new_state, info = _guarded_step(inner, state, problem, problem, False, t)
-        _check_elbo(info.elbo, t, record_history)
-        _check_slots(new_state.slots, t)
-        with torch.no_grad():
-            delta = (new_state.slots - state.slots).flatten(1).norm(dim=1)
-            residuals[t, active] = delta
-            relres[t, active] = delta / (state.slots.flatten(1).norm(dim=1) + 1e-8)
-            history[t, active] = info.elbo.detach().to(dtype)
-            final.slots[active] = new_state.slots
-            for full, part in zip(final.aux, new_state.aux):
-                if torch.is_tensor(full):
-                    full[active] = part
-            if info.responsibilities is not None:
-                if responsibilities is None:
-                    shape = (batch, *info.responsibilities.shape[1:])
-                    responsibilities = info.responsibilities.new_zeros(shape)
-                responsibilities[active] = info.responsibilities
-        steps[active] += 1
+
+    # Phase 1: graph-free steps over the active datapoints.
+    # Every datapoint's latest state; unrolled (no free steps) keeps λ_0's graph.
+    full = state if free_steps <= 0 else _map_state(_detach, state)
+    active = None  # None: every datapoint is active (no indexing on the common path)
+    state, previous = full, None
+    while t < free_steps:
+        new_state, info = _step(inner, state, problem, False, t)
+        _check_elbo(inner, info.elbo, t, record_history)
+        _check_slots(inner, new_state.slots, t)
+        if active is None:
+            full = new_state
+        else:
+            full = InnerState(
+                full.slots.index_copy(0, active, new_state.slots),
+                new_state.step,
+                tuple(
+                    f.index_copy(0, active, a) if torch.is_tensor(f) else a
+                    for f, a in zip(full.aux, new_state.aux)
+                ),
+            )
+        frozen_elbo = trace.history[-1] if trace.history else None
+        delta = trace.record(
+            info.elbo, state.slots, new_state.slots, active, frozen_elbo, full.slots
+        )
+        if active is None:
+            steps += 1
+        else:
+            steps.index_add_(0, active, torch.ones_like(active))
         t += 1
-        if keep_trajectory:
-            trajectory.append(final.slots.clone())
-        converged = torch.zeros_like(delta, dtype=torch.bool)
+        if not stopping:
+            state = new_state
+            continue
+        local = delta if active is None else delta[active]
+        converged = torch.zeros_like(local, dtype=torch.bool)
         if tol is not None:
-            converged |= delta < tol
+            converged |= local < tol
         if elbo_tol is not None and previous is not None:
             converged |= (info.elbo - previous).abs() / num_points < elbo_tol
         state, previous = new_state, info.elbo
@@ -324,30 +282,84 @@ def run_inner_freezing(
             if bool(converged.all()):
                 break
             keep = ~converged
-            state, previous, active = _slice_state(state, keep), previous[keep], active[keep]
+            active = (torch.arange(batch, device=steps.device) if active is None else active)[keep]
+            state, previous = (
+                _map_state(lambda a, keep=keep: a[keep] if torch.is_tensor(a) else a, state),
+                previous[keep],
+            )
             problem = InnerProblem(model, x_free[active], estimator, record_history)
-    final = InnerState(final.slots, t, final.aux)
+    state = InnerState(full.slots, t, full.aux)
+
+    # Phase 2: the differentiated steps, on the whole batch.
+    for _ in range(backprop_steps):
+        new_state, info = _step(inner, state, problem_graph, True, t)
+        _check_elbo(inner, info.elbo, t, record_history)
+        _check_slots(inner, new_state.slots, t)
+        trace.record(info.elbo, state.slots, new_state.slots, None, None, new_state.slots)
+        state = new_state
+        steps += 1
+        t += 1
+
+    # Phase 3: one differentiable step at the detached fixed point (implicit gradients).
+    if implicit is not None:
+        lam = state.slots.detach().requires_grad_()
+        fixed = InnerState(lam, state.step, tuple(_detach(a) for a in state.aux))
+        new_state, info = _step(inner, fixed, problem_graph, True, t)
+        _check_elbo(inner, info.elbo, t, record_history)
+        out = implicit(new_state.slots, lam)
+        trace.record(info.elbo, lam, new_state.slots, None, None, out)
+        state = InnerState(out, new_state.step, new_state.aux)
+        steps += 1
+        t += 1
+
+    final_problem = InnerProblem(model, x_free, estimator)
     with torch.no_grad():
-        final_elbo = InnerProblem(model, x_free, estimator).elbo(final.slots)
-    _check_elbo(final_elbo, t)
-    history = history[: t + 1]
-    # A frozen datapoint sits at λ_{steps_n} from then on: its ELBO is the final one.
-    rows = torch.arange(t + 1).unsqueeze(1)
-    history = torch.where(rows >= steps.unsqueeze(0), final_elbo.unsqueeze(0), history)
+        slots_final = state.slots.detach()
+        resp = None
+        if responsibilities and getattr(model, "assignment_site", None) is not None:
+            final, resp = final_problem.elbo_and_responsibilities(slots_final)
+        else:
+            final = final_problem.elbo(slots_final)
+    _check_elbo(inner, final, t)
+    history = trace.history + [final]
+    if stopping and t > 0:
+        # A frozen datapoint sits at λ_{steps_n} from then on: its ELBO is the final one.
+        history = torch.stack(history)
+        rows = torch.arange(t + 1, device=history.device).unsqueeze(1)
+        history = torch.where(rows >= steps.unsqueeze(0), final.unsqueeze(0), history)
+    else:
+        history = torch.stack(history)
+
+    def stacked(rows):
+        return torch.stack(rows) if rows else final.new_zeros(0, batch)
+
+    def one(t):
+        return t.unsqueeze(0) if torch.is_tensor(t) else t
+
     return RefineResult(
-        slots=final.slots,
-        elbo=final_elbo,
-        history=history,
-        residuals=residuals[:t],
-        relative_residuals=relres[:t],
-        initial_slots=start_slots,
+        slots=one(state.slots),
+        elbo=one(final),
+        history=history.unsqueeze(1),
+        residuals=stacked(trace.residuals).unsqueeze(1),
+        relative_residuals=stacked(trace.relres).unsqueeze(1),
+        initial_slots=one(start_slots),
+        steps=one(steps),
         num_steps=t,
-        responsibilities=responsibilities,
-        trajectory=trajectory,
+        responsibilities=one(resp),
+        trajectory=[one(s) for s in trace.trajectory or []],
         x_enc=x_enc,
-        state=final,
-        steps=steps,
+        state=_map_state(one, state),
     )
+
+
+# --------------------------------------------------------------------------- refine
+def initial_slots(model, x_enc, num_slots, *, inner=None, init=None, generator=None):
+    """λ_0 ``(batch, num_slots, slot_dim)``: from ``init``, else the rule's, else the model's."""
+    if init is None:
+        init = getattr(inner, "slot_init", None)
+    if init is not None:
+        return init(x_enc.shape[0], num_slots, generator=generator, dtype=x_enc.dtype)
+    return model.init_slots(x_enc, num_slots, generator=generator)
 
 
 def make_generator(seed=None, generator=None) -> torch.Generator | None:
@@ -390,8 +402,9 @@ def refine(
     Example::
 
         gmm = GaussianMixture(num_slots=4, dim=2)
-        result = refine(gmm, x, EM(num_steps=50), seed=0)
-        result.slots, result.elbo, result.history  # (B, 4, 5), (B,), (51, B)
+        result = refine(gmm, x, EM(num_steps=50), seed=0, num_restarts=4)
+        result.slots, result.elbo, result.history  # (4, B, 4, 5), (4, B), (51, 4, B)
+        best = result.best()  # the best restart per datapoint: best.slots is (1, B, 4, 5)
 
     :param SlotModel model: the model (its ``encode`` is applied to ``x`` first).
     :param torch.Tensor x: datapoints, as the model's ``encode`` expects them.
@@ -399,20 +412,21 @@ def refine(
     :param int num_slots: K; defaults to ``model.num_slots``. Test-time K may differ from
         training K for every rule whose weights do not depend on K.
     :param int num_steps: T; defaults to ``inner.num_steps``.
-    :param slots: explicit λ_0, ``(batch, num_slots, slot_dim)`` or a dict of named parts.
+    :param slots: explicit λ_0, ``(num_restarts, batch, num_slots, slot_dim)`` (with
+        ``num_restarts = 1`` also ``(batch, num_slots, slot_dim)``), or a dict of named parts.
     :param init: a :class:`~pyro_slots.init.SlotInitializer` to draw λ_0 from.
     :param int seed: seed of the slot initialization (or pass ``generator``).
     :param int num_restarts: R independent initializations per datapoint, run side by side.
-    :param float tol: stop a datapoint early once its residual ``‖λ_{t+1} - λ_t‖`` is below
-        ``tol``; later steps only run on the datapoints still active.
-    :param float elbo_tol: stop a datapoint early once its ELBO changed by less than
-        ``elbo_tol`` per measurement in one step (scikit-learn's criterion for EM).
+    :param float tol: stop a datapoint once its residual ``‖λ_{t+1} - λ_t‖`` is below ``tol``;
+        later steps run on the datapoints still active only (:func:`run_inner`).
+    :param float elbo_tol: stop a datapoint once its ELBO changed by less than ``elbo_tol`` per
+        measurement in one step (scikit-learn's criterion for EM).
     :param bool keep_trajectory: keep λ_t of every step in ``result.trajectory``.
     :param bool record_history: with ``False``, rules whose update does not need the ELBO
         (slot attention) skip evaluating it at every step: ``history`` is NaN for those steps
         (its last row, the final ELBO, is always computed). Saves one model evaluation per
         step at test time.
-    :returns: a :class:`RefineResult`.
+    :returns: a :class:`RefineResult` with restart axis ``R = num_restarts``.
     """
     if not isinstance(inner, InnerRule):
         raise TypeError(f"inner: expected an InnerRule, got {type(inner).__name__}")
@@ -430,15 +444,22 @@ def refine(
     if isinstance(slots, dict):
         slots = model.slot_spec.pack(slots)
     if slots is not None:
-        num_slots = slots.shape[-2] if slots.dim() >= 2 else num_slots
-        if num_restarts > 1:
-            if slots.dim() != 4 or slots.shape[0] != num_restarts:
-                raise ValueError(
-                    f"slots: with num_restarts={num_restarts} expected shape "
-                    f"({num_restarts}, {batch}, num_slots, {model.slot_dim}), "
-                    f"got {tuple(slots.shape)}"
-                )
-            slots = slots.reshape(num_restarts * batch, *slots.shape[2:])
+        given = tuple(getattr(slots, "shape", ()))
+        if torch.is_tensor(slots) and slots.dim() == 3 and num_restarts == 1:
+            slots = slots.unsqueeze(0)
+        if (
+            not torch.is_tensor(slots)
+            or slots.dim() != 4
+            or slots.shape[:2] != (num_restarts, batch)
+            or slots.shape[-1] != model.slot_dim
+        ):
+            raise ValueError(
+                f"slots: expected shape ({num_restarts}, {batch}, num_slots, {model.slot_dim})"
+                + (f" or ({batch}, num_slots, {model.slot_dim})" if num_restarts == 1 else "")
+                + f", got {given}"
+            )
+        num_slots = slots.shape[-2]
+        slots = slots.reshape(num_restarts * batch, *slots.shape[2:])
         check_slots(slots, "slots", num_restarts * batch, model.slot_dim)
     else:
         num_slots = getattr(model, "num_slots", None) if num_slots is None else num_slots
@@ -452,8 +473,7 @@ def refine(
                 model, x_rep, num_slots, inner=inner, init=init, generator=generator
             )
     slots = check_finite(slots.detach(), "initial slots")
-    loop = run_inner_freezing if tol is not None or elbo_tol is not None else run_inner
-    result = loop(
+    result = run_inner(
         model,
         x_rep,
         inner,
@@ -464,38 +484,34 @@ def refine(
         keep_trajectory=keep_trajectory,
         estimator=estimator,
         record_history=record_history,
+        responsibilities=True,
     )
-    result.slots = result.slots.detach()
-    result.trajectory = [s.detach() for s in result.trajectory]
-    result.state = _detach_state(result.state)
-    if num_restarts > 1:
-        _split_restarts(result, num_restarts, batch)
-        result.x_enc = x_enc
-    return result
+    return _split_restarts(result, num_restarts, batch, x_enc)
 
 
-def _split_restarts(result: RefineResult, num_restarts: int, batch: int) -> None:
-    def split(t, step_dim=False):
-        if t is None:
-            return None
-        if step_dim:
-            return t.reshape(t.shape[0], num_restarts, batch, *t.shape[2:])
-        return t.reshape(num_restarts, batch, *t.shape[1:])
+def _split_restarts(result: RefineResult, num_restarts: int, batch: int, x_enc) -> RefineResult:
+    """The loop's ``(1, R * batch, ...)`` tensors as ``(R, batch, ...)``, detached."""
 
-    result.num_restarts = num_restarts
-    result.slots = split(result.slots)
-    result.elbo = split(result.elbo)
-    result.initial_slots = split(result.initial_slots)
-    result.responsibilities = split(result.responsibilities)
-    result.history = split(result.history, True)
-    result.residuals = split(result.residuals, True)
-    result.relative_residuals = split(result.relative_residuals, True)
-    result.trajectory = [split(s) for s in result.trajectory]
-    result.steps = split(result.steps)
-    if result.state is not None:
-        state = result.state
-        result.state = InnerState(
-            split(state.slots),
-            state.step,
-            tuple(split(a) if torch.is_tensor(a) else a for a in state.aux),
-        )
+    def split(t, step_first=False):
+        if not torch.is_tensor(t):
+            return t
+        t = t.detach()
+        if step_first:
+            return t.reshape(t.shape[0], num_restarts, batch, *t.shape[3:])
+        return t.reshape(num_restarts, batch, *t.shape[2:])
+
+    state = result.state
+    return RefineResult(
+        slots=split(result.slots),
+        elbo=split(result.elbo),
+        history=split(result.history, True),
+        residuals=split(result.residuals, True),
+        relative_residuals=split(result.relative_residuals, True),
+        initial_slots=split(result.initial_slots),
+        steps=split(result.steps),
+        num_steps=result.num_steps,
+        responsibilities=split(result.responsibilities),
+        trajectory=[split(s) for s in result.trajectory],
+        x_enc=x_enc,
+        state=InnerState(split(state.slots), state.step, tuple(split(a) for a in state.aux)),
+    )

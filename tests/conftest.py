@@ -49,3 +49,17 @@ def tiny_autoencoder(image_size=12, **kwargs):
     )
     config.update(kwargs)
     return SlotAutoencoder(**config)
+
+
+def gmm_log_joint(gmm, x, slots):
+    """``log π_k + log N(x_m | loc_k, scale_k)`` ``(batch, K, M)`` of a GaussianMixture, in
+    closed form: the independent answer the Pyro program's posterior and ELBO are checked
+    against (test helper)."""
+    loc, scale, log_weights = gmm.component_params(slots)
+    comp = torch.distributions.Normal(loc.unsqueeze(-2), scale.unsqueeze(-2))
+    return comp.log_prob(x.unsqueeze(1)).sum(-1) + log_weights.unsqueeze(-1)
+
+
+def gmm_responsibilities(gmm, x, slots):
+    """Closed-form posterior ``p(z^{n,m} = k | x, λ)`` ``(batch, K, M)`` (test helper)."""
+    return torch.softmax(gmm_log_joint(gmm, x, slots), dim=1)

@@ -46,7 +46,7 @@ def _train(rank, world_size):
     losses = []
     for step in range(STEPS):
         x = _data(step)[rank * shard : (rank + 1) * shard]
-        losses.append(svi.step(x))
+        losses.append(svi.step(x).loss)
     return {n: p.detach().clone() for n, p in svi.named_parameters()}, losses
 
 

@@ -62,7 +62,8 @@ def test_implicit_matches_unrolled_to_convergence(float64, rule):
     grads = {}
     for mode in ["unrolled", "implicit"]:
         model = _model()
-        svi = _svi(model, rule, gradient=mode, implicit_tol=1e-10, implicit_max_iter=500)
+        gradient = ps.ImplicitAdjoint(max_iter=500, tol=1e-10) if mode == "implicit" else mode
+        svi = _svi(model, rule, gradient=gradient)
         grads[mode] = torch.autograd.grad(_loss_at(svi, x), model.encoder.weight)[0]
     rel = (grads["implicit"] - grads["unrolled"]).norm() / grads["unrolled"].norm()
     assert rel < 1e-3
@@ -205,8 +206,10 @@ def test_iteration_weights_linear(float64):
     x, _ = make_point_sets(2, 20, seed=7)
     model = _model()
     svi = _svi(model, EM(3), iteration_weights="linear")
-    loss = _loss_at(svi, x).item()
-    traj = svi.last_result.trajectory
+    svi.generator.manual_seed(0)
+    loss, result = svi.loss_and_result(x)
+    loss = loss.item()
+    traj = [s[0] for s in result.trajectory]
     obj = Reconstruction()
     x_enc = model.encode(x)
     expected = sum(t / 6 * obj(model, x, x_enc, traj[t]).mean().item() for t in (1, 2, 3))
@@ -242,9 +245,7 @@ def test_implicit_falls_back_with_warning_when_adjoint_diverges(float64):
     svi = _svi(
         model,
         GradientAscent(3, step_size=5.0),
-        gradient="implicit",
-        implicit_max_iter=20,
-        implicit_solver="fixed_point",
+        gradient=ps.ImplicitAdjoint(max_iter=20, solver="fixed_point"),
     )
     with pytest.warns(ps.ImplicitGradientWarning):
         g_impl = torch.autograd.grad(_loss_at(svi, x), model.encoder.weight)[0]
@@ -295,7 +296,8 @@ def test_evaluate_loss_with_negative_elbo_needs_no_gradients(float64):
     svi = _svi(model, EM(3), objective=NegativeELBO())
     value = svi.evaluate_loss(x)
     svi.generator.manual_seed(0)
-    expected = -ps.per_datapoint_elbo(model, model.encode(x), svi.last_result.slots).mean()
+    _, result = svi.loss_and_result(x, differentiable=False)  # the same draws: state restored
+    expected = -ps.per_datapoint_elbo(model, model.encode(x), result.slots[0]).mean()
     assert value == pytest.approx(expected.item(), rel=1e-9)
 
 
@@ -349,19 +351,25 @@ def test_state_dict_resumes_exactly(float64, scheduled):
     assert not torch.equal(model_c.encoder.weight, model_b.encoder.weight)
 
 
-def test_load_state_dict_reads_the_earlier_plain_optimizer_format(float64):
+def test_load_state_dict_reads_the_v01_optimizer_format(float64):
+    """v0.1 wrapped a plain optimizer's state as {"optimizer": ...}; Pyro's get_state (used
+    now) stores the torch state dict itself. Both load to the same moments."""
     x, _ = make_point_sets(2, 20, seed=14)
     model = _model()
     svi = ps.NestedSVI(model, EM(2), Reconstruction(), pyro.optim.Adam({"lr": 0.05}), seed=1)
     svi.step(x)
     state = svi.state_dict()
-    old = dict(state, optim={k: v["optimizer"] for k, v in state["optim"].items()})
-    fresh = ps.NestedSVI(_model(), EM(2), Reconstruction(), pyro.optim.Adam({"lr": 0.05}))
-    fresh.load_state_dict(old)
-    assert fresh.state_dict()["optim"].keys() == state["optim"].keys()
-    for name, value in state["optim"].items():
-        got = fresh.state_dict()["optim"][name]["optimizer"]["state"][0]["exp_avg"]
-        assert torch.equal(got, value["optimizer"]["state"][0]["exp_avg"])
+    assert set(state["optim"]) == {n for n, _ in svi.named_parameters()}
+    old = dict(state, optim={k: {"optimizer": v} for k, v in state["optim"].items()})
+    for saved in (state, old):
+        fresh = ps.NestedSVI(_model(), EM(2), Reconstruction(), pyro.optim.Adam({"lr": 0.05}))
+        fresh.load_state_dict(saved)
+        assert fresh.state_dict()["optim"].keys() == state["optim"].keys()
+        for name, value in state["optim"].items():
+            got = fresh.state_dict()["optim"][name]["state"][0]["exp_avg"]
+            assert torch.equal(got, value["state"][0]["exp_avg"])
+    with pytest.raises(ValueError, match="has not stepped yet"):
+        svi.load_state_dict(state)
 
 
 @pytest.mark.parametrize("gradient, truncate", [("first_order", 1), ("truncated", 2)])

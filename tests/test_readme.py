@@ -17,9 +17,13 @@ def test_readme_api_example_runs_and_shapes_hold():
     assert tuple(result.slots.shape) == (4, 32, 4, 5)
     assert tuple(result.elbo.shape) == (4, 32)
     assert tuple(result.history.shape) == (51, 4, 32)
+    best = namespace["best"]
+    assert tuple(best.slots.shape) == (1, 32, 4, 5)
+    assert torch.equal(best.elbo[0], result.elbo.max(0).values)
     # EM never lowers the ELBO; the learned step returned a finite task loss.
     assert (result.history.diff(dim=0) >= -1e-3 * result.history[:-1].abs()).all()
     assert torch.isfinite(torch.tensor(namespace["loss"]))
+    assert tuple(namespace["inner_result"].slots.shape) == (1, 32, 4, 5)
 
 
 def test_readme_quickstart_commands_exist_in_makefile():

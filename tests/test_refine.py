@@ -29,8 +29,8 @@ class SpyRule(EM):
         (torch.randn(2, 5, 2), {"num_steps": 0}, "num_steps: expected an integer >= 1"),
         (torch.randn(2, 5, 2), {"num_restarts": -1}, "num_restarts"),
         (torch.randn(2, 5, 2), {"tol": -1.0}, "tol: expected a finite number > 0"),
-        (torch.randn(2, 5, 2), {"slots": torch.randn(2, 3, 4)}, r"slots: expected shape \(2,"),
-        (torch.randn(2, 5, 2), {"slots": torch.randn(3, 3, 5)}, r"slots: expected shape \(2,"),
+        (torch.randn(2, 5, 2), {"slots": torch.randn(2, 3, 4)}, r"slots: expected shape \(1, 2,"),
+        (torch.randn(2, 5, 2), {"slots": torch.randn(3, 3, 5)}, r"slots: .* got \(3, 3, 5\)"),
     ],
 )
 def test_bad_input_raises_before_any_work(x, kwargs, match):
@@ -83,8 +83,13 @@ def test_restarts_are_independent_and_best_picks_max(float64):
         single = ps.refine(gmm, x, EM(10), slots=res.initial_slots[r])
         assert torch.allclose(single.elbo, res.elbo[r], atol=1e-10)
     best = res.best()
-    assert torch.equal(best.elbo, res.elbo.max(0).values)
-    assert best.slots.shape == (4, 3, 5)
+    assert torch.equal(best.elbo[0], res.elbo.max(0).values)
+    assert best.slots.shape == (1, 4, 3, 5)
+    # select() with the argmax is best(); an int picks one restart for every datapoint.
+    assert torch.equal(res.select(res.elbo.argmax(0)).slots, best.slots)
+    assert torch.equal(res.select(2).history[:, 0], res.history[:, 2])
+    with pytest.raises(ValueError, match="index: expected a restart"):
+        res.select(3)
 
 
 def test_same_seed_same_result_and_history_starts_at_initial_elbo(float64):
@@ -93,7 +98,8 @@ def test_same_seed_same_result_and_history_starts_at_initial_elbo(float64):
     a = ps.refine(gmm, x, EM(5), seed=3)
     b = ps.refine(gmm, x, EM(5), seed=3)
     assert torch.equal(a.slots, b.slots)
-    assert torch.allclose(a.history[0], ps.per_datapoint_elbo(gmm, x, a.initial_slots))
+    assert a.slots.shape == (1, 3, 3, 5)  # the restart axis is kept for R = 1
+    assert torch.allclose(a.history[0, 0], ps.per_datapoint_elbo(gmm, x, a.initial_slots[0]))
     assert torch.allclose(a.history[-1], a.elbo)
 
 
@@ -103,7 +109,7 @@ def test_early_stopping_at_tolerance(float64):
     res = ps.refine(gmm, x, EM(500), seed=0, tol=1e-8)
     assert res.num_steps < 500
     assert (res.residuals[-1] < 1e-8).all()
-    assert res.history.shape == (res.num_steps + 1, 3)
+    assert res.history.shape == (res.num_steps + 1, 1, 3)
 
 
 def test_dict_slots_and_test_time_num_slots(float64):
@@ -111,9 +117,9 @@ def test_dict_slots_and_test_time_num_slots(float64):
     gmm = GaussianMixture(3, 2)
     init = gmm.init_slots(x, 5, torch.Generator().manual_seed(0))
     res = ps.refine(gmm, x, EM(5), slots=gmm.slot_spec.split(init))
-    assert res.slots.shape == (2, 5, 5)
-    assert res.responsibilities.shape == (2, 5, 30)
-    assert torch.allclose(res.responsibilities.sum(1), torch.ones(2, 30))
+    assert res.slots.shape == (1, 2, 5, 5)
+    assert res.responsibilities.shape == (1, 2, 5, 30)
+    assert torch.allclose(res.responsibilities.sum(2), torch.ones(1, 2, 30))
 
 
 def test_inner_rule_base_requires_step():
@@ -135,7 +141,7 @@ def test_best_keeps_encoded_data_and_final_state(float64):
     assert torch.equal(best.state.slots, best.slots)
     idx = res.elbo.argmax(0)
     for n in range(4):
-        assert torch.equal(best.state.aux[1][n], res.state.aux[1][idx[n], n])
+        assert torch.equal(best.state.aux[1][0, n], res.state.aux[1][idx[n], n])
 
 
 @pytest.mark.parametrize("criterion", ["tol", "elbo_tol"])
@@ -144,13 +150,13 @@ def test_each_datapoint_stops_on_its_own_and_matches_a_solo_run(float64, criteri
     gmm = GaussianMixture(3, 2)
     slots0 = gmm.init_slots(x, 3, torch.Generator().manual_seed(2))
     kwargs = {"tol": 1e-3} if criterion == "tol" else {"elbo_tol": 1e-4}
-    res = ps.refine(gmm, x, EM(200), slots=slots0, **kwargs)
-    assert res.steps.shape == (6,) and int(res.steps.max()) == res.num_steps
-    assert len(set(res.steps.tolist())) > 1  # datapoints really stopped at different steps
+    res = ps.refine(gmm, x, EM(200), slots=slots0, **kwargs).select(0)
+    assert res.steps.shape == (1, 6) and int(res.steps.max()) == res.num_steps
+    assert len(set(res.steps[0].tolist())) > 1  # datapoints really stopped at different steps
     for n in range(6):
-        k = int(res.steps[n])
+        k = int(res.steps[0, n])
         solo = ps.refine(gmm, x[n : n + 1], EM(k), slots=slots0[n : n + 1])
-        assert torch.allclose(res.slots[n], solo.slots[0], atol=1e-12)
-        assert torch.allclose(res.history[: k + 1, n], solo.history[:, 0], atol=1e-10)
-        assert (res.history[k:, n] == res.elbo[n]).all()
-        assert (res.residuals[k:, n] == 0).all()
+        assert torch.allclose(res.slots[0, n], solo.slots[0, 0], atol=1e-12)
+        assert torch.allclose(res.history[: k + 1, 0, n], solo.history[:, 0, 0], atol=1e-10)
+        assert (res.history[k:, 0, n] == res.elbo[0, n]).all()
+        assert (res.residuals[k:, 0, n] == 0).all()

@@ -27,7 +27,11 @@ REFERENCE_EM_STEPS = 100
 
 @dataclass
 class Inference:
-    """Held-out data and what the trained run infers for them."""
+    """Held-out data and what the trained run infers for them.
+
+    :ivar result: the :class:`~pyro_slots.RefineResult` (one restart: ``result.slots[0]`` are
+        the slots of the held-out datapoints).
+    """
 
     batch: Batch
     result: object  # RefineResult
@@ -71,15 +75,15 @@ def _gmm_metrics(run: TrainRun, inference: Inference, reference: bool = True) ->
     model = run.components.model
     x, truth, result = inference.batch.x, inference.batch.truth, inference.result
     num_points = x.shape[1]
+    # Assignments are enumerated exactly and there is no guide: the ELBO is the log-likelihood.
+    loglik = result.elbo[0] / num_points  # (S,)
     with torch.no_grad():
-        loglik = model.log_joint(x, result.slots).logsumexp(1)  # (S, N)
         true = true_log_likelihood(x, truth["means"], truth["scales"], truth["weights"])
-        resp = model.responsibilities(x, result.slots)
-        recon = model.reconstruct(x, result.slots)
+        recon = model.reconstruct(x, result.slots[0])
     metrics = {
         "loglik_per_point": _mean(loglik),
         "true_loglik_per_point": _mean(true),
-        "gap_to_true_per_point": _mean(true - loglik),
+        "gap_to_true_per_point": _mean(true.mean(1) - loglik),
     }
     if reference:
         with torch.no_grad():
@@ -90,14 +94,12 @@ def _gmm_metrics(run: TrainRun, inference: Inference, reference: bool = True) ->
                 num_slots=run.config.num_slots,
                 seed=run.config.seed,
             )
-            metrics["reference_em_loglik_per_point"] = _mean(
-                model.log_joint(x, fit.slots).logsumexp(1)
-            )
+            metrics["reference_em_loglik_per_point"] = _mean(fit.elbo[0]) / num_points
     metrics.update(
         {
-            "elbo": _mean(result.elbo),
-            "elbo_per_point": _mean(result.elbo) / num_points,
-            "ari": _mean(ari(truth["assignments"], resp)),
+            "elbo": _mean(result.elbo[0]),
+            "elbo_per_point": _mean(result.elbo[0]) / num_points,
+            "ari": _mean(ari(truth["assignments"], result.responsibilities[0])),
             "mse": _mean(reconstruction_mse(x, recon)),
         }
     )
@@ -107,7 +109,7 @@ def _gmm_metrics(run: TrainRun, inference: Inference, reference: bool = True) ->
 def decode(model, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(recon (B, 3, H, W), rgb (B, K, 3, H, W), masks (B, K, H, W))`` of refined slots."""
     with torch.no_grad():
-        recon, rgb, masks = model.decode(result.slots)
+        recon, rgb, masks = model.decode(result.slots[0])
     if masks.dim() == 5:
         masks = masks.squeeze(2)
     return recon, rgb, masks
@@ -123,8 +125,8 @@ def _image_metrics(run: TrainRun, inference: Inference, reference: bool = False)
         "ari": _mean(ari(truth["mask"], masks)),
         "mean_iou": _mean(mean_iou(truth["mask"], masks)),
         "mse": _mean(reconstruction_mse(x, recon)),
-        "elbo": _mean(result.elbo),
-        "elbo_per_measurement": _mean(result.elbo) / result.x_enc.shape[1],
+        "elbo": _mean(result.elbo[0]),
+        "elbo_per_measurement": _mean(result.elbo[0]) / result.x_enc.shape[1],
     }
 
 
@@ -134,7 +136,7 @@ def task_objective(run: TrainRun, inference: Inference) -> torch.Tensor:
     x = inference.batch.x
     with torch.no_grad():
         x_enc = c.model.encode(x)
-        return c.objective(c.model, x, x_enc, inference.result.slots)
+        return c.objective(c.model, x, x_enc, inference.result.slots[0])
 
 
 def metrics_of(run: TrainRun, inference: Inference, reference: bool = True) -> dict:
@@ -194,7 +196,7 @@ def write_pictures(run: TrainRun, folder: str, num: int = 4) -> list[str]:
     result = inference.result
     path = os.path.join(folder, "inner_elbo.png")
     plots.plot_inner_elbo(
-        result.history,
+        result.history[:, 0],
         result.x_enc.shape[1],
         path,
         title=f"inner loop ({config.inner}, {result.num_steps} steps) on held-out data, "
@@ -204,10 +206,10 @@ def write_pictures(run: TrainRun, folder: str, num: int = 4) -> list[str]:
     x = inference.batch.x[:num]
     if run.components.stream.kind == "points":
         with torch.no_grad():
-            slots = result.slots[:num]
+            slots = result.slots[0, :num]
             loc, scale, log_weights = model.component_params(slots)
-            resp = model.responsibilities(x, slots)
-            loglik = model.log_joint(x, slots).logsumexp(1).mean(1)
+            resp = result.responsibilities[0, :num]
+            loglik = result.elbo[0, :num] / x.shape[1]
         from pyro_slots.data import true_log_likelihood
 
         t = inference.batch.truth

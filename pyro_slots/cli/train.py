@@ -254,9 +254,8 @@ class _Logger:
             self.writer.close()
 
 
-def _inner_elbo(svi) -> tuple[float, float]:
-    """Mean inner ELBO of the last batch, per datapoint and per measurement."""
-    result = svi.last_result
+def _inner_elbo(result) -> tuple[float, float]:
+    """Mean inner ELBO of a batch's inner result, per datapoint and per measurement."""
     elbo = result.elbo.mean().item()
     return elbo, elbo / result.x_enc.shape[1]
 
@@ -369,7 +368,7 @@ def train(
         while run.step < config.steps:
             batch = stream.batch(run.step)
             try:
-                loss = run.svi.step(batch.x)
+                loss, result = run.svi.step(batch.x)
             except FloatingPointError as error:  # InnerLoopError too: NaN ELBO, J or gradient
                 first = (str(error).splitlines() or [type(error).__name__])[0]
                 raise TrainingError(
@@ -378,7 +377,7 @@ def train(
                 ) from None
             run.step += 1
             _set_learning_rate(run.svi, learning_rate(config, run.step))
-            elbo, per_measurement = _inner_elbo(run.svi)
+            elbo, per_measurement = _inner_elbo(result)
             elapsed = time.perf_counter() - start_time
             rate = (run.step - start_step) / elapsed if elapsed > 0 else math.nan
             bar.set_postfix(J=f"{loss:.4g}", elbo=f"{per_measurement:.4g}/m", refresh=False)

@@ -19,7 +19,7 @@ from ..elbo import PerDatapointELBO
 from ..inner import EM, GradientAscent
 from ..inner.base import InnerRule
 from ..refine import refine
-from ..validation import check_positive_float, check_positive_int
+from ..validation import CapabilityError, check_positive_float, check_positive_int
 
 __all__ = ["AmortizationGap", "amortization_gap", "default_refiner", "refinement_gap"]
 
@@ -60,9 +60,12 @@ class AmortizationGap:
 
 def default_refiner(model, num_steps: int = 500) -> InnerRule:
     """EM where the model has a closed-form M-step, else per-datapoint Adam gradient ascent."""
-    if callable(getattr(model, "em_update", None)):
-        return EM(num_steps)
-    return GradientAscent(num_steps, step_size=0.01, adam=True)
+    em = EM(num_steps)
+    try:
+        em.check_model(model)
+    except CapabilityError:
+        return GradientAscent(num_steps, step_size=0.01, adam=True)
+    return em
 
 
 def refinement_gap(
@@ -110,21 +113,22 @@ def refinement_gap(
         elbo_rule = PerDatapointELBO()(model, x_enc, slots)
     refined = refine(
         model, x, refiner, slots=slots, num_steps=refine_steps, tol=tol, elbo_tol=elbo_tol
-    )
-    converged = torch.zeros_like(refined.elbo, dtype=torch.bool)
+    ).select(0)
+    elbo_refined = refined.elbo[0]
+    converged = torch.zeros_like(elbo_refined, dtype=torch.bool)
     if refined.residuals.shape[0]:
         if tol is not None:
-            converged |= refined.residuals[-1] < tol
+            converged |= refined.residuals[-1, 0] < tol
         if elbo_tol is not None:
-            change = (refined.history[-1] - refined.history[-2]).abs() / x_enc.shape[1]
+            change = (refined.history[-1, 0] - refined.history[-2, 0]).abs() / x_enc.shape[1]
             converged |= change < elbo_tol
     return AmortizationGap(
         elbo_rule=elbo_rule,
-        elbo_refined=refined.elbo,
-        gap=refined.elbo - elbo_rule,
+        elbo_refined=elbo_refined,
+        gap=elbo_refined - elbo_rule,
         converged=converged,
         slots_rule=slots,
-        slots_refined=refined.slots,
+        slots_refined=refined.slots[0],
         refine_steps=refined.num_steps,
     )
 
@@ -168,5 +172,5 @@ def amortization_gap(
         raise TypeError(f"rule: expected an InnerRule, got {type(rule).__name__}")
     first = refine(model, x, rule, num_slots=num_slots, num_steps=num_steps, slots=slots, seed=seed)
     return refinement_gap(
-        model, x, first.slots, refiner, refine_steps=refine_steps, tol=tol, elbo_tol=elbo_tol
+        model, x, first.slots[0], refiner, refine_steps=refine_steps, tol=tol, elbo_tol=elbo_tol
     )

@@ -26,7 +26,7 @@ import xarray as xr
 
 from ..inner.base import InnerProblem, InnerRule, InnerState
 from ..validation import CapabilityError, check_positive_float, check_positive_int
-from .inference_data import restarts_view
+from .inference_data import checked_result
 
 __all__ = [
     "InnerLoopHealth",
@@ -190,47 +190,13 @@ class InnerLoopHealth:
 def model_responsibilities(model, x_enc: torch.Tensor, slots: torch.Tensor):
     """``p(z^{n,m} = k | x, λ)`` ``(batch, num_slots, measurements)`` from the model, or ``None``.
 
-    ``model.responsibilities(x, slots)`` where the model has it, else the posterior of its
-    enumerated ``assignment_site`` from the Pyro program (one guide sample where the guide
-    samples latents), else ``None``.
+    The posterior of the model's enumerated ``assignment_site`` from the Pyro program (one guide
+    sample where the guide samples latents); ``None`` where the model declares no such site.
     """
+    if getattr(model, "assignment_site", None) is None:
+        return None
     with torch.no_grad():
-        fn = getattr(model, "responsibilities", None)
-        if callable(fn):
-            return fn(x_enc, slots)
-        if getattr(model, "assignment_site", None) is None:
-            return None
         return InnerProblem(model, x_enc).elbo_and_responsibilities(slots)[1]
-
-
-def _best_restart(res):
-    """Index of the best restart per datapoint and a picker for ``(R, B, ...)`` tensors."""
-    idx = res.elbo.argmax(0)  # (B,)
-    rows = torch.arange(res.batch)
-
-    def pick(t):
-        return None if t is None else t[idx, rows]
-
-    return idx, pick
-
-
-def _final_aux(result, idx: torch.Tensor) -> tuple:
-    """The rule's auxiliary state after the last step, for the best restart of each datapoint.
-
-    ``refine`` keeps the final state with the restart dimension first, like the slots.
-    """
-    state = getattr(result, "state", None)
-    if state is None or not state.aux:
-        return ()
-    num_restarts, batch = getattr(result, "num_restarts", 1), idx.shape[0]
-    rows = torch.arange(batch)
-    aux = []
-    for a in state.aux:
-        if not torch.is_tensor(a):
-            return ()
-        a = a.detach()
-        aux.append(a[idx, rows] if num_restarts > 1 else a)
-    return tuple(aux)
 
 
 def inner_loop_health(
@@ -254,8 +220,8 @@ def inner_loop_health(
         health.to_dataframe()
 
     :param RefineResult result: from :func:`~pyro_slots.refine`.
-    :param SlotModel model: needed for the Jacobian and for responsibilities the rule did not
-        report (then ``model.responsibilities(x, slots)`` is used where it exists).
+    :param SlotModel model: needed for the Jacobian, and for responsibilities where the result
+        has none (see :func:`model_responsibilities`).
     :param InnerRule rule: the update whose Jacobian is measured (at the final slots, with the
         rule's final auxiliary state held fixed); skipped when ``None``.
     :param bool jacobian: compute the Jacobian spectral norm (one differentiable step and
@@ -269,23 +235,24 @@ def inner_loop_health(
     :param int seed: seed of the power iteration's starting vectors.
     :returns: an :class:`InnerLoopHealth`.
     """
-    res = restarts_view(result)
+    res = checked_result(result)
     duplicate_threshold = check_positive_float(duplicate_threshold, "duplicate_threshold")
     dead_threshold = check_positive_float(dead_threshold, "dead_threshold", allow_zero=True)
-    idx, pick = _best_restart(res)
-    rows = torch.arange(res.batch)
-    history = res.history[:, idx, rows]  # (T + 1, B)
+    idx = res.elbo.argmax(0)  # the best restart of every datapoint
+    best = res.best()
+    history = best.history[:, 0].detach()  # (T + 1, B)
     diffs = history[1:] - history[:-1]
     if elbo_rtol is None:
         elbo_rtol = 100 * torch.finfo(history.dtype).eps
     elbo_rtol = check_positive_float(elbo_rtol, "elbo_rtol", allow_zero=True)
     decrease = diffs < -elbo_rtol * (1 + history[:-1].abs())
-    relres = res.relative_residuals[:, idx, rows]
+    relres = best.relative_residuals[:, 0]
     num_steps = decrease.shape[0]
-    fraction = decrease.double().mean(0) if num_steps else history.new_zeros(res.batch)
-    final_relres = relres[-1] if num_steps else history.new_zeros(res.batch)
-    slots = pick(res.slots)
-    resp = pick(res.responsibilities)
+    batch = history.shape[1]
+    fraction = decrease.double().mean(0) if num_steps else history.new_zeros(batch)
+    final_relres = relres[-1] if num_steps else history.new_zeros(batch)
+    slots = best.slots[0].detach()
+    resp = None if best.responsibilities is None else best.responsibilities[0]
     if resp is None and model is not None and res.x_enc is not None:
         resp = model_responsibilities(model, res.x_enc, slots)
     norm = None
@@ -298,7 +265,7 @@ def inner_loop_health(
             res.x_enc,
             rule,
             slots,
-            aux=_final_aux(result, idx),
+            aux=tuple(a[0].detach() for a in best.state.aux) if best.state else (),
             step=res.num_steps,
             num_iterations=num_power_iterations,
             generator=generator,
@@ -330,10 +297,10 @@ def trajectory_dataset(result, model=None, *, masks: bool = True, reconstruction
 
     :param RefineResult result: from ``refine(..., keep_trajectory=True)``.
     :param SlotModel model: names the fields and computes masks and reconstructions.
-    :param bool masks: include ``model.responsibilities`` at every step.
+    :param bool masks: include the responsibilities at every step.
     :param bool reconstructions: include ``model.reconstruct`` at every step.
     """
-    res = restarts_view(result)
+    res = checked_result(result)
     if not res.trajectory:
         raise ValueError("result: has no trajectory; run refine(..., keep_trajectory=True)")
     traj = torch.stack(res.trajectory)  # (T + 1, R, B, K, D)

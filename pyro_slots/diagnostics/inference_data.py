@@ -33,50 +33,24 @@ __all__ = ["DRAWS", "laplace_draws", "pointwise_log_likelihood", "to_inference_d
 DRAWS = ("point", "laplace", "guide")
 
 
-class _Restarts:
-    """A :class:`~pyro_slots.RefineResult` with the restart dimension always present."""
+def checked_result(result):
+    """``result`` if it is a :class:`~pyro_slots.RefineResult` whose ``x_enc`` fits it."""
+    from ..refine import RefineResult
 
-    def __init__(self, result):
-        if not hasattr(result, "slots") or not hasattr(result, "history"):
-            raise TypeError(f"result: expected a RefineResult, got {type(result).__name__}")
-        r = result.num_restarts
-        one = r == 1
-        self.num_restarts = r
-        self.slots = result.slots.detach().unsqueeze(0) if one else result.slots.detach()
-        self.elbo = result.elbo.detach().unsqueeze(0) if one else result.elbo.detach()
-        self.history = result.history.detach().unsqueeze(1) if one else result.history.detach()
-        res, rel = result.residuals.detach(), result.relative_residuals.detach()
-        self.residuals = res.unsqueeze(1) if one else res
-        self.relative_residuals = rel.unsqueeze(1) if one else rel
-        resp = result.responsibilities
-        if resp is not None:
-            resp = resp.detach().unsqueeze(0) if one else resp.detach()
-        self.responsibilities = resp
-        self.trajectory = [
-            (s.detach().unsqueeze(0) if one else s.detach()) for s in result.trajectory
-        ]
-        self.num_steps = result.num_steps
-        self.x_enc = None if result.x_enc is None else result.x_enc.detach()
-        self.batch = self.slots.shape[1]
-        if self.x_enc is not None and self.x_enc.shape[0] != self.batch:
-            raise ValueError(
-                f"result.x_enc: expected {self.batch} datapoints, got shape "
-                f"{tuple(self.x_enc.shape)}"
-            )
-
-
-def restarts_view(result) -> _Restarts:
-    """Tensors of a refine result with a leading restart dimension, also when ``R == 1``."""
-    return result if isinstance(result, _Restarts) else _Restarts(result)
+    if not isinstance(result, RefineResult):
+        raise TypeError(f"result: expected a RefineResult, got {type(result).__name__}")
+    batch = result.elbo.shape[1]
+    if result.x_enc is not None and result.x_enc.shape[0] != batch:
+        raise ValueError(
+            f"result.x_enc: expected {batch} datapoints, got shape {tuple(result.x_enc.shape)}"
+        )
+    return result
 
 
 def pointwise_log_likelihood(model, x_enc: torch.Tensor, slots: torch.Tensor):
     """``log p(x^{n,m} | λ^n)`` per measurement, ``(batch, measurements)``, or ``None``.
 
-    Models with a closed-form ``log_joint(x, slots) -> (batch, num_slots, measurements)`` (the
-    log-density of every measurement under every slot, mixing weight included, e.g.
-    :class:`~pyro_slots.models.GaussianMixture`) give ``logsumexp`` over the slots. Otherwise the
-    model is traced with Pyro, its enumerated sites summed out; this needs a guide without
+    The model is traced with Pyro, its enumerated sites summed out; this needs a guide without
     sample sites and every log-density term inside one measurement plate, and gives ``None``
     where that does not hold.
 
@@ -84,9 +58,6 @@ def pointwise_log_likelihood(model, x_enc: torch.Tensor, slots: torch.Tensor):
     :param torch.Tensor slots: ``(batch, num_slots, slot_dim)``.
     """
     with torch.no_grad():
-        log_joint = getattr(model, "log_joint", None)
-        if callable(log_joint):
-            return log_joint(x_enc, slots).logsumexp(1)
         return _traces.pointwise_log_likelihood(model, x_enc, slots)
 
 
@@ -226,7 +197,7 @@ def to_inference_data(
         idata = to_inference_data(result, gmm, draws="laplace", seed=0)
         az.rhat(idata)["loc"]  # (datapoint, slot, loc_dim_0)
 
-    :param RefineResult result: from :func:`~pyro_slots.refine` (with or without restarts).
+    :param RefineResult result: from :func:`~pyro_slots.refine`; its restarts are the chains.
     :param SlotModel model: names the fields of λ and defines the log-likelihood; required for
         ``draws="laplace"``/``"guide"``.
     :param bool align: apply the alignment to λ, responsibilities and draws.
@@ -238,7 +209,7 @@ def to_inference_data(
     :param bool log_likelihood: compute the ``log_likelihood`` group where possible.
     :returns: :class:`arviz.InferenceData`.
     """
-    res = restarts_view(result)
+    res = checked_result(result)
     if draws not in DRAWS:
         raise ValueError(f"draws: expected one of {DRAWS}, got {draws!r}")
     if draws != "point" and model is None:

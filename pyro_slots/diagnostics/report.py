@@ -13,7 +13,7 @@ from ..refine import refine
 from ..validation import check_positive_int
 from . import _traces
 from .amortization import default_refiner, refinement_gap
-from .health import inner_loop_health, model_responsibilities
+from .health import inner_loop_health
 from .inference_data import to_inference_data
 from .plots import plot_elbo_trajectories, plot_khat, plot_rhat, plot_slot_masks
 from .psis import psis_diagnostic
@@ -99,9 +99,10 @@ def write_report(
         seed=seed,
         init=init,
     )
-    best = result.slots if num_restarts == 1 else _best(result.slots, result.elbo)
+    best_result = result.best()
+    best = best_result.slots[0]
+    x_enc = result.x_enc
     with torch.no_grad():
-        x_enc = model.encode(x)
         guide_sites = _traces.guide_sample_sites(_traces.traces(model, x_enc, best, 1)[1])
     if draws is None:
         draws = "guide" if guide_sites else "laplace"
@@ -130,8 +131,9 @@ def write_report(
     if psis is not None:
         figures["khat.png"] = plot_khat(psis).figure
     if image_shape is not None:
-        resp = model_responsibilities(model, x_enc, best)
+        resp = best_result.responsibilities
         if resp is not None:
+            resp = resp[0]
             figures["slot_masks.png"] = plot_slot_masks(resp, image_shape)
     for name, fig in figures.items():
         fig.savefig(folder / name, dpi=100, bbox_inches="tight")
@@ -139,11 +141,6 @@ def write_report(
     path = folder / "report.md"
     path.write_text(_markdown(model, inner, result, table, gap, psis, draws, figures))
     return path
-
-
-def _best(t: torch.Tensor, elbo: torch.Tensor) -> torch.Tensor:
-    """Entries of the best restart per datapoint of an ``(R, B, ...)`` tensor."""
-    return t[elbo.argmax(0), torch.arange(elbo.shape[1])]
 
 
 def _fmt(v) -> str:

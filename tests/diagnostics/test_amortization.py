@@ -24,7 +24,7 @@ def test_one_gradient_step_leaves_a_positive_gap(float64, point_sets):
     assert (gap.gap >= 0).all()
     assert gap.gap.mean() > 1.0
     # The gap is measured from the rule's own output: refine(rule) gives the same ELBO.
-    rule_elbo = ps.refine(gmm, x, GradientAscent(1, step_size=0.05), seed=0).elbo
+    rule_elbo = ps.refine(gmm, x, GradientAscent(1, step_size=0.05), seed=0).elbo[0]
     torch.testing.assert_close(gap.elbo_rule, rule_elbo)
 
 
@@ -45,7 +45,7 @@ def test_learned_rule_with_one_step_has_nonnegative_gap(float64, point_sets):
 def test_refinement_gap_of_refined_slots_is_zero(float64, point_sets):
     x = point_sets(3, 30, seed=8)
     gmm = GaussianMixture(3, 2)
-    slots = ps.refine(gmm, x, EM(200), seed=0, tol=1e-12).slots
+    slots = ps.refine(gmm, x, EM(200), seed=0, tol=1e-12).slots[0]
     gap = refinement_gap(gmm, x, slots, EM(500), tol=1e-10)
     assert gap.gap.abs().max() < 1e-8
 

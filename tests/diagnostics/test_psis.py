@@ -64,7 +64,7 @@ def test_enumerated_model_has_constant_ratios(float64, point_sets):
     """GMM: no guide latents, so every ratio is the exact log-likelihood (scipy)."""
     x = point_sets(3, 20, seed=4)
     gmm = GaussianMixture(3, 2)
-    slots = ps.refine(gmm, x, ps.inner.EM(5), seed=0).slots
+    slots = ps.refine(gmm, x, ps.inner.EM(5), seed=0).slots[0]
     result = psis_diagnostic(gmm, x, slots, 50, seed=0)
     loc, scale, log_w = gmm.component_params(slots)
     expected = []

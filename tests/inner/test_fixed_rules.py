@@ -8,7 +8,7 @@ from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.inner import EM, GradientAscent, SoftKMeans
-from tests.conftest import make_point_sets
+from tests.conftest import gmm_responsibilities, make_point_sets
 
 
 def _match(a, b):
@@ -43,7 +43,7 @@ def test_em_matches_sklearn_from_same_init(float64, num_steps):
     result = ps.refine(gmm, x, EM(num_steps), slots=slots0)
     loglik_per_point = result.elbo[0].item() / x.shape[1]
     assert loglik_per_point == pytest.approx(sk.score(x[0].numpy()), abs=1e-4)
-    loc, scale, logw = gmm.component_params(result.slots)
+    loc, scale, logw = gmm.component_params(result.slots[0])
     theirs = torch.cat(
         [
             torch.from_numpy(sk.means_),
@@ -61,7 +61,8 @@ def test_em_mean_update_is_scaled_gradient_step(float64):
     x, _ = make_point_sets(4, 50, num_components=3, seed=1)
     gmm = GaussianMixture(3, 2)
     slots = gmm.init_slots(x, 3, torch.Generator().manual_seed(1))
-    new, resp = gmm.em_update(x, slots)
+    new = ps.refine(gmm, x, EM(1), slots=slots).slots[0]
+    resp = gmm_responsibilities(gmm, x, slots)
     problem = ps.inner.InnerProblem(gmm, x)
     _, grad = problem.elbo_and_grad(slots)
     loc, scale, _ = gmm.component_params(slots)
@@ -75,7 +76,7 @@ def test_soft_kmeans_equals_em_with_uniform_weights_and_fixed_variance(float64):
     x, _ = make_point_sets(3, 40, seed=2)
     gmm = GaussianMixture(3, 2)
     slots = gmm.isotropic(gmm.init_slots(x, 3, torch.Generator().manual_seed(0)), 0.7)
-    skm, _ = gmm.soft_kmeans_update(x, slots, 0.7)
+    skm = ps.refine(gmm, x, SoftKMeans(1, temperature=0.7), slots=slots).slots[0]
     # Hand-written soft k-means: softmax(-|x - mu|^2 / (2 T)) responsibilities, weighted means.
     mu = gmm.slot_spec.split(slots)["loc"]
     d2 = ((x.unsqueeze(1) - mu.unsqueeze(2)) ** 2).sum(-1)
@@ -118,7 +119,7 @@ def test_permuting_initial_slots_permutes_output(float64, rule):
     perm = torch.tensor([2, 0, 1])
     a = ps.refine(gmm, x, rule, slots=slots0)
     b = ps.refine(gmm, x, rule, slots=slots0[:, perm])
-    assert torch.allclose(a.slots[:, perm], b.slots, atol=1e-10)
+    assert torch.allclose(a.slots[:, :, perm], b.slots, atol=1e-10)
     assert torch.allclose(a.elbo, b.elbo, atol=1e-10)
 
 
@@ -131,7 +132,7 @@ def test_adam_first_step_is_sign_of_gradient(float64):
     result = ps.refine(gmm, x, GradientAscent(1, step_size=0.1, adam=True), slots=slots0)
     g = grad / x.shape[1]
     expected = slots0 + 0.1 * g / (g * g + 1e-16).sqrt()
-    assert torch.allclose(result.slots, expected, atol=1e-9)
+    assert torch.allclose(result.slots[0], expected, atol=1e-9)
 
 
 def test_em_with_restarts_clusters_as_well_as_sklearn(float64):
@@ -140,7 +141,10 @@ def test_em_with_restarts_clusters_as_well_as_sklearn(float64):
     x, labels = make_point_sets(8, 100, num_components=3, seed=11, spread=6.0)
     gmm = GaussianMixture(3, 2)
     result = ps.refine(gmm, x, EM(50), seed=0, num_restarts=3).best()
-    pred = gmm.responsibilities(x, result.slots).argmax(1)
+    assert torch.allclose(
+        result.responsibilities[0], gmm_responsibilities(gmm, x, result.slots[0]), atol=1e-10
+    )
+    pred = result.responsibilities[0].argmax(1)
     for n in range(8):
         sk = SkGaussianMixture(3, covariance_type="diag", n_init=5, random_state=0).fit(x[n])
         ours = adjusted_rand_score(labels[n], pred[n])

@@ -185,8 +185,8 @@ def test_nested_svi_optimizes_set_prediction_of_mixture_components():
         model, EM(3), objective, pyro.optim.Adam({"lr": 1e-2}), gradient="first_order", seed=0
     )
     # J is the mean set-prediction loss at the slots the inner loop returned.
-    loss = svi.loss(sets.x, *targets).item()
-    slots = svi.last_result.slots.detach()
+    loss, result = svi.loss_and_result(sets.x, *targets)
+    loss, slots = loss.item(), result.slots[0].detach()
     with torch.no_grad():
         expected = objective(model, sets.x, sets.x, slots, *targets).mean().item()
     assert loss == pytest.approx(expected, rel=1e-6)
