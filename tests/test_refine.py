@@ -5,7 +5,8 @@ from pyro_slots.models import GaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.inner import EM, GradientAscent, InnerRule, SoftKMeans
-from tests.conftest import make_point_sets
+from pyro_slots.refine import run_inner
+from tests.conftest import gmm_responsibilities, make_point_sets
 
 
 class SpyRule(EM):
@@ -160,3 +161,39 @@ def test_each_datapoint_stops_on_its_own_and_matches_a_solo_run(float64, criteri
         assert torch.allclose(res.history[: k + 1, 0, n], solo.history[:, 0, 0], atol=1e-10)
         assert (res.history[k:, 0, n] == res.elbo[0, n]).all()
         assert (res.residuals[k:, 0, n] == 0).all()
+
+
+def test_every_rule_yields_the_posterior_at_the_final_slots(float64):
+    """Responsibilities do not depend on the rule: a gradient rule, which computes none itself,
+    gets the closed-form posterior of the GMM at its final slots."""
+    x, _ = make_point_sets(3, 25, seed=8)
+    gmm = GaussianMixture(3, 2)
+    for rule in (GradientAscent(4, step_size=0.05), EM(4)):
+        res = ps.refine(gmm, x, rule, seed=0, num_restarts=2)
+        expected = torch.stack([gmm_responsibilities(gmm, x, s) for s in res.slots])
+        assert torch.allclose(res.responsibilities, expected, atol=1e-10)
+
+
+def test_nested_svi_stops_datapoints_on_their_own_before_the_differentiated_step(float64):
+    """One meaning of tol: in training too, each datapoint's graph-free steps stop at its own
+    tolerance, then the differentiated step runs on every datapoint (first_order: one)."""
+    x, _ = make_point_sets(5, 40, seed=21)
+    model = GaussianMixture(3, 2, encoder=torch.nn.Linear(2, 2))
+    svi = ps.NestedSVI(
+        model,
+        EM(200),
+        ps.objectives.Reconstruction(),
+        pyro.optim.SGD({"lr": 1e-3}),
+        gradient="first_order",
+        tol=1e-3,
+        seed=0,
+    )
+    _, result = svi.loss_and_result(x)
+    steps = result.steps[0]
+    assert len(set(steps.tolist())) > 1 and int(steps.max()) < 200
+    with torch.no_grad():
+        x_enc = model.encode(x)
+    for n in range(5):
+        k = int(steps[n])
+        solo = run_inner(model, x_enc[n : n + 1], EM(k), result.initial_slots[0, n : n + 1], k)
+        assert torch.allclose(result.slots[0, n], solo.slots[0, 0], atol=1e-10)

@@ -17,7 +17,6 @@ from pyro_slots.models.blocks import (
 )
 from scipy.special import logsumexp
 
-import pyro_slots as ps
 from pyro_slots import CapabilityError, NestedSVI, per_datapoint_elbo
 from pyro_slots.inner import (
     EM,
