@@ -67,15 +67,16 @@ class PerDatapointELBO(ELBOEstimator):
         self._lean_ok = weakref.WeakKeyDictionary()
 
     def _lean(self, model, x, slots):
-        if self.strategy == "trace_enum" or self._lean_ok.get(type(model)) is False:
+        if self.strategy == "trace_enum":
             return None
-        first_try = type(model) not in self._lean_ok
+        known = self._lean_ok.get(type(model))
+        if known is False:
+            return None
         # A first attempt that falls back must not consume the random stream the general path
         # then draws from (the guide may sample before the program is found unsupported).
-        rng = pyro.util.get_rng_state() if first_try else None
+        rng = pyro.util.get_rng_state() if known is None else None
         try:
             estimate = self.lean.estimate(model, x, slots)
-            self._lean_ok[type(model)] = True
         except LeanFallback:
             if rng is not None:
                 pyro.util.set_rng_state(rng)
@@ -83,6 +84,8 @@ class PerDatapointELBO(ELBOEstimator):
                 raise ValueError(unsupported_message(model)) from None
             self._lean_ok[type(model)] = False
             return None
+        if known is None:
+            self._lean_ok[type(model)] = True
         return estimate
 
     def __call__(self, model, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
