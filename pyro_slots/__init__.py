@@ -2,9 +2,16 @@
 
 Data flows one way: data -> model (Pyro) -> per-datapoint ELBO -> inner rule -> λ* ->
 objective J -> outer optimizer.
+
+Every public subpackage is an attribute of ``pyro_slots``: ``data``, ``elbo``, ``inner``,
+``metrics`` and ``objectives`` are imported with it; ``checkpoint``, ``cli``, ``diagnostics``
+(ArviZ), ``models`` and ``plots`` (matplotlib) on first access (PEP 562), so that
+``import pyro_slots`` stays as fast as the inference path needs.
 """
 
-from . import data, inner, metrics, objectives
+import importlib
+
+from . import data, elbo, inner, metrics, objectives
 from ._allocator import tune_allocator
 from .elbo import PerDatapointELBO, per_datapoint_elbo
 from .init import GaussianInit, SlotInitializer
@@ -21,6 +28,9 @@ from .validation import CapabilityError
 
 __version__ = "0.1.0"
 
+#: Subpackages imported on first access.
+_LAZY_SUBPACKAGES = ("checkpoint", "cli", "diagnostics", "models", "plots")
+
 __all__ = [
     "GRADIENT_MODES",
     "CapabilityError",
@@ -35,11 +45,28 @@ __all__ = [
     "SlotInitializer",
     "SlotModel",
     "SlotSpec",
+    "checkpoint",
+    "cli",
     "data",
+    "diagnostics",
+    "elbo",
     "inner",
     "metrics",
+    "models",
     "objectives",
     "per_datapoint_elbo",
+    "plots",
     "refine",
     "tune_allocator",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        # import_module also binds the subpackage as an attribute: this runs once per name.
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

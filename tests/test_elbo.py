@@ -304,26 +304,28 @@ def test_lean_keeps_float32_digits_for_tight_components_in_many_dimensions():
 
 
 def test_observed_values_are_validated_once_per_version_and_untouched():
-    """The support check of an observed tensor is remembered aside (nothing is written onto the
-    tensor), repeated after an in-place change, and forgotten with the tensor."""
+    """The support check of an observed tensor is remembered by the estimator (nothing is
+    written onto the tensor, no module-level cache), repeated after an in-place change, and
+    forgotten with the tensor."""
     import gc
-
-    from pyro_slots import elbo as elbo_module
 
     gmm = GaussianMixture(3, 2)
     x, _ = make_point_sets(2, 30, num_components=3, seed=0)
     slots = gmm.init_slots(x, 3, torch.Generator().manual_seed(0))
     estimator = PerDatapointELBO(strategy="lean")
+    validated = estimator.lean.validated
     first = estimator(gmm, x, slots)
-    assert not hasattr(x, "_pyro_slots_real") and id(x) in elbo_module._VALIDATED
+    assert not hasattr(x, "_pyro_slots_real") and x in validated and len(validated) == 1
     x.mul_(1.0)  # a new version: validated again, the same numbers
     assert torch.allclose(estimator(gmm, x, slots), first)
-    assert elbo_module._VALIDATED[id(x)][1][0] == x._version
+    assert validated[x][0] == x._version
     x_nan = x.clone()
     x_nan[0, 0, 0] = float("nan")
     with pytest.raises(ValueError):
         estimator(gmm, x_nan, slots)
-    ident = id(x)
+    assert x_nan not in validated
     del x, x_nan
     gc.collect()
-    assert ident not in elbo_module._VALIDATED
+    assert len(validated) == 0
+    # Another estimator has its own record.
+    assert len(PerDatapointELBO(strategy="lean").lean.validated) == 0

@@ -1,7 +1,11 @@
 """The distribution ships every subpackage, and the model zoo only under pyro_slots."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,3 +31,35 @@ def test_models_folder_maps_into_the_pyro_slots_namespace():
     import pyro_slots.models
 
     assert Path(pyro_slots.models.__file__).parent == ROOT / "models"
+
+
+def test_every_public_subpackage_is_an_attribute_of_the_package_lazily():
+    """In a fresh interpreter: ``import pyro_slots`` loads neither ArviZ nor matplotlib, and every
+    public subpackage listed in pyproject.toml is then reachable as an attribute."""
+    subpackages = sorted(
+        name.split(".")[1] for name in _config()["packages"] if name.count(".") == 1
+    )
+    code = f"""
+import json, sys
+import pyro_slots
+heavy = [m for m in ("arviz", "matplotlib", "pyro_slots.diagnostics", "pyro_slots.cli")
+         if m in sys.modules]
+found = {{}}
+for name in {subpackages!r}:
+    module = getattr(pyro_slots, name)
+    found[name] = module.__name__
+    assert sys.modules[module.__name__] is module
+assert pyro_slots.diagnostics.summary is sys.modules["pyro_slots.diagnostics"].summary
+print(json.dumps({{"heavy": heavy, "found": found, "dir": dir(pyro_slots)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["heavy"] == []
+    assert report["found"] == {name: f"pyro_slots.{name}" for name in subpackages}
+    assert set(subpackages) <= set(report["dir"])
+    import pyro_slots
+
+    assert set(subpackages) <= set(pyro_slots.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        pyro_slots.nothing  # noqa: B018

@@ -178,7 +178,7 @@ def write_pictures(run: TrainRun, folder: str, num: int = 4) -> list[str]:
     ``training_curve.png`` (when the run's ``metrics.jsonl`` exists), ``inner_elbo.png``, and
     ``gmm_fits.png`` (gmm) or ``slots.png`` (image models) for ``num`` held-out datapoints.
     """
-    from pyro_slots import plotting_training as plots
+    from pyro_slots import plots
 
     os.makedirs(folder, exist_ok=True)
     config, model = run.config, run.components.model
@@ -225,6 +225,8 @@ def write_pictures(run: TrainRun, folder: str, num: int = 4) -> list[str]:
     else:
         recon, rgb, masks = decode(model, result)
         path = os.path.join(folder, "slots.png")
-        plots.plot_slot_decomposition(x, recon[:num], rgb[:num], masks[:num], path)
+        plots.plot_slot_masks(
+            masks[:num], images=x, recon=recon[:num], rgb=rgb[:num], max_datapoints=None, path=path
+        )
     written.append(path)
     return written

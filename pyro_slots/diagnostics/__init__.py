@@ -6,10 +6,14 @@
 * :func:`amortization_gap`: ELBO left to further refinement (Cremer et al. 2018);
 * :func:`inner_loop_health`: ELBO decreases, residuals, Jacobian spectral norm, entropy,
   duplicate and dead slots; :func:`trajectory_dataset` exports the inner loop's path;
-* :func:`summary`: one row per datapoint; plots in :mod:`~pyro_slots.diagnostics.plots`;
+* :func:`summary`: one row per datapoint; the figures live in :mod:`pyro_slots.plots` (the
+  diagnostic ones are re-exported here);
 * :func:`write_report`: all of it into a folder (markdown, PNG, netCDF).
 """
 
+# The diagnostic figures live in pyro_slots.plots; re-exported for compatibility.
+from ..plots.diagnostics import plot_elbo_trajectories, plot_khat, plot_rhat
+from ..plots.slots import plot_slot_masks
 from .alignment import align_slots, apply_permutation, invert_permutation, match_slots
 from .amortization import AmortizationGap, amortization_gap, default_refiner, refinement_gap
 from .health import (
@@ -23,7 +27,6 @@ from .health import (
     trajectory_dataset,
 )
 from .inference_data import DRAWS, laplace_draws, pointwise_log_likelihood, to_inference_data
-from .plots import plot_elbo_trajectories, plot_khat, plot_rhat, plot_slot_masks
 from .psis import PSISResult, khat_threshold, psis_diagnostic
 from .report import write_report
 from .summary import aligned_posterior, rhat_per_datapoint, summary, unaligned_posterior

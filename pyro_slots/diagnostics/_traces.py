@@ -17,6 +17,7 @@ import torch
 from pyro.infer import TraceEnum_ELBO
 from pyro.ops import packed
 
+from .. import _pyro_compat as compat
 from ..elbo import marginal_model_costs
 
 PARTICLE_PLATE = "num_particles_vectorized"  # the name TraceEnum_ELBO gives its particle plate
@@ -44,7 +45,9 @@ def traces(model, x: torch.Tensor, slots: torch.Tensor, num_particles: int):
         vectorize_particles=True,
         strict_enumeration_warning=False,
     )
-    ((model_trace, guide_trace),) = list(elbo._get_traces(model.model, model.guide, (x, slots), {}))
+    ((model_trace, guide_trace),) = list(
+        compat.get_traces(elbo, model.model, model.guide, (x, slots), {})
+    )
     return model_trace, guide_trace
 
 
@@ -66,7 +69,7 @@ def log_density_terms(model_trace, guide_trace, include_guide: bool = True) -> l
     if include_guide:
         for site in guide_trace.nodes.values():
             if site["type"] == "sample":
-                terms.append(packed.neg(site["packed"]["log_prob"]))
+                terms.append(packed.neg(compat.packed_log_prob(site)))
     return terms
 
 
@@ -83,7 +86,7 @@ def reduce_terms(terms, keep: list[tuple[str | None, int, str]]) -> torch.Tensor
     symbols = [symbol for symbol, _, _ in keep]
     total = None
     for term in terms:
-        dims = term._pyro_dims  # one symbol per axis of a packed tensor
+        dims = compat.pyro_dims(term)  # one symbol per axis of a packed tensor
         summed = [i for i, d in enumerate(dims) if d not in symbols]
         out = term.sum(summed) if summed else term
         kept = [d for d in dims if d in symbols]
@@ -112,7 +115,7 @@ def log_weights(model, x: torch.Tensor, slots: torch.Tensor, num_samples: int) -
     Enumerated model sites are summed out exactly, so ``p(x, z)`` is the marginal over them.
     """
     model_trace, guide_trace = traces(model, x, slots, num_samples)
-    symbols = model_trace.plate_to_symbol
+    symbols = compat.plate_symbols(model_trace)
     keep = [
         (symbols.get(PARTICLE_PLATE), num_samples, "particle"),
         (symbols.get(model.batch_plate), x.shape[0], "batch"),
@@ -124,7 +127,7 @@ def measurement_plate(model_trace, model) -> str | None:
     """The name of the one plate besides the batch (and particle) plate, if there is one."""
     others = [
         name
-        for name in model_trace.plate_to_symbol
+        for name in compat.plate_symbols(model_trace)
         if name not in (model.batch_plate, PARTICLE_PLATE)
     ]
     return others[0] if len(others) == 1 else None
@@ -155,7 +158,7 @@ def pointwise_log_likelihood(model, x: torch.Tensor, slots: torch.Tensor) -> tor
                         plate_size = frame.size
         if plate_size != x.shape[1]:
             return None
-        symbols = model_trace.plate_to_symbol
+        symbols = compat.plate_symbols(model_trace)
         keep = [
             (symbols.get(model.batch_plate), x.shape[0], "batch"),
             (symbols.get(name), x.shape[1], "measurement"),

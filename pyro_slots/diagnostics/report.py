@@ -9,13 +9,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..plots.diagnostics import plot_elbo_trajectories, plot_khat, plot_rhat
+from ..plots.slots import plot_slot_masks
 from ..refine import refine
 from ..validation import check_positive_int
 from . import _traces
 from .amortization import default_refiner, refinement_gap
 from .health import inner_loop_health
 from .inference_data import to_inference_data
-from .plots import plot_elbo_trajectories, plot_khat, plot_rhat, plot_slot_masks
 from .psis import psis_diagnostic
 from .summary import summary
 

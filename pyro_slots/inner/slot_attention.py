@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
@@ -11,6 +9,36 @@ from ..validation import check_positive_float, check_positive_int
 from .base import InnerProblem, InnerRule, InnerState, StepInfo
 
 __all__ = ["GaussianFeatures", "SlotAttention"]
+
+
+#: The attribute of an :class:`~pyro_slots.inner.InnerProblem` under which slot-attention rules
+#: keep what they derive from its measurements: ``{(rule, name): _Derived}``.
+_DERIVED_ATTR = "_slot_attention_derived"
+
+
+class _Derived:
+    """A tensor derived from a problem's ``x`` and some weights, with what it was computed from.
+
+    It stays valid while it is used with the same ``x`` and weights (the same tensors, not
+    modified in place since) in the same grad mode: an optimizer step, a ``load_state_dict`` or
+    a ``torch.no_grad`` block in between refreshes it.
+    """
+
+    __slots__ = ("grad", "params", "source", "value", "versions")
+
+    def __init__(self, source: torch.Tensor, params: tuple, value: torch.Tensor):
+        self.source, self.params, self.value = source, params, value
+        self.grad = torch.is_grad_enabled()
+        self.versions = (source._version, *(p._version for p in params))
+
+    def valid(self, source: torch.Tensor, params: tuple) -> bool:
+        return (
+            self.grad == torch.is_grad_enabled()
+            and source is self.source
+            and len(params) == len(self.params)
+            and all(a is b for a, b in zip(params, self.params))
+            and self.versions == (source._version, *(p._version for p in params))
+        )
 
 
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -92,8 +120,9 @@ class SlotAttention(InnerRule):
     ``O(M F hidden)``, about ``hidden / (heads K)`` times fewer FLOPs; ``fold_projections=False``
     runs the textbook order (the same result up to rounding).
     The normalized inputs depend on ``x`` and the weights only, so they are computed once per
-    :class:`~pyro_slots.inner.InnerProblem` and reused by its steps (recomputed whenever the
-    weights change in place, the grad mode differs, or ``x`` is another tensor).
+    :class:`~pyro_slots.inner.InnerProblem` and kept with it (an attribute of the problem, gone
+    with it) for its later steps; they are recomputed whenever the weights or ``x`` change in
+    place or the grad mode differs.
 
     The weights do not depend on the number of slots, so ``refine(..., num_slots=K)`` may use
     another ``K`` than training. The rule is equivariant under permutations of the slots and
@@ -239,12 +268,10 @@ class SlotAttention(InnerRule):
     # ------------------------------------------------------------------ the update
     def normalized_inputs(self, problem: InnerProblem) -> torch.Tensor:
         """``LayerNorm(encoder(x̃))`` of shape ``(batch, M, features)``, once per problem."""
-        x = problem.x
-        params = [
+        params = tuple(
             p for m in (self.encoder, self.norm_inputs) if m is not None for p in m.parameters()
-        ]
-        key = (torch.is_grad_enabled(), id(x), x._version, *((id(p), p._version) for p in params))
-        return self._per_problem(problem, "inputs", key, lambda: self._encode(x))
+        )
+        return self._derived(problem, "inputs", params, lambda: self._encode(problem.x))
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         inputs = x if self.encoder is None else self.encoder(x)
@@ -293,25 +320,15 @@ class SlotAttention(InnerRule):
     def moment_inputs(self, problem: InnerProblem) -> torch.Tensor:
         """``(x, x²)`` of the raw measurements, ``(batch, M, 2 input_dim)``, once per problem."""
         x = problem.x
-        key = (torch.is_grad_enabled(), id(x), x._version)
-        return self._per_problem(problem, "moments", key, lambda: torch.cat([x, x * x], dim=-1))
+        return self._derived(problem, "moments", (), lambda: torch.cat([x, x * x], dim=-1))
 
-    def _per_problem(self, problem: InnerProblem, name: str, key: tuple, compute):
-        """``compute()``, memoized per problem under ``name`` while ``key`` stays the same."""
-        memo = self.__dict__.get("_memo")
-        if memo is None:
-            memo = self.__dict__["_memo"] = weakref.WeakKeyDictionary()
-        entries = memo.setdefault(problem, {})
-        hit = entries.get(name)
-        if hit is None or hit[0] != key:
-            hit = entries[name] = (key, compute())
-        return hit[1]
-
-    def __getstate__(self):
-        # The memo holds weak references (not picklable) to problems that no longer exist.
-        state = dict(super().__getstate__())
-        state.pop("_memo", None)
-        return state
+    def _derived(self, problem: InnerProblem, name: str, params: tuple, compute):
+        """``compute()``, kept with ``problem`` for its later steps (see :class:`_Derived`)."""
+        per_rule = problem.__dict__.setdefault(_DERIVED_ATTR, {})
+        entry = per_rule.get((self, name))
+        if entry is None or not entry.valid(problem.x, params):
+            entry = per_rule[(self, name)] = _Derived(problem.x, params, compute())
+        return entry.value
 
     def _readout(self, h: torch.Tensor, attn: torch.Tensor, problem: InnerProblem) -> torch.Tensor:
         if not self.moments:

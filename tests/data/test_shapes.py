@@ -9,7 +9,7 @@ from scipy import stats
 
 from pyro_slots.data import ShapesDataset, generate_shapes, make_dataset
 from pyro_slots.data.shapes import COLOR_NAMES, PALETTE, SHAPE_NAMES
-from pyro_slots.plotting import plot_scenes
+from pyro_slots.plots import plot_scenes
 
 SQUARE, ELLIPSE, HEART, TRIANGLE = (SHAPE_NAMES.index(s) for s in SHAPE_NAMES)
 

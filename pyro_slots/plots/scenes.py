@@ -1,41 +1,30 @@
-"""Figures, drawn with matplotlib's object API on the Agg canvas (no pyplot global state)."""
+"""Scenes of an image dataset above their ground-truth instance masks."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
+from ._style import mask_colors, save, to_numpy
+
 __all__ = ["plot_scenes"]
-
-
-def _mask_colors(num_ids: int) -> np.ndarray:
-    """RGB of mask ids ``0 .. num_ids - 1``: black background, then tab20 cycled."""
-    from matplotlib import colormaps
-
-    tab20 = colormaps["tab20"].colors
-    colors = [(0.0, 0.0, 0.0)] + [tab20[i % len(tab20)] for i in range(max(num_ids - 1, 0))]
-    return np.asarray(colors)
 
 
 def plot_scenes(images, masks, path=None, ncols: int = 8, title: str | None = None) -> Figure:
     """Draw a grid of images, each above its ground-truth instance mask.
 
-    Mask ids get fixed colours (0 = background in black, then the ``tab20`` colours), so the
-    same id has the same colour in every panel.
+    Mask ids get fixed colours (:func:`~pyro_slots.plots.mask_colors`: 0 = background in black,
+    then the slot colours), so the same id has the same colour in every panel.
 
     :param images: ``(B, 3, H, W)`` RGB in [0, 1] (tensor or array).
     :param masks: ``(B, H, W)`` integer instance ids, 0 = background.
-    :param path: if given, the PNG is written there.
+    :param path: if given, the PNG is written there (100 dpi).
     :param int ncols: scenes per row.
     :param str title: optional figure title.
     :returns: the :class:`matplotlib.figure.Figure`.
     """
-    images = images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
-    masks = masks.detach().cpu().numpy() if torch.is_tensor(masks) else np.asarray(masks)
+    images, masks = to_numpy(images), to_numpy(masks)
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images: expected shape (B, 3, H, W), got {images.shape}")
     num, _, height, width = images.shape
@@ -50,7 +39,7 @@ def plot_scenes(images, masks, path=None, ncols: int = 8, title: str | None = No
     ncols = min(ncols, num)
     nrows = -(-num // ncols)
     num_ids = int(masks.max()) + 1
-    cmap = ListedColormap(_mask_colors(num_ids))
+    cmap = ListedColormap(mask_colors(num_ids))
     fig = Figure(figsize=(1.6 * ncols, 3.2 * nrows))
     axes = fig.subplots(2 * nrows, ncols, squeeze=False)
     for ax in axes.flat:
@@ -64,6 +53,5 @@ def plot_scenes(images, masks, path=None, ncols: int = 8, title: str | None = No
     if title is not None:
         fig.suptitle(title)
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(os.fspath(path), format="png", dpi=100)
+    save(fig, path, dpi=100)
     return fig

@@ -1,4 +1,6 @@
-"""Diagnostic plots (matplotlib figures; the report saves them as PNG with the Agg backend)."""
+"""Figures of the posterior diagnostics (:mod:`pyro_slots.diagnostics`): Pareto k̂, ELBO
+trajectories per restart, R-hat across restarts. The report saves them as PNG on the Agg canvas.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +10,16 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ._arviz import az
-from .summary import RHAT_BAD, aligned_posterior, rhat_per_datapoint, unaligned_posterior
+from ..diagnostics._arviz import az
+from ..diagnostics.summary import (
+    RHAT_BAD,
+    aligned_posterior,
+    rhat_per_datapoint,
+    unaligned_posterior,
+)
+from ._style import slot_colors
 
-__all__ = ["plot_elbo_trajectories", "plot_khat", "plot_rhat", "plot_slot_masks"]
+__all__ = ["plot_elbo_trajectories", "plot_khat", "plot_rhat"]
 
 
 def plot_khat(psis, ax=None):
@@ -38,7 +46,8 @@ def plot_khat(psis, ax=None):
 
 
 def plot_elbo_trajectories(idata, datapoints=None, ax=None, max_datapoints: int = 8):
-    """ELBO across inner steps, one line per restart, one color per datapoint.
+    """ELBO across inner steps, one line per restart, one colour per datapoint (the slot
+    palette, :func:`~pyro_slots.plots.slot_colors`).
 
     :param idata: from :func:`~pyro_slots.diagnostics.to_inference_data`.
     :param datapoints: indices to show (default: the first ``max_datapoints``).
@@ -50,12 +59,13 @@ def plot_elbo_trajectories(idata, datapoints=None, ax=None, max_datapoints: int 
     if ax is None:
         ax = Figure(figsize=(6, 3.5)).subplots()
     steps = history["inner_step"].values
+    colors = slot_colors(len(datapoints))
     for i, n in enumerate(datapoints):
         for c in range(history.sizes["chain"]):
             ax.plot(
                 steps,
                 history.isel(datapoint=n, chain=c).values,
-                color=f"C{i % 10}",
+                color=colors[i],
                 alpha=0.8,
                 lw=1,
                 label=f"datapoint {n}" if c == 0 else None,
@@ -65,50 +75,6 @@ def plot_elbo_trajectories(idata, datapoints=None, ax=None, max_datapoints: int 
     ax.set_title("ELBO trajectories (one line per restart)")
     ax.legend(fontsize="small", ncol=2)
     return ax
-
-
-def plot_slot_masks(
-    responsibilities, image_shape: tuple[int, int], datapoints=None, max_datapoints: int = 4
-) -> Figure:
-    """Slot masks of image models: responsibilities reshaped to ``image_shape``.
-
-    :param responsibilities: ``(batch, num_slots, H·W)`` array or tensor (one restart), or the
-        ``responsibilities`` DataArray of an InferenceData's ``sample_stats`` (the best chain of
-        every datapoint is not known there, so chain 0 is shown).
-    :param tuple image_shape: ``(H, W)`` with ``H · W`` measurements.
-    :returns: a figure with one row per datapoint and one column per slot.
-    """
-    resp = responsibilities
-    if hasattr(resp, "dims"):
-        resp = resp.isel(chain=0, draw=0).transpose("datapoint", "slot", "measurement").values
-    elif hasattr(resp, "detach"):
-        resp = resp.detach().cpu().numpy()
-    resp = np.asarray(resp)
-    if resp.ndim != 3:
-        raise ValueError(f"responsibilities: expected (batch, num_slots, H*W), got {resp.shape}")
-    h, w = (int(s) for s in image_shape)
-    if h * w != resp.shape[-1]:
-        raise ValueError(
-            f"image_shape: {image_shape} has {h * w} pixels, but there are {resp.shape[-1]} "
-            "measurements"
-        )
-    if datapoints is None:
-        datapoints = list(range(min(max_datapoints, resp.shape[0])))
-    k = resp.shape[1]
-    fig = Figure(figsize=(1.6 * k, 1.6 * len(datapoints)))
-    axes = np.atleast_2d(fig.subplots(len(datapoints), k, squeeze=False))
-    for i, n in enumerate(datapoints):
-        for j in range(k):
-            ax = axes[i, j]
-            ax.imshow(resp[n, j].reshape(h, w), vmin=0, vmax=1, cmap="viridis")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"slot {j}", fontsize="small")
-            if j == 0:
-                ax.set_ylabel(f"datapoint {n}", fontsize="small")
-    fig.suptitle("slot masks")
-    return fig
 
 
 def plot_rhat(idata, ax=None, var_names=None):
@@ -124,8 +90,10 @@ def plot_rhat(idata, ax=None, var_names=None):
     # Guide draws have no "slot" dim to undo the alignment on (see summary()).
     if any("slot" in v.dims for v in idata.posterior.data_vars.values()):
         unaligned = rhat_per_datapoint(unaligned_posterior(idata), var_names)
-        ax.plot(x, unaligned.values, "o", color="C3", label="unaligned (label switching)")
-    ax.plot(x, aligned.values, "o", color="C0", label="aligned (Hungarian)")
+        ax.plot(
+            x, unaligned.values, "o", color=slot_colors(4)[3], label="unaligned (label switching)"
+        )
+    ax.plot(x, aligned.values, "o", color=slot_colors(1)[0], label="aligned (Hungarian)")
     ax.axhline(RHAT_BAD, color="k", ls="--", lw=1, label=f"R-hat = {RHAT_BAD}")
     ax.set_yscale("log")
     ax.set_xlabel("datapoint")

@@ -1,0 +1,148 @@
+"""The elbo package: one interface, two estimators, the auto front, kernels, owned caches."""
+
+import pickle
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro_slots.models import GaussianMixture
+
+from pyro_slots.elbo import (
+    ELBOEstimator,
+    LeanEstimator,
+    PerDatapointELBO,
+    TraceEnumEstimator,
+    make_estimator,
+)
+from pyro_slots.elbo import auto as auto_module
+from pyro_slots.elbo.kernels import (
+    contract_last,
+    diag_normal_log_prob,
+    stable_logsumexp,
+    unbroadcast,
+)
+from tests.conftest import make_point_sets
+from tests.test_elbo import ScoreFunctionGuideModel
+
+
+def _gmm_problem(seed=0):
+    x, _ = make_point_sets(3, 20, num_components=3, seed=seed)
+    gmm = GaussianMixture(3, 2)
+    return gmm, x, gmm.init_slots(x, 3, torch.Generator().manual_seed(seed))
+
+
+def test_make_estimator_builds_each_strategy_and_all_agree(float64):
+    gmm, x, slots = _gmm_problem()
+    estimators = {s: make_estimator(s) for s in ("auto", "lean", "trace_enum")}
+    assert type(estimators["lean"]) is LeanEstimator
+    assert type(estimators["trace_enum"]) is TraceEnumEstimator
+    assert type(estimators["auto"]) is PerDatapointELBO
+    assert all(isinstance(e, ELBOEstimator) for e in estimators.values())
+    # Independent answer: log Σ_k π_k N(x | μ_k, σ_k) per point, summed.
+    loc, scale, logw = gmm.component_params(slots)
+    comp = dist.Normal(loc.unsqueeze(2), scale.unsqueeze(2)).log_prob(x.unsqueeze(1)).sum(-1)
+    expected = torch.logsumexp(comp + logw.unsqueeze(-1), 1).sum(-1)
+    for estimator in estimators.values():
+        assert torch.allclose(estimator(gmm, x, slots), expected, atol=1e-9)
+        elbo, log_post = estimator.elbo_and_posterior(gmm, x, slots, "assignment")
+        assert torch.allclose(elbo, expected, atol=1e-9)
+        resp = torch.softmax(comp + logw.unsqueeze(-1), 1)  # (batch, K, M)
+        assert torch.allclose(log_post.exp().reshape(3, 3, 20).movedim(0, 1), resp, atol=1e-9)
+
+
+def test_interface_is_abstract():
+    with pytest.raises(TypeError):
+        ELBOEstimator()
+
+
+def test_lean_estimator_refuses_what_it_cannot_do(float64):
+    model, x = ScoreFunctionGuideModel(), torch.randn(3, 5, 1)
+    slots = torch.randn(3, 2, 2) * 0.3
+    with pytest.raises(ValueError, match="strategy: ScoreFunctionGuideModel needs Pyro's"):
+        LeanEstimator()(model, x, slots)
+    gmm, x, slots = _gmm_problem()
+    with pytest.raises(ValueError, match="site: the lean estimator .* 'obs'"):
+        LeanEstimator().elbo_and_posterior(gmm, x, slots, "obs")
+    with pytest.raises(ValueError, match="site: 'obs' is not an enumerated site"):
+        TraceEnumEstimator().elbo_and_posterior(gmm, x, slots, "obs")
+    with pytest.raises(ValueError, match="num_particles: expected an integer >= 1"):
+        LeanEstimator(num_particles=0)
+    with pytest.raises(ValueError, match="strategy: expected one of"):
+        make_estimator("fast")
+
+
+def test_auto_remembers_per_instance_which_estimator_a_model_class_needs(float64):
+    """The lean/fallback record is an attribute of the estimator, not module state."""
+    model, x = ScoreFunctionGuideModel(), torch.randn(3, 5, 1)
+    slots = torch.randn(3, 2, 2) * 0.3
+    gmm, xg, sg = _gmm_problem()
+    first, second = PerDatapointELBO(), PerDatapointELBO()
+    pyro.set_rng_seed(1)
+    a = first(model, x, slots)
+    first(gmm, xg, sg)
+    assert first._lean_ok[ScoreFunctionGuideModel] is False
+    assert first._lean_ok[GaussianMixture] is True
+    assert len(second._lean_ok) == 0
+    # The fallback did not consume the random stream: the same draw as TraceEnum's.
+    pyro.set_rng_seed(1)
+    b = TraceEnumEstimator()(model, x, slots)
+    assert torch.allclose(a, b, atol=1e-12)
+    assert [
+        k for k, v in vars(auto_module).items() if isinstance(v, dict) and not k.startswith("__")
+    ] == []
+
+
+def test_estimators_pickle_without_their_caches(float64):
+    gmm, x, slots = _gmm_problem()
+    estimator = PerDatapointELBO()
+    before = estimator(gmm, x, slots)
+    assert len(estimator.lean.validated) == 1
+    clone = pickle.loads(pickle.dumps(estimator))
+    assert len(clone.lean.validated) == 0 and len(clone._lean_ok) == 0
+    assert torch.equal(clone(gmm, x, slots), before)
+
+
+@pytest.mark.parametrize("features", [2, 20])
+@pytest.mark.parametrize("shared_scale", [False, True])
+def test_diag_normal_log_prob_matches_torch_distributions(float64, features, shared_scale):
+    g = torch.Generator().manual_seed(features)
+    loc = torch.randn(4, 3, 1, features, generator=g)  # (batch, K, 1, F): mixture means
+    scale = torch.rand(4, 3, 1, 1 if shared_scale else features, generator=g) + 0.5
+    value = torch.randn(4, 1, 30, features, generator=g)  # (batch, 1, M, F): points
+    expected = dist.Normal(loc, scale).to_event(1).log_prob(value)
+    assert torch.allclose(diag_normal_log_prob(loc, scale, value), expected, atol=1e-10)
+    # Per-point means (the same shape as the points): the one-pass branch.
+    loc_full = torch.randn(4, 3, 30, features, generator=g)
+    expected = dist.Normal(loc_full, scale).to_event(1).log_prob(value)
+    assert torch.allclose(diag_normal_log_prob(loc_full, scale, value), expected, atol=1e-10)
+
+
+def test_diag_normal_log_prob_declines_where_float32_would_cancel():
+    loc = torch.full((1, 2, 1, 20), 1e3)
+    scale = torch.full((1, 2, 1, 20), 1e-2)
+    value = torch.full((1, 1, 5, 20), 1e3)
+    assert diag_normal_log_prob(loc, scale, value) is None
+
+
+def test_contract_last_and_unbroadcast_are_exact(float64):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 1, 5, 7, generator=g), torch.randn(4, 1, 7, generator=g)
+    assert torch.allclose(contract_last(a, b), (a * b).sum(-1), atol=1e-12)
+    loc = torch.randn(3, 1, 2, generator=g).expand(3, 10, 2)
+    fn = dist.Normal(loc, torch.ones(1, 1, 2).expand(3, 10, 2)).to_event(1)
+    compact = unbroadcast(fn)
+    assert compact is not fn and compact.base_dist.loc.shape == (3, 1, 2)
+    value = torch.randn(3, 10, 2, generator=g)
+    assert torch.allclose(compact.log_prob(value), fn.log_prob(value), atol=1e-12)
+    plain = dist.Normal(torch.zeros(3), torch.ones(3))  # nothing broadcast
+    assert unbroadcast(dist.Gamma(1.0, 1.0)).__class__ is dist.Gamma
+    assert unbroadcast(plain.to_event(1)).base_dist is plain
+
+
+def test_stable_logsumexp_clamps_only_negligible_terms(float64):
+    t = torch.tensor([[0.0, -1.0, -200.0], [5.0, 5.0, float("-inf")]])
+    lse, log_post = stable_logsumexp(t, 1)
+    assert torch.allclose(lse, torch.logsumexp(t, 1), atol=1e-12)
+    assert torch.allclose(log_post.exp().sum(1), torch.ones(2), atol=1e-12)
+    assert log_post[0, 2] == pytest.approx(-80.0 - lse[0].item(), abs=1e-12)
