@@ -108,8 +108,6 @@ class SlotModel(PyroModule):
     batch_plate = "batch"
     #: Largest number of nested plates in model and guide (batch + measurements by default).
     max_plate_nesting = 2
-    #: Which enumeration-aware estimator computes the per-datapoint ELBO (see pyro_slots.elbo).
-    elbo_estimator = "trace_enum"
 
     def __init__(self, slot_spec: SlotSpec, feature_dim: int):
         super().__init__()

@@ -10,7 +10,7 @@ import pyro
 import torch
 from pyro.optim import PyroOptim
 
-from .elbo import PerDatapointELBO
+from .elbo import ELBOEstimator
 from .inner.base import InnerRule
 from .objectives.base import Objective
 from .refine import RefineResult, initial_slots, make_generator, run_inner
@@ -198,7 +198,7 @@ class NestedSVI:
     :param init: optional slot initializer (its parameters are trained too).
     :param int seed: seed of the slot initializations.
     :param float clip_norm: clip the global gradient norm of w to this value.
-    :param PerDatapointELBO estimator: how the inner ELBO is computed.
+    :param ELBOEstimator estimator: how the inner ELBO is computed.
     :param bool distributed: average J's gradients over the ranks of ``torch.distributed``
         (default: whenever a process group is initialized). The inner loop stays local to each
         rank; only the shared weights' gradients are communicated, by one ``all_reduce`` per
@@ -223,7 +223,7 @@ class NestedSVI:
         init=None,
         seed: int | None = None,
         clip_norm: float | None = None,
-        estimator: PerDatapointELBO | None = None,
+        estimator: ELBOEstimator | None = None,
         distributed: bool | None = None,
     ):
         if not isinstance(inner, InnerRule):

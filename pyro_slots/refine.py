@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .elbo import PerDatapointELBO
+from .elbo import ELBOEstimator
 from .inner.base import InnerProblem, InnerRule, InnerState
 from .validation import check_finite, check_positive_float, check_positive_int, check_slots
 
@@ -200,7 +200,7 @@ def run_inner(
     tol: float | None = None,
     elbo_tol: float | None = None,
     keep_trajectory: bool = False,
-    estimator: PerDatapointELBO | None = None,
+    estimator: ELBOEstimator | None = None,
     record_history: bool = True,
     responsibilities: bool = False,
 ) -> RefineResult:
@@ -391,7 +391,7 @@ def refine(
     tol: float | None = None,
     elbo_tol: float | None = None,
     keep_trajectory: bool = False,
-    estimator: PerDatapointELBO | None = None,
+    estimator: ELBOEstimator | None = None,
     record_history: bool = True,
 ) -> RefineResult:
     """Run the inner loop alone: maximize every datapoint's ELBO over its slots.

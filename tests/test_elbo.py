@@ -16,7 +16,6 @@ class GaussianLatentModel(SlotModel):
     """z^{n,k} ~ N(0, 1) per slot; x^{n,m} ~ N(sum_k z^{n,k}, 1); guide N(loc, exp(log_scale))."""
 
     max_plate_nesting = 2
-    elbo_estimator = "trace"
 
     def __init__(self):
         super().__init__(SlotSpec({"loc": (), "log_scale": ()}), feature_dim=1)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from pyro.nn import PyroModule
 
-from ..elbo import PerDatapointELBO
+from ..elbo import ELBOEstimator, PerDatapointELBO
 from ..validation import CapabilityError, check_positive_int
 
 __all__ = ["InnerProblem", "InnerRule", "InnerState", "StepInfo"]
@@ -50,7 +50,7 @@ class InnerProblem:
 
     :param SlotModel model: the slot model.
     :param torch.Tensor x: encoded measurements ``(batch, M, features)``.
-    :param PerDatapointELBO estimator: how the ELBO is computed (Pyro traces by default).
+    :param ELBOEstimator estimator: how the ELBO is computed (Pyro traces by default).
     :param bool record_history: whether rules that do not need the ELBO for their update
         still evaluate it at every step for the history (see :meth:`history_elbo`).
     """
@@ -59,7 +59,7 @@ class InnerProblem:
         self,
         model,
         x: torch.Tensor,
-        estimator: PerDatapointELBO | None = None,
+        estimator: ELBOEstimator | None = None,
         record_history: bool = True,
     ):
         self.model = model
