@@ -37,7 +37,12 @@ class GaussianMixture(SlotModel):
     :param int dim: dimension of a measurement.
     :param torch.nn.Module encoder: optional shared pre-processing ``w_e`` applied to the last
         dimension of ``x`` (e.g. ``nn.Linear(dim_in, dim)``); identity by default.
-    :param float reg_covar: variance added in the M-step (as in scikit-learn), >= 0.
+    :param float reg_covar: variance floor of the M-step, >= 0, relative to the data: the M-step
+        adds ``reg_covar`` times the datapoint's per-feature variance of its measurements to
+        every component variance (scikit-learn adds ``reg_covar`` itself, which swamps data
+        measured in small units and vanishes for large ones; the two agree on data of unit
+        variance). The statistics are centred (about a per-datapoint reference point and each
+        component's mean), so float32 EM stays exact far from the origin.
     :param int init_lloyd_steps: hard k-means iterations after the k-means++ seeding of
         :meth:`init_slots` (0 keeps the bare seeds: cheaper, e.g. before a learned rule).
     :param str init: how :meth:`init_slots` draws λ_0: ``"kmeans++"`` (greedy k-means++ seeding
@@ -128,11 +133,18 @@ class GaussianMixture(SlotModel):
         """
         eps = 10 * torch.finfo(x.dtype).eps
         nk = resp.sum(-1) + eps  # (B, K)
-        loc = torch.einsum("bkm,bmd->bkd", resp, x) / nk.unsqueeze(-1)
+        # Centred statistics: the moments are taken about a per-datapoint reference point (the
+        # mean of its measurements) and, for the variance, about each component's own mean, so
+        # nothing cancels in float32 when the data sit far from the origin (E[x²] - μ² loses
+        # every digit of a unit variance at |x| = 1e3 and returns 0 at 1e5).
+        ref = x.mean(1, keepdim=True)  # (B, 1, D)
+        xc = x - ref
+        loc_c = torch.einsum("bkm,bmd->bkd", resp, xc) / nk.unsqueeze(-1)
+        loc = loc_c + ref
         if fixed_variance is None:
-            # Diagonal covariance as in sklearn: E_r[x^2] - 2 loc E_r[x] + loc^2 + reg_covar.
-            ex2 = torch.einsum("bkm,bmd->bkd", resp, x * x) / nk.unsqueeze(-1)
-            var = (ex2 - loc * loc).clamp_min(0) + self.reg_covar
+            dev = xc.unsqueeze(1) - loc_c.unsqueeze(2)  # (B, K, M, D)
+            var = torch.einsum("bkm,bkmd->bkd", resp, dev * dev) / nk.unsqueeze(-1)
+            var = var + self.reg_covar * self._data_variance(x)
             log_scale = 0.5 * var.clamp_min(torch.finfo(x.dtype).tiny).log()
         else:
             log_scale = torch.full_like(loc, 0.5 * math.log(fixed_variance))
@@ -141,6 +153,15 @@ class GaussianMixture(SlotModel):
         else:
             logit = (nk / x.shape[1]).log()
         return self.slot_spec.pack({"loc": loc, "log_scale": log_scale, "logit": logit})
+
+    @staticmethod
+    def _data_variance(x):
+        """Per-datapoint, per-feature variance of the measurements ``(batch, 1, dim)``, detached:
+        the unit of the variance floor ``reg_covar`` (a constant of the M-step, not a function
+        of λ). Falls back to 1 for a datapoint whose measurements are all equal."""
+        with torch.no_grad():
+            var = x.var(1, unbiased=False, keepdim=True) if x.shape[1] > 1 else torch.ones_like(x)
+            return torch.where(var > 0, var, torch.ones_like(var))
 
     def em_update(self, x, slots):
         """One EM step: ``(new_slots, responsibilities)``."""
@@ -226,6 +247,10 @@ def kmeans_plus_plus(
     trials = 2 + int(math.log(num_slots))
     # The random choices are made without gradients; the resulting cluster statistics keep
     # them, so an unrolled outer gradient sees how the initialization moves with an encoder.
+    # Everything is computed about the datapoint's mean: the Lloyd score |c|² - 2 c·x and the
+    # cluster sums cancel or round badly in float32 when the data sit far from the origin.
+    ref = x.mean(1, keepdim=True)  # (B, 1, D)
+    x = x - ref
     with torch.no_grad():
         xd = x.detach()
         xt = xd.transpose(1, 2).contiguous()  # (B, D, M): distances feature by feature
@@ -263,7 +288,7 @@ def kmeans_plus_plus(
     var = torch.where(nk > 1, var / nk.clamp_min(1), pooled)
     var = var.clamp_min(1e-6 * pooled.detach().clamp_min(1e-12))
     parts = {
-        "loc": loc,
+        "loc": loc + ref,
         "log_scale": 0.5 * var.log(),
         "logit": ((nk.squeeze(-1) + 1.0) / (num_points + num_slots)).log(),
     }
