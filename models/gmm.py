@@ -142,9 +142,8 @@ class GaussianMixture(SlotModel):
         loc_c = torch.einsum("bkm,bmd->bkd", resp, xc) / nk.unsqueeze(-1)
         loc = loc_c + ref
         if fixed_variance is None:
-            dev = xc.unsqueeze(1) - loc_c.unsqueeze(2)  # (B, K, M, D)
-            var = torch.einsum("bkm,bkmd->bkd", resp, dev * dev) / nk.unsqueeze(-1)
-            var = var + self.reg_covar * self._data_variance(x)
+            var = _weighted_squared_deviations(xc, loc_c, resp) / nk.unsqueeze(-1)
+            var = var + self.reg_covar * _floor_unit(xc)
             log_scale = 0.5 * var.clamp_min(torch.finfo(x.dtype).tiny).log()
         else:
             log_scale = torch.full_like(loc, 0.5 * math.log(fixed_variance))
@@ -153,15 +152,6 @@ class GaussianMixture(SlotModel):
         else:
             logit = (nk / x.shape[1]).log()
         return self.slot_spec.pack({"loc": loc, "log_scale": log_scale, "logit": logit})
-
-    @staticmethod
-    def _data_variance(x):
-        """Per-datapoint, per-feature variance of the measurements ``(batch, 1, dim)``, detached:
-        the unit of the variance floor ``reg_covar`` (a constant of the M-step, not a function
-        of λ). Falls back to 1 for a datapoint whose measurements are all equal."""
-        with torch.no_grad():
-            var = x.var(1, unbiased=False, keepdim=True) if x.shape[1] > 1 else torch.ones_like(x)
-            return torch.where(var > 0, var, torch.ones_like(var))
 
     def em_update(self, x, slots):
         """One EM step: ``(new_slots, responsibilities)``."""
@@ -293,6 +283,32 @@ def kmeans_plus_plus(
         "logit": ((nk.squeeze(-1) + 1.0) / (num_points + num_slots)).log(),
     }
     return model.slot_spec.pack(parts)
+
+
+def _floor_unit(xc):
+    """Per-datapoint, per-feature variance ``(batch, 1, dim)`` of centred measurements ``xc``,
+    detached: the unit of the variance floor ``reg_covar`` (a constant of the M-step, not a
+    function of λ); 1 for a datapoint whose measurements are all equal."""
+    with torch.no_grad():
+        var = (xc * xc).mean(1, keepdim=True)
+        return torch.where(var > 0, var, torch.ones_like(var))
+
+
+def _weighted_squared_deviations(x, loc, resp):
+    """``Σ_m r_km (x_md - loc_kd)²`` of shape ``(B, K, D)``: the centred second moment.
+
+    One feature at a time over contiguous ``(B, K, M)`` blocks (no ``(B, K, M, D)`` temporary),
+    in place when no gradient is recorded.
+    """
+    xt = x.transpose(1, 2).contiguous()  # (B, D, M)
+    in_place = not (torch.is_grad_enabled() and (x.requires_grad or loc.requires_grad))
+    in_place = in_place and not (torch.is_grad_enabled() and resp.requires_grad)
+    out = []
+    for d in range(xt.shape[1]):
+        dev = xt[:, d].unsqueeze(1) - loc[:, :, d].unsqueeze(-1)  # (B, K, M)
+        sq = dev.mul_(dev).mul_(resp) if in_place else dev * dev * resp
+        out.append(sq.sum(-1))
+    return torch.stack(out, -1)
 
 
 def _squared_distances(xt, centers):
