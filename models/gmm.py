@@ -286,12 +286,12 @@ def kmeans_plus_plus(
 
 
 def _floor_unit(xc):
-    """Per-datapoint, per-feature variance ``(batch, 1, dim)`` of centred measurements ``xc``,
-    detached: the unit of the variance floor ``reg_covar`` (a constant of the M-step, not a
-    function of λ); 1 for a datapoint whose measurements are all equal."""
-    with torch.no_grad():
-        var = (xc * xc).mean(1, keepdim=True)
-        return torch.where(var > 0, var, torch.ones_like(var))
+    """Per-datapoint, per-feature variance ``(batch, 1, dim)`` of centred measurements ``xc``:
+    the unit of the variance floor ``reg_covar`` (a function of the data, not of λ, so EM stays
+    coordinate ascent; differentiable, e.g. through an encoder); 1 for a datapoint whose
+    measurements are all equal."""
+    var = (xc * xc).mean(1, keepdim=True)
+    return torch.where(var > 0, var, torch.ones_like(var))
 
 
 def _weighted_squared_deviations(x, loc, resp):
