@@ -112,6 +112,10 @@ def test_reads_lazily(tmp_path):
         (dict(image=np.zeros((20, 16, 16, 3), dtype=np.float32)), r"'image'.*float32.*uint8"),
         (dict(num_actual_objects=np.zeros((20, 2), dtype=np.uint8)), "'num_actual_objects'"),
         (dict(visibility=np.zeros((20,), dtype=np.uint8)), "'visibility'"),
+        (
+            dict(mask=np.concatenate([np.zeros((7, 16, 16, 1)), -np.ones((13, 16, 16, 1))]).astype(np.int16)),
+            r"'mask' holds negative object ids \(image 7 has -1\)",
+        ),
     ],
 )
 def test_rejects_missing_or_misshaped_datasets(tmp_path, overrides, match):
