@@ -11,7 +11,12 @@ from .elbo import PerDatapointELBO
 from .inner.base import InnerRule
 from .objectives.base import Objective
 from .refine import initial_slots, make_generator, run_inner
-from .validation import check_positive_float, check_positive_int
+from .validation import (
+    check_data,
+    check_num_measurements,
+    check_positive_float,
+    check_positive_int,
+)
 
 __all__ = ["GRADIENT_MODES", "ITERATION_WEIGHTS", "ImplicitGradientWarning", "NestedSVI"]
 
@@ -322,6 +327,7 @@ class NestedSVI:
 
     def loss(self, x, *targets, differentiable: bool = True) -> torch.Tensor:
         """The task objective J of this batch (a scalar), differentiable in w."""
+        check_data(x, "x")
         for t in targets:
             if torch.is_tensor(t) and t.shape[:1] != x.shape[:1]:
                 raise ValueError(
@@ -331,6 +337,7 @@ class NestedSVI:
         steps = self.num_steps
         with torch.set_grad_enabled(differentiable):
             x_enc = self.model.encode(x)
+            check_num_measurements(x_enc, self.num_slots)
             # Reparameterized draws: a learned initializer receives gradients in its mean and
             # scale when the first step is differentiated (unrolled mode).
             slots0 = self._initial_slots(x_enc)

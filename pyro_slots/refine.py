@@ -8,7 +8,14 @@ import torch
 
 from .elbo import PerDatapointELBO
 from .inner.base import InnerProblem, InnerRule, InnerState
-from .validation import check_finite, check_positive_float, check_positive_int, check_slots
+from .validation import (
+    check_data,
+    check_finite,
+    check_num_measurements,
+    check_positive_float,
+    check_positive_int,
+    check_slots,
+)
 
 __all__ = ["InnerLoopError", "RefineResult", "refine"]
 
@@ -424,13 +431,15 @@ def refine(
     if elbo_tol is not None:
         elbo_tol = check_positive_float(elbo_tol, "elbo_tol")
     generator = make_generator(seed, generator)
+    check_data(x, "x")
     with torch.no_grad():
         x_enc = model.encode(x)
+    check_num_measurements(x_enc, num_slots)
     batch = x_enc.shape[0]
     if isinstance(slots, dict):
         slots = model.slot_spec.pack(slots)
     if slots is not None:
-        num_slots = slots.shape[-2] if slots.dim() >= 2 else num_slots
+        requested, num_slots = num_slots, (slots.shape[-2] if slots.dim() >= 2 else num_slots)
         if num_restarts > 1:
             if slots.dim() != 4 or slots.shape[0] != num_restarts:
                 raise ValueError(
@@ -439,7 +448,7 @@ def refine(
                     f"got {tuple(slots.shape)}"
                 )
             slots = slots.reshape(num_restarts * batch, *slots.shape[2:])
-        check_slots(slots, "slots", num_restarts * batch, model.slot_dim)
+        check_slots(slots, "slots", num_restarts * batch, model.slot_dim, requested, like=x_enc)
     else:
         num_slots = getattr(model, "num_slots", None) if num_slots is None else num_slots
         if num_slots is None:
