@@ -133,7 +133,13 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     path = os.fspath(path)
     if not isinstance(payload, dict):
         raise TypeError(f"payload: expected a dict, got {type(payload).__name__}")
-    payload = {**payload, CHECKSUM_KEY: payload_digest(payload)}
+    try:
+        payload = {**payload, CHECKSUM_KEY: payload_digest(payload)}
+    except TypeError as error:
+        raise CheckpointError(
+            f"{path}: payload cannot be loaded with weights_only=True ({error}); store only "
+            "tensors, numbers, strings, lists and dicts"
+        ) from None
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
