@@ -198,11 +198,15 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
             x = stream.batch(run.step).x.to(run.device)
             try:
                 loss = run.svi.step(x)
-            except FloatingPointError as error:  # also InnerLoopError, non-finite slots
+            except (FloatingPointError, ValueError) as error:
+                # FloatingPointError: non-finite J, ELBO, gradient or slots (InnerLoopError,
+                # NonFiniteError); ValueError: e.g. a distribution refusing the NaN features of
+                # a diverged encoder. Either way one line naming the update.
+                diverged = isinstance(error, FloatingPointError) or _mentions_nan(error)
                 raise TrainingError(
-                    f"update {run.step + 1} diverged: {first_line(error)}; "
-                    f"{_what_is_kept(config.out, last_saved, folder)} (lower --lr or "
-                    "--step-size, or set --clip-norm)"
+                    f"update {run.step + 1} {'diverged' if diverged else 'failed'}: "
+                    f"{first_line(error)}; {_what_is_kept(config.out, last_saved, folder)}"
+                    + (" (lower --lr or --step-size, or set --clip-norm)" if diverged else "")
                 ) from None
             run.svi.optim.step()  # the learning-rate schedule: one scheduler step per update
             run.step += 1
@@ -254,6 +258,11 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
     if main_rank and pictures:
         write_pictures(run, config.out)
     return run
+
+
+def _mentions_nan(error: Exception) -> bool:
+    text = str(error).lower()
+    return "nan" in text or "invalid values" in text or "inf" in text.split()
 
 
 def _what_is_kept(out: str, last_saved: int | None, folder: RunFolder) -> str:
