@@ -427,11 +427,13 @@ def writable_folder(path: str | os.PathLike, option: str) -> str:
     except NotADirectoryError:
         raise ConfigError(f"{option}: {path} lies below a file, not a folder") from None
     except OSError as error:
-        raise ConfigError(f"{option}: cannot create {path}: {error.strerror}") from None
+        raise ConfigError(f"{option}: {path} cannot be created ({error.strerror})") from None
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
     except OSError as error:
-        raise ConfigError(f"{option}: cannot write into {path}: {error.strerror}") from None
+        raise ConfigError(
+            f"{option}: {path} cannot be written into ({error.strerror})"
+        ) from None
     os.close(fd)
     os.unlink(probe)
     return path
