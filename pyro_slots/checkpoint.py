@@ -32,8 +32,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import struct
 import random
+import struct
 import tempfile
 import warnings
 

@@ -434,7 +434,7 @@ def refine(
     check_data(x, "x")
     with torch.no_grad():
         x_enc = model.encode(x)
-    check_num_measurements(x_enc, getattr(model, "num_slots", None) if num_slots is None else num_slots)
+    check_num_measurements(x_enc, num_slots or getattr(model, "num_slots", None))
     batch = x_enc.shape[0]
     if isinstance(slots, dict):
         slots = model.slot_spec.pack(slots)

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import math
 
 from pyro_slots.nested import GRADIENT_MODES
 from pyro_slots.validation import CapabilityError
@@ -333,8 +332,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
         )
     num_steps = inner.num_steps if config.inner_steps is None else config.inner_steps
     # (an unknown --gradient is refused by NestedSVI when the run is built)
-    if not inner.learned and init == "learned" and model.data == "points" and (
-        config.gradient in GRADIENT_MODES
+    if (
+        not inner.learned
+        and init == "learned"
+        and model.data == "points"
+        and (config.gradient in GRADIENT_MODES)
     ):
         reaches_init = config.gradient == "unrolled" or (
             config.gradient == "truncated" and config.truncate >= num_steps

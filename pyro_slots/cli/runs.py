@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 
 from pyro_slots import NestedSVI
-from pyro_slots.validation import check_positive_int
 from pyro_slots.checkpoint import (
     FORMAT,
     CheckpointError,
@@ -44,6 +43,7 @@ from pyro_slots.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from pyro_slots.validation import check_positive_int
 
 from .config import ConfigError, TrainConfig
 from .registry import Components, build, resolve
@@ -431,9 +431,7 @@ def writable_folder(path: str | os.PathLike, option: str) -> str:
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
     except OSError as error:
-        raise ConfigError(
-            f"{option}: {path} cannot be written into ({error.strerror})"
-        ) from None
+        raise ConfigError(f"{option}: {path} cannot be written into ({error.strerror})") from None
     os.close(fd)
     os.unlink(probe)
     return path

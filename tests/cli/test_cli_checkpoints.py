@@ -202,8 +202,8 @@ def _folder_state(folder):
         (lambda p: p.update(step=-1), "impossible step -1"),
         (lambda p: p.update(step=5), "impossible step 5: the outer loop's state counts 6"),
         (
-            lambda p: p.update(step=9) or p["svi"].update(num_updates=9) or p["config"].update(
-                steps=20
+            lambda p: (
+                p.update(step=9) or p["svi"].update(num_updates=9) or p["config"].update(steps=20)
             ),
             "impossible step 9: beyond the log, whose last update is 6",
         ),

@@ -84,8 +84,10 @@ def _error(argv, capsys):
         # Checked by the constructors (NestedSVI, the rules), reported in one line:
         (["--inner-steps", "0"], "inner_steps (num_steps): expected an integer >= 1, got 0"),
         (["--num-slots", "0"], "num_slots: expected an integer >= 1, got 0"),
-        (["--gradient", "truncated", "--inner", "slot-attention", "--truncate", "0"],
-         "truncate: expected an integer >= 1, got 0"),
+        (
+            ["--gradient", "truncated", "--inner", "slot-attention", "--truncate", "0"],
+            "truncate: expected an integer >= 1, got 0",
+        ),
         (["--clip-norm", "inf"], "clip_norm: expected a finite number > 0, got inf"),
         (["--iteration-weights", "cubic"], "iteration_weights: expected one of"),
         (["--model", "gmm", "--pixel-scale", "0.5"], "pixel_scale: only for --model iodine"),

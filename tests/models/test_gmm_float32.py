@@ -40,9 +40,7 @@ def _sklearn_score(x, loc, scale, logw):
     return sk.score(x.numpy())
 
 
-@pytest.mark.parametrize(
-    "shift, scale", [(1e3, 1.0), (1e5, 1.0), (0.0, 1e-6), (0.0, 1e6)], ids=str
-)
+@pytest.mark.parametrize("shift, scale", [(1e3, 1.0), (1e5, 1.0), (0.0, 1e-6), (0.0, 1e6)], ids=str)
 def test_float32_em_matches_float64_reference(shift, scale):
     base, _ = make_point_sets(NUM_SETS, NUM_POINTS, num_components=K, seed=11)
     base = base.double()
