@@ -6,8 +6,10 @@ map a name to a small entry with its factory and what it requires. :func:`resolv
 list the valid ones, incompatible combinations are refused with the reason, and the ``None``
 fields get the model's or rule's defaults. :func:`build` then makes the objects.
 
-Factories import their modules lazily, so a name whose module is not part of this installation
-fails with a clear message instead of breaking the whole command line.
+The core classes are imported with this module; the factories of the optional ones (Slot
+Attention, the slot autoencoder, IODINE, the learned gradient rule) import their modules when
+called, so a name whose module is not part of this installation fails with a clear message
+instead of breaking the whole command line.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pyro_slots.init import GaussianInit
+from pyro_slots.inner import EM, GradientAscent, SoftKMeans
+from pyro_slots.models import GaussianMixture
 from pyro_slots.nested import GRADIENT_MODES
+from pyro_slots.objectives import NegativeELBO, Reconstruction
 from pyro_slots.validation import CapabilityError
 
 from .config import ConfigError, TrainConfig
+from .streams import HDF5Stream, ImageStream, PointStream
 
 __all__ = [
     "DATASETS",
@@ -61,8 +68,6 @@ class ModelEntry:
 
 
 def _gmm(config: TrainConfig, stream):
-    from pyro_slots.models import GaussianMixture
-
     return GaussianMixture(config.num_slots, stream.dim)
 
 
@@ -118,14 +123,10 @@ class InnerEntry:
 
 
 def _em(config, model):
-    from pyro_slots.inner import EM
-
     return EM(num_steps=config.inner_steps)
 
 
 def _soft_kmeans(config, model):
-    from pyro_slots.inner import SoftKMeans
-
     # Default: the model's own variance (SlotAutoencoder's σ²), so that the rule is exact EM of
     # the model's inner mixture; 1 for models without one.
     temperature = config.temperature
@@ -135,8 +136,6 @@ def _soft_kmeans(config, model):
 
 
 def _gradient(config, model):
-    from pyro_slots.inner import GradientAscent
-
     return GradientAscent(num_steps=config.inner_steps, step_size=config.step_size, adam=True)
 
 
@@ -191,14 +190,10 @@ DEFAULT_INNER = {"gmm": "em", "slot-autoencoder": "slot-attention", "iodine": "l
 
 # ------------------------------------------------------------------------- objectives
 def _elbo_objective(config):
-    from pyro_slots.objectives import NegativeELBO
-
     return NegativeELBO()
 
 
 def _reconstruction_objective(config):
-    from pyro_slots.objectives import Reconstruction
-
     return Reconstruction()
 
 
@@ -207,22 +202,16 @@ OBJECTIVES = {"elbo": _elbo_objective, "reconstruction": _reconstruction_objecti
 
 # --------------------------------------------------------------------------- datasets
 def _points_stream(config: TrainConfig, name: str):
-    from .streams import PointStream
-
     return PointStream(
         config.seed, config.batch_size, config.num_points, config.num_components, config.dim
     )
 
 
 def _image_stream(config: TrainConfig, name: str):
-    from .streams import ImageStream
-
     return ImageStream(name, config.seed, config.batch_size, config.image_size)
 
 
 def _hdf5_stream(config: TrainConfig, name: str):
-    from .streams import HDF5Stream
-
     path = name[len("hdf5:") :]
     if not path:
         raise ConfigError("dataset: 'hdf5:' must be followed by the file's path, e.g. hdf5:x.h5")
@@ -432,7 +421,5 @@ def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components
     objective = OBJECTIVES[config.objective](config)
     init = None
     if config.init == "learned":
-        from pyro_slots.init import GaussianInit
-
         init = GaussianInit(model.slot_dim, learnable=True)
     return Components(model, inner, objective, init, stream)
