@@ -327,7 +327,7 @@ class NestedSVI:
 
     def loss(self, x, *targets, differentiable: bool = True) -> torch.Tensor:
         """The task objective J of this batch (a scalar), differentiable in w."""
-        check_data(x, "x")
+        check_data(x, "x", self.model)
         for t in targets:
             if torch.is_tensor(t) and t.shape[:1] != x.shape[:1]:
                 raise ValueError(

@@ -66,11 +66,13 @@ def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def check_data(x, name: str = "x") -> torch.Tensor:
-    """``x`` must be a floating-point tensor (before a model's ``encode``).
+def check_data(x, name: str = "x", model=None) -> torch.Tensor:
+    """``x`` must be a floating-point tensor (before a model's ``encode``); with ``model``, of
+    the dtype and on the device of its floating-point weights, if it has any.
 
-    :raises TypeError: for another type, or an integer tensor (e.g. ``uint8`` images), naming
-        ``name`` and the expected dtype.
+    :raises TypeError: for another type, an integer tensor (e.g. ``uint8`` images) or a dtype
+        other than the weights', naming ``name`` and the expected dtype.
+    :raises ValueError: for data on another device than the weights.
     """
     if not torch.is_tensor(x):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -79,6 +81,20 @@ def check_data(x, name: str = "x") -> torch.Tensor:
         raise TypeError(
             f"{name}: expected a floating-point tensor (torch.float32 or torch.float64), got "
             f"dtype {x.dtype}{hint}"
+        )
+    parameters = getattr(model, "parameters", None)
+    weight = None
+    if callable(parameters):
+        weight = next((p for p in parameters() if p.is_floating_point()), None)
+    if weight is not None and x.dtype != weight.dtype:
+        raise TypeError(
+            f"{name}: expected dtype {weight.dtype} (the dtype of the model's weights), got "
+            f"{x.dtype}; convert the data (x.to({weight.dtype})) or the model"
+        )
+    if weight is not None and x.device != weight.device:
+        raise ValueError(
+            f"{name}: expected device {weight.device} (the device of the model's weights), got "
+            f"{x.device}"
         )
     return x
 

@@ -55,6 +55,17 @@ def test_integer_images_are_refused_naming_the_dtype():
     assert ps.refine(model, images.float() / 255, EM(2), seed=0).slots.dtype == torch.float32
 
 
+def test_data_of_another_dtype_than_the_weights_is_refused():
+    model = tiny_autoencoder()  # float32 weights
+    images = torch.rand(2, 3, 12, 12, dtype=torch.float64)
+    match = r"x: expected dtype torch.float32 \(the dtype of the model's weights\), got "
+    match += "torch.float64"
+    with pytest.raises(TypeError, match=match):
+        ps.refine(model, images, EM(2), seed=0)
+    with pytest.raises(TypeError, match=match):
+        _svi(model).loss(images)
+
+
 def test_one_measurement_per_datapoint_is_refused():
     x = torch.randn(3, 1, 2)
     gmm = GaussianMixture(2, 2)
