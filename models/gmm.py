@@ -16,6 +16,7 @@ import torch
 from pyro.ops.indexing import Vindex
 from torch import nn
 
+from pyro_slots.init import draw
 from pyro_slots.model import SlotModel, SlotSpec
 from pyro_slots.validation import check_measurements, check_positive_float, check_positive_int
 
@@ -37,7 +38,12 @@ class GaussianMixture(SlotModel):
     :param int dim: dimension of a measurement.
     :param torch.nn.Module encoder: optional shared pre-processing ``w_e`` applied to the last
         dimension of ``x`` (e.g. ``nn.Linear(dim_in, dim)``); identity by default.
-    :param float reg_covar: variance added in the M-step (as in scikit-learn), >= 0.
+    :param float reg_covar: variance floor of the M-step, >= 0, relative to the data: the M-step
+        adds ``reg_covar`` times the datapoint's per-feature variance of its measurements to
+        every component variance (scikit-learn adds ``reg_covar`` itself, which swamps data
+        measured in small units and vanishes for large ones; the two agree on data of unit
+        variance). The statistics are centred (about a per-datapoint reference point and each
+        component's mean), so float32 EM stays exact far from the origin.
     :param int init_lloyd_steps: hard k-means iterations after the k-means++ seeding of
         :meth:`init_slots` (0 keeps the bare seeds: cheaper, e.g. before a learned rule).
     :param str init: how :meth:`init_slots` draws λ_0: ``"kmeans++"`` (greedy k-means++ seeding
@@ -113,11 +119,17 @@ class GaussianMixture(SlotModel):
         """
         eps = 10 * torch.finfo(x.dtype).eps
         nk = resp.sum(-1) + eps  # (B, K)
-        loc = torch.einsum("bkm,bmd->bkd", resp, x) / nk.unsqueeze(-1)
+        # Centred statistics: the moments are taken about a per-datapoint reference point (the
+        # mean of its measurements) and, for the variance, about each component's own mean, so
+        # nothing cancels in float32 when the data sit far from the origin (E[x²] - μ² loses
+        # every digit of a unit variance at |x| = 1e3 and returns 0 at 1e5).
+        ref = x.mean(1, keepdim=True)  # (B, 1, D)
+        xc = x - ref
+        loc_c = torch.einsum("bkm,bmd->bkd", resp, xc) / nk.unsqueeze(-1)
+        loc = loc_c + ref
         if fixed_variance is None:
-            # Diagonal covariance as in sklearn: E_r[x^2] - 2 loc E_r[x] + loc^2 + reg_covar.
-            ex2 = torch.einsum("bkm,bmd->bkd", resp, x * x) / nk.unsqueeze(-1)
-            var = (ex2 - loc * loc).clamp_min(0) + self.reg_covar
+            var = _weighted_squared_deviations(xc, loc_c, resp) / nk.unsqueeze(-1)
+            var = var + self.reg_covar * _floor_unit(xc)
             log_scale = 0.5 * var.clamp_min(torch.finfo(x.dtype).tiny).log()
         else:
             log_scale = torch.full_like(loc, 0.5 * math.log(fixed_variance))
@@ -174,7 +186,9 @@ def random_from_data(model: GaussianMixture, x, num_slots: int, generator=None):
         raise ValueError(
             f"num_slots: random_from_data needs at most M={num_points} slots, got {num_slots}"
         )
-    keys = torch.rand((batch, num_points), generator=generator, dtype=x.dtype, device=x.device)
+    keys = draw(
+        torch.rand, (batch, num_points), generator=generator, dtype=x.dtype, device=x.device
+    )
     idx = keys.topk(num_slots, dim=1, sorted=False).indices  # (B, K), distinct per row
     loc = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, dim))
     pooled = x.var(1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
@@ -207,15 +221,21 @@ def kmeans_plus_plus(
     trials = 2 + int(math.log(num_slots))
     # The random choices are made without gradients; the resulting cluster statistics keep
     # them, so an unrolled outer gradient sees how the initialization moves with an encoder.
+    # Everything is computed about the datapoint's mean: the Lloyd score |c|² - 2 c·x and the
+    # cluster sums cancel or round badly in float32 when the data sit far from the origin.
+    ref = x.mean(1, keepdim=True)  # (B, 1, D)
+    x = x - ref
     with torch.no_grad():
         xd = x.detach()
         xt = xd.transpose(1, 2).contiguous()  # (B, D, M): distances feature by feature
-        first = torch.randint(num_points, (batch,), generator=generator, device=x.device)
+        first = draw(torch.randint, num_points, (batch,), generator=generator, device=x.device)
         centers = [xd[rows, first]]
         closest = _squared_distances(xt, centers[0].unsqueeze(1))[:, 0]  # (B, M)
         for _ in range(1, num_slots):
             cdf = (closest + 1e-12).cumsum(-1)
-            u = torch.rand((batch, trials), generator=generator, dtype=x.dtype, device=x.device)
+            u = draw(
+                torch.rand, (batch, trials), generator=generator, dtype=x.dtype, device=x.device
+            )
             idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(num_points - 1)  # (B, T)
             cand = xd[rows.unsqueeze(1), idx]  # (B, T, D)
             new_closest = torch.minimum(closest.unsqueeze(1), _squared_distances(xt, cand))
@@ -244,11 +264,37 @@ def kmeans_plus_plus(
     var = torch.where(nk > 1, var / nk.clamp_min(1), pooled)
     var = var.clamp_min(1e-6 * pooled.detach().clamp_min(1e-12))
     parts = {
-        "loc": loc,
+        "loc": loc + ref,
         "log_scale": 0.5 * var.log(),
         "logit": ((nk.squeeze(-1) + 1.0) / (num_points + num_slots)).log(),
     }
     return model.slot_spec.pack(parts)
+
+
+def _floor_unit(xc):
+    """Per-datapoint, per-feature variance ``(batch, 1, dim)`` of centred measurements ``xc``:
+    the unit of the variance floor ``reg_covar`` (a function of the data, not of λ, so EM stays
+    coordinate ascent; differentiable, e.g. through an encoder); 1 for a datapoint whose
+    measurements are all equal."""
+    var = (xc * xc).mean(1, keepdim=True)
+    return torch.where(var > 0, var, torch.ones_like(var))
+
+
+def _weighted_squared_deviations(x, loc, resp):
+    """``Σ_m r_km (x_md - loc_kd)²`` of shape ``(B, K, D)``: the centred second moment.
+
+    One feature at a time over contiguous ``(B, K, M)`` blocks (no ``(B, K, M, D)`` temporary),
+    in place when no gradient is recorded.
+    """
+    xt = x.transpose(1, 2).contiguous()  # (B, D, M)
+    in_place = not (torch.is_grad_enabled() and (x.requires_grad or loc.requires_grad))
+    in_place = in_place and not (torch.is_grad_enabled() and resp.requires_grad)
+    out = []
+    for d in range(xt.shape[1]):
+        dev = xt[:, d].unsqueeze(1) - loc[:, :, d].unsqueeze(-1)  # (B, K, M)
+        sq = dev.mul_(dev).mul_(resp) if in_place else dev * dev * resp
+        out.append(sq.sum(-1))
+    return torch.stack(out, -1)
 
 
 def _squared_distances(xt, centers):

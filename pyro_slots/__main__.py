@@ -1,5 +1,5 @@
 """``python -m pyro_slots``: the ``pyro-slots`` command line."""
 
-from pyro_slots.cli import main
+from pyro_slots.cli import console_main
 
-raise SystemExit(main())
+raise SystemExit(console_main())

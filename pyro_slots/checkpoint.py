@@ -17,14 +17,23 @@ key                 content
 ``svi``             :meth:`pyro_slots.NestedSVI.state_dict` (optimizer states, slot-init RNG)
 ``rng``             :func:`rng_state`: torch, numpy and Python ``random`` global states, and the
                     data stream's position
+``sha256``          :func:`payload_digest` of every other entry, added by :func:`save_checkpoint`
+                    and verified by :func:`load_checkpoint`
 ==================  ==============================================================================
+
+``torch.load`` does not verify the CRCs of the zip records it reads, so a flipped byte inside a
+weight would load silently; the digest covers every tensor's bytes, dtype and shape and every
+other value, so any change to what the file holds is refused. The file stays a plain
+``torch.save`` archive (``torch.load(path, weights_only=True)`` reads it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
+import struct
 import tempfile
 import warnings
 
@@ -33,16 +42,21 @@ import torch
 
 __all__ = [
     "FORMAT",
+    "CHECKSUM_KEY",
     "REQUIRED_KEYS",
     "CheckpointError",
     "load_checkpoint",
+    "payload_digest",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
+    "verify_checksum",
 ]
 
-FORMAT = "pyro_slots.checkpoint/1"
+FORMAT = "pyro_slots.checkpoint/2"
 REQUIRED_KEYS = ("format", "step", "config", "model", "inner", "objective", "svi", "rng")
+#: The payload entry holding the SHA-256 of the others (hex), written by :func:`save_checkpoint`.
+CHECKSUM_KEY = "sha256"
 
 
 class CheckpointError(RuntimeError):
@@ -57,8 +71,54 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def _feed(h, value) -> None:
+    """Feed a canonical, type-tagged encoding of ``value`` into the hash ``h``."""
+    if torch.is_tensor(value):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(value.shape)}:".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        items = sorted(value.items(), key=lambda kv: (type(kv[0]).__name__, repr(kv[0])))
+        h.update(f"D{len(items)}:".encode())
+        for key, item in items:
+            _feed(h, key)
+            _feed(h, item)
+    elif isinstance(value, list | tuple):
+        h.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}:".encode())
+        for item in value:
+            _feed(h, item)
+    elif isinstance(value, bool) or value is None:
+        h.update(f"B{value}".encode())
+    elif isinstance(value, int):
+        h.update(f"I{value}:".encode())
+    elif isinstance(value, float):
+        h.update(b"F" + struct.pack("<d", value))
+    elif isinstance(value, str):
+        data = value.encode()
+        h.update(f"S{len(data)}:".encode() + data)
+    elif isinstance(value, bytes):
+        h.update(f"Y{len(value)}:".encode() + value)
+    elif isinstance(value, torch.dtype | torch.device | torch.Size):
+        h.update(f"O{value}".encode())
+    else:
+        raise TypeError(f"payload: cannot checksum a {type(value).__name__}")
+
+
+def payload_digest(payload: dict) -> str:
+    """SHA-256 (hex) of every entry of ``payload`` but :data:`CHECKSUM_KEY`.
+
+    A canonical encoding of the values (each tensor's dtype, shape and bytes, numbers, strings,
+    nested dicts with sorted keys and lists), so the digest of a loaded payload equals the
+    digest of the payload that was saved exactly when every value is the same.
+    """
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != CHECKSUM_KEY})
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
-    """Write ``payload`` to ``path`` atomically.
+    """Write ``payload`` and its SHA-256 (entry :data:`CHECKSUM_KEY`) to ``path`` atomically.
 
     The bytes go to a temporary file in the same directory, are flushed and ``fsync``-ed, and
     the file is then renamed over ``path`` with :func:`os.replace` (atomic on POSIX and
@@ -73,6 +133,13 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     path = os.fspath(path)
     if not isinstance(payload, dict):
         raise TypeError(f"payload: expected a dict, got {type(payload).__name__}")
+    try:
+        payload = {**payload, CHECKSUM_KEY: payload_digest(payload)}
+    except TypeError as error:
+        raise CheckpointError(
+            f"{path}: payload cannot be loaded with weights_only=True ({error}); store only "
+            "tensors, numbers, strings, lists and dicts"
+        ) from None
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
@@ -113,12 +180,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
     Only ``torch.load(path, weights_only=True)`` is used: a file carrying a pickled object that
     is not a tensor or a primitive (e.g. a payload calling ``os.system``) is refused without
-    running it.
+    running it. The SHA-256 saved with the payload is checked: a file whose bytes changed after
+    it was written (a flipped bit inside a weight) is refused.
 
     :param path: a ``*.pt`` file.
     :returns: the payload dict.
     :raises CheckpointError: one line naming ``path``, when the file is missing, truncated,
-        corrupted, unsafe, or lacks the keys of :data:`REQUIRED_KEYS`.
+        corrupted (checksum mismatch), unsafe, or lacks the keys of :data:`REQUIRED_KEYS`.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -141,10 +209,31 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(
             f"{path}: unknown checkpoint format {payload.get('format')!r}, expected {FORMAT!r}"
         )
-    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    missing = [key for key in (*REQUIRED_KEYS, CHECKSUM_KEY) if key not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks the entries {missing}")
+    verify_checksum(payload, path)
     return payload
+
+
+def verify_checksum(payload: dict, path: str | os.PathLike) -> None:
+    """Check the SHA-256 saved in ``payload`` (:data:`CHECKSUM_KEY`) against its content.
+
+    :raises CheckpointError: one line naming ``path`` on a mismatch or a missing checksum.
+    """
+    saved = payload.get(CHECKSUM_KEY)
+    if not isinstance(saved, str):
+        raise CheckpointError(f"{os.fspath(path)}: checkpoint has no SHA-256 checksum")
+    try:
+        actual = payload_digest(payload)
+    except TypeError as error:
+        raise CheckpointError(f"{os.fspath(path)}: {error}") from None
+    if actual != saved:
+        raise CheckpointError(
+            f"{os.fspath(path)}: checksum mismatch (the file changed after it was written: "
+            f"SHA-256 {actual[:12]}... instead of {saved[:12]}...); refusing a corrupted "
+            "checkpoint"
+        )
 
 
 def rng_state(data_position: int | None = None) -> dict:

@@ -15,6 +15,17 @@ from .validation import check_positive_float, check_positive_int
 __all__ = ["GaussianInit", "SlotInitializer"]
 
 
+def draw(sampler, *args, generator=None, device=None, **kwargs) -> torch.Tensor:
+    """``sampler(*args, ...)`` (``torch.rand``, ``torch.randn``, ``torch.randint``) drawn on the
+    device of ``generator`` and moved to ``device``.
+
+    The library seeds CPU generators (checkpointable, and the same stream whatever the data's
+    device), so data on a GPU gets the very draws it would get on the CPU.
+    """
+    source = generator.device if generator is not None else device
+    return sampler(*args, generator=generator, device=source, **kwargs).to(device)
+
+
 class SlotInitializer(PyroModule):
     """Base class: ``init(batch, num_slots, generator) -> (batch, num_slots, dim)``."""
 
@@ -63,7 +74,8 @@ class GaussianInit(SlotInitializer):
         num_slots = check_positive_int(num_slots, "num_slots")
         loc, log_scale = self.loc, self.log_scale
         dtype = dtype or loc.dtype
-        eps = torch.randn(
+        eps = draw(
+            torch.randn,
             (batch, num_slots, self.dim),
             generator=generator,
             dtype=dtype,

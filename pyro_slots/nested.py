@@ -14,7 +14,12 @@ from .elbo import ELBOEstimator
 from .inner.base import InnerRule
 from .objectives.base import Objective
 from .refine import RefineResult, initial_slots, make_generator, run_inner
-from .validation import check_positive_float, check_positive_int
+from .validation import (
+    check_data,
+    check_num_measurements,
+    check_positive_float,
+    check_positive_int,
+)
 
 __all__ = [
     "GRADIENT_MODES",
@@ -347,6 +352,7 @@ class NestedSVI:
         """``(J, result)``: the task objective (a scalar tensor, differentiable in w unless
         ``differentiable=False``) and the batch's inner :class:`~pyro_slots.RefineResult`
         (restart axis of size 1; its slots and trajectory keep their graph)."""
+        check_data(x, "x", self.model)
         for t in targets:
             if torch.is_tensor(t) and t.shape[:1] != x.shape[:1]:
                 raise ValueError(
@@ -356,6 +362,7 @@ class NestedSVI:
         steps = self.num_steps
         with torch.set_grad_enabled(differentiable):
             x_enc = self.model.encode(x)
+            check_num_measurements(x_enc, self.num_slots)
             # Reparameterized draws: a learned initializer receives gradients in its mean and
             # scale when the first step is differentiated (unrolled mode).
             slots0 = self._initial_slots(x_enc)

@@ -8,7 +8,14 @@ import torch
 
 from .elbo import ELBOEstimator
 from .inner.base import InnerProblem, InnerRule, InnerState
-from .validation import check_finite, check_positive_float, check_positive_int, check_slots
+from .validation import (
+    check_data,
+    check_finite,
+    check_num_measurements,
+    check_positive_float,
+    check_positive_int,
+    check_slots,
+)
 
 __all__ = ["InnerLoopError", "RefineResult", "refine", "run_inner"]
 
@@ -438,13 +445,15 @@ def refine(
     if elbo_tol is not None:
         elbo_tol = check_positive_float(elbo_tol, "elbo_tol")
     generator = make_generator(seed, generator)
+    check_data(x, "x", model)
     with torch.no_grad():
         x_enc = model.encode(x)
+    check_num_measurements(x_enc, num_slots or getattr(model, "num_slots", None))
     batch = x_enc.shape[0]
     if isinstance(slots, dict):
         slots = model.slot_spec.pack(slots)
     if slots is not None:
-        given = tuple(getattr(slots, "shape", ()))
+        given, requested = tuple(getattr(slots, "shape", ())), num_slots
         if torch.is_tensor(slots) and slots.dim() == 3 and num_restarts == 1:
             slots = slots.unsqueeze(0)
         if (
@@ -460,7 +469,7 @@ def refine(
             )
         num_slots = slots.shape[-2]
         slots = slots.reshape(num_restarts * batch, *slots.shape[2:])
-        check_slots(slots, "slots", num_restarts * batch, model.slot_dim)
+        check_slots(slots, "slots", num_restarts * batch, model.slot_dim, requested, like=x_enc)
     else:
         num_slots = getattr(model, "num_slots", None) if num_slots is None else num_slots
         if num_slots is None:

@@ -12,8 +12,11 @@ import torch
 
 __all__ = [
     "CapabilityError",
+    "NonFiniteError",
+    "check_data",
     "check_finite",
     "check_measurements",
+    "check_num_measurements",
     "check_positive_float",
     "check_positive_int",
     "check_slots",
@@ -22,6 +25,14 @@ __all__ = [
 
 class CapabilityError(TypeError):
     """A model or rule was asked for something it does not provide (e.g. EM without M-step)."""
+
+
+class NonFiniteError(ValueError, FloatingPointError):
+    """A tensor holds NaN or infinite values.
+
+    A :class:`ValueError` (bad input) and a :class:`FloatingPointError` (a diverging
+    computation, e.g. slots that became NaN during training), so both kinds of handler see it.
+    """
 
 
 def check_positive_int(value, name: str, minimum: int = 1) -> int:
@@ -48,10 +59,59 @@ def check_positive_float(value, name: str, allow_zero: bool = False) -> float:
 
 
 def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
+    """:raises NonFiniteError: naming ``name`` and counting the NaN or infinite values."""
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
-        raise ValueError(f"{name}: contains {bad} NaN or infinite values")
+        raise NonFiniteError(f"{name}: contains {bad} NaN or infinite values")
     return x
+
+
+def check_data(x, name: str = "x", model=None) -> torch.Tensor:
+    """``x`` must be a floating-point tensor (before a model's ``encode``); with ``model``, of
+    the dtype and on the device of its floating-point weights, if it has any.
+
+    :raises TypeError: for another type, an integer tensor (e.g. ``uint8`` images) or a dtype
+        other than the weights', naming ``name`` and the expected dtype.
+    :raises ValueError: for data on another device than the weights.
+    """
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        hint = " (images: x.float() / 255)" if x.dtype == torch.uint8 else ""
+        raise TypeError(
+            f"{name}: expected a floating-point tensor (torch.float32 or torch.float64), got "
+            f"dtype {x.dtype}{hint}"
+        )
+    parameters = getattr(model, "parameters", None)
+    weight = None
+    if callable(parameters):
+        weight = next((p for p in parameters() if p.is_floating_point()), None)
+    if weight is not None and x.dtype != weight.dtype:
+        raise TypeError(
+            f"{name}: expected dtype {weight.dtype} (the dtype of the model's weights), got "
+            f"{x.dtype}; convert the data (x.to({weight.dtype})) or the model"
+        )
+    if weight is not None and x.device != weight.device:
+        raise ValueError(
+            f"{name}: expected device {weight.device} (the device of the model's weights), got "
+            f"{x.device}"
+        )
+    return x
+
+
+def check_num_measurements(x_enc: torch.Tensor, num_slots: int | None, name: str = "x"):
+    """Every datapoint needs at least 2 measurements (``x_enc`` ``(batch, M, features)``): with
+    one, a fitted slot has no spread and the ELBO is unbounded.
+
+    :raises ValueError: naming ``name`` and the number of measurements.
+    """
+    if x_enc.dim() >= 2 and x_enc.shape[1] < 2:
+        slots = "" if num_slots is None else f" for {num_slots} slots"
+        raise ValueError(
+            f"{name}: needs at least 2 measurements per datapoint{slots}, got {x_enc.shape[1]} "
+            f"(encoded shape {tuple(x_enc.shape)})"
+        )
+    return x_enc
 
 
 def check_measurements(x, name: str = "x", feature_dim: int | None = None) -> torch.Tensor:
@@ -76,10 +136,26 @@ def check_measurements(x, name: str = "x", feature_dim: int | None = None) -> to
     return check_finite(x, name)
 
 
-def check_slots(slots, name: str, batch: int, slot_dim: int, num_slots: int | None = None):
-    """``slots`` must be a finite ``(batch, num_slots, slot_dim)`` tensor."""
+def check_slots(
+    slots,
+    name: str,
+    batch: int,
+    slot_dim: int,
+    num_slots: int | None = None,
+    like: torch.Tensor | None = None,
+):
+    """``slots`` must be a finite ``(batch, num_slots, slot_dim)`` tensor; with ``like``, of its
+    dtype and on its device (the data the slots are refined on)."""
     if not torch.is_tensor(slots):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(slots).__name__}")
+    if like is not None and slots.dtype != like.dtype:
+        raise TypeError(
+            f"{name}: expected dtype {like.dtype} (the dtype of the data), got {slots.dtype}"
+        )
+    if like is not None and slots.device != like.device:
+        raise ValueError(
+            f"{name}: expected device {like.device} (the device of the data), got {slots.device}"
+        )
     expected = f"({batch}, {'num_slots' if num_slots is None else num_slots}, {slot_dim})"
     if (
         slots.dim() != 3

@@ -8,31 +8,45 @@ Subcommands::
     pyro-slots diagnose CHECKPOINT [--out DIR]
     pyro-slots demo [--model auto|gmm|slot-autoencoder] [--steps N]
 
-User errors (unknown names, incompatible options, unreadable checkpoints or config files) print
-one line ``pyro-slots: error: ...`` and exit with status 2, as :mod:`argparse` does; a training
-run that diverges (non-finite J, ELBO or gradient) prints one line and exits with status 1.
+User errors (unknown names, incompatible options, unreadable or corrupted checkpoints, config
+files, run folders that are in use or cannot be written) print one line ``pyro-slots: error: ...``
+and exit with status 2, as :mod:`argparse` does; a training run that diverges (non-finite J,
+ELBO, slots or gradient) prints one line and exits with status 1.
+
+:func:`main` runs a command in the calling process and changes nothing process-wide but
+torch's thread count (``--threads``); :func:`console_main`, the ``pyro-slots`` console script
+and ``python -m pyro_slots``, also tunes glibc's allocator for the training commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 
+import torch
+import torch.distributed as dist
+
+from pyro_slots._allocator import tune_allocator
 from pyro_slots.checkpoint import CheckpointError
+from pyro_slots.nested import GRADIENT_MODES
 
-from .config import ConfigError, TrainConfig
-from .train import TrainingError
+from .config import ConfigError, TrainConfig, load_config_file, merge_config
+from .demo import demo
+from .diagnose import diagnose
+from .evaluate import evaluate_run, format_table, write_pictures
+from .registry import DATASETS, INIT_KINDS, INNER_RULES, MODELS, OBJECTIVES
+from .runs import TrainingError, load_run, resolve_device, writable_folder
+from .train import train
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "console_main", "main"]
 
 #: Options that may change when a run is resumed (everything else would change the result).
 RESUMABLE = ("steps", "eval_every", "eval_size", "checkpoint_every", "tensorboard")
 
 
 def _choices_help() -> dict[str, str]:
-    from .registry import DATASETS, GRADIENT_MODES, INIT_KINDS, INNER_RULES, MODELS, OBJECTIVES
-
     return {
         "model": ", ".join(MODELS),
         "inner": ", ".join(INNER_RULES),
@@ -85,10 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads of torch (default: 1 for demo, torch's choice otherwise; 1 is fastest "
         "on a busy machine; a bit-identical resume needs the same number as the first run)",
     )
+    on_device = argparse.ArgumentParser(add_help=False)
+    on_device.add_argument(
+        "--device",
+        default="cpu",
+        metavar="DEVICE",
+        help="cpu (default) or cuda: where the weights and data live (under torchrun, cuda is "
+        "each rank's GPU and the ranks talk over nccl, else gloo); the GPU path is untested",
+    )
 
     train = sub.add_parser(
         "train",
-        parents=[common],
+        parents=[common, on_device],
         help="train a model with NestedSVI",
         description="Train a slot model: the inner rule refines every datapoint's slots, the "
         "outer loop fits the shared weights on the task objective. Without options: gmm on "
@@ -112,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "evaluate",
-        parents=[common],
+        parents=[common, on_device],
         help="metrics of a checkpoint on held-out data",
         description="Metrics on held-out generated data: FG-ARI, ARI, MSE, ELBO, and for gmm "
         "the log-likelihood per point against the data's true mixtures.",
@@ -137,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     diagnose = sub.add_parser(
         "diagnose",
-        parents=[common],
+        parents=[common, on_device],
         help="posterior diagnostics report of a checkpoint",
         description="Write the posterior diagnostics report of a trained run into a folder.",
     )
@@ -199,14 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config_file, merge_config
-    from .train import train
-
     fields = TrainConfig.field_names()
     flags = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    options = dict(
+        progress=not args.no_progress,
+        pictures=not args.no_pictures,
+        dist_timeout=args.dist_timeout,
+        device=args.device,
+    )
     if args.resume is not None:
         if args.config is not None:
             raise ConfigError("--config: a resumed run keeps its saved configuration")
+        if args.overwrite:
+            raise ConfigError("--overwrite: a resumed run continues its folder; drop --overwrite")
         fixed = sorted(set(flags) - set(RESUMABLE))
         if fixed:
             raise ConfigError(
@@ -214,25 +241,11 @@ def _train(args: argparse.Namespace) -> int:
                 f" of a saved run; only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE)}"
                 " may change"
             )
-        run = train(
-            resume=args.resume,
-            overrides=flags,
-            progress=not args.no_progress,
-            pictures=not args.no_pictures,
-            dist_timeout=args.dist_timeout,
-        )
+        run = train(resume=args.resume, overrides=flags, **options)
     else:
         file_values = load_config_file(args.config) if args.config else {}
         config = merge_config(file_values, flags)
-        run = train(
-            config,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            pictures=not args.no_pictures,
-            dist_timeout=args.dist_timeout,
-        )
-    import torch.distributed as dist
-
+        run = train(config, overwrite=args.overwrite, **options)
     if dist.is_available() and dist.is_initialized():
         rank = dist.get_rank()
         dist.destroy_process_group()
@@ -246,12 +259,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from .evaluate import evaluate_run, format_table, write_pictures
-    from .train import load_run
-
-    run = load_run(args.checkpoint, {"tensorboard": False})
+    run = load_run(args.checkpoint, {"tensorboard": False}, resolve_device(args.device))
+    if args.pictures:
+        writable_folder(args.pictures, "--pictures")  # before any work
     metrics = evaluate_run(run, num=args.num, inner_steps=args.inner_steps)
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -264,8 +274,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    from .diagnose import diagnose
-
     folder = diagnose(
         args.checkpoint,
         out=args.out,
@@ -273,14 +281,13 @@ def _diagnose(args: argparse.Namespace) -> int:
         inner_steps=args.inner_steps,
         restarts=args.restarts,
         draws=args.draws,
+        device=args.device,
     )
     print(f"diagnostics written to {folder}")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import demo
-
     return demo(
         model=args.model,
         steps=args.steps,
@@ -302,17 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         # One thread per process: on a busy machine two intra-op threads spin against each
         # other and run several times slower than one; on an idle one the loss is modest.
         threads = 1
-    if args.command in ("train", "demo"):
-        # Training allocates the same large activations every step; keep them in the heap
-        # (glibc only; benchmarks/results/slot_attention.md measures the effect).
-        from .._allocator import tune_allocator
-
-        tune_allocator()
     if threads is not None:
         if threads < 1:
             parser.error(f"--threads: expected an integer >= 1, got {threads}")
-        import torch
-
         torch.set_num_threads(threads)
     try:
         return COMMANDS[args.command](args)
@@ -325,3 +324,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pyro-slots: interrupted", file=sys.stderr)
         return 130
+
+
+#: Commands whose processes benefit from :func:`~pyro_slots._allocator.tune_allocator`.
+TUNED_COMMANDS = ("train", "demo")
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The ``pyro-slots`` console script (and ``python -m pyro_slots``): :func:`main`, with
+    glibc's allocator tuned first for the training commands.
+
+    Training allocates the same large activations every step; raising glibc's mmap and trim
+    thresholds keeps them in the heap (benchmarks/results/slot_attention.md measures the effect).
+    The setting is process-wide, so it is made here, in a process this command owns, and never
+    by :func:`main` or another library call. The same effect without this code:
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824``.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TUNED_COMMANDS:
+        tune_allocator()
+    return main(argv)

@@ -141,14 +141,43 @@ def coerce(name: str, value, where: str):
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping
+)
+
+
 def load_config_file(path: str | os.PathLike) -> dict:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file of :class:`TrainConfig` keys.
 
     Keys may use dashes or underscores (``batch-size`` or ``batch_size``); a ``[train]`` table
     (TOML) or ``train:`` mapping (YAML) may hold them instead of the top level.
 
-    :raises ConfigError: for a missing or unparsable file, an unknown key (the message lists the
-        valid ones) or a value of the wrong type.
+    :raises ConfigError: for a missing or unparsable file, a key given twice (also as
+        ``batch-size`` and ``batch_size``), an unknown key (the message lists the valid ones) or
+        a value of the wrong type.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -157,7 +186,7 @@ def load_config_file(path: str | os.PathLike) -> dict:
     try:
         if ext in (".yaml", ".yml"):
             with open(path) as f:
-                data = yaml.safe_load(f)
+                data = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         elif ext == ".toml":
             try:
                 import tomllib
@@ -187,6 +216,8 @@ def load_config_file(path: str | os.PathLike) -> dict:
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if name in out:
+            raise ConfigError(f"{path}: option {name!r} is given twice (as {key!r} and before)")
         if name not in valid:
             raise ConfigError(
                 f"{path}: unknown option {key!r}; valid options are {', '.join(valid)}"

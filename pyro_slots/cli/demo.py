@@ -18,6 +18,9 @@ import os
 import time
 
 from .config import ConfigError, TrainConfig
+from .evaluate import evaluate_run, format_table, write_pictures
+from .runs import count_option
+from .train import train
 
 __all__ = ["DEMOS", "demo", "demo_config"]
 
@@ -38,13 +41,18 @@ def _image_demo_available() -> bool:
 
 
 def demo_config(model: str, steps: int | None, out: str, seed: int) -> TrainConfig:
-    """The configuration a demo trains with."""
+    """The configuration a demo trains with.
+
+    :param int steps: outer updates, >= 1, or ``None`` for the demo's default.
+    :raises ConfigError: for ``steps`` < 1 (never replaced by the default).
+    """
+    steps = count_option(steps, "steps")
     if model == "gmm":
         return TrainConfig(
             model="gmm",
             inner="em",
             dataset="points",
-            steps=steps or 300,
+            steps=300 if steps is None else steps,
             out=out,
             seed=seed,
             eval_every=50,
@@ -58,7 +66,7 @@ def demo_config(model: str, steps: int | None, out: str, seed: int) -> TrainConf
         model="slot-autoencoder",
         inner="slot-attention",
         dataset="tetrominoes",
-        steps=steps or IMAGE_DEMO_STEPS,
+        steps=IMAGE_DEMO_STEPS if steps is None else steps,
         batch_size=32,
         lr=4e-4,
         warmup_steps=500,
@@ -82,9 +90,6 @@ def demo(
     echo=print,
 ) -> int:
     """Run a demo (see the module docstring); returns the exit status."""
-    from .evaluate import evaluate_run, format_table, write_pictures
-    from .train import train
-
     if model not in DEMOS:
         raise ConfigError(f"model: unknown demo {model!r}; valid choices are {list(DEMOS)}")
     if model == "auto":

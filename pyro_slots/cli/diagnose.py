@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from .config import ConfigError
-from .train import checkpoint_path, load_run
+from .runs import checkpoint_path, count_option, load_run, resolve_device, writable_folder
 
 __all__ = ["DRAWS", "diagnose"]
 
@@ -28,6 +28,7 @@ def diagnose(
     inner_steps: int | None = None,
     restarts: int = 4,
     draws: str = "auto",
+    device: str = "cpu",
 ) -> str:
     """Write the diagnostics report of ``checkpoint`` into ``out``; returns the folder.
 
@@ -39,16 +40,25 @@ def diagnose(
     :param str draws: posterior draws of the report, one of :data:`DRAWS`; ``"auto"`` lets
         :func:`~pyro_slots.diagnostics.write_report` choose unless the slots have more than
         :data:`MAX_LAPLACE_COORDINATES` coordinates per datapoint (then ``"point"``).
+    :param device: ``"cpu"`` (default) or ``"cuda"``.
+    :raises ConfigError: for ``num``, ``restarts`` or ``inner_steps`` < 1, an unknown
+        ``draws``, or an ``out`` that cannot be written (all checked before any work).
     """
     if draws not in DRAWS:
         raise ConfigError(f"draws: unknown kind {draws!r}; valid choices are {list(DRAWS)}")
+    num = count_option(num, "num")
+    restarts = count_option(restarts, "restarts")
+    inner_steps = count_option(inner_steps, "inner_steps")
+    # Imported here: arviz and the report's plots add about 2 s to the start of every command.
     from pyro_slots.diagnostics import write_report
 
+    device = resolve_device(device)
     path = checkpoint_path(checkpoint)
-    run = load_run(path, {"tensorboard": False})
+    run = load_run(path, {"tensorboard": False}, device)
     folder = out or os.path.join(os.path.dirname(os.path.abspath(path)), "diagnostics")
+    writable_folder(folder, "out")
     c = run.components
-    x = c.stream.held_out(num).x
+    x = c.stream.held_out(num).x.to(device)
     inner = c.inner
     if c.init is not None:
         # write_report has no init argument: refine falls back to the rule's own slot_init, so
@@ -66,7 +76,7 @@ def diagnose(
         num_restarts=restarts,
         draws=draws,
         num_slots=run.config.num_slots,
-        num_steps=inner_steps or run.config.inner_steps,
+        num_steps=run.config.inner_steps if inner_steps is None else inner_steps,
         seed=run.config.seed,
         image_shape=_measurement_grid(c.model),
     )

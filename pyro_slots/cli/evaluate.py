@@ -16,10 +16,22 @@ from dataclasses import dataclass
 
 import torch
 
-from .streams import Batch
-from .train import METRICS_NAME, TrainRun
+from pyro_slots import plots, refine
+from pyro_slots.data import true_log_likelihood
+from pyro_slots.inner import EM
+from pyro_slots.metrics import ari, fg_ari, mean_iou, reconstruction_mse
 
-__all__ = ["Inference", "evaluate_run", "format_table", "infer", "write_pictures"]
+from .runs import METRICS_NAME, TrainRun, count_option, writable_folder
+from .streams import Batch
+
+__all__ = [
+    "Inference",
+    "evaluate_run",
+    "format_table",
+    "held_out_record",
+    "infer",
+    "write_pictures",
+]
 
 #: Steps of the reference EM fit that gmm results are compared with.
 REFERENCE_EM_STEPS = 100
@@ -44,22 +56,30 @@ def infer(run: TrainRun, batch: Batch | int, inner_steps: int | None = None) -> 
     state of the run changes.
 
     :param batch: a :class:`Batch`, or the number of held-out datapoints to draw.
+    :param int inner_steps: inner steps T (default: as in training), >= 1.
+    :raises ConfigError: for ``inner_steps`` < 1.
     """
-    from pyro_slots import refine
-
     config, c = run.config, run.components
+    inner_steps = count_option(inner_steps, "inner_steps")
     if isinstance(batch, int):
         batch = c.stream.held_out(batch)
+    batch = on_device(batch, run.device)
     result = refine(
         c.model,
         batch.x,
         c.inner,
         num_slots=config.num_slots,
-        num_steps=inner_steps or config.inner_steps,
+        num_steps=config.inner_steps if inner_steps is None else inner_steps,
         init=c.init,
         seed=config.seed,
     )
     return Inference(batch, result)
+
+
+def on_device(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` with its data and ground truth on ``device``."""
+    truth = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.truth.items()}
+    return Batch(batch.x.to(device), truth)
 
 
 def _mean(t: torch.Tensor) -> float:
@@ -67,11 +87,6 @@ def _mean(t: torch.Tensor) -> float:
 
 
 def _gmm_metrics(run: TrainRun, inference: Inference, reference: bool = True) -> dict:
-    from pyro_slots import refine
-    from pyro_slots.data import true_log_likelihood
-    from pyro_slots.inner import EM
-    from pyro_slots.metrics import ari, reconstruction_mse
-
     model = run.components.model
     x, truth, result = inference.batch.x, inference.batch.truth, inference.result
     num_points = x.shape[1]
@@ -116,8 +131,6 @@ def decode(model, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _image_metrics(run: TrainRun, inference: Inference, reference: bool = False) -> dict:
-    from pyro_slots.metrics import ari, fg_ari, mean_iou, reconstruction_mse
-
     x, truth, result = inference.batch.x, inference.batch.truth, inference.result
     recon, _, masks = decode(run.components.model, result)
     return {
@@ -155,7 +168,11 @@ def metrics_of(run: TrainRun, inference: Inference, reference: bool = True) -> d
 
 
 def evaluate_run(run: TrainRun, num: int = 128, inner_steps: int | None = None) -> dict:
-    """Metrics of a trained run on ``num`` held-out datapoints (a flat dict of numbers)."""
+    """Metrics of a trained run on ``num`` held-out datapoints (a flat dict of numbers).
+
+    :raises ConfigError: for ``num`` or ``inner_steps`` < 1.
+    """
+    num = count_option(num, "num")
     return {"step": run.step, **metrics_of(run, infer(run, num, inner_steps))}
 
 
@@ -177,10 +194,10 @@ def write_pictures(run: TrainRun, folder: str, num: int = 4) -> list[str]:
 
     ``training_curve.png`` (when the run's ``metrics.jsonl`` exists), ``inner_elbo.png``, and
     ``gmm_fits.png`` (gmm) or ``slots.png`` (image models) for ``num`` held-out datapoints.
-    """
-    from pyro_slots import plots
 
-    os.makedirs(folder, exist_ok=True)
+    :raises ConfigError: when ``folder`` cannot be created or written into.
+    """
+    writable_folder(folder, "pictures")
     config, model = run.config, run.components.model
     written = []
     metrics_path = os.path.join(config.out, METRICS_NAME)
@@ -196,7 +213,7 @@ def write_pictures(run: TrainRun, folder: str, num: int = 4) -> list[str]:
     result = inference.result
     path = os.path.join(folder, "inner_elbo.png")
     plots.plot_inner_elbo(
-        result.history[:, 0],
+        result.history[:, 0].cpu(),
         result.x_enc.shape[1],
         path,
         title=f"inner loop ({config.inner}, {result.num_steps} steps) on held-out data, "
@@ -210,8 +227,6 @@ def write_pictures(run: TrainRun, folder: str, num: int = 4) -> list[str]:
             loc, scale, log_weights = model.component_params(slots)
             resp = result.responsibilities[0, :num]
             loglik = result.elbo[0, :num] / x.shape[1]
-        from pyro_slots.data import true_log_likelihood
-
         t = inference.batch.truth
         true = true_log_likelihood(x, t["means"][:num], t["scales"][:num], t["weights"][:num])
         titles = [
@@ -219,14 +234,34 @@ def write_pictures(run: TrainRun, folder: str, num: int = 4) -> list[str]:
             for a, b in zip(loglik.tolist(), true.mean(1).tolist())
         ]
         path = os.path.join(folder, "gmm_fits.png")
-        plots.plot_gmm_fits(
-            x, resp, loc, scale, log_weights.exp(), t["means"][:num], path, titles=titles
-        )
+        drawn = (x, resp, loc, scale, log_weights.exp(), t["means"][:num])
+        plots.plot_gmm_fits(*(v.cpu() for v in drawn), path, titles=titles)
     else:
         recon, rgb, masks = decode(model, result)
         path = os.path.join(folder, "slots.png")
-        plots.plot_slot_masks(
-            masks[:num], images=x, recon=recon[:num], rgb=rgb[:num], max_datapoints=None, path=path
-        )
+        masks, x, recon, rgb = (v.cpu() for v in (masks[:num], x, recon[:num], rgb[:num]))
+        plots.plot_slot_masks(masks, images=x, recon=recon, rgb=rgb, max_datapoints=None, path=path)
     written.append(path)
     return written
+
+
+def held_out_record(run: TrainRun, batch: Batch) -> dict:
+    """Task objective, inner ELBO and segmentation scores on held-out data.
+
+    The slots are refined by :func:`pyro_slots.refine` with a fixed seed rather than by
+    ``NestedSVI.evaluate_loss``, so every evaluation starts from the same initialization and
+    no state of the run (outer-loop generator, global RNG) changes.
+    """
+    cpu_state = torch.get_rng_state()
+    try:
+        inference = infer(run, batch)
+        metrics = metrics_of(run, inference, reference=False)
+    finally:
+        torch.set_rng_state(cpu_state)
+    elbo = inference.result.elbo.mean().item()
+    record = {"step": run.step, "split": "held_out", "J": metrics.pop("J"), "elbo": elbo}
+    record["elbo_per_measurement"] = elbo / inference.result.x_enc.shape[1]
+    for key in ("fg_ari", "ari", "mse", "loglik_per_point", "true_loglik_per_point"):
+        if key in metrics:
+            record[key] = metrics[key]
+    return record

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pyro_slots.data import HDF5Dataset, sample_point_sets, shapes, tetrominoes
+
 __all__ = ["HELD_OUT_START", "Batch", "HDF5Stream", "ImageStream", "PointStream"]
 
 #: First generator index of the held-out data (training would need 2**31 datapoints to reach it).
@@ -58,8 +60,6 @@ class PointStream(_Stream):
         self.dim = dim
 
     def _sets(self, num: int, start: int) -> Batch:
-        from pyro_slots.data import sample_point_sets
-
         sets = sample_point_sets(num, seed=self.seed, start=start, **self.kwargs)
         truth = {
             "assignments": sets.assignments,
@@ -84,8 +84,6 @@ class ImageStream(_Stream):
     kind = "images"
 
     def __init__(self, name: str, seed: int, batch_size: int, image_size: int | None = None):
-        from pyro_slots.data import shapes, tetrominoes
-
         self.name, self.seed, self.batch_size = name, seed, batch_size
         if name == "tetrominoes":
             if image_size not in (None, tetrominoes.IMAGE_SIZE):
@@ -123,8 +121,6 @@ class HDF5Stream(_Stream):
     kind = "images"
 
     def __init__(self, path: str, seed: int, batch_size: int, held_out_size: int):
-        from pyro_slots.data import HDF5Dataset
-
         self.data = HDF5Dataset(path)
         if len(self.data) <= held_out_size:
             raise ValueError(

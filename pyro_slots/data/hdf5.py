@@ -72,7 +72,29 @@ def _validate(group, where: str) -> tuple[int, int]:
         or visibility.dtype.kind not in "iufb"
     ):
         fail("visibility", f"({n}, max_objects) or ({n}, max_objects, 1) numeric", visibility)
+    _check_mask_ids(mask, where)
     return n, visibility.shape[1]
+
+
+#: Mask elements read at a time when a signed mask is scanned for negative ids.
+MASK_SCAN_ELEMENTS = 1 << 24
+
+
+def _check_mask_ids(mask, where: str) -> None:
+    """Refuse negative object ids (0 is the background): scanned once, in blocks of images, for
+    a signed mask (an unsigned one cannot hold them)."""
+    if mask.dtype.kind != "i" or mask.shape[0] == 0:
+        return
+    per_image = max(1, int(np.prod(mask.shape[1:])))
+    step = max(1, MASK_SCAN_ELEMENTS // per_image)
+    for lo in range(0, mask.shape[0], step):
+        block = mask[lo : lo + step]
+        if block.min() < 0:
+            first = lo + int(np.nonzero((block < 0).reshape(len(block), -1).any(1))[0][0])
+            raise ValueError(
+                f"{where}: dataset 'mask' holds negative object ids (image {first} has "
+                f"{int(block.min())}); expected ids >= 0 with 0 the background"
+            )
 
 
 class HDF5Dataset(Dataset):

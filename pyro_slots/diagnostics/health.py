@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
+from ..init import draw
 from ..inner.base import InnerProblem, InnerRule, InnerState
 from ..validation import CapabilityError, check_positive_float, check_positive_int
 from .inference_data import checked_result
@@ -91,7 +92,7 @@ def jacobian_spectral_norm(
     def per_datapoint_norm(t):
         return t.flatten(1).norm(dim=1).reshape(-1, *([1] * (t.dim() - 1)))
 
-    v = torch.randn(slots.shape, generator=generator, dtype=slots.dtype)
+    v = draw(torch.randn, slots.shape, generator=generator, dtype=slots.dtype, device=slots.device)
     v = v / per_datapoint_norm(v)
     sigma = None
     for _ in range(num_iterations):

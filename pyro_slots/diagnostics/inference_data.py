@@ -23,6 +23,7 @@ import torch
 import xarray as xr
 
 from ..elbo import PerDatapointELBO
+from ..init import draw
 from ..validation import check_positive_int
 from . import _traces
 from ._arviz import az
@@ -106,7 +107,13 @@ def laplace_draws(
     identified = evals > rel_tol * scale
     ascent = evals < -rel_tol * scale
     inv_sd = torch.where(identified, evals.clamp_min(torch.finfo(evals.dtype).tiny).rsqrt(), 0)
-    eps = torch.randn((num_draws, batch, p), generator=generator, dtype=torch.float64)
+    eps = draw(
+        torch.randn,
+        (num_draws, batch, p),
+        generator=generator,
+        dtype=torch.float64,
+        device=lam.device,
+    )
     delta = torch.einsum("bij,bj,sbj->sbi", evecs, inv_sd, eps)
     draws = lam.detach().double() + delta
     draws = draws.to(slots.dtype).reshape(num_draws, batch, num_slots, slot_dim)

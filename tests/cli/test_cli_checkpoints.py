@@ -12,7 +12,13 @@ import time
 import pytest
 import torch
 
-from pyro_slots.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyro_slots.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    load_checkpoint,
+    payload_digest,
+    save_checkpoint,
+)
 from pyro_slots.cli import main
 
 RUN = [
@@ -110,7 +116,7 @@ def test_truncated_checkpoint(gmm_run, cli, tmp_path, capsys):
     garbage.write_bytes(b"\x00not a checkpoint at all")
     _assert_refused(cli, garbage, "not a readable pyro-slots checkpoint", capsys)
     _assert_refused(cli, tmp_path / "missing.pt", "no such checkpoint file", capsys)
-    torch.save({"format": "pyro_slots.checkpoint/1", "step": 1}, tmp_path / "partial.pt")
+    torch.save({"format": FORMAT, "step": 1}, tmp_path / "partial.pt")
     _assert_refused(cli, tmp_path / "partial.pt", "lacks the entries", capsys)
 
 
@@ -118,7 +124,7 @@ def test_truncated_checkpoint(gmm_run, cli, tmp_path, capsys):
 def test_code_payload_is_not_run(cli, tmp_path, container, capsys):
     marker = tmp_path / "payload-ran"
     path = tmp_path / "evil.pt"
-    evil = {"format": "pyro_slots.checkpoint/1", "model": _Payload(marker)}
+    evil = {"format": FORMAT, "model": _Payload(marker)}
     if container == "pickle":
         path.write_bytes(pickle.dumps(evil))
         _assert_refused(cli, path, "not a readable pyro-slots checkpoint")
@@ -156,3 +162,79 @@ def test_time_limit_stops_with_a_resumable_checkpoint(tmp_path):
     run = train(config, progress=False, pictures=False, time_limit=0.0, echo=lambda *a: None)
     assert run.step == 1
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 1
+
+
+def test_flipped_byte_inside_a_weight_is_refused(gmm_run, cli, tmp_path, capsys):
+    """torch.load does not check the zip records' CRCs; the saved SHA-256 catches the change."""
+    payload = load_checkpoint(gmm_run / "checkpoint.pt")
+    weight = payload["init"]["loc"]  # the learned initialization's mean: a trained weight
+    data = (gmm_run / "checkpoint.pt").read_bytes()
+    raw = weight.contiguous().view(torch.uint8).numpy().tobytes()
+    at = data.index(raw) + len(raw) // 2
+    flipped = data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :]
+    path = tmp_path / "flipped.pt"
+    path.write_bytes(flipped)
+    # The independent check: torch itself loads the altered file, with another weight.
+    altered = torch.load(path, weights_only=True)["init"]["loc"]
+    assert not torch.equal(altered, weight)
+    _assert_refused(cli, path, "checksum mismatch")
+    _assert_refused(cli, path, "checksum mismatch", capsys)
+
+
+def _rewrite(source, target, change):
+    """Copy the run ``source`` to ``target`` with its checkpoint changed by ``change(payload)``
+    and saved with a valid checksum (an impossible but well-formed checkpoint)."""
+    shutil.copytree(source, target)
+    payload = load_checkpoint(target / "checkpoint.pt")
+    change(payload)
+    payload.pop("sha256")
+    save_checkpoint(target / "checkpoint.pt", payload)
+    return target
+
+
+def _folder_state(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: p.update(step=-1), "impossible step -1"),
+        (lambda p: p.update(step=5), "impossible step 5: the outer loop's state counts 6"),
+        (
+            lambda p: (
+                p.update(step=9) or p["svi"].update(num_updates=9) or p["config"].update(steps=20)
+            ),
+            "impossible step 9: beyond the log, whose last update is 6",
+        ),
+        (
+            lambda p: p.update(step=400) or p["svi"].update(num_updates=400),
+            "impossible step 400: beyond the 6 steps of its configuration",
+        ),
+        (lambda p: p["init"]["loc"].fill_(float("nan")), "init.loc hold NaN"),
+    ],
+    ids=["negative", "svi-count", "beyond-log", "beyond-config", "nan-weights"],
+)
+def test_impossible_checkpoint_is_refused_before_any_file_is_touched(
+    gmm_run, tmp_path, capsys, change, message
+):
+    run = _rewrite(gmm_run, tmp_path / "run", change)
+    before = _folder_state(run)
+    code = main(["train", "--resume", str(run), "--steps", "10", "--no-progress", "--no-pictures"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert _folder_state(run) == before
+
+
+def test_payload_digest_is_canonical():
+    """Equal content gives equal digests whatever the dict order; any value change differs."""
+    a = {"w": torch.arange(6.0).reshape(2, 3), "n": 3, "s": "x", "l": [1.5, None]}
+    b = {"l": [1.5, None], "s": "x", "n": 3, "w": torch.arange(6.0).reshape(2, 3)}
+    assert payload_digest(a) == payload_digest(b)
+    for changed in (
+        {**a, "w": a["w"].reshape(3, 2)},
+        {**a, "w": a["w"].double()},
+        {**a, "n": 4},
+        {**a, "l": [1.5000001, None]},
+    ):
+        assert payload_digest(changed) != payload_digest(a)

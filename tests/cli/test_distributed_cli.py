@@ -1,4 +1,5 @@
-"""A ``torchrun`` job of ``pyro-slots train`` whose rank dies or stalls fails instead of hanging.
+"""``torchrun -m pyro_slots train``: two CPU ranks match one process with the global batch, and a
+job whose rank dies or stalls fails instead of hanging.
 
 Two CPU ranks on loopback with ``gloo``. Rank 1 is found by its ``RANK`` variable among the
 children of the ``torchrun`` process (``/proc``), so the library needs no fault-injection hook.
@@ -20,7 +21,7 @@ import pytest
 from pyro_slots.checkpoint import load_checkpoint
 from pyro_slots.cli import main
 
-pytestmark = pytest.mark.skipif(
+linux_only = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="finds the ranks' processes through /proc"
 )
 
@@ -126,6 +127,7 @@ def _train_steps(out):
         return [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
 
 
+@linux_only
 def test_killed_rank_fails_the_job_and_leaves_a_resumable_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc, victim = _start_and_wait_for_a_checkpoint(out, tmp_path / "killed.log")
@@ -160,6 +162,7 @@ def test_killed_rank_fails_the_job_and_leaves_a_resumable_checkpoint(tmp_path):
     assert _train_steps(out) == list(range(1, target + 1))
 
 
+@linux_only
 def test_stalled_rank_fails_the_others_after_dist_timeout(tmp_path):
     out = tmp_path / "run"
     proc, victim = _start_and_wait_for_a_checkpoint(out, tmp_path / "stalled.log")
@@ -185,3 +188,31 @@ def test_dist_timeout_must_be_positive(tmp_path, capsys):
     assert main(["train", "--dist-timeout", "0", "--out", str(tmp_path / "run")]) == 2
     assert "dist_timeout: expected finite seconds > 0, got 0.0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+MATCH_OPTIONS = ["--num-points", "30", "--eval-every", "3", "--eval-size", "4", "--no-progress",
+                 "--no-pictures", "--steps", "3"]  # fmt: skip
+
+
+def _j(folder):
+    with open(folder / "metrics.jsonl") as f:
+        return [r["J"] for r in map(json.loads, f) if r["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process(tmp_path, cli):
+    # torchrun's module ships with torch: no skip needed.
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = tmp_path / "two"
+    subprocess.run(
+        [*torchrun, "--nproc-per-node", "2", "-m", "pyro_slots", "train", "--batch-size", "4",
+         *MATCH_OPTIONS, "--out", str(two)],
+        check=True, env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    one = tmp_path / "one"
+    cli("train", "--batch-size", 8, *MATCH_OPTIONS, "--out", one)
+    # The same global batches and slot draws: J agrees up to float32 reduction order.
+    assert _j(two) == pytest.approx(_j(one), rel=1e-4)
+    assert sorted(p.name for p in two.iterdir()) == ["checkpoint.pt", "config.yaml",
+                                                    "metrics.jsonl"]  # fmt: skip

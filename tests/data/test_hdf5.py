@@ -96,6 +96,12 @@ def test_reads_lazily(tmp_path):
     assert peak_items < 0.01 * file_size
 
 
+#: A signed mask whose images 7.. hold the id -1.
+NEGATIVE_FROM_7 = np.where(np.arange(20) >= 7, -1, 0).reshape(20, 1, 1, 1) + np.zeros(
+    (1, 16, 16, 1), np.int16
+)
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
@@ -112,6 +118,10 @@ def test_reads_lazily(tmp_path):
         (dict(image=np.zeros((20, 16, 16, 3), dtype=np.float32)), r"'image'.*float32.*uint8"),
         (dict(num_actual_objects=np.zeros((20, 2), dtype=np.uint8)), "'num_actual_objects'"),
         (dict(visibility=np.zeros((20,), dtype=np.uint8)), "'visibility'"),
+        (
+            dict(mask=NEGATIVE_FROM_7),
+            r"'mask' holds negative object ids \(image 7 has -1\)",
+        ),
     ],
 )
 def test_rejects_missing_or_misshaped_datasets(tmp_path, overrides, match):

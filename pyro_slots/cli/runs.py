@@ -1,0 +1,578 @@
+"""What ``train``, ``evaluate`` and ``diagnose`` share: a run, its folder, its checkpoint, the
+outer loop it trains with, and the device and process group it runs on.
+
+A **run folder** (``--out``) holds one run:
+
+==================  ==============================================================================
+entry               content
+==================  ==============================================================================
+``checkpoint.pt``   every state an exact resume needs (:mod:`pyro_slots.checkpoint`), with its
+                    SHA-256; written atomically every ``checkpoint_every`` updates and at the end
+``metrics.jsonl``   one JSON record per update (``split: train``) and per held-out evaluation
+``config.yaml``     the resolved configuration (usable as ``--config``)
+``run.lock``        the process id of the run that owns the folder, while it runs
+pictures            ``training_curve.png``, ``inner_elbo.png``, ``gmm_fits.png`` / ``slots.png``
+==================  ==============================================================================
+
+It is protected by :class:`RunFolder`: one run at a time (the lock), a fresh run starts a fresh
+log, and ``--overwrite`` moves the previous run aside (``.overwritten/``) and deletes it only
+once the new run has written its first checkpoint; a run that fails before that puts the
+previous one back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pyro
+import torch
+import torch.distributed as dist
+
+from pyro_slots import NestedSVI
+from pyro_slots.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from pyro_slots.validation import check_positive_int
+
+from .config import ConfigError, TrainConfig
+from .registry import Components, build, resolve
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "CONFIG_NAME",
+    "LOCK_NAME",
+    "METRICS_NAME",
+    "RunFolder",
+    "TrainRun",
+    "TrainingError",
+    "checkpoint_path",
+    "count_option",
+    "distributed_backend",
+    "distributed_context",
+    "first_line",
+    "load_run",
+    "make_svi",
+    "new_run",
+    "resolve_device",
+    "save_run",
+    "writable_folder",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.yaml"
+LOCK_NAME = "run.lock"
+#: Where ``--overwrite`` keeps the previous run until the new one has a checkpoint.
+ASIDE_NAME = ".overwritten"
+#: The entries of a run folder that belong to its run (moved aside by ``--overwrite``).
+RUN_ENTRIES = (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    CONFIG_NAME,
+    "tensorboard",
+    "training_curve.png",
+    "inner_elbo.png",
+    "gmm_fits.png",
+    "slots.png",
+    "pictures",
+    "diagnostics",
+)
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on a non-finite objective, ELBO, slots or gradient."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name if it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+@dataclass
+class TrainRun:
+    """A built training run: configuration, components, the outer loop, its step count and the
+    device its tensors live on."""
+
+    config: TrainConfig
+    components: Components
+    svi: NestedSVI
+    step: int = 0
+    device: torch.device = torch.device("cpu")
+
+
+def count_option(value: int | None, name: str) -> int | None:
+    """``None`` (the option's default), or an integer >= 1; else a :class:`ConfigError` naming
+    ``name`` (never a silent fallback to the default)."""
+    if value is None:
+        return None
+    try:
+        return check_positive_int(value, name)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+
+
+def checkpoint_path(path: str | os.PathLike) -> str:
+    """The checkpoint file of ``path``: itself if a file, ``path/checkpoint.pt`` if a folder."""
+    path = os.fspath(path)
+    return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+
+
+# ------------------------------------------------------------------ device, processes
+def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:
+    """The device a run's tensors live on: ``cpu`` (default) or ``cuda`` when asked.
+
+    Under ``torchrun``, ``cuda`` means this rank's GPU, ``cuda:LOCAL_RANK``.
+
+    :raises ConfigError: for an unknown device, or ``cuda`` on a machine without CUDA.
+    """
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device: expected cpu or cuda, got {device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device: expected cpu or cuda, got {str(device)!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "device: cuda was asked for, but CUDA is not available here "
+                "(torch.cuda.is_available() is False); use --device cpu"
+            )
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device: {device} does not exist; this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+def distributed_backend(device: torch.device) -> str:
+    """The ``torch.distributed`` backend for tensors on ``device``: ``nccl`` for CUDA tensors,
+    ``gloo`` for CPU ones (whether or not the machine has a GPU)."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def distributed_context(
+    timeout: float | None = None, device: torch.device | None = None
+) -> tuple[int, int]:
+    """``(rank, world_size)``; joins the process group first when launched by ``torchrun``.
+
+    ``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and the rendezvous variables; the group's backend
+    follows the device the run uses (:func:`distributed_backend`). Without them: ``(0, 1)``.
+
+    :param float timeout: seconds a collective waits for the other ranks before it raises
+        (default: torch's, 30 minutes with ``gloo``). A rank that dies closes its connections
+        and the others fail at once; one that stalls (a frozen node, a lost network) is only
+        noticed after this time. Used when this call creates the group.
+    :param device: the run's device (default: CPU).
+    """
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            distributed_backend(device),
+            timeout=None if timeout is None else timedelta(seconds=timeout),
+        )
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ------------------------------------------------------------------------ the outer loop
+def _warmup(warmup_steps: int):
+    """The learning-rate factor of update ``epoch`` (0-based): linear warm-up, then 1."""
+
+    def factor(epoch: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (epoch + 1) / warmup_steps)
+
+    return factor
+
+
+def make_svi(config: TrainConfig, components: Components) -> NestedSVI:
+    """The outer loop: NestedSVI with Adam on every shared weight and Pyro's ``LambdaLR``
+    scheduler for the warm-up (the trainer calls ``svi.optim.step()`` once per update; the
+    scheduler's state is part of :meth:`NestedSVI.state_dict`, so a resumed run continues with
+    exactly the rate the uninterrupted run would use)."""
+    optim = pyro.optim.LambdaLR(
+        {
+            "optimizer": torch.optim.Adam,
+            "optim_args": {"lr": config.lr},
+            "lr_lambda": _warmup(config.warmup_steps),
+        }
+    )
+    return NestedSVI(
+        components.model,
+        components.inner,
+        components.objective,
+        optim,
+        gradient=config.gradient,
+        iteration_weights=config.iteration_weights,
+        num_slots=config.num_slots,
+        num_steps=config.inner_steps,
+        truncate=config.truncate,
+        init=components.init,
+        seed=config.seed,
+        clip_norm=config.clip_norm,
+    )
+
+
+#: Constructor argument names that are another option on the command line.
+_OPTION_OF_ARGUMENT = {"num_steps": "inner_steps"}
+
+
+def _as_config_error(error: Exception) -> ConfigError:
+    """A constructor's ``ValueError``/``TypeError`` as a one-line :class:`ConfigError`, its
+    argument renamed to the command line's option where they differ."""
+    text = first_line(error)
+    name, sep, rest = text.partition(":")
+    if sep and name in _OPTION_OF_ARGUMENT:
+        text = f"{_OPTION_OF_ARGUMENT[name]} ({name}):{rest}"
+    return ConfigError(text)
+
+
+def new_run(
+    config: TrainConfig, device: torch.device | None = None, dist_timeout: float | None = None
+) -> TrainRun:
+    """Build a run from a resolved configuration: data stream, modules on ``device``, outer
+    loop. Nothing is written. The constructors check their arguments; their errors become one
+    :class:`ConfigError` line."""
+    device = torch.device("cpu") if device is None else device
+    # Weights are drawn from the global RNG when the modules are built: seed it first (every
+    # rank the same; NestedSVI also broadcasts rank 0's weights).
+    pyro.clear_param_store()
+    pyro.set_rng_seed(config.seed)
+    rank, world_size = distributed_context(dist_timeout, device)
+    try:
+        components = build(config, rank, world_size)
+        for module in (components.model, components.inner, components.objective, components.init):
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
+        svi = make_svi(config, components)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise _as_config_error(error) from None
+    if not svi.parameters():
+        raise ConfigError(
+            f"--model {config.model} with --inner {config.inner} and --init {config.init} has no "
+            "weights to train"
+        )
+    return TrainRun(config, components, svi, device=device)
+
+
+# ----------------------------------------------------------------------- checkpoints
+def config_from_checkpoint(payload: dict, path: str) -> TrainConfig:
+    try:
+        return TrainConfig(**payload["config"])
+    except TypeError as error:
+        raise CheckpointError(
+            f"{path}: the saved configuration is not valid here: {error}"
+        ) from None
+
+
+def _check_step(payload: dict, config: TrainConfig, path: str) -> int:
+    """The checkpoint's step, refused when it cannot be: not an integer, negative, beyond the
+    saved number of steps, or different from the outer loop's count of updates."""
+    step = payload["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: impossible step {step!r} (expected an integer >= 0)")
+    if step > config.steps:
+        raise CheckpointError(
+            f"{path}: impossible step {step}: beyond the {config.steps} steps of its configuration"
+        )
+    svi_state = payload.get("svi")
+    updates = svi_state.get("num_updates") if isinstance(svi_state, dict) else None
+    if updates is not None and updates != step:
+        raise CheckpointError(
+            f"{path}: impossible step {step}: the outer loop's state counts {updates} updates"
+        )
+    return step
+
+
+def _logged_steps(folder: str) -> int | None:
+    """The last training step in ``folder/metrics.jsonl``, ``None`` without a log."""
+    path = os.path.join(folder, METRICS_NAME)
+    if not os.path.exists(path):
+        return None
+    last = 0
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if isinstance(record, dict) and record.get("split") == "train":
+                last = max(last, int(record.get("step", 0)))
+    return last
+
+
+def _check_finite_weights(payload: dict, path: str) -> None:
+    for part in ("model", "inner", "objective", "init"):
+        state = payload.get(part) or {}
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                if not torch.isfinite(value).all():
+                    raise CheckpointError(
+                        f"{path}: the weights {part}.{name} hold NaN or infinite values"
+                    )
+
+
+def load_run(
+    path: str | os.PathLike,
+    overrides: dict | None = None,
+    device: torch.device | None = None,
+    resume: bool = False,
+) -> TrainRun:
+    """Rebuild a run from a checkpoint, with every state restored. Nothing is written.
+
+    The run's folder (``config.out``) becomes the checkpoint's folder, wherever the run was
+    first written.
+
+    :param path: a checkpoint file or a folder holding ``checkpoint.pt``.
+    :param dict overrides: configuration fields to change (e.g. ``steps``) before rebuilding;
+        ``steps`` may not go below the checkpoint's step.
+    :param device: where the run's tensors live (default: CPU).
+    :param bool resume: the run is to be continued: its log must reach the checkpoint's step.
+    :raises CheckpointError: for an unreadable checkpoint, one whose step is impossible, whose
+        weights are not finite or whose states do not fit.
+    :raises ConfigError: for overrides that do not fit the run.
+    """
+    path = checkpoint_path(path)
+    payload = load_checkpoint(path)
+    config = config_from_checkpoint(payload, path)
+    step = _check_step(payload, config, path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if resume:
+        logged = _logged_steps(folder)
+        if logged is not None and logged < step:
+            raise CheckpointError(
+                f"{path}: impossible step {step}: beyond the log, whose last update is {logged}"
+            )
+    _check_finite_weights(payload, path)
+    overrides = {**(overrides or {}), "out": folder}
+    if overrides.get("steps") is not None and overrides["steps"] < step:
+        raise ConfigError(
+            f"steps: the run is at step {step}; --steps is the total number of updates and "
+            f"cannot go below it (got {overrides['steps']}); the run was left as it is"
+        )
+    config = TrainConfig(**{**config.to_dict(), **overrides})
+    config = resolve(config)
+    run = new_run(config, device)
+    c = run.components
+    try:
+        c.model.load_state_dict(payload["model"])
+        c.inner.load_state_dict(payload["inner"])
+        c.objective.load_state_dict(payload["objective"])
+        if c.init is not None:
+            c.init.load_state_dict(payload["init"])
+        run.svi.load_state_dict(payload["svi"])
+        set_rng_state(payload["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"{path}: the saved states do not fit the model: {first_line(error)}"
+        ) from None
+    run.step = step
+    return run
+
+
+def _payload(run: TrainRun) -> dict:
+    c = run.components
+    return {
+        "format": FORMAT,
+        "step": run.step,
+        "config": run.config.to_dict(),
+        "model": c.model.state_dict(),
+        "inner": c.inner.state_dict(),
+        "objective": c.objective.state_dict(),
+        "init": None if c.init is None else c.init.state_dict(),
+        "svi": run.svi.state_dict(),
+        "rng": rng_state(data_position=run.step),
+    }
+
+
+def save_run(run: TrainRun) -> str:
+    """Write the run's checkpoint (atomically, with its SHA-256); returns its path."""
+    path = os.path.join(run.config.out, CHECKPOINT_NAME)
+    save_checkpoint(path, _payload(run))
+    return path
+
+
+# ------------------------------------------------------------------------ run folders
+def writable_folder(path: str | os.PathLike, option: str) -> str:
+    """Create ``path`` if needed and check that files can be written into it.
+
+    :param str option: the option naming the folder, for the message (e.g. ``--out``).
+    :raises ConfigError: one line, when ``path`` is a file, lies below a file, or is read-only.
+    """
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{option}: {path} is a file, not a folder") from None
+    except NotADirectoryError:
+        raise ConfigError(f"{option}: {path} lies below a file, not a folder") from None
+    except OSError as error:
+        raise ConfigError(f"{option}: {path} cannot be created ({error.strerror})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+    except OSError as error:
+        raise ConfigError(f"{option}: {path} cannot be written into ({error.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+class RunFolder:
+    """Exclusive ownership of a run folder for the lifetime of one run.
+
+    ``acquire()`` writes ``run.lock`` (``PID HOST``) with ``O_EXCL``; a lock left by a process
+    that no longer runs on this host is reclaimed, one held by a live process (or by another
+    host, which cannot be checked) is refused in one line. ``release()`` removes it.
+
+    For a fresh run, :meth:`prepare` moves a previous run aside (``--overwrite``) or refuses
+    (without it); :meth:`committed` deletes the moved run once the new run has written its first
+    checkpoint; :meth:`restore` puts it back when the new run fails before that.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = os.fspath(folder)
+        self.lock = os.path.join(self.folder, LOCK_NAME)
+        self.aside = os.path.join(self.folder, ASIDE_NAME)
+        self.owned = False
+        self.moved = False
+
+    # -------------------------------------------------------------------- the lock
+    def acquire(self) -> None:
+        """Take the lock (see the class docstring). :raises ConfigError: while it is held."""
+        writable_folder(self.folder, "--out")
+        me = f"{os.getpid()} {socket.gethostname()}\n"
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._reclaim_or_refuse()
+                continue
+            except OSError as error:
+                raise ConfigError(f"--out: cannot lock {self.folder}: {error.strerror}") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.owned = True
+            return
+        raise ConfigError(f"--out: {self.folder} is being taken by another run; try again")
+
+    def _reclaim_or_refuse(self) -> None:
+        try:
+            with open(self.lock) as f:
+                text = f.read().split()
+            pid, host = int(text[0]), text[1]
+        except (OSError, ValueError, IndexError):
+            pid, host = None, socket.gethostname()  # unreadable or half-written: stale
+        if pid is not None and (host != socket.gethostname() or _alive(pid)):
+            where = "" if host == socket.gethostname() else f" on {host}"
+            raise ConfigError(
+                f"--out: {self.folder} is in use by the run of process {pid}{where} "
+                f"({self.lock}); wait for it to end or choose another --out (remove the lock "
+                "file only if that run is gone)"
+            )
+        try:
+            os.unlink(self.lock)  # stale: its process is gone
+        except FileNotFoundError:
+            pass
+
+    def release(self) -> None:
+        if self.owned:
+            self.owned = False
+            try:
+                os.unlink(self.lock)
+            except FileNotFoundError:
+                pass
+
+    # ------------------------------------------------------------- a fresh run's folder
+    def _entries(self, folder: str) -> list[str]:
+        return [n for n in RUN_ENTRIES if os.path.lexists(os.path.join(folder, n))]
+
+    def prepare(self, overwrite: bool) -> None:
+        """Make the (locked) folder ready for a fresh run; see the class docstring.
+
+        A previous run moved aside by an ``--overwrite`` that was killed before its first
+        checkpoint is put back first, so it is never lost without a new checkpoint.
+        """
+        if os.path.isdir(self.aside) and not os.path.exists(
+            os.path.join(self.folder, CHECKPOINT_NAME)
+        ):
+            self._move(self.aside, self.folder, replace=True)
+            shutil.rmtree(self.aside, ignore_errors=True)
+        if os.path.exists(os.path.join(self.folder, CHECKPOINT_NAME)):
+            if not overwrite:
+                raise ConfigError(
+                    f"out: {self.folder} already holds a checkpoint; continue it with --resume "
+                    f"{self.folder}, pass --overwrite, or choose another --out"
+                )
+            shutil.rmtree(self.aside, ignore_errors=True)
+            os.makedirs(self.aside)
+            self._move(self.folder, self.aside)
+            self.moved = True
+        else:
+            # No checkpoint: whatever log is there belongs to a run that died before its first
+            # checkpoint, which cannot be resumed; the new run starts a fresh log.
+            for name in (METRICS_NAME, CONFIG_NAME):
+                path = os.path.join(self.folder, name)
+                if os.path.exists(path):
+                    os.unlink(path)
+
+    def _move(self, source: str, target: str, replace: bool = False) -> None:
+        for name in self._entries(source):
+            destination = os.path.join(target, name)
+            if replace and os.path.lexists(destination):
+                if os.path.isdir(destination) and not os.path.islink(destination):
+                    shutil.rmtree(destination)
+                else:
+                    os.unlink(destination)
+            os.replace(os.path.join(source, name), destination)
+
+    def committed(self) -> None:
+        """The new run has a checkpoint: delete the run moved aside."""
+        if self.moved:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.moved = False
+
+    def restore(self) -> bool:
+        """The new run failed before its first checkpoint: put the previous run back.
+        :returns: whether a previous run was restored."""
+        if not self.moved:
+            return False
+        for name in self._entries(self.folder):  # what the failed run wrote
+            path = os.path.join(self.folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        self._move(self.aside, self.folder)
+        shutil.rmtree(self.aside, ignore_errors=True)
+        self.moved = False
+        return True

@@ -1,0 +1,100 @@
+"""Checks at the public boundary of refine() and NestedSVI (issue 19, case 5): no silent K, no
+raw torch dtype errors, no NaN slots for datapoints with a single measurement."""
+
+import pyro
+import pytest
+import torch
+from pyro_slots.models import GaussianMixture
+
+import pyro_slots as ps
+from pyro_slots.inner import EM
+from pyro_slots.objectives import NegativeELBO
+from pyro_slots.validation import NonFiniteError, check_finite
+from tests.conftest import make_point_sets, tiny_autoencoder
+
+
+def _svi(model):
+    return ps.NestedSVI(
+        model,
+        EM(2),
+        NegativeELBO(),
+        pyro.optim.Adam({"lr": 0.01}),
+        init=ps.init.GaussianInit(model.slot_dim, learnable=True),
+        seed=0,
+    )
+
+
+def test_explicit_slots_must_have_the_requested_k():
+    x, _ = make_point_sets(2, 20)
+    gmm = GaussianMixture(3, 2)
+    slots = gmm.init_slots(x, 5, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"slots: expected shape \(2, 3, 5\), got \(2, 5, 5\)"):
+        ps.refine(gmm, x, EM(2), num_slots=3, slots=slots)
+    # Without num_slots, K is the slots' own (nothing to disagree with): 5 slots refined.
+    assert ps.refine(gmm, x, EM(2), slots=slots).slots.shape == (1, 2, 5, 5)
+
+
+def test_slots_of_another_dtype_are_refused():
+    x, _ = make_point_sets(2, 20)  # float32
+    gmm = GaussianMixture(3, 2)
+    slots = gmm.init_slots(x, 3, torch.Generator().manual_seed(0)).double()
+    with pytest.raises(TypeError, match="slots: expected dtype torch.float32 .*got torch.float64"):
+        ps.refine(gmm, x, EM(2), slots=slots)
+
+
+def test_integer_images_are_refused_naming_the_dtype():
+    model = tiny_autoencoder()
+    images = torch.randint(0, 256, (2, 3, 12, 12), dtype=torch.uint8)
+    match = r"x: expected a floating-point tensor \(torch.float32 or torch.float64\), got dtype "
+    match += r"torch.uint8 \(images: x.float\(\) / 255\)"
+    with pytest.raises(TypeError, match=match):
+        ps.refine(model, images, EM(2), seed=0)
+    with pytest.raises(TypeError, match=match):
+        _svi(model).loss(images)
+    # The same images as floats go through.
+    assert ps.refine(model, images.float() / 255, EM(2), seed=0).slots.dtype == torch.float32
+
+
+def test_data_of_another_dtype_than_the_weights_is_refused():
+    model = tiny_autoencoder()  # float32 weights
+    images = torch.rand(2, 3, 12, 12, dtype=torch.float64)
+    match = r"x: expected dtype torch.float32 \(the dtype of the model's weights\), got "
+    match += "torch.float64"
+    with pytest.raises(TypeError, match=match):
+        ps.refine(model, images, EM(2), seed=0)
+    with pytest.raises(TypeError, match=match):
+        _svi(model).loss(images)
+
+
+def test_one_measurement_per_datapoint_is_refused():
+    x = torch.randn(3, 1, 2)
+    gmm = GaussianMixture(2, 2)
+    match = r"x: needs at least 2 measurements per datapoint for 2 slots, got 1"
+    with pytest.raises(ValueError, match=match):
+        ps.refine(gmm, x, EM(2), seed=0)
+    with pytest.raises(ValueError, match=match):
+        _svi(gmm).loss(x)
+    # Two measurements are enough: a finite fit.
+    assert torch.isfinite(ps.refine(gmm, torch.randn(3, 2, 2), EM(2), seed=0).slots).all()
+
+
+def test_non_finite_error_is_both_a_value_and_a_floating_point_error():
+    bad = torch.tensor([1.0, float("nan"), float("inf")])
+    for kind in (ValueError, FloatingPointError, NonFiniteError):
+        with pytest.raises(kind, match="w: contains 2 NaN or infinite values"):
+            check_finite(bad, "w")
+
+
+def test_draws_come_from_the_generator_device_and_land_on_the_data_device():
+    """A CPU generator gives the same numbers whatever the requested device (here the meta
+    device stands in for a GPU: the values are drawn on the CPU, then moved)."""
+    from pyro_slots.init import draw
+
+    g = torch.Generator().manual_seed(3)
+    out = draw(torch.randn, (2, 3), generator=g, dtype=torch.float64, device="meta")
+    assert out.device.type == "meta" and out.shape == (2, 3)
+    g.manual_seed(3)
+    cpu = draw(torch.randn, (2, 3), generator=g, dtype=torch.float64, device="cpu")
+    assert torch.equal(
+        cpu, torch.randn(2, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    )
