@@ -36,6 +36,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format pyro_slots models tests examples benchmarks
 
 bench: $(STAMP)
+	$(PIP) install -q -c constraints.txt -e ".[bench]"
 	$(PY) -m benchmarks.run
 
 clean:
