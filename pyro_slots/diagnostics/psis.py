@@ -94,14 +94,14 @@ def psis_diagnostic(
     Example::
 
         result = refine(model, x, GradientAscent(200), seed=0)
-        psis = psis_diagnostic(model, x, result.slots, num_samples=2000, seed=0)
+        psis = psis_diagnostic(model, x, result.best().slots[0], num_samples=2000, seed=0)
         psis.khat  # (batch,): < 0.5 good, > 0.7 unreliable
 
     :param SlotModel model: the slot model.
     :param torch.Tensor x: datapoints as for :func:`pyro_slots.refine` (``model.encode`` is
         applied first).
-    :param torch.Tensor slots: ``(batch, num_slots, slot_dim)``, e.g. ``refine(...).slots`` or
-        ``.best().slots``.
+    :param torch.Tensor slots: ``(batch, num_slots, slot_dim)``, e.g. ``refine(...).slots[0]``
+        or ``refine(...).best().slots[0]``.
     :param int num_samples: guide samples ``S`` per datapoint (ArviZ needs more than 4 tail
         samples; at least a few hundred are recommended).
     :param int seed: seed of the guide samples (drawn on a forked global RNG); ``None`` uses the
