@@ -24,7 +24,7 @@ from .health import (
 )
 from .inference_data import DRAWS, laplace_draws, pointwise_log_likelihood, to_inference_data
 from .plots import plot_elbo_trajectories, plot_khat, plot_rhat, plot_slot_masks
-from .psis import PSISResult, khat_threshold, psis_diagnostic
+from .psis import PSISResult, PSISWarning, khat_reliability, khat_threshold, psis_diagnostic
 from .report import write_report
 from .summary import aligned_posterior, rhat_per_datapoint, summary, unaligned_posterior
 
@@ -33,6 +33,7 @@ __all__ = [
     "AmortizationGap",
     "InnerLoopHealth",
     "PSISResult",
+    "PSISWarning",
     "align_slots",
     "aligned_posterior",
     "amortization_gap",
@@ -43,6 +44,7 @@ __all__ = [
     "inner_loop_health",
     "invert_permutation",
     "jacobian_spectral_norm",
+    "khat_reliability",
     "khat_threshold",
     "laplace_draws",
     "match_slots",
