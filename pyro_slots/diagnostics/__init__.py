@@ -23,7 +23,14 @@ from .health import (
     slot_mass,
     trajectory_dataset,
 )
-from .inference_data import DRAWS, laplace_draws, pointwise_log_likelihood, to_inference_data
+from .inference_data import (
+    DRAWS,
+    RhatWarning,
+    laplace_draws,
+    pointwise_log_likelihood,
+    resolve_draws,
+    to_inference_data,
+)
 from .plots import plot_elbo_trajectories, plot_khat, plot_rhat, plot_slot_masks
 from .psis import PSISResult, PSISWarning, khat_reliability, khat_threshold, psis_diagnostic
 from .report import write_report
@@ -35,6 +42,7 @@ __all__ = [
     "InnerLoopHealth",
     "PSISResult",
     "PSISWarning",
+    "RhatWarning",
     "align_slots",
     "aligned_posterior",
     "amortization_gap",
@@ -58,6 +66,7 @@ __all__ = [
     "pointwise_log_likelihood",
     "psis_diagnostic",
     "refinement_gap",
+    "resolve_draws",
     "rhat_per_datapoint",
     "slot_mass",
     "summary",

@@ -7,6 +7,7 @@ from pyro_slots.models import GaussianMixture
 import pyro_slots as ps
 from pyro_slots.diagnostics import (
     PSISWarning,
+    RhatWarning,
     inner_loop_health,
     plot_elbo_trajectories,
     plot_khat,
@@ -53,9 +54,12 @@ def test_summary_of_a_result_and_point_draws(float64, point_sets):
     x = point_sets(2, 20, seed=2)
     gmm = GaussianMixture(3, 2)
     result = ps.refine(gmm, x, EM(10), seed=0)
-    table = summary(result, gmm)
+    with pytest.warns(RhatWarning, match="1 draw"):
+        table = summary(result, gmm, draws="point")
     assert table["rhat"].isna().all()  # one chain, one draw: R-hat is undefined
     assert "ess_bulk" not in table
+    # The default draws are Laplace draws for an enumerated model: ESS is defined.
+    assert (summary(result, gmm, seed=0)["ess_bulk"] > 10).all()
     with pytest.raises(TypeError, match="draws"):
         summary(to_inference_data(result, gmm), draws="laplace")
 
