@@ -59,7 +59,7 @@ sphinx_gallery_conf = {
 warnings.filterwarnings("ignore", category=UserWarning, message="Matplotlib is currently using agg")
 
 templates_path = []
-exclude_patterns = ["_build", "auto_tutorials/*.ipynb", "auto_tutorials/*.py", "**/*.zip"]
+exclude_patterns = ["_build", "tutorials/README.rst", "auto_tutorials/*.ipynb", "auto_tutorials/*.py", "**/*.zip"]
 html_theme = "furo"
 html_title = f"pyro_slots {release}"
 html_static_path = []
