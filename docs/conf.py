@@ -20,7 +20,6 @@ version = release
 
 extensions = [
     "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "sphinx_gallery.gen_gallery",
@@ -33,9 +32,6 @@ autodoc_default_options = {
 }
 autodoc_typehints = "description"
 autodoc_inherit_docstrings = False
-autosummary_generate = False
-# PyroModule adds a large inherited nn.Module surface; document the library's own members.
-autodoc_mock_imports = []
 
 FAST = os.environ.get("PYRO_SLOTS_DOCS_FAST") == "1"
 
@@ -59,7 +55,13 @@ sphinx_gallery_conf = {
 warnings.filterwarnings("ignore", category=UserWarning, message="Matplotlib is currently using agg")
 
 templates_path = []
-exclude_patterns = ["_build", "tutorials/README.rst", "auto_tutorials/*.ipynb", "auto_tutorials/*.py", "**/*.zip"]
+exclude_patterns = [
+    "_build",
+    "tutorials/README.rst",  # sphinx-gallery reads it itself
+    "auto_tutorials/*.ipynb",
+    "auto_tutorials/*.py",
+    "**/*.zip",
+]
 html_theme = "furo"
 html_title = f"pyro_slots {release}"
 html_static_path = []

@@ -46,9 +46,7 @@ IMAGE_SIZE, STEPS = (16, 4) if FAST else (32, 60)  # raise both (and --steps) fo
 
 folder = Path(tempfile.mkdtemp(prefix="pyro_slots_hdf5_"))
 path = folder / "my_scenes.h5"
-scenes = ps.data.generate_shapes(
-    96, image_size=IMAGE_SIZE, min_objects=1, max_objects=3, seed=0
-)
+scenes = ps.data.generate_shapes(96, image_size=IMAGE_SIZE, min_objects=1, max_objects=3, seed=0)
 num_images = scenes["image"].shape[0]
 with h5py.File(path, "w") as f:
     f["image"] = (scenes["image"].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
