@@ -22,6 +22,7 @@ autoencoder on it with ``pyro-slots train`` and evaluates it with ``pyro-slots e
 """
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -120,3 +121,8 @@ fig = plt.figure(figsize=(8, 8 * picture.shape[0] / picture.shape[1]))
 plt.imshow(picture)
 plt.axis("off")
 fig.tight_layout()
+
+###############################################################################
+# The run folder is an ordinary directory; this page removes its temporary one.
+
+shutil.rmtree(folder)
