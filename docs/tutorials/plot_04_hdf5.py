@@ -22,8 +22,8 @@ autoencoder on it with ``pyro-slots train`` and evaluates it with ``pyro-slots e
 """
 
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
