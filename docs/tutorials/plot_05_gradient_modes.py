@@ -93,12 +93,15 @@ for num_steps in steps:
 ###############################################################################
 # Memory against the number of inner steps: unrolled grows linearly, the others stay flat.
 
-fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.5))
+fig, ax0 = plt.subplots(figsize=(5, 3.5))
 for mode in MODES:
     ax0.plot(steps, memory[mode], marker="o", label=mode)
 ax0.set_xlabel("inner steps T")
 ax0.set_ylabel("kept for backward (MiB)")
 ax0.legend()
+fig.tight_layout()
+for mode in MODES:
+    print(f"{mode:12s} MiB kept:", [round(m, 3) for m in memory[mode]])
 
 ###############################################################################
 # ... and the gradients' agreement with the unrolled one (cosine similarity). EM converges in
@@ -106,6 +109,7 @@ ax0.legend()
 # gradient is exact at the fixed point, and truncated/first-order gradients drift further from
 # it for rules that converge slowly or not at all (learned rules with few steps).
 
+fig, ax1 = plt.subplots(figsize=(5, 3.5))
 for mode in MODES[1:]:
     cosines = [
         torch.nn.functional.cosine_similarity(
@@ -119,9 +123,6 @@ ax1.set_xlabel("inner steps T")
 ax1.set_ylabel("cos(grad, unrolled grad)")
 ax1.legend()
 fig.tight_layout()
-
-for mode in MODES:
-    print(f"{mode:12s} MiB kept:", [round(m, 3) for m in memory[mode]])
 
 ###############################################################################
 # Choosing
