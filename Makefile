@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 STEPS ?=
 
-.PHONY: venv install demo test test-slow lint format bench clean
+.PHONY: venv install demo test test-slow lint format bench clean docs docs-fast
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,9 +35,26 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix pyro_slots models tests examples benchmarks
 	$(VENV)/bin/ruff format pyro_slots models tests examples benchmarks
 
+DOCS_STAMP := $(VENV)/.docs-installed
+SPHINXBUILD := $(VENV)/bin/sphinx-build
+
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install -q -c constraints.txt -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+# The documentation site, every tutorial executed (docs/_build/html/index.html).
+docs: $(DOCS_STAMP)
+	rm -rf docs/_build docs/auto_tutorials
+	$(SPHINXBUILD) -b html -j 1 docs docs/_build/html
+
+# What CI runs: tiny tutorial sizes, every warning an error (a broken docstring fails).
+docs-fast: $(DOCS_STAMP)
+	rm -rf docs/_build docs/auto_tutorials
+	PYRO_SLOTS_DOCS_FAST=1 $(SPHINXBUILD) -b html -W --keep-going -j 1 docs docs/_build/html
+
 bench: $(STAMP)
 	$(PIP) install -q -c constraints.txt -e ".[bench]"
 	$(PY) -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache docs/_build docs/auto_tutorials

@@ -17,6 +17,7 @@ from pyro.ops.indexing import Vindex
 from torch import nn
 
 from pyro_slots.init import draw
+from pyro_slots.inner.mstep import variance_floor_unit, weighted_squared_deviations
 from pyro_slots.model import SlotModel, SlotSpec
 from pyro_slots.validation import check_measurements, check_positive_float, check_positive_int
 
@@ -128,8 +129,8 @@ class GaussianMixture(SlotModel):
         loc_c = torch.einsum("bkm,bmd->bkd", resp, xc) / nk.unsqueeze(-1)
         loc = loc_c + ref
         if fixed_variance is None:
-            var = _weighted_squared_deviations(xc, loc_c, resp) / nk.unsqueeze(-1)
-            var = var + self.reg_covar * _floor_unit(xc)
+            var = weighted_squared_deviations(xc, loc_c, resp) / nk.unsqueeze(-1)
+            var = var + self.reg_covar * variance_floor_unit(xc)
             log_scale = 0.5 * var.clamp_min(torch.finfo(x.dtype).tiny).log()
         else:
             log_scale = torch.full_like(loc, 0.5 * math.log(fixed_variance))
@@ -269,32 +270,6 @@ def kmeans_plus_plus(
         "logit": ((nk.squeeze(-1) + 1.0) / (num_points + num_slots)).log(),
     }
     return model.slot_spec.pack(parts)
-
-
-def _floor_unit(xc):
-    """Per-datapoint, per-feature variance ``(batch, 1, dim)`` of centred measurements ``xc``:
-    the unit of the variance floor ``reg_covar`` (a function of the data, not of λ, so EM stays
-    coordinate ascent; differentiable, e.g. through an encoder); 1 for a datapoint whose
-    measurements are all equal."""
-    var = (xc * xc).mean(1, keepdim=True)
-    return torch.where(var > 0, var, torch.ones_like(var))
-
-
-def _weighted_squared_deviations(x, loc, resp):
-    """``Σ_m r_km (x_md - loc_kd)²`` of shape ``(B, K, D)``: the centred second moment.
-
-    One feature at a time over contiguous ``(B, K, M)`` blocks (no ``(B, K, M, D)`` temporary),
-    in place when no gradient is recorded.
-    """
-    xt = x.transpose(1, 2).contiguous()  # (B, D, M)
-    in_place = not (torch.is_grad_enabled() and (x.requires_grad or loc.requires_grad))
-    in_place = in_place and not (torch.is_grad_enabled() and resp.requires_grad)
-    out = []
-    for d in range(xt.shape[1]):
-        dev = xt[:, d].unsqueeze(1) - loc[:, :, d].unsqueeze(-1)  # (B, K, M)
-        sq = dev.mul_(dev).mul_(resp) if in_place else dev * dev * resp
-        out.append(sq.sum(-1))
-    return torch.stack(out, -1)
 
 
 def _squared_distances(xt, centers):

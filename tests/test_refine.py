@@ -65,12 +65,24 @@ def test_nested_svi_rejects_unknown_modes():
         ps.NestedSVI(gmm, EM(2), ps.objectives.NegativeELBO(), torch.optim.Adam)
 
 
-def test_em_on_model_without_closed_form_is_refused():
+def test_em_without_m_step_derives_it_or_is_refused(float64):
+    """No hand-written m_step: EM derives it from the trace (the same steps as the GMM's own);
+    a component parameter that is no known function of one slot part is refused by name."""
+
     class NoEM(GaussianMixture):
         m_step = None
 
-    with pytest.raises(ps.CapabilityError, match="closed-form m_step"):
-        ps.refine(NoEM(2, 2), torch.randn(2, 5, 2), EM(3))
+    class DoubledMeans(NoEM):
+        def component_params(self, slots):
+            loc, scale, log_weights = super().component_params(slots)
+            return 2 * loc, scale, log_weights
+
+    x, _ = make_point_sets(3, 20, seed=0)
+    derived = ps.refine(NoEM(2, 2), x, EM(3), seed=0)
+    closed = ps.refine(GaussianMixture(2, 2), x, EM(3), seed=0)
+    assert torch.allclose(derived.slots, closed.slots, atol=1e-10)
+    with pytest.raises(ps.CapabilityError, match="parameter 'loc' of site 'obs'"):
+        ps.refine(DoubledMeans(2, 2), x, EM(3), seed=0)
 
 
 def test_restarts_are_independent_and_best_picks_max(float64):

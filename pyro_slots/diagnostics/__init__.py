@@ -20,14 +20,22 @@ from .health import (
     InnerLoopHealth,
     assignment_entropy,
     duplicate_slots,
+    elbo_decreases,
     inner_loop_health,
     jacobian_spectral_norm,
     model_responsibilities,
     slot_mass,
     trajectory_dataset,
 )
-from .inference_data import DRAWS, laplace_draws, pointwise_log_likelihood, to_inference_data
-from .psis import PSISResult, khat_threshold, psis_diagnostic
+from .inference_data import (
+    DRAWS,
+    RhatWarning,
+    laplace_draws,
+    pointwise_log_likelihood,
+    resolve_draws,
+    to_inference_data,
+)
+from .psis import PSISResult, PSISWarning, khat_reliability, khat_threshold, psis_diagnostic
 from .report import write_report
 from .summary import aligned_posterior, rhat_per_datapoint, summary, unaligned_posterior
 
@@ -36,6 +44,8 @@ __all__ = [
     "AmortizationGap",
     "InnerLoopHealth",
     "PSISResult",
+    "PSISWarning",
+    "RhatWarning",
     "align_slots",
     "aligned_posterior",
     "amortization_gap",
@@ -43,9 +53,11 @@ __all__ = [
     "assignment_entropy",
     "default_refiner",
     "duplicate_slots",
+    "elbo_decreases",
     "inner_loop_health",
     "invert_permutation",
     "jacobian_spectral_norm",
+    "khat_reliability",
     "khat_threshold",
     "laplace_draws",
     "match_slots",
@@ -57,6 +69,7 @@ __all__ = [
     "pointwise_log_likelihood",
     "psis_diagnostic",
     "refinement_gap",
+    "resolve_draws",
     "rhat_per_datapoint",
     "slot_mass",
     "summary",

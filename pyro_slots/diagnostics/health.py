@@ -17,6 +17,7 @@ Signs that the inner loop did not do its job, each readable off one refine resul
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,15 +25,18 @@ import pandas as pd
 import torch
 import xarray as xr
 
+from ..elbo import PerDatapointELBO
 from ..init import draw
 from ..inner.base import InnerProblem, InnerRule, InnerState
 from ..validation import CapabilityError, check_positive_float, check_positive_int
+from . import _traces
 from .inference_data import checked_result
 
 __all__ = [
     "InnerLoopHealth",
     "assignment_entropy",
     "duplicate_slots",
+    "elbo_decreases",
     "inner_loop_health",
     "jacobian_spectral_norm",
     "model_responsibilities",
@@ -149,7 +153,9 @@ def duplicate_slots(features: torch.Tensor, threshold: float = 0.95) -> torch.Te
 class InnerLoopHealth:
     """What :func:`inner_loop_health` returns (``T`` steps, ``B`` datapoints, ``K`` slots).
 
-    :ivar elbo_decrease: ``(T, B)`` bool, step ``t`` lowered the ELBO by more than the tolerance.
+    :ivar elbo_decrease: ``(T, B)`` bool, step ``t`` lowered the ELBO by more than the tolerance
+        (for a guide that samples, by more than its Monte Carlo noise: see
+        :func:`elbo_decreases`).
     :ivar fraction_elbo_decrease: ``(B,)`` share of steps that lowered the ELBO.
     :ivar relative_residuals: ``(T, B)`` ``‖λ_{t+1} - λ_t‖ / ‖λ_t‖``.
     :ivar final_relative_residual: ``(B,)`` the last of them.
@@ -200,6 +206,85 @@ def model_responsibilities(model, x_enc: torch.Tensor, slots: torch.Tensor):
         return InnerProblem(model, x_enc).elbo_and_responsibilities(slots)[1]
 
 
+def elbo_decreases(
+    history: torch.Tensor,
+    model=None,
+    x_enc: torch.Tensor | None = None,
+    trajectory=None,
+    final_slots: torch.Tensor | None = None,
+    *,
+    elbo_rtol: float | None = None,
+    num_particles: int = 8,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``(T, B)`` bool: which inner steps really lowered the ELBO.
+
+    A deterministic ELBO (every latent enumerated) is compared step to step, allowing rounding
+    (``elbo_rtol``). Where the guide samples, the recorded ``history`` is a one-particle Monte
+    Carlo estimate and its noise would count as decreases, so:
+
+    * with the ``trajectory`` λ_0..λ_T, the ELBO is re-estimated at every λ_t with
+      ``num_particles`` particles and *common random numbers* (the same seed at every step, so
+      the reparameterized guide draws the same noise ε at every λ_t): the differences are
+      those of a deterministic function of λ;
+    * without it, a step counts only when it lowered the recorded ELBO by more than
+      ``4 √2 σ`` (four standard deviations of the difference of two independent one-particle
+      estimates), with ``σ`` the standard deviation of a one-particle estimate at the final
+      slots, from ``8 · num_particles`` draws. Where the guide was much worse earlier in the
+      loop, its noise there was larger than at the end: keep the trajectory for an exact
+      answer.
+
+    :param torch.Tensor history: ``(T + 1, B)`` recorded ELBO.
+    :param SlotModel model: the model (``None``: the history is taken as deterministic).
+    :param torch.Tensor x_enc: encoded measurements ``(B, M, F)``.
+    :param trajectory: sequence of ``T + 1`` slot tensors ``(B, K, D)`` or ``None``.
+    :param torch.Tensor final_slots: ``(B, K, D)`` λ_T, where the noise is measured without a
+        trajectory (default: the trajectory's last entry).
+    :param float elbo_rtol: rounding tolerance, default ``100 · eps`` of the dtype.
+    :param int num_particles: particles of the re-estimates, >= 2.
+    :param int seed: seed of the common random numbers.
+    """
+    if elbo_rtol is None:
+        elbo_rtol = 100 * torch.finfo(history.dtype).eps
+    elbo_rtol = check_positive_float(elbo_rtol, "elbo_rtol", allow_zero=True)
+    num_particles = check_positive_int(num_particles, "num_particles", minimum=2)
+    tol = elbo_rtol * (1 + history[:-1].abs())
+    if trajectory is not None and len(trajectory) != history.shape[0]:
+        raise ValueError(
+            f"trajectory: expected {history.shape[0]} slot tensors (one per history entry), "
+            f"got {len(trajectory)}"
+        )
+    if final_slots is None and trajectory is not None:
+        final_slots = trajectory[-1]
+    if model is None or x_enc is None or final_slots is None or history.shape[0] < 2:
+        return (history[1:] - history[:-1]) < -tol
+    if not _guide_samples(model, x_enc, final_slots):
+        return (history[1:] - history[:-1]) < -tol
+    if trajectory is not None:
+        estimator = PerDatapointELBO(num_particles)
+        values = []
+        with torch.no_grad():
+            for slots in trajectory:
+                with _traces.seeded(seed):
+                    values.append(estimator(model, x_enc, slots.detach()))
+        history = torch.stack(values).to(history.dtype)
+        tol = elbo_rtol * (1 + history[:-1].abs())
+    else:
+        # One-particle ELBO draws are the log importance ratios, vectorized over particles.
+        with torch.no_grad(), _traces.seeded(seed):
+            draws = _traces.log_weights(model, x_enc, final_slots.detach(), 8 * num_particles)
+        noise = 4 * math.sqrt(2) * draws.std(0).to(history.dtype)
+        tol = torch.maximum(tol, noise.expand_as(tol))
+    return (history[1:] - history[:-1]) < -tol
+
+
+def _guide_samples(model, x_enc, slots) -> bool:
+    """Whether the guide has sample sites (its ELBO estimate is random)."""
+    with torch.no_grad():
+        guide_trace = _traces.traces(model, x_enc[:1], slots[:1], 1)[1]
+    return bool(_traces.guide_sample_sites(guide_trace))
+
+
 def inner_loop_health(
     result,
     model=None,
@@ -210,6 +295,7 @@ def inner_loop_health(
     duplicate_threshold: float = 0.95,
     dead_threshold: float = 0.01,
     elbo_rtol: float | None = None,
+    num_particles: int = 8,
     seed: int | None = 0,
 ) -> InnerLoopHealth:
     """Health indicators of a refine result (the best restart of every datapoint).
@@ -233,7 +319,12 @@ def inner_loop_health(
     :param float elbo_rtol: an ELBO change below ``elbo_rtol · (1 + |ELBO|)`` is rounding, not a
         decrease; default ``100 · eps`` of the ELBO's dtype (EM in float32 shows rounding
         "decreases" of a few eps relative).
-    :param int seed: seed of the power iteration's starting vectors.
+    :param int num_particles: particles with which a sampled guide's ELBO is re-estimated
+        along the trajectory (common random numbers; run refine with
+        ``keep_trajectory=True``), or with which its noise is measured (see
+        :func:`elbo_decreases`).
+    :param int seed: seed of the power iteration's starting vectors and of the common random
+        numbers.
     :returns: an :class:`InnerLoopHealth`.
     """
     res = checked_result(result)
@@ -242,11 +333,16 @@ def inner_loop_health(
     idx = res.elbo.argmax(0)  # the best restart of every datapoint
     best = res.best()
     history = best.history[:, 0].detach()  # (T + 1, B)
-    diffs = history[1:] - history[:-1]
-    if elbo_rtol is None:
-        elbo_rtol = 100 * torch.finfo(history.dtype).eps
-    elbo_rtol = check_positive_float(elbo_rtol, "elbo_rtol", allow_zero=True)
-    decrease = diffs < -elbo_rtol * (1 + history[:-1].abs())
+    decrease = elbo_decreases(
+        history,
+        model,
+        res.x_enc,
+        [t[0] for t in best.trajectory] or None,
+        best.slots[0],
+        elbo_rtol=elbo_rtol,
+        num_particles=num_particles,
+        seed=0 if seed is None else int(seed),
+    )
     relres = best.relative_residuals[:, 0]
     num_steps = decrease.shape[0]
     batch = history.shape[1]

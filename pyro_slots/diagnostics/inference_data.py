@@ -3,7 +3,8 @@
 Independent restarts of the inner loop (``refine(..., num_restarts=R)``) become ArviZ *chains*.
 Within a chain, the *draws* are one of
 
-* ``"point"``: λ itself (one draw; R-hat and ESS need at least 4 draws and are ``nan``);
+* ``"point"``: λ itself (one draw; R-hat and ESS need at least 4 draws and are ``nan``, which
+  :func:`to_inference_data` says in an :class:`RhatWarning`);
 * ``"laplace"``: draws of λ from the Laplace approximation ``N(λ*, (-∇²_λ L)^{-1})`` of each
   datapoint's ELBO at the restart's optimum. For a model whose latents are all enumerated the
   ELBO is the exact log-likelihood, so this is the classical large-sample posterior of λ under a
@@ -12,11 +13,15 @@ Within a chain, the *draws* are one of
   switching when ``align=False``;
 * ``"guide"``: samples of the guide's latent sites ``z ~ q(z | λ)``, for models with continuous
   latents in the guide.
+
+By default (``draws=None`` or ``"auto"``) :func:`to_inference_data` picks ``"guide"`` when the
+model's guide has sample sites and ``"laplace"`` otherwise (``"point"`` without a model).
 """
 
 from __future__ import annotations
 
 import datetime
+import warnings
 
 import numpy as np
 import torch
@@ -29,9 +34,68 @@ from . import _traces
 from ._arviz import az
 from .alignment import align_slots, apply_permutation
 
-__all__ = ["DRAWS", "laplace_draws", "pointwise_log_likelihood", "to_inference_data"]
+__all__ = [
+    "DRAWS",
+    "RhatWarning",
+    "laplace_draws",
+    "pointwise_log_likelihood",
+    "resolve_draws",
+    "to_inference_data",
+]
 
 DRAWS = ("point", "laplace", "guide")
+
+#: Fewest draws per chain for which ArviZ's (split) R-hat and ESS are defined.
+MIN_DRAWS_FOR_RHAT = 4
+
+
+class RhatWarning(UserWarning):
+    """R-hat (and ESS) of an InferenceData will be NaN, and why."""
+
+
+def resolve_draws(draws, model, result) -> str:
+    """``draws`` itself, or for ``None``/``"auto"``: ``"guide"`` when the guide of ``model``
+    has sample sites, ``"laplace"`` when it has none, ``"point"`` without a model."""
+    if draws not in (None, "auto"):
+        return draws
+    if model is None:
+        return "point"
+    res = checked_result(result)
+    if res.x_enc is None:
+        raise ValueError("result: has no x_enc (encoded measurements); run refine() again")
+    with torch.no_grad():
+        guide_trace = _traces.traces(model, res.x_enc[:1], res.slots[0, :1], 1)[1]
+    return "guide" if _traces.guide_sample_sites(guide_trace) else "laplace"
+
+
+def _warn_undefined_rhat(posterior: dict, num_draws: int, draws: str) -> None:
+    """Say, in our words, where ``az.rhat`` of this posterior will be NaN."""
+    if num_draws < MIN_DRAWS_FOR_RHAT:
+        warnings.warn(
+            f'to_inference_data: draws="{draws}" gives {num_draws} draw(s) per chain; R-hat and '
+            f'ESS need at least {MIN_DRAWS_FOR_RHAT} and will be NaN. Use draws="laplace" '
+            '(enumerated models) or draws="guide" (models whose guide samples), the default.',
+            RhatWarning,
+            stacklevel=3,
+        )
+        return
+    constant = {}
+    for name, (value, _) in posterior.items():
+        array = value.detach().cpu().double() if torch.is_tensor(value) else torch.as_tensor(value)
+        # (chain, draw, ...): an element that never varies within any chain has no R-hat.
+        flat = array.reshape(array.shape[0], array.shape[1], -1)
+        frozen = (flat.amax(1) == flat.amin(1)).all(0)
+        if frozen.any():
+            constant[name] = (int(frozen.sum()), frozen.numel())
+    if constant:
+        listed = ", ".join(f"{k} ({n} of {t} elements)" for k, (n, t) in constant.items())
+        warnings.warn(
+            f"to_inference_data: {listed} do not vary across draws (parameters the ELBO does "
+            "not identify, e.g. the weight logit of a single slot or a dead slot): their R-hat "
+            "is NaN. laplace_unidentified in sample_stats counts them per datapoint.",
+            RhatWarning,
+            stacklevel=3,
+        )
 
 
 def checked_result(result):
@@ -166,7 +230,7 @@ def to_inference_data(
     align: bool = True,
     reference: str | int = "best",
     align_on=None,
-    draws: str = "point",
+    draws: str | None = None,
     num_draws: int = 200,
     seed: int | None = None,
     log_likelihood: bool = True,
@@ -210,15 +274,19 @@ def to_inference_data(
     :param bool align: apply the alignment to λ, responsibilities and draws.
     :param reference: ``"best"`` (highest final ELBO per datapoint), ``"first"`` or a restart.
     :param align_on: match on these slot fields only (default: all of λ).
-    :param str draws: one of :data:`DRAWS`.
+    :param str draws: one of :data:`DRAWS`, or ``None``/``"auto"`` (default): ``"guide"``
+        when the guide of ``model`` has sample sites, ``"laplace"`` otherwise, ``"point"``
+        without a model (see :func:`resolve_draws`). Where the resulting R-hat is undefined
+        (fewer than 4 draws, or elements that never vary) an :class:`RhatWarning` says so.
     :param int num_draws: draws per chain for ``"laplace"`` and ``"guide"``.
     :param int seed: seed of the draws.
     :param bool log_likelihood: compute the ``log_likelihood`` group where possible.
     :returns: :class:`arviz.InferenceData`.
     """
     res = checked_result(result)
-    if draws not in DRAWS:
-        raise ValueError(f"draws: expected one of {DRAWS}, got {draws!r}")
+    if draws not in (*DRAWS, None, "auto"):
+        raise ValueError(f"draws: expected one of {DRAWS}, 'auto' or None, got {draws!r}")
+    draws = resolve_draws(draws, model, res)
     if draws != "point" and model is None:
         raise ValueError(f'model: required with draws="{draws}"')
     if draws != "point":
@@ -273,12 +341,14 @@ def to_inference_data(
     posterior = {}
     if lam_draws is not None:
         posterior.update(_split_fields(lam_draws, spec))
+        _warn_undefined_rhat(posterior, lam_draws.shape[1], draws)
     else:
         with _traces.seeded(seed):
             sites = _guide_draws(model, x_rep, flat, num_draws)
         for name, (value, dims) in sites.items():
             value = value.reshape(num_draws, num_restarts, batch, *value.shape[2:]).transpose(0, 1)
             posterior[name] = (value, dims[1:])
+        _warn_undefined_rhat(posterior, num_draws, draws)
         for name, (value, dims) in _split_fields(slots.unsqueeze(1), spec).items():
             stats[f"lambda_{name}"] = (value, dims)
 

@@ -5,13 +5,19 @@ inference": draw ``S`` samples ``z_s ~ q(z | λ^n)`` from the guide, form the lo
 ratios ``log r_s = log p(x^n, z_s) - log q(z_s | λ^n)``, fit a generalized Pareto distribution to
 their largest values and read off its shape ``k̂``. ``k̂ < 0.5``: the guide is close to the
 posterior and importance sampling corrects it well; ``0.5 ≤ k̂ < 0.7``: usable; ``k̂ ≥ 0.7``: the
-guide misses mass the posterior has and the ELBO (and anything computed from q) is unreliable.
-The smoothing and the fit are ArviZ's :func:`arviz.psislw` (Vehtari et al. 2024).
+guide misses mass the posterior has and the ELBO (and anything computed from q) is unreliable;
+``k̂ > 1``: the importance ratios have no finite mean and even the PSIS estimate is unusable.
+:func:`psis_diagnostic` says so in one :class:`PSISWarning` naming the datapoints.
+The smoothing and the fit are ArviZ's :func:`arviz.psislw` (Vehtari et al. 2024), run on log
+ratios shifted by their maximum and with NumPy's floating-point warnings silenced inside it:
+a poor guide's ratios span thousands of nats, the tail's ``exp`` then underflows or overflows,
+and ArviZ returns ``k̂ = inf`` -- reported here as unusable, not as a stream of NumPy warnings.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +28,30 @@ from ..validation import check_positive_int, check_slots
 from . import _traces
 from ._arviz import az
 
-__all__ = ["PSISResult", "psis_diagnostic", "khat_threshold"]
+__all__ = ["PSISResult", "PSISWarning", "khat_reliability", "khat_threshold", "psis_diagnostic"]
+
+#: k̂ above which the guide's ELBO is unreliable, and above which PSIS itself is unusable.
+KHAT_UNRELIABLE, KHAT_UNUSABLE = 0.7, 1.0
+
+
+class PSISWarning(UserWarning):
+    """Pareto k̂ says the guide (and what is computed from it) cannot be trusted."""
+
+
+def khat_reliability(khat) -> np.ndarray:
+    """Labels of k̂ values: ``"exact"`` (``-inf``: constant ratios), ``"good"`` (< 0.5),
+    ``"ok"`` (0.5-0.7), ``"unreliable"`` (0.7-1), ``"unusable"`` (> 1, or NaN/inf).
+
+    :param khat: array-like of k̂.
+    :returns: a NumPy array of strings of the same shape.
+    """
+    k = np.asarray(torch.as_tensor(khat).detach().cpu(), dtype=np.float64)
+    labels = np.full(k.shape, "unusable", dtype=object)
+    labels[k <= KHAT_UNUSABLE] = "unreliable"
+    labels[k <= KHAT_UNRELIABLE] = "ok"
+    labels[k < 0.5] = "good"
+    labels[np.isneginf(k)] = "exact"
+    return labels.astype(str)
 
 
 def khat_threshold(num_samples: int) -> float:
@@ -54,6 +83,11 @@ class PSISResult:
     log_weights: torch.Tensor
     smoothed_log_weights: torch.Tensor
     num_samples: int
+
+    @property
+    def reliability(self) -> np.ndarray:
+        """``(batch,)`` labels of k̂ (:func:`khat_reliability`)."""
+        return khat_reliability(self.khat)
 
     @property
     def good_k(self) -> float:
@@ -125,9 +159,14 @@ def psis_diagnostic(
     smoothed = lw_np.copy()
     fit = ~constant
     if fit.any():
-        fitted, fitted_khat = az.psislw(lw_np[fit], reff=1.0, normalize=False)
-        smoothed[fit] = np.asarray(fitted)
+        shift = lw_np[fit].max(-1, keepdims=True)  # k̂ and the smoothing are shift-invariant
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            fitted, fitted_khat = az.psislw(lw_np[fit] - shift, reff=1.0, normalize=False)
+        smoothed[fit] = np.asarray(fitted) + shift
         khat[fit] = np.asarray(fitted_khat, dtype=np.float64).reshape(-1)
+    khat = np.where(np.isnan(khat), np.inf, khat)
+    _warn_khat(khat)
     log_s = math.log(num_samples)
     to = lw.new_tensor
     return PSISResult(
@@ -139,3 +178,32 @@ def psis_diagnostic(
         smoothed_log_weights=to(smoothed),
         num_samples=num_samples,
     )
+
+
+def _warn_khat(khat: np.ndarray) -> None:
+    labels = khat_reliability(khat)
+    parts = []
+    for label, meaning in (
+        (
+            "unusable",
+            f"k̂ > {KHAT_UNUSABLE}: the importance ratios have no finite mean, "
+            "so the PSIS estimates are unusable and the guide misses the posterior",
+        ),
+        (
+            "unreliable",
+            f"{KHAT_UNRELIABLE} < k̂ <= {KHAT_UNUSABLE}: the guide's ELBO and "
+            "anything computed from q are unreliable",
+        ),
+    ):
+        idx = np.flatnonzero(labels == label)
+        if idx.size:
+            shown = idx[:8].tolist()
+            more = f" and {idx.size - 8} more" if idx.size > 8 else ""
+            parts.append(f"datapoints {shown}{more}: {meaning}")
+    if parts:
+        warnings.warn(
+            "PSIS: " + "; ".join(parts) + ". Refine longer, enlarge the guide, or report "
+            "these datapoints as failed.",
+            PSISWarning,
+            stacklevel=3,
+        )

@@ -16,7 +16,7 @@ from ..validation import check_positive_int
 from . import _traces
 from .amortization import default_refiner, refinement_gap
 from .health import inner_loop_health
-from .inference_data import to_inference_data
+from .inference_data import resolve_draws, to_inference_data
 from .psis import psis_diagnostic
 from .summary import summary
 
@@ -105,8 +105,7 @@ def write_report(
     x_enc = result.x_enc
     with torch.no_grad():
         guide_sites = _traces.guide_sample_sites(_traces.traces(model, x_enc, best, 1)[1])
-    if draws is None:
-        draws = "guide" if guide_sites else "laplace"
+    draws = resolve_draws(draws, model, result)
     idata = to_inference_data(
         result,
         model,

@@ -1,20 +1,23 @@
-"""Inner rules: fixed (gradient ascent, EM, soft k-means) and learned update rules.
+"""Inner rules: fixed (gradient ascent, EM, generalized EM, soft k-means) and learned update rules.
 
 Every rule has the same interface (:class:`InnerRule`), so swapping fixed for learned inference
 is one argument of :func:`pyro_slots.refine` or :class:`pyro_slots.NestedSVI`.
 """
 
 from .base import InnerProblem, InnerRule, InnerState, StepInfo
-from .em import EM, SoftKMeans
-from .gradient import GradientAscent
+from .em import EM, GeneralizedEM, SoftKMeans, expected_log_joint
+from .gradient import GradientAscent, trust_region
 from .hybrid import Hybrid
 from .learned_gradient import LearnedGradient
+from .mstep import DerivedMStep
 from .safeguard import Safeguarded
 from .slot_attention import GaussianFeatures, SlotAttention
 
 __all__ = [
     "EM",
+    "DerivedMStep",
     "GaussianFeatures",
+    "GeneralizedEM",
     "GradientAscent",
     "Hybrid",
     "InnerProblem",
@@ -25,4 +28,6 @@ __all__ = [
     "SlotAttention",
     "SoftKMeans",
     "StepInfo",
+    "expected_log_joint",
+    "trust_region",
 ]

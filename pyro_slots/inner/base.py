@@ -147,6 +147,17 @@ class InnerRule(PyroModule):
         """
         raise TypeError(f"{type(self).__name__} must define step()")
 
+    def divergence_hint(self) -> str:
+        """What to change when this rule's slots or ELBO became non-finite.
+
+        :class:`~pyro_slots.InnerLoopError` messages end with it; rules with a step size
+        override it to name that parameter and its value.
+        """
+        return (
+            f"lower the step size of {type(self).__name__} or wrap it in "
+            "pyro_slots.inner.Safeguarded(rule, fallback=...)"
+        )
+
     def check_model(self, model) -> None:
         """Raise :class:`~pyro_slots.validation.CapabilityError` if ``model`` can't be used."""
 

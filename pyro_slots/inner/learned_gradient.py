@@ -9,6 +9,7 @@ from torch import nn
 
 from ..validation import check_positive_float, check_positive_int
 from .base import InnerProblem, InnerRule, InnerState, StepInfo
+from .gradient import trust_region
 
 __all__ = ["LearnedGradient"]
 
@@ -31,7 +32,7 @@ def log_sign(grad: torch.Tensor, p: float = 10.0) -> torch.Tensor:
 
 
 class LearnedGradient(InnerRule):
-    r"""``λ_{t+1} = λ_t + α ⊙ g_t + W_o h_{t+1}``, ``h_{t+1} = cell([λ_t, pre(g_t), e_t], h_t)``.
+    r"""``λ_{t+1} = λ_t + α ⊙ τ(g_t) + W_o h_{t+1}``, ``h_{t+1} = cell([λ_t, pre(g_t), e_t], h_t)``.
 
     The update network of iterative amortized inference (Marino et al. 2018; IODINE, Greff et al.
     2019): every slot is refined from its current value and the gradient of the per-datapoint
@@ -40,8 +41,13 @@ class LearnedGradient(InnerRule):
     measurements when ``per_measurement=True``. The gradient enters the network normalized:
     ``"log_sign"`` (Andrychowicz et al. 2016: log-magnitude and sign of every coordinate) or
     ``"layernorm"`` (IODINE: a LayerNorm over the slot's gradient vector). The update adds a
-    learned per-coordinate step ``α = exp(log_step_size)`` on the raw gradient, so the rule
-    starts near gradient ascent, and the cell's correction ``W_o h``.
+    learned per-coordinate step ``α = exp(log_step_size)`` on the gradient, so the rule
+    starts near gradient ascent, and the cell's correction ``W_o h``. The gradient term goes
+    through the soft trust region ``τ = trust_region(·, trust_radius)`` of
+    :class:`~pyro_slots.inner.GradientAscent` (unchanged for short gradients, at most
+    ``trust_radius`` long per slot): without it the first steps of an untrained rule on tight
+    clusters, whose gradient grows like ``1/σ²``, produced non-finite slots and a NaN
+    objective at the first outer update of :class:`~pyro_slots.NestedSVI`.
 
     The cell is shared by all slots (a GRU, an LSTM or a two-layer MLP), so the rule is
     equivariant under permutations of the slots, its weights do not depend on ``K``, and it is
@@ -56,6 +62,8 @@ class LearnedGradient(InnerRule):
     :param str preprocessing: one of ``"log_sign"``, ``"layernorm"``.
     :param float step_size: initial ``α`` (every coordinate), > 0.
     :param bool per_measurement: divide the gradient by the number of measurements.
+    :param float trust_radius: longest gradient term per slot (> 0), or ``None`` for the raw
+        gradient.
     :param callable features: optional extra inputs ``features(problem, slots) -> (batch, K,
         extra_dim)`` (e.g. per-slot statistics of the posterior, as IODINE's auxiliary inputs);
         an ``nn.Module`` here is trained with the rule.
@@ -75,6 +83,7 @@ class LearnedGradient(InnerRule):
         preprocessing: str = "log_sign",
         step_size: float = 0.1,
         per_measurement: bool = True,
+        trust_radius: float | None = 1.0,
         features=None,
         extra_dim: int = 0,
         slot_init=None,
@@ -105,6 +114,9 @@ class LearnedGradient(InnerRule):
         self.cell_type = cell
         self.preprocessing = preprocessing
         self.per_measurement = bool(per_measurement)
+        self.trust_radius = (
+            None if trust_radius is None else check_positive_float(trust_radius, "trust_radius")
+        )
         self.features = features
         self.slot_init = slot_init
 
@@ -127,6 +139,15 @@ class LearnedGradient(InnerRule):
 
     def check_model(self, model):
         self._require_slot_dim(model, self.slot_dim)
+
+    def divergence_hint(self) -> str:
+        alpha = self.log_step_size.detach().exp()
+        return (
+            f"LearnedGradient(step_size={alpha.max().item():.3g} (largest coordinate of "
+            f"exp(log_step_size)), trust_radius={self.trust_radius}) diverged: lower step_size "
+            f"(e.g. {alpha.max().item() / 10:.3g}) or trust_radius, or wrap it in "
+            "pyro_slots.inner.Safeguarded(rule, fallback=...)"
+        )
 
     def init(self, problem: InnerProblem, slots: torch.Tensor) -> InnerState:
         if slots.dim() != 3 or slots.shape[-1] != self.slot_dim:
@@ -171,7 +192,8 @@ class LearnedGradient(InnerRule):
         else:
             h = self.cell(flat)
             aux = ()
-        update = self.log_step_size.exp() * grad + self.to_update(unflat(h))
+        step = self.log_step_size.exp() * trust_region(grad, self.trust_radius)
+        update = step + self.to_update(unflat(h))
         new_state = InnerState(slots + update, state.step + 1, aux)
         return new_state, StepInfo(elbo=elbo.detach())
 

@@ -8,6 +8,7 @@ from scipy.stats import norm
 
 import pyro_slots as ps
 from pyro_slots.diagnostics import (
+    RhatWarning,
     laplace_draws,
     to_inference_data,
     unaligned_posterior,
@@ -48,14 +49,16 @@ def test_rhat_flags_a_restart_in_a_local_optimum(float64, gmm_restarts):
 
 def test_point_draws_hold_the_aligned_slots(float64, gmm_restarts):
     gmm, x, result = gmm_restarts(3, seed=0)
-    idata = to_inference_data(result, gmm)
+    with pytest.warns(RhatWarning, match="1 draw"):
+        idata = to_inference_data(result, gmm, draws="point")
     perm = idata.sample_stats["slot_permutation"].isel(draw=0).values
     for name, value in gmm.slot_spec.split(result.slots).items():
         got = idata.posterior[name].isel(draw=0).values
         for r in range(4):
             for n in range(3):
                 np.testing.assert_array_equal(got[r, n], value[r, n, perm[r, n]].numpy())
-    raw = to_inference_data(result, gmm, align=False)
+    with pytest.warns(RhatWarning):
+        raw = to_inference_data(result, gmm, align=False, draws="point")
     xr.testing.assert_equal(raw.posterior["loc"], unaligned_posterior(idata)["loc"])
     np.testing.assert_array_equal(
         idata.sample_stats["elbo_history"].values[:, 0], result.history.permute(1, 2, 0).numpy()
@@ -65,7 +68,8 @@ def test_point_draws_hold_the_aligned_slots(float64, gmm_restarts):
 
 def test_log_likelihood_matches_scipy(float64, gmm_restarts):
     gmm, x, result = gmm_restarts(2, seed=2)
-    idata = to_inference_data(result, gmm)
+    with pytest.warns(RhatWarning):
+        idata = to_inference_data(result, gmm, draws="point")
     loc, scale, log_w = (t.numpy() for t in gmm.component_params(result.slots))
     ll = idata.log_likelihood["x"].isel(draw=0).values  # (chain, datapoint, measurement)
     for r in range(4):
@@ -153,3 +157,36 @@ def test_to_inference_data_errors(gmm_restarts):
         to_inference_data(result, gmm, draws="guide")
     with pytest.raises(TypeError, match="result"):
         to_inference_data(result.slots, gmm)
+
+
+def test_default_draws_follow_the_guide(float64, gmm_restarts, conjugate):
+    """Enumerated model: Laplace draws; sampled guide: guide draws; no model: the point."""
+    gmm, x, result = gmm_restarts(2, seed=0)
+    idata = to_inference_data(result, gmm, num_draws=30, seed=0)
+    assert idata.posterior.attrs["draws"] == "laplace"
+    assert idata.posterior.sizes["draw"] == 30
+    assert np.isfinite(az.rhat(idata.posterior)["loc"].values).all()
+    xc = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(0))
+    guided = ps.refine(
+        conjugate, xc, ps.inner.GradientAscent(2), num_slots=3, num_restarts=2, seed=0
+    )
+    idata = to_inference_data(guided, conjugate, num_draws=30, seed=0)
+    assert idata.posterior.attrs["draws"] == "guide" and "z" in idata.posterior
+    assert np.isfinite(az.rhat(idata.posterior)["z"].values).all()
+    with pytest.warns(RhatWarning, match="1 draw"):
+        assert to_inference_data(result).posterior.attrs["draws"] == "point"
+    assert to_inference_data(result, gmm, draws="auto", num_draws=5).posterior.sizes["draw"] == 5
+
+
+def test_nan_rhat_of_unidentified_parameters_is_announced(float64, point_sets):
+    """One slot: its weight logit is not identified, the Laplace draws never move it and
+    ArviZ's R-hat is NaN there -- which our own warning says beforehand."""
+    x = point_sets(2, 30, seed=1)
+    gmm = GaussianMixture(1, 2)
+    result = ps.refine(gmm, x, ps.inner.EM(5), num_restarts=2, seed=0)
+    with pytest.warns(RhatWarning, match=r"logit \(2 of 2 elements\)"):
+        idata = to_inference_data(result, gmm, num_draws=20, seed=0)
+    with np.errstate(invalid="ignore"):  # ArviZ's own 0/0 on the constant elements
+        rhat = az.rhat(idata.posterior)
+    assert np.isnan(rhat["logit"].values).all()
+    assert np.isfinite(rhat["loc"].values).all()

@@ -1,3 +1,6 @@
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from pyro_slots.models import GaussianMixture
@@ -5,7 +8,7 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import pyro_slots as ps
-from pyro_slots.diagnostics import khat_threshold, psis_diagnostic
+from pyro_slots.diagnostics import PSISWarning, khat_reliability, khat_threshold, psis_diagnostic
 
 NUM_SAMPLES = 2000
 
@@ -40,8 +43,56 @@ def test_slightly_wide_guide_is_good(float64, conjugate):
 
 def test_over_narrow_guide_is_flagged(float64, conjugate):
     x = _data()
-    result = psis_diagnostic(conjugate, x, conjugate.exact_slots(x, 0.3), NUM_SAMPLES, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = psis_diagnostic(conjugate, x, conjugate.exact_slots(x, 0.3), NUM_SAMPLES, seed=0)
     assert (result.khat > 0.7).all()
+    # One warning of our own naming every datapoint, nothing from ArviZ or NumPy.
+    assert [w.category for w in caught] == [PSISWarning]
+    message = str(caught[0].message)
+    for label in np.unique(result.reliability):
+        assert label in message
+    assert set(result.reliability) <= {"unreliable", "unusable"}
+
+
+def test_khat_reliability_thresholds():
+    khat = [-np.inf, 0.2, 0.5, 0.69, 0.7, 0.71, 1.0, 1.01, np.inf]
+    assert khat_reliability(khat).tolist() == [
+        "exact",
+        "good",
+        "ok",
+        "ok",
+        "ok",
+        "unreliable",
+        "unreliable",
+        "unusable",
+        "unusable",
+    ]
+
+
+def test_numeric_warnings_of_the_pareto_fit_do_not_leak(float64, conjugate, monkeypatch):
+    """Whatever NumPy says inside ArviZ's fit (overflow in exp of a poor guide's ratios) stays
+    inside; ratios spanning thousands of nats get k̂ = inf, labelled unusable."""
+    import pyro_slots.diagnostics.psis as psis_module
+
+    original = psis_module.az.psislw
+
+    def noisy(*args, **kwargs):
+        np.exp(np.array([1e4]))  # RuntimeWarning: overflow encountered in exp
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(psis_module.az, "psislw", noisy)
+    x = _data(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = psis_diagnostic(conjugate, x, conjugate.exact_slots(x, 0.3), 500, seed=0)
+    assert [w.category for w in caught] == [PSISWarning]
+    assert np.isfinite(result.smoothed_log_weights.numpy()).all()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        psis_module._warn_khat(np.array([np.inf, 0.3]))
+    assert len(caught) == 1 and "datapoints [0]" in str(caught[0].message)
+    assert "unusable" in str(caught[0].message)
 
 
 def test_khat_threshold():

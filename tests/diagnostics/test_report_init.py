@@ -1,8 +1,9 @@
+import pytest
 import torch
 from pyro_slots.models import GaussianMixture
 
 import pyro_slots as ps
-from pyro_slots.diagnostics import write_report
+from pyro_slots.diagnostics import RhatWarning, write_report
 from pyro_slots.inner import EM
 from tests.conftest import make_point_sets
 
@@ -12,7 +13,8 @@ def test_write_report_uses_the_given_initializer(tmp_path, float64):
     x, _ = make_point_sets(3, 30, seed=0)
     gmm = GaussianMixture(3, 2)
     init = ps.GaussianInit(gmm.slot_dim, loc=0.0, scale=1.0).double()
-    write_report(tmp_path, gmm, x, EM(5), num_restarts=2, seed=4, init=init, draws="point")
+    with pytest.warns(RhatWarning, match="1 draw"):
+        write_report(tmp_path, gmm, x, EM(5), num_restarts=2, seed=4, init=init, draws="point")
     expected = ps.refine(gmm, x, EM(5), num_restarts=2, seed=4, init=init)
     kmeans = ps.refine(gmm, x, EM(5), num_restarts=2, seed=4)
     import arviz as az
