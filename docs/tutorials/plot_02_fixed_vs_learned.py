@@ -58,8 +58,8 @@ svi = ps.NestedSVI(gmm, rule, NegativeELBO(), pyro.optim.Adam({"lr": 3e-3}), see
 losses = []
 for step in range(15 if FAST else 150):
     batch = ps.data.sample_point_sets(16, num_points, num_components=3, seed=100 + step).x
-    out = svi.step(batch)
-    losses.append(float(out[0] if isinstance(out, tuple) else out))
+    loss, inner_result = svi.step(batch)  # J before the update, and the batch's inner result
+    losses.append(loss)
 
 results["SlotAttention (trained, T=3)"] = ps.refine(gmm, test, rule, slots=slots0)
 

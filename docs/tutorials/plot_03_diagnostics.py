@@ -131,10 +131,10 @@ few = ps.refine(model, xc, GradientAscent(num_steps=3), num_slots=3, seed=0)
 many = ps.refine(model, xc, GradientAscent(num_steps=300, adam=True), num_slots=3, seed=0)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", PSISWarning)
-    psis_few = psis_diagnostic(model, xc, few.slots, 500, seed=0)
+    psis_few = psis_diagnostic(model, xc, few.slots[0], 500, seed=0)
 print("after 3 steps:  ", psis_few.reliability)
 print(caught[0].message if caught else "no warning")
-psis_many = psis_diagnostic(model, xc, many.slots, 500, seed=0)
+psis_many = psis_diagnostic(model, xc, many.slots[0], 500, seed=0)
 print("after 300 steps:", psis_many.reliability)
 
 fig, axes = plt.subplots(1, 2, figsize=(10, 3), sharey=True)
