@@ -3,12 +3,14 @@
 from .blocks import CNNEncoder, SoftPositionEmbed, SpatialBroadcastDecoder
 from .gmm import GaussianMixture, kmeans_plus_plus, random_from_data
 from .iodine import IODINE, RefinementInputs
+from .neural_em import NeuralEM
 from .slot_autoencoder import SlotAutoencoder
 
 __all__ = [
     "CNNEncoder",
     "GaussianMixture",
     "IODINE",
+    "NeuralEM",
     "RefinementInputs",
     "SlotAutoencoder",
     "SoftPositionEmbed",

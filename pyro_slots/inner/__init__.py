@@ -10,6 +10,7 @@ from .gradient import GradientAscent, trust_region
 from .hybrid import Hybrid
 from .learned_gradient import LearnedGradient
 from .mstep import DerivedMStep
+from .rnn_em import RNNEM
 from .safeguard import Safeguarded
 from .slot_attention import GaussianFeatures, SlotAttention
 
@@ -24,6 +25,7 @@ __all__ = [
     "InnerRule",
     "InnerState",
     "LearnedGradient",
+    "RNNEM",
     "Safeguarded",
     "SlotAttention",
     "SoftKMeans",

@@ -168,6 +168,9 @@ class GeneralizedEM(InnerRule):
     :param float step_size: largest ``α`` (> 0), the starting one of every datapoint.
     :param float trust_radius: longest step direction per slot (see
         :func:`~pyro_slots.inner.gradient.trust_region`).
+    :param bool safeguarded: with ``False``, every M-step is kept and ``α`` stays at
+        ``step_size``: the generalized EM step of Neural EM (Greff et al. 2017), which can lower
+        the ELBO when the step is too long.
     """
 
     uses_elbo_gradient = True
@@ -178,8 +181,10 @@ class GeneralizedEM(InnerRule):
         ascent_steps: int = 5,
         step_size: float = 1.0,
         trust_radius: float | None = 1.0,
+        safeguarded: bool = True,
     ):
         super().__init__(num_steps)
+        self.safeguarded = bool(safeguarded)
         self.ascent_steps = check_positive_int(ascent_steps, "ascent_steps")
         self.step_size = check_positive_float(step_size, "step_size")
         self.trust_radius = (
@@ -205,19 +210,25 @@ class GeneralizedEM(InnerRule):
         (alpha,) = state.aux
         rng = pyro.util.get_rng_state()
         elbo, resp = problem.elbo_and_responsibilities(state.slots)
-        resp = resp.detach()
+        if not create_graph:
+            resp = resp.detach()
         scale = alpha.detach()[..., None]
         lam = state.slots
         num_points = problem.x.shape[1]
         with torch.enable_grad():
             for _ in range(self.ascent_steps):
-                if not lam.requires_grad:
-                    lam = lam.detach().requires_grad_()
+                # ∇_λ Q(λ; r) holds r fixed: the gradient is taken w.r.t. a view of λ made
+                # after r, so r's own dependence on λ_t is not in it; with create_graph the
+                # step still depends on r (and through it on λ_t and the weights) for the
+                # outer gradient, as the unrolled computation does.
+                lam = lam.view_as(lam) if lam.requires_grad else lam.detach().requires_grad_()
                 q = expected_log_joint(problem.model, problem.x, lam, resp)
                 (grad,) = torch.autograd.grad(q.sum(), lam, create_graph=create_graph)
                 lam = lam + scale * trust_region(grad / num_points, self.trust_radius)
                 if not create_graph:
                     lam = lam.detach()
+        if not self.safeguarded:
+            return InnerState(lam, state.step + 1, (alpha,)), StepInfo(elbo.detach(), resp.detach())
         # Common random numbers: the proposal's ELBO draws what the ELBO at λ_t drew.
         after = pyro.util.get_rng_state()
         pyro.util.set_rng_state(rng)
@@ -229,12 +240,13 @@ class GeneralizedEM(InnerRule):
         slots = torch.where(accept.view(-1, 1, 1), lam, state.slots)
         alpha = torch.where(accept.unsqueeze(-1), (2 * alpha).clamp_max(self.step_size), alpha / 2)
         new_state = InnerState(slots, state.step + 1, (alpha,))
-        return new_state, StepInfo(elbo.detach(), resp)
+        return new_state, StepInfo(elbo.detach(), resp.detach())
 
     def extra_repr(self):
         return (
             f"num_steps={self.num_steps}, ascent_steps={self.ascent_steps}, "
-            f"step_size={self.step_size}, trust_radius={self.trust_radius}"
+            f"step_size={self.step_size}, trust_radius={self.trust_radius}, "
+            f"safeguarded={self.safeguarded}"
         )
 
 
