@@ -23,7 +23,7 @@ from .nested import (
     NestedStep,
     NestedSVI,
 )
-from .refine import InnerLoopError, RefineResult, refine
+from .refine import InnerLoopError, RefineResult, refine, refine_video
 from .validation import CapabilityError
 
 __version__ = "0.1.0"
@@ -57,6 +57,7 @@ __all__ = [
     "per_datapoint_elbo",
     "plots",
     "refine",
+    "refine_video",
     "tune_allocator",
 ]
 

@@ -33,6 +33,8 @@ __all__ = [
     "reconstruction_mse",
     "segmentation_covering",
     "segmentation_errors",
+    "slot_keeping",
+    "video_fg_ari",
 ]
 
 AP_THRESHOLDS = (math.inf, 1.0, 0.5, 0.25, 0.125)
@@ -384,3 +386,76 @@ def average_precision(
     precision = np.maximum.accumulate(precision[::-1])[::-1]
     steps = np.nonzero(recall[1:] != recall[:-1])[0]
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+
+
+# ------------------------------------------------------------------------------ videos
+def _video_masks(true_masks, pred_masks, name="pred_masks"):
+    """Checks and flattens ``(B, T, H, W)`` labels and ``(B, T, K, H, W)`` soft masks or
+    ``(B, T, H, W)`` labels over time: ``(B, T·H·W)`` and ``(B, K, T·H·W)`` / ``(B, T·H·W)``."""
+    if not torch.is_tensor(true_masks) or true_masks.dim() != 4:
+        raise ValueError(
+            "true_masks: expected shape (batch, frames, H, W), got "
+            f"{tuple(getattr(true_masks, 'shape', ()))}"
+        )
+    batch, frames = true_masks.shape[:2]
+    if not torch.is_tensor(pred_masks) or tuple(pred_masks.shape[:2]) != (batch, frames):
+        raise ValueError(
+            f"{name}: expected leading shape ({batch}, {frames}), got "
+            f"{tuple(getattr(pred_masks, 'shape', ()))}"
+        )
+    true_flat = true_masks.reshape(batch, -1)
+    if pred_masks.is_floating_point():
+        if pred_masks.dim() != 5 or pred_masks.shape[3:] != true_masks.shape[2:]:
+            raise ValueError(
+                f"{name}: soft masks must have shape (batch, frames, K, H, W) with (H, W) = "
+                f"{tuple(true_masks.shape[2:])}, got {tuple(pred_masks.shape)}"
+            )
+        pred_flat = pred_masks.transpose(1, 2).reshape(batch, pred_masks.shape[2], -1)
+    else:
+        pred_flat = pred_masks.reshape(batch, -1)
+    return true_flat, pred_flat
+
+
+def video_fg_ari(true_masks: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
+    """FG-ARI of every clip over all its pixels at once, ``(batch,)`` float64.
+
+    A slot must keep its object across the clip to score 1: a segmentation that is perfect in
+    every frame but swaps two slots between frames scores below 1 (the per-frame FG-ARI would
+    not see it). Object identity of ``true_masks`` must be consistent over time (as the masks
+    of :func:`pyro_slots.data.video.generate_moving_shapes`).
+
+    :param torch.Tensor true_masks: ``(batch, frames, H, W)`` integer ids, 0 the background.
+    :param torch.Tensor pred_masks: ``(batch, frames, K, H, W)`` soft masks (slot ``k`` is the
+        same slot in every frame) or ``(batch, frames, H, W)`` slot labels.
+    """
+    return fg_ari(*_video_masks(true_masks, pred_masks))
+
+
+def slot_keeping(true_masks: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
+    """Share of objects that keep their slot across the clip, ``(batch,)`` float64.
+
+    An object's slot in a frame is the slot that owns most of its pixels there (argmax of the
+    soft masks); it is kept when that slot is the same in every frame where the object is
+    visible. Clips without a visible object get ``NaN``.
+
+    :param true_masks: ``(batch, frames, H, W)``; :param pred_masks: as :func:`video_fg_ari`.
+    """
+    _video_masks(true_masks, pred_masks)
+    labels = pred_masks.argmax(2) if pred_masks.is_floating_point() else pred_masks
+    batch, frames = true_masks.shape[:2]
+    out = torch.full((batch,), math.nan, dtype=torch.float64)
+    for b in range(batch):
+        kept, seen = 0, 0
+        for obj in true_masks[b].unique().tolist():
+            if obj == 0:
+                continue
+            owners = set()
+            for t in range(frames):
+                pixels = labels[b, t][true_masks[b, t] == obj]
+                if pixels.numel():
+                    owners.add(int(pixels.mode().values))
+            seen += 1
+            kept += len(owners) == 1
+        if seen:
+            out[b] = kept / seen
+    return out

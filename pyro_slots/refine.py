@@ -17,7 +17,7 @@ from .validation import (
     check_slots,
 )
 
-__all__ = ["InnerLoopError", "RefineResult", "refine", "run_inner"]
+__all__ = ["InnerLoopError", "RefineResult", "refine", "refine_video", "run_inner"]
 
 
 class InnerLoopError(FloatingPointError):
@@ -496,6 +496,68 @@ def refine(
         responsibilities=True,
     )
     return _split_restarts(result, num_restarts, batch, x_enc)
+
+
+def refine_video(
+    model,
+    video: torch.Tensor,
+    inner: InnerRule,
+    *,
+    carry: bool = True,
+    transition=None,
+    num_slots: int | None = None,
+    num_steps: int | None = None,
+    init=None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    **kwargs,
+) -> list[RefineResult]:
+    """Run the inner loop frame by frame, each frame starting from the slots of the one before.
+
+    Frame ``t + 1``'s inner loop starts from ``transition(λ*_t)`` (the identity by default; any
+    module or callable ``(batch, K, D) -> (batch, K, D)``, e.g. a learned dynamics model as in
+    SAVi, Kipf et al. 2021), so a slot that explains an object in one frame starts the next
+    frame on it: slots track objects (R-NEM, van Steenkiste et al. 2018; OP3, Veerapaneni et
+    al. 2020). Frame 0 starts from the usual initialization. With ``carry=False`` every frame
+    starts afresh (the per-frame baseline).
+
+    :param torch.Tensor video: ``(batch, frames, ...)``; frame ``t`` is ``video[:, t]``, as the
+        model's ``encode`` expects a batch.
+    :param bool carry: carry the slots over from frame to frame.
+    :param transition: maps the slots of frame ``t`` to the start of frame ``t + 1``.
+    :param kwargs: the other arguments of :func:`refine` (``num_restarts`` excepted: one
+        trajectory of slots per clip).
+    :returns: one :class:`RefineResult` per frame.
+    """
+    if not torch.is_tensor(video) or video.dim() < 3:
+        raise ValueError(
+            "video: expected a tensor (batch, frames, ...), got "
+            f"{tuple(getattr(video, 'shape', ())) if torch.is_tensor(video) else type(video)}"
+        )
+    if kwargs.get("num_restarts", 1) != 1:
+        raise ValueError("num_restarts: refine_video carries one trajectory of slots per clip")
+    if transition is not None and not callable(transition):
+        raise TypeError(f"transition: expected a callable, got {type(transition).__name__}")
+    generator = make_generator(seed, generator)
+    results, slots = [], None
+    for t in range(video.shape[1]):
+        if carry and slots is not None:
+            with torch.no_grad():
+                slots = slots if transition is None else transition(slots)
+        result = refine(
+            model,
+            video[:, t],
+            inner,
+            num_slots=num_slots,
+            num_steps=num_steps,
+            slots=slots if carry else None,
+            init=init,
+            generator=generator,
+            **kwargs,
+        )
+        results.append(result)
+        slots = result.slots[0]
+    return results
 
 
 def _split_restarts(result: RefineResult, num_restarts: int, batch: int, x_enc) -> RefineResult:

@@ -14,6 +14,7 @@ from .hdf5 import HDF5Dataset
 from .points import GaussianMixturePoints, PointSets, sample_point_sets, true_log_likelihood
 from .shapes import ShapesDataset, generate_shapes
 from .tetrominoes import TetrominoesDataset, generate_tetrominoes
+from .video import generate_moving_shapes
 
 __all__ = [
     "DATASET_NAMES",
@@ -22,6 +23,7 @@ __all__ = [
     "PointSets",
     "ShapesDataset",
     "TetrominoesDataset",
+    "generate_moving_shapes",
     "generate_shapes",
     "generate_tetrominoes",
     "make_dataset",
