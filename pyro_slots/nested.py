@@ -210,6 +210,14 @@ class NestedSVI:
         step. Weights are broadcast from rank 0 at construction. Plain ``all_reduce`` rather
         than ``DistributedDataParallel``: J's gradients are taken with
         :func:`torch.autograd.grad`, which DDP's backward hooks do not see.
+    :param bool sequence: ``x`` holds clips ``(batch, frames, ...)``: frame ``t + 1``'s inner
+        loop starts from ``transition(λ*_t)`` (as :func:`~pyro_slots.refine_video`) and J is
+        the sum over frames. The carried slots keep their graph exactly where the initial slots
+        do: with ``"unrolled"`` the gradient flows back through every frame, the other modes
+        detach λ before the differentiated steps of each frame. :meth:`step` then returns one
+        inner result per frame.
+    :param transition: ``(batch, K, D) -> (batch, K, D)`` between frames (identity by
+        default); an ``nn.Module``'s parameters are trained with the rest (``transition.*``).
     """
 
     def __init__(
@@ -230,6 +238,8 @@ class NestedSVI:
         clip_norm: float | None = None,
         estimator: ELBOEstimator | None = None,
         distributed: bool | None = None,
+        sequence: bool = False,
+        transition=None,
     ):
         if not isinstance(inner, InnerRule):
             raise TypeError(f"inner: expected an InnerRule, got {type(inner).__name__}")
@@ -271,6 +281,12 @@ class NestedSVI:
         self.init = init
         self.clip_norm = None if clip_norm is None else check_positive_float(clip_norm, "clip_norm")
         self.estimator = estimator
+        if transition is not None and not callable(transition):
+            raise TypeError(f"transition: expected a callable, got {type(transition).__name__}")
+        if transition is not None and not sequence:
+            raise ValueError("transition: needs sequence=True (slots carried between frames)")
+        self.sequence = bool(sequence)
+        self.transition = transition
         self.generator = make_generator(0 if seed is None else seed)
         self.num_updates = 0
         self._store_prefix = f"NestedSVI{next(_INSTANCES)}"
@@ -308,16 +324,22 @@ class NestedSVI:
             )
 
     # ------------------------------------------------------------------ parameters
-    def modules(self):
-        mods = [self.model, self.inner, self.objective]
+    def _named_modules(self):
+        pairs = [("model", self.model), ("inner", self.inner), ("objective", self.objective)]
         if self.init is not None:
-            mods.append(self.init)
-        return mods
+            pairs.append(("init", self.init))
+        if isinstance(self.transition, torch.nn.Module):
+            pairs.append(("transition", self.transition))
+        return pairs
+
+    def modules(self):
+        return [mod for _, mod in self._named_modules()]
 
     def named_parameters(self):
-        """Unique trainable shared weights, named ``model.*``, ``inner.*``, ``objective.*``."""
+        """Unique trainable shared weights, named ``model.*``, ``inner.*``, ``objective.*``,
+        ``init.*``, ``transition.*``."""
         seen, out = set(), []
-        for prefix, mod in zip(("model", "inner", "objective", "init"), self.modules()):
+        for prefix, mod in self._named_modules():
             for name, p in mod.named_parameters():
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
@@ -351,7 +373,8 @@ class NestedSVI:
     def loss_and_result(self, x, *targets, differentiable: bool = True):
         """``(J, result)``: the task objective (a scalar tensor, differentiable in w unless
         ``differentiable=False``) and the batch's inner :class:`~pyro_slots.RefineResult`
-        (restart axis of size 1; its slots and trajectory keep their graph)."""
+        (restart axis of size 1; its slots and trajectory keep their graph), or with
+        ``sequence=True`` the list of every frame's."""
         check_data(x, "x", self.model)
         for t in targets:
             if torch.is_tensor(t) and t.shape[:1] != x.shape[:1]:
@@ -359,43 +382,65 @@ class NestedSVI:
                     f"targets: expected leading (batch,) dimension {x.shape[0]}, "
                     f"got shape {tuple(t.shape)}"
                 )
-        steps = self.num_steps
         with torch.set_grad_enabled(differentiable):
-            x_enc = self.model.encode(x)
-            check_num_measurements(x_enc, self.num_slots)
-            # Reparameterized draws: a learned initializer receives gradients in its mean and
-            # scale when the first step is differentiated (unrolled mode).
-            slots0 = self._initial_slots(x_enc)
-            backprop = self._backprop_steps() if differentiable else 0
-            implicit = self.implicit if differentiable and self.gradient == "implicit" else None
-            keep = self.iteration_weights != "last"
-            result = run_inner(
-                self.model,
-                x_enc,
-                self.inner,
-                slots0 if backprop >= steps else slots0.detach(),
-                steps - 1 if implicit is not None else steps,
-                backprop_steps=backprop,
-                implicit=implicit,
-                tol=self.tol,
-                keep_trajectory=keep,
-                estimator=self.estimator,
-            )
-            if keep:
-                terms = [
-                    (result.trajectory[t][0], w) for t, w in self._iterate_weights(result.num_steps)
-                ]
-            else:
-                terms = [(result.slots[0], 1.0)]
-            loss = 0.0
-            for slots, weight in terms:
-                per_datapoint = self.objective(self.model, x, x_enc, slots, *targets)
-                if per_datapoint.shape != (x.shape[0],):
-                    raise ValueError(
-                        f"{type(self.objective).__name__} returned shape "
-                        f"{tuple(per_datapoint.shape)}, expected ({x.shape[0]},)"
-                    )
-                loss = loss + weight * per_datapoint.mean()
+            if not self.sequence:
+                x_enc = self.model.encode(x)
+                check_num_measurements(x_enc, self.num_slots)
+                # Reparameterized draws: a learned initializer receives gradients in its mean
+                # and scale when the first step is differentiated (unrolled mode).
+                return self._frame(x, x_enc, self._initial_slots(x_enc), targets, differentiable)
+            if targets:
+                raise ValueError("targets: not supported with sequence=True")
+            if x.dim() < 3:
+                raise ValueError(f"x: expected clips (batch, frames, ...), got {tuple(x.shape)}")
+            loss, results, slots = 0.0, [], None
+            for t in range(x.shape[1]):
+                x_enc = self.model.encode(x[:, t])
+                check_num_measurements(x_enc, self.num_slots)
+                if slots is None:
+                    slots0 = self._initial_slots(x_enc)
+                else:
+                    slots0 = slots if self.transition is None else self.transition(slots)
+                frame_loss, result = self._frame(x[:, t], x_enc, slots0, (), differentiable)
+                loss = loss + frame_loss
+                results.append(result)
+                slots = result.slots[0]
+        return loss, results
+
+    def _frame(self, x, x_enc, slots0, targets, differentiable):
+        """J and the inner result of one batch of inputs from the initial slots ``slots0``;
+        ``slots0`` keeps its graph only where the first inner step is differentiated."""
+        steps = self.num_steps
+        backprop = self._backprop_steps() if differentiable else 0
+        implicit = self.implicit if differentiable and self.gradient == "implicit" else None
+        keep = self.iteration_weights != "last"
+        result = run_inner(
+            self.model,
+            x_enc,
+            self.inner,
+            slots0 if backprop >= steps else slots0.detach(),
+            steps - 1 if implicit is not None else steps,
+            backprop_steps=backprop,
+            implicit=implicit,
+            tol=self.tol,
+            keep_trajectory=keep,
+            estimator=self.estimator,
+        )
+        if keep:
+            terms = [
+                (result.trajectory[t][0], w) for t, w in self._iterate_weights(result.num_steps)
+            ]
+        else:
+            terms = [(result.slots[0], 1.0)]
+        loss = 0.0
+        for slots, weight in terms:
+            per_datapoint = self.objective(self.model, x, x_enc, slots, *targets)
+            if per_datapoint.shape != (x.shape[0],):
+                raise ValueError(
+                    f"{type(self.objective).__name__} returned shape "
+                    f"{tuple(per_datapoint.shape)}, expected ({x.shape[0]},)"
+                )
+            loss = loss + weight * per_datapoint.mean()
         return loss, result
 
     def _initial_slots(self, x_enc):
@@ -604,7 +649,10 @@ class NestedStep(NamedTuple):
     result: RefineResult
 
 
-def _detached(result: RefineResult) -> RefineResult:
+def _detached(result):
+    if isinstance(result, list):  # one result per frame (sequence=True)
+        return [_detached(r) for r in result]
+
     def d(t):
         return t.detach() if torch.is_tensor(t) else t
 

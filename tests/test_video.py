@@ -92,3 +92,60 @@ def test_carried_slots_start_where_the_last_frame_ended():
     assert torch.equal(moved[1].initial_slots[0], moved[0].slots[0] + 1.0)
     with pytest.raises(ValueError, match="num_restarts"):
         ps.refine_video(gmm, video, EM(5), num_restarts=2)
+
+
+def test_nested_svi_on_clips_sums_j_over_frames_and_differentiates_through_carried_slots(
+    float64,
+):
+    """sequence=True: J = Σ_t -ELBO_t at the frames' final slots (those of refine_video from
+    the same λ_0), and its unrolled gradient, through the slots carried from frame to frame and
+    a learned transition, against central finite differences."""
+    import pyro.optim
+
+    from pyro_slots.objectives import NegativeELBO
+
+    g = torch.Generator().manual_seed(1)
+    video = torch.randn(2, 3, 20, 2, generator=g)
+    torch.manual_seed(0)
+    gmm = GaussianMixture(3, 2, encoder=torch.nn.Linear(2, 2).double())
+    transition = torch.nn.Linear(5, 5).double()
+    with torch.no_grad():
+        transition.weight.copy_(torch.eye(5) + 0.01 * torch.randn(5, 5, generator=g))
+        transition.bias.zero_()
+    svi = ps.NestedSVI(
+        gmm,
+        EM(2),
+        NegativeELBO(),
+        pyro.optim.SGD({"lr": 0.0}),
+        sequence=True,
+        transition=transition,
+        seed=0,
+    )
+    assert {"transition.weight", "transition.bias"} <= {n for n, _ in svi.named_parameters()}
+
+    def loss():
+        svi.generator.manual_seed(0)
+        return svi.loss_and_result(video)
+
+    value, results = loss()
+    assert len(results) == 3
+    with torch.no_grad():
+        frames = [gmm.encode(video[:, t]) for t in range(3)]
+        expected = -sum(
+            ps.per_datapoint_elbo(gmm, f, r.slots[0]).mean() for f, r in zip(frames, results)
+        )
+    assert value.item() == pytest.approx(expected.item(), rel=1e-10)
+    assert torch.allclose(results[1].initial_slots[0], transition(results[0].slots[0]))
+    weights = [gmm.encoder.weight, transition.weight]
+    grads = torch.autograd.grad(value, weights)
+    for weight, grad in zip(weights, grads):
+        eps = 1e-6
+        with torch.no_grad():
+            weight[0, 1] += eps
+            up = loss()[0]
+            weight[0, 1] -= 2 * eps
+            down = loss()[0]
+            weight[0, 1] += eps
+        assert grad[0, 1].item() == pytest.approx(((up - down) / (2 * eps)).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="needs sequence=True"):
+        ps.NestedSVI(gmm, EM(2), NegativeELBO(), pyro.optim.SGD({"lr": 0.0}), transition=transition)
