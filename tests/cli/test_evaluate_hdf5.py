@@ -178,9 +178,7 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_FILES))
-def test_bad_files_give_one_line_and_status_2_before_any_work(
-    image_run, tmp_path, capsys, case
-):
+def test_bad_files_give_one_line_and_status_2_before_any_work(image_run, tmp_path, capsys, case):
     make, extra, match = BAD_FILES[case]
     dataset = make(tmp_path)
     rows = tmp_path / "rows.csv"
@@ -201,9 +199,7 @@ def test_a_gmm_run_refuses_an_image_file(gmm_run, tmp_path, capsys):
 
 
 def test_the_console_command_exits_2_on_a_wrong_layout(image_run, tmp_path, cli):
-    proc = cli(
-        "evaluate", image_run, "--dataset", _bad(tmp_path, "j.h5", mask=None), check=False
-    )
+    proc = cli("evaluate", image_run, "--dataset", _bad(tmp_path, "j.h5", mask=None), check=False)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "missing dataset 'mask'" in proc.stderr
 
