@@ -213,3 +213,17 @@ def test_other_generators_and_wrong_kinds(image_run, gmm_run):
         evaluate_run(gmm_run, dataset="clevr")
     metrics = evaluate_run(gmm_run, dataset="points", num=3)
     assert metrics["num_datapoints"] == 3 and not math.isnan(metrics["loglik_per_point"])
+
+
+def test_a_run_trained_on_a_file_is_scored_on_its_held_out_images(tmp_path, capsys):
+    write_file(tmp_path / "train.h5", num=6)
+    args = [a if a != "shapes" else f"hdf5:{tmp_path / 'train.h5'}" for a in SA_RUN]
+    for flag in ("--image-size", "--threads"):  # (--threads would change this process)
+        del args[args.index(flag) : args.index(flag) + 2]
+    assert main(["train", *args, "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    metrics = evaluate_run(tmp_path / "run")  # --eval-size 2: the file's last 2 images
+    assert metrics["num_datapoints"] == 2
+    assert main(["evaluate", str(tmp_path / "run"), "--num", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "3 images asked for" in err and "held out only 2" in err
