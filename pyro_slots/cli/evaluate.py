@@ -402,7 +402,9 @@ def evaluate_run(
     :param int inner_steps: inner steps T (default: as in training).
     :param int restarts: restarts per datapoint, the best (inner ELBO) kept.
     :param per_image: a CSV file to write one row per datapoint into (:func:`write_per_image`).
-    :param int chunk_size: datapoints refined at once.
+    :param int chunk_size: datapoints refined at once. The slot initialization of each chunk is
+        drawn with the run's seed, so a datapoint's scores depend on its position within its
+        chunk (and are reproducible for the same ``num`` and ``chunk_size``).
     :returns: ``step``, ``dataset``, ``num_datapoints``, ``inner_steps``, ``restarts`` and the
         mean of every column of :func:`per_datapoint`.
     :raises ConfigError: for bad options or data (before any slot is refined).
