@@ -112,9 +112,8 @@ def main(args):
         args.num_test_sets, args.min_points, args.max_points, args.num_test_groups, K, DIM,
         TEST_SEED,
     )  # fmt: skip
-    methods = {} if args.learned_only else clustering.baseline_methods(K, DIM, args.seed)
-    if args.learned_only:
-        methods[clustering.ORACLE] = clustering.baseline_methods(K, DIM)[clustering.ORACLE]
+    methods = clustering.baseline_methods(K, DIM, args.seed)
+    methods = {k: f for k, f in methods.items() if k == clustering.ORACLE or not args.learned_only}
     methods.update(
         clustering.learned_methods(model, rule, args.test_steps, args.num_steps, args.seed,
                                    args.fast_learned, args.safeguarded)
@@ -125,9 +124,8 @@ def main(args):
         print(table)
     if args.results:
         command = " ".join(["python examples/amortized_clustering.py", *sys.argv[1:]])
-        text = f"# Amortized clustering\n\nReproduce with `{command}`.\n\n{table}\n"
         with open(args.results, "w") as f:
-            f.write(text)
+            f.write(f"# Amortized clustering\n\nReproduce with `{command}`.\n\n{table}\n")
         with open(os.path.splitext(args.results)[0] + ".json", "w") as f:
             json.dump({"args": vars(args), "rows": rows, "train": progress}, f, indent=1)
     return rows, progress
