@@ -227,3 +227,15 @@ def test_a_run_trained_on_a_file_is_scored_on_its_held_out_images(tmp_path, caps
     assert main(["evaluate", str(tmp_path / "run"), "--num", "3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "3 images asked for" in err and "held out only 2" in err
+
+
+def test_pictures_show_the_images_of_the_file(image_run, tmp_path, capsys):
+    write_file(tmp_path / "test.h5", num=3)
+    pictures = tmp_path / "pictures"
+    argv = ["evaluate", str(image_run), "--dataset", f"hdf5:{tmp_path / 'test.h5'}"]
+    assert main([*argv, "--pictures", str(pictures)]) == 0
+    written = sorted(p.name for p in pictures.iterdir())
+    # metrics.jsonl of the run exists, so its training curve is drawn too.
+    assert written == ["inner_elbo.png", "slots.png", "training_curve.png"]
+    out = capsys.readouterr().out
+    assert re.search(r"num_datapoints\s+3\b", out)
