@@ -7,6 +7,8 @@ r"""Segmentation and set-prediction metrics, batched in torch.
 - :func:`mean_iou` (one-to-one Hungarian matching) and :func:`segmentation_covering`
   (Arbeláez et al. 2011, as used by GENESIS, Engelcke et al. 2020).
 - :func:`reconstruction_mse`.
+- :func:`count_objects` and :func:`image_scores`: every per-image score of a segmentation at
+  once (what ``pyro-slots evaluate --per-image`` writes).
 - :func:`average_precision`: AP of set prediction at a distance threshold, as in the property
   prediction task of Slot Attention.
 
@@ -26,9 +28,12 @@ from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "AP_THRESHOLDS",
+    "IMAGE_SCORES",
     "ari",
     "average_precision",
+    "count_objects",
     "fg_ari",
+    "image_scores",
     "mean_iou",
     "reconstruction_mse",
     "segmentation_covering",
@@ -265,6 +270,65 @@ def segmentation_errors(
         "merged": torch.tensor(merged, dtype=torch.int64),
         "background_share": torch.tensor(share, dtype=torch.float64),
     }
+
+
+def count_objects(true_mask: torch.Tensor) -> torch.Tensor:
+    """Number of true objects per image: labels >= 1 with at least one pixel, ``(batch,)`` int64.
+
+    :param torch.Tensor true_mask: integer labels ``(batch, H, W)`` or ``(batch, N)``.
+    """
+    labels = _flat_labels(true_mask)
+    if labels.numel() == 0:
+        return torch.zeros(labels.shape[0], dtype=torch.int64)
+    present = F.one_hot(labels, int(labels.max()) + 1).sum(1) > 0  # (batch, ids)
+    return present[:, 1:].sum(1).to(torch.int64)
+
+
+#: The columns of :func:`image_scores`, in order.
+IMAGE_SCORES = (
+    "fg_ari",
+    "ari",
+    "mean_iou",
+    "mse",
+    "objects_split",
+    "objects_merged",
+    "num_objects",
+)
+
+
+def image_scores(
+    true_mask: torch.Tensor,
+    pred_masks: torch.Tensor,
+    x: torch.Tensor | None = None,
+    recon: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every per-image score of a predicted segmentation, one ``(batch,)`` tensor each.
+
+    The keys are :data:`IMAGE_SCORES`: :func:`fg_ari`, :func:`ari`, :func:`mean_iou`,
+    :func:`reconstruction_mse` (only when ``x`` and ``recon`` are given), the split and merged
+    objects of :func:`segmentation_errors` and :func:`count_objects`. Soft masks are taken at
+    their argmax.
+
+    :param torch.Tensor true_mask: integer labels ``(batch, H, W)``, 0 the background.
+    :param torch.Tensor pred_masks: soft masks ``(batch, K, H, W)`` or labels ``(batch, H, W)``.
+    :param torch.Tensor x: images ``(batch, C, H, W)`` (optional).
+    :param torch.Tensor recon: their reconstructions, the shape of ``x`` (optional).
+    :returns: ``{name: (batch,)}``, float64 scores and int64 counts.
+    """
+    if (x is None) != (recon is None):
+        raise ValueError("x, recon: give both (for the reconstruction MSE) or neither")
+    errors = segmentation_errors(true_mask, pred_masks)
+    scores = {
+        "fg_ari": fg_ari(true_mask, pred_masks).double().cpu(),
+        "ari": ari(true_mask, pred_masks).double().cpu(),
+        "mean_iou": mean_iou(true_mask, pred_masks),
+    }
+    if x is not None:
+        scores["mse"] = reconstruction_mse(x, recon).detach().double().cpu()
+    scores["objects_split"] = errors["split"]
+    scores["objects_merged"] = errors["merged"]
+    scores["num_objects"] = count_objects(true_mask).cpu()
+    return scores
 
 
 def reconstruction_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

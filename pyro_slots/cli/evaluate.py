@@ -1,55 +1,204 @@
-"""``pyro-slots evaluate CHECKPOINT``: metrics on held-out generated data, and the pictures.
+"""``pyro-slots evaluate RUN``: metrics of a trained run on held-out or any data, and the pictures.
 
-For ``gmm`` the slots of every held-out point set are refined with the trained rule and
-initialization, and the fit is compared with the set's true mixture: log-likelihood per point
-of the fit and of the true parameters, ARI of the responsibilities against the true
-assignments, and a reference fit (k-means++ then 100 EM steps). For image models: FG-ARI,
-ARI, mean IoU of the Hungarian-matched objects, reconstruction MSE and the inner ELBO; the
-segmentation is every pixel's most probable slot under the decoder's masks.
+The data are the run's own held-out split (``dataset=None``), another generator of the same kind
+(``points``, ``shapes``, ``tetrominoes``) or a benchmark file, ``hdf5:PATH``, in the layout of
+:mod:`pyro_slots.data.hdf5` (every image of the file, or its first ``num``). Everything about the
+data is checked before any slot is refined (:func:`evaluation_data`).
+
+For ``gmm`` the slots of every point set are refined with the trained rule and initialization,
+and the fit is compared with the set's true mixture: log-likelihood per point of the fit and of
+the true parameters, ARI of the responsibilities against the true assignments, and a reference
+fit (k-means++ then 100 EM steps). For image models: FG-ARI, ARI, mean IoU of the
+Hungarian-matched objects, reconstruction MSE, the inner ELBO, the objects split and merged and
+the number of true objects (:func:`pyro_slots.metrics.image_scores`); the segmentation is every
+pixel's most probable slot under the decoder's masks. With ``restarts`` R > 1 each datapoint
+keeps the restart with the highest inner ELBO (:meth:`~pyro_slots.RefineResult.best`).
+
+The metrics are computed per datapoint (:func:`per_datapoint`, the rows of ``--per-image``) and
+averaged (NaN-aware: FG-ARI is NaN for an image without foreground) into the flat dict that
+:func:`evaluate_run` returns.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import math
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from pyro_slots import plots, refine
 from pyro_slots.data import true_log_likelihood
+from pyro_slots.data.hdf5 import HDF5Dataset, open_hdf5
 from pyro_slots.inner import EM
-from pyro_slots.metrics import ari, fg_ari, mean_iou, reconstruction_mse
+from pyro_slots.metrics import ari, image_scores, reconstruction_mse
 
-from .runs import METRICS_NAME, TrainRun, count_option, writable_folder
+from .config import ConfigError
+from .registry import DATASETS
+from .runs import METRICS_NAME, TrainRun, count_option, load_run, resolve_device, writable_folder
 from .streams import Batch
 
 __all__ = [
+    "DEFAULT_NUM",
     "Inference",
+    "EvalData",
     "evaluate_run",
     "format_table",
     "held_out_record",
     "infer",
+    "metrics_of",
+    "per_datapoint",
+    "evaluation_data",
+    "write_per_image",
     "write_pictures",
 ]
 
 #: Steps of the reference EM fit that gmm results are compared with.
 REFERENCE_EM_STEPS = 100
 
+#: Datapoints drawn from a generator when ``num`` is not given.
+DEFAULT_NUM = 128
+
+#: Datapoints refined at once by :func:`evaluate_run`.
+CHUNK_SIZE = 64
+
 
 @dataclass
 class Inference:
     """Held-out data and what the trained run infers for them.
 
-    :ivar result: the :class:`~pyro_slots.RefineResult` (one restart: ``result.slots[0]`` are
-        the slots of the held-out datapoints).
+    :ivar result: the :class:`~pyro_slots.RefineResult` (one restart, the best of ``restarts``:
+        ``result.slots[0]`` are the slots of the datapoints).
     """
 
     batch: Batch
     result: object  # RefineResult
 
 
-def infer(run: TrainRun, batch: Batch | int, inner_steps: int | None = None) -> Inference:
+@dataclass
+class EvalData:
+    """Data a run is evaluated on, read a slice at a time.
+
+    :ivar str name: ``<dataset>/held-out``, a generator's name or ``hdf5:PATH``.
+    :ivar int size: number of datapoints.
+    :ivar load: ``load(start, stop)`` returns the :class:`Batch` of datapoints ``start..stop-1``.
+    """
+
+    name: str
+    size: int
+    load: Callable[[int, int], Batch]
+
+
+def _slice(batch: Batch, start: int, stop: int) -> Batch:
+    truth = {k: v[start:stop] if torch.is_tensor(v) else v for k, v in batch.truth.items()}
+    return Batch(batch.x[start:stop], truth)
+
+
+def _generated(stream, num: int, name: str) -> EvalData:
+    batch = stream.held_out(num)
+    return EvalData(name, num, lambda start, stop: _slice(batch, start, stop))
+
+
+def _hdf5_data(run: TrainRun, name: str, num: int | None) -> EvalData:
+    path = name[len("hdf5:") :]
+    where = f"--dataset {name}"
+    if not path:
+        raise ConfigError("--dataset: 'hdf5:' must be followed by the file's path, e.g. hdf5:x.h5")
+    if run.components.stream.kind != "images":
+        raise ConfigError(
+            f"{where}: --model {run.config.model} was trained on point sets, not images; "
+            "evaluate it on its own data (omit --dataset, or --dataset points)"
+        )
+    channels = getattr(run.components.model, "in_channels", 3)
+    try:
+        with open_hdf5(path) as f:
+            image = f.get("image")
+            rank = getattr(image, "ndim", None)
+            if rank == 4 and image.shape[3] != channels:
+                raise ConfigError(
+                    f"{where}: images with {image.shape[3]} channels (dataset 'image' of shape "
+                    f"{image.shape}), but the run's model takes {channels}-channel images"
+                )
+        data = HDF5Dataset(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{where}: {error}") from None
+    size = run.components.stream.image_size
+    trained = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(data.image_shape[1:]) != trained:
+        raise ConfigError(
+            f"{where}: images of {data.image_shape[1]}x{data.image_shape[2]} pixels, but the "
+            f"run's model was trained on {trained[0]}x{trained[1]}"
+        )
+    if len(data) == 0:
+        raise ConfigError(f"{where}: the file holds no images")
+    if num is not None and num > len(data):
+        raise ConfigError(f"--num: {num} images asked for, but {path} holds only {len(data)}")
+    count = len(data) if num is None else num
+
+    def load(start: int, stop: int) -> Batch:
+        items = [data[i] for i in range(start, stop)]
+        x = torch.stack([item["image"] for item in items])
+        return Batch(x, {"mask": torch.stack([item["mask"] for item in items])})
+
+    return EvalData(name, count, load)
+
+
+def evaluation_data(run: TrainRun, dataset: str | None = None, num: int | None = None) -> EvalData:
+    """The data to evaluate ``run`` on, checked; nothing is refined.
+
+    :param str dataset: ``None`` (the run's own held-out split), a generator's name of the run's
+        kind of data, or ``hdf5:PATH``.
+    :param int num: datapoints (default: :data:`DEFAULT_NUM` from a generator, every image of
+        an HDF5 file or of the run's held-out HDF5 split); >= 1.
+    :raises ConfigError: for an unknown name, data of another kind, size or channel count than
+        the run's model takes, a missing or misshaped file, or fewer datapoints than ``num``.
+    """
+    num = count_option(num, "num")
+    stream = run.components.stream
+    own = dataset == run.config.dataset and not dataset.startswith("hdf5:")
+    if dataset is None or own:
+        name = f"{run.config.dataset}/held-out"
+        if hasattr(stream, "held_out_size"):  # an HDF5 run: its last images were held out
+            if num is not None and num > stream.held_out_size:
+                raise ConfigError(
+                    f"--num: {num} images asked for, but the run held out only "
+                    f"{stream.held_out_size} (its --eval-size); pass --dataset hdf5:PATH"
+                )
+            return _generated(stream, stream.held_out_size if num is None else num, name)
+        return _generated(stream, DEFAULT_NUM if num is None else num, name)
+    if not isinstance(dataset, str):
+        raise ConfigError(f"--dataset: expected a name or hdf5:PATH, got {dataset!r}")
+    if dataset.startswith("hdf5:"):
+        return _hdf5_data(run, dataset, num)
+    if dataset not in DATASETS:
+        raise ConfigError(
+            f"--dataset: unknown name {dataset!r}; valid choices are {list(DATASETS)}"
+        )
+    if DATASETS[dataset].data != stream.kind:
+        raise ConfigError(
+            f"--dataset {dataset}: holds {DATASETS[dataset].data}, but --model "
+            f"{run.config.model} was trained on {stream.kind}"
+        )
+    try:
+        config = dataclasses.replace(run.config, dataset=dataset)
+        other = DATASETS[dataset].factory(config, dataset)
+    except ValueError as error:
+        raise ConfigError(f"--dataset {dataset}: {error}") from None
+    if getattr(other, "image_size", None) != getattr(stream, "image_size", None):
+        raise ConfigError(
+            f"--dataset {dataset}: images of {other.image_size}x{other.image_size} pixels, but "
+            f"the run's model was trained on {stream.image_size}x{stream.image_size}"
+        )
+    return _generated(other, DEFAULT_NUM if num is None else num, dataset)
+
+
+def infer(
+    run: TrainRun, batch: Batch | int, inner_steps: int | None = None, restarts: int = 1
+) -> Inference:
     """Refine the slots of held-out datapoints with the trained rule and initialization.
 
     The slot initialization is seeded with the run's seed, so results are reproducible; no
@@ -57,10 +206,13 @@ def infer(run: TrainRun, batch: Batch | int, inner_steps: int | None = None) -> 
 
     :param batch: a :class:`Batch`, or the number of held-out datapoints to draw.
     :param int inner_steps: inner steps T (default: as in training), >= 1.
-    :raises ConfigError: for ``inner_steps`` < 1.
+    :param int restarts: R restarts side by side; every datapoint keeps the one with the
+        highest final inner ELBO, >= 1.
+    :raises ConfigError: for ``inner_steps`` or ``restarts`` < 1.
     """
     config, c = run.config, run.components
     inner_steps = count_option(inner_steps, "inner_steps")
+    restarts = count_option(restarts, "restarts")
     if isinstance(batch, int):
         batch = c.stream.held_out(batch)
     batch = on_device(batch, run.device)
@@ -72,8 +224,9 @@ def infer(run: TrainRun, batch: Batch | int, inner_steps: int | None = None) -> 
         num_steps=config.inner_steps if inner_steps is None else inner_steps,
         init=c.init,
         seed=config.seed,
+        num_restarts=restarts,
     )
-    return Inference(batch, result)
+    return Inference(batch, result.best() if restarts > 1 else result)
 
 
 def on_device(batch: Batch, device: torch.device) -> Batch:
@@ -86,19 +239,20 @@ def _mean(t: torch.Tensor) -> float:
     return float(torch.nanmean(t.double()).item())
 
 
-def _gmm_metrics(run: TrainRun, inference: Inference, reference: bool = True) -> dict:
+def _gmm_columns(run: TrainRun, inference: Inference, reference: bool = True) -> dict:
     model = run.components.model
     x, truth, result = inference.batch.x, inference.batch.truth, inference.result
     num_points = x.shape[1]
+    elbo = result.elbo[0].double()
     # Assignments are enumerated exactly and there is no guide: the ELBO is the log-likelihood.
-    loglik = result.elbo[0] / num_points  # (S,)
+    loglik = elbo / num_points  # (S,)
     with torch.no_grad():
-        true = true_log_likelihood(x, truth["means"], truth["scales"], truth["weights"])
+        true = true_log_likelihood(x, truth["means"], truth["scales"], truth["weights"]).double()
         recon = model.reconstruct(x, result.slots[0])
-    metrics = {
-        "loglik_per_point": _mean(loglik),
-        "true_loglik_per_point": _mean(true),
-        "gap_to_true_per_point": _mean(true.mean(1) - loglik),
+    columns = {
+        "loglik_per_point": loglik,
+        "true_loglik_per_point": true.mean(1),
+        "gap_to_true_per_point": true.mean(1) - loglik,
     }
     if reference:
         with torch.no_grad():
@@ -109,16 +263,16 @@ def _gmm_metrics(run: TrainRun, inference: Inference, reference: bool = True) ->
                 num_slots=run.config.num_slots,
                 seed=run.config.seed,
             )
-            metrics["reference_em_loglik_per_point"] = _mean(fit.elbo[0]) / num_points
-    metrics.update(
+        columns["reference_em_loglik_per_point"] = fit.elbo[0].double() / num_points
+    columns.update(
         {
-            "elbo": _mean(result.elbo[0]),
-            "elbo_per_point": _mean(result.elbo[0]) / num_points,
-            "ari": _mean(ari(truth["assignments"], result.responsibilities[0])),
-            "mse": _mean(reconstruction_mse(x, recon)),
+            "elbo": elbo,
+            "elbo_per_point": elbo / num_points,
+            "ari": ari(truth["assignments"], result.responsibilities[0]).double(),
+            "mse": reconstruction_mse(x, recon).double(),
         }
     )
-    return metrics
+    return columns
 
 
 def decode(model, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,17 +284,17 @@ def decode(model, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return recon, rgb, masks
 
 
-def _image_metrics(run: TrainRun, inference: Inference, reference: bool = False) -> dict:
+def _image_columns(run: TrainRun, inference: Inference, reference: bool = False) -> dict:
     x, truth, result = inference.batch.x, inference.batch.truth, inference.result
     recon, _, masks = decode(run.components.model, result)
-    return {
-        "fg_ari": _mean(fg_ari(truth["mask"], masks)),
-        "ari": _mean(ari(truth["mask"], masks)),
-        "mean_iou": _mean(mean_iou(truth["mask"], masks)),
-        "mse": _mean(reconstruction_mse(x, recon)),
-        "elbo": _mean(result.elbo[0]),
-        "elbo_per_measurement": _mean(result.elbo[0]) / result.x_enc.shape[1],
-    }
+    scores = image_scores(truth["mask"], masks, x, recon)
+    elbo = result.elbo[0].double()
+    columns = {key: scores[key] for key in ("fg_ari", "ari", "mean_iou", "mse")}
+    columns["elbo"] = elbo
+    columns["elbo_per_measurement"] = elbo / result.x_enc.shape[1]
+    for key in ("objects_split", "objects_merged", "num_objects"):
+        columns[key] = scores[key]
+    return columns
 
 
 def task_objective(run: TrainRun, inference: Inference) -> torch.Tensor:
@@ -152,28 +306,135 @@ def task_objective(run: TrainRun, inference: Inference) -> torch.Tensor:
         return c.objective(c.model, x, x_enc, inference.result.slots[0])
 
 
+def per_datapoint(run: TrainRun, inference: Inference, reference: bool = True) -> dict:
+    """Every metric of every datapoint: ``{name: (batch,) CPU tensor}``, ``J`` first.
+
+    :param bool reference: include the gmm reference fit (100 EM steps).
+    """
+    columns = {"J": task_objective(run, inference).detach().double()}
+    kind = _gmm_columns if run.components.stream.kind == "points" else _image_columns
+    columns.update(kind(run, inference, reference))
+    return {k: v.detach().cpu() for k, v in columns.items()}
+
+
+def _means(columns: dict) -> dict:
+    return {key: _mean(value) for key, value in columns.items()}
+
+
 def metrics_of(run: TrainRun, inference: Inference, reference: bool = True) -> dict:
-    """The metrics of one :class:`Inference` (see the module docstring).
+    """The mean metrics of one :class:`Inference` (see the module docstring).
 
     :param bool reference: include the gmm reference fit (100 EM steps).
     """
     metrics = {
         "num_datapoints": int(inference.batch.x.shape[0]),
         "inner_steps": int(inference.result.num_steps),
-        "J": _mean(task_objective(run, inference)),
     }
-    kind = _gmm_metrics if run.components.stream.kind == "points" else _image_metrics
-    metrics.update(kind(run, inference, reference))
+    metrics.update(_means(per_datapoint(run, inference, reference)))
     return metrics
 
 
-def evaluate_run(run: TrainRun, num: int = 128, inner_steps: int | None = None) -> dict:
-    """Metrics of a trained run on ``num`` held-out datapoints (a flat dict of numbers).
+def _check_per_image_path(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"--per-image: {path!r} is a folder; expected a .csv file name")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ConfigError(f"--per-image: cannot write into the folder {folder!r}")
+    return path
 
-    :raises ConfigError: for ``num`` or ``inner_steps`` < 1.
+
+def write_per_image(path: str | os.PathLike, columns: dict, index=None) -> str:
+    """Write one CSV row per datapoint, atomically (a temporary file renamed over ``path``).
+
+    The first column is ``index`` (the datapoint's position in the evaluated data), then one
+    column per entry of ``columns``, numbers written exactly (``repr``) so that the column means
+    equal the means :func:`evaluate_run` returns.
+
+    :param dict columns: ``{name: (N,) tensor}``.
+    :param index: the ``N`` indices (default ``0..N-1``).
+    :returns: ``path``.
     """
-    num = count_option(num, "num")
-    return {"step": run.step, **metrics_of(run, infer(run, num, inner_steps))}
+    path = _check_per_image_path(path)
+    size = len(next(iter(columns.values())))
+    index = range(size) if index is None else index
+    values = [c.tolist() for c in columns.values()]
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=folder)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", *columns])
+            for row, i in enumerate(index):
+                writer.writerow([i, *(repr(v[row]) for v in values)])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def evaluate_run(
+    run: TrainRun | str | os.PathLike,
+    dataset: str | EvalData | None = None,
+    num: int | None = None,
+    inner_steps: int | None = None,
+    restarts: int = 1,
+    per_image: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    chunk_size: int = CHUNK_SIZE,
+) -> dict:
+    """Metrics of a trained run on held-out or any data (a flat dict of numbers), the Python
+    form of ``pyro-slots evaluate``.
+
+    Example::
+
+        >>> metrics = evaluate_run("runs/tetrominoes", dataset="hdf5:test.h5", restarts=3)
+        >>> metrics["fg_ari"]
+
+    :param run: a :class:`TrainRun`, or a checkpoint file or run folder (loaded on ``device``).
+    :param dataset: a name, see :func:`evaluation_data` (default: the run's own held-out
+        split), or the :class:`EvalData` it returned (``num`` is then ignored).
+    :param int num: datapoints (see :func:`evaluation_data`).
+    :param int inner_steps: inner steps T (default: as in training).
+    :param int restarts: restarts per datapoint, the best (inner ELBO) kept.
+    :param per_image: a CSV file to write one row per datapoint into (:func:`write_per_image`).
+    :param int chunk_size: datapoints refined at once. The slot initialization of each chunk is
+        drawn with the run's seed, so a datapoint's scores depend on its position within its
+        chunk (and are reproducible for the same ``num`` and ``chunk_size``).
+    :returns: ``step``, ``dataset``, ``num_datapoints``, ``inner_steps``, ``restarts`` and the
+        mean of every column of :func:`per_datapoint`.
+    :raises ConfigError: for bad options or data (before any slot is refined).
+    :raises CheckpointError: for an unreadable checkpoint.
+    """
+    if not isinstance(run, TrainRun):
+        run = load_run(run, {"tensorboard": False}, resolve_device(device))
+    restarts = count_option(restarts, "restarts")
+    inner_steps = count_option(inner_steps, "inner_steps")
+    chunk_size = count_option(chunk_size, "chunk_size")
+    data = dataset if isinstance(dataset, EvalData) else evaluation_data(run, dataset, num)
+    if per_image is not None:
+        _check_per_image_path(per_image)
+    parts, steps = [], 0
+    for start in range(0, data.size, chunk_size):
+        batch = data.load(start, min(start + chunk_size, data.size))
+        inference = infer(run, batch, inner_steps, restarts)
+        steps = max(steps, int(inference.result.num_steps))
+        parts.append(per_datapoint(run, inference))
+    columns = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    if per_image is not None:
+        write_per_image(per_image, columns)
+    return {
+        "step": run.step,
+        "dataset": data.name,
+        "num_datapoints": data.size,
+        "inner_steps": steps,
+        "restarts": restarts,
+        **_means(columns),
+    }
 
 
 def format_table(metrics: dict) -> str:
@@ -189,11 +450,19 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def write_pictures(run: TrainRun, folder: str, num: int = 4) -> list[str]:
+def write_pictures(
+    run: TrainRun,
+    folder: str,
+    num: int = 4,
+    data: EvalData | None = None,
+    inner_steps: int | None = None,
+    restarts: int = 1,
+) -> list[str]:
     """Write the run's pictures into ``folder``; returns their paths.
 
     ``training_curve.png`` (when the run's ``metrics.jsonl`` exists), ``inner_elbo.png``, and
-    ``gmm_fits.png`` (gmm) or ``slots.png`` (image models) for ``num`` held-out datapoints.
+    ``gmm_fits.png`` (gmm) or ``slots.png`` (image models) for ``num`` datapoints of ``data``
+    (:func:`evaluation_data`; default: the run's held-out split).
 
     :raises ConfigError: when ``folder`` cannot be created or written into.
     """
@@ -209,7 +478,8 @@ def write_pictures(run: TrainRun, folder: str, num: int = 4) -> list[str]:
             title=f"{config.model} / {config.inner} / {config.gradient} on {config.dataset}",
         )
         written.append(path)
-    inference = infer(run, max(num, 32))
+    data = evaluation_data(run) if data is None else data
+    inference = infer(run, data.load(0, min(max(num, 32), data.size)), inner_steps, restarts)
     result = inference.result
     path = os.path.join(folder, "inner_elbo.png")
     plots.plot_inner_elbo(

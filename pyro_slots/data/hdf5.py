@@ -35,9 +35,25 @@ from torch.utils.data import Dataset
 
 from ._scene import dataset_index
 
-__all__ = ["HDF5Dataset", "REQUIRED_DATASETS"]
+__all__ = ["HDF5Dataset", "REQUIRED_DATASETS", "open_hdf5"]
 
 REQUIRED_DATASETS = ("image", "mask", "num_actual_objects", "visibility")
+
+
+def open_hdf5(path: str | os.PathLike) -> h5py.File:
+    """Open ``path`` read-only; a missing, unreadable or non-HDF5 file is one line of error.
+
+    :raises FileNotFoundError: if ``path`` is not a file.
+    :raises ValueError: if it cannot be read as HDF5 (h5py's reason appended).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path: no HDF5 file at {path!r}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"path: {path!r} is not a readable HDF5 file ({reason})") from None
 
 
 def _validate(group, where: str) -> tuple[int, int]:
@@ -108,7 +124,8 @@ class HDF5Dataset(Dataset):
     :param int start: first image to use (default 0).
     :param int stop: one past the last image to use (default: all).
     :raises FileNotFoundError: if ``path`` does not exist.
-    :raises ValueError: if a dataset is missing or has the wrong shape or dtype.
+    :raises ValueError: if the file is not HDF5, or a dataset is missing or has the wrong shape
+        or dtype.
 
     Example::
 
@@ -126,19 +143,20 @@ class HDF5Dataset(Dataset):
         stop: int | None = None,
     ):
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"path: no HDF5 file at {path!r}")
         if split is not None and not isinstance(split, str):
             raise TypeError(f"split: expected a group name or None, got {split!r}")
         self.path, self.split = path, split
         where = path if split is None else f"{path}[{split!r}]"
-        with h5py.File(path, "r") as f:
+        with open_hdf5(path) as f:
             if split is not None and not isinstance(f.get(split), h5py.Group):
                 raise ValueError(
                     f"split: no group {split!r} in {path!r}; groups: "
                     f"{sorted(k for k in f if isinstance(f[k], h5py.Group))}"
                 )
-            size, self.max_objects = _validate(f if split is None else f[split], where)
+            group = f if split is None else f[split]
+            size, self.max_objects = _validate(group, where)
+            #: ``(C, H, W)`` of every image.
+            self.image_shape = (group["image"].shape[3], *group["image"].shape[1:3])
         stop = size if stop is None else stop
         for name, value in (("start", start), ("stop", stop)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer):

@@ -9,6 +9,9 @@
 * :func:`summary`: one row per datapoint; the figures live in :mod:`pyro_slots.plots` (the
   diagnostic ones are re-exported here);
 * :func:`write_report`: all of it into a folder (markdown, PNG, netCDF).
+
+:mod:`pyro_slots.diagnostics.clustering` compares mixture-fitting methods (a learned rule, EM,
+gradient ascent, scikit-learn) on point sets: log-likelihood per point and time per set.
 """
 
 # The diagnostic figures live in pyro_slots.plots; re-exported for compatibility.

@@ -1,0 +1,56 @@
+"""pyro_slots.diagnostics.clustering: the method-comparison table of amortized clustering."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from scipy.stats import norm
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+from pyro_slots.diagnostics import clustering
+
+
+def test_groups_split_the_sets_over_evenly_spaced_sizes():
+    groups = clustering.point_set_groups(7, 20, 40, num_groups=3, seed=5)
+    assert [g.x.shape[:2] for g in groups] == [(3, 20), (3, 30), (1, 40)]
+    with pytest.raises(ValueError, match="min_points"):
+        clustering.point_set_groups(4, 50, 40)
+
+
+def test_baselines_match_scipy_and_sklearn():
+    (sets,) = clustering.point_set_groups(3, 50, 50, num_groups=1)
+    methods = clustering.baseline_methods(seed=2)
+    oracle = methods[clustering.ORACLE](sets)
+    for i in range(3):
+        x, loc, scale = (t[i].double().numpy() for t in (sets.x, sets.means, sets.scales))
+        log_pdf = norm.logpdf(x[:, None], loc[None], scale[None]).sum(-1)
+        expected = logsumexp(log_pdf + np.log(sets.weights[i].double().numpy()), axis=1).mean()
+        assert oracle[i].item() == pytest.approx(expected, abs=1e-5)
+    sk = methods["sklearn GaussianMixture (diag, n_init=1)"](sets)
+    points = sets.x[1].double().numpy()
+    direct = SkGaussianMixture(4, covariance_type="diag", random_state=3).fit(points)
+    assert sk[1].item() == pytest.approx(direct.score(points), abs=1e-9)
+
+
+def test_compare_methods_times_and_derives_gaps_and_speedups():
+    groups = clustering.point_set_groups(4, 10, 20, num_groups=2)
+    constant = {
+        clustering.ORACLE: lambda s: torch.full((len(s.x),), -2.0),
+        "sklearn GaussianMixture (diag, n_init=1)": lambda s: torch.tensor([-1.0, -3.0]),
+        "other": lambda s: torch.arange(len(s.x), dtype=torch.float64),
+    }
+    rows = {r["method"]: r for r in clustering.compare_methods(constant, groups)}
+    sk = rows["sklearn GaussianMixture (diag, n_init=1)"]
+    assert sk["loglik_per_point"] == pytest.approx(-2.0)
+    assert sk["stderr"] == pytest.approx(np.std([-1, -3, -1, -3], ddof=1) / 2)
+    assert rows["other"]["gap_to_oracle"] == pytest.approx(-2.0 - 0.5)
+    assert sk["speedup_vs_sklearn"] == pytest.approx(1.0)
+    other = rows["other"]
+    assert other["speedup_vs_sklearn"] == pytest.approx(sk["ms_per_set"] / other["ms_per_set"])
+    table = clustering.comparison_table(list(rows.values()), "20 pts")
+    assert table.count("\n") == 4 and "| other | 0.5000 |" in table
+    assert math.isnan(
+        clustering.compare_methods({"x": constant["other"]}, groups)[0]["gap_to_oracle"]
+    )
