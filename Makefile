@@ -28,12 +28,12 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pyro_slots models tests examples benchmarks
-	$(VENV)/bin/ruff format --check pyro_slots models tests examples benchmarks
+	$(VENV)/bin/ruff check pyro_slots models tests examples benchmarks docs
+	$(VENV)/bin/ruff format --check pyro_slots models tests examples benchmarks docs
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix pyro_slots models tests examples benchmarks
-	$(VENV)/bin/ruff format pyro_slots models tests examples benchmarks
+	$(VENV)/bin/ruff check --fix pyro_slots models tests examples benchmarks docs
+	$(VENV)/bin/ruff format pyro_slots models tests examples benchmarks docs
 
 DOCS_STAMP := $(VENV)/.docs-installed
 SPHINXBUILD := $(VENV)/bin/sphinx-build

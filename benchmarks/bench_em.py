@@ -14,12 +14,12 @@ import warnings
 
 import numpy as np
 import torch
-from pyro_slots.models import GaussianMixture
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import pyro_slots as ps
 from benchmarks.common import markdown_table, median_time, write_result
+from pyro_slots.models import GaussianMixture
 
 
 def point_sets(num_sets, num_points, num_components, dim, seed):

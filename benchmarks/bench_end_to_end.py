@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pyro.optim
 import torch
-from pyro_slots.models import SlotAutoencoder
 
 import pyro_slots as ps
 from benchmarks.common import markdown_table, report
 from pyro_slots.data import generate_shapes, generate_tetrominoes
 from pyro_slots.inner import SlotAttention
+from pyro_slots.models import SlotAutoencoder
 from pyro_slots.objectives import Reconstruction
 
 OBJECTS = Path(__file__).resolve().parents[1] / "examples" / "results" / "objects.md"

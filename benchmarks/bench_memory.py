@@ -59,11 +59,11 @@ def _reset_peak_rss() -> bool:
 
 def worker(args) -> dict:
     import pyro.optim
-    from pyro_slots.models import SlotAutoencoder
 
     import pyro_slots as ps
     from pyro_slots.data import generate_tetrominoes
     from pyro_slots.inner import SlotAttention
+    from pyro_slots.models import SlotAutoencoder
     from pyro_slots.objectives import Reconstruction
 
     torch.set_num_threads(args.threads)

@@ -19,11 +19,11 @@ import argparse
 import math
 
 import torch
-from pyro_slots.models import IODINE, GaussianMixture
 
 from benchmarks.common import markdown_table, median_time, report
 from pyro_slots.data import sample_point_sets
 from pyro_slots.elbo import PerDatapointELBO
+from pyro_slots.models import IODINE, GaussianMixture
 
 LOG_2PI = math.log(2 * math.pi)
 

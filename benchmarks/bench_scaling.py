@@ -20,11 +20,11 @@ import math
 
 import pyro.optim
 import torch
-from pyro_slots.models import SlotAutoencoder
 
 import pyro_slots as ps
 from benchmarks.common import markdown_table, median_time, report
 from pyro_slots.inner import SlotAttention
+from pyro_slots.models import SlotAutoencoder
 from pyro_slots.objectives import Reconstruction
 
 

@@ -48,10 +48,9 @@ def build(impl: str):
         module = Reference(NUM_SLOTS, DIM, iters=ITERS, hidden_dim=2 * DIM)
         return (lambda inputs: module(inputs).square().mean()), [module]
 
-    from pyro_slots.models import SlotAutoencoder
-
     from pyro_slots.init import GaussianInit
     from pyro_slots.inner import InnerProblem, SlotAttention
+    from pyro_slots.models import SlotAutoencoder
 
     rule = SlotAttention(
         ITERS, slot_dim=DIM, input_dim=DIM, hidden_dim=DIM, encoder=False, mlp_hidden_dim=2 * DIM

@@ -78,11 +78,11 @@ def _profile_slot_attention(quick: bool):
 
 def _profile_end_to_end(quick: bool):
     import pyro.optim
-    from pyro_slots.models import SlotAutoencoder
 
     import pyro_slots as ps
     from pyro_slots.data import generate_tetrominoes
     from pyro_slots.inner import SlotAttention
+    from pyro_slots.models import SlotAutoencoder
     from pyro_slots.objectives import Reconstruction
 
     images = generate_tetrominoes(2 if quick else 32, seed=0)["image"]

@@ -20,7 +20,6 @@ import time
 
 import pyro
 import torch
-from pyro_slots.models import GaussianMixture
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
@@ -29,6 +28,7 @@ from pyro_slots.checkpoint import FORMAT, load_checkpoint, rng_state, save_check
 from pyro_slots.data import sample_point_sets
 from pyro_slots.diagnostics import clustering
 from pyro_slots.inner import GaussianFeatures, SlotAttention
+from pyro_slots.models import GaussianMixture
 from pyro_slots.objectives import NegativeELBO
 
 K, DIM, TRAIN_SEED, TEST_SEED = 4, 2, 0, 1

@@ -29,11 +29,11 @@ import math
 
 import torch
 import train_objects as to
-from pyro_slots.models import RefinementInputs
 
 from pyro_slots import PerDatapointELBO, refine
 from pyro_slots.inner import GradientAscent
 from pyro_slots.metrics import fg_ari, segmentation_errors
+from pyro_slots.models import RefinementInputs
 
 
 def elbo_parts(model, x: torch.Tensor, slots: torch.Tensor, particles: int) -> dict:

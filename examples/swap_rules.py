@@ -18,11 +18,11 @@ import argparse
 
 import pyro
 import torch
-from pyro_slots.models import GaussianMixture
 
 from pyro_slots import GaussianInit, NestedSVI, refine
 from pyro_slots.data import sample_point_sets
 from pyro_slots.inner import EM, SlotAttention
+from pyro_slots.models import GaussianMixture
 from pyro_slots.objectives import NegativeELBO
 
 

@@ -47,7 +47,6 @@ import time
 import pyro
 import pyro.optim
 import torch
-from pyro_slots.models import IODINE, RefinementInputs, SlotAutoencoder
 
 from pyro_slots import NestedSVI, refine
 from pyro_slots.checkpoint import save_checkpoint
@@ -61,6 +60,7 @@ from pyro_slots.metrics import (
     reconstruction_mse,
     segmentation_errors,
 )
+from pyro_slots.models import IODINE, RefinementInputs, SlotAutoencoder
 from pyro_slots.objectives import NegativeELBO, Reconstruction, SetPrediction, WeightedSum
 
 MODELS = ("slot_autoencoder", "iodine")

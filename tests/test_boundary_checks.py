@@ -4,10 +4,10 @@ raw torch dtype errors, no NaN slots for datapoints with a single measurement.""
 import pyro
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.inner import EM
+from pyro_slots.models import GaussianMixture
 from pyro_slots.objectives import NegativeELBO
 from pyro_slots.validation import NonFiniteError, check_finite
 from tests.conftest import make_point_sets, tiny_autoencoder

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pyro_slots.models import GaussianMixture
 from torch import nn
 
 import pyro_slots as ps
 from pyro_slots.inner import GradientAscent
+from pyro_slots.models import GaussianMixture
 
 GLOBAL_BATCH, STEPS = 8, 4
 

@@ -6,9 +6,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
-from pyro_slots.models import GaussianMixture
 
 from pyro_slots import PerDatapointELBO, SlotModel, SlotSpec, per_datapoint_elbo
+from pyro_slots.models import GaussianMixture
 from tests.conftest import gmm_log_joint, gmm_responsibilities, make_point_sets
 
 

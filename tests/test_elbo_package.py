@@ -6,7 +6,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 
 from pyro_slots.elbo import (
     ELBOEstimator,
@@ -22,6 +21,7 @@ from pyro_slots.elbo.kernels import (
     stable_logsumexp,
     unbroadcast,
 )
+from pyro_slots.models import GaussianMixture
 from tests.conftest import make_point_sets
 from tests.test_elbo import ScoreFunctionGuideModel
 

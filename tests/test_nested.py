@@ -3,11 +3,11 @@ import math
 import pyro.optim
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 from torch import nn
 
 import pyro_slots as ps
 from pyro_slots.inner import EM, GradientAscent
+from pyro_slots.models import GaussianMixture
 from pyro_slots.objectives import NegativeELBO, Reconstruction
 from tests.conftest import make_point_sets
 

@@ -1,10 +1,10 @@
 import pyro.optim
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.inner import EM, GradientAscent, InnerRule, SoftKMeans
+from pyro_slots.models import GaussianMixture
 from pyro_slots.refine import run_inner
 from tests.conftest import gmm_responsibilities, make_point_sets
 

@@ -4,13 +4,13 @@ correct tracking is known, and the inner loop carried from frame to frame."""
 import numpy as np
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 from sklearn.metrics import adjusted_rand_score
 
 import pyro_slots as ps
 from pyro_slots.data import generate_moving_shapes, generate_shapes
 from pyro_slots.inner import EM
 from pyro_slots.metrics import fg_ari, slot_keeping, video_fg_ari
+from pyro_slots.models import GaussianMixture
 
 
 def test_frame_zero_is_the_shapes_scene_and_objects_bounce_at_constant_speed():

@@ -6,12 +6,12 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.init import GaussianInit
 from pyro_slots.inner import EM
 from pyro_slots.model import SlotModel, SlotSpec
+from pyro_slots.models import GaussianMixture
 
 
 class ConjugateGaussian(SlotModel):

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.diagnostics import amortization_gap, refinement_gap
 from pyro_slots.inner import EM, GradientAscent
+from pyro_slots.models import GaussianMixture
 
 
 def test_em_to_convergence_has_no_gap(float64, point_sets):

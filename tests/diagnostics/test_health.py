@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from pyro_slots.models import GaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.diagnostics import (
@@ -16,6 +15,7 @@ from pyro_slots.diagnostics import (
     trajectory_dataset,
 )
 from pyro_slots.inner import EM, GradientAscent, InnerRule, InnerState, StepInfo
+from pyro_slots.models import GaussianMixture
 from tests.conftest import gmm_responsibilities
 
 

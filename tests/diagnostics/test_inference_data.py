@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from pyro_slots.models import GaussianMixture
 from scipy.special import logsumexp
 from scipy.stats import norm
 
@@ -15,6 +14,7 @@ from pyro_slots.diagnostics import (
 )
 from pyro_slots.diagnostics._arviz import az
 from pyro_slots.diagnostics._traces import pointwise_log_likelihood as traced_log_likelihood
+from pyro_slots.models import GaussianMixture
 from tests.conftest import gmm_log_joint
 
 

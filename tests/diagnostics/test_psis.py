@@ -3,12 +3,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import pyro_slots as ps
 from pyro_slots.diagnostics import PSISWarning, khat_reliability, khat_threshold, psis_diagnostic
+from pyro_slots.models import GaussianMixture
 
 NUM_SAMPLES = 2000
 

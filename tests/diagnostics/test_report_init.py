@@ -1,10 +1,10 @@
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.diagnostics import RhatWarning, write_report
 from pyro_slots.inner import EM
+from pyro_slots.models import GaussianMixture
 from tests.conftest import make_point_sets
 
 

@@ -2,7 +2,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.diagnostics import (
@@ -21,6 +20,7 @@ from pyro_slots.diagnostics import (
 )
 from pyro_slots.diagnostics._arviz import az
 from pyro_slots.inner import EM
+from pyro_slots.models import GaussianMixture
 
 
 def test_summary_columns_and_values(float64, gmm_restarts):

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from pyro_slots.models import GaussianMixture
 from scipy.special import logsumexp
 
 import pyro_slots as ps
 from pyro_slots import CapabilityError
 from pyro_slots.inner import EM, DerivedMStep, GeneralizedEM, InnerProblem
+from pyro_slots.models import GaussianMixture
 from tests.conftest import make_point_sets, tiny_autoencoder
 from tests.inner.mixtures import (
     BernoulliMixture,

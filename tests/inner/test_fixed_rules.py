@@ -2,12 +2,12 @@ import warnings
 
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.inner import EM, GradientAscent, SoftKMeans
+from pyro_slots.models import GaussianMixture
 from tests.conftest import gmm_responsibilities, make_point_sets
 
 

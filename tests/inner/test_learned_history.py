@@ -1,10 +1,10 @@
 import math
 
 import torch
-from pyro_slots.models import GaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.inner import SlotAttention
+from pyro_slots.models import GaussianMixture
 from tests.conftest import make_point_sets
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pyro_slots.models import GaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.inner import (
@@ -21,6 +20,7 @@ from pyro_slots.inner import (
     SlotAttention,
 )
 from pyro_slots.inner.base import InnerProblem
+from pyro_slots.models import GaussianMixture
 from pyro_slots.objectives import NegativeELBO
 from tests.conftest import gmm_log_joint, make_point_sets
 

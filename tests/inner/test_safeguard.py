@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.inner import EM, GradientAscent, InnerRule, InnerState, Safeguarded, SlotAttention
 from pyro_slots.inner.base import StepInfo
+from pyro_slots.models import GaussianMixture
 from tests.conftest import make_point_sets
 
 

@@ -5,10 +5,10 @@ import pickle
 import weakref
 
 import torch
-from pyro_slots.models import GaussianMixture
 
 from pyro_slots.inner import SlotAttention
 from pyro_slots.inner.base import InnerProblem
+from pyro_slots.models import GaussianMixture
 from tests.inner.test_learned_rules import _data, _slots
 
 

@@ -3,10 +3,10 @@
 import pyro
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.inner import EM, GradientAscent, LearnedGradient, Safeguarded, trust_region
+from pyro_slots.models import GaussianMixture
 from pyro_slots.objectives import NegativeELBO
 from tests.conftest import make_point_sets, tiny_autoencoder
 

@@ -11,12 +11,12 @@ import warnings
 
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import pyro_slots as ps
 from pyro_slots.inner import EM
+from pyro_slots.models import GaussianMixture
 from tests.conftest import make_point_sets
 
 NUM_SETS, NUM_POINTS, K, STEPS = 8, 200, 4, 30

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from pyro_slots.models import GaussianMixture, random_from_data
 from scipy import stats
+
+from pyro_slots.models import GaussianMixture, random_from_data
 
 
 def test_random_from_data_takes_distinct_points_pooled_scales_and_equal_weights():

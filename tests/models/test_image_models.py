@@ -8,13 +8,6 @@ import pyro.optim
 import pytest
 import torch
 from pyro import poutine
-from pyro_slots.models import IODINE, SlotAutoencoder
-from pyro_slots.models.blocks import (
-    CNNEncoder,
-    SoftPositionEmbed,
-    SpatialBroadcastDecoder,
-    build_grid,
-)
 from scipy.special import logsumexp
 
 from pyro_slots import CapabilityError, NestedSVI, per_datapoint_elbo
@@ -25,6 +18,13 @@ from pyro_slots.inner import (
     LearnedGradient,
     SlotAttention,
     SoftKMeans,
+)
+from pyro_slots.models import IODINE, SlotAutoencoder
+from pyro_slots.models.blocks import (
+    CNNEncoder,
+    SoftPositionEmbed,
+    SpatialBroadcastDecoder,
+    build_grid,
 )
 from pyro_slots.objectives import NegativeELBO, Reconstruction
 from pyro_slots.refine import run_inner
@@ -435,9 +435,8 @@ def test_iodine_training_lowers_negative_elbo():
 
 def test_refinement_inputs_are_iodines_auxiliary_inputs(float64):
     """The stack against a direct computation; the encoding is equivariant in the slots."""
-    from pyro_slots.models import RefinementInputs
-
     from pyro_slots.inner import InnerProblem, LearnedGradient
+    from pyro_slots.models import RefinementInputs
 
     torch.manual_seed(0)
     model = tiny_iodine().double()
@@ -476,9 +475,8 @@ def test_refinement_inputs_posterior_pooling_by_hand(float64):
     posterior mask, pooled by hand over the adaptive bins (floor/ceil bounds); equivariant."""
     import math
 
-    from pyro_slots.models import RefinementInputs
-
     from pyro_slots.inner import InnerProblem
+    from pyro_slots.models import RefinementInputs
 
     torch.manual_seed(1)
     model = tiny_iodine().double()

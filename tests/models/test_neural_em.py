@@ -6,10 +6,10 @@ import math
 import pyro.optim
 import pytest
 import torch
-from pyro_slots.models import NeuralEM
 
 import pyro_slots as ps
 from pyro_slots.inner import RNNEM, GeneralizedEM, InnerProblem
+from pyro_slots.models import NeuralEM
 from pyro_slots.objectives import NegativeELBO
 
 SIZE, K, D, C = 4, 3, 3, 2

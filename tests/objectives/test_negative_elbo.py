@@ -5,9 +5,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import TraceEnum_ELBO
-from pyro_slots.models import IODINE, GaussianMixture
 
 from pyro_slots import per_datapoint_elbo
+from pyro_slots.models import IODINE, GaussianMixture
 from pyro_slots.objectives import NegativeELBO
 from tests.conftest import make_point_sets
 

@@ -5,11 +5,11 @@ import pyro.optim
 import pytest
 import torch
 import torch.nn.functional as F
-from pyro_slots.models import GaussianMixture
 
 from pyro_slots import NestedSVI
 from pyro_slots.data import ShapesDataset, TetrominoesDataset, generate_shapes, sample_point_sets
 from pyro_slots.inner import EM
+from pyro_slots.models import GaussianMixture
 from pyro_slots.objectives.set_prediction import SetPrediction
 
 
