@@ -21,6 +21,7 @@ from pyro_slots.data import true_log_likelihood
 from pyro_slots.inner import EM
 from pyro_slots.metrics import ari, fg_ari, mean_iou, reconstruction_mse
 
+from .registry import objective_targets
 from .runs import METRICS_NAME, TrainRun, count_option, writable_folder
 from .streams import Batch
 
@@ -149,7 +150,8 @@ def task_objective(run: TrainRun, inference: Inference) -> torch.Tensor:
     x = inference.batch.x
     with torch.no_grad():
         x_enc = c.model.encode(x)
-        return c.objective(c.model, x, x_enc, inference.result.slots[0])
+        targets = objective_targets(c.objective, inference.batch.truth)  # set prediction
+        return c.objective(c.model, x, x_enc, inference.result.slots[0], *targets)
 
 
 def metrics_of(run: TrainRun, inference: Inference, reference: bool = True) -> dict:
