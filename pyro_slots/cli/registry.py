@@ -43,6 +43,7 @@ __all__ = [
     "Components",
     "build",
     "objective_targets",
+    "set_prediction_head",
     "reaches_init",
     "resolve",
 ]
@@ -320,14 +321,20 @@ OBJECTIVES = {
 }
 
 
+def set_prediction_head(objective) -> SetPrediction | None:
+    """The :class:`~pyro_slots.objectives.SetPrediction` of ``objective`` (itself or a part of
+    a :class:`~pyro_slots.objectives.WeightedSum`), ``None`` without one."""
+    for part in getattr(objective, "parts", [objective]):
+        if isinstance(part, SetPrediction):
+            return part
+    return None
+
+
 def objective_targets(objective, truth: dict) -> tuple:
     """The targets ``objective`` takes beside the slots: the set-prediction targets read from a
     batch's ground truth (``truth``, the generator's attribute keys), else none."""
-    parts = getattr(objective, "objectives", [objective])
-    for part in parts:
-        if isinstance(part, SetPrediction):
-            return part.targets_from_batch(truth)
-    return ()
+    head = set_prediction_head(objective)
+    return () if head is None else head.targets_from_batch(truth)
 
 
 # --------------------------------------------------------------------------- datasets

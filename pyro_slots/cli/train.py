@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig, save_config
 from pyro_slots import refine
-from pyro_slots.metrics import reconstruction_mse
+from pyro_slots.metrics import AP_THRESHOLDS, reconstruction_mse
 
 from .evaluate import Inference, held_out_record, metrics_of, on_device, write_pictures
-from .registry import objective_targets, resolve
+from .registry import objective_targets, resolve, set_prediction_head
 from .streams import Batch
 from .runs import (
     BEST_NAME,
@@ -369,20 +369,29 @@ def test_metrics(run: TrainRun, batch, inner_steps=None, restarts=1, criterion="
     :data:`TEST_CHUNK` datapoints: every metric is the mean of the chunks' means weighted by
     their sizes (the mean over datapoints wherever no datapoint's value is NaN)."""
     num = batch.x.shape[0]
-    totals, count = {}, 0
+    totals, count, slots = {}, 0, []
     for i in range(0, num, TEST_CHUNK):
         part = Batch(
             batch.x[i : i + TEST_CHUNK],
             {k: v[i : i + TEST_CHUNK] if torch.is_tensor(v) else v for k, v in batch.truth.items()},
         )
         size = part.x.shape[0]
-        metrics = metrics_of(run, infer_test(run, part, inner_steps, restarts, criterion))
+        inference = infer_test(run, part, inner_steps, restarts, criterion)
+        slots.append(inference.result.slots[0])
+        metrics = metrics_of(run, inference)
         for key, value in metrics.items():
             if key not in ("num_datapoints", "inner_steps"):
                 totals[key] = totals.get(key, 0.0) + size * value
         count += size
     out = {"num_datapoints": count, "inner_steps": int(metrics["inner_steps"])}
     out.update({key: value / count for key, value in totals.items()})
+    head = set_prediction_head(run.components.objective)
+    if head is not None:
+        # The average precision of the head's predictions at every distance threshold, over all
+        # the test data at once (predictions ranked by confidence across datapoints).
+        targets = [t.to(run.device) for t in head.targets_from_batch(batch.truth)]
+        aps = head.average_precisions(torch.cat(slots), *targets, thresholds=AP_THRESHOLDS)
+        out["ap"] = {("inf" if math.isinf(t) else str(t)): ap for t, ap in aps.items()}
     return out
 
 
