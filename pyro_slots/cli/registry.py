@@ -668,11 +668,14 @@ def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components
         init = GaussianInit(model.slot_dim, learnable=True)
     elif config.init == "fixed":
         own = getattr(model, "slot_init", None)
-        if isinstance(own, torch.nn.Module) and list(own.parameters()):
-            # The model's own initializer, kept where it starts (its weights stay in the state
-            # dict, so checkpoints keep their layout).
-            for p in own.parameters():
-                p.requires_grad_(False)
+        if isinstance(own, GaussianInit):
+            # The model's own initializer where it starts, as buffers of the same names (the
+            # checkpoints keep their layout).
+            fixed = GaussianInit(own.dim, learnable=False)
+            with torch.no_grad():
+                fixed.loc.copy_(own.loc)
+                fixed.log_scale.copy_(own.log_scale)
+            model.slot_init = fixed
         else:
             init = GaussianInit(model.slot_dim, learnable=False)
     if OBJECTIVES[config.objective].targets and config.num_slots < stream.num_objects:
