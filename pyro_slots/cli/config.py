@@ -334,16 +334,17 @@ def list_configs() -> list[tuple[str, str]]:
 
 
 def config_path(name_or_path: str | os.PathLike) -> str:
-    """The file of ``--config``: a path as given, or the shipped recipe of that name.
+    """The file of ``--config``: a path as given (anything with a folder or an extension), or
+    the shipped recipe of that name.
 
-    :raises ConfigError: for neither an existing file nor a shipped name (the message lists
-        the names).
+    :raises ConfigError: for a bare name that is neither a file nor a shipped recipe (the
+        message lists the recipes).
     """
     text = os.fspath(name_or_path)
-    if os.path.isfile(text):
-        return text
+    if os.path.isfile(text) or os.sep in text or os.path.splitext(text)[1]:
+        return text  # a path (load_config_file says when it does not exist)
     shipped = os.path.join(CONFIGS_DIR, text + ".yaml")
-    if os.sep not in text and not os.path.splitext(text)[1] and os.path.isfile(shipped):
+    if os.path.isfile(shipped):
         return shipped
     names = ", ".join(name for name, _ in list_configs())
     raise ConfigError(
