@@ -194,7 +194,8 @@ class TrainConfig:
         metavar="KIND",
     )
     hidden_dim: int | None = _opt(
-        None, "width of the learned rules (default: 64 on points, 128 for learned-gradient on images)"
+        None,
+        "width of the learned rules (default: 64 on points, 128 for learned-gradient on images)",
     )
     tensorboard: bool = _opt(False, "also log to TensorBoard (needs the tensorboard package)")
 

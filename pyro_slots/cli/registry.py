@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
+from pyro_slots.data import shapes, tetrominoes
 from pyro_slots.init import GaussianInit
 from pyro_slots.inner import EM, GradientAscent, SoftKMeans
 from pyro_slots.models import GaussianMixture
 from pyro_slots.nested import GRADIENT_MODES
-from pyro_slots.data import shapes, tetrominoes
 from pyro_slots.objectives import NegativeELBO, Reconstruction, SetPrediction, WeightedSum
 from pyro_slots.validation import CapabilityError
 

@@ -13,7 +13,14 @@ import torch
 
 from pyro_slots.data import HDF5Dataset, sample_point_sets, shapes, tetrominoes
 
-__all__ = ["HELD_OUT_START", "VALIDATION_START", "Batch", "HDF5Stream", "ImageStream", "PointStream"]
+__all__ = [
+    "HELD_OUT_START",
+    "VALIDATION_START",
+    "Batch",
+    "HDF5Stream",
+    "ImageStream",
+    "PointStream",
+]
 
 #: First generator index of the held-out data (training would need 2**31 datapoints to reach it).
 HELD_OUT_START = 2**31

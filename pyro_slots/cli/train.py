@@ -17,20 +17,19 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError, TrainConfig, save_config
 from pyro_slots import refine
 from pyro_slots.metrics import AP_THRESHOLDS, reconstruction_mse
 
+from .config import ConfigError, TrainConfig, save_config
 from .evaluate import Inference, held_out_record, metrics_of, on_device, write_pictures
 from .registry import objective_targets, resolve, set_prediction_head
-from .streams import Batch
 from .runs import (
     BEST_NAME,
     CHECKPOINT_NAME,
     CONFIG_NAME,
     METRICS_NAME,
-    RunFolder,
     TEST_NAME,
+    RunFolder,
     TrainingError,
     TrainRun,
     checkpoint_path,
@@ -43,6 +42,7 @@ from .runs import (
     resolve_device,
     save_run,
 )
+from .streams import Batch
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -273,7 +273,8 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
                 last_saved = run.step
                 folder.committed()
             if out_of_budget:
-                echo(f"max_minutes: {config.max_minutes:g} minutes of training after {run.step} steps")
+                minutes = config.max_minutes
+                echo(f"max_minutes: {minutes:g} minutes of training after {run.step} steps")
                 break
             if out_of_time:
                 echo(f"time limit of {time_limit:.0f} s reached after {run.step} steps")

@@ -6,8 +6,13 @@ import os
 import pytest
 
 from pyro_slots.cli import main
-from pyro_slots.cli.config import CONFIGS_DIR, ConfigError, config_path, list_configs
-from pyro_slots.cli.config import load_config_file
+from pyro_slots.cli.config import (
+    CONFIGS_DIR,
+    ConfigError,
+    config_path,
+    list_configs,
+    load_config_file,
+)
 
 NAMES = [name for name, _ in list_configs()]
 

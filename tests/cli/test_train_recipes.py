@@ -324,9 +324,9 @@ def test_first_order_recipes_get_a_fixed_initializer_without_a_warning(tmp_path)
     assert truncated.init == "fixed"
     unrolled = _train(tmp_path, name="unrolled", eval_every=0, lr=1e-2)
     assert unrolled.config.init == "model"
-    assert not torch.equal(
-        unrolled.components.model.slot_init.loc, torch.zeros_like(init.loc)
-    ), "the unrolled gradient trains the learned initializer"
+    assert not torch.equal(unrolled.components.model.slot_init.loc, torch.zeros_like(init.loc)), (
+        "the unrolled gradient trains the learned initializer"
+    )
 
 
 def test_latent_dim_is_the_slot_dim_flag(tmp_path, capsys):
