@@ -132,7 +132,8 @@ def demo(
         )
     else:
         echo(
-            f"\nFG-ARI on {metrics['num_datapoints']} held-out tetrominoes: "
+            f"\nFG-ARI on {metrics['num_datapoints']} held-out tetrominoes "
+            f"(T = {metrics['inner_steps']} inner steps): "
             f"{metrics['fg_ari']:.3f} (ARI with background {metrics['ari']:.3f}, "
             f"reconstruction MSE {metrics['mse']:.4f})"
         )

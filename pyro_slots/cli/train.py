@@ -5,6 +5,13 @@ Exact resumption rests on three things: every batch is a function of ``(seed, st
 (:mod:`pyro_slots.cli.streams`), the checkpoint holds every state that changes while training
 (weights, optimizer moments, the slot-initialization generator of NestedSVI, the global RNGs),
 and held-out evaluations never touch those states.
+
+The recipe options of a run (:class:`~pyro_slots.cli.config.TrainConfig`): the learning-rate
+schedule (:func:`~pyro_slots.cli.runs.lr_factor`), the wall-clock budget ``max_minutes`` (its
+clock, :class:`~pyro_slots.cli.runs.TrainingClock`, is saved in the checkpoint, so a resumed run
+continues the same budget and cosine; a time-bounded run is exact to resume but, in its number of
+updates, no more reproducible than the clock), ``select_best`` (``best.pt``), the final test
+(:func:`final_test`, ``test.json``), ``init_from`` and ``first_scene``.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from pyro_slots.metrics import AP_THRESHOLDS, reconstruction_mse
 
 from .config import ConfigError, TrainConfig, save_config
 from .evaluate import Inference, held_out_record, metrics_of, on_device, write_pictures
-from .registry import objective_targets, resolve, set_prediction_head
+from .registry import objective_targets, reaches_init, resolve, set_prediction_head
 from .runs import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -166,16 +173,17 @@ def train(
         run = new_run(resolve(config or TrainConfig()), device)
         if run.config.init_from is not None:
             updates = init_from(run, run.config.init_from)
-            echo(
-                f"init_from: the weights of {run.config.init_from} ({updates} updates); a fresh "
-                "optimizer and learning-rate schedule"
-            )
+            if main_rank:
+                echo(
+                    f"init_from: the weights of {run.config.init_from} ({updates} updates); a "
+                    "fresh optimizer and learning-rate schedule"
+                )
     config = run.config
     if config.init == "fixed" and main_rank:
-        echo(
-            f"init: fixed (--gradient {config.gradient} does not reach the slot initializer, "
-            "so it stays where it starts instead of being trained)"
-        )
+        why = "as asked"
+        if not reaches_init(config, config.inner_steps):
+            why = f"--gradient {config.gradient} does not reach the slot initializer"
+        echo(f"init: fixed ({why}; it stays where it starts instead of being trained)")
     folder = RunFolder(config.out)
     if main_rank:
         folder.acquire()
