@@ -179,6 +179,9 @@ def train(
                     "fresh optimizer and learning-rate schedule"
                 )
     config = run.config
+    if config.max_minutes is not None and world_size > 1:
+        # Each rank reads its own clock: the ranks would stop, and anneal, differently.
+        raise ConfigError("max_minutes: not supported with several processes; use --steps")
     if config.init == "fixed" and main_rank:
         why = "as asked"
         if not reaches_init(config, config.inner_steps):

@@ -9,6 +9,7 @@ first_scene, the architecture options and the fixed slot initializer of first-or
 import itertools
 import json
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -334,3 +335,13 @@ def test_latent_dim_is_the_slot_dim_flag(tmp_path, capsys):
 
     args = build_parser().parse_args(["train", "--latent-dim", "8"])
     assert args.slot_dim == 8
+
+
+def test_max_minutes_is_refused_with_several_processes(tmp_path, monkeypatch):
+    """Each rank would read its own clock (stopping and annealing at different updates)."""
+    trainer = sys.modules["pyro_slots.cli.train"]  # (pyro_slots.cli.train is also the function)
+    monkeypatch.setattr(trainer, "distributed_context", lambda *args: (0, 2))
+    config = TrainConfig(**{**TINY_IMAGES, "out": str(tmp_path / "never")}, max_minutes=1.0)
+    with pytest.raises(ConfigError, match="max_minutes: not supported with several processes"):
+        train(config, progress=False, pictures=False, echo=quiet)
+    assert not (tmp_path / "never").exists()
