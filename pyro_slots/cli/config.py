@@ -193,6 +193,15 @@ class TrainConfig:
         "how --refinement-inputs pools each slot's feature map: mean or posterior",
         metavar="KIND",
     )
+    features: str = _opt(
+        "mlp",
+        "keys of --inner slot-attention on points: mlp (a per-point MLP and LayerNorm, the "
+        "paper's) or gaussian (the standardized points' statistics (1, z, z^2), no LayerNorm)",
+        metavar="KIND",
+    )
+    init_lloyd_steps: int | None = _opt(
+        None, "gmm: Lloyd iterations after the k-means++ seeding of its slot init (default 10)"
+    )
     hidden_dim: int | None = _opt(
         None,
         "width of the learned rules (default: 64 on points, 128 for learned-gradient on images)",

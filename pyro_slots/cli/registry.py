@@ -81,7 +81,8 @@ class ModelEntry:
 
 
 def _gmm(config: TrainConfig, stream):
-    return GaussianMixture(config.num_slots, stream.dim)
+    lloyd = {} if config.init_lloyd_steps is None else {"init_lloyd_steps": config.init_lloyd_steps}
+    return GaussianMixture(config.num_slots, stream.dim, **lloyd)
 
 
 def int_list(text: str | None, name: str) -> tuple[int, ...] | None:
@@ -192,14 +193,21 @@ def _gradient(config, model):
 def _slot_attention(config, model):
     cls = _import("pyro_slots.inner", "SlotAttention", "slot-attention")
     if config.dataset == "points":
-        # Low-dimensional points: a per-point MLP before the attention, and the attention-weighted
-        # moments for the readout (see SlotAttention's docstring).
+        # Low-dimensional points: a per-point MLP before the attention (or, features: gaussian,
+        # the standardized points' statistics as keys), and the attention-weighted moments for
+        # the readout (see SlotAttention's docstring).
+        features = {}
+        if config.features == "gaussian":
+            encoder = _import("pyro_slots.inner", "GaussianFeatures", "features: gaussian")
+            dim = model.feature_dim
+            features = {"encoder": encoder(dim), "feature_dim": 2 * dim + 1, "norm_inputs": False}
         return cls(
             config.inner_steps,
             slot_dim=model.slot_dim,
             input_dim=model.feature_dim,
             hidden_dim=config.hidden_dim,
             moments=True,
+            **features,
         )
     # Images: the paper's module, the slots are the hidden vectors.
     return cls(
@@ -496,6 +504,19 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
         )
     if config.refinement_pooling != "mean" and not config.refinement_inputs:
         raise ConfigError("refinement_pooling: only with --refinement-inputs")
+    if config.features not in ("mlp", "gaussian"):
+        raise ConfigError(
+            f"features: unknown kind {config.features!r}; valid choices are ('mlp', 'gaussian')"
+        )
+    if config.features != "mlp" and (config.inner != "slot-attention" or config.model != "gmm"):
+        raise ConfigError("features: only for --inner slot-attention on --model gmm")
+    if config.init_lloyd_steps is not None:
+        if config.model != "gmm":
+            raise ConfigError(f"init_lloyd_steps: only for --model gmm, not {config.model}")
+        if config.init_lloyd_steps < 0:
+            raise ConfigError(
+                f"init_lloyd_steps: expected an integer >= 0, got {config.init_lloyd_steps}"
+            )
     if config.mse_weight is not None and objective != "elbo+mse":
         raise ConfigError("mse_weight: only with --objective elbo+mse")
     if config.init_from is not None and not os.path.exists(config.init_from):

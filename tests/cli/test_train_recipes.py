@@ -345,3 +345,26 @@ def test_max_minutes_is_refused_with_several_processes(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="max_minutes: not supported with several processes"):
         train(config, progress=False, pictures=False, echo=quiet)
     assert not (tmp_path / "never").exists()
+
+
+def test_point_recipe_options_build_the_examples_rule(tmp_path):
+    """features: gaussian gives SlotAttention the (1, z, z²) keys of GaussianFeatures without
+    LayerNorm (5 numbers per 2-D point); init_lloyd_steps 0 keeps gmm's bare k-means++ seeds;
+    both are refused where they mean nothing."""
+    from pyro_slots.inner import GaussianFeatures
+
+    base = dict(model="gmm", inner="slot-attention", steps=1, out=str(tmp_path))
+    run = new_run(resolve(TrainConfig(**base, features="gaussian", init_lloyd_steps=0)))
+    rule = run.components.inner
+    assert isinstance(rule.encoder, GaussianFeatures) and rule.feature_dim == 2 * 2 + 1
+    assert rule.norm_inputs is None
+    assert run.components.model.init_lloyd_steps == 0
+    plain = new_run(resolve(TrainConfig(**base)))
+    assert plain.components.inner.norm_inputs is not None
+    assert plain.components.model.init_lloyd_steps == 10
+    with pytest.raises(ConfigError, match="features: only for --inner slot-attention"):
+        resolve(TrainConfig(model="gmm", inner="em", features="gaussian"))
+    with pytest.raises(ConfigError, match="init_lloyd_steps: only for --model gmm"):
+        resolve(TrainConfig(model="iodine", init_lloyd_steps=0))
+    with pytest.raises(ConfigError, match="features: unknown kind 'rbf'"):
+        resolve(TrainConfig(**base, features="rbf"))
