@@ -89,3 +89,18 @@ def test_headline_recipe_is_the_published_one():
         slot_dim=64,
     )  # fmt: skip
     assert {k: config[k] for k in expected} == expected
+
+
+def test_the_image_demo_is_the_headline_recipe_cut_to_its_budget():
+    """pyro-slots demo trains the headline's recipe (first-order T = 5, warm-up, cosine, T = 10
+    at test) over its 9 minutes, or over --steps when given."""
+    from pyro_slots.cli.demo import IMAGE_DEMO_SECONDS, demo_config
+
+    headline = load_config_file(config_path("tetrominoes-slot-attention"))
+    config = demo_config("slot-autoencoder", None, "runs/demo", 0).to_dict()
+    shared = ("model", "inner", "dataset", "gradient", "inner_steps", "batch_size", "lr",
+              "warmup_steps", "lr_schedule", "min_lr_ratio", "eval_inner_steps", "num_slots",
+              "slot_dim")  # fmt: skip
+    assert {k: config[k] for k in shared} == {k: headline[k] for k in shared}
+    assert config["max_minutes"] == IMAGE_DEMO_SECONDS / 60 == 9.0
+    assert demo_config("slot-autoencoder", 300, "runs/demo", 0).max_minutes is None
