@@ -58,8 +58,19 @@ from .train import train
 
 __all__ = ["build_parser", "console_main", "main"]
 
-#: Options that may change when a run is resumed (everything else would change the result).
-RESUMABLE = ("steps", "eval_every", "eval_size", "checkpoint_every", "tensorboard")
+#: Options that may change when a run is resumed (everything else would change the result):
+#: the length, the logging and the final test (which reads the weights only).
+RESUMABLE = (
+    "steps",
+    "eval_every",
+    "eval_size",
+    "checkpoint_every",
+    "tensorboard",
+    "test_size",
+    "eval_inner_steps",
+    "eval_restarts",
+    "restart_criterion",
+)
 
 
 def _choices_help() -> dict[str, str]:

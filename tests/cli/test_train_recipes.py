@@ -368,3 +368,23 @@ def test_point_recipe_options_build_the_examples_rule(tmp_path):
         resolve(TrainConfig(model="iodine", init_lloyd_steps=0))
     with pytest.raises(ConfigError, match="features: unknown kind 'rbf'"):
         resolve(TrainConfig(**base, features="rbf"))
+
+
+def test_a_finished_run_resumed_with_test_options_is_only_tested_again(tmp_path):
+    """--resume RUN --test-size N --eval-inner-steps T on a finished run trains nothing (the
+    checkpoint's weights and step stay) and writes test.json at the new options, equal to
+    pyro-slots evaluate at that T."""
+    from pyro_slots.cli import main
+
+    run = _train(tmp_path, eval_every=0)
+    before = load_checkpoint(f"{run.config.out}/checkpoint.pt")
+    argv = ["train", "--resume", run.config.out, "--test-size", "4", "--eval-inner-steps", "6"]
+    assert main([*argv, "--no-progress", "--no-pictures"]) == 0
+    after = load_checkpoint(f"{run.config.out}/checkpoint.pt")
+    assert after["step"] == before["step"] == 2
+    for name, value in before["model"].items():
+        assert torch.equal(after["model"][name], value), name
+    report = _test_report(run)
+    assert report["inner_steps"] == 6 and report["metrics"]["num_datapoints"] == 4
+    expected = evaluate_run(load_run(run.config.out), num=4, inner_steps=6)
+    assert report["metrics"]["fg_ari"] == pytest.approx(expected["fg_ari"], abs=1e-6)
