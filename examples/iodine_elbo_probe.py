@@ -1,7 +1,8 @@
 """How high an ELBO does a trained IODINE decoder allow, and does that ELBO reward segmentation?
 
-For each checkpoint of ``examples/train_objects.py --model iodine`` this refines the slots of
-held-out tetrominoes scenes twice: with the run's learned rule (T steps), then from there with
+For each run of ``pyro-slots train --model iodine`` (a run folder or checkpoint, read with
+:func:`pyro_slots.cli.runs.load_run`) this refines the slots of its validation scenes twice:
+with the run's learned rule (T steps), then from there with
 ``--ascent-steps`` steps of per-datapoint Adam on the ELBO (:class:`~pyro_slots.inner.
 GradientAscent`, the inner rule swapped with one argument). It prints, per configuration, the
 mean over the scenes of
@@ -17,8 +18,7 @@ mean over the scenes of
 If the ELBO after the ascent is higher for weights that segment worse, the objective itself (not
 the inference) prefers the worse segmentation for that decoder::
 
-    python examples/iodine_elbo_probe.py RUN_A.pt RUN_B.pt --refinement-inputs \\
-        --refinement-pooling posterior --decoder-resolution 18
+    python examples/iodine_elbo_probe.py runs/iodine-a runs/iodine-b --num-iterations 10
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ import json
 import math
 
 import torch
-import train_objects as to
 
 from pyro_slots import PerDatapointELBO, refine
+from pyro_slots.cli.runs import load_run
 from pyro_slots.inner import GradientAscent
 from pyro_slots.metrics import fg_ari, segmentation_errors
-from pyro_slots.models import RefinementInputs
 
 
 def elbo_parts(model, x: torch.Tensor, slots: torch.Tensor, particles: int) -> dict:
@@ -64,41 +63,33 @@ def scores(model, x, true, slots, particles: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoints", nargs="+", help="--checkpoint files of IODINE runs")
-    parser.add_argument("--refinement-inputs", action="store_true")
-    parser.add_argument("--refinement-pooling", default="mean", choices=RefinementInputs.POOLINGS)
-    parser.add_argument("--num-slots", type=int, default=4)
+    parser.add_argument("runs", nargs="+", help="run folders or checkpoints of IODINE runs")
     parser.add_argument("--num-iterations", type=int, default=10, help="steps of the rule")
     parser.add_argument("--ascent-steps", type=int, default=300)
     parser.add_argument("--ascent-lr", type=float, default=0.05)
     parser.add_argument("--particles", type=int, default=8)
     parser.add_argument("--num-scenes", type=int, default=64, help="validation scenes")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=None)
-    # Every other flag describes the architecture, as train_objects.py takes it
-    # (--decoder-resolution, --latent-dim, --decoder-channels, --paper-size, ...).
-    args, architecture = parser.parse_known_args(argv)
-    for name in ("num_slots", "num_iterations", "ascent_steps", "particles", "num_scenes"):
+    args = parser.parse_args(argv)
+    for name in ("num_iterations", "ascent_steps", "particles", "num_scenes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
     torch.set_num_threads(args.threads)
-    flags = ["--model", "iodine", "--rule", "learned_gradient"]
-    flags += ["--num-iterations", str(args.num_iterations), "--num-val", str(args.num_scenes)]
-    flags += ["--num-slots", str(args.num_slots)]
-    flags += ["--seed", str(args.seed), "--refinement-pooling", args.refinement_pooling]
-    flags += ["--refinement-inputs"] if args.refinement_inputs else []
-    run_args = to.parse_args(flags + architecture)
-    data = to.make_validation(run_args)
-    x, true = data["image"], data["mask"]
     results = {}
-    for path in args.checkpoints:
-        model = to.build_model(run_args, x.shape[-1])
-        rule = to.build_rule(run_args, model)
-        to.load_weights(model, rule, None, torch.load(path, weights_only=True))
+    for path in args.runs:
+        run = load_run(path, {"tensorboard": False})
+        if run.config.model != "iodine":
+            parser.error(f"runs: {path} is a {run.config.model} run, not iodine")
+        model, rule, config = run.components.model, run.components.inner, run.config
+        data = run.components.stream.validation(args.num_scenes)
+        x, true = data.x, data.truth["mask"]
         for p in [*model.parameters(), *rule.parameters()]:
             p.requires_grad_(False)
-        learned = refine(model, x, rule, num_slots=args.num_slots, seed=args.seed).slots[0]
+        learned = refine(
+            model, x, rule, num_slots=config.num_slots, num_steps=args.num_iterations,
+            init=run.components.init, seed=config.seed,
+        ).slots[0]  # fmt: skip
         ascent = GradientAscent(args.ascent_steps, step_size=args.ascent_lr, adam=True)
         climbed = refine(model, x, ascent, slots=learned).slots[0]
         results[path] = {

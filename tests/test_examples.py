@@ -98,44 +98,23 @@ def _check_swap_rules(stdout, tmp):
 SUMMARY_FG_ARI = (0.91, 0.95, 0.97)
 
 
-def _prepare_summaries(tmp):
-    for seed, value in enumerate(SUMMARY_FG_ARI):
-        test = {m: {"mean": value, "std": 0.01, "n": 4} for m in ("fg_ari", "ari", "mean_iou")}
-        test["mse"] = {"mean": 0.01, "std": 0.001, "n": 4}
-        run = {"args": {"seed": seed}, "num_updates": 10, "train_seconds": 60.0, "test": test}
-        run["validation"] = [{"step": 5, "seconds": 30.0, "fg_ari": {"mean": value - 0.1}}]
-        (tmp / f"run{seed}.json").write_text(json.dumps(run))
+def _tiny_runs(tmp, *names, **options):
+    from tests.cli.test_result_scripts import _tiny
+
+    for seed, name in enumerate(names):
+        _tiny(tmp / name, seed=seed, **options)
 
 
 def _check_summarize_objects(stdout, tmp):
-    row = next(line for line in stdout.splitlines() if "over 3 runs" in line)
-    mean, std = map(float, re.search(r"\*\*([\d.]+) ± ([\d.]+)\*\*", row).groups())
-    assert mean == pytest.approx(np.mean(SUMMARY_FG_ARI), abs=5e-4)
-    assert std == pytest.approx(np.std(SUMMARY_FG_ARI, ddof=1), abs=5e-4)
-
-
-# ------------------------------------------------------ train_objects, iodine_elbo_probe
-#: Tiny training of ``examples/train_objects.py`` (also what the probe reads).
-TRAIN_OBJECTS = [
-    "--num-steps", "2", "--batch-size", "2", "--num-eval", "4", "--eval-batch-size", "4",
-    "--num-iterations", "1", "--threads", "1", "--warmup-steps", "1",
-]  # fmt: skip
-
-
-def _check_train_objects(stdout, tmp):
-    test = json.loads((tmp / "run.json").read_text())["test"]
-    assert test["fg_ari"]["n"] == 4  # --num-eval
-    assert -1 <= test["fg_ari"]["mean"] <= 1 and test["mse"]["mean"] > 0
-
-
-def _prepare_iodine_run(tmp):
-    run_example(
-        "train_objects.py", "--model", "iodine", *TRAIN_OBJECTS, "--checkpoint", tmp / "io.pt"
-    )
+    values = [
+        json.loads((tmp / f"s{seed}" / "test.json").read_text())["metrics"]["fg_ari"]
+        for seed in range(3)
+    ]
+    assert f"**{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}**" in stdout
 
 
 def _check_iodine_elbo_probe(stdout, tmp):
-    rows = json.loads((tmp / "probe.json").read_text())[str(tmp / "io.pt")]
+    rows = json.loads((tmp / "probe.json").read_text())[str(tmp / "io")]
     assert set(rows) == {"rule T=1", "+ 2 Adam steps"}
     for row in rows.values():
         assert row["kl"] >= 0  # a KL divergence
@@ -179,16 +158,13 @@ CASES = {
         _check_swap_rules,
     ),
     "summarize_objects.py": Case(
-        lambda tmp: [tmp / f"run{seed}.json" for seed in range(len(SUMMARY_FG_ARI))],
+        lambda tmp: [tmp / f"s{seed}" for seed in range(3)],
         _check_summarize_objects,
-        _prepare_summaries,
-    ),
-    "train_objects.py": Case(
-        lambda tmp: [*TRAIN_OBJECTS, "--output", tmp / "run.json"], _check_train_objects
+        lambda tmp: _tiny_runs(tmp, "s0", "s1", "s2"),
     ),
     "iodine_elbo_probe.py": Case(
         lambda tmp: [
-            tmp / "io.pt",
+            tmp / "io",
             "--num-iterations",
             1,
             "--ascent-steps",
@@ -201,7 +177,7 @@ CASES = {
             tmp / "probe.json",
         ],  # fmt: skip
         _check_iodine_elbo_probe,
-        _prepare_iodine_run,
+        lambda tmp: _tiny_runs(tmp, "io", model="iodine", test_size=0),
     ),
 }
 

@@ -63,3 +63,13 @@ print(json.dumps({{"heavy": heavy, "found": found, "dir": dir(pyro_slots)}}))
     assert set(subpackages) <= set(pyro_slots.__all__)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         pyro_slots.nothing  # noqa: B018
+
+
+def test_the_shipped_recipes_are_package_data():
+    """pyro_slots/configs/*.yaml (``pyro-slots train --config NAME``) is in the distribution:
+    the package-data pattern matches every recipe file and nothing else is in the folder."""
+    patterns = _config()["package-data"]["pyro_slots"]
+    assert patterns == ["configs/*.yaml"]
+    folder = ROOT / "pyro_slots" / "configs"
+    files = sorted(p.name for p in folder.iterdir())
+    assert files and files == sorted(p.name for p in folder.glob("*.yaml"))

@@ -2,7 +2,8 @@
 
 Subcommands::
 
-    pyro-slots train [--model gmm] [--inner em] [--dataset points] [--config FILE] ...
+    pyro-slots train [--model gmm] [--inner em] [--dataset points] [--config NAME|FILE] ...
+    pyro-slots train --list-configs
     pyro-slots train --resume DIR [--steps N]
     pyro-slots evaluate CHECKPOINT [--dataset hdf5:TEST.h5] [--restarts R] [--per-image F.csv]
     pyro-slots diagnose CHECKPOINT [--out DIR]
@@ -32,18 +33,44 @@ from pyro_slots._allocator import tune_allocator
 from pyro_slots.checkpoint import CheckpointError
 from pyro_slots.nested import GRADIENT_MODES
 
-from .config import ConfigError, TrainConfig, load_config_file, merge_config
+from .config import (
+    ConfigError,
+    TrainConfig,
+    config_path,
+    list_configs,
+    load_config_file,
+    merge_config,
+)
 from .demo import demo
 from .diagnose import diagnose
 from .evaluate import evaluate_run, evaluation_data, format_table, write_pictures
-from .registry import DATASETS, INIT_KINDS, INNER_RULES, MODELS, OBJECTIVES
+from .registry import (
+    DATASETS,
+    INIT_KINDS,
+    INNER_RULES,
+    LR_SCHEDULES,
+    MODELS,
+    OBJECTIVES,
+    RESTART_CRITERIA,
+)
 from .runs import TrainingError, load_run, resolve_device, writable_folder
 from .train import train
 
 __all__ = ["build_parser", "console_main", "main"]
 
-#: Options that may change when a run is resumed (everything else would change the result).
-RESUMABLE = ("steps", "eval_every", "eval_size", "checkpoint_every", "tensorboard")
+#: Options that may change when a run is resumed (everything else would change the result):
+#: the length, the logging and the final test (which reads the weights only).
+RESUMABLE = (
+    "steps",
+    "eval_every",
+    "eval_size",
+    "checkpoint_every",
+    "tensorboard",
+    "test_size",
+    "eval_inner_steps",
+    "eval_restarts",
+    "restart_criterion",
+)
 
 
 def _choices_help() -> dict[str, str]:
@@ -54,6 +81,8 @@ def _choices_help() -> dict[str, str]:
         "dataset": ", ".join(DATASETS),
         "objective": ", ".join(OBJECTIVES),
         "init": ", ".join(INIT_KINDS),
+        "lr_schedule": ", ".join(LR_SCHEDULES),
+        "restart_criterion": ", ".join(RESTART_CRITERIA),
     }
 
 
@@ -75,8 +104,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
         kind = {"int": int, "float": float, "str": str}[text.removesuffix(" | None")]
+        aliases = ("--latent-dim",) if f.name == "slot_dim" else ()
         group.add_argument(
             flag,
+            *aliases,
             type=kind,
             default=argparse.SUPPRESS,
             metavar=f.metadata.get("metavar", kind.__name__.upper()),
@@ -116,7 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
         "outer loop fits the shared weights on the task objective. Without options: gmm on "
         "generated point sets with EM and a learned slot initialization (about 15 s).",
     )
-    train.add_argument("--config", metavar="FILE", help="YAML or TOML file of training options")
+    train.add_argument(
+        "--config",
+        metavar="NAME|FILE",
+        help="a shipped recipe by name (see --list-configs) or a YAML or TOML file of training "
+        "options",
+    )
+    train.add_argument(
+        "--list-configs", action="store_true", help="list the shipped recipes and exit"
+    )
     train.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -246,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.list_configs:
+        recipes = list_configs()
+        width = max(len(name) for name, _ in recipes)
+        for name, description in recipes:
+            print(f"{name:<{width}}  {description}")
+        return 0
     fields = TrainConfig.field_names()
     flags = {name: getattr(args, name) for name in fields if hasattr(args, name)}
     options = dict(
@@ -268,7 +313,7 @@ def _train(args: argparse.Namespace) -> int:
             )
         run = train(resume=args.resume, overrides=flags, **options)
     else:
-        file_values = load_config_file(args.config) if args.config else {}
+        file_values = load_config_file(config_path(args.config)) if args.config else {}
         config = merge_config(file_values, flags)
         run = train(config, overwrite=args.overwrite, **options)
     if dist.is_available() and dist.is_initialized():

@@ -14,7 +14,19 @@ from dataclasses import dataclass, field
 
 import yaml
 
-__all__ = ["ConfigError", "TrainConfig", "load_config_file", "merge_config", "save_config"]
+__all__ = [
+    "CONFIGS_DIR",
+    "ConfigError",
+    "TrainConfig",
+    "config_path",
+    "list_configs",
+    "load_config_file",
+    "merge_config",
+    "save_config",
+]
+
+#: The recipes shipped with the package (``pyro-slots train --config NAME``).
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 class ConfigError(ValueError):
@@ -57,7 +69,9 @@ class TrainConfig:
     init: str = _opt(
         "auto",
         "slot initialization: model (the model's own, k-means++ for gmm), learned (a trained "
-        "Gaussian) or auto (the rule's own if it has one, else learned for gmm)",
+        "Gaussian), fixed (the model's own or a standard Gaussian, never trained) or auto (the "
+        "rule's own if it has one, else learned for gmm; fixed whenever --gradient does not "
+        "reach the initializer: first_order, implicit, truncated shorter than T)",
         metavar="KIND",
     )
     steps: int = _opt(200, "number of outer updates")
@@ -68,6 +82,18 @@ class TrainConfig:
         "learned rules on gmm, 4e-4 for image models)",
     )
     warmup_steps: int = _opt(0, "linear learning-rate warm-up over the first N updates")
+    lr_schedule: str = _opt(
+        "constant",
+        "learning rate after the warm-up: constant, or cosine (annealed to --min-lr-ratio x --lr "
+        "over the run's budget: --steps, or --max-minutes when it ends first)",
+        metavar="KIND",
+    )
+    min_lr_ratio: float = _opt(0.05, "final learning rate of --lr-schedule cosine, times --lr")
+    max_minutes: float | None = _opt(
+        None,
+        "stop after this many minutes of training, summed over resumes (a checkpoint is written); "
+        "with --lr-schedule cosine also the schedule's clock",
+    )
     seed: int = _opt(0, "seed of the data stream, weights and slot initializations")
     out: str | None = _opt(None, "output directory (default: runs/MODEL-INNER)", metavar="DIR")
     num_slots: int | None = _opt(
@@ -85,8 +111,39 @@ class TrainConfig:
         None, "variance of --inner soft-kmeans (default: the model's variance, else 1)"
     )
     clip_norm: float | None = _opt(None, "clip the gradient norm of the shared weights")
-    eval_every: int = _opt(50, "evaluate on held-out data every N updates (0: never)")
-    eval_size: int = _opt(64, "held-out datapoints for the periodic evaluation")
+    eval_every: int = _opt(
+        50, "evaluate on the validation data every N updates (0: never); see --select-best"
+    )
+    eval_size: int = _opt(64, "validation datapoints of the periodic evaluation")
+    select_best: bool = _opt(
+        False,
+        "keep the weights of the best validation score (FG-ARI for images, log-likelihood per "
+        "point for gmm) as best.pt, and test those at the end",
+    )
+    test_size: int = _opt(
+        0, "held-out test datapoints scored at the end of training into test.json (0: none)"
+    )
+    eval_inner_steps: int | None = _opt(
+        None, "inner steps T of the final test (default: --inner-steps)"
+    )
+    eval_restarts: int = _opt(1, "slot initializations per test datapoint; one is kept")
+    restart_criterion: str = _opt(
+        "elbo",
+        "which restart a test datapoint keeps: elbo (the highest inner ELBO) or mse (the lowest "
+        "reconstruction error); both read the data only",
+        metavar="KIND",
+    )
+    init_from: str | None = _opt(
+        None,
+        "start from the weights of a finished run (a run folder or checkpoint) with a fresh "
+        "optimizer and schedule",
+        metavar="RUN",
+    )
+    first_scene: int = _opt(
+        0,
+        "index of the first training datapoint of the generated stream (to continue an "
+        "--init-from run on data it never saw: its updates x its batch size)",
+    )
     checkpoint_every: int = _opt(50, "write the checkpoint every N updates (and at the end)")
     num_points: int = _opt(200, "points per set (--dataset points)")
     num_components: int = _opt(4, "true mixture components per set (--dataset points)")
@@ -95,12 +152,60 @@ class TrainConfig:
     slot_dim: int | None = _opt(
         None,
         "slot size of the image models: features and slots of slot-autoencoder (default 64), "
-        "latents of iodine (default 16)",
+        "latents of iodine (default 16, 32 with --paper-size; also --latent-dim)",
     )
     pixel_scale: float | None = _opt(
         None, "sigma_x of iodine's pixel likelihood (default 0.1; see examples/results/objects.md)"
     )
-    hidden_dim: int = _opt(64, "width of the learned rules (gmm)")
+    mse_weight: float | None = _opt(
+        None,
+        "weight of the MSE in --objective elbo+mse (default C H W / (2 sigma_x^2), the scale of "
+        "the ELBO's likelihood)",
+    )
+    set_prediction_weight: float = _opt(
+        0.01, "weight of the set-prediction loss in --objective reconstruction+set-prediction"
+    )
+    paper_size: bool = _opt(False, "the papers' architectures instead of the CPU-sized ones")
+    encoder_strides: str | None = _opt(
+        None,
+        "strides of slot-autoencoder's four encoder convolutions, e.g. 2,1,2,1 (default 1,2,1,1)",
+        metavar="S,S,S,S",
+    )
+    decoder_resolution: int | None = _opt(
+        None, "decode at this resolution, then resize bilinearly (default: the image's)"
+    )
+    decoder_channels: str | None = _opt(
+        None, "channels of the decoder's hidden convolutions (default 32,32,16)", metavar="C,C,C"
+    )
+    decoder_upsample: int | None = _opt(
+        None,
+        "decoder layers that upsample by two (default 2; 0 broadcasts at the decoding "
+        "resolution, as the papers' decoders)",
+    )
+    kernel_size: int | None = _opt(None, "odd kernel size of the hidden convolutions (default 5)")
+    refinement_inputs: bool = _opt(
+        False,
+        "iodine with learned-gradient: feed the rule IODINE's auxiliary inputs (image, decoded "
+        "means and masks, posterior masks, coordinates)",
+    )
+    refinement_pooling: str = _opt(
+        "mean",
+        "how --refinement-inputs pools each slot's feature map: mean or posterior",
+        metavar="KIND",
+    )
+    features: str = _opt(
+        "mlp",
+        "keys of --inner slot-attention on points: mlp (a per-point MLP and LayerNorm, the "
+        "paper's) or gaussian (the standardized points' statistics (1, z, z^2), no LayerNorm)",
+        metavar="KIND",
+    )
+    init_lloyd_steps: int | None = _opt(
+        None, "gmm: Lloyd iterations after the k-means++ seeding of its slot init (default 10)"
+    )
+    hidden_dim: int | None = _opt(
+        None,
+        "width of the learned rules (default: 64 on points, 128 for learned-gradient on images)",
+    )
     tensorboard: bool = _opt(False, "also log to TensorBoard (needs the tensorboard package)")
 
     def to_dict(self) -> dict:
@@ -224,6 +329,38 @@ def load_config_file(path: str | os.PathLike) -> dict:
             )
         out[name] = coerce(name, value, path)
     return out
+
+
+def list_configs() -> list[tuple[str, str]]:
+    """``(name, description)`` of every shipped recipe, by name; the description is the first
+    line of the file, a YAML comment."""
+    out = []
+    for entry in sorted(os.listdir(CONFIGS_DIR)):
+        if entry.endswith(".yaml"):
+            with open(os.path.join(CONFIGS_DIR, entry)) as f:
+                first = f.readline().strip()
+            out.append((entry[: -len(".yaml")], first.lstrip("#").strip()))
+    return out
+
+
+def config_path(name_or_path: str | os.PathLike) -> str:
+    """The file of ``--config``: a path as given (anything with a folder or an extension), or
+    the shipped recipe of that name.
+
+    :raises ConfigError: for a bare name that is neither a file nor a shipped recipe (the
+        message lists the recipes).
+    """
+    text = os.fspath(name_or_path)
+    if os.path.isfile(text) or os.sep in text or os.path.splitext(text)[1]:
+        return text  # a path (load_config_file says when it does not exist)
+    shipped = os.path.join(CONFIGS_DIR, text + ".yaml")
+    if os.path.isfile(shipped):
+        return shipped
+    names = ", ".join(name for name, _ in list_configs())
+    raise ConfigError(
+        f"config: {text!r} is neither a config file nor a shipped recipe; the recipes are "
+        f"{names} (pyro-slots train --list-configs)"
+    )
 
 
 def merge_config(file_values: dict, flag_values: dict) -> TrainConfig:

@@ -38,7 +38,7 @@ from pyro_slots.inner import EM
 from pyro_slots.metrics import ari, image_scores, reconstruction_mse
 
 from .config import ConfigError
-from .registry import DATASETS
+from .registry import DATASETS, objective_targets
 from .runs import METRICS_NAME, TrainRun, count_option, load_run, resolve_device, writable_folder
 from .streams import Batch
 
@@ -197,7 +197,11 @@ def evaluation_data(run: TrainRun, dataset: str | None = None, num: int | None =
 
 
 def infer(
-    run: TrainRun, batch: Batch | int, inner_steps: int | None = None, restarts: int = 1
+    run: TrainRun,
+    batch: Batch | int,
+    inner_steps: int | None = None,
+    restarts: int = 1,
+    criterion: str = "elbo",
 ) -> Inference:
     """Refine the slots of held-out datapoints with the trained rule and initialization.
 
@@ -206,8 +210,10 @@ def infer(
 
     :param batch: a :class:`Batch`, or the number of held-out datapoints to draw.
     :param int inner_steps: inner steps T (default: as in training), >= 1.
-    :param int restarts: R restarts side by side; every datapoint keeps the one with the
-        highest final inner ELBO, >= 1.
+    :param int restarts: R restarts side by side, >= 1; every datapoint keeps one of them:
+    :param str criterion: the highest final inner ELBO (``"elbo"``) or the lowest
+        reconstruction MSE of the decoded slots (``"mse"``, image models); both read the data
+        only, never the truth.
     :raises ConfigError: for ``inner_steps`` or ``restarts`` < 1.
     """
     config, c = run.config, run.components
@@ -226,7 +232,13 @@ def infer(
         seed=config.seed,
         num_restarts=restarts,
     )
-    return Inference(batch, result.best() if restarts > 1 else result)
+    if criterion == "elbo" or restarts == 1:
+        return Inference(batch, result.best())
+    with torch.no_grad():
+        recon = c.model.decode(result.slots.flatten(0, 1))[0]  # restart-major
+    size = batch.x.shape[0]
+    mse = reconstruction_mse(batch.x.repeat(restarts, 1, 1, 1), recon).reshape(restarts, size)
+    return Inference(batch, result.select(mse.argmin(0)))
 
 
 def on_device(batch: Batch, device: torch.device) -> Batch:
@@ -303,7 +315,8 @@ def task_objective(run: TrainRun, inference: Inference) -> torch.Tensor:
     x = inference.batch.x
     with torch.no_grad():
         x_enc = c.model.encode(x)
-        return c.objective(c.model, x, x_enc, inference.result.slots[0])
+        targets = objective_targets(c.objective, inference.batch.truth)  # set prediction
+        return c.objective(c.model, x, x_enc, inference.result.slots[0], *targets)
 
 
 def per_datapoint(run: TrainRun, inference: Inference, reference: bool = True) -> dict:

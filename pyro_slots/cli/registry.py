@@ -17,14 +17,18 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
+from pyro_slots.data import shapes, tetrominoes
 from pyro_slots.init import GaussianInit
 from pyro_slots.inner import EM, GradientAscent, SoftKMeans
 from pyro_slots.models import GaussianMixture
 from pyro_slots.nested import GRADIENT_MODES
-from pyro_slots.objectives import NegativeELBO, Reconstruction
+from pyro_slots.objectives import NegativeELBO, Reconstruction, SetPrediction, WeightedSum
 from pyro_slots.validation import CapabilityError
 
 from .config import ConfigError, TrainConfig
@@ -38,10 +42,17 @@ __all__ = [
     "OBJECTIVES",
     "Components",
     "build",
+    "objective_targets",
+    "set_prediction_head",
+    "reaches_init",
     "resolve",
 ]
 
-INIT_KINDS = ("auto", "model", "learned")
+INIT_KINDS = ("auto", "model", "learned", "fixed")
+#: Test-time restart criteria (``restart_criterion``).
+RESTART_CRITERIA = ("elbo", "mse")
+#: Learning-rate schedules after the warm-up (``lr_schedule``).
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _import(module: str, name: str, what: str):
@@ -65,28 +76,62 @@ class ModelEntry:
     objective: str
     closed_form: bool
     description: str
+    #: The model's own slot initializer (``slot_init``) has trained weights.
+    learned_init: bool = False
 
 
 def _gmm(config: TrainConfig, stream):
-    return GaussianMixture(config.num_slots, stream.dim)
+    lloyd = {} if config.init_lloyd_steps is None else {"init_lloyd_steps": config.init_lloyd_steps}
+    return GaussianMixture(config.num_slots, stream.dim, **lloyd)
+
+
+def int_list(text: str | None, name: str) -> tuple[int, ...] | None:
+    """``"2,1,2,1"`` as ``(2, 1, 2, 1)`` (``None`` stays ``None``).
+
+    :raises ConfigError: naming ``name`` unless every entry is an integer >= 1.
+    """
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ConfigError(f"{name}: expected positive integers like 2,1,2,1, got {text!r}")
+    return values
+
+
+def _architecture(config: TrainConfig) -> dict:
+    """The architecture options given (``None`` ones left to the model's defaults)."""
+    sizes = {
+        "decoder_resolution": config.decoder_resolution,
+        "decoder_channels": int_list(config.decoder_channels, "decoder_channels"),
+        "decoder_upsample": config.decoder_upsample,
+        "kernel_size": config.kernel_size,
+    }
+    if config.model == "slot-autoencoder":
+        sizes["encoder_strides"] = int_list(config.encoder_strides, "encoder_strides")
+    if config.model == "iodine":
+        sizes["pixel_scale"] = config.pixel_scale
+    return {k: v for k, v in sizes.items() if v is not None}
+
+
+def _image_model(cls, config: TrainConfig, stream, **slot_size):
+    factory = cls.paper_size if config.paper_size else cls
+    return factory(
+        image_size=stream.image_size, num_slots=config.num_slots, **slot_size,
+        **_architecture(config),
+    )  # fmt: skip
 
 
 def _slot_autoencoder(config: TrainConfig, stream):
     cls = _import("pyro_slots.models", "SlotAutoencoder", "slot-autoencoder")
-    return cls(
-        image_size=stream.image_size, num_slots=config.num_slots, feature_dim=config.slot_dim
-    )
+    return _image_model(cls, config, stream, feature_dim=config.slot_dim)
 
 
 def _iodine(config: TrainConfig, stream):
     cls = _import("pyro_slots.models", "IODINE", "iodine")
-    sizes = {} if config.pixel_scale is None else {"pixel_scale": config.pixel_scale}
-    return cls(
-        image_size=stream.image_size,
-        num_slots=config.num_slots,
-        latent_dim=config.slot_dim,
-        **sizes,
-    )
+    return _image_model(cls, config, stream, latent_dim=config.slot_dim)
 
 
 MODELS = {
@@ -99,14 +144,20 @@ MODELS = {
         "reconstruction",
         True,
         "Slot Attention autoencoder: CNN encoder, inner mixture, spatial-broadcast decoder",
+        learned_init=True,
     ),
     "iodine": ModelEntry(
-        _iodine, "images", "elbo", False, "IODINE: spatial Gaussian mixture of decoded slots"
+        _iodine,
+        "images",
+        "elbo",
+        False,
+        "IODINE: spatial Gaussian mixture of decoded slots",
+        learned_init=True,
     ),
 }
 
-#: Default slot sizes of the image models.
-SLOT_DIMS = {"slot-autoencoder": 64, "iodine": 16}
+#: Default slot sizes of the image models (CPU-sized, ``--paper-size``).
+SLOT_DIMS = {"slot-autoencoder": (64, 64), "iodine": (16, 32)}
 
 
 # ------------------------------------------------------------------------ inner rules
@@ -142,14 +193,21 @@ def _gradient(config, model):
 def _slot_attention(config, model):
     cls = _import("pyro_slots.inner", "SlotAttention", "slot-attention")
     if config.dataset == "points":
-        # Low-dimensional points: a per-point MLP before the attention, and the attention-weighted
-        # moments for the readout (see SlotAttention's docstring).
+        # Low-dimensional points: a per-point MLP before the attention (or, features: gaussian,
+        # the standardized points' statistics as keys), and the attention-weighted moments for
+        # the readout (see SlotAttention's docstring).
+        features = {}
+        if config.features == "gaussian":
+            encoder = _import("pyro_slots.inner", "GaussianFeatures", "features: gaussian")
+            dim = model.feature_dim
+            features = {"encoder": encoder(dim), "feature_dim": 2 * dim + 1, "norm_inputs": False}
         return cls(
             config.inner_steps,
             slot_dim=model.slot_dim,
             input_dim=model.feature_dim,
             hidden_dim=config.hidden_dim,
             moments=True,
+            **features,
         )
     # Images: the paper's module, the slots are the hidden vectors.
     return cls(
@@ -163,11 +221,17 @@ def _slot_attention(config, model):
 
 def _learned_gradient(config, model):
     cls = _import("pyro_slots.inner", "LearnedGradient", "learned-gradient")
+    extra = {}
+    if config.refinement_inputs:  # IODINE's image-sized auxiliary inputs, per slot
+        inputs = _import("pyro_slots.models", "RefinementInputs", "refinement_inputs")
+        features = inputs(out_dim=32, pooling=config.refinement_pooling)
+        extra = {"features": features, "extra_dim": 32}
     return cls(
         config.inner_steps,
         slot_dim=model.slot_dim,
         hidden_dim=config.hidden_dim,
         preprocessing="log_sign" if config.dataset == "points" else "layernorm",
+        **extra,
     )
 
 
@@ -189,15 +253,96 @@ DEFAULT_INNER = {"gmm": "em", "slot-autoencoder": "slot-attention", "iodine": "l
 
 
 # ------------------------------------------------------------------------- objectives
-def _elbo_objective(config):
+def _elbo_objective(config, model):
     return NegativeELBO()
 
 
-def _reconstruction_objective(config):
+def _reconstruction_objective(config, model):
     return Reconstruction()
 
 
-OBJECTIVES = {"elbo": _elbo_objective, "reconstruction": _reconstruction_objective}
+def mse_weight(config: TrainConfig, model) -> float:
+    """The weight of the MSE in ``--objective elbo+mse``: ``--mse-weight``, by default
+    ``C·H·W / (2 σ_x²)``, which makes the term the negative log-likelihood (up to a constant) of
+    the image under a Gaussian of IODINE's pixel scale centred on the decoded mean image -- the
+    scale of the ELBO's own likelihood term."""
+    if config.mse_weight is not None:
+        return config.mse_weight
+    return model.in_channels * model.num_measurements / (2.0 * model.pixel_scale**2)
+
+
+def _elbo_mse_objective(config, model):
+    return WeightedSum([NegativeELBO(), Reconstruction()], [1.0, mse_weight(config, model)])
+
+
+#: Attribute classes of the generators: (shape classes, colour classes, has a scale).
+def _attributes(dataset: str) -> tuple[int, int, bool]:
+    if dataset == "tetrominoes":
+        return len(tetrominoes.TETROMINO_NAMES), len(tetrominoes.COLOR_NAMES), False
+    return len(shapes.SHAPE_NAMES), len(shapes.COLOR_NAMES), True
+
+
+def _set_prediction_head(config, model):
+    num_shapes, num_colors, has_scale = _attributes(config.dataset)
+    return SetPrediction(model.slot_dim, num_shapes, num_colors, predict_scale=has_scale)
+
+
+def _reconstruction_set_objective(config, model):
+    parts = [Reconstruction(), _set_prediction_head(config, model)]
+    return WeightedSum(parts, weights=[1.0, config.set_prediction_weight])
+
+
+@dataclass(frozen=True)
+class ObjectiveEntry:
+    """:ivar models: the models it applies to (``None``: every model); :ivar targets: it reads
+    the generators' object attributes (set prediction)."""
+
+    factory: Callable
+    models: tuple | None
+    targets: bool
+    description: str
+
+
+OBJECTIVES = {
+    "elbo": ObjectiveEntry(_elbo_objective, None, False, "negative ELBO of the final slots"),
+    "reconstruction": ObjectiveEntry(
+        _reconstruction_objective, None, False, "MSE of the decoded final slots"
+    ),
+    "elbo+mse": ObjectiveEntry(
+        _elbo_mse_objective,
+        ("iodine",),
+        False,
+        "negative ELBO plus --mse-weight times the MSE of the decoded mean image",
+    ),
+    "set-prediction": ObjectiveEntry(
+        _set_prediction_head,
+        ("slot-autoencoder", "iodine"),
+        True,
+        "Hungarian-matched object attributes predicted from the final slots",
+    ),
+    "reconstruction+set-prediction": ObjectiveEntry(
+        _reconstruction_set_objective,
+        ("slot-autoencoder", "iodine"),
+        True,
+        "reconstruction MSE plus --set-prediction-weight times set prediction",
+    ),
+}
+
+
+def set_prediction_head(objective) -> SetPrediction | None:
+    """The :class:`~pyro_slots.objectives.SetPrediction` of ``objective`` (itself or a part of
+    a :class:`~pyro_slots.objectives.WeightedSum`), ``None`` without one."""
+    for part in getattr(objective, "parts", [objective]):
+        if isinstance(part, SetPrediction):
+            return part
+    return None
+
+
+def objective_targets(objective, truth: dict) -> tuple:
+    """The targets ``objective`` takes beside the slots: the set-prediction targets read from a
+    batch's ground truth (``truth``, the generator's attribute keys), else none."""
+    head = set_prediction_head(objective)
+    return () if head is None else head.targets_from_batch(truth)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -278,6 +423,106 @@ def _check_positive(config: TrainConfig) -> None:
         raise ConfigError(f"seed: expected an integer >= 0, got {config.seed}")
 
 
+def reaches_init(config: TrainConfig, num_steps: int) -> bool:
+    """Whether J's gradient reaches the slot initializer: through every one of the
+    ``num_steps`` inner steps (``unrolled``, or ``truncated`` no shorter than T)."""
+    if config.gradient not in GRADIENT_MODES:
+        return True  # refused by NestedSVI when the run is built
+    return config.gradient == "unrolled" or (
+        config.gradient == "truncated" and config.truncate >= num_steps
+    )
+
+
+#: Options only one model takes: (that model, what it is).
+_MODEL_ONLY = {
+    "encoder_strides": ("slot-autoencoder", "IODINE has no encoder"),
+    "pixel_scale": ("iodine", "its likelihood's sigma_x"),
+    "refinement_inputs": ("iodine", "IODINE's auxiliary refinement inputs"),
+    "mse_weight": ("iodine", "the weight of --objective elbo+mse"),
+}
+
+
+def _check_training_options(config: TrainConfig, objective: str) -> None:
+    """The schedule, budget, test and architecture options, checked before anything is built."""
+    if config.warmup_steps < 0:
+        raise ConfigError(f"warmup_steps: expected an integer >= 0, got {config.warmup_steps}")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(
+            f"lr_schedule: unknown kind {config.lr_schedule!r}; valid choices are {LR_SCHEDULES}"
+        )
+    if not 0.0 <= config.min_lr_ratio <= 1.0:
+        raise ConfigError(f"min_lr_ratio: expected a number in [0, 1], got {config.min_lr_ratio}")
+    if config.max_minutes is not None and not 0 < config.max_minutes < math.inf:
+        raise ConfigError(f"max_minutes: expected finite minutes > 0, got {config.max_minutes}")
+    if config.select_best and not config.eval_every:
+        raise ConfigError("select_best: needs the periodic validation (--eval-every > 0)")
+    for name in ("test_size", "first_scene"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(config, name)}")
+    for name in ("eval_inner_steps", "eval_restarts", "decoder_resolution"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}: expected an integer >= 1, got {value}")
+    if config.restart_criterion not in RESTART_CRITERIA:
+        raise ConfigError(
+            f"restart_criterion: unknown kind {config.restart_criterion!r}; valid choices are "
+            f"{RESTART_CRITERIA}"
+        )
+    if config.restart_criterion == "mse" and config.model == "gmm":
+        raise ConfigError("restart_criterion: mse is for image models; use elbo with gmm")
+    if config.decoder_upsample is not None and config.decoder_upsample < 0:
+        raise ConfigError(
+            f"decoder_upsample: expected an integer >= 0, got {config.decoder_upsample}"
+        )
+    if config.kernel_size is not None and (config.kernel_size < 1 or config.kernel_size % 2 == 0):
+        raise ConfigError(f"kernel_size: expected an odd integer >= 1, got {config.kernel_size}")
+    for name in ("mse_weight", "set_prediction_weight"):
+        value = getattr(config, name)
+        if value is not None and not 0 < value < math.inf:
+            raise ConfigError(f"{name}: expected a finite number > 0, got {value}")
+    int_list(config.encoder_strides, "encoder_strides")
+    int_list(config.decoder_channels, "decoder_channels")
+    given = {
+        name: getattr(config, name) not in (None, False)
+        for name in ("encoder_strides", "pixel_scale", "refinement_inputs", "mse_weight")
+    }
+    for name, is_given in given.items():
+        only, what = _MODEL_ONLY[name]
+        if is_given and config.model != only:
+            raise ConfigError(f"{name}: only for --model {only} ({what}), not {config.model}")
+    architecture = ("paper_size", "decoder_resolution", "decoder_channels", "decoder_upsample")
+    if config.model == "gmm":
+        for name in (*architecture, "kernel_size"):
+            if getattr(config, name) not in (None, False):
+                raise ConfigError(f"{name}: an image model's architecture, not for --model gmm")
+    if config.refinement_inputs and config.inner not in (None, "learned-gradient"):
+        raise ConfigError("refinement_inputs: only with --inner learned-gradient")
+    if config.refinement_pooling not in ("mean", "posterior"):
+        raise ConfigError(
+            f"refinement_pooling: unknown kind {config.refinement_pooling!r}; valid choices are "
+            "('mean', 'posterior')"
+        )
+    if config.refinement_pooling != "mean" and not config.refinement_inputs:
+        raise ConfigError("refinement_pooling: only with --refinement-inputs")
+    if config.features not in ("mlp", "gaussian"):
+        raise ConfigError(
+            f"features: unknown kind {config.features!r}; valid choices are ('mlp', 'gaussian')"
+        )
+    if config.features != "mlp" and (config.inner != "slot-attention" or config.model != "gmm"):
+        raise ConfigError("features: only for --inner slot-attention on --model gmm")
+    if config.init_lloyd_steps is not None:
+        if config.model != "gmm":
+            raise ConfigError(f"init_lloyd_steps: only for --model gmm, not {config.model}")
+        if config.init_lloyd_steps < 0:
+            raise ConfigError(
+                f"init_lloyd_steps: expected an integer >= 0, got {config.init_lloyd_steps}"
+            )
+    if config.mse_weight is not None and objective != "elbo+mse":
+        raise ConfigError("mse_weight: only with --objective elbo+mse")
+    if config.init_from is not None and not os.path.exists(config.init_from):
+        raise ConfigError(f"init_from: no such run folder or checkpoint {config.init_from!r}")
+
+
 def resolve(config: TrainConfig) -> TrainConfig:
     """Check names and combinations and fill the defaults; nothing is built or trained.
 
@@ -296,8 +541,19 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"init: unknown kind {config.init!r}; valid choices are {INIT_KINDS}")
     dataset = _dataset_entry(config.dataset)
     objective = model.objective if config.objective is None else config.objective
-    _choice(OBJECTIVES, objective, "objective")
+    objective_entry = _choice(OBJECTIVES, objective, "objective")
+    if objective_entry.models is not None and config.model not in objective_entry.models:
+        raise ConfigError(
+            f"objective: {objective} is only for --model {' or '.join(objective_entry.models)}, "
+            f"not {config.model}"
+        )
+    if objective_entry.targets and config.dataset not in ("shapes", "tetrominoes"):
+        raise ConfigError(
+            f"objective: {objective} reads the object attributes of the generators; use "
+            f"--dataset shapes or tetrominoes, not {config.dataset}"
+        )
     _check_positive(config)
+    _check_training_options(config, objective)
     if dataset.data != model.data:
         valid = [n for n, d in DATASETS.items() if d.data == model.data]
         raise ConfigError(
@@ -313,13 +569,24 @@ def resolve(config: TrainConfig) -> TrainConfig:
     init = config.init
     if init == "auto":
         init = "model" if inner.learned or model.data == "images" else "learned"
+    num_steps = inner.num_steps if config.inner_steps is None else config.inner_steps
+    learnable_init = init == "learned" or (init == "model" and model.learned_init)
+    has_other_weights = inner.learned or model.data == "images"
+    if (
+        learnable_init
+        and has_other_weights
+        and config.init == "auto"
+        and not reaches_init(config, num_steps)
+    ):
+        # J's gradient would never reach the initializer's weights (NestedSVI's UserWarning):
+        # a fixed initializer, said once in the log and saved as init: fixed.
+        init = "fixed"
     if not inner.learned and init == "model" and model.data == "points":
         raise ConfigError(
             f"--model gmm with --inner {config.inner} and --init model has no weights to train "
             "(the fixed rule starts from k-means++); use --init learned or a learned rule "
             "(slot-attention, learned-gradient)"
         )
-    num_steps = inner.num_steps if config.inner_steps is None else config.inner_steps
     # (an unknown --gradient is refused by NestedSVI when the run is built)
     if (
         not inner.learned
@@ -327,10 +594,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         and model.data == "points"
         and (config.gradient in GRADIENT_MODES)
     ):
-        reaches_init = config.gradient == "unrolled" or (
-            config.gradient == "truncated" and config.truncate >= num_steps
-        )
-        if not reaches_init:
+        if not reaches_init(config, num_steps):
             raise ConfigError(
                 f"--gradient {config.gradient} never reaches the learned initialization, the "
                 f"only trained weights of gmm with --inner {config.inner}: it is trained "
@@ -360,7 +624,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         if slot_dim is not None:
             raise ConfigError("slot_dim: gmm slots are its components' parameters; leave it unset")
     elif slot_dim is None:
-        slot_dim = SLOT_DIMS[config.model]
+        slot_dim = SLOT_DIMS[config.model][config.paper_size]
     if config.pixel_scale is not None and config.model != "iodine":
         raise ConfigError(
             f"pixel_scale: only for --model iodine (its likelihood's sigma_x), not {config.model}"
@@ -373,10 +637,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
                 "tensorboard: the tensorboard package is not installed (pip install "
                 "tensorboard); run without --tensorboard"
             ) from None
-    if config.warmup_steps < 0:
-        raise ConfigError(f"warmup_steps: expected an integer >= 0, got {config.warmup_steps}")
     return dataclasses.replace(
         config,
+        # Image models: IODINE's refinement network width (examples/results/objects.md).
+        hidden_dim=config.hidden_dim or (64 if model.data == "points" else 128),
         objective=objective,
         init=init,
         lr=lr,
@@ -412,14 +676,32 @@ def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components
     dataset = _dataset_entry(config.dataset)
     stream = dataset.factory(config, config.dataset)
     stream.shard(rank, world_size)
+    stream.first = config.first_scene
     model = MODELS[config.model].factory(config, stream)
     inner = INNER_RULES[config.inner].factory(config, model)
     try:
         inner.check_model(model)
     except CapabilityError as error:
         raise ConfigError(f"--inner {config.inner} with --model {config.model}: {error}") from None
-    objective = OBJECTIVES[config.objective](config)
+    objective = OBJECTIVES[config.objective].factory(config, model)
     init = None
     if config.init == "learned":
         init = GaussianInit(model.slot_dim, learnable=True)
+    elif config.init == "fixed":
+        own = getattr(model, "slot_init", None)
+        if isinstance(own, GaussianInit):
+            # The model's own initializer where it starts, as buffers of the same names (the
+            # checkpoints keep their layout).
+            fixed = GaussianInit(own.dim, learnable=False)
+            with torch.no_grad():
+                fixed.loc.copy_(own.loc)
+                fixed.log_scale.copy_(own.log_scale)
+            model.slot_init = fixed
+        else:
+            init = GaussianInit(model.slot_dim, learnable=False)
+    if OBJECTIVES[config.objective].targets and config.num_slots < stream.num_objects:
+        raise ConfigError(
+            f"num_slots: --objective {config.objective} on {config.dataset} needs a slot per "
+            f"object, at least {stream.num_objects}, got {config.num_slots}"
+        )
     return Components(model, inner, objective, init, stream)

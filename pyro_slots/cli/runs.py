@@ -22,11 +22,14 @@ previous one back.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -49,7 +52,12 @@ from .config import ConfigError, TrainConfig
 from .registry import Components, build, resolve
 
 __all__ = [
+    "BEST_NAME",
     "CHECKPOINT_NAME",
+    "TEST_NAME",
+    "TrainingClock",
+    "init_from",
+    "lr_factor",
     "CONFIG_NAME",
     "LOCK_NAME",
     "METRICS_NAME",
@@ -70,6 +78,10 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: The weights of the best validation score (``select_best``), a checkpoint of the same format.
+BEST_NAME = "best.pt"
+#: The final test's metrics (``test_size``).
+TEST_NAME = "test.json"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
 LOCK_NAME = "run.lock"
@@ -78,6 +90,8 @@ ASIDE_NAME = ".overwritten"
 #: The entries of a run folder that belong to its run (moved aside by ``--overwrite``).
 RUN_ENTRIES = (
     CHECKPOINT_NAME,
+    BEST_NAME,
+    TEST_NAME,
     METRICS_NAME,
     CONFIG_NAME,
     "tensorboard",
@@ -99,6 +113,25 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+class TrainingClock:
+    """Seconds of training of a run, summed over the processes that trained it.
+
+    ``before`` is what the checkpoint recorded (0 for a fresh run); :meth:`start` starts this
+    process's share. It is the clock of ``max_minutes`` and of the cosine schedule.
+    """
+
+    def __init__(self, before: float = 0.0):
+        self.before = float(before)
+        self.started = None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        running = 0.0 if self.started is None else time.perf_counter() - self.started
+        return self.before + running
+
+
 @dataclass
 class TrainRun:
     """A built training run: configuration, components, the outer loop, its step count and the
@@ -109,6 +142,8 @@ class TrainRun:
     svi: NestedSVI
     step: int = 0
     device: torch.device = torch.device("cpu")
+    #: Seconds of training so far (the clock of ``max_minutes`` and the cosine schedule).
+    clock: TrainingClock = dataclasses.field(default_factory=TrainingClock)
 
 
 def count_option(value: int | None, name: str) -> int | None:
@@ -194,26 +229,41 @@ def distributed_context(
 
 
 # ------------------------------------------------------------------------ the outer loop
-def _warmup(warmup_steps: int):
-    """The learning-rate factor of update ``epoch`` (0-based): linear warm-up, then 1."""
+def lr_factor(config: TrainConfig, step: int, clock: TrainingClock | None = None) -> float:
+    """The factor of ``lr`` for update ``step`` (0-based), as ``pyro.optim.LambdaLR`` asks.
 
-    def factor(epoch: int) -> float:
-        return 1.0 if warmup_steps <= 0 else min(1.0, (epoch + 1) / warmup_steps)
+    A linear warm-up over ``warmup_steps``, times (``lr_schedule: cosine``) the cosine annealing
+    ``r + (1 - r)·½(1 + cos πp)`` from 1 to ``r = min_lr_ratio``, where the progress ``p`` is the
+    larger of ``step / steps`` and (with ``max_minutes``) the elapsed fraction of the time budget
+    on ``clock``: a run bounded by wall time anneals to ``r`` at its end whatever the speed of the
+    machine, and is then, in its number of updates, no more reproducible than the clock.
+    """
+    warmup = 1.0 if config.warmup_steps <= 0 else min(1.0, (step + 1) / config.warmup_steps)
+    if config.lr_schedule == "constant":
+        return warmup
+    progress = step / config.steps
+    if config.max_minutes is not None and clock is not None:
+        progress = max(progress, clock.seconds() / (60.0 * config.max_minutes))
+    progress = min(max(progress, 0.0), 1.0)
+    r = config.min_lr_ratio
+    return warmup * (r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
-    return factor
 
-
-def make_svi(config: TrainConfig, components: Components) -> NestedSVI:
+def make_svi(
+    config: TrainConfig, components: Components, clock: TrainingClock | None = None
+) -> NestedSVI:
     """The outer loop: NestedSVI with Adam on every shared weight and Pyro's ``LambdaLR``
-    scheduler for the warm-up (the trainer calls ``svi.optim.step()`` once per update; the
-    scheduler's state is part of :meth:`NestedSVI.state_dict`, so a resumed run continues with
-    exactly the rate the uninterrupted run would use)."""
+    scheduler for the warm-up and annealing (:func:`lr_factor`; the trainer calls
+    ``svi.optim.step()`` once per update). The scheduler's update count is part of
+    :meth:`NestedSVI.state_dict`, so a resumed run continues with exactly the rate the
+    uninterrupted run would use; with ``max_minutes`` the rate also follows ``clock``, which
+    the checkpoint carries on (``train_seconds``)."""
+
+    def factor(step: int) -> float:  # a function, not an object: LambdaLR saves no state of it
+        return lr_factor(config, step, clock)
+
     optim = pyro.optim.LambdaLR(
-        {
-            "optimizer": torch.optim.Adam,
-            "optim_args": {"lr": config.lr},
-            "lr_lambda": _warmup(config.warmup_steps),
-        }
+        {"optimizer": torch.optim.Adam, "optim_args": {"lr": config.lr}, "lr_lambda": factor}
     )
     return NestedSVI(
         components.model,
@@ -262,7 +312,8 @@ def new_run(
         for module in (components.model, components.inner, components.objective, components.init):
             if isinstance(module, torch.nn.Module):
                 module.to(device)
-        svi = make_svi(config, components)
+        clock = TrainingClock()
+        svi = make_svi(config, components, clock)
     except ConfigError:
         raise
     except (ValueError, TypeError) as error:
@@ -272,7 +323,7 @@ def new_run(
             f"--model {config.model} with --inner {config.inner} and --init {config.init} has no "
             "weights to train"
         )
-    return TrainRun(config, components, svi, device=device)
+    return TrainRun(config, components, svi, device=device, clock=clock)
 
 
 # ----------------------------------------------------------------------- checkpoints
@@ -382,6 +433,7 @@ def load_run(
             c.init.load_state_dict(payload["init"])
         run.svi.load_state_dict(payload["svi"])
         set_rng_state(payload["rng"])
+        run.clock.before = float(payload.get("train_seconds", 0.0))
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
         raise CheckpointError(
             f"{path}: the saved states do not fit the model: {first_line(error)}"
@@ -402,14 +454,44 @@ def _payload(run: TrainRun) -> dict:
         "init": None if c.init is None else c.init.state_dict(),
         "svi": run.svi.state_dict(),
         "rng": rng_state(data_position=run.step),
+        "train_seconds": run.clock.seconds(),
     }
 
 
-def save_run(run: TrainRun) -> str:
-    """Write the run's checkpoint (atomically, with its SHA-256); returns its path."""
-    path = os.path.join(run.config.out, CHECKPOINT_NAME)
+def save_run(run: TrainRun, name: str = CHECKPOINT_NAME) -> str:
+    """Write the run's checkpoint (atomically, with its SHA-256) as ``name`` in its folder
+    (``checkpoint.pt``, or ``best.pt`` for ``select_best``); returns its path."""
+    path = os.path.join(run.config.out, name)
     save_checkpoint(path, _payload(run))
     return path
+
+
+def init_from(run: TrainRun, path: str | os.PathLike) -> int:
+    """Load the weights of a finished run (a folder or checkpoint) into ``run``; its optimizer,
+    schedule and update count stay fresh. Returns the finished run's number of updates.
+
+    :raises ConfigError: one line naming ``init_from`` when the weights do not fit ``run``'s
+        architecture.
+    """
+    source = checkpoint_path(path)
+    try:
+        payload = load_checkpoint(source)
+    except CheckpointError as error:
+        raise ConfigError(f"init_from: {first_line(error)}") from None
+    c = run.components
+    parts = [("model", c.model), ("inner", c.inner), ("objective", c.objective)]
+    if c.init is not None and payload.get("init") is not None:
+        parts.append(("init", c.init))
+    try:
+        for key, module in parts:
+            module.load_state_dict(payload[key])
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise ConfigError(
+            f"init_from: {source} does not hold weights of this configuration (--model "
+            f"{run.config.model}, --inner {run.config.inner} and the architecture options): "
+            f"{first_line(error)}"
+        ) from None
+    return int(payload.get("step", 0))
 
 
 # ------------------------------------------------------------------------ run folders

@@ -13,10 +13,19 @@ import torch
 
 from pyro_slots.data import HDF5Dataset, sample_point_sets, shapes, tetrominoes
 
-__all__ = ["HELD_OUT_START", "Batch", "HDF5Stream", "ImageStream", "PointStream"]
+__all__ = [
+    "HELD_OUT_START",
+    "VALIDATION_START",
+    "Batch",
+    "HDF5Stream",
+    "ImageStream",
+    "PointStream",
+]
 
 #: First generator index of the held-out data (training would need 2**31 datapoints to reach it).
 HELD_OUT_START = 2**31
+#: First generator index of the validation data (2**30 after the held-out data's).
+VALIDATION_START = HELD_OUT_START + 2**30
 
 
 @dataclass
@@ -38,12 +47,23 @@ class _Stream:
     the batches of one process with batch size ``W·B``."""
 
     rank, world_size = 0, 1
+    #: Index of the first training datapoint (``first_scene``): batch ``s`` starts that far on.
+    first = 0
 
     def shard(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
 
     def _start(self, step: int) -> int:
-        return (step * self.world_size + self.rank) * self.batch_size
+        return self.first + (step * self.world_size + self.rank) * self.batch_size
+
+    def validation(self, num: int) -> Batch:
+        """Validation data (the periodic evaluation, ``select_best``): generated from
+        :data:`VALIDATION_START`, apart from the held-out test data and from training."""
+        return self._draw(num, VALIDATION_START)
+
+    def held_out(self, num: int) -> Batch:
+        """Held-out test data (``pyro-slots evaluate``, ``test_size``)."""
+        return self._draw(num, HELD_OUT_START)
 
 
 class PointStream(_Stream):
@@ -72,8 +92,8 @@ class PointStream(_Stream):
     def batch(self, step: int) -> Batch:
         return self._sets(self.batch_size, self._start(step))
 
-    def held_out(self, num: int) -> Batch:
-        return self._sets(num, HELD_OUT_START)
+    def _draw(self, num: int, start: int) -> Batch:
+        return self._sets(num, start)
 
 
 class ImageStream(_Stream):
@@ -104,13 +124,15 @@ class ImageStream(_Stream):
 
     def _scenes(self, num: int, start: int) -> Batch:
         scenes = self._generate(num, seed=self.seed, start=start, **self._kwargs)
-        return Batch(scenes["image"], {"mask": scenes["mask"]})
+        # Everything but the image is ground truth: the masks and the objects' attributes
+        # (the targets of set prediction).
+        return Batch(scenes["image"], {k: v for k, v in scenes.items() if k != "image"})
 
     def batch(self, step: int) -> Batch:
         return self._scenes(self.batch_size, self._start(step))
 
-    def held_out(self, num: int) -> Batch:
-        return self._scenes(num, HELD_OUT_START)
+    def _draw(self, num: int, start: int) -> Batch:
+        return self._scenes(num, start)
 
 
 class HDF5Stream(_Stream):
@@ -155,3 +177,8 @@ class HDF5Stream(_Stream):
     def held_out(self, num: int) -> Batch:
         num = min(num, self.held_out_size)
         return self._items(range(self.num_train, self.num_train + num))
+
+    def validation(self, num: int) -> Batch:
+        """A file has no third split: validation is the held-out images (a run that selects
+        on them, ``select_best``, should be tested on another file)."""
+        return self.held_out(num)

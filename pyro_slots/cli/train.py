@@ -5,6 +5,13 @@ Exact resumption rests on three things: every batch is a function of ``(seed, st
 (:mod:`pyro_slots.cli.streams`), the checkpoint holds every state that changes while training
 (weights, optimizer moments, the slot-initialization generator of NestedSVI, the global RNGs),
 and held-out evaluations never touch those states.
+
+The recipe options of a run (:class:`~pyro_slots.cli.config.TrainConfig`): the learning-rate
+schedule (:func:`~pyro_slots.cli.runs.lr_factor`), the wall-clock budget ``max_minutes`` (its
+clock, :class:`~pyro_slots.cli.runs.TrainingClock`, is saved in the checkpoint, so a resumed run
+continues the same budget and cosine; a time-bounded run is exact to resume but, in its number of
+updates, no more reproducible than the clock), ``select_best`` (``best.pt``), the final test
+(:func:`final_test`, ``test.json``), ``init_from`` and ``first_scene``.
 """
 
 from __future__ import annotations
@@ -17,25 +24,31 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from pyro_slots.metrics import AP_THRESHOLDS
+
 from .config import ConfigError, TrainConfig, save_config
-from .evaluate import held_out_record, write_pictures
-from .registry import resolve
+from .evaluate import held_out_record, infer, metrics_of, write_pictures
+from .registry import objective_targets, reaches_init, resolve, set_prediction_head
 from .runs import (
+    BEST_NAME,
     CHECKPOINT_NAME,
     CONFIG_NAME,
     METRICS_NAME,
+    TEST_NAME,
     RunFolder,
     TrainingError,
     TrainRun,
     checkpoint_path,
     distributed_context,
     first_line,
+    init_from,
     load_run,
     make_svi,
     new_run,
     resolve_device,
     save_run,
 )
+from .streams import Batch
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -43,6 +56,8 @@ __all__ = [
     "TrainRun",
     "TrainingError",
     "checkpoint_path",
+    "final_test",
+    "test_metrics",
     "load_run",
     "make_svi",
     "train",
@@ -154,7 +169,22 @@ def train(
         run = load_run(resume, overrides, device, resume=True)
     else:
         run = new_run(resolve(config or TrainConfig()), device)
+        if run.config.init_from is not None:
+            updates = init_from(run, run.config.init_from)
+            if main_rank:
+                echo(
+                    f"init_from: the weights of {run.config.init_from} ({updates} updates); a "
+                    "fresh optimizer and learning-rate schedule"
+                )
     config = run.config
+    if config.max_minutes is not None and world_size > 1:
+        # Each rank reads its own clock: the ranks would stop, and anneal, differently.
+        raise ConfigError("max_minutes: not supported with several processes; use --steps")
+    if config.init == "fixed" and main_rank:
+        why = "as asked"
+        if not reaches_init(config, config.inner_steps):
+            why = f"--gradient {config.gradient} does not reach the slot initializer"
+        echo(f"init: fixed ({why}; it stays where it starts instead of being trained)")
     folder = RunFolder(config.out)
     if main_rank:
         folder.acquire()
@@ -179,10 +209,12 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
     held_out = None
     logger = None
     bar = None
+    best = _best_so_far(config) if resume is not None else None
+    budget = math.inf if config.max_minutes is None else 60.0 * config.max_minutes
     try:
         if main_rank:
             save_config(os.path.join(config.out, CONFIG_NAME), config)
-            held_out = stream.held_out(config.eval_size) if config.eval_every else None
+            held_out = stream.validation(config.eval_size) if config.eval_every else None
             logger = _Logger(config.out, config.tensorboard, append=resume is not None)
         bar = tqdm(
             total=config.steps,
@@ -193,10 +225,15 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
             dynamic_ncols=True,
         )
         start_time, start_step = time.perf_counter(), run.step
-        while run.step < config.steps:
-            x = stream.batch(run.step).x.to(run.device)
+        run.clock.start()
+        while run.step < config.steps and run.clock.seconds() < budget:
+            batch = stream.batch(run.step)
+            x = batch.x.to(run.device)
+            targets = [
+                t.to(run.device) for t in objective_targets(run.components.objective, batch.truth)
+            ]
             try:
-                loss, result = run.svi.step(x)
+                loss, result = run.svi.step(x, *targets)
             except (FloatingPointError, ValueError) as error:
                 # FloatingPointError: non-finite J, ELBO, gradient or slots (InnerLoopError,
                 # NonFiniteError); ValueError: e.g. a distribution refusing the NaN features of
@@ -215,6 +252,7 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
             bar.set_postfix(J=f"{loss:.4g}", elbo=f"{per_measurement:.4g}/m", refresh=False)
             bar.update(1)
             out_of_time = time_limit is not None and elapsed > time_limit
+            out_of_budget = run.clock.seconds() >= budget
             if not main_rank:
                 continue
             logger.log(
@@ -228,11 +266,25 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
                 }
             )
             if held_out is not None and run.step % config.eval_every == 0:
-                logger.log(held_out_record(run, held_out))
-            if run.step % config.checkpoint_every == 0 or run.step == config.steps or out_of_time:
+                record = held_out_record(run, held_out)
+                logger.log(record)
+                score = record.get(SELECT_BY[run.components.stream.kind], -math.inf)
+                if config.select_best and (best is None or score > best[1]):
+                    save_run(run, BEST_NAME)
+                    best = (run.step, score)
+            if (
+                run.step % config.checkpoint_every == 0
+                or run.step == config.steps
+                or out_of_time
+                or out_of_budget
+            ):
                 save_run(run)
                 last_saved = run.step
                 folder.committed()
+            if out_of_budget:
+                minutes = config.max_minutes
+                echo(f"max_minutes: {minutes:g} minutes of training after {run.step} steps")
+                break
             if out_of_time:
                 echo(f"time limit of {time_limit:.0f} s reached after {run.step} steps")
                 break
@@ -256,7 +308,104 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
             logger.close()
     if main_rank and pictures:
         write_pictures(run, config.out)
+    if main_rank and config.test_size:
+        report = final_test(run)
+        echo(f"test ({report['weights']} weights, {config.test_size} held-out): "
+             + ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()
+                         if k in ("fg_ari", "ari", "mse", "loglik_per_point")))  # fmt: skip
     return run
+
+
+#: The validation score ``select_best`` maximizes, per kind of data.
+SELECT_BY = {"images": "fg_ari", "points": "loglik_per_point"}
+
+
+def _best_so_far(config: TrainConfig) -> tuple[int, float] | None:
+    """``(step, score)`` of the best validation point logged so far (a resumed run continues to
+    select against it); ``None`` without ``select_best`` or a ``best.pt``."""
+    if not config.select_best or not os.path.exists(os.path.join(config.out, BEST_NAME)):
+        return None
+    best = None
+    with open(os.path.join(config.out, METRICS_NAME)) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            for key in SELECT_BY.values():
+                if record.get("split") == "held_out" and key in record:
+                    if best is None or record[key] > best[1]:
+                        best = (record["step"], record[key])
+    return best
+
+
+#: Test datapoints refined at a time by :func:`final_test` (bounds its memory).
+TEST_CHUNK = 100
+
+
+def test_metrics(run: TrainRun, batch, inner_steps=None, restarts=1, criterion="elbo") -> dict:
+    """:func:`~pyro_slots.cli.evaluate.metrics_of` of :func:`~pyro_slots.cli.evaluate.infer`,
+    over chunks of :data:`TEST_CHUNK` datapoints: every metric is the mean of the chunks' means
+    weighted by their sizes (the mean over datapoints wherever no datapoint's value is NaN)."""
+    num = batch.x.shape[0]
+    totals, count, slots = {}, 0, []
+    for i in range(0, num, TEST_CHUNK):
+        part = Batch(
+            batch.x[i : i + TEST_CHUNK],
+            {k: v[i : i + TEST_CHUNK] if torch.is_tensor(v) else v for k, v in batch.truth.items()},
+        )
+        size = part.x.shape[0]
+        inference = infer(run, part, inner_steps, restarts, criterion)
+        slots.append(inference.result.slots[0])
+        metrics = metrics_of(run, inference)
+        for key, value in metrics.items():
+            if key not in ("num_datapoints", "inner_steps"):
+                totals[key] = totals.get(key, 0.0) + size * value
+        count += size
+    out = {"num_datapoints": count, "inner_steps": int(metrics["inner_steps"])}
+    out.update({key: value / count for key, value in totals.items()})
+    head = set_prediction_head(run.components.objective)
+    if head is not None:
+        # The average precision of the head's predictions at every distance threshold, over all
+        # the test data at once (predictions ranked by confidence across datapoints).
+        targets = [t.to(run.device) for t in head.targets_from_batch(batch.truth)]
+        aps = head.average_precisions(torch.cat(slots), *targets, thresholds=AP_THRESHOLDS)
+        out["ap"] = {("inf" if math.isinf(t) else str(t)): ap for t, ap in aps.items()}
+    return out
+
+
+def final_test(run: TrainRun) -> dict:
+    """Score the run on ``test_size`` held-out test datapoints at the test-time options
+    (``eval_inner_steps``, ``eval_restarts``, ``restart_criterion``) and write ``test.json``.
+
+    With ``select_best`` the weights of ``best.pt`` are tested (the final weights' metrics are
+    kept beside them as ``final_weights``). :returns: the report written.
+    """
+    config = run.config
+    batch = run.components.stream.held_out(config.test_size)
+    options = (config.eval_inner_steps, config.eval_restarts, config.restart_criterion)
+    cpu_state = torch.get_rng_state()
+    try:
+        metrics = test_metrics(run, batch, *options)
+        report = {"weights": "final", "step": run.step, "metrics": metrics}
+        best_path = os.path.join(config.out, BEST_NAME)
+        if config.select_best and os.path.exists(best_path):
+            best = load_run(best_path, {"tensorboard": False}, run.device)
+            report = {
+                "weights": "best",
+                "step": best.step,
+                "metrics": test_metrics(best, batch, *options),
+                "final_weights": {"step": run.step, "metrics": metrics},
+            }
+    finally:
+        torch.set_rng_state(cpu_state)
+    report["inner_steps"] = config.eval_inner_steps or config.inner_steps
+    report["restarts"], report["restart_criterion"] = config.eval_restarts, config.restart_criterion
+    path = os.path.join(config.out, TEST_NAME)
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return report
 
 
 def _mentions_nan(error: Exception) -> bool:

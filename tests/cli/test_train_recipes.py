@@ -1,0 +1,390 @@
+"""The trainer's recipe options (the former examples/train_objects.py), at tiny sizes.
+
+Every property the example's tests checked is checked here on ``pyro_slots.cli.train.train``:
+the final test and its agreement with ``pyro-slots evaluate``, select-best, test-time restarts,
+the cosine schedule, the objectives (set prediction, IODINE's elbo+mse), init_from and
+first_scene, the architecture options and the fixed slot initializer of first-order recipes.
+"""
+
+import itertools
+import json
+import math
+import sys
+import warnings
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from pyro_slots.checkpoint import load_checkpoint
+from pyro_slots.cli.config import ConfigError, TrainConfig
+from pyro_slots.cli.evaluate import evaluate_run, infer, metrics_of
+from pyro_slots.cli.registry import mse_weight, resolve
+from pyro_slots.cli.runs import TrainingClock, init_from, load_run, lr_factor, new_run
+from pyro_slots.cli.train import train
+from pyro_slots.data import generate_shapes, generate_tetrominoes
+from pyro_slots.metrics import reconstruction_mse
+from pyro_slots.objectives import NegativeELBO, Reconstruction, SetPrediction
+
+#: A tiny slot-autoencoder run on tetrominoes (seconds).
+TINY_IMAGES = dict(
+    model="slot-autoencoder",
+    dataset="tetrominoes",
+    steps=2,
+    batch_size=2,
+    slot_dim=8,
+    eval_every=1,
+    eval_size=3,
+    checkpoint_every=1,
+)
+
+
+def quiet(*args):
+    pass
+
+
+def _train(tmp_path, name="run", **options):
+    config = TrainConfig(**{**TINY_IMAGES, "out": str(tmp_path / name), **options})
+    return train(config, progress=False, pictures=False, echo=quiet)
+
+
+def _records(run):
+    with open(f"{run.config.out}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def _test_report(run):
+    with open(f"{run.config.out}/test.json") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("model", ["slot-autoencoder", "iodine"])
+def test_final_test_scores_what_evaluate_scores(tmp_path, model):
+    """test.json of a run (final weights, one restart) holds the metrics that
+    ``pyro-slots evaluate`` computes on the same held-out data at the same T, for both image
+    models; with T = 10 at test the inner loop ran 10 steps."""
+    run = _train(tmp_path, model=model, test_size=5, eval_inner_steps=4)
+    report = _test_report(run)
+    assert (report["weights"], report["step"], report["inner_steps"]) == ("final", 2, 4)
+    expected = evaluate_run(load_run(run.config.out), num=5, inner_steps=4)
+    for key in ("fg_ari", "ari", "mean_iou", "mse", "elbo", "J"):
+        assert report["metrics"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    assert report["metrics"]["num_datapoints"] == 5 and report["metrics"]["inner_steps"] == 4
+
+
+def test_select_best_keeps_and_tests_the_best_validation_weights(tmp_path):
+    """best.pt is the checkpoint of the highest validation FG-ARI in metrics.jsonl; the final
+    test scores its weights (and keeps the final weights' scores beside them)."""
+    run = _train(tmp_path, steps=4, select_best=True, test_size=3, lr=5e-3)
+    held = [r for r in _records(run) if r["split"] == "held_out"]
+    assert [r["step"] for r in held] == [1, 2, 3, 4]
+    scores = [r["fg_ari"] for r in held]
+    best_step = held[int(np.argmax(scores))]["step"]  # first of equal maxima, as ">" keeps
+    assert load_checkpoint(f"{run.config.out}/best.pt")["step"] == best_step
+    report = _test_report(run)
+    assert (report["weights"], report["step"]) == ("best", best_step)
+    assert report["final_weights"]["step"] == 4
+    best = load_run(f"{run.config.out}/best.pt")
+    # The validation record of that step, recomputed from best.pt on the validation scenes.
+    validation = run.components.stream.validation(3)
+    again = metrics_of(best, infer(best, validation), reference=False)
+    assert again["fg_ari"] == pytest.approx(max(scores), abs=1e-6)
+
+
+def test_validation_scenes_are_neither_training_nor_test_scenes(tmp_path):
+    """The periodic evaluation scores generator scenes from 2**31 + 2**30 on; the test (and
+    pyro-slots evaluate) those from 2**31; training those from first_scene."""
+    run = new_run(resolve(TrainConfig(**{**TINY_IMAGES, "out": str(tmp_path)})))
+    stream = run.components.stream
+    val = generate_tetrominoes(2, seed=0, start=2**31 + 2**30)["image"]
+    test = generate_tetrominoes(2, seed=0, start=2**31)["image"]
+    assert torch.equal(stream.validation(2).x, val)
+    assert torch.equal(stream.held_out(2).x, test)
+    assert not torch.equal(val, test)
+
+
+def test_test_time_restarts_keep_the_best_restart_of_every_image(tmp_path):
+    """infer with R restarts and criterion mse: per image, the restart whose decoded slots
+    reconstruct it best, checked against every restart refined and scored separately; with
+    criterion elbo the restart of the highest inner ELBO."""
+    run = _train(tmp_path, steps=1)
+    batch = run.components.stream.held_out(4)
+    from pyro_slots import refine
+
+    c = run.components
+    with torch.no_grad():
+        all_r = refine(c.model, batch.x, c.inner, num_slots=4, num_restarts=3, seed=0)
+        mses = torch.stack(
+            [reconstruction_mse(batch.x, c.model.decode(all_r.slots[r])[0]) for r in range(3)]
+        )
+    for criterion, pick in (("mse", mses.argmin(0)), ("elbo", all_r.elbo.argmax(0))):
+        chosen = infer(run, batch, restarts=3, criterion=criterion).result.slots[0]
+        expected = all_r.slots[pick, torch.arange(4)]
+        assert torch.equal(chosen, expected), criterion
+    assert mses.argmin(0).tolist() != [0, 0, 0, 0] or all_r.elbo.argmax(0).tolist() != [0] * 4
+
+
+def test_cosine_schedule_anneals_over_the_budget_that_ends_first():
+    """Linear warm-up, then r + (1 - r)·½(1 + cos πp) from 1 to r = min_lr_ratio; p is the
+    larger of step / steps and the elapsed fraction of max_minutes on the run's clock."""
+    config = TrainConfig(steps=100, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+
+    def closed_form(step, p):
+        return min(1.0, (step + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    for step in (0, 4, 9, 50, 99, 100):
+        assert lr_factor(config, step) == pytest.approx(closed_form(step, step / 100))
+    timed = TrainConfig(**{**config.to_dict(), "max_minutes": 2.0})
+    clock = TrainingClock(before=90.0)  # 90 s of 120: p = 0.75 at step 10 of 100
+    assert lr_factor(timed, 10, clock) == pytest.approx(closed_form(10, 0.75), rel=1e-3)
+    assert lr_factor(timed, 90, clock) == pytest.approx(closed_form(90, 0.9))
+    assert lr_factor(timed, 99, TrainingClock(before=500.0)) == pytest.approx(0.1)
+    constant = TrainConfig(steps=100, warmup_steps=10)
+    assert [lr_factor(constant, s) for s in (0, 9, 99)] == [0.1, 1.0, 1.0]
+
+
+def test_max_minutes_stops_with_the_clock_saved(tmp_path, monkeypatch):
+    """A run stops once its clock reaches max_minutes, with a checkpoint of that update that
+    records the training seconds; a resumed run's clock continues from them (here a clock that
+    advances 7 s per reading)."""
+    readings = itertools.count()
+    monkeypatch.setattr(TrainingClock, "seconds", lambda self: self.before + 7.0 * next(readings))
+    run = _train(tmp_path, steps=50, max_minutes=1.0, lr_schedule="cosine", eval_every=0)
+    assert 1 <= run.step < 50
+    payload = load_checkpoint(f"{run.config.out}/checkpoint.pt")
+    assert payload["step"] == run.step and payload["train_seconds"] >= 60.0
+    resumed = load_run(run.config.out)
+    assert resumed.clock.before == payload["train_seconds"]
+
+
+def test_set_prediction_objective_trains_and_reports_ap(tmp_path):
+    """reconstruction+set-prediction on shapes: the logged J is the MSE plus 0.01 × the matched
+    set-prediction loss of the head (recomputed from the checkpoint), and the test reports AP at
+    every threshold, non-increasing as the threshold tightens."""
+    run = _train(
+        tmp_path, dataset="shapes", image_size=32, objective="reconstruction+set-prediction",
+        test_size=4, eval_every=0, steps=1,
+    )  # fmt: skip
+    loaded = load_run(run.config.out)
+    c = loaded.components
+    head = c.objective.parts[1]
+    assert isinstance(head, SetPrediction) and c.objective.weights == (1.0, 0.01)
+    batch = c.stream.held_out(4)
+    scenes = generate_shapes(4, seed=0, start=2**31, image_size=32, max_objects=5)
+    targets = head.targets_from_batch(scenes)
+    inference = infer(loaded, batch)
+    slots = inference.result.slots[0]
+    with torch.no_grad():
+        x_enc = c.model.encode(batch.x)
+        expected = Reconstruction()(c.model, batch.x, x_enc, slots) + 0.01 * head(
+            c.model, batch.x, x_enc, slots, *targets
+        )
+    metrics = metrics_of(loaded, inference, reference=False)
+    assert metrics["J"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    ap = _test_report(run)["metrics"]["ap"]
+    values = [ap[k] for k in ("inf", "1.0", "0.5", "0.25", "0.125")]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    assert values == sorted(values, reverse=True)
+
+
+def test_set_prediction_needs_a_slot_per_object(tmp_path):
+    config = TrainConfig(**{**TINY_IMAGES, "dataset": "shapes", "num_slots": 4,
+                            "objective": "set-prediction", "out": str(tmp_path)})  # fmt: skip
+    with pytest.raises(ConfigError, match="num_slots: .* at least 5, got 4"):
+        new_run(resolve(config))
+
+
+def test_iodine_objectives(tmp_path):
+    """IODINE with reconstruction: J is the MSE of the decoded mean image; with elbo+mse:
+    -ELBO + w MSE, w = C H W / (2 σ_x²) by default (following --pixel-scale), or --mse-weight."""
+    base = {**TINY_IMAGES, "model": "iodine", "out": str(tmp_path), "pixel_scale": 0.3}
+    run = new_run(resolve(TrainConfig(**base, objective="elbo+mse")))
+    model, objective = run.components.model, run.components.objective
+    assert mse_weight(run.config, model) == pytest.approx(3 * 35 * 35 / (2 * 0.09))
+    assert objective.weights == pytest.approx((1.0, 3 * 35 * 35 / 0.18))
+    batch = run.components.stream.held_out(2)
+    slots = infer(run, batch).result.slots[0]
+    with torch.no_grad():
+        x_enc = model.encode(batch.x)
+        pyro.set_rng_seed(1)  # the ELBO draws z: the same draws on both sides
+        j = objective(model, batch.x, x_enc, slots)
+        pyro.set_rng_seed(1)
+        expected = NegativeELBO()(model, batch.x, x_enc, slots)
+        recon = model.decode(slots)[0]
+        mse = reconstruction_mse(batch.x, recon)
+    assert torch.allclose(j, expected + 3 * 35 * 35 / 0.18 * mse, rtol=1e-4)
+    weighted = resolve(TrainConfig(**base, objective="elbo+mse", mse_weight=7.0))
+    assert new_run(weighted).components.objective.weights == (1.0, 7.0)
+    run = new_run(resolve(TrainConfig(**base, objective="reconstruction")))
+    with torch.no_grad():
+        j = run.components.objective(run.components.model, batch.x, None, slots)
+    assert torch.allclose(j, reconstruction_mse(batch.x, run.components.model.decode(slots)[0]))
+    with pytest.raises(ConfigError, match="elbo\\+mse is only for --model iodine"):
+        resolve(TrainConfig(**{**base, "model": "slot-autoencoder", "pixel_scale": None},
+                            objective="elbo+mse"))  # fmt: skip
+    with pytest.raises(ConfigError, match="mse_weight: only with --objective elbo\\+mse"):
+        resolve(TrainConfig(**base, mse_weight=2.0))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"test_size": -1}, "test_size: expected an integer >= 0"),
+        ({"eval_restarts": 0}, "eval_restarts: expected an integer >= 1"),
+        ({"eval_inner_steps": 0}, "eval_inner_steps: expected an integer >= 1"),
+        ({"restart_criterion": "best"}, "restart_criterion: unknown kind 'best'"),
+        ({"lr_schedule": "step"}, "lr_schedule: unknown kind 'step'"),
+        ({"min_lr_ratio": 1.5}, "min_lr_ratio: expected a number in [0, 1]"),
+        ({"max_minutes": 0.0}, "max_minutes: expected finite minutes > 0"),
+        ({"select_best": True, "eval_every": 0}, "select_best: needs the periodic validation"),
+        ({"first_scene": -3}, "first_scene: expected an integer >= 0"),
+        ({"kernel_size": 4}, "kernel_size: expected an odd integer >= 1"),
+        ({"decoder_upsample": -1}, "decoder_upsample: expected an integer >= 0"),
+        ({"decoder_channels": "32,0"}, "decoder_channels: expected positive integers"),
+        ({"encoder_strides": "2,x"}, "encoder_strides: expected positive integers"),
+        ({"model": "gmm", "dataset": None, "slot_dim": None, "paper_size": True},
+         "paper_size: an image model's architecture"),
+        ({"refinement_inputs": True}, "refinement_inputs: only for --model iodine"),
+        ({"refinement_pooling": "posterior"}, "refinement_pooling: only with --refinement-inputs"),
+        ({"init_from": "/no/such/run"}, "init_from: no such run folder or checkpoint"),
+    ],
+)  # fmt: skip
+def test_bad_recipe_options_are_refused_before_any_work(tmp_path, options, message):
+    config = TrainConfig(**{**TINY_IMAGES, "out": str(tmp_path / "never"), **options})
+    with pytest.raises(ConfigError) as error:
+        train(config, progress=False, pictures=False, echo=quiet)
+    assert message in str(error.value)
+    assert not (tmp_path / "never").exists()
+
+
+def test_init_from_loads_weights_with_a_fresh_optimizer(tmp_path):
+    """init_from: the finished run's weights exactly, update count 0 and no Adam moments; a
+    run of another architecture is refused in one line naming init_from; first_scene shifts the
+    training stream to the generator's scenes from that index."""
+    first = _train(tmp_path, name="first", steps=2, eval_every=0)
+    second = _train(tmp_path, name="second", steps=1, eval_every=0, init_from=first.config.out,
+                    first_scene=4)  # fmt: skip
+    fresh = new_run(resolve(TrainConfig(**{**TINY_IMAGES, "out": str(tmp_path / "x")})))
+    assert fresh.svi.state_dict()["num_updates"] == 0
+    assert init_from(fresh, first.config.out) == 2
+    for name, value in first.components.model.state_dict().items():
+        assert torch.equal(fresh.components.model.state_dict()[name], value), name
+    assert second.step == 1 and second.svi.state_dict()["num_updates"] == 1
+    expected = generate_tetrominoes(2, seed=0, start=4)["image"]
+    assert torch.equal(second.components.stream.batch(0).x, expected)
+    other = new_run(resolve(TrainConfig(**{**TINY_IMAGES, "slot_dim": 16, "out": str(tmp_path)})))
+    with pytest.raises(ConfigError) as error:
+        init_from(other, first.config.out)
+    text = str(error.value)
+    assert text.startswith("init_from: ") and "does not hold weights" in text
+    assert "\n" not in text
+
+
+def test_architecture_options_build_the_asked_networks(tmp_path):
+    """IODINE with --decoder-upsample 0 --decoder-resolution 18 --decoder-channels 32,32,32
+    --kernel-size 3: a decoder broadcasting at 18 x 18 with the hand-counted weights; --latent-dim
+    8 gives slots of 2 x 8 numbers; the autoencoder's --encoder-strides 2,1,2,1 gives
+    9 x 9 = 81 measurements of a 35 x 35 image; --paper-size the paper's sizes."""
+    config = TrainConfig(
+        **{**TINY_IMAGES, "slot_dim": 8, "out": str(tmp_path)}, decoder_resolution=18,
+        decoder_upsample=0, decoder_channels="32,32,32", kernel_size=3,
+    )  # fmt: skip
+    config = resolve(TrainConfig(**{**config.to_dict(), "model": "iodine"}))
+    model = new_run(config).components.model
+    decoder = model.decoder
+    assert decoder.broadcast_resolution == (18, 18) and decoder.num_upsample == 0
+    z, c = 8, 32
+    count = (4 * z + z) + (z * c * 9 + c) + 2 * (c * c * 9 + c) + (c * 4 * 9 + 4)
+    assert sum(p.numel() for p in decoder.parameters()) == count
+    assert model.slot_spec.dim == 16
+    rgb, logits = model.decode_latents(torch.zeros(2, 4, z))
+    assert rgb.shape == (2, 4, 3, 35, 35) and logits.shape == (2, 4, 35, 35)
+    strided = resolve(TrainConfig(**{**TINY_IMAGES, "out": str(tmp_path)},
+                                  encoder_strides="2,1,2,1"))  # fmt: skip
+    assert new_run(strided).components.model.num_measurements == 9 * 9
+    paper = {**TINY_IMAGES, "slot_dim": None, "out": str(tmp_path), "model": "iodine"}
+    paper = resolve(TrainConfig(**paper, paper_size=True))
+    assert paper.slot_dim == 32
+    assert new_run(paper).components.model.decoder.broadcast_resolution == (35, 35)
+
+
+def test_first_order_recipes_get_a_fixed_initializer_without_a_warning(tmp_path):
+    """first_order (and truncated shorter than T) resolve init auto to fixed: the model's own
+    initializer stays at its start (its weights frozen, the same in every checkpoint), no
+    NestedSVI UserWarning; unrolled keeps the learned initializer and trains it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = _train(tmp_path, gradient="first_order", inner_steps=3, eval_every=0, lr=1e-2)
+    assert run.config.init == "fixed"
+    init = run.components.model.slot_init
+    assert not list(init.parameters())
+    assert torch.equal(init.loc, torch.zeros_like(init.loc))
+    assert torch.equal(init.log_scale, torch.zeros_like(init.log_scale))
+    truncated = resolve(TrainConfig(**TINY_IMAGES, gradient="truncated", truncate=1))
+    assert truncated.init == "fixed"
+    unrolled = _train(tmp_path, name="unrolled", eval_every=0, lr=1e-2)
+    assert unrolled.config.init == "model"
+    assert not torch.equal(unrolled.components.model.slot_init.loc, torch.zeros_like(init.loc)), (
+        "the unrolled gradient trains the learned initializer"
+    )
+
+
+def test_latent_dim_is_the_slot_dim_flag(tmp_path, capsys):
+    from pyro_slots.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--latent-dim", "8"])
+    assert args.slot_dim == 8
+
+
+def test_max_minutes_is_refused_with_several_processes(tmp_path, monkeypatch):
+    """Each rank would read its own clock (stopping and annealing at different updates)."""
+    trainer = sys.modules["pyro_slots.cli.train"]  # (pyro_slots.cli.train is also the function)
+    monkeypatch.setattr(trainer, "distributed_context", lambda *args: (0, 2))
+    config = TrainConfig(**{**TINY_IMAGES, "out": str(tmp_path / "never")}, max_minutes=1.0)
+    with pytest.raises(ConfigError, match="max_minutes: not supported with several processes"):
+        train(config, progress=False, pictures=False, echo=quiet)
+    assert not (tmp_path / "never").exists()
+
+
+def test_point_recipe_options_build_the_examples_rule(tmp_path):
+    """features: gaussian gives SlotAttention the (1, z, z²) keys of GaussianFeatures without
+    LayerNorm (5 numbers per 2-D point); init_lloyd_steps 0 keeps gmm's bare k-means++ seeds;
+    both are refused where they mean nothing."""
+    from pyro_slots.inner import GaussianFeatures
+
+    base = dict(model="gmm", inner="slot-attention", steps=1, out=str(tmp_path))
+    run = new_run(resolve(TrainConfig(**base, features="gaussian", init_lloyd_steps=0)))
+    rule = run.components.inner
+    assert isinstance(rule.encoder, GaussianFeatures) and rule.feature_dim == 2 * 2 + 1
+    assert rule.norm_inputs is None
+    assert run.components.model.init_lloyd_steps == 0
+    plain = new_run(resolve(TrainConfig(**base)))
+    assert plain.components.inner.norm_inputs is not None
+    assert plain.components.model.init_lloyd_steps == 10
+    with pytest.raises(ConfigError, match="features: only for --inner slot-attention"):
+        resolve(TrainConfig(model="gmm", inner="em", features="gaussian"))
+    with pytest.raises(ConfigError, match="init_lloyd_steps: only for --model gmm"):
+        resolve(TrainConfig(model="iodine", init_lloyd_steps=0))
+    with pytest.raises(ConfigError, match="features: unknown kind 'rbf'"):
+        resolve(TrainConfig(**base, features="rbf"))
+
+
+def test_a_finished_run_resumed_with_test_options_is_only_tested_again(tmp_path):
+    """--resume RUN --test-size N --eval-inner-steps T on a finished run trains nothing (the
+    checkpoint's weights and step stay) and writes test.json at the new options, equal to
+    pyro-slots evaluate at that T."""
+    from pyro_slots.cli import main
+
+    run = _train(tmp_path, eval_every=0)
+    before = load_checkpoint(f"{run.config.out}/checkpoint.pt")
+    argv = ["train", "--resume", run.config.out, "--test-size", "4", "--eval-inner-steps", "6"]
+    assert main([*argv, "--no-progress", "--no-pictures"]) == 0
+    after = load_checkpoint(f"{run.config.out}/checkpoint.pt")
+    assert after["step"] == before["step"] == 2
+    for name, value in before["model"].items():
+        assert torch.equal(after["model"][name], value), name
+    report = _test_report(run)
+    assert report["inner_steps"] == 6 and report["metrics"]["num_datapoints"] == 4
+    expected = evaluate_run(load_run(run.config.out), num=4, inner_steps=6)
+    assert report["metrics"]["fg_ari"] == pytest.approx(expected["fg_ari"], abs=1e-6)
