@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from pyro_slots.checkpoint import write_atomically
+
 __all__ = [
     "CONFIGS_DIR",
     "ConfigError",
@@ -373,8 +375,5 @@ def merge_config(file_values: dict, flag_values: dict) -> TrainConfig:
 
 def save_config(path: str | os.PathLike, config: TrainConfig) -> None:
     """Write ``config`` as YAML (``config.yaml`` next to the checkpoint)."""
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("# Resolved pyro-slots train configuration; usable as --config.\n")
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    text = "# Resolved pyro-slots train configuration; usable as --config.\n"
+    write_atomically(path, text + yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from pyro_slots import plots, refine
+from pyro_slots.checkpoint import write_atomically
 from pyro_slots.data import true_log_likelihood
 from pyro_slots.data.hdf5 import HDF5Dataset, open_hdf5
 from pyro_slots.inner import EM
@@ -372,21 +373,12 @@ def write_per_image(path: str | os.PathLike, columns: dict, index=None) -> str:
     size = len(next(iter(columns.values())))
     index = range(size) if index is None else index
     values = [c.tolist() for c in columns.values()]
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["index", *columns])
-            for row, i in enumerate(index):
-                writer.writerow([i, *(repr(v[row]) for v in values)])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["index", *columns])
+    for row, i in enumerate(index):
+        writer.writerow([i, *(repr(v[row]) for v in values)])
+    write_atomically(path, text.getvalue())
     return path
 
 

@@ -24,6 +24,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from pyro_slots.checkpoint import write_atomically
 from pyro_slots.metrics import AP_THRESHOLDS
 
 from .config import ConfigError, TrainConfig, save_config
@@ -77,10 +78,7 @@ def _truncate_metrics(path: str, step: int) -> None:
                 continue  # a line cut short by the kill
             if record.get("step", 0) <= step:
                 keep.append(json.dumps(record))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_atomically(path, "".join(line + "\n" for line in keep))
 
 
 class _Logger:
@@ -402,9 +400,7 @@ def final_test(run: TrainRun) -> dict:
     report["inner_steps"] = config.eval_inner_steps or config.inner_steps
     report["restarts"], report["restart_criterion"] = config.eval_restarts, config.restart_criterion
     path = os.path.join(config.out, TEST_NAME)
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, json.dumps(report, indent=1))
     return report
 
 
