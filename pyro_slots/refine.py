@@ -95,6 +95,10 @@ class RefineResult:
             raise ValueError(
                 f"index: expected an int or a ({batch},) integer tensor, got {index!r}"
             )
+        if bool(((index < 0) | (index >= self.num_restarts)).any()):
+            raise ValueError(
+                f"index: expected restarts in [0, {self.num_restarts}), got {index.tolist()}"
+            )
         index = index.to(self.slots.device)
         rows = torch.arange(batch, device=index.device)
 

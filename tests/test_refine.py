@@ -103,6 +103,8 @@ def test_restarts_are_independent_and_best_picks_max(float64):
     assert torch.equal(res.select(2).history[:, 0], res.history[:, 2])
     with pytest.raises(ValueError, match="index: expected a restart"):
         res.select(3)
+    with pytest.raises(ValueError, match=r"index: expected restarts in \[0, 3\)"):
+        res.select(torch.tensor([0, 1, 3, 0]))
 
 
 def test_same_seed_same_result_and_history_starts_at_initial_elbo(float64):
