@@ -23,7 +23,6 @@ previous one back.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -46,6 +45,7 @@ from pyro_slots.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from pyro_slots.plots.training import read_metrics
 from pyro_slots.validation import check_positive_int
 
 from .config import ConfigError, TrainConfig
@@ -361,14 +361,9 @@ def _logged_steps(folder: str) -> int | None:
     if not os.path.exists(path):
         return None
     last = 0
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if isinstance(record, dict) and record.get("split") == "train":
-                last = max(last, int(record.get("step", 0)))
+    for record in read_metrics(path):
+        if record.get("split") == "train":
+            last = max(last, int(record.get("step", 0)))
     return last
 
 

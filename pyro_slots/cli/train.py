@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from pyro_slots.checkpoint import write_atomically
 from pyro_slots.metrics import AP_THRESHOLDS
+from pyro_slots.plots.training import read_metrics
 
 from .config import ConfigError, TrainConfig, save_config
 from .evaluate import held_out_record, infer, metrics_of, write_pictures
@@ -69,15 +70,7 @@ def _truncate_metrics(path: str, step: int) -> None:
     """Drop the metrics logged after ``step`` (by a run killed after its last checkpoint)."""
     if not os.path.exists(path):
         return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by the kill
-            if record.get("step", 0) <= step:
-                keep.append(json.dumps(record))
+    keep = [json.dumps(r) for r in read_metrics(path) if r.get("step", 0) <= step]
     write_atomically(path, "".join(line + "\n" for line in keep))
 
 

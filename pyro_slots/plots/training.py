@@ -19,14 +19,17 @@ __all__ = ["plot_inner_elbo", "plot_training_curve", "read_metrics"]
 
 
 def read_metrics(path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file (lines that do not parse are skipped)."""
+    """The records of a ``metrics.jsonl`` file: the dicts of its lines, skipping lines that do
+    not parse (e.g. one cut short by a kill)."""
     records = []
     with open(path) as f:
         for line in f:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(record, dict):
+                records.append(record)
     return records
 
 
