@@ -14,7 +14,7 @@ import importlib
 from . import data, elbo, inner, metrics, objectives
 from ._allocator import tune_allocator
 from .elbo import PerDatapointELBO, per_datapoint_elbo
-from .init import GaussianInit, SlotInitializer
+from .init import GaussianInit, SlotInitializer, SlotTransition
 from .model import SlotModel, SlotSpec
 from .nested import (
     GRADIENT_MODES,
@@ -45,6 +45,7 @@ __all__ = [
     "SlotInitializer",
     "SlotModel",
     "SlotSpec",
+    "SlotTransition",
     "checkpoint",
     "cli",
     "data",

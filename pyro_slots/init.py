@@ -12,7 +12,7 @@ from torch import nn
 
 from .validation import check_positive_float, check_positive_int
 
-__all__ = ["GaussianInit", "SlotInitializer"]
+__all__ = ["GaussianInit", "SlotInitializer", "SlotTransition"]
 
 
 def draw(sampler, *args, generator=None, device=None, **kwargs) -> torch.Tensor:
@@ -82,3 +82,37 @@ class GaussianInit(SlotInitializer):
             device=device or loc.device,
         )
         return loc.to(dtype) + log_scale.to(dtype).exp() * eps
+
+
+class SlotTransition(PyroModule):
+    r"""A learned transition of the slots between frames: ``λ ↦ λ + MLP(LayerNorm(λ))``.
+
+    The slots found for frame ``t`` start frame ``t + 1``'s inner loop through this map (the
+    ``transition`` of :func:`~pyro_slots.refine_video` and of ``NestedSVI(sequence=True)``):
+    SAVi's predictor (Kipf et al. 2021) acting on each slot alone, so the map stays
+    permutation-equivariant. The last layer starts at zero, so an untrained transition is the
+    identity (the carried slots unchanged).
+
+    :param int dim: slot size ``D``.
+    :param int hidden_dim: width of the MLP (default ``2 D``).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int | None = None):
+        super().__init__()
+        self.dim = check_positive_int(dim, "dim")
+        hidden = (
+            2 * self.dim if hidden_dim is None else check_positive_int(hidden_dim, "hidden_dim")
+        )
+        self.norm = nn.LayerNorm(self.dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.dim, hidden), nn.ReLU(), nn.Linear(hidden, self.dim)
+        )
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, slots: torch.Tensor) -> torch.Tensor:
+        if slots.dim() != 3 or slots.shape[-1] != self.dim:
+            raise ValueError(
+                f"slots: expected shape (batch, num_slots, {self.dim}), got {tuple(slots.shape)}"
+            )
+        return slots + self.mlp(self.norm(slots))

@@ -209,7 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="R",
-        help="restarts per datapoint, run side by side; the best inner ELBO is kept (default: 1)",
+        help="restarts per datapoint, run side by side; one is kept (--restart-criterion) "
+        "(default: 1)",
+    )
+    evaluate.add_argument(
+        "--restart-criterion",
+        default="elbo",
+        choices=("elbo", "mse"),
+        help="the restart a datapoint keeps: the highest inner ELBO or the lowest reconstruction "
+        "error (default: elbo)",
+    )
+    evaluate.add_argument(
+        "--no-carry",
+        action="store_true",
+        help="clips: start every frame's inner loop afresh instead of from the slots of the "
+        "frame before (the per-frame baseline of the same weights)",
     )
     evaluate.add_argument(
         "--per-image",
@@ -339,6 +353,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         inner_steps=args.inner_steps,
         restarts=args.restarts,
         per_image=args.per_image,
+        criterion=args.restart_criterion,
+        carry=not args.no_carry,
     )
     if args.json:
         print(json.dumps(metrics, indent=2))

@@ -150,14 +150,18 @@ class TrainConfig:
     num_points: int = _opt(200, "points per set (--dataset points)")
     num_components: int = _opt(4, "true mixture components per set (--dataset points)")
     dim: int = _opt(2, "dimension of the points (--dataset points)")
-    image_size: int | None = _opt(None, "image height and width (--dataset shapes; default 64)")
+    image_size: int | None = _opt(
+        None, "image height and width (--dataset shapes, default 64; moving-shapes, default 32)"
+    )
     slot_dim: int | None = _opt(
         None,
         "slot size of the image models: features and slots of slot-autoencoder (default 64), "
         "latents of iodine (default 16, 32 with --paper-size; also --latent-dim)",
     )
     pixel_scale: float | None = _opt(
-        None, "sigma_x of iodine's pixel likelihood (default 0.1; see examples/results/objects.md)"
+        None,
+        "sigma_x of the pixel likelihood of iodine (default 0.1; see examples/results/objects.md) "
+        "and neural-em (default 0.25)",
     )
     mse_weight: float | None = _opt(
         None,
@@ -166,6 +170,13 @@ class TrainConfig:
     )
     set_prediction_weight: float = _opt(
         0.01, "weight of the set-prediction loss in --objective reconstruction+set-prediction"
+    )
+    num_frames: int | None = _opt(None, "frames per clip (--dataset moving-shapes; default 8)")
+    transition: str = _opt(
+        "identity",
+        "clips: how the slots of one frame start the next: identity (carried as they are) or "
+        "mlp (a learned residual MLP per slot, pyro_slots.SlotTransition)",
+        metavar="KIND",
     )
     paper_size: bool = _opt(False, "the papers' architectures instead of the CPU-sized ones")
     encoder_strides: str | None = _opt(

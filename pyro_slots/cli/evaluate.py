@@ -31,15 +31,15 @@ from dataclasses import dataclass
 
 import torch
 
-from pyro_slots import plots, refine
+from pyro_slots import plots, refine, refine_video
 from pyro_slots.checkpoint import write_atomically
 from pyro_slots.data import true_log_likelihood
 from pyro_slots.data.hdf5 import HDF5Dataset, open_hdf5
 from pyro_slots.inner import EM
-from pyro_slots.metrics import ari, image_scores, reconstruction_mse
+from pyro_slots.metrics import ari, image_scores, reconstruction_mse, slot_keeping, video_fg_ari
 
 from .config import ConfigError
-from .registry import DATASETS, objective_targets
+from .registry import DATASETS, RESTART_CRITERIA, objective_targets
 from .runs import METRICS_NAME, TrainRun, count_option, load_run, resolve_device, writable_folder
 from .streams import Batch
 
@@ -73,11 +73,31 @@ class Inference:
     """Held-out data and what the trained run infers for them.
 
     :ivar result: the :class:`~pyro_slots.RefineResult` (one restart, the best of ``restarts``:
-        ``result.slots[0]`` are the slots of the datapoints).
+        ``result.slots[0]`` are the slots of the datapoints); for clips, the list of every
+        frame's (:func:`~pyro_slots.refine_video`).
     """
 
     batch: Batch
-    result: object  # RefineResult
+    result: object  # RefineResult, or a list of them (one per frame)
+
+    @property
+    def frames(self) -> list:
+        """The results of every frame (a single image's result as a list of one)."""
+        return self.result if isinstance(self.result, list) else [self.result]
+
+    @property
+    def num_steps(self) -> int:
+        return max(int(r.num_steps) for r in self.frames)
+
+    @property
+    def elbo(self) -> torch.Tensor:
+        """Every datapoint's inner ELBO, ``(batch,)``: summed over the frames of a clip."""
+        return sum(r.elbo[0] for r in self.frames)
+
+    @property
+    def num_measurements(self) -> int:
+        """Measurements per datapoint: summed over the frames of a clip."""
+        return sum(int(r.x_enc.shape[1]) for r in self.frames)
 
 
 @dataclass
@@ -109,10 +129,12 @@ def _hdf5_data(run: TrainRun, name: str, num: int | None) -> EvalData:
     where = f"--dataset {name}"
     if not path:
         raise ConfigError("--dataset: 'hdf5:' must be followed by the file's path, e.g. hdf5:x.h5")
-    if run.components.stream.kind != "images":
+    kind = run.components.stream.kind
+    if kind != "images":
         raise ConfigError(
-            f"{where}: --model {run.config.model} was trained on point sets, not images; "
-            "evaluate it on its own data (omit --dataset, or --dataset points)"
+            f"{where}: --model {run.config.model} was trained on "
+            f"{ {'points': 'point sets', 'videos': 'clips'}[kind] }, not images; evaluate it "
+            f"on its own data (omit --dataset, or --dataset {run.config.dataset})"
         )
     channels = getattr(run.components.model, "in_channels", 3)
     try:
@@ -203,6 +225,7 @@ def infer(
     inner_steps: int | None = None,
     restarts: int = 1,
     criterion: str = "elbo",
+    carry: bool = True,
 ) -> Inference:
     """Refine the slots of held-out datapoints with the trained rule and initialization.
 
@@ -215,7 +238,9 @@ def infer(
     :param str criterion: the highest final inner ELBO (``"elbo"``) or the lowest
         reconstruction MSE of the decoded slots (``"mse"``, image models); both read the data
         only, never the truth.
-    :raises ConfigError: for ``inner_steps`` or ``restarts`` < 1.
+    :param bool carry: clips only: every frame starts from the slots of the frame before
+        (through the run's transition), as in training; ``False`` starts every frame afresh.
+    :raises ConfigError: for ``inner_steps`` or ``restarts`` < 1, or restarts on clips.
     """
     config, c = run.config, run.components
     inner_steps = count_option(inner_steps, "inner_steps")
@@ -223,22 +248,27 @@ def infer(
     if isinstance(batch, int):
         batch = c.stream.held_out(batch)
     batch = on_device(batch, run.device)
-    result = refine(
-        c.model,
-        batch.x,
-        c.inner,
+    options = dict(
         num_slots=config.num_slots,
         num_steps=config.inner_steps if inner_steps is None else inner_steps,
         init=c.init,
         seed=config.seed,
-        num_restarts=restarts,
     )
+    if c.stream.kind == "videos":
+        if restarts != 1:
+            raise ConfigError(f"--restarts: clips carry one trajectory of slots, got {restarts}")
+        results = refine_video(
+            c.model, batch.x, c.inner, carry=carry, transition=c.transition, **options
+        )
+        return Inference(batch, results)
+    result = refine(c.model, batch.x, c.inner, num_restarts=restarts, **options)
     if criterion == "elbo" or restarts == 1:
         return Inference(batch, result.best())
     with torch.no_grad():
-        recon = c.model.decode(result.slots.flatten(0, 1))[0]  # restart-major
+        x = batch.x.repeat(restarts, *([1] * (batch.x.dim() - 1)))  # restart-major
+        recon = c.model.reconstruct(c.model.encode(x), result.slots.flatten(0, 1), x_raw=x)
     size = batch.x.shape[0]
-    mse = reconstruction_mse(batch.x.repeat(restarts, 1, 1, 1), recon).reshape(restarts, size)
+    mse = reconstruction_mse(x, recon).reshape(restarts, size)
     return Inference(batch, result.select(mse.argmin(0)))
 
 
@@ -289,9 +319,25 @@ def _gmm_columns(run: TrainRun, inference: Inference, reference: bool = True) ->
 
 
 def decode(model, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(recon (B, 3, H, W), rgb (B, K, 3, H, W), masks (B, K, H, W))`` of refined slots."""
+    """``(recon (B, 3, H, W), rgb (B, K, 3, H, W), masks (B, K, H, W))`` of refined slots.
+
+    The masks are the decoder's (``model.decode``), or, for a spatial mixture whose components
+    are whole images (:class:`~pyro_slots.models.NeuralEM`), the posterior of every pixel's
+    component that the inner loop computed from the Pyro program (``result.responsibilities``),
+    with the posterior-weighted image as the reconstruction.
+    """
+    slots = result.slots[0]
     with torch.no_grad():
-        recon, rgb, masks = model.decode(result.slots[0])
+        if hasattr(model, "decode"):
+            recon, rgb, masks = model.decode(slots)
+        else:
+            masks = result.responsibilities[0]  # (B, K, M)
+            means = model.component_means(slots)  # (B, K, M, C)
+            batch, num_slots, _, channels = means.shape
+            size = model.resolution
+            recon = torch.einsum("bkm,bkmc->bcm", masks, means).reshape(batch, channels, *size)
+            rgb = means.transpose(-1, -2).reshape(batch, num_slots, channels, *size)
+            masks = masks.reshape(batch, num_slots, *size)
     if masks.dim() == 5:
         masks = masks.squeeze(2)
     return recon, rgb, masks
@@ -310,11 +356,37 @@ def _image_columns(run: TrainRun, inference: Inference, reference: bool = False)
     return columns
 
 
+def _video_columns(run: TrainRun, inference: Inference, reference: bool = False) -> dict:
+    """The image metrics of every frame averaged over the clip, and the clip's own: FG-ARI
+    over all its pixels at once (:func:`~pyro_slots.metrics.video_fg_ari`, a slot must keep its
+    object) and the share of objects that keep their slot
+    (:func:`~pyro_slots.metrics.slot_keeping`)."""
+    x, truth = inference.batch.x, inference.batch.truth
+    frames, masks = [], []
+    for t, result in enumerate(inference.frames):
+        one = Inference(Batch(x[:, t], {"mask": truth["mask"][:, t]}), result)
+        frames.append(_image_columns(run, one))
+        masks.append(decode(run.components.model, result)[2])
+    columns = {key: torch.stack([f[key] for f in frames]).double().mean(0) for key in frames[0]}
+    columns["elbo"] = inference.elbo.double()
+    columns["elbo_per_measurement"] = columns["elbo"] / inference.num_measurements
+    masks = torch.stack(masks, 1).cpu()  # (B, T, K, H, W)
+    columns["video_fg_ari"] = video_fg_ari(truth["mask"].cpu(), masks)
+    columns["slot_keeping"] = slot_keeping(truth["mask"].cpu(), masks)
+    return columns
+
+
 def task_objective(run: TrainRun, inference: Inference) -> torch.Tensor:
-    """The task objective J of every held-out datapoint at its refined slots, ``(batch,)``."""
+    """The task objective J of every held-out datapoint at its refined slots, ``(batch,)``
+    (summed over the frames of a clip, as in training)."""
     c = run.components
     x = inference.batch.x
     with torch.no_grad():
+        if c.stream.kind == "videos":
+            return sum(
+                c.objective(c.model, x[:, t], c.model.encode(x[:, t]), result.slots[0])
+                for t, result in enumerate(inference.frames)
+            )
         x_enc = c.model.encode(x)
         targets = objective_targets(c.objective, inference.batch.truth)  # set prediction
         return c.objective(c.model, x, x_enc, inference.result.slots[0], *targets)
@@ -326,7 +398,9 @@ def per_datapoint(run: TrainRun, inference: Inference, reference: bool = True) -
     :param bool reference: include the gmm reference fit (100 EM steps).
     """
     columns = {"J": task_objective(run, inference).detach().double()}
-    kind = _gmm_columns if run.components.stream.kind == "points" else _image_columns
+    kind = {"points": _gmm_columns, "images": _image_columns, "videos": _video_columns}[
+        run.components.stream.kind
+    ]
     columns.update(kind(run, inference, reference))
     return {k: v.detach().cpu() for k, v in columns.items()}
 
@@ -342,7 +416,7 @@ def metrics_of(run: TrainRun, inference: Inference, reference: bool = True) -> d
     """
     metrics = {
         "num_datapoints": int(inference.batch.x.shape[0]),
-        "inner_steps": int(inference.result.num_steps),
+        "inner_steps": inference.num_steps,
     }
     metrics.update(_means(per_datapoint(run, inference, reference)))
     return metrics
@@ -391,6 +465,8 @@ def evaluate_run(
     per_image: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     chunk_size: int = CHUNK_SIZE,
+    criterion: str = "elbo",
+    carry: bool = True,
 ) -> dict:
     """Metrics of a trained run on held-out or any data (a flat dict of numbers), the Python
     form of ``pyro-slots evaluate``.
@@ -405,8 +481,11 @@ def evaluate_run(
         split), or the :class:`EvalData` it returned (``num`` is then ignored).
     :param int num: datapoints (see :func:`evaluation_data`).
     :param int inner_steps: inner steps T (default: as in training).
-    :param int restarts: restarts per datapoint, the best (inner ELBO) kept.
+    :param int restarts: restarts per datapoint, one kept by ``criterion``.
+    :param str criterion: ``"elbo"`` or ``"mse"``, as :func:`infer`.
     :param per_image: a CSV file to write one row per datapoint into (:func:`write_per_image`).
+    :param bool carry: clips: carry the slots from frame to frame (``False``: every frame
+        starts afresh, the per-frame baseline of the same weights).
     :param int chunk_size: datapoints refined at once. The slot initialization of each chunk is
         drawn with the run's seed, so a datapoint's scores depend on its position within its
         chunk (and are reproducible for the same ``num`` and ``chunk_size``).
@@ -420,14 +499,18 @@ def evaluate_run(
     restarts = count_option(restarts, "restarts")
     inner_steps = count_option(inner_steps, "inner_steps")
     chunk_size = count_option(chunk_size, "chunk_size")
+    if criterion not in RESTART_CRITERIA:
+        raise ConfigError(
+            f"criterion: unknown kind {criterion!r}; valid choices are {RESTART_CRITERIA}"
+        )
     data = dataset if isinstance(dataset, EvalData) else evaluation_data(run, dataset, num)
     if per_image is not None:
         _check_per_image_path(per_image)
     parts, steps = [], 0
     for start in range(0, data.size, chunk_size):
         batch = data.load(start, min(start + chunk_size, data.size))
-        inference = infer(run, batch, inner_steps, restarts)
-        steps = max(steps, int(inference.result.num_steps))
+        inference = infer(run, batch, inner_steps, restarts, criterion, carry)
+        steps = max(steps, inference.num_steps)
         parts.append(per_datapoint(run, inference))
     columns = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     if per_image is not None:
@@ -438,6 +521,8 @@ def evaluate_run(
         "num_datapoints": data.size,
         "inner_steps": steps,
         "restarts": restarts,
+        **({"restart_criterion": criterion} if restarts > 1 else {}),
+        **({"carry": carry} if run.components.stream.kind == "videos" else {}),
         **_means(columns),
     }
 
@@ -485,17 +570,27 @@ def write_pictures(
         written.append(path)
     data = evaluation_data(run) if data is None else data
     inference = infer(run, data.load(0, min(max(num, 32), data.size)), inner_steps, restarts)
-    result = inference.result
+    result = inference.frames[0]
     path = os.path.join(folder, "inner_elbo.png")
+    first = " (the first frame of every clip)" if len(inference.frames) > 1 else ""
     plots.plot_inner_elbo(
         result.history[:, 0].cpu(),
         result.x_enc.shape[1],
         path,
-        title=f"inner loop ({config.inner}, {result.num_steps} steps) on held-out data, "
+        title=f"inner loop ({config.inner}, {result.num_steps} steps) on held-out data{first}, "
         f"after {run.step} updates",
     )
     written.append(path)
     x = inference.batch.x[:num]
+    if run.components.stream.kind == "videos":
+        # The frames of the first clip, one row each: a slot keeps its colour over time.
+        parts = [decode(model, r) for r in inference.frames]
+        recon, rgb, masks = (torch.stack([p[i][0] for p in parts]).cpu() for i in range(3))
+        path = os.path.join(folder, "slots.png")
+        plots.plot_slot_masks(masks, images=x[0].cpu(), recon=recon, rgb=rgb,
+                              max_datapoints=None, path=path)  # fmt: skip
+        written.append(path)
+        return written
     if run.components.stream.kind == "points":
         with torch.no_grad():
             slots = result.slots[0, :num]
@@ -533,10 +628,11 @@ def held_out_record(run: TrainRun, batch: Batch) -> dict:
         metrics = metrics_of(run, inference, reference=False)
     finally:
         torch.set_rng_state(cpu_state)
-    elbo = inference.result.elbo.mean().item()
+    elbo = inference.elbo.mean().item()
     record = {"step": run.step, "split": "held_out", "J": metrics.pop("J"), "elbo": elbo}
-    record["elbo_per_measurement"] = elbo / inference.result.x_enc.shape[1]
-    for key in ("fg_ari", "ari", "mse", "loglik_per_point", "true_loglik_per_point"):
+    record["elbo_per_measurement"] = elbo / inference.num_measurements
+    for key in ("fg_ari", "ari", "mse", "loglik_per_point", "true_loglik_per_point",
+                "video_fg_ari", "slot_keeping"):  # fmt: skip
         if key in metrics:
             record[key] = metrics[key]
     return record

@@ -24,15 +24,15 @@ from dataclasses import dataclass
 import torch
 
 from pyro_slots.data import shapes, tetrominoes
-from pyro_slots.init import GaussianInit
-from pyro_slots.inner import EM, GradientAscent, SoftKMeans
+from pyro_slots.init import GaussianInit, SlotTransition
+from pyro_slots.inner import EM, GeneralizedEM, GradientAscent, SoftKMeans
 from pyro_slots.models import GaussianMixture
 from pyro_slots.nested import GRADIENT_MODES
 from pyro_slots.objectives import NegativeELBO, Reconstruction, SetPrediction, WeightedSum
 from pyro_slots.validation import CapabilityError
 
 from .config import ConfigError, TrainConfig
-from .streams import HDF5Stream, ImageStream, PointStream
+from .streams import HDF5Stream, ImageStream, PointStream, VideoStream
 
 __all__ = [
     "DATASETS",
@@ -53,6 +53,8 @@ INIT_KINDS = ("auto", "model", "learned", "fixed")
 RESTART_CRITERIA = ("elbo", "mse")
 #: Learning-rate schedules after the warm-up (``lr_schedule``).
 LR_SCHEDULES = ("constant", "cosine")
+#: How the slots of a clip's frame start the next (``transition``).
+TRANSITIONS = ("identity", "mlp")
 
 
 def _import(module: str, name: str, what: str):
@@ -68,7 +70,8 @@ def _import(module: str, name: str, what: str):
 # ---------------------------------------------------------------------------- models
 @dataclass(frozen=True)
 class ModelEntry:
-    """:ivar data: ``"points"`` or ``"images"``; :ivar objective: default task objective;
+    """:ivar data: ``"points"`` or ``"images"`` (image models also take clips, frame by frame);
+    :ivar objective: default task objective;
     :ivar closed_form: the model has the closed-form M-step EM and soft k-means need."""
 
     factory: Callable
@@ -116,6 +119,24 @@ def _architecture(config: TrainConfig) -> dict:
     return {k: v for k, v in sizes.items() if v is not None}
 
 
+def _neural_em(config: TrainConfig, stream):
+    cls = _import("pyro_slots.models", "NeuralEM", "neural-em")
+    sizes = {
+        "pixel_scale": config.pixel_scale,
+        "decoder_channels": int_list(config.decoder_channels, "decoder_channels"),
+        "num_upsample": config.decoder_upsample,
+        "kernel_size": config.kernel_size,
+    }
+    if config.decoder_upsample:  # broadcast at the resolution the upsampling starts from
+        sizes["broadcast_resolution"] = stream.image_size // 2**config.decoder_upsample
+    return cls(
+        stream.image_size,
+        num_slots=config.num_slots,
+        slot_dim=config.slot_dim,
+        **{k: v for k, v in sizes.items() if v is not None},
+    )
+
+
 def _image_model(cls, config: TrainConfig, stream, **slot_size):
     factory = cls.paper_size if config.paper_size else cls
     return factory(
@@ -154,10 +175,18 @@ MODELS = {
         "IODINE: spatial Gaussian mixture of decoded slots",
         learned_init=True,
     ),
+    "neural-em": ModelEntry(
+        _neural_em,
+        "images",
+        "elbo",
+        False,
+        "Neural EM: every pixel from one of K slots, each decoded to a whole image of means",
+        learned_init=True,
+    ),
 }
 
 #: Default slot sizes of the image models (CPU-sized, ``--paper-size``).
-SLOT_DIMS = {"slot-autoencoder": (64, 64), "iodine": (16, 32)}
+SLOT_DIMS = {"slot-autoencoder": (64, 64), "iodine": (16, 32), "neural-em": (32, 64)}
 
 
 # ------------------------------------------------------------------------ inner rules
@@ -184,6 +213,26 @@ def _soft_kmeans(config, model):
     if temperature is None:
         temperature = getattr(model, "variance", 1.0)
     return SoftKMeans(num_steps=config.inner_steps, temperature=temperature)
+
+
+def _generalized_em(config, model):
+    # Neural EM's fixed rule: exact E-step, one gradient step on the expected complete
+    # log-likelihood as the M-step (Greff et al. 2017), within a trust radius.
+    step_size = 1.0 if config.step_size is None else config.step_size
+    return GeneralizedEM(
+        num_steps=config.inner_steps, ascent_steps=1, step_size=step_size, safeguarded=False
+    )
+
+
+def _rnn_em(config, model):
+    cls = _import("pyro_slots.inner", "RNNEM", "rnn-em")
+    return cls(
+        config.inner_steps,
+        slot_dim=model.slot_dim,
+        num_measurements=getattr(model, "num_pixels", 1),
+        channels=getattr(model, "channels", 1),
+        hidden_dim=config.hidden_dim,
+    )
 
 
 def _gradient(config, model):
@@ -245,11 +294,26 @@ INNER_RULES = {
     "learned-gradient": InnerEntry(
         _learned_gradient, True, False, 5, "learned update from the ELBO gradient (IODINE-style)"
     ),
+    "generalized-em": InnerEntry(
+        _generalized_em,
+        False,
+        False,
+        5,
+        "generalized EM: exact E-step, one gradient step as the M-step (Neural EM's fixed rule)",
+    ),
+    "rnn-em": InnerEntry(
+        _rnn_em, True, False, 5, "RNN-EM: a recurrent cell fed the weighted errors (learned)"
+    ),
 }
 
 
 #: The rule each model trains with when --inner is not given.
-DEFAULT_INNER = {"gmm": "em", "slot-autoencoder": "slot-attention", "iodine": "learned-gradient"}
+DEFAULT_INNER = {
+    "gmm": "em",
+    "slot-autoencoder": "slot-attention",
+    "iodine": "learned-gradient",
+    "neural-em": "generalized-em",
+}
 
 
 # ------------------------------------------------------------------------- objectives
@@ -356,6 +420,11 @@ def _image_stream(config: TrainConfig, name: str):
     return ImageStream(name, config.seed, config.batch_size, config.image_size)
 
 
+def _video_stream(config: TrainConfig, name: str):
+    frames = 8 if config.num_frames is None else config.num_frames
+    return VideoStream(config.seed, config.batch_size, frames, config.image_size)
+
+
 def _hdf5_stream(config: TrainConfig, name: str):
     path = name[len("hdf5:") :]
     if not path:
@@ -377,6 +446,9 @@ DATASETS = {
     "points": DatasetEntry(_points_stream, "points", "point sets from random Gaussian mixtures"),
     "shapes": DatasetEntry(_image_stream, "images", "multi-dSprites-like scenes, 64x64"),
     "tetrominoes": DatasetEntry(_image_stream, "images", "three Tetris pieces, 35x35"),
+    "moving-shapes": DatasetEntry(
+        _video_stream, "videos", "clips of 2-3 moving, bouncing shapes, 32x32, 8 frames"
+    ),
     "hdf5:PATH": DatasetEntry(_hdf5_stream, "images", "a benchmark HDF5 file"),
 }
 
@@ -409,6 +481,7 @@ def _check_positive(config: TrainConfig) -> None:
         "slot_dim",
         "hidden_dim",
         "image_size",
+        "num_frames",
     ):
         value = getattr(config, name)
         if value is not None and value < 1:
@@ -433,12 +506,12 @@ def reaches_init(config: TrainConfig, num_steps: int) -> bool:
     )
 
 
-#: Options only one model takes: (that model, what it is).
+#: Options only some models take: (those models, what it is).
 _MODEL_ONLY = {
-    "encoder_strides": ("slot-autoencoder", "IODINE has no encoder"),
-    "pixel_scale": ("iodine", "its likelihood's sigma_x"),
-    "refinement_inputs": ("iodine", "IODINE's auxiliary refinement inputs"),
-    "mse_weight": ("iodine", "the weight of --objective elbo+mse"),
+    "encoder_strides": (("slot-autoencoder",), "the other models have no encoder"),
+    "pixel_scale": (("iodine", "neural-em"), "the pixel likelihood's sigma_x"),
+    "refinement_inputs": (("iodine",), "IODINE's auxiliary refinement inputs"),
+    "mse_weight": (("iodine",), "the weight of --objective elbo+mse"),
 }
 
 
@@ -488,8 +561,34 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
     }
     for name, is_given in given.items():
         only, what = _MODEL_ONLY[name]
-        if is_given and config.model != only:
-            raise ConfigError(f"{name}: only for --model {only} ({what}), not {config.model}")
+        if is_given and config.model not in only:
+            raise ConfigError(
+                f"{name}: only for --model {' or '.join(only)} ({what}), not {config.model}"
+            )
+    if config.model == "neural-em" and config.decoder_resolution is not None:
+        raise ConfigError(
+            "decoder_resolution: not for --model neural-em (its decoder broadcasts at the image's "
+            "resolution, or at it halved per --decoder-upsample)"
+        )
+    if config.transition not in TRANSITIONS:
+        raise ConfigError(
+            f"transition: unknown kind {config.transition!r}; valid choices are {TRANSITIONS}"
+        )
+    video = not config.dataset.startswith("hdf5:") and (
+        _dataset_entry(config.dataset).data == "videos"
+    )
+    if config.transition != "identity" and not video:
+        raise ConfigError(
+            f"transition: {config.transition} carries slots between frames; only for clips "
+            f"(--dataset moving-shapes), not {config.dataset}"
+        )
+    if config.num_frames is not None and not video:
+        raise ConfigError(f"num_frames: only for --dataset moving-shapes, not {config.dataset}")
+    if video and config.eval_restarts != 1:
+        raise ConfigError(
+            f"eval_restarts: clips carry one trajectory of slots, expected 1, got "
+            f"{config.eval_restarts}"
+        )
     architecture = ("paper_size", "decoder_resolution", "decoder_channels", "decoder_upsample")
     if config.model == "gmm":
         for name in (*architecture, "kernel_size"):
@@ -523,6 +622,10 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
         raise ConfigError(f"init_from: no such run folder or checkpoint {config.init_from!r}")
 
 
+#: The kinds of data a model of each kind takes (image models take clips frame by frame).
+_TAKES = {"points": ("points",), "images": ("images", "videos")}
+
+
 def resolve(config: TrainConfig) -> TrainConfig:
     """Check names and combinations and fill the defaults; nothing is built or trained.
 
@@ -554,8 +657,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         )
     _check_positive(config)
     _check_training_options(config, objective)
-    if dataset.data != model.data:
-        valid = [n for n, d in DATASETS.items() if d.data == model.data]
+    if dataset.data not in _TAKES[model.data]:
+        valid = [n for n, d in DATASETS.items() if d.data in _TAKES[model.data]]
         raise ConfigError(
             f"--model {config.model} works on {model.data}, but --dataset {config.dataset} holds "
             f"{dataset.data}; use --dataset {' or '.join(valid)}"
@@ -609,6 +712,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
             num_slots = config.num_components
         elif config.dataset == "tetrominoes":
             num_slots = 4
+        elif dataset.data == "videos":
+            num_slots = VideoStream.MAX_OBJECTS + 1
         else:
             num_slots = 6
     else:
@@ -625,10 +730,6 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise ConfigError("slot_dim: gmm slots are its components' parameters; leave it unset")
     elif slot_dim is None:
         slot_dim = SLOT_DIMS[config.model][config.paper_size]
-    if config.pixel_scale is not None and config.model != "iodine":
-        raise ConfigError(
-            f"pixel_scale: only for --model iodine (its likelihood's sigma_x), not {config.model}"
-        )
     if config.tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401
@@ -663,6 +764,8 @@ class Components:
     objective: object
     init: object | None
     stream: object
+    #: The learned transition between the frames of a clip (``transition: mlp``), else ``None``.
+    transition: object | None = None
 
 
 def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components:
@@ -704,4 +807,5 @@ def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components
             f"num_slots: --objective {config.objective} on {config.dataset} needs a slot per "
             f"object, at least {stream.num_objects}, got {config.num_slots}"
         )
-    return Components(model, inner, objective, init, stream)
+    transition = SlotTransition(model.slot_dim) if config.transition == "mlp" else None
+    return Components(model, inner, objective, init, stream, transition)

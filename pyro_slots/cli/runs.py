@@ -278,6 +278,8 @@ def make_svi(
         init=components.init,
         seed=config.seed,
         clip_norm=config.clip_norm,
+        sequence=components.stream.kind == "videos",
+        transition=components.transition,
     )
 
 
@@ -309,7 +311,9 @@ def new_run(
     rank, world_size = distributed_context(dist_timeout, device)
     try:
         components = build(config, rank, world_size)
-        for module in (components.model, components.inner, components.objective, components.init):
+        modules = (components.model, components.inner, components.objective, components.init,
+                   components.transition)  # fmt: skip
+        for module in modules:
             if isinstance(module, torch.nn.Module):
                 module.to(device)
         clock = TrainingClock()
@@ -368,7 +372,7 @@ def _logged_steps(folder: str) -> int | None:
 
 
 def _check_finite_weights(payload: dict, path: str) -> None:
-    for part in ("model", "inner", "objective", "init"):
+    for part in ("model", "inner", "objective", "init", "transition"):
         state = payload.get(part) or {}
         for name, value in state.items():
             if torch.is_tensor(value) and value.is_floating_point():
@@ -426,6 +430,8 @@ def load_run(
         c.objective.load_state_dict(payload["objective"])
         if c.init is not None:
             c.init.load_state_dict(payload["init"])
+        if c.transition is not None:
+            c.transition.load_state_dict(payload["transition"])
         run.svi.load_state_dict(payload["svi"])
         set_rng_state(payload["rng"])
         run.clock.before = float(payload.get("train_seconds", 0.0))
@@ -447,6 +453,7 @@ def _payload(run: TrainRun) -> dict:
         "inner": c.inner.state_dict(),
         "objective": c.objective.state_dict(),
         "init": None if c.init is None else c.init.state_dict(),
+        "transition": None if c.transition is None else c.transition.state_dict(),
         "svi": run.svi.state_dict(),
         "rng": rng_state(data_position=run.step),
         "train_seconds": run.clock.seconds(),
@@ -477,6 +484,8 @@ def init_from(run: TrainRun, path: str | os.PathLike) -> int:
     parts = [("model", c.model), ("inner", c.inner), ("objective", c.objective)]
     if c.init is not None and payload.get("init") is not None:
         parts.append(("init", c.init))
+    if c.transition is not None and payload.get("transition") is not None:
+        parts.append(("transition", c.transition))
     try:
         for key, module in parts:
             module.load_state_dict(payload[key])

@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pyro_slots.data import HDF5Dataset, sample_point_sets, shapes, tetrominoes
+from pyro_slots.data import (
+    HDF5Dataset,
+    generate_moving_shapes,
+    sample_point_sets,
+    shapes,
+    tetrominoes,
+)
 
 __all__ = [
     "HELD_OUT_START",
@@ -20,6 +26,7 @@ __all__ = [
     "HDF5Stream",
     "ImageStream",
     "PointStream",
+    "VideoStream",
 ]
 
 #: First generator index of the held-out data (training would need 2**31 datapoints to reach it).
@@ -32,9 +39,11 @@ VALIDATION_START = HELD_OUT_START + 2**30
 class Batch:
     """One batch: ``x`` as the model takes it, ``truth`` for the metrics (never for training).
 
-    :ivar torch.Tensor x: points ``(batch, num_points, dim)`` or images ``(batch, 3, H, W)``.
+    :ivar torch.Tensor x: points ``(batch, num_points, dim)``, images ``(batch, 3, H, W)`` or
+        clips ``(batch, frames, 3, H, W)``.
     :ivar dict truth: ground truth, e.g. ``assignments`` ``(batch, num_points)`` and the true
-        mixture parameters, or ``mask`` ``(batch, H, W)``.
+        mixture parameters, or ``mask`` ``(batch, H, W)`` (``(batch, frames, H, W)`` for clips,
+        the object ids consistent over time).
     """
 
     x: torch.Tensor
@@ -133,6 +142,38 @@ class ImageStream(_Stream):
 
     def _draw(self, num: int, start: int) -> Batch:
         return self._scenes(num, start)
+
+
+class VideoStream(_Stream):
+    """Clips of :func:`pyro_slots.data.generate_moving_shapes` (``moving-shapes``): batch ``s``
+    is clips ``s·B .. s·B + B - 1`` of the generator seeded with ``seed`` (one process); a
+    frame is an image of the slot model, the clip is trained with the slots carried over."""
+
+    kind = "videos"
+    #: Objects per clip at most (``num_slots`` defaults to one more).
+    MAX_OBJECTS = 3
+
+    def __init__(
+        self, seed: int, batch_size: int, num_frames: int = 8, image_size: int | None = None
+    ):
+        self.seed, self.batch_size = seed, batch_size
+        self.num_frames = num_frames
+        self.image_size = 32 if image_size is None else image_size
+        self.num_objects = self.MAX_OBJECTS
+
+    def _draw(self, num: int, start: int) -> Batch:
+        clips = generate_moving_shapes(
+            num,
+            num_frames=self.num_frames,
+            image_size=self.image_size,
+            max_objects=self.MAX_OBJECTS,
+            seed=self.seed,
+            start=start,
+        )
+        return Batch(clips["video"], {k: v for k, v in clips.items() if k != "video"})
+
+    def batch(self, step: int) -> Batch:
+        return self._draw(self.batch_size, self._start(step))
 
 
 class HDF5Stream(_Stream):

@@ -104,9 +104,11 @@ class _Logger:
 
 
 def _inner_elbo(result) -> tuple[float, float]:
-    """Mean inner ELBO of a batch's inner result, per datapoint and per measurement."""
-    elbo = result.elbo.mean().item()
-    return elbo, elbo / result.x_enc.shape[1]
+    """Mean inner ELBO of a batch's inner result (a clip's: summed over its frames), per
+    datapoint and per measurement."""
+    frames = result if isinstance(result, list) else [result]
+    elbo = sum(r.elbo.mean().item() for r in frames)
+    return elbo, elbo / sum(r.x_enc.shape[1] for r in frames)
 
 
 def train(
@@ -303,12 +305,13 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
         report = final_test(run)
         echo(f"test ({report['weights']} weights, {config.test_size} held-out): "
              + ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()
-                         if k in ("fg_ari", "ari", "mse", "loglik_per_point")))  # fmt: skip
+                         if k in ("fg_ari", "ari", "mse", "loglik_per_point", "video_fg_ari",
+                                  "slot_keeping")))  # fmt: skip
     return run
 
 
 #: The validation score ``select_best`` maximizes, per kind of data.
-SELECT_BY = {"images": "fg_ari", "points": "loglik_per_point"}
+SELECT_BY = {"images": "fg_ari", "videos": "video_fg_ari", "points": "loglik_per_point"}
 
 
 def _best_so_far(config: TrainConfig) -> tuple[int, float] | None:
@@ -339,6 +342,7 @@ def test_metrics(run: TrainRun, batch, inner_steps=None, restarts=1, criterion="
     over chunks of :data:`TEST_CHUNK` datapoints: every metric is the mean of the chunks' means
     weighted by their sizes (the mean over datapoints wherever no datapoint's value is NaN)."""
     num = batch.x.shape[0]
+    head = set_prediction_head(run.components.objective)
     totals, count, slots = {}, 0, []
     for i in range(0, num, TEST_CHUNK):
         part = Batch(
@@ -347,7 +351,8 @@ def test_metrics(run: TrainRun, batch, inner_steps=None, restarts=1, criterion="
         )
         size = part.x.shape[0]
         inference = infer(run, part, inner_steps, restarts, criterion)
-        slots.append(inference.result.slots[0])
+        if head is not None:
+            slots.append(inference.result.slots[0])
         metrics = metrics_of(run, inference)
         for key, value in metrics.items():
             if key not in ("num_datapoints", "inner_steps"):
@@ -355,7 +360,6 @@ def test_metrics(run: TrainRun, batch, inner_steps=None, restarts=1, criterion="
         count += size
     out = {"num_datapoints": count, "inner_steps": int(metrics["inner_steps"])}
     out.update({key: value / count for key, value in totals.items()})
-    head = set_prediction_head(run.components.objective)
     if head is not None:
         # The average precision of the head's predictions at every distance threshold, over all
         # the test data at once (predictions ranked by confidence across datapoints).

@@ -68,9 +68,12 @@ def _error(argv, capsys):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--model", "vae"], "valid choices are ['gmm', 'slot-autoencoder', 'iodine']"),
+        (
+            ["--model", "vae"],
+            "valid choices are ['gmm', 'slot-autoencoder', 'iodine', 'neural-em']",
+        ),
         (["--inner", "newton"], "'em', 'soft-kmeans', 'gradient', 'slot-attention'"),
-        (["--dataset", "mnist"], "'points', 'shapes', 'tetrominoes', 'hdf5:PATH'"),
+        (["--dataset", "mnist"], "'points', 'shapes', 'tetrominoes', 'moving-shapes', 'hdf5:PATH'"),
         (["--gradient", "backprop"], "'unrolled', 'truncated', 'first_order', 'implicit'"),
         (["--model", "iodine", "--inner", "em"], "needs a closed-form M-step"),
         (["--model", "gmm", "--dataset", "tetrominoes"], "use --dataset points"),

@@ -26,8 +26,12 @@ def test_the_recipes_are_the_results_rows():
     assert NAMES == [
         "amortized-clustering",
         "gmm-em",
+        "moving-shapes-neural-em",
+        "moving-shapes-slot-attention",
         "shapes-slot-attention",
         "tetrominoes-iodine",
+        "tetrominoes-neural-em",
+        "tetrominoes-rnn-em",
         "tetrominoes-slot-attention",
     ]
     for name, description in list_configs():
@@ -48,13 +52,15 @@ def test_every_shipped_config_trains_and_evaluates(name, tmp_path, capsys):
     final = report.get("final_weights", report)["metrics"]
     config = load_config_file(config_path(name))
     steps = str(config.get("eval_inner_steps") or final["inner_steps"])
-    if config.get("eval_restarts", 1) != 1:
-        pytest.skip("restarts: evaluate scores one restart")
+    restarts = ["--restarts", str(config.get("eval_restarts", 1)),
+                "--restart-criterion", config.get("restart_criterion", "elbo")]  # fmt: skip
     capsys.readouterr()
-    assert main(["evaluate", str(out), "--json", "--num", "3", "--inner-steps", steps]) == 0
+    argv = ["evaluate", str(out), "--json", "--num", "3", "--inner-steps", steps, *restarts]
+    assert main(argv) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["step"] == 2
-    for key in ("fg_ari", "ari", "mse", "loglik_per_point", "elbo"):
+    for key in ("fg_ari", "ari", "mse", "loglik_per_point", "elbo", "video_fg_ari",
+                "slot_keeping"):  # fmt: skip
         if key in final:
             assert metrics[key] == pytest.approx(final[key], rel=1e-5, abs=1e-6), key
 

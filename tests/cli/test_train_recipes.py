@@ -19,9 +19,10 @@ import torch
 
 from pyro_slots.checkpoint import load_checkpoint
 from pyro_slots.cli.config import ConfigError, TrainConfig
-from pyro_slots.cli.evaluate import evaluate_run, infer, metrics_of
+from pyro_slots.cli.evaluate import EvalData, evaluate_run, infer, metrics_of
 from pyro_slots.cli.registry import mse_weight, resolve
 from pyro_slots.cli.runs import TrainingClock, init_from, load_run, lr_factor, new_run
+from pyro_slots.cli.streams import Batch
 from pyro_slots.cli.train import train
 from pyro_slots.data import generate_shapes, generate_tetrominoes
 from pyro_slots.metrics import reconstruction_mse
@@ -123,6 +124,15 @@ def test_test_time_restarts_keep_the_best_restart_of_every_image(tmp_path):
         expected = all_r.slots[pick, torch.arange(4)]
         assert torch.equal(chosen, expected), criterion
     assert mses.argmin(0).tolist() != [0, 0, 0, 0] or all_r.elbo.argmax(0).tolist() != [0] * 4
+    # evaluate_run (pyro-slots evaluate --restart-criterion) keeps the same restarts
+    data = EvalData("held-out", 4, lambda i, j: Batch(batch.x[i:j], {
+        k: v[i:j] for k, v in batch.truth.items()}))  # fmt: skip
+    scores = evaluate_run(run, data, restarts=3, criterion="mse")
+    chosen = infer(run, batch, restarts=3, criterion="mse")
+    assert scores["restart_criterion"] == "mse"
+    assert scores["mse"] == pytest.approx(metrics_of(run, chosen)["mse"], rel=1e-6)
+    with pytest.raises(ConfigError, match="criterion: unknown kind 'ari'"):
+        evaluate_run(run, data, restarts=3, criterion="ari")
 
 
 def test_cosine_schedule_anneals_over_the_budget_that_ends_first():
