@@ -14,7 +14,7 @@ import importlib
 from . import data, elbo, inner, metrics, objectives
 from ._allocator import tune_allocator
 from .elbo import PerDatapointELBO, per_datapoint_elbo
-from .init import GaussianInit, SlotInitializer, SlotTransition
+from .init import GaussianInit, LearnedQueries, SlotInitializer, SlotTransition
 from .model import SlotModel, SlotSpec
 from .nested import (
     GRADIENT_MODES,
@@ -35,6 +35,7 @@ __all__ = [
     "GRADIENT_MODES",
     "CapabilityError",
     "GaussianInit",
+    "LearnedQueries",
     "ImplicitAdjoint",
     "ImplicitGradientWarning",
     "InnerLoopError",

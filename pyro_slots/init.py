@@ -12,7 +12,7 @@ from torch import nn
 
 from .validation import check_positive_float, check_positive_int
 
-__all__ = ["GaussianInit", "SlotInitializer", "SlotTransition"]
+__all__ = ["GaussianInit", "LearnedQueries", "SlotInitializer", "SlotTransition"]
 
 
 def draw(sampler, *args, generator=None, device=None, **kwargs) -> torch.Tensor:
@@ -82,6 +82,40 @@ class GaussianInit(SlotInitializer):
             device=device or loc.device,
         )
         return loc.to(dtype) + log_scale.to(dtype).exp() * eps
+
+
+class LearnedQueries(SlotInitializer):
+    r"""``K`` learned starting slots, the same for every datapoint: λ_0^{n,k} = q_k.
+
+    The learnable queries of BO-QSA (Jia et al. 2023): no noise, so the slots are told apart by
+    their starting points rather than by a draw, and the inner loop is deterministic. Trained
+    through every inner step (``gradient="unrolled"``) or, under first-order gradients, with
+    ``NestedSVI(straight_through=True)``. Unlike :class:`GaussianInit` the slots are no longer
+    exchangeable: slot ``k`` tends to the same kind of object in every image.
+
+    :param int num_slots: ``K``; a draw of another number of slots is refused.
+    :param int dim: slot dimension.
+    :param float scale: standard deviation of the queries' random starting values (> 0), drawn
+        from torch's global generator at construction, like ``nn.Linear``'s weights.
+    """
+
+    def __init__(self, num_slots: int, dim: int, scale: float = 1.0):
+        super().__init__()
+        self.num_slots = check_positive_int(num_slots, "num_slots")
+        self.dim = check_positive_int(dim, "dim")
+        scale = check_positive_float(scale, "scale")
+        self.queries = nn.Parameter(scale * torch.randn(self.num_slots, self.dim))
+
+    def forward(self, batch, num_slots, generator=None, dtype=None, device=None):
+        batch = check_positive_int(batch, "batch")
+        if num_slots != self.num_slots:
+            raise ValueError(
+                f"num_slots: LearnedQueries holds {self.num_slots} queries, got {num_slots}"
+            )
+        queries = self.queries.to(dtype=dtype or self.queries.dtype)
+        if device is not None:
+            queries = queries.to(device)
+        return queries.expand(batch, -1, -1)
 
 
 class SlotTransition(PyroModule):

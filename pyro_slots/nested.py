@@ -178,7 +178,12 @@ class NestedSVI:
     ``"first_order"``, and ``"truncated"`` with fewer differentiated steps than T, detach λ
     before the differentiated steps, so J's gradient reaches no parameter of a learned slot
     initialization (``init``, or an initializer of the model or rule): it stays where it starts.
-    The constructor warns (``UserWarning``) when such an initializer has trainable parameters.
+    The constructor warns (``UserWarning``) when such an initializer has trainable parameters,
+    unless ``straight_through=True``: λ enters the differentiated steps as
+    ``sg(λ) + λ_0 - sg(λ_0)`` (its value unchanged), so the initializer receives the gradient
+    of J w.r.t. the slots where differentiation starts — the bi-level straight-through gradient
+    of BO-QSA (Jia et al. 2023), with which learned queries (:class:`~pyro_slots.LearnedQueries`)
+    train under first-order gradients.
 
     Inner-loop gradients are taken with :func:`torch.autograd.grad`; only J's gradient is ever
     written into the shared weights' ``.grad``.
@@ -218,6 +223,10 @@ class NestedSVI:
         inner result per frame.
     :param transition: ``(batch, K, D) -> (batch, K, D)`` between frames (identity by
         default); an ``nn.Module``'s parameters are trained with the rest (``transition.*``).
+    :param bool straight_through: with ``"first_order"`` or ``"truncated"`` (fewer differentiated
+        steps than T), pass J's gradient at the first differentiated step on to λ_0 (see above;
+        on clips, to each frame's starting slots). Refused where the gradient already reaches
+        λ_0 (``"unrolled"``) or has no first differentiated step (``"implicit"``).
     """
 
     def __init__(
@@ -240,6 +249,7 @@ class NestedSVI:
         distributed: bool | None = None,
         sequence: bool = False,
         transition=None,
+        straight_through: bool = False,
     ):
         if not isinstance(inner, InnerRule):
             raise TypeError(f"inner: expected an InnerRule, got {type(inner).__name__}")
@@ -287,6 +297,14 @@ class NestedSVI:
             raise ValueError("transition: needs sequence=True (slots carried between frames)")
         self.sequence = bool(sequence)
         self.transition = transition
+        self.straight_through = bool(straight_through)
+        if self.straight_through and not 0 < self._backprop_steps() < self.num_steps:
+            raise ValueError(
+                f"straight_through: only where λ is detached before differentiated steps "
+                f"(gradient='first_order', or 'truncated' with truncate < T = {self.num_steps}),"
+                f" not gradient={self.gradient!r}"
+                + (f" with truncate={self.truncate}" if self.gradient == "truncated" else "")
+            )
         self.generator = make_generator(0 if seed is None else seed)
         self.num_updates = 0
         self._store_prefix = f"NestedSVI{next(_INSTANCES)}"
@@ -303,7 +321,7 @@ class NestedSVI:
         return self.init if self.init is not None else getattr(self.inner, "slot_init", None)
 
     def _warn_if_init_is_frozen(self) -> None:
-        if self._backprop_steps() >= self.num_steps:
+        if self._backprop_steps() >= self.num_steps or self.straight_through:
             return
         # SlotModel.init_slots draws from the model's slot_init when nothing else does.
         init = self._slot_initializer()
@@ -418,9 +436,10 @@ class NestedSVI:
             self.model,
             x_enc,
             self.inner,
-            slots0 if backprop >= steps else slots0.detach(),
+            slots0 if backprop >= steps or self.straight_through else slots0.detach(),
             steps - 1 if implicit is not None else steps,
             backprop_steps=backprop,
+            straight_through=self.straight_through and backprop > 0,
             implicit=implicit,
             tol=self.tol,
             keep_trajectory=keep,

@@ -214,6 +214,7 @@ def run_inner(
     estimator: ELBOEstimator | None = None,
     record_history: bool = True,
     responsibilities: bool = False,
+    straight_through: bool = False,
 ) -> RefineResult:
     """Run the inner loop from λ_0 = ``slots``: the one loop of the library.
 
@@ -235,6 +236,9 @@ def run_inner(
 
     :param bool responsibilities: also return the posterior of the model's assignment site at
         the final slots (computed with the final ELBO, from one evaluation of the program).
+    :param bool straight_through: phase 2 starts from ``sg(λ) + λ_0 - sg(λ_0)`` (the value of
+        λ, the gradient of λ_0 = ``slots``, which keeps its graph): the straight-through
+        gradient to the initialization (:class:`~pyro_slots.NestedSVI`).
     """
     batch, num_points = x_enc.shape[:2]
     free_steps = num_steps - backprop_steps
@@ -302,6 +306,13 @@ def run_inner(
     state = InnerState(full.slots, t, full.aux)
 
     # Phase 2: the differentiated steps, on the whole batch.
+    if straight_through and free_steps > 0:
+        if slots.shape != state.slots.shape:
+            raise ValueError(
+                f"straight_through: the rule's slots {tuple(state.slots.shape)} do not have the "
+                f"shape of λ_0 {tuple(slots.shape)}"
+            )
+        state = InnerState(state.slots.detach() + (slots - slots.detach()), state.step, state.aux)
     for _ in range(backprop_steps):
         new_state, info = _step(inner, state, problem_graph, True, t)
         _check_elbo(inner, info.elbo, t, record_history)

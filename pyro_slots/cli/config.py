@@ -71,9 +71,10 @@ class TrainConfig:
     init: str = _opt(
         "auto",
         "slot initialization: model (the model's own, k-means++ for gmm), learned (a trained "
-        "Gaussian), fixed (the model's own or a standard Gaussian, never trained) or auto (the "
-        "rule's own if it has one, else learned for gmm; fixed whenever --gradient does not "
-        "reach the initializer: first_order, implicit, truncated shorter than T)",
+        "Gaussian), queries (K learned starting slots, BO-QSA), fixed (the model's own or a "
+        "standard Gaussian, never trained) or auto (the rule's own if it has one, else learned "
+        "for gmm; fixed whenever --gradient does not reach the initializer: first_order, "
+        "implicit, truncated shorter than T, unless --straight-through)",
         metavar="KIND",
     )
     steps: int = _opt(200, "number of outer updates")
@@ -113,6 +114,11 @@ class TrainConfig:
         None, "variance of --inner soft-kmeans (default: the model's variance, else 1)"
     )
     clip_norm: float | None = _opt(None, "clip the gradient norm of the shared weights")
+    straight_through: bool = _opt(
+        False,
+        "first_order / truncated: pass J's gradient where differentiation starts on to the slot "
+        "initializer (BO-QSA's straight-through), so learned and queries initializers train",
+    )
     eval_every: int = _opt(
         50, "evaluate on the validation data every N updates (0: never); see --select-best"
     )

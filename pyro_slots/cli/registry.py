@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from pyro_slots.data import shapes, tetrominoes
-from pyro_slots.init import GaussianInit, SlotTransition
+from pyro_slots.init import GaussianInit, LearnedQueries, SlotTransition
 from pyro_slots.inner import EM, GeneralizedEM, GradientAscent, SoftKMeans
 from pyro_slots.models import GaussianMixture
 from pyro_slots.nested import GRADIENT_MODES
@@ -48,7 +48,7 @@ __all__ = [
     "resolve",
 ]
 
-INIT_KINDS = ("auto", "model", "learned", "fixed")
+INIT_KINDS = ("auto", "model", "learned", "queries", "fixed")
 #: Test-time restart criteria (``restart_criterion``).
 RESTART_CRITERIA = ("elbo", "mse")
 #: Learning-rate schedules after the warm-up (``lr_schedule``).
@@ -675,11 +675,29 @@ def resolve(config: TrainConfig) -> TrainConfig:
     num_steps = inner.num_steps if config.inner_steps is None else config.inner_steps
     learnable_init = init == "learned" or (init == "model" and model.learned_init)
     has_other_weights = inner.learned or model.data == "images"
+    reached = reaches_init(config, num_steps)
+    if config.straight_through and (reached or config.gradient == "implicit"):
+        raise ConfigError(
+            f"straight_through: only where --gradient detaches the slots before the "
+            f"differentiated steps (first_order, truncated shorter than T), not "
+            f"--gradient {config.gradient}"
+        )
+    if init == "queries" and not (reached or config.straight_through):
+        raise ConfigError(
+            f"init: queries are trained only through every inner step or with "
+            f"--straight-through; --gradient {config.gradient} alone would leave them where "
+            "they start"
+        )
+    if init == "queries" and config.eval_restarts != 1:
+        raise ConfigError(
+            f"eval_restarts: the queries start every restart at the same slots, expected 1, "
+            f"got {config.eval_restarts}"
+        )
     if (
         learnable_init
         and has_other_weights
         and config.init == "auto"
-        and not reaches_init(config, num_steps)
+        and not (reached or config.straight_through)
     ):
         # J's gradient would never reach the initializer's weights (NestedSVI's UserWarning):
         # a fixed initializer, said once in the log and saved as init: fixed.
@@ -693,15 +711,16 @@ def resolve(config: TrainConfig) -> TrainConfig:
     # (an unknown --gradient is refused by NestedSVI when the run is built)
     if (
         not inner.learned
-        and init == "learned"
+        and init in ("learned", "queries")
         and model.data == "points"
         and (config.gradient in GRADIENT_MODES)
     ):
-        if not reaches_init(config, num_steps):
+        if not (reached or config.straight_through):
             raise ConfigError(
                 f"--gradient {config.gradient} never reaches the learned initialization, the "
                 f"only trained weights of gmm with --inner {config.inner}: it is trained "
-                "through every inner step; use --gradient unrolled (or a learned rule)"
+                "through every inner step; use --gradient unrolled, --straight-through (or a "
+                "learned rule)"
             )
     if config.dataset == "points" and config.image_size is not None:
         raise ConfigError("image_size: only used by image datasets, not --dataset points")
@@ -790,6 +809,8 @@ def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components
     init = None
     if config.init == "learned":
         init = GaussianInit(model.slot_dim, learnable=True)
+    elif config.init == "queries":
+        init = LearnedQueries(config.num_slots, model.slot_dim)
     elif config.init == "fixed":
         own = getattr(model, "slot_init", None)
         if isinstance(own, GaussianInit):

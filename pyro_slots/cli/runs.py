@@ -280,6 +280,7 @@ def make_svi(
         clip_norm=config.clip_norm,
         sequence=components.stream.kind == "videos",
         transition=components.transition,
+        straight_through=config.straight_through,
     )
 
 
