@@ -114,6 +114,12 @@ class TrainConfig:
         None, "variance of --inner soft-kmeans (default: the model's variance, else 1)"
     )
     clip_norm: float | None = _opt(None, "clip the gradient norm of the shared weights")
+    reinitialize: bool = _opt(
+        False,
+        "redraw dead slots (explaining < 1%% of the measurements) and duplicate ones "
+        "(responsibilities at cosine > 0.95 with another slot's) before every inner step, from "
+        "the slot initializer (pyro_slots.inner.Reinitialize)",
+    )
     straight_through: bool = _opt(
         False,
         "first_order / truncated: pass J's gradient where differentiation starts on to the slot "

@@ -25,7 +25,7 @@ import torch
 
 from pyro_slots.data import shapes, tetrominoes
 from pyro_slots.init import GaussianInit, LearnedQueries, SlotTransition
-from pyro_slots.inner import EM, GeneralizedEM, GradientAscent, SoftKMeans
+from pyro_slots.inner import EM, GeneralizedEM, GradientAscent, Reinitialize, SoftKMeans
 from pyro_slots.models import GaussianMixture
 from pyro_slots.nested import GRADIENT_MODES
 from pyro_slots.objectives import NegativeELBO, Reconstruction, SetPrediction, WeightedSum
@@ -828,5 +828,28 @@ def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components
             f"num_slots: --objective {config.objective} on {config.dataset} needs a slot per "
             f"object, at least {stream.num_objects}, got {config.num_slots}"
         )
+    if config.reinitialize:
+        inner = _reinitialize(config, model, inner, init)
     transition = SlotTransition(model.slot_dim) if config.transition == "mlp" else None
     return Components(model, inner, objective, init, stream, transition)
+
+
+def _reinitialize(config: TrainConfig, model, inner, init):
+    """The rule wrapped in :class:`~pyro_slots.inner.Reinitialize`, redrawing from the run's
+    slot initializer (``init``, else the rule's or the model's own)."""
+    replacement = init
+    for owner in (inner, model):
+        if replacement is None:
+            replacement = getattr(owner, "slot_init", None)
+    if replacement is None:
+        raise ConfigError(
+            f"reinitialize: --model {config.model} with --inner {config.inner} and --init "
+            f"{config.init} has no slot initializer to redraw slots from (k-means++ seeds from "
+            "the data); use --init learned or --init fixed"
+        )
+    wrapped = Reinitialize(inner, init=replacement, seed=config.seed)
+    try:
+        wrapped.check_model(model)
+    except CapabilityError as error:
+        raise ConfigError(f"reinitialize: {error}") from None
+    return wrapped

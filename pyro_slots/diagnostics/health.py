@@ -28,6 +28,7 @@ import xarray as xr
 from ..elbo import PerDatapointELBO
 from ..init import draw
 from ..inner.base import InnerProblem, InnerRule, InnerState
+from ..inner.reinit import duplicate_mask
 from ..validation import CapabilityError, check_positive_float, check_positive_int
 from . import _traces
 from .inference_data import checked_result
@@ -143,10 +144,7 @@ def duplicate_slots(features: torch.Tensor, threshold: float = 0.95) -> torch.Te
 
     :param torch.Tensor features: ``(batch, num_slots, F)``: masks (responsibilities) or slots.
     """
-    f = torch.nn.functional.normalize(features, dim=-1)
-    cos = f @ f.transpose(-1, -2)  # (batch, K, K)
-    earlier = torch.ones_like(cos, dtype=torch.bool).tril(-1)  # [k, j] with j < k
-    return ((cos > threshold) & earlier).any(-1).sum(-1)
+    return duplicate_mask(features, threshold).sum(-1)
 
 
 @dataclass

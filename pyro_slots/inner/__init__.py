@@ -1,4 +1,5 @@
-"""Inner rules: fixed (gradient ascent, EM, generalized EM, soft k-means) and learned update rules.
+"""Inner rules: fixed (gradient ascent, EM, generalized EM, soft k-means) and learned update rules,
+and wrappers (Safeguarded, Hybrid, Reinitialize).
 
 Every rule has the same interface (:class:`InnerRule`), so swapping fixed for learned inference
 is one argument of :func:`pyro_slots.refine` or :class:`pyro_slots.NestedSVI`.
@@ -10,6 +11,7 @@ from .gradient import GradientAscent, trust_region
 from .hybrid import Hybrid
 from .learned_gradient import LearnedGradient
 from .mstep import DerivedMStep
+from .reinit import Reinitialize, duplicate_mask
 from .rnn_em import RNNEM
 from .safeguard import Safeguarded
 from .slot_attention import GaussianFeatures, SlotAttention
@@ -26,10 +28,12 @@ __all__ = [
     "InnerState",
     "LearnedGradient",
     "RNNEM",
+    "Reinitialize",
     "Safeguarded",
     "SlotAttention",
     "SoftKMeans",
     "StepInfo",
+    "duplicate_mask",
     "expected_log_joint",
     "trust_region",
 ]

@@ -1,0 +1,128 @@
+"""Re-initialize dead and duplicate slots inside the inner loop (DIAS, MetaSlot)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..validation import CapabilityError, check_positive_float, check_positive_int
+from .base import InnerProblem, InnerRule, InnerState
+
+__all__ = ["Reinitialize", "duplicate_mask"]
+
+
+def duplicate_mask(features: torch.Tensor, threshold: float = 0.95) -> torch.Tensor:
+    """Which slots duplicate an earlier slot of the same datapoint, ``(batch, num_slots)`` bool.
+
+    Slot ``k`` is a duplicate when the cosine similarity of its feature vector with that of a
+    slot ``j < k`` exceeds ``threshold`` (the first of a group of duplicates is kept).
+
+    :param torch.Tensor features: ``(batch, num_slots, F)``: masks (responsibilities) or slots.
+    """
+    f = torch.nn.functional.normalize(features, dim=-1)
+    cos = f @ f.transpose(-1, -2)  # (batch, K, K)
+    earlier = torch.ones_like(cos, dtype=torch.bool).tril(-1)  # [k, j] with j < k
+    return ((cos > threshold) & earlier).any(-1)
+
+
+class Reinitialize(InnerRule):
+    r"""Before each step of ``rule``, redraw the slots that explain (almost) nothing or what an
+    earlier slot already explains.
+
+    At ``λ_t`` (``t ≥ 1``, every ``every`` steps) the posterior of the model's assignment site
+    ``γ^{n,k}_m`` is computed from the Pyro program; slot ``k`` of datapoint ``n`` is
+
+    * **dead** when it explains less than ``dead_threshold`` of the measurements,
+      ``(1/M) Σ_m γ^{n,k}_m < dead_threshold``;
+    * a **duplicate** when its responsibilities have cosine similarity above
+      ``duplicate_threshold`` with those of a slot ``j < k`` (:func:`duplicate_mask`),
+
+    and is replaced by a fresh draw of ``init`` before ``rule`` takes its step, so the freed slot
+    can pick up an object that two slots were sharing or none was explaining — the pruning and
+    re-initialization of DIAS (Zhao et al. 2025) and MetaSlot (2025), with the inner-loop health
+    diagnostics' own definitions (:func:`pyro_slots.diagnostics.inner_loop_health`). The
+    draws come from a generator seeded with ``seed`` at every :meth:`init`, so a run is
+    reproducible. The decision is not differentiated; a replaced slot carries no gradient to
+    its former value, and the rule's recurrent state (``aux``) is kept as it was.
+
+    :param InnerRule rule: the rule that takes the steps (its weights are this rule's weights).
+    :param init: a slot initializer ``init(batch, K, generator=, dtype=)`` (e.g.
+        :class:`~pyro_slots.GaussianInit`); default the rule's own ``slot_init``.
+    :param float dead_threshold: share of the measurements below which a slot is dead
+        (``0`` turns dead slots off).
+    :param float duplicate_threshold: cosine similarity above which a slot is a duplicate
+        (``> 1`` turns duplicates off).
+    :param int every: re-initialize before every ``every``-th step.
+    :param int seed: seed of the replacement draws.
+    :param int num_steps: default ``T`` (default ``rule.num_steps``).
+    """
+
+    def __init__(
+        self,
+        rule: InnerRule,
+        init=None,
+        *,
+        dead_threshold: float = 0.01,
+        duplicate_threshold: float = 0.95,
+        every: int = 1,
+        seed: int = 0,
+        num_steps: int | None = None,
+    ):
+        if not isinstance(rule, InnerRule):
+            raise TypeError(f"rule: expected an InnerRule, got {type(rule).__name__}")
+        super().__init__(rule.num_steps if num_steps is None else num_steps)
+        self.rule = rule
+        self.replacement = init if init is not None else getattr(rule, "slot_init", None)
+        if self.replacement is None or not callable(self.replacement):
+            raise ValueError(
+                f"init: {type(rule).__name__} has no slot_init; pass the slot initializer to "
+                "draw replacements from, e.g. GaussianInit(slot_dim)"
+            )
+        self.dead_threshold = check_positive_float(
+            dead_threshold, "dead_threshold", allow_zero=True
+        )
+        self.duplicate_threshold = check_positive_float(duplicate_threshold, "duplicate_threshold")
+        self.every = check_positive_int(every, "every")
+        self.seed = int(seed)
+        self.uses_elbo_gradient = rule.uses_elbo_gradient
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+    @property
+    def slot_init(self):
+        return getattr(self.rule, "slot_init", None)
+
+    def check_model(self, model):
+        self.rule.check_model(model)
+        if getattr(model, "assignment_site", None) is None:
+            raise CapabilityError(
+                f"Reinitialize needs the slots' responsibilities: {type(model).__name__} declares "
+                "no assignment_site (the enumerated sample site of the slot assignments)"
+            )
+
+    def init(self, problem: InnerProblem, slots: torch.Tensor) -> InnerState:
+        self._generator.manual_seed(self.seed)
+        return self.rule.init(problem, slots)
+
+    def replaced(self, problem: InnerProblem, slots: torch.Tensor) -> torch.Tensor:
+        """The slots to redraw at ``slots``, ``(batch, num_slots)`` bool (no graph)."""
+        with torch.no_grad():
+            resp = problem.elbo_and_responsibilities(slots.detach())[1]  # (B, K, M)
+            dead = resp.mean(-1) < self.dead_threshold
+            return dead | duplicate_mask(resp, self.duplicate_threshold)
+
+    def step(self, state: InnerState, problem: InnerProblem, create_graph: bool = False):
+        slots = state.slots
+        if state.step >= 1 and state.step % self.every == 0:
+            replace = self.replaced(problem, slots)
+            if bool(replace.any()):
+                fresh = self.replacement(
+                    slots.shape[0], slots.shape[1], generator=self._generator, dtype=slots.dtype
+                ).to(slots.device)
+                slots = torch.where(replace.unsqueeze(-1), fresh.detach(), slots)
+        # info.elbo is the ELBO at the slots the rule stepped from, the redrawn ones
+        return self.rule.step(InnerState(slots, state.step, state.aux), problem, create_graph)
+
+    def extra_repr(self):
+        return (
+            f"rule={type(self.rule).__name__}, dead_threshold={self.dead_threshold}, "
+            f"duplicate_threshold={self.duplicate_threshold}, every={self.every}"
+        )
