@@ -14,7 +14,7 @@ import importlib
 from . import data, elbo, inner, metrics, objectives
 from ._allocator import tune_allocator
 from .elbo import PerDatapointELBO, per_datapoint_elbo
-from .init import GaussianInit, LearnedQueries, SlotInitializer, SlotTransition
+from .init import AmortizedInit, GaussianInit, LearnedQueries, SlotInitializer, SlotTransition
 from .model import SlotModel, SlotSpec
 from .nested import (
     GRADIENT_MODES,
@@ -34,6 +34,7 @@ _LAZY_SUBPACKAGES = ("checkpoint", "cli", "diagnostics", "models", "plots")
 __all__ = [
     "GRADIENT_MODES",
     "CapabilityError",
+    "AmortizedInit",
     "GaussianInit",
     "LearnedQueries",
     "ImplicitAdjoint",

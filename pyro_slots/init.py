@@ -12,7 +12,7 @@ from torch import nn
 
 from .validation import check_positive_float, check_positive_int
 
-__all__ = ["GaussianInit", "LearnedQueries", "SlotInitializer", "SlotTransition"]
+__all__ = ["AmortizedInit", "GaussianInit", "LearnedQueries", "SlotInitializer", "SlotTransition"]
 
 
 def draw(sampler, *args, generator=None, device=None, **kwargs) -> torch.Tensor:
@@ -27,9 +27,14 @@ def draw(sampler, *args, generator=None, device=None, **kwargs) -> torch.Tensor:
 
 
 class SlotInitializer(PyroModule):
-    """Base class: ``init(batch, num_slots, generator) -> (batch, num_slots, dim)``."""
+    """Base class: ``init(batch, num_slots, generator) -> (batch, num_slots, dim)``.
+
+    A *conditional* initializer (``conditional = True``) also reads the datapoints: it is
+    called with ``x_enc=`` the encoded measurements ``(batch, M, F)`` (:class:`AmortizedInit`).
+    """
 
     dim: int
+    conditional: bool = False
 
     def forward(
         self,
@@ -116,6 +121,53 @@ class LearnedQueries(SlotInitializer):
         if device is not None:
             queries = queries.to(device)
         return queries.expand(batch, -1, -1)
+
+
+class AmortizedInit(SlotInitializer):
+    r"""Starting slots predicted from the datapoint: ``λ_0 = ρ(mean_m φ(x̃_m))`` as ``(K, D)``.
+
+    The amortized half of semi-amortized inference: a permutation-invariant network (DeepSets:
+    ``φ`` per measurement, mean pooling, ``ρ``) guesses every datapoint's slots, and the inner
+    loop refines the guess. Trained by J through the inner loop, or — under first-order
+    gradients — by regressing its guess onto the inner loop's own solution
+    (``NestedSVI(init_regression=β)``: ``β · mean (λ_0 - sg(λ_T))²``, SmoothSA / DIAS's
+    self-distillation), so fewer inner steps are needed at test time. Deterministic: restarts
+    from it coincide.
+
+    :param int feature_dim: ``F``, the size of an encoded measurement.
+    :param int num_slots: ``K``; a call with another number of slots is refused.
+    :param int dim: slot dimension ``D``.
+    :param int hidden_dim: width of ``φ`` and ``ρ`` (default ``max(64, 2 D)``).
+    """
+
+    conditional = True
+
+    def __init__(self, feature_dim: int, num_slots: int, dim: int, hidden_dim: int | None = None):
+        super().__init__()
+        self.feature_dim = check_positive_int(feature_dim, "feature_dim")
+        self.num_slots = check_positive_int(num_slots, "num_slots")
+        self.dim = check_positive_int(dim, "dim")
+        hidden = max(64, 2 * self.dim) if hidden_dim is None else hidden_dim
+        hidden = check_positive_int(hidden, "hidden_dim")
+        self.phi = nn.Sequential(nn.Linear(self.feature_dim, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden))  # fmt: skip
+        self.rho = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, self.num_slots * self.dim))  # fmt: skip
+
+    def forward(self, batch, num_slots, generator=None, dtype=None, device=None, x_enc=None):
+        if x_enc is None:
+            raise ValueError(
+                "x_enc: AmortizedInit predicts the slots from the datapoints; got None"
+            )
+        if x_enc.dim() != 3 or x_enc.shape[0] != batch or x_enc.shape[-1] != self.feature_dim:
+            raise ValueError(
+                f"x_enc: expected shape ({batch}, M, {self.feature_dim}), got {tuple(x_enc.shape)}"
+            )
+        if num_slots != self.num_slots:
+            raise ValueError(f"num_slots: AmortizedInit predicts {self.num_slots}, got {num_slots}")
+        pooled = self.phi(x_enc.to(self.rho[-1].weight.dtype)).mean(1)
+        slots = self.rho(pooled).reshape(batch, self.num_slots, self.dim)
+        return slots.to(dtype or slots.dtype)
 
 
 class SlotTransition(PyroModule):

@@ -227,6 +227,11 @@ class NestedSVI:
         steps than T), pass J's gradient at the first differentiated step on to λ_0 (see above;
         on clips, to each frame's starting slots). Refused where the gradient already reaches
         λ_0 (``"unrolled"``) or has no first differentiated step (``"implicit"``).
+    :param float init_regression: ``β ≥ 0``: J gains ``β · mean_{n,k,d} (λ_0 - sg(λ_T))²``, the
+        starting slots regressed onto the inner loop's solution (semi-amortized inference: an
+        :class:`~pyro_slots.AmortizedInit` learns to guess what the loop finds; on clips, every
+        frame's start, the carried slots through the transition included). Its gradient reaches
+        λ_0's parameters whatever the gradient mode.
     """
 
     def __init__(
@@ -250,6 +255,7 @@ class NestedSVI:
         sequence: bool = False,
         transition=None,
         straight_through: bool = False,
+        init_regression: float = 0.0,
     ):
         if not isinstance(inner, InnerRule):
             raise TypeError(f"inner: expected an InnerRule, got {type(inner).__name__}")
@@ -298,6 +304,9 @@ class NestedSVI:
         self.sequence = bool(sequence)
         self.transition = transition
         self.straight_through = bool(straight_through)
+        self.init_regression = check_positive_float(
+            init_regression, "init_regression", allow_zero=True
+        )
         if self.straight_through and not 0 < self._backprop_steps() < self.num_steps:
             raise ValueError(
                 f"straight_through: only where λ is detached before differentiated steps "
@@ -323,6 +332,8 @@ class NestedSVI:
     def _warn_if_init_is_frozen(self) -> None:
         if self._backprop_steps() >= self.num_steps or self.straight_through:
             return
+        if self.init_regression:  # trained by the regression term
+            return
         # SlotModel.init_slots draws from the model's slot_init when nothing else does.
         init = self._slot_initializer()
         if init is None:
@@ -335,7 +346,8 @@ class NestedSVI:
                 f"steps ({self._backprop_steps()} of T={self.num_steps}), so J's gradient "
                 f"reaches none of the {sum(p.numel() for p in trainable)} trainable "
                 f"parameters of the slot initializer {type(init).__name__}: they stay where "
-                f"they start (use gradient='unrolled', or a fixed initializer, e.g. "
+                f"they start (use gradient='unrolled', straight_through=True, "
+                f"init_regression > 0, or a fixed initializer, e.g. "
                 f"GaussianInit(..., learnable=False), to silence this)",
                 UserWarning,
                 stacklevel=3,
@@ -460,11 +472,14 @@ class NestedSVI:
                     f"{tuple(per_datapoint.shape)}, expected ({x.shape[0]},)"
                 )
             loss = loss + weight * per_datapoint.mean()
+        if self.init_regression:
+            target = result.slots[0].detach()
+            loss = loss + self.init_regression * (slots0 - target).pow(2).mean()
         return loss, result
 
     def _initial_slots(self, x_enc):
         init = self._slot_initializer()
-        if init is not None and self.world_size > 1:
+        if init is not None and self.world_size > 1 and not getattr(init, "conditional", False):
             # Data-independent draws: every rank draws the global batch from the same stream
             # and keeps its shard, so N processes see exactly the single-process draws.
             batch = x_enc.shape[0]

@@ -380,6 +380,9 @@ def initial_slots(model, x_enc, num_slots, *, inner=None, init=None, generator=N
     if init is None:
         init = getattr(inner, "slot_init", None)
     if init is not None:
+        if getattr(init, "conditional", False):
+            return init(x_enc.shape[0], num_slots, generator=generator, dtype=x_enc.dtype,
+                        x_enc=x_enc)  # fmt: skip
         return init(x_enc.shape[0], num_slots, generator=generator, dtype=x_enc.dtype)
     return model.init_slots(x_enc, num_slots, generator=generator)
 

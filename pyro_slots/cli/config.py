@@ -71,10 +71,11 @@ class TrainConfig:
     init: str = _opt(
         "auto",
         "slot initialization: model (the model's own, k-means++ for gmm), learned (a trained "
-        "Gaussian), queries (K learned starting slots, BO-QSA), fixed (the model's own or a "
+        "Gaussian), queries (K learned starting slots, BO-QSA), amortized (slots predicted from "
+        "the datapoint, pyro_slots.AmortizedInit), fixed (the model's own or a "
         "standard Gaussian, never trained) or auto (the rule's own if it has one, else learned "
         "for gmm; fixed whenever --gradient does not reach the initializer: first_order, "
-        "implicit, truncated shorter than T, unless --straight-through)",
+        "implicit, truncated shorter than T, unless --straight-through or --init-regression)",
         metavar="KIND",
     )
     steps: int = _opt(200, "number of outer updates")
@@ -119,6 +120,11 @@ class TrainConfig:
         "redraw dead slots (explaining < 1%% of the measurements) and duplicate ones "
         "(responsibilities at cosine > 0.95 with another slot's) before every inner step, from "
         "the slot initializer (pyro_slots.inner.Reinitialize)",
+    )
+    init_regression: float = _opt(
+        0.0,
+        "beta >= 0: J gains beta * mean (lambda_0 - sg(lambda_T))^2, the starting slots "
+        "regressed onto the inner loop's solution (trains --init amortized under any gradient)",
     )
     straight_through: bool = _opt(
         False,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from pyro_slots.data import shapes, tetrominoes
-from pyro_slots.init import GaussianInit, LearnedQueries, SlotTransition
+from pyro_slots.init import AmortizedInit, GaussianInit, LearnedQueries, SlotTransition
 from pyro_slots.inner import EM, GeneralizedEM, GradientAscent, Reinitialize, SoftKMeans
 from pyro_slots.models import GaussianMixture
 from pyro_slots.nested import GRADIENT_MODES
@@ -48,7 +48,7 @@ __all__ = [
     "resolve",
 ]
 
-INIT_KINDS = ("auto", "model", "learned", "queries", "fixed")
+INIT_KINDS = ("auto", "model", "learned", "queries", "amortized", "fixed")
 #: Test-time restart criteria (``restart_criterion``).
 RESTART_CRITERIA = ("elbo", "mse")
 #: Learning-rate schedules after the warm-up (``lr_schedule``).
@@ -682,23 +682,21 @@ def resolve(config: TrainConfig) -> TrainConfig:
             f"differentiated steps (first_order, truncated shorter than T), not "
             f"--gradient {config.gradient}"
         )
-    if init == "queries" and not (reached or config.straight_through):
+    if config.init_regression < 0:
+        raise ConfigError(f"init_regression: expected a number >= 0, got {config.init_regression}")
+    trained = reached or config.straight_through or config.init_regression > 0
+    if init in ("queries", "amortized") and not trained:
         raise ConfigError(
-            f"init: queries are trained only through every inner step or with "
-            f"--straight-through; --gradient {config.gradient} alone would leave them where "
-            "they start"
+            f"init: {init} are trained only through every inner step, with --straight-through "
+            f"or with --init-regression; --gradient {config.gradient} alone would leave them "
+            "where they start"
         )
-    if init == "queries" and config.eval_restarts != 1:
+    if init in ("queries", "amortized") and config.eval_restarts != 1:
         raise ConfigError(
-            f"eval_restarts: the queries start every restart at the same slots, expected 1, "
+            f"eval_restarts: --init {init} starts every restart at the same slots, expected 1, "
             f"got {config.eval_restarts}"
         )
-    if (
-        learnable_init
-        and has_other_weights
-        and config.init == "auto"
-        and not (reached or config.straight_through)
-    ):
+    if learnable_init and has_other_weights and config.init == "auto" and not trained:
         # J's gradient would never reach the initializer's weights (NestedSVI's UserWarning):
         # a fixed initializer, said once in the log and saved as init: fixed.
         init = "fixed"
@@ -715,7 +713,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         and model.data == "points"
         and (config.gradient in GRADIENT_MODES)
     ):
-        if not (reached or config.straight_through):
+        if not trained:
             raise ConfigError(
                 f"--gradient {config.gradient} never reaches the learned initialization, the "
                 f"only trained weights of gmm with --inner {config.inner}: it is trained "
@@ -811,6 +809,12 @@ def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components
         init = GaussianInit(model.slot_dim, learnable=True)
     elif config.init == "queries":
         init = LearnedQueries(config.num_slots, model.slot_dim)
+    elif config.init == "amortized":
+        probe = stream.held_out(1).x
+        probe = probe[:, 0] if stream.kind == "videos" else probe
+        with torch.no_grad():
+            features = model.encode(probe).shape[-1]
+        init = AmortizedInit(features, config.num_slots, model.slot_dim)
     elif config.init == "fixed":
         own = getattr(model, "slot_init", None)
         if isinstance(own, GaussianInit):

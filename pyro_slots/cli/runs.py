@@ -281,6 +281,7 @@ def make_svi(
         sequence=components.stream.kind == "videos",
         transition=components.transition,
         straight_through=config.straight_through,
+        init_regression=config.init_regression,
     )
 
 
