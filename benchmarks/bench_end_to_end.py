@@ -4,8 +4,8 @@
 the :class:`~pyro_slots.inner.SlotAttention` rule (T = 3, unrolled gradients, reconstruction
 objective, Adam), as ``examples/train_objects.py`` trains it, on 64×64 ``shapes`` and on 35×35
 ``tetrominoes``. The scenes are generated before the clock starts; images/s counts outer steps
-only. The wall time to FG-ARI 0.9 on tetrominoes is quoted from ``examples/results/objects.md``
-(written by the training example), not retrained here.
+only. The wall time to FG-ARI 0.9 on tetrominoes is quoted from
+``examples/results/objects_history.md`` (the former training example's runs), not retrained here.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pyro_slots.inner import SlotAttention
 from pyro_slots.models import SlotAutoencoder
 from pyro_slots.objectives import Reconstruction
 
-OBJECTS = Path(__file__).resolve().parents[1] / "examples" / "results" / "objects.md"
+OBJECTS = Path(__file__).resolve().parents[1] / "examples" / "results" / "objects_history.md"
 DATASETS = {
     "shapes 64×64": (generate_shapes, 6),  # up to 5 objects + background
     "tetrominoes 35×35": (generate_tetrominoes, 4),  # 3 pieces + background
@@ -58,7 +58,7 @@ def throughput(generate, num_slots, args) -> tuple[float, float]:
 
 
 def wall_time_to_fg_ari(threshold: float = 0.9) -> str:
-    """Time to validation FG-ARI >= ``threshold`` read from ``examples/results/objects.md``.
+    """Time to validation FG-ARI >= ``threshold`` read from the results file ``OBJECTS``.
 
     Reads the first markdown table whose header is ``update | seed ...`` with cells
     ``FG-ARI (SECONDS s)`` (the headline runs' validation curves, as

@@ -110,7 +110,9 @@ def validation_table(runs: list[dict], metric: str = "fg_ari") -> str:
         cells = []
         for run in runs:
             hit = [v for v in run["validation"] if v["step"] == step and metric in v]
-            cells.append(f"{hit[0][metric]:.3f}" if hit else "")
+            seconds = hit[0].get("train_seconds") if hit else None
+            time = f" ({seconds:.0f} s)" if seconds is not None else ""
+            cells.append(f"{hit[0][metric]:.3f}{time}" if hit else "")
         lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

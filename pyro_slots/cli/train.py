@@ -260,6 +260,7 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
             )
             if held_out is not None and run.step % config.eval_every == 0:
                 record = held_out_record(run, held_out)
+                record["train_seconds"] = round(run.clock.seconds(), 1)  # time to a score
                 logger.log(record)
                 score = record.get(SELECT_BY[run.components.stream.kind], -math.inf)
                 if config.select_best and (best is None or score > best[1]):

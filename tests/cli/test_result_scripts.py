@@ -31,7 +31,8 @@ def _tiny(out, **options):
                  echo=lambda *a: None)  # fmt: skip
 
 
-def test_summary_across_seeds_is_the_spread_of_the_run_means(examples_on_path, tmp_path):
+def test_summary_across_seeds_is_the_spread_of_the_run_means(examples_on_path, tmp_path,
+                                                             monkeypatch):  # fmt: skip
     """Mean ± sample std (n - 1) over runs of the per-run test means, against numpy; the table
     has one row per run and the validation curve one row per evaluation."""
     import summarize_objects as summary
@@ -46,6 +47,18 @@ def test_summary_across_seeds_is_the_spread_of_the_run_means(examples_on_path, t
     text = summary.main(folders)
     assert f"**{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}**" in text
     assert text.count("| `") == 3 and "| 2 |" in text
+    # The validation curve carries each point's training seconds, in the form the end-to-end
+    # benchmark reads back (the first point at or above a threshold, per seed).
+    record = [r for r in runs[0]["validation"] if r["step"] == 1][0]
+    assert f"| 1 | {record['fg_ari']:.3f} ({record['train_seconds']:.0f} s) |" in text
+    from benchmarks import bench_end_to_end
+
+    doc = tmp_path / "curve.md"
+    doc.write_text(text)
+    monkeypatch.setattr(bench_end_to_end, "OBJECTS", doc)
+    printed = float(f"{record['fg_ari']:.3f}")  # the first point reaches its own score
+    expected = f"seed 0: {record['train_seconds']:.0f} s (FG-ARI {printed:.3f})"
+    assert bench_end_to_end.wall_time_to_fg_ari(printed).startswith(expected)
     with pytest.raises(ValueError, match="no test.json"):
         summary.load([str(tmp_path)])
 
