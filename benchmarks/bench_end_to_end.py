@@ -62,7 +62,7 @@ def wall_time_to_fg_ari(threshold: float = 0.9) -> str:
 
     Reads the first markdown table whose header is ``update | seed ...`` with cells
     ``FG-ARI (SECONDS s)`` (the headline runs' validation curves, as
-    ``examples/summarize_objects.py`` prints them) and reports, for every seed, the training
+    ``pyro-slots summarize`` prints them) and reports, for every seed, the training
     wall time of the first validation point at or above ``threshold``.
     """
     source = OBJECTS.relative_to(OBJECTS.parents[2])

@@ -268,6 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
         "estimates only for slots with more than 128 coordinates per datapoint)",
     )
 
+    summarize = sub.add_parser(
+        "summarize",
+        help="test metrics of several runs and their spread, as markdown",
+        description="One row per run folder with its final test metrics (test.json), the mean "
+        "± sample std across runs (e.g. over seeds), and every run's validation curve with its "
+        "training seconds.",
+    )
+    summarize.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    summarize.add_argument(
+        "--metric",
+        default="fg_ari",
+        metavar="NAME",
+        help="validation metric of the curve (default: fg_ari)",
+    )
+    summarize.add_argument(
+        "--weights",
+        default="tested",
+        metavar="KIND",
+        help="tested (those of test.json, the best ones with --select-best; default) or final",
+    )
+
     demo = sub.add_parser(
         "demo",
         parents=[common],
@@ -396,14 +417,27 @@ def _demo(args: argparse.Namespace) -> int:
     )
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "diagnose": _diagnose, "demo": _demo}
+def _summarize(args: argparse.Namespace) -> int:
+    from .summarize import summary
+
+    print(summary(args.runs, args.metric, args.weights))
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "diagnose": _diagnose,
+    "summarize": _summarize,
+    "demo": _demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``pyro-slots`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    threads = args.threads
+    threads = getattr(args, "threads", None)
     if threads is None and args.command == "demo":
         # One thread per process: on a busy machine two intra-op threads spin against each
         # other and run several times slower than one; on an idle one the loss is modest.

@@ -395,6 +395,7 @@ def final_test(run: TrainRun) -> dict:
             }
     finally:
         torch.set_rng_state(cpu_state)
+    report["train_seconds"] = round(run.clock.seconds(), 1)
     report["inner_steps"] = config.eval_inner_steps or config.inner_steps
     report["restarts"], report["restart_criterion"] = config.eval_restarts, config.restart_criterion
     path = os.path.join(config.out, TEST_NAME)

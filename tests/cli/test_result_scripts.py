@@ -1,4 +1,4 @@
-"""examples/summarize_objects.py and examples/iodine_elbo_probe.py on runs of the trainer."""
+"""pyro-slots summarize and examples/iodine_elbo_probe.py on runs of the trainer."""
 
 import json
 import sys
@@ -31,20 +31,21 @@ def _tiny(out, **options):
                  echo=lambda *a: None)  # fmt: skip
 
 
-def test_summary_across_seeds_is_the_spread_of_the_run_means(examples_on_path, tmp_path,
-                                                             monkeypatch):  # fmt: skip
+def test_summary_across_seeds_is_the_spread_of_the_run_means(tmp_path, monkeypatch, capsys):
     """Mean ± sample std (n - 1) over runs of the per-run test means, against numpy; the table
     has one row per run and the validation curve one row per evaluation."""
-    import summarize_objects as summary
+    from pyro_slots.cli import main
+    from pyro_slots.cli import summarize as summary
 
     folders = [str(tmp_path / f"s{seed}") for seed in range(3)]
     for seed, folder in enumerate(folders):
         _tiny(folder, seed=seed)
-    runs = summary.load(folders)
+    runs = summary.load_runs(folders)
     values = [json.loads(Path(f, "test.json").read_text())["metrics"]["fg_ari"] for f in folders]
     mean, std = summary.across_runs(runs, "fg_ari")
     assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
-    text = summary.main(folders)
+    assert main(["summarize", *folders]) == 0
+    text = capsys.readouterr().out
     assert f"**{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}**" in text
     assert text.count("| `") == 3 and "| 2 |" in text
     # The validation curve carries each point's training seconds, in the form the end-to-end
@@ -59,8 +60,15 @@ def test_summary_across_seeds_is_the_spread_of_the_run_means(examples_on_path, t
     printed = float(f"{record['fg_ari']:.3f}")  # the first point reaches its own score
     expected = f"seed 0: {record['train_seconds']:.0f} s (FG-ARI {printed:.3f})"
     assert bench_end_to_end.wall_time_to_fg_ari(printed).startswith(expected)
-    with pytest.raises(ValueError, match="no test.json"):
-        summary.load([str(tmp_path)])
+    assert main(["summarize", str(tmp_path)]) == 2
+    assert "no test.json (train with --test-size N)" in capsys.readouterr().err
+    # a record kept without checkpoints: test.json and config.yaml only
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for name in ("test.json", "config.yaml"):
+        (kept / name).write_text(Path(folders[0], name).read_text())
+    row = summary.test_table(summary.load_runs([str(kept)]))
+    assert f"| `{kept}` | 0 | 2 | — | " in row and f"{values[0]:.3f}" in row
 
 
 def test_iodine_elbo_probe_parts_agree_with_pyros_elbo(examples_on_path, tmp_path):
