@@ -68,7 +68,8 @@ def test_summary_across_seeds_is_the_spread_of_the_run_means(tmp_path, monkeypat
     for name in ("test.json", "config.yaml"):
         (kept / name).write_text(Path(folders[0], name).read_text())
     row = summary.test_table(summary.load_runs([str(kept)]))
-    assert f"| `{kept}` | 0 | 2 | — | " in row and f"{values[0]:.3f}" in row
+    seconds = json.loads((kept / "test.json").read_text())["train_seconds"]
+    assert f"| `{kept}` | 0 | 2 | {seconds / 60:.1f} | final (2) | {values[0]:.3f} |" in row
 
 
 def test_iodine_elbo_probe_parts_agree_with_pyros_elbo(examples_on_path, tmp_path):
