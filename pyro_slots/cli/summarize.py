@@ -34,6 +34,8 @@ __all__ = ["METRICS", "WEIGHTS", "across_runs", "load_runs", "summary"]
 #: Test metrics of the table, and their headers.
 METRICS = ("fg_ari", "ari", "mean_iou", "mse")
 HEADER = ("FG-ARI", "ARI", "mean IoU", "MSE")
+#: Decimals of each metric's cells.
+DECIMALS = {"mse": 4}
 #: Which tested weights: those of test.json (best with --select-best), or the final ones.
 WEIGHTS = ("tested", "final")
 
@@ -107,7 +109,7 @@ def test_table(runs: list[dict]) -> str:
         "|---|---:|---:|---:|---|" + "---:|" * len(metrics),
     ]
     for run in runs:
-        cells = [f"{run['test'][m]:.3f}" for m in metrics]
+        cells = [f"{run['test'][m]:.{DECIMALS.get(m, 3)}f}" for m in metrics]
         lines.append(
             f"| `{run['path']}` | {_cell(run['seed'], 'd')} | {run['updates']:,} | "
             f"{_cell(run['minutes'], '.1f')} | {run['weights']} ({run['step']:,}) | "
@@ -115,7 +117,10 @@ def test_table(runs: list[dict]) -> str:
             + " |"
         )
     if len(runs) > 1:
-        cells = ["**{:.3f} ± {:.3f}**".format(*across_runs(runs, m)) for m in metrics]
+        cells = [
+            "**{0:.{2}f} ± {1:.{2}f}**".format(*across_runs(runs, m), DECIMALS.get(m, 3))
+            for m in metrics
+        ]
         lines.append(f"| mean ± std over {len(runs)} runs | | | | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
