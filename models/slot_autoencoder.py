@@ -24,8 +24,12 @@ from pyro_slots.model import SlotModel, SlotSpec
 from pyro_slots.validation import check_positive_float, check_positive_int, check_slots
 
 from .blocks import CNNEncoder, SpatialBroadcastDecoder, _int_tuple, _pair
+from .gmm import GaussianMixture
 
 __all__ = ["SlotAutoencoder"]
+
+#: The inner mixtures of :class:`SlotAutoencoder` (``mixture``).
+MIXTURES = ("isotropic", "diagonal")
 
 
 class SlotAutoencoder(SlotModel):
@@ -79,6 +83,13 @@ class SlotAutoencoder(SlotModel):
     :param int in_channels: image channels.
     :param decoder_resolution: ``(h, w)`` the decoder's convolutions produce before a bilinear
         resize to the image size (masks and RGB alike); default the image size (no resize).
+    :param str mixture: the inner mixture over the measurements: ``"isotropic"`` (above) or
+        ``"diagonal"``, a :class:`~pyro_slots.models.GaussianMixture` over the encoder's features
+        with every slot's own mean, diagonal variances and mixing weight (the slot is
+        ``(loc, log_scale, logit)``, ``slot_dim == feature_dim``; the decoder reads ``loc``):
+        its EM is the Gaussian-mixture slot update of Probabilistic Slot Attention (Kori et
+        al. 2024) and the Slot Mixture Module (Kirilenko et al. 2024), a *fixed* rule inside the
+        learned encoder and decoder.
     """
 
     def __init__(
@@ -96,10 +107,25 @@ class SlotAutoencoder(SlotModel):
         kernel_size: int = 5,
         in_channels: int = 3,
         decoder_resolution=None,
+        mixture: str = "isotropic",
     ):
         feature_dim = check_positive_int(feature_dim, "feature_dim")
         slot_dim = feature_dim if slot_dim is None else check_positive_int(slot_dim, "slot_dim")
-        super().__init__(SlotSpec({"loc": (slot_dim,)}), feature_dim)
+        if mixture not in MIXTURES:
+            raise ValueError(f"mixture: expected one of {MIXTURES}, got {mixture!r}")
+        # The diagonal mixture is the library's GaussianMixture over the encoded measurements.
+        gmm = None
+        if mixture == "diagonal":
+            if slot_dim != feature_dim:
+                raise ValueError(
+                    f"slot_dim: mixture='diagonal' keeps the means in feature space, so slot_dim "
+                    f"must equal feature_dim {feature_dim}, got {slot_dim}"
+                )
+            gmm = GaussianMixture(num_slots, feature_dim)
+        super().__init__(gmm.slot_spec if gmm is not None else SlotSpec({"loc": (slot_dim,)}),
+                         feature_dim)  # fmt: skip
+        self.mixture = mixture
+        self.gaussian_mixture = gmm
         #: The enumerated site whose posterior EM / soft k-means read from the Pyro program.
         self.assignment_site = "assignment"
         self.image_size = _pair(image_size, "image_size")
@@ -138,7 +164,7 @@ class SlotAutoencoder(SlotModel):
         self.slot_to_feature = (
             None if slot_dim == feature_dim else nn.Linear(slot_dim, feature_dim, bias=False)
         )
-        self.slot_init = GaussianInit(slot_dim)
+        self.slot_init = GaussianInit(self.slot_dim)
 
     @classmethod
     def paper_size(cls, image_size=35, num_slots: int = 4, **kwargs) -> SlotAutoencoder:
@@ -178,6 +204,8 @@ class SlotAutoencoder(SlotModel):
     def model(self, x: torch.Tensor, slots: torch.Tensor):
         batch, num_measurements, _ = x.shape
         check_slots(slots, "slots", batch, self.slot_dim)
+        if self.gaussian_mixture is not None:
+            return self.gaussian_mixture.model(x, slots)
         means = self.component_means(slots)
         num_slots = means.shape[1]
         logits = means.new_zeros(batch, 1, num_slots)  # uniform mixing weights
@@ -200,7 +228,7 @@ class SlotAutoencoder(SlotModel):
         resp: torch.Tensor,
         slots: torch.Tensor | None = None,
         fixed_variance: float | None = None,
-        fixed_weights: bool = True,
+        fixed_weights: bool | None = None,
     ) -> torch.Tensor:
         """Closed-form maximizer over λ of the expected complete log-likelihood.
 
@@ -212,7 +240,15 @@ class SlotAutoencoder(SlotModel):
         :param x: ``(batch, M, feature_dim)``; :param resp: ``(batch, K, M)``.
         :param slots: the current slots (unused: the update does not depend on them).
         :returns: slots ``(batch, K, slot_dim)``.
+
+        With ``mixture="diagonal"`` it is :meth:`GaussianMixture.m_step
+        <pyro_slots.models.GaussianMixture.m_step>`: means, diagonal variances and weights (and
+        ``fixed_variance`` / ``fixed_weights`` hold those at soft k-means' values).
         """
+        if self.gaussian_mixture is not None:
+            return self.gaussian_mixture.m_step(
+                x, resp, slots, fixed_variance, fixed_weights=bool(fixed_weights)
+            )
         if fixed_variance is not None:
             self._check_temperature(fixed_variance)
         if resp.dim() != 3 or resp.shape[0] != x.shape[0] or resp.shape[2] != x.shape[1]:
@@ -241,8 +277,11 @@ class SlotAutoencoder(SlotModel):
         """Slots are means only: the soft k-means family is the model itself (identity).
 
         :raises ValueError: if ``variance`` differs from the model's :attr:`variance` -- soft
-            k-means at another temperature would improve another mixture's ELBO.
+            k-means at another temperature would improve another mixture's ELBO. With
+        ``mixture="diagonal"`` the slots' variances and weights are set to soft k-means' values.
         """
+        if self.gaussian_mixture is not None:
+            return self.gaussian_mixture.isotropic(slots, variance)
         self._check_temperature(variance)
         return slots
 

@@ -189,6 +189,13 @@ class TrainConfig:
     set_prediction_weight: float = _opt(
         0.01, "weight of the set-prediction loss in --objective reconstruction+set-prediction"
     )
+    mixture: str = _opt(
+        "isotropic",
+        "slot-autoencoder: the inner mixture over the encoder's features, isotropic (fixed "
+        "variance, uniform weights: soft k-means) or diagonal (every slot's own variances and "
+        "weight; --inner em is then Probabilistic Slot Attention's GMM-EM update)",
+        metavar="KIND",
+    )
     num_frames: int | None = _opt(None, "frames per clip (--dataset moving-shapes; default 8)")
     transition: str = _opt(
         "identity",

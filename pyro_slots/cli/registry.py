@@ -53,6 +53,8 @@ INIT_KINDS = ("auto", "model", "learned", "queries", "amortized", "fixed")
 RESTART_CRITERIA = ("elbo", "mse")
 #: Learning-rate schedules after the warm-up (``lr_schedule``).
 LR_SCHEDULES = ("constant", "cosine")
+#: The inner mixtures of the slot autoencoder (``mixture``), as ``models.slot_autoencoder``.
+MIXTURES = ("isotropic", "diagonal")
 #: How the slots of a clip's frame start the next (``transition``).
 TRANSITIONS = ("identity", "mlp")
 
@@ -114,6 +116,7 @@ def _architecture(config: TrainConfig) -> dict:
     }
     if config.model == "slot-autoencoder":
         sizes["encoder_strides"] = int_list(config.encoder_strides, "encoder_strides")
+        sizes["mixture"] = None if config.mixture == "isotropic" else config.mixture
     if config.model == "iodine":
         sizes["pixel_scale"] = config.pixel_scale
     return {k: v for k, v in sizes.items() if v is not None}
@@ -512,6 +515,7 @@ _MODEL_ONLY = {
     "pixel_scale": (("iodine", "neural-em"), "the pixel likelihood's sigma_x"),
     "refinement_inputs": (("iodine",), "IODINE's auxiliary refinement inputs"),
     "mse_weight": (("iodine",), "the weight of --objective elbo+mse"),
+    "mixture": (("slot-autoencoder",), "the inner mixture over its encoder's features"),
 }
 
 
@@ -559,6 +563,9 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
         name: getattr(config, name) not in (None, False)
         for name in ("encoder_strides", "pixel_scale", "refinement_inputs", "mse_weight")
     }
+    given["mixture"] = config.mixture != "isotropic"
+    if config.mixture not in MIXTURES:
+        raise ConfigError(f"mixture: unknown kind {config.mixture!r}; valid choices are {MIXTURES}")
     for name, is_given in given.items():
         only, what = _MODEL_ONLY[name]
         if is_given and config.model not in only:
