@@ -32,8 +32,10 @@ from .config import ConfigError
 __all__ = ["METRICS", "WEIGHTS", "across_runs", "load_runs", "summary"]
 
 #: Test metrics of the table, and their headers.
-METRICS = ("fg_ari", "ari", "mean_iou", "mse")
-HEADER = ("FG-ARI", "ARI", "mean IoU", "MSE")
+METRICS = ("fg_ari", "ari", "mean_iou", "mse", "objects_split", "objects_merged",
+           "video_fg_ari", "slot_keeping")  # fmt: skip
+HEADER = ("FG-ARI", "ARI", "mean IoU", "MSE", "split / image", "merged / image", "video FG-ARI",
+          "slot keeping")  # fmt: skip
 #: Decimals of each metric's cells.
 DECIMALS = {"mse": 4}
 #: Which tested weights: those of test.json (best with --select-best), or the final ones.
