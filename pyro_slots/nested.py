@@ -229,9 +229,8 @@ class NestedSVI:
         λ_0 (``"unrolled"``) or has no first differentiated step (``"implicit"``).
     :param float init_regression: ``β ≥ 0``: J gains ``β · mean_{n,k,d} (λ_0 - sg(λ_T))²``, the
         starting slots regressed onto the inner loop's solution (semi-amortized inference: an
-        :class:`~pyro_slots.AmortizedInit` learns to guess what the loop finds; on clips, every
-        frame's start, the carried slots through the transition included). Its gradient reaches
-        λ_0's parameters whatever the gradient mode.
+        :class:`~pyro_slots.AmortizedInit` learns to guess what the loop finds; on clips, the
+        first frame's). Its gradient reaches λ_0's parameters whatever the gradient mode.
     """
 
     def __init__(
@@ -431,13 +430,17 @@ class NestedSVI:
                     slots0 = self._initial_slots(x_enc)
                 else:
                     slots0 = slots if self.transition is None else self.transition(slots)
-                frame_loss, result = self._frame(x[:, t], x_enc, slots0, (), differentiable)
+                # The regression term is for the initializer: frame 0 (the carried slots' graph
+                # runs into the previous frame's steps, which it must not pull).
+                frame_loss, result = self._frame(
+                    x[:, t], x_enc, slots0, (), differentiable, regress=t == 0
+                )
                 loss = loss + frame_loss
                 results.append(result)
                 slots = result.slots[0]
         return loss, results
 
-    def _frame(self, x, x_enc, slots0, targets, differentiable):
+    def _frame(self, x, x_enc, slots0, targets, differentiable, regress=True):
         """J and the inner result of one batch of inputs from the initial slots ``slots0``;
         ``slots0`` keeps its graph only where the first inner step is differentiated."""
         steps = self.num_steps
@@ -472,7 +475,7 @@ class NestedSVI:
                     f"{tuple(per_datapoint.shape)}, expected ({x.shape[0]},)"
                 )
             loss = loss + weight * per_datapoint.mean()
-        if self.init_regression:
+        if self.init_regression and regress:
             target = result.slots[0].detach()
             loss = loss + self.init_regression * (slots0 - target).pow(2).mean()
         return loss, result

@@ -227,3 +227,22 @@ def test_trainer_trains_an_amortized_guess_by_regression(tmp_path):
     assert all(moved)
     report = json.loads((tmp_path / "run" / "test.json").read_text())
     assert report["metrics"]["inner_steps"] == 1 and 0 <= report["metrics"]["fg_ari"] <= 1
+
+
+def test_init_regression_on_clips_is_the_first_frames(float64):
+    """On clips the regression term is the first frame's: J(β) - J(0) = β · mean (λ_0 - λ_T)²
+    of frame 0 (the carried starts are the previous frame's results, not the initializer's)."""
+    x, _ = make_point_sets(6, 20, seed=4)
+    clips = x.reshape(3, 2, 20, 2)  # 3 clips of 2 frames
+    model = _model()
+    torch.manual_seed(3)
+    init = ps.AmortizedInit(2, 3, model.slot_dim, hidden_dim=8).double()
+    beta = 0.3
+    loss = _svi(model, init, init_regression=beta, sequence=True).loss(clips)
+    with pytest.warns(UserWarning, match="reaches none of the"):
+        plain = _svi(model, init, sequence=True)
+    base = plain.loss(clips)
+    with torch.no_grad():
+        first = ps.refine(model, clips[:, 0], plain.inner, num_steps=T, init=init)
+        term = beta * (first.initial_slots[0] - first.slots[0]).pow(2).mean()
+    assert (loss - base).item() == pytest.approx(term.item(), rel=1e-9)
