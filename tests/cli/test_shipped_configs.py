@@ -3,7 +3,10 @@
 import json
 import os
 
+import h5py
+import numpy as np
 import pytest
+import torch
 
 from pyro_slots.cli import main
 from pyro_slots.cli.config import (
@@ -13,6 +16,9 @@ from pyro_slots.cli.config import (
     list_configs,
     load_config_file,
 )
+from pyro_slots.cli.evaluate import EvalData, evaluate_run
+from pyro_slots.cli.runs import load_run
+from pyro_slots.cli.streams import Batch
 
 NAMES = [name for name, _ in list_configs()]
 
@@ -42,7 +48,8 @@ def test_the_recipes_are_the_results_rows():
 def test_every_shipped_config_trains_and_evaluates(name, tmp_path, capsys):
     """Train a few updates from the recipe (sizes overridden by flags), then
     ``pyro-slots evaluate`` on the same held-out data at the recipe's test-time T scores what
-    the run's own final test wrote (final weights, one restart)."""
+    the run's own final test wrote (final weights); image recipes are also scored on an HDF5
+    file written here."""
     out = tmp_path / name
     extra = ["--num-points", "20"] if "gmm" in name or "clustering" in name else []
     if name == "shapes-slot-attention":
@@ -63,6 +70,37 @@ def test_every_shipped_config_trains_and_evaluates(name, tmp_path, capsys):
                 "slot_keeping"):  # fmt: skip
         if key in final:
             assert metrics[key] == pytest.approx(final[key], rel=1e-5, abs=1e-6), key
+    if config["dataset"] in ("shapes", "tetrominoes"):
+        _check_on_an_hdf5_file(out, tmp_path / "test.h5", int(steps), restarts, capsys)
+
+
+def _check_on_an_hdf5_file(out, path, steps, restarts, capsys):
+    """``pyro-slots evaluate RUN --dataset hdf5:FILE`` on a file the test writes (the
+    object-centric-library layout: uint8 images, label masks) scores what evaluate_run gives on
+    the same images and masks passed directly."""
+    run = load_run(str(out))
+    batch = run.components.stream.held_out(3)
+    images = (batch.x.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    mask = batch.truth["mask"].numpy().astype(np.uint8)[..., None]
+    with h5py.File(path, "w") as f:
+        f.create_dataset("image", data=images)
+        f.create_dataset("mask", data=mask)
+        f.create_dataset("num_actual_objects", data=mask.reshape(3, -1).max(1, keepdims=True))
+        f.create_dataset("visibility", data=np.ones((3, 6), np.uint8))
+    capsys.readouterr()
+    argv = ["evaluate", str(out), "--json", "--dataset", f"hdf5:{path}", "--inner-steps",
+            str(steps), *restarts]  # fmt: skip
+    assert main(argv) == 0
+    on_file = json.loads(capsys.readouterr().out)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    truth = torch.from_numpy(mask[..., 0]).long()
+    data = EvalData("direct", 3, lambda i, j: Batch(x[i:j], {"mask": truth[i:j]}))
+    run = load_run(str(out))  # restores the checkpoint's generator state, as the command does
+    direct = evaluate_run(run, data, inner_steps=steps, restarts=int(restarts[1]),
+                          criterion=restarts[3])  # fmt: skip
+    assert on_file["num_datapoints"] == 3
+    for key in ("fg_ari", "ari", "mse", "elbo"):
+        assert on_file[key] == pytest.approx(direct[key], rel=1e-5, abs=1e-6), key
 
 
 def test_config_by_name_by_path_and_flags_override(tmp_path, capsys):
