@@ -122,7 +122,7 @@ def test_config_by_name_by_path_and_flags_override(tmp_path, capsys):
 
 
 def test_headline_recipe_is_the_published_one():
-    """The tetrominoes recipe holds the hyperparameters of the 0.981 runs
+    """The tetrominoes recipe holds the hyperparameters of the headline runs
     (examples/results/objects.md)."""
     config = load_config_file(config_path("tetrominoes-slot-attention"))
     expected = dict(
