@@ -274,11 +274,11 @@ class SlotAutoencoder(SlotModel):
             )
 
     def isotropic(self, slots: torch.Tensor, variance: float) -> torch.Tensor:
-        """Slots are means only: the soft k-means family is the model itself (identity).
-
-        :raises ValueError: if ``variance`` differs from the model's :attr:`variance` -- soft
-            k-means at another temperature would improve another mixture's ELBO. With
+        """Slots are means only: the soft k-means family is the model itself (identity). With
         ``mixture="diagonal"`` the slots' variances and weights are set to soft k-means' values.
+
+        :raises ValueError: if ``variance`` differs from the model's :attr:`variance` (isotropic
+            mixture) -- soft k-means at another temperature would improve another mixture's ELBO.
         """
         if self.gaussian_mixture is not None:
             return self.gaussian_mixture.isotropic(slots, variance)
