@@ -300,6 +300,10 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
             bar.close()
         if logger is not None:
             logger.close()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # The ranks leave training together: a rank that tears its process group down while
+        # another is still in its last steps can abort in gloo's teardown.
+        torch.distributed.barrier()
     if main_rank and pictures:
         write_pictures(run, config.out)
     if main_rank and config.test_size:
