@@ -343,9 +343,12 @@ def decode(model, result) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return recon, rgb, masks
 
 
-def _image_columns(run: TrainRun, inference: Inference, reference: bool = False) -> dict:
+def _image_columns(
+    run: TrainRun, inference: Inference, reference: bool = False, decoded=None
+) -> dict:
+    """Per-image metrics; ``decoded`` is :func:`decode`'s output when the caller has it."""
     x, truth, result = inference.batch.x, inference.batch.truth, inference.result
-    recon, _, masks = decode(run.components.model, result)
+    recon, _, masks = decode(run.components.model, result) if decoded is None else decoded
     scores = image_scores(truth["mask"], masks, x, recon)
     elbo = result.elbo[0].double()
     columns = {key: scores[key] for key in ("fg_ari", "ari", "mean_iou", "mse")}
@@ -365,8 +368,9 @@ def _video_columns(run: TrainRun, inference: Inference, reference: bool = False)
     frames, masks = [], []
     for t, result in enumerate(inference.frames):
         one = Inference(Batch(x[:, t], {"mask": truth["mask"][:, t]}), result)
-        frames.append(_image_columns(run, one))
-        masks.append(decode(run.components.model, result)[2])
+        decoded = decode(run.components.model, result)
+        frames.append(_image_columns(run, one, decoded=decoded))
+        masks.append(decoded[2])
     columns = {key: torch.stack([f[key] for f in frames]).double().mean(0) for key in frames[0]}
     columns["elbo"] = inference.elbo.double()
     columns["elbo_per_measurement"] = columns["elbo"] / inference.num_measurements
