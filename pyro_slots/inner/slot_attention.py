@@ -41,6 +41,57 @@ class _Derived:
         )
 
 
+class _AttendPool(torch.autograd.Function):
+    r"""Slot-competitive attention over shared inputs and the attention-weighted sums, fused.
+
+    ``attn = softmax_K(q n^T) + eps`` and ``pooled = attn n`` for queries ``q``
+    ``(batch, heads, K, F)`` and inputs ``n`` ``(batch, M, F)`` shared by the heads. Autograd
+    would write the inputs' gradient twice per call, once transposed (from ``q n^T``), and then
+    add the two ``(batch, M, F)`` tensors with strided reads: on the CPU that addition was half of
+    a slot-attention step. Here it is one product of the stacked factors,
+    ``dn = [dlogits; attn]^T [q; dpooled]``, written once and contiguous. The backward is made of
+    differentiable operations of saved inputs and outputs, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, q, n, eps):
+        batch, heads, num_slots, features = q.shape
+        rows = heads * num_slots
+        logits = torch.bmm(q.reshape(batch, rows, features), n.transpose(1, 2))
+        p = torch.softmax(logits.view(batch, heads, num_slots, -1), dim=2)
+        attn = p + eps
+        pooled = torch.bmm(attn.view(batch, rows, -1), n)
+        # Only inputs and outputs keep their history for a double backward: p comes back from
+        # the output, p = attn - eps (off by at most an ulp of eps, below the eps floor itself).
+        ctx.save_for_backward(q, n, attn)
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)
+        return attn, pooled.view(batch, heads, num_slots, features)
+
+    @staticmethod
+    def backward(ctx, d_attn, d_pooled):
+        q, n, attn = ctx.saved_tensors
+        p = attn - ctx.eps
+        batch, heads, num_slots, features = q.shape
+        rows = heads * num_slots
+        if d_pooled is None:
+            d_pooled = q.new_zeros(q.shape)
+        d_pooled = d_pooled.reshape(batch, rows, features)
+        g = torch.bmm(d_pooled, n.transpose(1, 2)).view_as(p)
+        if d_attn is not None:
+            g = g + d_attn
+        pg = p * g  # the softmax's backward, p (g - Σ_K p g)
+        d_logits = torch.addcmul(pg, p, pg.sum(2, keepdim=True), value=-1).view(batch, rows, -1)
+        d_q = d_n = None
+        if ctx.needs_input_grad[0]:
+            d_q = torch.bmm(d_logits, n).view(q.shape)
+        if ctx.needs_input_grad[1]:
+            left = torch.cat([d_logits, attn.view(batch, rows, -1)], dim=1)  # (batch, 2 rows, M)
+            right = torch.cat([q.reshape(batch, rows, features), d_pooled], dim=1)
+            d_n = torch.bmm(left.transpose(1, 2), right)
+        return d_q, d_n, None
+
+
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
 
@@ -295,22 +346,20 @@ class SlotAttention(InnerRule):
         q = self.to_q(self.norm_slots(s)).reshape(batch, num_slots, heads, head_dim).transpose(1, 2)
         w_k = self.to_k.weight.reshape(heads, head_dim, features)
         w_v = self.to_v.weight.reshape(heads, head_dim, features)
-        n = inputs.unsqueeze(1)  # (b, 1, M, F), shared by the heads
         # The 1/sqrt(head_dim) scale goes on the (b, h, K, ·) query, not on the logits.
         q = q * head_dim**-0.5
+        # Weighted means over the measurements normalize the (b, h, K, ·) sums, not the
+        # attention itself: (Σ_m a_m n_m) / Σ_m a_m, one pass over (b, h, K, M) fewer.
         if self.fold_projections:
             q_in = torch.matmul(q, w_k)  # (b, h, K, F): the query pulled back to input space
-            logits = torch.matmul(q_in, n.transpose(-1, -2))
+            attn, pooled = _AttendPool.apply(q_in, inputs.contiguous(), self.eps)
+            mass = attn.sum(-1, keepdim=True)
+            updates = torch.matmul(pooled / mass, w_v.transpose(-1, -2))
         else:
+            n = inputs.unsqueeze(1)  # (b, 1, M, F), shared by the heads
             k = torch.matmul(n, w_k.transpose(-1, -2))  # (b, h, M, head_dim)
-            logits = torch.matmul(q, k.transpose(-1, -2))
-        attn = torch.softmax(logits, dim=2) + self.eps  # (b, h, K, M)
-        # Weighted mean over the measurements: normalize the (b, h, K, ·) sums, not the
-        # attention itself -- (Σ_m a_m n_m) / Σ_m a_m, one pass over (b, h, K, M) fewer.
-        mass = attn.sum(-1, keepdim=True)
-        if self.fold_projections:
-            updates = torch.matmul(torch.matmul(attn, n) / mass, w_v.transpose(-1, -2))
-        else:
+            attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)), dim=2) + self.eps
+            mass = attn.sum(-1, keepdim=True)
             updates = torch.matmul(attn, torch.matmul(n, w_v.transpose(-1, -2))) / mass
         updates = updates.transpose(1, 2).reshape(batch, num_slots, heads * head_dim)
         if self.to_out is not None:

@@ -197,6 +197,48 @@ def test_folded_projections_equal_the_textbook_order(float64, num_heads):
     assert torch.allclose(a.responsibilities, b.responsibilities, atol=1e-12)
 
 
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_fused_attention_gradients_match_finite_differences(float64, num_heads):
+    """The fused attention-pooling's hand-written backward (and its double backward) against
+    central finite differences of its forward, with both outputs feeding the loss."""
+    from pyro_slots.inner.slot_attention import _AttendPool
+
+    torch.manual_seed(0)
+    q = torch.randn(2, num_heads, 3, 4, requires_grad=True)
+    n = torch.randn(2, 6, 4, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, n: _AttendPool.apply(q, n, 1e-3), (q, n))
+    assert torch.autograd.gradgradcheck(lambda q, n: _AttendPool.apply(q, n, 1e-3), (q, n))
+    # Only one output used: the other's gradient arrives as None.
+    assert torch.autograd.gradcheck(lambda q, n: _AttendPool.apply(q, n, 1e-3)[1], (q, n))
+    assert torch.autograd.gradcheck(lambda q, n: _AttendPool.apply(q, n, 1e-3)[0], (q, n))
+
+
+@pytest.mark.parametrize("num_heads", [1, 4])
+def test_folded_gradients_equal_the_textbook_order(float64, num_heads):
+    """Unrolled gradients through three steps: every weight's and the inputs' gradient of the
+    fused path equals plain autograd through the textbook (unfolded) order."""
+    torch.manual_seed(0)
+    kw = dict(slot_dim=5, input_dim=2, hidden_dim=16, num_heads=num_heads, moments=True)
+    folded = SlotAttention(3, **kw)
+    plain = SlotAttention(3, fold_projections=False, **kw)
+    plain.load_state_dict(folded.state_dict())
+    model = GaussianMixture(4, 2)
+    x = _data().requires_grad_()
+    slots0 = _slots(model, x.detach(), 4)
+    grads = []
+    for rule in (folded, plain):
+        problem = InnerProblem(model, x)
+        state = rule.init(problem, slots0)
+        for _ in range(3):
+            state, _ = rule.step(state, problem)
+        params = [x, *rule.parameters()]
+        grads.append(torch.autograd.grad(state.slots.sin().sum(), params, allow_unused=True))
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-10)
+
+
 def test_cached_inputs_follow_the_weights(float64):
     """The per-problem input cache is refreshed when the weights change in place."""
     torch.manual_seed(0)
