@@ -152,11 +152,16 @@ def bench_iodine(batch, image_size, num_slots, latent_dim, repeats):
     lean = PerDatapointELBO(strategy="lean")
     trace_enum = PerDatapointELBO(strategy="trace_enum")
 
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+
     def with_eps(estimator):
-        # The guide's sample is reparameterized from Pyro's global RNG; fix it to `eps` so
-        # that all methods compute the same number.
+        # The guide's sample is reparameterized from torch's global CPU generator; reset it to
+        # the state that draws `eps` so that all methods compute the same number. (Restoring
+        # the CPU state directly: torch.manual_seed also queues seeds for every accelerator
+        # backend, which formats a stack trace per call, ~0.7 ms of pure benchmark overhead.)
         def fn(lam):
-            torch.manual_seed(1)
+            torch.set_rng_state(state)
             return estimator(model, x, lam)
 
         return fn

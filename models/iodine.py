@@ -13,11 +13,10 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.ops.indexing import Vindex
 from torch import nn
 
 from pyro_slots.init import GaussianInit
-from pyro_slots.model import SlotModel, SlotSpec
+from pyro_slots.model import SlotModel, SlotSpec, select_component
 from pyro_slots.validation import check_positive_float, check_positive_int, check_slots
 
 from .blocks import SpatialBroadcastDecoder, _int_tuple, _pair
@@ -214,11 +213,11 @@ class IODINE(SlotModel):
                     dist.Categorical(logits=logits),
                     infer={"enumerate": "parallel"},
                 )
-                # The means' batch dims (..., B, M) line up with the plates, so Vindex only
-                # picks the enumerated slot: (K, 1, ..., 1) against (..., B, M, K, C).
+                # The means' batch dims (..., B, M) line up with the plates; under enumeration
+                # the pick is a view of the means with the slot axis moved (no gather).
                 pyro.sample(
                     "obs",
-                    dist.Normal(Vindex(means)[..., a, :], self.pixel_scale).to_event(1),
+                    dist.Normal(select_component(means, a, dim=-2), self.pixel_scale).to_event(1),
                     obs=x,
                 )
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.ops.indexing import Vindex
 
 from pyro_slots.init import GaussianInit
 from pyro_slots.inner.base import InnerProblem
-from pyro_slots.model import SlotModel, SlotSpec
+from pyro_slots.model import SlotModel, SlotSpec, select_component
 from pyro_slots.validation import check_positive_float, check_positive_int, check_slots
 
 from .blocks import SpatialBroadcastDecoder, _int_tuple, _pair
@@ -118,17 +117,14 @@ class NeuralEM(SlotModel):
                 f"x: expected {means.shape[2]} pixels per image, got shape {tuple(x.shape)}"
             )
         logits = means.new_zeros(batch, 1, num_slots)  # uniform mixing weights
-        pixels = torch.arange(num_pixels, device=x.device)
-        with pyro.plate(self.batch_plate, batch, dim=-2) as n:
+        with pyro.plate(self.batch_plate, batch, dim=-2):
             with pyro.plate("measurements", num_pixels, dim=-1):
                 z = pyro.sample(
                     "assignment", dist.Categorical(logits=logits), infer={"enumerate": "parallel"}
                 )
                 pyro.sample(
                     "obs",
-                    dist.Normal(
-                        Vindex(means)[n.unsqueeze(-1), z, pixels], self.pixel_scale
-                    ).to_event(1),
+                    dist.Normal(select_component(means, z, dim=1), self.pixel_scale).to_event(1),
                     obs=x,
                 )
 

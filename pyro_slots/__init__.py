@@ -15,7 +15,7 @@ from . import data, elbo, inner, metrics, objectives
 from ._allocator import tune_allocator
 from .elbo import PerDatapointELBO, per_datapoint_elbo
 from .init import AmortizedInit, GaussianInit, LearnedQueries, SlotInitializer, SlotTransition
-from .model import SlotModel, SlotSpec
+from .model import SlotModel, SlotSpec, select_component
 from .nested import (
     GRADIENT_MODES,
     ImplicitAdjoint,
@@ -58,6 +58,7 @@ __all__ = [
     "models",
     "objectives",
     "per_datapoint_elbo",
+    "select_component",
     "plots",
     "refine",
     "refine_video",

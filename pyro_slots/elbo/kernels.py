@@ -139,11 +139,22 @@ def diag_normal_log_prob(loc, scale, value):
     if not is_outer(
         loc.shape[:-1], value.shape[:-1], torch.broadcast_shapes(loc.shape, value.shape)[:-1]
     ):
-        # The means already have the points' shape (IODINE's per-pixel means): one pass.
-        d = value - loc
+        # The means already have the points' shape (IODINE's per-pixel means). Few features:
+        # accumulate them one at a time, each a pass over (K, ..., M) (a reduction over a short
+        # last axis is several times slower on the CPU); many: one pass and a reduction.
+        if event >= CONTRACT_MIN_FEATURES:
+            d = value - loc
+            if prec.shape[-1] == 1:
+                return (d * d).sum(-1) * (-0.5 * prec[..., 0]) - const
+            return (d * d * prec).sum(-1) * -0.5 - const
+        square = None
+        for f in range(event):
+            d = value[..., f] - loc[..., f]
+            term = d * d if prec.shape[-1] == 1 else d * d * prec[..., f]
+            square = term if square is None else square + term
         if prec.shape[-1] == 1:
-            return (d * d).sum(-1) * (-0.5 * prec[..., 0]) - const
-        return (d * d * prec).sum(-1) * -0.5 - const
+            return square * (-0.5 * prec[..., 0]) - const
+        return -0.5 * square - const
     if event < CONTRACT_MIN_FEATURES:
         xs, mus, ps = value.movedim(-1, 0), loc.movedim(-1, 0), prec.movedim(-1, 0)
         square = None
