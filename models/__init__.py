@@ -5,6 +5,7 @@ from .gmm import GaussianMixture, kmeans_plus_plus, random_from_data
 from .iodine import IODINE, RefinementInputs
 from .neural_em import NeuralEM
 from .slot_autoencoder import SlotAutoencoder
+from .slot_selection import SlotSelection, SlotSelector, masked_softmax
 
 __all__ = [
     "CNNEncoder",
@@ -13,8 +14,11 @@ __all__ = [
     "NeuralEM",
     "RefinementInputs",
     "SlotAutoencoder",
+    "SlotSelection",
+    "SlotSelector",
     "SoftPositionEmbed",
     "SpatialBroadcastDecoder",
     "kmeans_plus_plus",
+    "masked_softmax",
     "random_from_data",
 ]

@@ -25,6 +25,7 @@ from pyro_slots.validation import check_positive_float, check_positive_int, chec
 
 from .blocks import CNNEncoder, SpatialBroadcastDecoder, _int_tuple, _pair
 from .gmm import GaussianMixture
+from .slot_selection import SlotSelector, masked_softmax
 
 __all__ = ["SlotAutoencoder"]
 
@@ -58,6 +59,15 @@ class SlotAutoencoder(SlotModel):
     masks are a softmax over slots and the image is ``Σ_k mask_k · rgb_k`` (:meth:`reconstruct`,
     used by :class:`~pyro_slots.objectives.Reconstruction`).
 
+    **Active slots** (``active_slots=True``, AdaSlot, Fan et al. 2024): a
+    :class:`~pyro_slots.models.SlotSelector` (:attr:`slot_selector`) keeps a per-image subset of
+    the ``K`` final slots -- a hard straight-through Gumbel-softmax mask in training, ``π_k > 1/2``
+    in evaluation (``model.eval()``), the most probable slot whenever none is kept -- and the
+    masks are the softmax over the kept slots only (:func:`~pyro_slots.models.masked_softmax`):
+    a dropped slot's mask is 0 and the image is explained by the others. The inner loop is
+    unchanged. Train with :class:`~pyro_slots.NestedSVI`'s ``slot_sparsity`` penalty on the keep
+    probabilities; ``slot_selector(slots).num_kept`` counts the kept slots.
+
     The default sizes suit a CPU (a stride-2 encoder, decoding at quarter resolution and two
     upsampling layers); :meth:`paper_size` builds the architecture of the paper's Tetrominoes /
     Multi-dSprites experiments.
@@ -90,6 +100,8 @@ class SlotAutoencoder(SlotModel):
         its EM is the Gaussian-mixture slot update of Probabilistic Slot Attention (Kori et
         al. 2024) and the Slot Mixture Module (Kirilenko et al. 2024), a *fixed* rule inside the
         learned encoder and decoder.
+    :param bool active_slots: keep a per-image number of slots in the decoder's mixture
+        (AdaSlot, above), with a :class:`~pyro_slots.models.SlotSelector` reading the whole slot.
     """
 
     def __init__(
@@ -108,11 +120,14 @@ class SlotAutoencoder(SlotModel):
         in_channels: int = 3,
         decoder_resolution=None,
         mixture: str = "isotropic",
+        active_slots: bool = False,
     ):
         feature_dim = check_positive_int(feature_dim, "feature_dim")
         slot_dim = feature_dim if slot_dim is None else check_positive_int(slot_dim, "slot_dim")
         if mixture not in MIXTURES:
             raise ValueError(f"mixture: expected one of {MIXTURES}, got {mixture!r}")
+        if not isinstance(active_slots, bool):
+            raise TypeError(f"active_slots: expected True or False, got {active_slots!r}")
         # The diagonal mixture is the library's GaussianMixture over the encoded measurements.
         gmm = None
         if mixture == "diagonal":
@@ -165,6 +180,8 @@ class SlotAutoencoder(SlotModel):
             None if slot_dim == feature_dim else nn.Linear(slot_dim, feature_dim, bias=False)
         )
         self.slot_init = GaussianInit(self.slot_dim)
+        #: The :class:`~pyro_slots.models.SlotSelector` of ``active_slots=True``, else ``None``.
+        self.slot_selector = SlotSelector(self.slot_dim) if active_slots else None
 
     @classmethod
     def paper_size(cls, image_size=35, num_slots: int = 4, **kwargs) -> SlotAutoencoder:
@@ -290,7 +307,8 @@ class SlotAutoencoder(SlotModel):
         """Decode slots ``(batch, K, slot_dim)`` into images.
 
         :returns: ``(recon (batch, C, H, W), rgb (batch, K, C, H, W), masks (batch, K, H, W))``
-            with masks a softmax over slots and ``recon = Σ_k masks_k · rgb_k``.
+            with masks a softmax over slots (over the kept slots with ``active_slots``, 0 for
+            the dropped ones) and ``recon = Σ_k masks_k · rgb_k``.
         """
         if slots.dim() != 3 or slots.shape[-1] != self.slot_dim:
             raise ValueError(
@@ -302,7 +320,11 @@ class SlotAutoencoder(SlotModel):
         out = self.decoder(loc.reshape(batch * num_slots, -1))
         out = out.reshape(batch, num_slots, *out.shape[1:])  # (B, K, C + 1, H, W)
         rgb = out[:, :, : self.in_channels]
-        masks = torch.softmax(out[:, :, self.in_channels], dim=1)
+        logits = out[:, :, self.in_channels]
+        if self.slot_selector is None:
+            masks = torch.softmax(logits, dim=1)
+        else:
+            masks = masked_softmax(logits, self.slot_selector(slots).keep)
         recon = (masks.unsqueeze(2) * rgb).sum(1)
         return recon, rgb, masks
 

@@ -231,6 +231,14 @@ class NestedSVI:
         starting slots regressed onto the inner loop's solution (semi-amortized inference: an
         :class:`~pyro_slots.AmortizedInit` learns to guess what the loop finds; on clips, the
         first frame's). Its gradient reaches λ_0's parameters whatever the gradient mode.
+    :param float slot_sparsity: ``λ ≥ 0``: J gains ``λ · mean_n (1/K) Σ_k π^{n,k}``, the mean
+        keep probability of the final slots under the model's
+        :class:`~pyro_slots.models.SlotSelector` (``model.slot_selector``, e.g.
+        ``SlotAutoencoder(active_slots=True)``): AdaSlot's sparsity penalty (Fan et al. 2024);
+        a slot's keep probability costs its datapoint ``λ / K`` per unit, so slots are kept
+        where they lower that datapoint's J by more. On clips, every frame's. Its gradient
+        reaches the selector's weights and, through the final slots, what the gradient mode
+        differentiates.
     """
 
     def __init__(
@@ -255,6 +263,7 @@ class NestedSVI:
         transition=None,
         straight_through: bool = False,
         init_regression: float = 0.0,
+        slot_sparsity: float = 0.0,
     ):
         if not isinstance(inner, InnerRule):
             raise TypeError(f"inner: expected an InnerRule, got {type(inner).__name__}")
@@ -306,6 +315,13 @@ class NestedSVI:
         self.init_regression = check_positive_float(
             init_regression, "init_regression", allow_zero=True
         )
+        self.slot_sparsity = check_positive_float(slot_sparsity, "slot_sparsity", allow_zero=True)
+        if self.slot_sparsity and getattr(model, "slot_selector", None) is None:
+            raise ValueError(
+                f"slot_sparsity: penalizes the keep probabilities of a slot selector, but "
+                f"{type(model).__name__} has none (model.slot_selector); use a model with one, "
+                "e.g. SlotAutoencoder(active_slots=True), or slot_sparsity=0"
+            )
         if self.straight_through and not 0 < self._backprop_steps() < self.num_steps:
             raise ValueError(
                 f"straight_through: only where λ is detached before differentiated steps "
@@ -478,6 +494,9 @@ class NestedSVI:
         if self.init_regression and regress:
             target = result.slots[0].detach()
             loss = loss + self.init_regression * (slots0 - target).pow(2).mean()
+        if self.slot_sparsity:
+            probs = self.model.slot_selector.probabilities(result.slots[0])  # (batch, K)
+            loss = loss + self.slot_sparsity * probs.mean()
         return loss, result
 
     def _initial_slots(self, x_enc):

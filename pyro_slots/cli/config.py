@@ -131,6 +131,13 @@ class TrainConfig:
         "first_order / truncated: pass J's gradient where differentiation starts on to the slot "
         "initializer (BO-QSA's straight-through), so learned and queries initializers train",
     )
+    slot_sparsity: float = _opt(
+        0.0,
+        "lambda >= 0, slot-autoencoder: > 0 keeps a per-image number of slots (AdaSlot: a learned "
+        "keep probability per final slot, a hard Gumbel-softmax mask on the decoder's mixture, "
+        "the most probable slot always kept) and J gains lambda * the mean keep probability; "
+        "the evaluations report kept_slots, the mean number kept per image",
+    )
     eval_every: int = _opt(
         50, "evaluate on the validation data every N updates (0: never); see --select-best"
     )

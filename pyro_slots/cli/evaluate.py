@@ -11,8 +11,11 @@ the true parameters, ARI of the responsibilities against the true assignments, a
 fit (k-means++ then 100 EM steps). For image models: FG-ARI, ARI, mean IoU of the
 Hungarian-matched objects, reconstruction MSE, the inner ELBO, the objects split and merged and
 the number of true objects (:func:`pyro_slots.metrics.image_scores`); the segmentation is every
-pixel's most probable slot under the decoder's masks. With ``restarts`` R > 1 each datapoint
-keeps the restart with the highest inner ELBO (:meth:`~pyro_slots.RefineResult.best`).
+pixel's most probable slot under the decoder's masks; a model with a slot selector
+(``SlotAutoencoder(active_slots=True)``) also reports ``kept_slots``, the number of slots it
+decodes. With ``restarts`` R > 1 each datapoint keeps the restart with the highest inner ELBO
+(:meth:`~pyro_slots.RefineResult.best`). The model is evaluated in evaluation mode
+(``model.eval()``: a slot selector's deterministic threshold) and put back as it was.
 
 The metrics are computed per datapoint (:func:`per_datapoint`, the rows of ``--per-image``) and
 averaged (NaN-aware: FG-ARI is NaN for an image without foreground) into the flat dict that
@@ -21,6 +24,7 @@ averaged (NaN-aware: FG-ARI is NaN for an image without foreground) into the fla
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -50,7 +54,9 @@ __all__ = [
     "evaluate_run",
     "format_table",
     "held_out_record",
+    "evaluation_mode",
     "infer",
+    "kept_slots",
     "metrics_of",
     "per_datapoint",
     "evaluation_data",
@@ -219,6 +225,21 @@ def evaluation_data(run: TrainRun, dataset: str | None = None, num: int | None =
     return _generated(other, DEFAULT_NUM if num is None else num, dataset)
 
 
+@contextlib.contextmanager
+def evaluation_mode(module):
+    """``module.eval()`` inside the block (e.g. a slot selector's deterministic threshold), its
+    former mode restored after; a module that is not an ``nn.Module`` is left alone."""
+    if not isinstance(module, torch.nn.Module):
+        yield module
+        return
+    training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(training)
+
+
 def infer(
     run: TrainRun,
     batch: Batch | int,
@@ -242,6 +263,11 @@ def infer(
         (through the run's transition), as in training; ``False`` starts every frame afresh.
     :raises ConfigError: for ``inner_steps`` or ``restarts`` < 1, or restarts on clips.
     """
+    with evaluation_mode(run.components.model):
+        return _infer(run, batch, inner_steps, restarts, criterion, carry)
+
+
+def _infer(run, batch, inner_steps, restarts, criterion, carry) -> Inference:
     config, c = run.config, run.components
     inner_steps = count_option(inner_steps, "inner_steps")
     restarts = count_option(restarts, "restarts")
@@ -356,7 +382,21 @@ def _image_columns(
     columns["elbo_per_measurement"] = elbo / result.x_enc.shape[1]
     for key in ("objects_split", "objects_merged", "num_objects"):
         columns[key] = scores[key]
+    kept = kept_slots(run.components.model, result.slots[0])
+    if kept is not None:
+        columns["kept_slots"] = kept
     return columns
+
+
+def kept_slots(model, slots: torch.Tensor) -> torch.Tensor | None:
+    """The number of slots ``(batch,)`` (float64) the decoder of ``model`` keeps from ``slots``
+    ``(batch, K, D)`` in evaluation mode, or ``None`` for a model without a slot selector
+    (``model.slot_selector``, :class:`~pyro_slots.models.SlotSelector`)."""
+    selector = getattr(model, "slot_selector", None)
+    if selector is None:
+        return None
+    with torch.no_grad(), evaluation_mode(selector):
+        return selector(slots).num_kept.double()
 
 
 def _video_columns(run: TrainRun, inference: Inference, reference: bool = False) -> dict:
@@ -401,11 +441,12 @@ def per_datapoint(run: TrainRun, inference: Inference, reference: bool = True) -
 
     :param bool reference: include the gmm reference fit (100 EM steps).
     """
-    columns = {"J": task_objective(run, inference).detach().double()}
     kind = {"points": _gmm_columns, "images": _image_columns, "videos": _video_columns}[
         run.components.stream.kind
     ]
-    columns.update(kind(run, inference, reference))
+    with evaluation_mode(run.components.model):
+        columns = {"J": task_objective(run, inference).detach().double()}
+        columns.update(kind(run, inference, reference))
     return {k: v.detach().cpu() for k, v in columns.items()}
 
 
@@ -561,6 +602,11 @@ def write_pictures(
     :raises ConfigError: when ``folder`` cannot be created or written into.
     """
     writable_folder(folder, "pictures")
+    with evaluation_mode(run.components.model):
+        return _write_pictures(run, folder, num, data, inner_steps, restarts)
+
+
+def _write_pictures(run, folder, num, data, inner_steps, restarts) -> list[str]:
     config, model = run.config, run.components.model
     written = []
     metrics_path = os.path.join(config.out, METRICS_NAME)
@@ -636,7 +682,7 @@ def held_out_record(run: TrainRun, batch: Batch) -> dict:
     record = {"step": run.step, "split": "held_out", "J": metrics.pop("J"), "elbo": elbo}
     record["elbo_per_measurement"] = elbo / inference.num_measurements
     for key in ("fg_ari", "ari", "mse", "loglik_per_point", "true_loglik_per_point",
-                "video_fg_ari", "slot_keeping"):  # fmt: skip
+                "video_fg_ari", "slot_keeping", "kept_slots"):  # fmt: skip
         if key in metrics:
             record[key] = metrics[key]
     return record

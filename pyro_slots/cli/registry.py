@@ -117,6 +117,7 @@ def _architecture(config: TrainConfig) -> dict:
     if config.model == "slot-autoencoder":
         sizes["encoder_strides"] = int_list(config.encoder_strides, "encoder_strides")
         sizes["mixture"] = None if config.mixture == "isotropic" else config.mixture
+        sizes["active_slots"] = True if config.slot_sparsity > 0 else None
     if config.model == "iodine":
         sizes["pixel_scale"] = config.pixel_scale
     return {k: v for k, v in sizes.items() if v is not None}
@@ -516,6 +517,7 @@ _MODEL_ONLY = {
     "refinement_inputs": (("iodine",), "IODINE's auxiliary refinement inputs"),
     "mse_weight": (("iodine",), "the weight of --objective elbo+mse"),
     "mixture": (("slot-autoencoder",), "the inner mixture over its encoder's features"),
+    "slot_sparsity": (("slot-autoencoder",), "AdaSlot's selection of the slots it decodes"),
 }
 
 
@@ -557,6 +559,10 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
         value = getattr(config, name)
         if value is not None and not 0 < value < math.inf:
             raise ConfigError(f"{name}: expected a finite number > 0, got {value}")
+    if not 0 <= config.slot_sparsity < math.inf:
+        raise ConfigError(
+            f"slot_sparsity: expected a finite number >= 0, got {config.slot_sparsity}"
+        )
     int_list(config.encoder_strides, "encoder_strides")
     int_list(config.decoder_channels, "decoder_channels")
     given = {
@@ -564,6 +570,7 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
         for name in ("encoder_strides", "pixel_scale", "refinement_inputs", "mse_weight")
     }
     given["mixture"] = config.mixture != "isotropic"
+    given["slot_sparsity"] = config.slot_sparsity > 0
     if config.mixture not in MIXTURES:
         raise ConfigError(f"mixture: unknown kind {config.mixture!r}; valid choices are {MIXTURES}")
     for name, is_given in given.items():

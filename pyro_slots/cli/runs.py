@@ -282,6 +282,7 @@ def make_svi(
         transition=components.transition,
         straight_through=config.straight_through,
         init_regression=config.init_regression,
+        slot_sparsity=config.slot_sparsity,
     )
 
 
