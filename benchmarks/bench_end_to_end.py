@@ -1,50 +1,96 @@
-"""Training throughput of the Slot Attention autoencoder (issue 9, target 5).
+"""Training throughput of the Slot Attention autoencoder (issue 9, target 5; issue 21, item 4).
 
-``NestedSVI.step`` of :class:`~pyro_slots.models.SlotAutoencoder` (CPU-sized networks) with
-the :class:`~pyro_slots.inner.SlotAttention` rule (T = 3, unrolled gradients, reconstruction
-objective, Adam), as ``examples/train_objects.py`` trains it, on 64×64 ``shapes`` and on 35×35
-``tetrominoes``. The scenes are generated before the clock starts; images/s counts outer steps
-only. The wall time to FG-ARI 0.9 on tetrominoes is quoted from
+One outer update (``NestedSVI.step``: encoder, inner steps, decoder, backward, Adam) in
+images/s, three cases:
+
+* ``shapes recipe`` — the trainer's own update of the shipped ``shapes-slot-attention`` recipe
+  (64×64, K = 6, T = 5, first-order gradients; built by ``pyro-slots train``'s ``build`` and
+  ``make_svi``), the update the harder-scenes issue profiles;
+* ``shapes 64×64`` and ``tetrominoes 35×35`` — :class:`~pyro_slots.models.SlotAutoencoder`
+  (CPU size) with the :class:`~pyro_slots.inner.SlotAttention` rule, T = 3, unrolled gradients,
+  reconstruction J, Adam.
+
+Every measurement is a fresh worker process (the scenes are generated before the clock
+starts). With ``--baseline REV`` the same workers also run the code of git revision ``REV``
+(a temporary ``git worktree``), alternating with this checkout's, so the before/after ratio is
+measured side by side in one run::
+
+    python -m benchmarks.bench_end_to_end --baseline 1a3c1fa
+
+The wall time to FG-ARI 0.9 on tetrominoes is quoted from
 ``examples/results/objects_history.md`` (the former training example's runs), not retrained here.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import pyro.optim
 import torch
 
-import pyro_slots as ps
-from benchmarks.common import markdown_table, report
-from pyro_slots.data import generate_shapes, generate_tetrominoes
-from pyro_slots.inner import SlotAttention
-from pyro_slots.models import SlotAutoencoder
-from pyro_slots.objectives import Reconstruction
+from benchmarks.common import (
+    CHECKOUT_ENV,
+    ROOT,
+    baseline_checkout,
+    markdown_table,
+    remove_checkout,
+    report,
+)
 
-OBJECTS = Path(__file__).resolve().parents[1] / "examples" / "results" / "objects_history.md"
-DATASETS = {
-    "shapes 64×64": (generate_shapes, 6),  # up to 5 objects + background
-    "tetrominoes 35×35": (generate_tetrominoes, 4),  # 3 pieces + background
-}
+OBJECTS = ROOT / "examples" / "results" / "objects_history.md"
+CASES = ("shapes recipe", "shapes 64×64", "tetrominoes 35×35")
 
 
-def throughput(generate, num_slots, args) -> tuple[float, float]:
-    """``(images/s, ms per step)`` from the median step time."""
-    torch.manual_seed(0)
-    data = generate(args.batch * (args.steps + args.warmup), seed=0)["image"]
-    model = SlotAutoencoder(image_size=data.shape[-1], num_slots=num_slots)
+def _svi(case: str, batch: int, num_iterations: int):
+    """``(NestedSVI, batches generator)`` for one case (imports the checkout's pyro_slots)."""
+    import pyro.optim
+
+    import pyro_slots as ps
+    from pyro_slots.data import generate_shapes, generate_tetrominoes
+
+    if case == "shapes recipe":
+        from pyro_slots.cli.config import config_path, load_config_file, merge_config
+        from pyro_slots.cli.registry import build, resolve
+        from pyro_slots.cli.runs import make_svi
+
+        config = resolve(merge_config(load_config_file(config_path("shapes-slot-attention")), {}))
+        return make_svi(config, build(config)), generate_shapes
+    from pyro_slots.inner import SlotAttention
+    from pyro_slots.models import SlotAutoencoder
+    from pyro_slots.objectives import Reconstruction
+
+    generate, num_slots = (
+        (generate_shapes, 6) if case.startswith("shapes") else (generate_tetrominoes, 4)
+    )
+    size = generate(1, seed=0)["image"].shape[-1]
+    model = SlotAutoencoder(image_size=size, num_slots=num_slots)
     rule = SlotAttention(
-        args.num_iterations,
+        num_iterations,
         slot_dim=model.slot_dim,
         input_dim=model.feature_dim,
         hidden_dim=model.slot_dim,
         encoder=False,
     )
-    svi = ps.NestedSVI(model, rule, Reconstruction(), pyro.optim.Adam({"lr": 4e-4}), seed=0)
+    optim = pyro.optim.Adam({"lr": 4e-4})
+    return ps.NestedSVI(model, rule, Reconstruction(), optim, seed=0), generate
+
+
+def worker(args) -> dict:
+    """Runs in a fresh process: images/s of one case at one thread count."""
+    from pyro_slots._allocator import tune_allocator
+
+    tune_allocator()  # as the trainer does
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    svi, generate = _svi(args.case, args.batch, args.num_iterations)
+    data = generate(args.batch * (args.steps + args.warmup), seed=0)["image"]
     batches = data.split(args.batch)
     for x in batches[: args.warmup]:
         svi.step(x)
@@ -53,8 +99,35 @@ def throughput(generate, num_slots, args) -> tuple[float, float]:
         start = time.perf_counter()
         svi.step(x)
         times.append(time.perf_counter() - start)
-    step = sorted(times)[len(times) // 2]
-    return args.batch / step, 1e3 * step
+    step = statistics.median(times)
+    import pyro_slots
+    from pyro_slots import models
+
+    return {
+        "images_per_s": args.batch / step,
+        "ms": 1e3 * step,
+        "code": [str(Path(m.__file__).resolve().parents[1]) for m in (pyro_slots, models)],
+    }
+
+
+def _run_worker(case, threads, checkout, args) -> dict:
+    cmd = [
+        sys.executable, "-m", "benchmarks.bench_end_to_end", "--worker", "--case", case,
+        "--threads", str(threads), "--batch", str(args.batch), "--steps", str(args.steps),
+        "--warmup", str(args.warmup), "--num-iterations", str(args.num_iterations),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env.pop(CHECKOUT_ENV, None)
+    if checkout is not None:
+        env[CHECKOUT_ENV] = str(checkout)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if out.returncode:
+        raise RuntimeError(f"worker {case!r} ({checkout or 'this checkout'}):\n{out.stderr}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = str(Path(checkout or ROOT).resolve())
+    if result["code"] != [expected, expected]:
+        raise RuntimeError(f"worker {case!r} ran the code of {result['code']}, not {expected}")
+    return result
 
 
 def wall_time_to_fg_ari(threshold: float = 0.9) -> str:
@@ -107,27 +180,52 @@ def wall_time_to_fg_ari(threshold: float = 0.9) -> str:
 
 
 def run(args) -> str:
-    rows = []
-    # One thread too: on a shared machine two OpenMP threads wait for each other at every
-    # operation whenever another job takes a core, one thread does not.
-    for threads in sorted({args.threads, 1}, reverse=True):
-        torch.set_num_threads(threads)
-        for name, (generate, num_slots) in DATASETS.items():
-            images_per_s, ms = throughput(generate, num_slots, args)
-            rows.append([name, num_slots, args.batch, threads, ms, images_per_s])
-    torch.set_num_threads(args.threads)
-    table = markdown_table(
-        ["dataset", "K", "batch", "torch threads", "ms / outer step", "images / s"], rows
+    checkout = baseline_checkout(args.baseline) if args.baseline else None
+    versions = {"this checkout": None}
+    if checkout is not None:
+        label = subprocess.check_output(
+            ["git", "rev-parse", "--short", args.baseline], cwd=ROOT, text=True
+        ).strip()
+        versions = {f"baseline {label}": checkout, "this checkout": None}
+    cases = ("tetrominoes 35×35",) if args.quick else CASES
+    rows, ratios = [], []
+    try:
+        # One thread too: on a shared machine two OpenMP threads wait for each other at every
+        # operation whenever another job takes a core, one thread does not.
+        for threads in sorted({args.threads, 1}, reverse=True):
+            for case in cases:
+                runs = {name: [] for name in versions}
+                for _ in range(args.repeats):  # alternate the versions, repeat by repeat
+                    for name, path in versions.items():
+                        runs[name].append(_run_worker(case, threads, path, args))
+                speed = {}
+                for name, results in runs.items():
+                    ips = statistics.median(r["images_per_s"] for r in results)
+                    ms = statistics.median(r["ms"] for r in results)
+                    speed[name] = ips
+                    rows.append([case, name, threads, ms, ips])
+                if checkout is not None:
+                    before, after = speed.values()
+                    ratios.append(f"- {case}, {threads} thread(s): {after / before:.2f}×")
+    finally:
+        if checkout is not None:
+            remove_checkout(checkout)
+    table = markdown_table(["case", "code", "torch threads", "ms / outer step", "images / s"], rows)
+    text = (
+        f"Batch {args.batch}; median over {args.steps} updates after {args.warmup} warm-up "
+        f"updates per process, median over {args.repeats} processes per row"
+        + (", the two versions alternating" if checkout is not None else "")
+        + f".\n\n{table}"
     )
-    return (
-        f"SlotAutoencoder (CPU size) + SlotAttention rule, T = {args.num_iterations}, unrolled "
-        f"gradients, reconstruction J, Adam; median over {args.steps} steps after "
-        f"{args.warmup} warm-up steps.\n\n{table}\n\n"
-        f"**Wall time to FG-ARI 0.9 on tetrominoes.** {wall_time_to_fg_ari()}"
-    )
+    if ratios:
+        text += "\n\nThis checkout's images/s over the baseline's:\n\n" + "\n".join(ratios)
+    return text + f"\n\n**Wall time to FG-ARI 0.9 on tetrominoes.** {wall_time_to_fg_ari()}"
 
 
 def main(args):
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return None
     return report(
         args, "end_to_end", "Training throughput of the Slot Attention autoencoder", run(args)
     )
@@ -136,18 +234,22 @@ def main(args):
 def parser():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--num-iterations", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="worker processes per row")
+    p.add_argument("--baseline", help="git revision to measure side by side (e.g. a commit)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--case", choices=CASES, default=CASES[0], help=argparse.SUPPRESS)
     return p
 
 
 def parse(argv=None):
     args = parser().parse_args(argv)
     if args.quick:
-        args.batch, args.steps, args.warmup = 2, 2, 1
+        args.batch, args.steps, args.warmup, args.repeats = 2, 2, 1, 1
     return args
 
 

@@ -8,12 +8,65 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Environment variable naming another checkout of the repository whose ``pyro_slots`` a
+#: benchmark worker process imports instead of this one (:func:`baseline_checkout`).
+CHECKOUT_ENV = "PYRO_SLOTS_BENCH_CHECKOUT"
+
+
+def baseline_checkout(rev: str) -> Path:
+    """A detached ``git worktree`` of ``rev`` in a temporary folder (remove it with
+    :func:`remove_checkout`): the code a benchmark compares against, side by side in one run."""
+    commit = subprocess.check_output(
+        ["git", "rev-parse", "--short", rev], cwd=ROOT, text=True
+    ).strip()
+    path = Path(tempfile.mkdtemp(prefix=f"pyro_slots-{commit}-"))
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", "--force", str(path), commit],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    return path
+
+
+def remove_checkout(path: Path) -> None:
+    subprocess.run(
+        ["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, capture_output=True
+    )
+
+
+def _use_checkout(root: Path) -> None:
+    """Import ``pyro_slots`` (and ``pyro_slots.models``, the repository's ``models/``) from
+    ``root`` in this process, instead of the editable install of this checkout."""
+    import importlib.util
+
+    sys.meta_path[:] = [
+        f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")
+    ]
+    sys.path.insert(0, str(root))
+    import pyro_slots
+
+    if Path(pyro_slots.__file__).resolve().parents[1] != root.resolve():
+        raise RuntimeError(f"{CHECKOUT_ENV}: pyro_slots came from {pyro_slots.__file__}")
+    spec = importlib.util.spec_from_file_location(
+        "pyro_slots.models", root / "models" / "__init__.py",
+        submodule_search_locations=[str(root / "models")],
+    )  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["pyro_slots.models"] = module
+    spec.loader.exec_module(module)
+    pyro_slots.models = module
+
+
+if os.environ.get(CHECKOUT_ENV):
+    _use_checkout(Path(os.environ[CHECKOUT_ENV]))
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
