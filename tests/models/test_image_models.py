@@ -131,6 +131,47 @@ def test_decoder_at_lower_resolution_is_a_bilinear_resize_of_the_same_convolutio
     assert IODINE(image_size=64, decoder_resolution=32).decoder.decode_resolution == (32, 32)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(resolution=16, channels=(6, 5), num_upsample=1),  # CPU size: upsampling after
+        dict(resolution=(9, 7), channels=(6,), kernel_size=3),  # paper size, non-square
+        dict(resolution=5, channels=(4,), kernel_size=7),  # kernel wider than the grid
+    ],
+)
+def test_folded_first_layer_equals_convolving_the_tiled_grid(float64, kwargs):
+    """fold_broadcast: conv(v ⊗ 1 + P) as v S + conv(P) gives the tiled convolution's output
+    and every gradient (vectors, kernel, bias, position map, later layers) to rounding."""
+    torch.manual_seed(0)
+    decoder = SpatialBroadcastDecoder(7, **kwargs)
+    v = torch.randn(4, 7, requires_grad=True)
+    g = None
+    outputs, grads = [], []
+    for fold in (True, False):
+        decoder.fold_broadcast = fold
+        out = decoder(v)
+        g = torch.randn_like(out) if g is None else g
+        outputs.append(out)
+        grads.append(torch.autograd.grad((out * g).sum(), [v, *decoder.parameters()]))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-12)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-11)
+    # The tiled grid is channels-last by construction; the folded layer keeps that layout.
+    decoder.fold_broadcast = True
+    first = decoder._broadcast_conv(v, decoder.net[0])
+    assert first.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_folded_first_layer_is_skipped_for_other_first_layers(float64):
+    """A transposed (upsampling) first layer is convolved as is."""
+    decoder = SpatialBroadcastDecoder(3, 8, channels=(4,), num_upsample=1)
+    assert isinstance(decoder.net[0], torch.nn.ConvTranspose2d)
+    v = torch.randn(2, 3)
+    a = decoder(v)
+    decoder.fold_broadcast = False
+    assert torch.equal(a, decoder(v))
+
+
 # ------------------------------------------------------------------------- SlotAutoencoder
 def test_slot_autoencoder_shapes():
     model = tiny_autoencoder()
