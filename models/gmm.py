@@ -214,12 +214,45 @@ def kmeans_plus_plus(
     assignment (the pooled standard deviation for clusters of fewer than two points) and the
     weights the cluster fractions. Vectorized over the batch: no Python loop over datapoints.
 
+    Every random number is drawn first, for the whole batch; the datapoints are then processed
+    in chunks of about :data:`KMEANS_CHUNK_POINTS` measurements, so the temporaries stay the
+    size of a chunk for any batch (10⁵ point sets) and the result does not depend on the
+    chunking.
+
     :returns: slots ``(batch, num_slots, 2 dim + 1)``.
     """
     num_slots = check_positive_int(num_slots, "num_slots")
+    batch, num_points, _ = x.shape
+    trials = 2 + int(math.log(num_slots))
+    first = draw(torch.randint, num_points, (batch,), generator=generator, device=x.device)
+    uniforms = [
+        draw(torch.rand, (batch, trials), generator=generator, dtype=x.dtype, device=x.device)
+        for _ in range(1, num_slots)
+    ]
+    chunk = max(1, KMEANS_CHUNK_POINTS // num_points)
+    parts = [
+        _kmeans_chunk(
+            x[lo : lo + chunk],
+            num_slots,
+            first[lo : lo + chunk],
+            [u[lo : lo + chunk] for u in uniforms],
+            lloyd_steps,
+        )  # fmt: skip
+        for lo in range(0, batch, chunk)
+    ]
+    parts = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    return model.slot_spec.pack(parts)
+
+
+#: Measurements per chunk of :func:`kmeans_plus_plus` (batch × points), about 2 million.
+KMEANS_CHUNK_POINTS = 2**21
+
+
+def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int) -> dict:
+    """:func:`kmeans_plus_plus` on the datapoints ``x`` ``(B, M, D)`` with their random
+    numbers: the first seed's index ``(B,)`` and one ``(B, trials)`` uniform per later seed."""
     batch, num_points, dim = x.shape
     rows = torch.arange(batch, device=x.device)
-    trials = 2 + int(math.log(num_slots))
     # The random choices are made without gradients; the resulting cluster statistics keep
     # them, so an unrolled outer gradient sees how the initialization moves with an encoder.
     # Everything is computed about the datapoint's mean: the Lloyd score |c|² - 2 c·x and the
@@ -229,14 +262,10 @@ def kmeans_plus_plus(
     with torch.no_grad():
         xd = x.detach()
         xt = xd.transpose(1, 2).contiguous()  # (B, D, M): distances feature by feature
-        first = draw(torch.randint, num_points, (batch,), generator=generator, device=x.device)
         centers = [xd[rows, first]]
         closest = _squared_distances(xt, centers[0].unsqueeze(1))[:, 0]  # (B, M)
-        for _ in range(1, num_slots):
+        for u in uniforms:
             cdf = (closest + 1e-12).cumsum(-1)
-            u = draw(
-                torch.rand, (batch, trials), generator=generator, dtype=x.dtype, device=x.device
-            )
             idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(num_points - 1)  # (B, T)
             cand = xd[rows.unsqueeze(1), idx]  # (B, T, D)
             new_closest = torch.minimum(closest.unsqueeze(1), _squared_distances(xt, cand))
@@ -269,7 +298,7 @@ def kmeans_plus_plus(
         "log_scale": 0.5 * var.log(),
         "logit": ((nk.squeeze(-1) + 1.0) / (num_points + num_slots)).log(),
     }
-    return model.slot_spec.pack(parts)
+    return parts
 
 
 def _squared_distances(xt, centers):

@@ -418,6 +418,8 @@ def refine(
     keep_trajectory: bool = False,
     estimator: ELBOEstimator | None = None,
     record_history: bool = True,
+    chunk_size: int | None = None,
+    distributed: bool = False,
 ) -> RefineResult:
     """Run the inner loop alone: maximize every datapoint's ELBO over its slots.
 
@@ -451,10 +453,26 @@ def refine(
         (slot attention) skip evaluating it at every step: ``history`` is NaN for those steps
         (its last row, the final ELBO, is always computed). Saves one model evaluation per
         step at test time.
+    :param int chunk_size: run the loop on consecutive chunks of at most ``chunk_size``
+        datapoints (each with its ``num_restarts`` restarts) and concatenate their results. λ_0
+        is drawn for the whole batch first, as without chunks, so the result is the unchunked
+        one (a chunk whose datapoints all stopped early is padded as :func:`run_inner` pads a
+        stopped datapoint). The loop's working memory is then that of one chunk; the input,
+        the result and the drawing of λ_0 still scale with the batch.
+    :param bool distributed: split the datapoints over the ranks of the initialized
+        ``torch.distributed`` process group: every rank draws λ_0 for the whole batch (pass a
+        ``seed`` so that the ranks draw the same one and the result equals the single-process
+        one), runs the loop on its contiguous shard (in chunks with ``chunk_size``) and
+        all-gathers the shards, so every rank returns the whole :class:`RefineResult`. Every
+        rank must call it with the same arguments; an error in one rank's loop is raised on
+        every rank.
     :returns: a :class:`RefineResult` with restart axis ``R = num_restarts``.
     """
     if not isinstance(inner, InnerRule):
         raise TypeError(f"inner: expected an InnerRule, got {type(inner).__name__}")
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    world_size, rank = _process_group(distributed)
     inner.check_model(model)
     num_steps = check_positive_int(inner.num_steps if num_steps is None else num_steps, "num_steps")
     num_restarts = check_positive_int(num_restarts, "num_restarts")
@@ -468,6 +486,11 @@ def refine(
         x_enc = model.encode(x)
     check_num_measurements(x_enc, num_slots or getattr(model, "num_slots", None))
     batch = x_enc.shape[0]
+    if batch < world_size:
+        raise ValueError(
+            f"x: distributed=True splits the datapoints over {world_size} ranks, expected at "
+            f"least {world_size} datapoints, got {batch}"
+        )
     if isinstance(slots, dict):
         slots = model.slot_spec.pack(slots)
     if slots is not None:
@@ -500,12 +523,7 @@ def refine(
                 model, x_rep, num_slots, inner=inner, init=init, generator=generator
             )
     slots = check_finite(slots.detach(), "initial slots")
-    result = run_inner(
-        model,
-        x_rep,
-        inner,
-        slots,
-        num_steps,
+    options = dict(
         tol=tol,
         elbo_tol=elbo_tol,
         keep_trajectory=keep_trajectory,
@@ -513,7 +531,213 @@ def refine(
         record_history=record_history,
         responsibilities=True,
     )
-    return _split_restarts(result, num_restarts, batch, x_enc)
+    if chunk_size is None and world_size == 1:
+        result = run_inner(model, x_rep, inner, slots, num_steps, **options)
+        return _split_restarts(result, num_restarts, batch, x_enc)
+    del x_rep  # chunks repeat their own datapoints for the restarts
+    start, stop = _shard(batch, world_size, rank)
+    result = error = None
+    try:
+        result = _run_chunks(
+            model, x_enc, inner, slots, num_steps, num_restarts, start, stop, chunk_size, options
+        )
+    except Exception as e:  # raised below, once every rank knows
+        if world_size == 1:
+            raise
+        error = e
+    if world_size > 1:
+        _raise_together(error, rank, slots.device)
+        result = _all_gather_result(result, batch, world_size)
+    result.x_enc = x_enc
+    return result
+
+
+# --------------------------------------------------------------------------- chunks and ranks
+def _process_group(distributed) -> tuple[int, int]:
+    """``(world_size, rank)`` of the default process group with ``distributed``, else (1, 0)."""
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed: expected True or False, got {distributed!r}")
+    if not distributed:
+        return 1, 0
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "distributed: True needs torch.distributed.init_process_group() to be called "
+            "first (e.g. under torchrun)"
+        )
+    return dist.get_world_size(), dist.get_rank()
+
+
+def _raise_together(error: Exception | None, rank: int, device) -> None:
+    """Every rank raises if one rank's loop failed, instead of the others waiting for it in the
+    all-gather until the process group's timeout."""
+    import torch.distributed as dist
+
+    failed = torch.tensor([-1 if error is None else rank], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if int(failed.item()) >= 0:
+        raise InnerLoopError(
+            f"distributed: the inner loop failed on rank {int(failed.item())} (its own error "
+            "says why); this rank's shard ran"
+        )
+
+
+def _shard(batch: int, world_size: int, rank: int) -> tuple[int, int]:
+    """The contiguous datapoints ``[start, stop)`` of ``rank``; shard sizes differ by at most 1."""
+    return batch * rank // world_size, batch * (rank + 1) // world_size
+
+
+def _batch_tensors(result: RefineResult) -> list:
+    """The result's tensors whose batch axis is axis 1 (after the restart axis) and whose shape
+    does not depend on the number of steps, in a fixed order."""
+    tensors = [result.slots, result.elbo, result.initial_slots, result.steps]
+    if result.responsibilities is not None:
+        tensors.append(result.responsibilities)
+    tensors.append(result.state.slots)
+    return tensors + [a for a in result.state.aux if torch.is_tensor(a)]
+
+
+def _with_batch_tensors(result: RefineResult, tensors: list, **changes) -> RefineResult:
+    """``result`` with the tensors of :func:`_batch_tensors` replaced by ``tensors``."""
+    tensors = iter(tensors)
+    slots, elbo, initial, steps = (next(tensors) for _ in range(4))
+    resp = next(tensors) if result.responsibilities is not None else None
+    state_slots = next(tensors)
+    aux = tuple(next(tensors) if torch.is_tensor(a) else a for a in result.state.aux)
+    state = InnerState(state_slots, changes.pop("num_steps", result.num_steps), aux)
+    return RefineResult(
+        slots=slots,
+        elbo=elbo,
+        history=changes.pop("history", result.history),
+        residuals=changes.pop("residuals", result.residuals),
+        relative_residuals=changes.pop("relative_residuals", result.relative_residuals),
+        initial_slots=initial,
+        steps=steps,
+        num_steps=state.step,
+        responsibilities=resp,
+        trajectory=changes.pop("trajectory", result.trajectory),
+        x_enc=result.x_enc,
+        state=state,
+    )
+
+
+def _pad_steps(history, residuals, relres, trajectory, num_steps: int):
+    """The step records of a loop that ran fewer than ``num_steps`` steps, padded as
+    :func:`run_inner` records a stopped datapoint: the final ELBO and slots repeat, the
+    residuals are zero."""
+    extra = num_steps - residuals.shape[0]
+    if extra == 0:
+        return history, residuals, relres, trajectory
+    zeros = residuals.new_zeros(extra, *residuals.shape[1:])
+    return (
+        torch.cat([history, history[-1:].expand(extra, *history.shape[1:])]),
+        torch.cat([residuals, zeros]),
+        torch.cat([relres, zeros]),
+        trajectory + trajectory[-1:] * extra,
+    )
+
+
+def _run_chunks(
+    model, x_enc, inner, slots, num_steps, num_restarts, start, stop, chunk_size, options
+) -> RefineResult:
+    """The loop on datapoints ``[start, stop)`` of ``x_enc``, ``chunk_size`` at a time (all of
+    them at once with ``None``), from λ_0 ``slots`` ``(R * batch, K, D)`` of the whole batch.
+
+    The result covers ``[start, stop)`` (restart axis first, as :func:`refine` returns it); the
+    tensors whose shape does not depend on the number of steps are written into preallocated
+    ones chunk by chunk, so no chunk's intermediates outlive it.
+    """
+    batch, size = x_enc.shape[0], stop - start
+    chunk_size = size if chunk_size is None else chunk_size
+    slots = slots.reshape(num_restarts, batch, *slots.shape[1:])
+    out, template, records = None, None, []
+    for lo in range(start, stop, chunk_size):
+        hi = min(lo + chunk_size, stop)
+        x = x_enc[lo:hi]
+        x_rep = x.repeat(num_restarts, 1, 1) if num_restarts > 1 else x
+        lam = slots[:, lo:hi].reshape(num_restarts * (hi - lo), *slots.shape[2:])
+        try:
+            part = run_inner(model, x_rep, inner, lam, num_steps, **options)
+        except InnerLoopError as e:
+            raise InnerLoopError(
+                f"in the chunk of datapoints [{lo}, {hi}) (chunk_size={chunk_size}; the "
+                f"datapoint indices count within the chunk, restarts stacked): {e}"
+            ) from e
+        part = _split_restarts(part, num_restarts, hi - lo, None)
+        tensors = _batch_tensors(part)
+        if out is None:
+            out = [t.new_empty((t.shape[0], size, *t.shape[2:])) for t in tensors]
+            template = _with_batch_tensors(part, out)  # not the chunk's own tensors
+        for buffer, t in zip(out, tensors):
+            buffer[:, lo - start : hi - start] = t
+        records.append((part.history, part.residuals, part.relative_residuals, part.trajectory))
+        del part, tensors, x_rep, lam
+    steps_run = max(r[1].shape[0] for r in records)
+    records = [_pad_steps(*r, steps_run) for r in records]
+    history, residuals, relres, trajectory = zip(*records)
+    trajectory = [torch.cat(at_step, 1) for at_step in zip(*trajectory)]
+    return _with_batch_tensors(
+        template,
+        out,
+        history=torch.cat(history, 2),
+        residuals=torch.cat(residuals, 2),
+        relative_residuals=torch.cat(relres, 2),
+        trajectory=trajectory,
+        num_steps=steps_run,
+    )
+
+
+def _all_gather(t: torch.Tensor, axis: int, batch: int, world_size: int) -> torch.Tensor:
+    """Every rank's shard of ``t`` (its datapoints along ``axis``, as :func:`_shard` splits
+    ``batch``) concatenated in rank order, on every rank."""
+    import torch.distributed as dist
+
+    counts = [_shard(batch, world_size, r)[1] - _shard(batch, world_size, r)[0]
+              for r in range(world_size)]  # fmt: skip
+    size = max(counts)
+    local = t.movedim(axis, 0)
+    if local.shape[0] < size:  # all_gather needs one shape: pad the smaller shards
+        local = torch.cat([local, local.new_zeros(size - local.shape[0], *local.shape[1:])])
+    local = local.contiguous()
+    gathered = local.new_empty((world_size, *local.shape))
+    dist.all_gather(list(gathered.unbind(0)), local)
+    if all(c == size for c in counts):
+        full = gathered.flatten(0, 1)
+    else:
+        full = torch.cat([gathered[r, :c] for r, c in enumerate(counts)])
+    return full.movedim(0, axis).contiguous()
+
+
+def _all_gather_result(result: RefineResult, batch: int, world_size: int) -> RefineResult:
+    """The whole batch's :class:`RefineResult` from every rank's shard of it."""
+    import torch.distributed as dist
+
+    steps_run = torch.tensor([result.num_steps], device=result.slots.device)
+    dist.all_reduce(steps_run, op=dist.ReduceOp.MAX)
+    steps_run = int(steps_run.item())
+    history, residuals, relres, trajectory = _pad_steps(
+        result.history,
+        result.residuals,
+        result.relative_residuals,
+        result.trajectory,
+        steps_run,
+    )
+
+    def gather(t, axis):
+        return _all_gather(t, axis, batch, world_size)
+
+    return _with_batch_tensors(
+        result,
+        [gather(t, 1) for t in _batch_tensors(result)],
+        history=gather(history, 2),
+        residuals=gather(residuals, 2),
+        relative_residuals=gather(relres, 2),
+        trajectory=[gather(s, 1) for s in trajectory],
+        num_steps=steps_run,
+    )
 
 
 def refine_video(

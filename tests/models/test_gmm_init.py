@@ -50,3 +50,25 @@ def test_bad_init_arguments_raise_naming_the_argument():
         GaussianMixture(3, 2, init="kmeans")
     with pytest.raises(ValueError, match="num_slots"):
         GaussianMixture(3, 2, init="random_from_data").init_slots(torch.randn(1, 2, 2), 3)
+
+
+def test_kmeans_plus_plus_in_chunks_equals_the_whole_batch(monkeypatch, float64):
+    """λ_0 of a large batch is computed chunk by chunk from random numbers drawn for the whole
+    batch first: the same slots (and gradients w.r.t. x) as one pass over the batch."""
+    from pyro_slots.data import sample_point_sets
+    from pyro_slots.models import gmm as gmm_module
+
+    x = sample_point_sets(37, 60, 4, 2, seed=5).x.requires_grad_()
+    model = GaussianMixture(4, 2)
+    whole = gmm_module.kmeans_plus_plus(model, x, 4, torch.Generator().manual_seed(1))
+    (g_whole,) = torch.autograd.grad(whole.sin().sum(), x)
+    monkeypatch.setattr(gmm_module, "KMEANS_CHUNK_POINTS", 60 * 8)  # 5 chunks, the last of 5
+    chunked = gmm_module.kmeans_plus_plus(model, x, 4, torch.Generator().manual_seed(1))
+    (g_chunked,) = torch.autograd.grad(chunked.sin().sum(), x)
+    assert torch.equal(whole, chunked)
+    assert torch.allclose(g_whole, g_chunked, atol=1e-13)
+    # The seeds are points of the data: every initial mean is a mean of data points, so it lies
+    # in the convex hull's bounding box of its set.
+    loc = model.slot_spec.split(chunked)["loc"]
+    lo, hi = x.detach().amin(1, keepdim=True), x.detach().amax(1, keepdim=True)
+    assert ((loc >= lo - 1e-12) & (loc <= hi + 1e-12)).all()

@@ -1,0 +1,233 @@
+"""refine(chunk_size=...) and refine(distributed=True) return the unchunked one-process result."""
+
+import importlib
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pyro_slots as ps
+from pyro_slots.inner import EM, GaussianFeatures, SlotAttention
+from pyro_slots.models import GaussianMixture
+from tests.conftest import make_point_sets
+
+# The module (the package's ``refine`` attribute is the function).
+refine_module = importlib.import_module("pyro_slots.refine")
+
+BATCH = 37  # not a multiple of the chunk sizes or of 2 ranks: a short last chunk and shard
+
+
+def _data():
+    x, _ = make_point_sets(BATCH, 40, num_components=3, seed=5, spread=2.5)
+    return x.double()
+
+
+def _slot_attention(gmm):
+    torch.manual_seed(11)
+    rule = SlotAttention(
+        num_steps=3, slot_dim=gmm.slot_dim, input_dim=2, hidden_dim=16, moments=True,
+        encoder=GaussianFeatures(2), feature_dim=5, norm_inputs=False,
+    )  # fmt: skip
+    return rule.double()
+
+
+def _assert_same(got, want):
+    """Every field equal, NaN where NaN (the history without record_history)."""
+
+    def same(a, b, name):
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        assert a.dtype == b.dtype, name
+        assert torch.equal(a.isnan(), b.isnan()), name
+        assert torch.allclose(a.nan_to_num(), b.nan_to_num(), rtol=0, atol=1e-12), (
+            name,
+            (a - b).abs().nan_to_num().max().item(),
+        )
+
+    for name in ("slots", "elbo", "history", "residuals", "relative_residuals", "initial_slots"):
+        same(getattr(got, name), getattr(want, name), name)
+    assert torch.equal(got.steps, want.steps)
+    assert got.num_steps == want.num_steps == int(want.steps.max())
+    same(got.responsibilities, want.responsibilities, "responsibilities")
+    assert len(got.trajectory) == len(want.trajectory)
+    for t, (a, b) in enumerate(zip(got.trajectory, want.trajectory)):
+        same(a, b, f"trajectory[{t}]")
+    assert got.state.step == want.state.step
+    same(got.state.slots, want.state.slots, "state.slots")
+    assert len(got.state.aux) == len(want.state.aux)
+    for a, b in zip(got.state.aux, want.state.aux):
+        same(a, b, "state.aux")
+    assert got.x_enc is not None and torch.equal(got.x_enc, want.x_enc)
+
+
+def _chunk_batches(monkeypatch):
+    """Record the batch (restarts stacked) of every run_inner call."""
+    seen, run_inner = [], refine_module.run_inner
+
+    def recording(model, x_enc, *args, **kwargs):
+        seen.append(x_enc.shape[0])
+        return run_inner(model, x_enc, *args, **kwargs)
+
+    monkeypatch.setattr(refine_module, "run_inner", recording)
+    return seen
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 16])
+def test_em_with_elbo_tol_in_chunks_is_the_unchunked_result(chunk_size, monkeypatch):
+    gmm, x = GaussianMixture(4, 2), _data()
+    want = ps.refine(gmm, x, EM(60), seed=0, elbo_tol=1e-4)
+    # The datapoints stop at different steps, so chunks stop at different steps: the padding
+    # of a chunk that stopped before the last one is exercised.
+    assert int(want.steps.min()) < want.num_steps
+    chunk_steps = [int(want.steps[:, lo : lo + chunk_size].max()) for lo in range(0, BATCH, 8)]
+    assert len(set(chunk_steps)) > 1
+    seen = _chunk_batches(monkeypatch)
+    got = ps.refine(gmm, x, EM(60), seed=0, elbo_tol=1e-4, chunk_size=chunk_size)
+    expected = [min(chunk_size, BATCH - lo) for lo in range(0, BATCH, chunk_size)]
+    assert seen == expected
+    _assert_same(got, want)
+
+
+def test_restarts_stay_together_in_a_chunk(monkeypatch):
+    gmm, x = GaussianMixture(4, 2), _data()
+    want = ps.refine(gmm, x, EM(60), seed=1, elbo_tol=1e-4, num_restarts=3)
+    seen = _chunk_batches(monkeypatch)
+    got = ps.refine(gmm, x, EM(60), seed=1, elbo_tol=1e-4, num_restarts=3, chunk_size=10)
+    assert seen == [30, 30, 30, 21]  # 10, 10, 10 and 7 datapoints, each with its 3 restarts
+    assert got.slots.shape == (3, BATCH, 4, 5)
+    _assert_same(got, want)
+    _assert_same(got.best(), want.best())
+
+
+def test_keep_trajectory_in_chunks():
+    gmm, x = GaussianMixture(4, 2), _data()
+    kwargs = dict(seed=2, elbo_tol=1e-4, num_restarts=2, keep_trajectory=True)
+    want = ps.refine(gmm, x, EM(60), **kwargs)
+    got = ps.refine(gmm, x, EM(60), chunk_size=6, **kwargs)
+    assert len(got.trajectory) == want.num_steps + 1
+    # A datapoint that stopped keeps its final slots in the later steps of the trajectory.
+    n = int(want.steps[0].argmin())
+    assert torch.equal(got.trajectory[-1][0, n], want.slots[0, n])
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("record_history", [True, False])
+def test_slot_attention_in_chunks(record_history):
+    gmm, x = GaussianMixture(4, 2), _data()
+    rule = _slot_attention(gmm)
+    want = ps.refine(gmm, x, rule, seed=3, record_history=record_history)
+    got = ps.refine(gmm, x, rule, seed=3, record_history=record_history, chunk_size=9)
+    assert got.history.isnan().any() != record_history
+    assert len(got.state.aux) == 1 and got.state.aux[0].shape == (1, BATCH, 4, 16)
+    _assert_same(got, want)
+
+
+def test_chunk_size_larger_than_the_batch(monkeypatch):
+    gmm, x = GaussianMixture(4, 2), _data()
+    want = ps.refine(gmm, x, EM(30), seed=4, elbo_tol=1e-4)
+    seen = _chunk_batches(monkeypatch)
+    got = ps.refine(gmm, x, EM(30), seed=4, elbo_tol=1e-4, chunk_size=10 * BATCH)
+    assert seen == [BATCH]
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_bad_chunk_size_is_rejected_before_any_work(bad, monkeypatch):
+    seen = _chunk_batches(monkeypatch)
+    with pytest.raises(ValueError, match=r"chunk_size: expected an integer >= 1, got " + str(bad)):
+        ps.refine(GaussianMixture(4, 2), _data(), EM(5), seed=0, chunk_size=bad)
+    with pytest.raises(TypeError, match="chunk_size: expected an integer >= 1, got 2.5"):
+        ps.refine(GaussianMixture(4, 2), _data(), EM(5), seed=0, chunk_size=2.5)
+    assert seen == []
+
+
+def test_distributed_without_a_process_group_is_an_error():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match=r"distributed: True needs torch.distributed.init_"):
+        ps.refine(GaussianMixture(4, 2), _data(), EM(5), seed=0, distributed=True)
+    with pytest.raises(TypeError, match="distributed: expected True or False, got 'yes'"):
+        ps.refine(GaussianMixture(4, 2), _data(), EM(5), seed=0, distributed="yes")
+
+
+# ------------------------------------------------------------------ two processes (gloo)
+def _cases(gmm, x):
+    return {
+        "em": lambda **kw: ps.refine(
+            gmm, x, EM(60), seed=5, elbo_tol=1e-4, num_restarts=2, keep_trajectory=True, **kw
+        ),
+        "slot_attention": lambda **kw: ps.refine(
+            gmm, x, _slot_attention(gmm), seed=6, record_history=False, **kw
+        ),
+    }
+
+
+class _Poisoned(EM):
+    """EM that fails on a batch holding a datapoint far from the others (datapoint 30)."""
+
+    def step(self, state, problem, create_graph=False):
+        if bool((problem.x.abs() > 1e3).any()):
+            raise ValueError("a poisoned datapoint")
+        return super().step(state, problem, create_graph)
+
+
+def _fail_on_one_rank():
+    x = _data()
+    x[30] += 1e4  # rank 1's shard [18, 37) only
+    try:
+        ps.refine(GaussianMixture(4, 2), x, _Poisoned(5), seed=0, distributed=True)
+    except (ValueError, ps.InnerLoopError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def _worker(rank, world_size, init_file, out_dir):
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        torch.set_num_threads(1)
+        seen, run_inner = [], refine_module.run_inner
+
+        def recording(model, x_enc, *args, **kwargs):
+            seen.append(x_enc.shape[0])
+            return run_inner(model, x_enc, *args, **kwargs)
+
+        refine_module.run_inner = recording
+        results = {}
+        for name, run in _cases(GaussianMixture(4, 2), _data()).items():
+            results[name] = run(distributed=True, chunk_size=7)
+            results[name + "_whole_shard"] = run(distributed=True)
+        refine_module.run_inner = run_inner
+        failure = _fail_on_one_rank()
+        out = {"results": results, "seen": seen, "failure": failure}
+        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_return_the_single_process_result(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    want = {name: run() for name, run in _cases(GaussianMixture(4, 2), _data()).items()}
+    assert want["em"].num_steps > int(want["em"].steps[:, :18].max())  # ranks stop apart
+    shards = {0: 18, 1: 19}  # 37 datapoints: rank 0 holds [0, 18), rank 1 [18, 37)
+    for rank, size in shards.items():
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=False)
+        chunks = [min(7, size - lo) for lo in range(0, size, 7)]
+        # em: the shard in chunks of 7 (2 restarts each), then whole; slot attention likewise
+        assert got["seen"] == [2 * c for c in chunks] + [2 * size] + chunks + [size]
+        for name, result in want.items():
+            _assert_same(got["results"][name], result)
+            _assert_same(got["results"][name + "_whole_shard"], result)
+    # A loop that fails on one rank fails on both (rather than leaving rank 0 in the gather).
+    failures = [torch.load(tmp_path / f"{r}.pt", weights_only=False)["failure"] for r in (0, 1)]
+    assert failures == [
+        "InnerLoopError: distributed: the inner loop failed on rank 1 (its own error says why); "
+        "this rank's shard ran",
+        "ValueError: a poisoned datapoint",
+    ]
