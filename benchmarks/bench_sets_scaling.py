@@ -19,7 +19,9 @@ fragmentation: tensors of a 4096-set chunk (31 MiB for ``(4096, K, 500)`` float3
 glibc's dynamic mmap threshold (at most 32 MiB) and live in the heap. In a trial, 25 chunks of
 ``loglik`` peaked at 188 MiB after the first chunk and 347 MiB after the last; with
 :func:`~pyro_slots.tune_allocator` (everything below 1 GiB in the heap, nothing trimmed) the
-loop stayed at 157 MiB, but the whole-batch λ_0 draw then kept 6.4-9.1 GiB resident at 10⁵ sets.
+loop stayed at 157 MiB (before k-means++ worked in chunks, the λ_0 draw then kept 6.4-9.1 GiB
+resident at 10⁵ sets; it now draws its random numbers for the whole batch and computes in chunks
+of about 2 million measurements).
 Cells of at most 1000 sets report the median time of 5 runs, the others one run. For ``em`` and
 ``slot_attention`` the cell first draws λ_0 for the whole batch (``initial_slots`` with the
 generator that ``refine(seed=0)`` makes, exactly what ``refine`` does first) and then calls
@@ -335,7 +337,7 @@ def run(args) -> str:
             if "lambda0_peak_mib" in beyond[0]:
                 lam = [c["lambda0_peak_mib"] for c in beyond]
                 note += (
-                    f"; the λ_0 draw (k-means++ over the whole batch, not chunked) peaks at "
+                    f"; the λ_0 draw (k-means++ in chunks of 2²¹ measurements) peaks at "
                     f"{lam[0]:.0f} and {lam[-1]:.0f} MiB (×{lam[-1] / max(lam[0], 1e-9):.1f} for "
                     f"×{beyond[-1]['sets'] / beyond[0]['sets']:.0f} sets)"
                 )
