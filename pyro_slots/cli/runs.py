@@ -473,7 +473,8 @@ def save_run(run: TrainRun, name: str = CHECKPOINT_NAME) -> str:
 
 def init_from(run: TrainRun, path: str | os.PathLike) -> int:
     """Load the weights of a finished run (a folder or checkpoint) into ``run``; its optimizer,
-    schedule and update count stay fresh. Returns the finished run's number of updates.
+    schedule and update count stay fresh. Returns the finished run's number of updates. A run
+    with ``--slot-sparsity`` may start from a run without it (its slot selector starts fresh).
 
     :raises ConfigError: one line naming ``init_from`` when the weights do not fit ``run``'s
         architecture.
@@ -491,7 +492,7 @@ def init_from(run: TrainRun, path: str | os.PathLike) -> int:
         parts.append(("transition", c.transition))
     try:
         for key, module in parts:
-            module.load_state_dict(payload[key])
+            _load_weights(key, module, payload[key])
     except (RuntimeError, KeyError, TypeError, ValueError) as error:
         raise ConfigError(
             f"init_from: {source} does not hold weights of this configuration (--model "
@@ -499,6 +500,24 @@ def init_from(run: TrainRun, path: str | os.PathLike) -> int:
             f"{first_line(error)}"
         ) from None
     return int(payload.get("step", 0))
+
+
+def _load_weights(key: str, module, state: dict) -> None:
+    """``module.load_state_dict(state)``, except that a model with a slot selector
+    (``--slot-sparsity``) takes the weights of a run without one and keeps its fresh selector:
+    AdaSlot fine-tunes a fixed-K model."""
+    selector = "slot_selector."
+    if (
+        key != "model"
+        or getattr(module, "slot_selector", None) is None
+        or any(name.startswith(selector) for name in state)
+    ):
+        module.load_state_dict(state)
+        return
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    others = [name for name in missing if not name.startswith(selector)]
+    if others or unexpected:
+        raise RuntimeError(f"missing keys {others}, unexpected keys {list(unexpected)}")
 
 
 # ------------------------------------------------------------------------ run folders

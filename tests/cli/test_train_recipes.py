@@ -291,6 +291,27 @@ def test_init_from_loads_weights_with_a_fresh_optimizer(tmp_path):
     assert "\n" not in text
 
 
+def test_init_from_a_fixed_k_run_starts_active_slots_with_a_fresh_selector(tmp_path):
+    """--slot-sparsity with --init-from a run without it: every shared weight is the finished
+    run's, the selector keeps its own fresh weights (AdaSlot fine-tunes a fixed-K model); the
+    other way round, a run without a selector refuses a checkpoint that has one."""
+    first = _train(tmp_path, name="first", steps=2, eval_every=0)
+    config = TrainConfig(**{**TINY_IMAGES, "slot_sparsity": 0.01, "out": str(tmp_path / "ada")})
+    active = new_run(resolve(config))
+    selector = {k: v.clone() for k, v in active.components.model.slot_selector.state_dict().items()
+                if torch.is_tensor(v)}  # fmt: skip
+    assert init_from(active, first.config.out) == 2
+    loaded = active.components.model.state_dict()
+    for name, value in first.components.model.state_dict().items():
+        assert torch.equal(loaded[name], value), name
+    for name, value in selector.items():
+        assert torch.equal(loaded[f"slot_selector.{name}"], value), name
+    trained = _train(tmp_path, name="ada2", steps=1, eval_every=0, slot_sparsity=0.01)
+    plain = new_run(resolve(TrainConfig(**{**TINY_IMAGES, "out": str(tmp_path / "plain")})))
+    with pytest.raises(ConfigError, match="does not hold weights"):
+        init_from(plain, trained.config.out)
+
+
 def test_architecture_options_build_the_asked_networks(tmp_path):
     """IODINE with --decoder-upsample 0 --decoder-resolution 18 --decoder-channels 32,32,32
     --kernel-size 3: a decoder broadcasting at 18 x 18 with the hand-counted weights; --latent-dim
