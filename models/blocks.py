@@ -11,6 +11,7 @@ with stride-2 transposed convolutions (as Slot Attention's CLEVR decoder does).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -263,7 +264,9 @@ class SpatialBroadcastDecoder(nn.Module):
         bh, bw = self.broadcast_resolution
         first = self.net[0]
         if self.fold_broadcast and _is_plain_conv(first):
-            out = self.net[1:](self._broadcast_conv(vectors, first))
+            out = self._broadcast_conv(vectors, first)
+            for layer in itertools.islice(self.net, 1, None):  # no Sequential built per call
+                out = layer(out)
         else:  # the tiled grid (stride 0 over the pixels): the sum comes out channels-last
             grid = vectors[:, :, None, None].expand(-1, -1, bh, bw)
             out = self.net(self.position(grid))
