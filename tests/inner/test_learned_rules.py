@@ -181,13 +181,19 @@ def test_multi_head_logits_scale_by_head_dim(float64):
     assert torch.allclose(attn.sum(2), torch.full((1, 2, 5), 1 + 3e-8), atol=1e-12)
 
 
-@pytest.mark.parametrize("num_heads", [1, 4])
-def test_folded_projections_equal_the_textbook_order(float64, num_heads):
+def _folded_and_plain(num_heads):
+    """The same weights in the folded (fused) and the textbook order."""
     torch.manual_seed(0)
     kw = dict(slot_dim=5, input_dim=2, hidden_dim=16, num_heads=num_heads, moments=True)
     folded = SlotAttention(3, **kw)
     plain = SlotAttention(3, fold_projections=False, **kw)
     plain.load_state_dict(folded.state_dict())
+    return folded, plain
+
+
+@pytest.mark.parametrize("num_heads", [1, 4])
+def test_folded_projections_equal_the_textbook_order(float64, num_heads):
+    folded, plain = _folded_and_plain(num_heads)
     model = GaussianMixture(4, 2)
     x = _data()
     slots0 = _slots(model, x, 4)
@@ -217,11 +223,7 @@ def test_fused_attention_gradients_match_finite_differences(float64, num_heads):
 def test_folded_gradients_equal_the_textbook_order(float64, num_heads):
     """Unrolled gradients through three steps: every weight's and the inputs' gradient of the
     fused path equals plain autograd through the textbook (unfolded) order."""
-    torch.manual_seed(0)
-    kw = dict(slot_dim=5, input_dim=2, hidden_dim=16, num_heads=num_heads, moments=True)
-    folded = SlotAttention(3, **kw)
-    plain = SlotAttention(3, fold_projections=False, **kw)
-    plain.load_state_dict(folded.state_dict())
+    folded, plain = _folded_and_plain(num_heads)
     model = GaussianMixture(4, 2)
     x = _data().requires_grad_()
     slots0 = _slots(model, x.detach(), 4)
