@@ -19,6 +19,7 @@ from .validation import (
     check_num_measurements,
     check_positive_float,
     check_positive_int,
+    process_group,
 )
 
 __all__ = [
@@ -525,17 +526,9 @@ class NestedSVI:
     def _setup_distributed(self, distributed):
         import torch.distributed as dist
 
-        available = dist.is_available() and dist.is_initialized()
-        if distributed is None:
-            distributed = available
-        if distributed and not available:
-            raise ValueError(
-                "distributed: True needs torch.distributed.init_process_group() to be called "
-                "first (e.g. under torchrun)"
-            )
-        self.distributed = bool(distributed)
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.world_size = dist.get_world_size() if self.distributed else 1
+        group = process_group(distributed)
+        self.distributed = group is not None
+        self.world_size, self.rank = group or (1, 0)
         if self.distributed:
             # Identical starting weights on every rank.
             with torch.no_grad():

@@ -15,6 +15,7 @@ from .validation import (
     check_positive_float,
     check_positive_int,
     check_slots,
+    process_group,
 )
 
 __all__ = ["InnerLoopError", "RefineResult", "refine", "refine_video", "run_inner"]
@@ -472,7 +473,9 @@ def refine(
         raise TypeError(f"inner: expected an InnerRule, got {type(inner).__name__}")
     if chunk_size is not None:
         chunk_size = check_positive_int(chunk_size, "chunk_size")
-    world_size, rank = _process_group(distributed)
+    if not isinstance(distributed, bool):
+        raise TypeError(f"distributed: expected True or False, got {distributed!r}")
+    world_size, rank = process_group(distributed) or (1, 0)
     inner.check_model(model)
     num_steps = check_positive_int(inner.num_steps if num_steps is None else num_steps, "num_steps")
     num_restarts = check_positive_int(num_restarts, "num_restarts")
@@ -553,22 +556,6 @@ def refine(
 
 
 # --------------------------------------------------------------------------- chunks and ranks
-def _process_group(distributed) -> tuple[int, int]:
-    """``(world_size, rank)`` of the default process group with ``distributed``, else (1, 0)."""
-    if not isinstance(distributed, bool):
-        raise TypeError(f"distributed: expected True or False, got {distributed!r}")
-    if not distributed:
-        return 1, 0
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
-            "distributed: True needs torch.distributed.init_process_group() to be called "
-            "first (e.g. under torchrun)"
-        )
-    return dist.get_world_size(), dist.get_rank()
-
-
 def _raise_together(error: Exception | None, rank: int, device) -> None:
     """Every rank raises if one rank's loop failed, instead of the others waiting for it in the
     all-gather until the process group's timeout."""

@@ -20,6 +20,7 @@ __all__ = [
     "check_positive_float",
     "check_positive_int",
     "check_slots",
+    "process_group",
 ]
 
 
@@ -166,3 +167,22 @@ def check_slots(
     ):
         raise ValueError(f"{name}: expected shape {expected}, got {tuple(slots.shape)}")
     return check_finite(slots, name)
+
+
+def process_group(distributed) -> tuple[int, int] | None:
+    """``(world_size, rank)`` of the default ``torch.distributed`` process group when
+    ``distributed`` asks for it, else ``None``: ``True`` requires an initialized group, ``None``
+    takes the group if one is initialized, ``False`` never does."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed: expected True or False, got {distributed!r}")
+    import torch.distributed as dist
+
+    available = dist.is_available() and dist.is_initialized()
+    if distributed and not available:
+        raise ValueError(
+            "distributed: True needs torch.distributed.init_process_group() to be called "
+            "first (e.g. under torchrun)"
+        )
+    if not (available if distributed is None else distributed):
+        return None
+    return dist.get_world_size(), dist.get_rank()
