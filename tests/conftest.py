@@ -1,5 +1,8 @@
 """Test setup in Pyro's style: fresh param store, validation on, a fixed seed per test."""
 
+import contextlib
+from datetime import timedelta
+
 import pyro
 import pytest
 import torch
@@ -63,3 +66,22 @@ def gmm_log_joint(gmm, x, slots):
 def gmm_responsibilities(gmm, x, slots):
     """Closed-form posterior ``p(z^{n,m} = k | x, λ)`` ``(batch, K, M)`` (test helper)."""
     return torch.softmax(gmm_log_joint(gmm, x, slots), dim=1)
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world_size: int, init_file: str):
+    """A gloo process group of a spawned test worker (one thread), destroyed on exit."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        torch.set_num_threads(1)
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -14,6 +14,7 @@ from torch import nn
 import pyro_slots as ps
 from pyro_slots.inner import GradientAscent
 from pyro_slots.models import GaussianMixture
+from tests.conftest import gloo_group
 
 GLOBAL_BATCH, STEPS = 8, 4
 
@@ -51,19 +52,9 @@ def _train(rank, world_size):
 
 
 def _worker(rank, world_size, init_file, out_dir):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        torch.set_num_threads(1)
+    with gloo_group(rank, world_size, init_file):
         weights, losses = _train(rank, world_size)
         torch.save({"weights": weights, "losses": losses}, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):

@@ -2,7 +2,6 @@
 
 import importlib
 import os
-from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 import pyro_slots as ps
 from pyro_slots.inner import EM, GaussianFeatures, SlotAttention
 from pyro_slots.models import GaussianMixture
-from tests.conftest import make_point_sets
+from tests.conftest import gloo_group, make_point_sets
 
 # The module (the package's ``refine`` attribute is the function).
 refine_module = importlib.import_module("pyro_slots.refine")
@@ -206,15 +205,7 @@ def _fail_on_one_rank():
 
 
 def _worker(rank, world_size, init_file, out_dir):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        torch.set_num_threads(1)
+    with gloo_group(rank, world_size, init_file):
         seen, run_inner = [], refine_module.run_inner
 
         def recording(model, x_enc, *args, **kwargs):
@@ -230,8 +221,6 @@ def _worker(rank, world_size, init_file, out_dir):
         failure = _fail_on_one_rank()
         out = {"results": results, "seen": seen, "failure": failure}
         torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_return_the_single_process_result(tmp_path):
