@@ -52,6 +52,7 @@ from .registry import (
     MODELS,
     OBJECTIVES,
     RESTART_CRITERIA,
+    int_list,
 )
 from .runs import TrainingError, load_run, resolve_device, writable_folder
 from .train import train
@@ -70,6 +71,7 @@ RESUMABLE = (
     "eval_inner_steps",
     "eval_restarts",
     "restart_criterion",
+    "test_sweep",
 )
 
 
@@ -199,10 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--inner-steps",
-        type=int,
         default=None,
-        metavar="T",
-        help="inner steps (default: as in training)",
+        metavar="T[,T...]",
+        help="inner steps (default: as in training); several, e.g. 1,3,5,10,20, evaluate the "
+        "same data from the same initial slots at each T and print FG-ARI etc. against T",
     )
     evaluate.add_argument(
         "--restarts",
@@ -288,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KIND",
         help="tested (those of test.json, the best ones with --select-best; default) or final",
     )
+    summarize.add_argument(
+        "--reach",
+        type=float,
+        action="append",
+        default=[],
+        metavar="SCORE",
+        help="also print the update and training minutes at which each run's validation "
+        "--metric first reached SCORE (repeatable)",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -364,29 +375,44 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .summarize import steps_table
+
+    steps = int_list(args.inner_steps, "--inner-steps") or (None,)
+    if len(steps) > 1:
+        for flag in ("per_image", "pictures"):
+            if getattr(args, flag):
+                raise ConfigError(
+                    f"--{flag.replace('_', '-')}: needs a single --inner-steps T, got "
+                    f"{args.inner_steps}"
+                )
     run = load_run(args.checkpoint, {"tensorboard": False}, resolve_device(args.device))
     data = evaluation_data(run, args.dataset, args.num)  # checked before any work
     if args.pictures:
         writable_folder(args.pictures, "--pictures")
-    metrics = evaluate_run(
-        run,
-        dataset=data,
-        inner_steps=args.inner_steps,
-        restarts=args.restarts,
-        per_image=args.per_image,
-        criterion=args.restart_criterion,
-        carry=not args.no_carry,
-    )
+    sweep = [
+        evaluate_run(
+            run,
+            dataset=data,
+            inner_steps=t,
+            restarts=args.restarts,
+            per_image=args.per_image,
+            criterion=args.restart_criterion,
+            carry=not args.no_carry,
+        )
+        for t in steps
+    ]
     if args.json:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps(sweep[0] if len(sweep) == 1 else sweep, indent=2))
+    elif len(sweep) == 1:
+        print(format_table(sweep[0]))
     else:
-        print(format_table(metrics))
+        print(steps_table({str(t): m for t, m in zip(steps, sweep)}))
     note = sys.stderr if args.json else sys.stdout
     if args.per_image:
         print(f"wrote {args.per_image}", file=note)
     if args.pictures:
         pictures = write_pictures(
-            run, args.pictures, data=data, inner_steps=args.inner_steps, restarts=args.restarts
+            run, args.pictures, data=data, inner_steps=steps[0], restarts=args.restarts
         )
         for path in pictures:
             print(f"wrote {path}", file=note)
@@ -420,7 +446,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _summarize(args: argparse.Namespace) -> int:
     from .summarize import summary
 
-    print(summary(args.runs, args.metric, args.weights))
+    print(summary(args.runs, args.metric, args.weights, args.reach))
     return 0
 
 

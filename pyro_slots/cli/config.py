@@ -154,6 +154,12 @@ class TrainConfig:
         None, "inner steps T of the final test (default: --inner-steps)"
     )
     eval_restarts: int = _opt(1, "slot initializations per test datapoint; one is kept")
+    test_sweep: str | None = _opt(
+        None,
+        "also test the tested weights at each of these inner steps T, e.g. 1,3,5,10,20 "
+        "(test.json's 'sweep'; pyro-slots summarize prints FG-ARI against T)",
+        metavar="T,T,...",
+    )
     restart_criterion: str = _opt(
         "elbo",
         "which restart a test datapoint keeps: elbo (the highest inner ELBO) or mse (the lowest "
@@ -279,6 +285,11 @@ def coerce(name: str, value, where: str):
         raise ConfigError(f"{where}: {name} must not be empty")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is str and "," in fields[name].metadata.get("metavar", ""):
+        # A list option (``2,1,2,1``): a YAML list or a single integer reads as its text.
+        items = value if isinstance(value, list) else [value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            return ",".join(str(v) for v in items)
     if base is bool and isinstance(value, bool):
         return value
     if base in (int, str) and isinstance(value, base) and not isinstance(value, bool):

@@ -70,8 +70,9 @@ REFERENCE_EM_STEPS = 100
 #: Datapoints drawn from a generator when ``num`` is not given.
 DEFAULT_NUM = 128
 
-#: Datapoints refined at once by :func:`evaluate_run`.
-CHUNK_SIZE = 64
+#: Datapoints refined at once by :func:`evaluate_run` and by the final test of training (each
+#: chunk's slots are initialized with the run's seed, so the same chunks give the same scores).
+CHUNK_SIZE = 100
 
 
 @dataclass

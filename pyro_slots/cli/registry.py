@@ -542,6 +542,9 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"{name}: expected an integer >= 1, got {value}")
+    int_list(config.test_sweep, "test_sweep")
+    if config.test_sweep is not None and not config.test_size:
+        raise ConfigError("test_sweep: needs the final test (--test-size N > 0)")
     if config.restart_criterion not in RESTART_CRITERIA:
         raise ConfigError(
             f"restart_criterion: unknown kind {config.restart_criterion!r}; valid choices are "

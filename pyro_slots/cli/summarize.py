@@ -6,7 +6,9 @@ the three seeds of one recipe) and prints one row per run with its test metrics,
 mean ± sample standard deviation *across runs* of the per-run means (the seed-to-seed spread,
 which is what "± over 3 seeds" reports), and the validation score of every run at every periodic
 evaluation with its training seconds (``metrics.jsonl``). ``--weights final`` reports the final
-weights of a ``--select-best`` run instead of its best ones. A folder holding only ``test.json``
+weights of a ``--select-best`` run instead of its best ones. A run trained with ``--test-sweep
+1,3,5,10,20`` also gets its test score against the inner steps T, and ``--reach 0.95`` prints
+the update and minutes at which each run's validation score first reached 0.95. A folder holding only ``test.json``
 and ``config.yaml`` (a run's record, kept without its checkpoints) is summarized from those.
 
 Example::
@@ -29,7 +31,17 @@ from pyro_slots.plots.training import read_metrics
 
 from .config import ConfigError
 
-__all__ = ["METRICS", "WEIGHTS", "across_runs", "load_runs", "summary"]
+__all__ = [
+    "METRICS",
+    "WEIGHTS",
+    "across_runs",
+    "first_reaching",
+    "load_runs",
+    "reach_table",
+    "steps_table",
+    "summary",
+    "sweep_table",
+]
 
 #: Test metrics of the table, and their headers.
 METRICS = ("fg_ari", "ari", "mean_iou", "mse", "objects_split", "objects_merged",
@@ -84,6 +96,7 @@ def load_runs(folders: list[str], weights: str = "tested") -> list[dict]:
                 "weights": report["weights"],
                 "step": report["step"],
                 "test": report["metrics"],
+                "sweep": report.get("sweep", {}) if weights == "tested" else {},
                 "validation": [r for r in records if r.get("split") == "held_out"],
             }
         )
@@ -127,6 +140,73 @@ def test_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def steps_table(sweep: dict) -> str:
+    """One row per inner steps T of a sweep (``{"T": metrics}``): the test metrics at that T."""
+    rows = list(sweep.values())
+    metrics = [m for m in METRICS if all(m in row for row in rows)]
+    header = [h for m, h in zip(METRICS, HEADER) if m in metrics]
+    lines = ["| T | " + " | ".join(header) + " |", "|---:|" + "---:|" * len(metrics)]
+    for t, row in sweep.items():
+        cells = [f"{row[m]:.{DECIMALS.get(m, 3)}f}" for m in metrics]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(runs: list[dict], metric: str = "fg_ari") -> str:
+    """Every run's test ``metric`` at every inner steps T of its ``test_sweep`` (one row per run,
+    one column per T; the mean over the runs when there are several); ``""`` without sweeps."""
+    steps = sorted({int(t) for run in runs for t in run["sweep"]})
+    if not steps:
+        return ""
+    lines = [
+        "| run | seed | " + " | ".join(f"T = {t}" for t in steps) + " |",
+        "|---|---:|" + "---:|" * len(steps),
+    ]
+
+    def value(run, t):
+        row = run["sweep"].get(str(t))
+        return None if row is None or metric not in row else row[metric]
+
+    for run in runs:
+        cells = [_cell(value(run, t), ".3f") for t in steps]
+        lines.append(f"| `{run['path']}` | {_cell(run['seed'], 'd')} | " + " | ".join(cells) + " |")
+    if len(runs) > 1:
+        cells = []
+        for t in steps:
+            values = [value(run, t) for run in runs]
+            cells.append("—" if None in values else f"**{sum(values) / len(values):.3f}**")
+        lines.append(f"| mean over {len(runs)} runs | | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def first_reaching(run: dict, threshold: float, metric: str = "fg_ari") -> dict | None:
+    """The first validation record of ``run`` whose ``metric`` is >= ``threshold`` (``None``
+    when none is)."""
+    for record in sorted(run["validation"], key=lambda r: r["step"]):
+        if record.get(metric) is not None and record[metric] >= threshold:
+            return record
+    return None
+
+
+def reach_table(runs: list[dict], threshold: float, metric: str = "fg_ari") -> str:
+    """Per run: the update and the training minutes at which validation ``metric`` first
+    reached ``threshold``."""
+    lines = [
+        f"| run | seed | first update with {metric} >= {threshold:g} | training minutes |",
+        "|---|---:|---:|---:|",
+    ]
+    for run in runs:
+        hit = first_reaching(run, threshold, metric)
+        if hit is None:
+            where, minutes = "not reached", "—"
+        else:
+            where = f"{hit['step']:,} ({hit[metric]:.3f})"
+            seconds = hit.get("train_seconds")
+            minutes = "—" if seconds is None else f"{seconds / 60:.1f}"
+        lines.append(f"| `{run['path']}` | {_cell(run['seed'], 'd')} | {where} | {minutes} |")
+    return "\n".join(lines)
+
+
 def validation_table(runs: list[dict], metric: str = "fg_ari") -> str:
     """One row per evaluated update: every run's score, with its training seconds where the
     record has them (``0.905 (212 s)``, the form ``benchmarks/bench_end_to_end.py`` reads)."""
@@ -148,12 +228,26 @@ def validation_table(runs: list[dict], metric: str = "fg_ari") -> str:
     return "\n".join(lines)
 
 
-def summary(folders: list[str], metric: str = "fg_ari", weights: str = "tested") -> str:
-    """The markdown ``pyro-slots summarize`` prints."""
+def summary(
+    folders: list[str],
+    metric: str = "fg_ari",
+    weights: str = "tested",
+    reach: list[float] | tuple = (),
+) -> str:
+    """The markdown ``pyro-slots summarize`` prints.
+
+    :param reach: validation scores; for each, the update and minutes at which every run first
+        reached it (:func:`reach_table`).
+    """
     runs = load_runs(folders, weights)
-    return (
-        f"Test (held-out data, {weights} weights; per run means):\n\n"
-        + test_table(runs)
-        + f"\n\nValidation {metric}:\n\n"
-        + validation_table(runs, metric)
-    )
+    parts = [f"Test (held-out data, {weights} weights; per run means):\n\n" + test_table(runs)]
+    sweeps = sweep_table(runs, metric)
+    if sweeps:
+        parts.append(f"Test {metric} against the inner steps T (test_sweep):\n\n" + sweeps)
+    parts.append(f"Validation {metric}:\n\n" + validation_table(runs, metric))
+    for threshold in reach:
+        parts.append(
+            f"Validation {metric} first >= {threshold:g}:\n\n"
+            + reach_table(runs, threshold, metric)
+        )
+    return "\n\n".join(parts)

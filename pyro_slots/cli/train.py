@@ -29,8 +29,8 @@ from pyro_slots.metrics import AP_THRESHOLDS
 from pyro_slots.plots.training import read_metrics
 
 from .config import ConfigError, TrainConfig, save_config
-from .evaluate import held_out_record, infer, metrics_of, write_pictures
-from .registry import objective_targets, reaches_init, resolve, set_prediction_head
+from .evaluate import CHUNK_SIZE, held_out_record, infer, metrics_of, write_pictures
+from .registry import int_list, objective_targets, reaches_init, resolve, set_prediction_head
 from .runs import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -338,8 +338,9 @@ def _best_so_far(config: TrainConfig) -> tuple[int, float] | None:
     return best
 
 
-#: Test datapoints refined at a time by :func:`final_test` (bounds its memory).
-TEST_CHUNK = 100
+#: Test datapoints refined at a time by :func:`final_test` (bounds its memory): the chunks of
+#: ``pyro-slots evaluate``, so that it repeats the final test exactly.
+TEST_CHUNK = CHUNK_SIZE
 
 
 def test_metrics(run: TrainRun, batch, inner_steps=None, restarts=1, criterion="elbo") -> dict:
@@ -378,25 +379,33 @@ def final_test(run: TrainRun) -> dict:
     """Score the run on ``test_size`` held-out test datapoints at the test-time options
     (``eval_inner_steps``, ``eval_restarts``, ``restart_criterion``) and write ``test.json``.
 
+    With ``test_sweep`` (``"1,3,5,10,20"``) the tested weights are tested again at each of those
+    inner steps T, on the same data from the same initial slots: ``report["sweep"][str(T)]``.
+
     With ``select_best`` the weights of ``best.pt`` are tested (the final weights' metrics are
     kept beside them as ``final_weights``). :returns: the report written.
     """
     config = run.config
     batch = run.components.stream.held_out(config.test_size)
-    options = (config.eval_inner_steps, config.eval_restarts, config.restart_criterion)
+    options = (config.eval_restarts, config.restart_criterion)
     cpu_state = torch.get_rng_state()
     try:
-        metrics = test_metrics(run, batch, *options)
+        metrics = test_metrics(run, batch, config.eval_inner_steps, *options)
         report = {"weights": "final", "step": run.step, "metrics": metrics}
+        tested = run
         best_path = os.path.join(config.out, BEST_NAME)
         if config.select_best and os.path.exists(best_path):
-            best = load_run(best_path, {"tensorboard": False}, run.device)
+            tested = load_run(best_path, {"tensorboard": False}, run.device)
             report = {
                 "weights": "best",
-                "step": best.step,
-                "metrics": test_metrics(best, batch, *options),
+                "step": tested.step,
+                "metrics": test_metrics(tested, batch, config.eval_inner_steps, *options),
                 "final_weights": {"step": run.step, "metrics": metrics},
             }
+        sweep = int_list(config.test_sweep, "test_sweep") or ()
+        if sweep:
+            # The same test data and slot initializations at every T: only T changes.
+            report["sweep"] = {str(t): test_metrics(tested, batch, t, *options) for t in sweep}
     finally:
         torch.set_rng_state(cpu_state)
     report["train_seconds"] = round(run.clock.seconds(), 1)

@@ -60,6 +60,17 @@ def test_summary_across_seeds_is_the_spread_of_the_run_means(tmp_path, monkeypat
     printed = float(f"{record['fg_ari']:.3f}")  # the first point reaches its own score
     expected = f"seed 0: {record['train_seconds']:.0f} s (FG-ARI {printed:.3f})"
     assert bench_end_to_end.wall_time_to_fg_ari(printed).startswith(expected)
+    # --reach: per run, the first validation record at or above the score, found by brute force
+    threshold = min(r["fg_ari"] for r in runs[1]["validation"])
+    assert main(["summarize", *folders, "--reach", str(threshold)]) == 0
+    text = capsys.readouterr().out
+    for run in runs:
+        hits = [r for r in run["validation"] if r["fg_ari"] >= threshold]
+        cell = "not reached"
+        if hits:
+            first = min(hits, key=lambda r: r["step"])
+            cell = f"{first['step']:,} ({first['fg_ari']:.3f}) | {first['train_seconds'] / 60:.1f}"
+        assert f"| `{run['path']}` | {run['seed']} | {cell} |" in text
     assert main(["summarize", str(tmp_path)]) == 2
     assert "no test.json (train with --test-size N)" in capsys.readouterr().err
     # a record kept without checkpoints: test.json and config.yaml only

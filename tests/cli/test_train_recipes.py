@@ -253,6 +253,8 @@ def test_iodine_objectives(tmp_path):
         ({"decoder_upsample": -1}, "decoder_upsample: expected an integer >= 0"),
         ({"decoder_channels": "32,0"}, "decoder_channels: expected positive integers"),
         ({"encoder_strides": "2,x"}, "encoder_strides: expected positive integers"),
+        ({"test_sweep": "1,0", "test_size": 2}, "test_sweep: expected positive integers"),
+        ({"test_sweep": "1,3"}, "test_sweep: needs the final test (--test-size N > 0)"),
         ({"model": "gmm", "dataset": None, "slot_dim": None, "paper_size": True},
          "paper_size: an image model's architecture"),
         ({"refinement_inputs": True}, "refinement_inputs: only for --model iodine"),
@@ -419,3 +421,49 @@ def test_a_finished_run_resumed_with_test_options_is_only_tested_again(tmp_path)
     assert report["inner_steps"] == 6 and report["metrics"]["num_datapoints"] == 4
     expected = evaluate_run(load_run(run.config.out), num=4, inner_steps=6)
     assert report["metrics"]["fg_ari"] == pytest.approx(expected["fg_ari"], abs=1e-6)
+
+
+def test_test_sweep_scores_the_tested_weights_at_every_inner_steps(tmp_path, capsys):
+    """test_sweep "1,3" repeats the final test of the tested weights at T = 1 and 3: each entry
+    is what pyro-slots evaluate scores at that T on the same scenes (one chunk, the same seed),
+    the entry at the test's own T is the test's metrics, and the metrics do change with T;
+    pyro-slots evaluate --inner-steps 1,3 prints the same numbers, one row per T."""
+    from pyro_slots.cli import main
+
+    run = _train(tmp_path, test_size=4, eval_inner_steps=3, test_sweep="1,3")
+    report = _test_report(run)
+    assert sorted(report["sweep"], key=int) == ["1", "3"]
+    for key in ("fg_ari", "ari", "mse", "elbo"):
+        assert report["sweep"]["3"][key] == report["metrics"][key], key
+    for t in (1, 3):
+        expected = evaluate_run(load_run(run.config.out), num=4, inner_steps=t)
+        for key in ("fg_ari", "ari", "mse", "elbo"):
+            assert report["sweep"][str(t)][key] == pytest.approx(expected[key], abs=1e-6), key
+    assert report["sweep"]["1"]["elbo"] != report["sweep"]["3"]["elbo"]
+    assert main(["evaluate", run.config.out, "--num", "4", "--inner-steps", "1,3"]) == 0
+    text = capsys.readouterr().out
+    assert f"| 1 | {report['sweep']['1']['fg_ari']:.3f} | {report['sweep']['1']['ari']:.3f} |" in text
+    assert f"| 3 | {report['sweep']['3']['fg_ari']:.3f} | {report['sweep']['3']['ari']:.3f} |" in text
+    assert main(["summarize", run.config.out]) == 0
+    text = capsys.readouterr().out
+    row = f"| {report['sweep']['1']['fg_ari']:.3f} | {report['sweep']['3']['fg_ari']:.3f} |"
+    assert "| run | seed | T = 1 | T = 3 |" in text and row in text
+    argv = ["evaluate", run.config.out, "--inner-steps", "1,3", "--per-image", str(tmp_path / "x.csv")]
+    assert main(argv) == 2
+    assert "--per-image: needs a single --inner-steps T, got 1,3" in capsys.readouterr().err
+
+
+def test_list_options_read_from_a_config_file_as_their_text(tmp_path):
+    """A YAML list or a single integer for a list option (test_sweep, encoder_strides) reads as
+    the comma-separated text a flag gives; other types are refused naming the key."""
+    from pyro_slots.cli.config import merge_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("test_sweep: [1, 3, 5]\nencoder_strides: 2\n")
+    from pyro_slots.cli.config import load_config_file
+
+    config = merge_config(load_config_file(str(path)), {})
+    assert (config.test_sweep, config.encoder_strides) == ("1,3,5", "2")
+    path.write_text("test_sweep: [1, 2.5]\n")
+    with pytest.raises(ConfigError, match="test_sweep expects an optional str"):
+        merge_config(load_config_file(str(path)), {})
