@@ -159,18 +159,18 @@ class GaussianMixture(SlotModel):
         resp = InnerProblem(self, x).elbo_and_responsibilities(slots)[1]
         return torch.einsum("bkm,bkd->bmd", resp, loc)
 
-    def init_slots(self, x, num_slots, generator=None):
+    def init_slots(self, x, num_slots, generator=None, rows=None):
         if self.init == "random_from_data":
-            return random_from_data(self, x, num_slots, generator=generator)
+            return random_from_data(self, x, num_slots, generator=generator, rows=rows)
         return kmeans_plus_plus(
-            self, x, num_slots, generator=generator, lloyd_steps=self.init_lloyd_steps
+            self, x, num_slots, generator=generator, lloyd_steps=self.init_lloyd_steps, rows=rows
         )
 
 
 _INITS = ("kmeans++", "random_from_data")
 
 
-def random_from_data(model: GaussianMixture, x, num_slots: int, generator=None):
+def random_from_data(model: GaussianMixture, x, num_slots: int, generator=None, rows=None):
     """``num_slots`` distinct measurements per datapoint as the means, pooled scales, equal weights.
 
     The measurements are the ``num_slots`` largest of ``M`` independent uniform keys per
@@ -179,7 +179,8 @@ def random_from_data(model: GaussianMixture, x, num_slots: int, generator=None):
     pooled per-feature standard deviation and every logit is zero. The means keep their gradient
     with respect to ``x`` (an encoder upstream is trained through them).
 
-    :returns: slots ``(batch, num_slots, 2 dim + 1)``.
+    :param rows: only these datapoints' slots (an index tensor), the rows of the whole draw.
+    :returns: slots ``(batch, num_slots, 2 dim + 1)`` (``(len(rows), ...)`` with ``rows``).
     """
     num_slots = check_positive_int(num_slots, "num_slots")
     batch, num_points, dim = x.shape
@@ -190,6 +191,9 @@ def random_from_data(model: GaussianMixture, x, num_slots: int, generator=None):
     keys = draw(
         torch.rand, (batch, num_points), generator=generator, dtype=x.dtype, device=x.device
     )
+    if rows is not None:
+        x, keys = x[rows], keys[rows]
+        batch = x.shape[0]
     idx = keys.topk(num_slots, dim=1, sorted=False).indices  # (B, K), distinct per row
     loc = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, dim))
     pooled = x.var(1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
@@ -202,7 +206,7 @@ def random_from_data(model: GaussianMixture, x, num_slots: int, generator=None):
 
 
 def kmeans_plus_plus(
-    model: GaussianMixture, x, num_slots: int, generator=None, lloyd_steps: int = 10
+    model: GaussianMixture, x, num_slots: int, generator=None, lloyd_steps: int = 10, rows=None
 ):
     """Batched greedy k-means++ seeding refined by Lloyd iterations.
 
@@ -217,9 +221,11 @@ def kmeans_plus_plus(
     Every random number is drawn first, for the whole batch; the datapoints are then processed
     in chunks of about :data:`KMEANS_CHUNK_POINTS` measurements, so the temporaries stay the
     size of a chunk for any batch (10⁵ point sets) and the result does not depend on the
-    chunking.
+    chunking. With ``rows`` (an index tensor) only those datapoints are seeded, from their own
+    random numbers of the whole draw: the rows of the result without ``rows``, at the cost of
+    those datapoints alone (a rank of ``refine(distributed=True)`` seeds its shard only).
 
-    :returns: slots ``(batch, num_slots, 2 dim + 1)``.
+    :returns: slots ``(batch, num_slots, 2 dim + 1)`` (``(len(rows), ...)`` with ``rows``).
     """
     num_slots = check_positive_int(num_slots, "num_slots")
     batch, num_points, _ = x.shape
@@ -230,16 +236,14 @@ def kmeans_plus_plus(
         for _ in range(1, num_slots)
     ]
     chunk = max(1, KMEANS_CHUNK_POINTS // num_points)
-    parts = [
-        _kmeans_chunk(
-            x[lo : lo + chunk],
-            num_slots,
-            first[lo : lo + chunk],
-            [u[lo : lo + chunk] for u in uniforms],
-            lloyd_steps,
-        )  # fmt: skip
-        for lo in range(0, batch, chunk)
-    ]
+    parts = []
+    for lo in range(0, batch if rows is None else rows.shape[0], chunk):
+        index = slice(lo, lo + chunk) if rows is None else rows[lo : lo + chunk]
+        parts.append(
+            _kmeans_chunk(
+                x[index], num_slots, first[index], [u[index] for u in uniforms], lloyd_steps
+            )
+        )
     parts = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return model.slot_spec.pack(parts)
 

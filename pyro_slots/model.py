@@ -140,19 +140,29 @@ class SlotModel(PyroModule):
         return check_measurements(x, "x", feature_dim=self.feature_dim)
 
     def init_slots(
-        self, x: torch.Tensor, num_slots: int, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        num_slots: int,
+        generator: torch.Generator | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Initial slots ``(batch, num_slots, slot_dim)`` for encoded measurements ``x``.
 
         The default draws every slot independently from :attr:`slot_init` (a
         :class:`~pyro_slots.init.SlotInitializer` submodule).
+
+        :param rows: only these datapoints' slots, ``(len(rows), num_slots, slot_dim)``: the
+            rows of the draw for the whole of ``x`` from the same generator (a rank of
+            ``refine(distributed=True)`` computes its own shard only). An override that does
+            not take ``rows`` still works: the whole draw is made and indexed.
         """
         init = getattr(self, "slot_init", None)
         if init is None:
             raise CapabilityError(
                 f"{type(self).__name__} has no slot_init; pass initial slots or an init module"
             )
-        return init(x.shape[0], num_slots, generator=generator, dtype=x.dtype, device=x.device)
+        slots = init(x.shape[0], num_slots, generator=generator, dtype=x.dtype, device=x.device)
+        return slots if rows is None else slots[rows]
 
     def reconstruct(self, x: torch.Tensor, slots: torch.Tensor, x_raw=None) -> torch.Tensor:
         """Reconstruction of the raw datapoints from the slots (for the Reconstruction task)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -376,16 +377,29 @@ def run_inner(
 
 
 # --------------------------------------------------------------------------- refine
-def initial_slots(model, x_enc, num_slots, *, inner=None, init=None, generator=None):
-    """λ_0 ``(batch, num_slots, slot_dim)``: from ``init``, else the rule's, else the model's."""
+def initial_slots(model, x_enc, num_slots, *, inner=None, init=None, generator=None, rows=None):
+    """λ_0 ``(batch, num_slots, slot_dim)``: from ``init``, else the rule's, else the model's.
+
+    :param rows: only the slots of these datapoints of ``x_enc`` (an index tensor), equal to
+        those rows of the whole draw: a random initializer draws for the whole batch (cheap),
+        a conditional one reads only those datapoints (equal up to the rounding of its batched
+        products), and the model's ``init_slots`` gets ``rows`` when it takes them (k-means++
+        then seeds those datapoints only).
+    """
     if init is None:
         init = getattr(inner, "slot_init", None)
     if init is not None:
         if getattr(init, "conditional", False):
-            return init(x_enc.shape[0], num_slots, generator=generator, dtype=x_enc.dtype,
-                        x_enc=x_enc)  # fmt: skip
-        return init(x_enc.shape[0], num_slots, generator=generator, dtype=x_enc.dtype)
-    return model.init_slots(x_enc, num_slots, generator=generator)
+            x_rows = x_enc if rows is None else x_enc[rows]
+            return init(x_rows.shape[0], num_slots, generator=generator, dtype=x_enc.dtype,
+                        x_enc=x_rows)  # fmt: skip
+        slots = init(x_enc.shape[0], num_slots, generator=generator, dtype=x_enc.dtype)
+        return slots if rows is None else slots[rows]
+    if rows is None:
+        return model.init_slots(x_enc, num_slots, generator=generator)
+    if "rows" in inspect.signature(model.init_slots).parameters:
+        return model.init_slots(x_enc, num_slots, generator=generator, rows=rows)
+    return model.init_slots(x_enc, num_slots, generator=generator)[rows]
 
 
 def make_generator(seed=None, generator=None) -> torch.Generator | None:
@@ -461,12 +475,13 @@ def refine(
         stopped datapoint). The loop's working memory is then that of one chunk; the input,
         the result and the drawing of λ_0 still scale with the batch.
     :param bool distributed: split the datapoints over the ranks of the initialized
-        ``torch.distributed`` process group: every rank draws λ_0 for the whole batch (pass a
-        ``seed`` so that the ranks draw the same one and the result equals the single-process
-        one), runs the loop on its contiguous shard (in chunks with ``chunk_size``) and
-        all-gathers the shards, so every rank returns the whole :class:`RefineResult`. Every
-        rank must call it with the same arguments; an error in one rank's loop is raised on
-        every rank.
+        ``torch.distributed`` process group: every rank draws the random numbers of λ_0 for the
+        whole batch (pass a ``seed`` so that the ranks draw the same ones and the result equals
+        the single-process one) but computes λ_0 (e.g. k-means++) for its own contiguous shard
+        only (:func:`initial_slots` ``rows``), runs the loop on it (in chunks with
+        ``chunk_size``) and all-gathers the shards, so every rank returns the whole
+        :class:`RefineResult`. Every rank must call it with the same arguments; an error in one
+        rank's loop is raised on every rank.
     :returns: a :class:`RefineResult` with restart axis ``R = num_restarts``.
     """
     if not isinstance(inner, InnerRule):
@@ -520,11 +535,18 @@ def refine(
             raise ValueError("num_slots: required, since the model has no default num_slots")
         num_slots = check_positive_int(num_slots, "num_slots")
     x_rep = x_enc.repeat(num_restarts, 1, 1) if num_restarts > 1 else x_enc
+    start, stop = _shard(batch, world_size, rank)
+    rows = None  # a rank's λ_0 only: its datapoints' rows r * batch + i of every restart r
+    if world_size > 1:
+        rows = (torch.arange(num_restarts)[:, None] * batch + torch.arange(start, stop)).flatten()
+        rows = rows.to(x_enc.device)
     if slots is None:
         with torch.no_grad():
             slots = initial_slots(
-                model, x_rep, num_slots, inner=inner, init=init, generator=generator
+                model, x_rep, num_slots, inner=inner, init=init, generator=generator, rows=rows
             )
+    elif rows is not None:
+        slots = slots[rows]
     slots = check_finite(slots.detach(), "initial slots")
     options = dict(
         tol=tol,
@@ -538,7 +560,6 @@ def refine(
         result = run_inner(model, x_rep, inner, slots, num_steps, **options)
         return _split_restarts(result, num_restarts, batch, x_enc)
     del x_rep  # chunks repeat their own datapoints for the restarts
-    start, stop = _shard(batch, world_size, rank)
     result = error = None
     try:
         result = _run_chunks(
@@ -631,21 +652,22 @@ def _run_chunks(
     model, x_enc, inner, slots, num_steps, num_restarts, start, stop, chunk_size, options
 ) -> RefineResult:
     """The loop on datapoints ``[start, stop)`` of ``x_enc``, ``chunk_size`` at a time (all of
-    them at once with ``None``), from λ_0 ``slots`` ``(R * batch, K, D)`` of the whole batch.
+    them at once with ``None``), from their λ_0 ``slots`` ``(R * (stop - start), K, D)``
+    (restart-major).
 
     The result covers ``[start, stop)`` (restart axis first, as :func:`refine` returns it); the
     tensors whose shape does not depend on the number of steps are written into preallocated
     ones chunk by chunk, so no chunk's intermediates outlive it.
     """
-    batch, size = x_enc.shape[0], stop - start
+    size = stop - start
     chunk_size = size if chunk_size is None else chunk_size
-    slots = slots.reshape(num_restarts, batch, *slots.shape[1:])
+    slots = slots.reshape(num_restarts, size, *slots.shape[1:])
     out, template, records = None, None, []
     for lo in range(start, stop, chunk_size):
         hi = min(lo + chunk_size, stop)
         x = x_enc[lo:hi]
         x_rep = x.repeat(num_restarts, 1, 1) if num_restarts > 1 else x
-        lam = slots[:, lo:hi].reshape(num_restarts * (hi - lo), *slots.shape[2:])
+        lam = slots[:, lo - start : hi - start].reshape(num_restarts * (hi - lo), *slots.shape[2:])
         try:
             part = run_inner(model, x_rep, inner, lam, num_steps, **options)
         except InnerLoopError as e:

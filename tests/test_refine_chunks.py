@@ -16,6 +16,7 @@ from tests.conftest import gloo_group, make_point_sets
 
 # The module (the package's ``refine`` attribute is the function).
 refine_module = importlib.import_module("pyro_slots.refine")
+gmm_module = importlib.import_module("pyro_slots.models.gmm")
 
 BATCH = 37  # not a multiple of the chunk sizes or of 2 ranks: a short last chunk and shard
 
@@ -213,13 +214,20 @@ def _worker(rank, world_size, init_file, out_dir):
             return run_inner(model, x_enc, *args, **kwargs)
 
         refine_module.run_inner = recording
+        seeded, kmeans_chunk = [], gmm_module._kmeans_chunk
+
+        def seeding(x, *args):
+            seeded.append(x.shape[0])
+            return kmeans_chunk(x, *args)
+
+        gmm_module._kmeans_chunk = seeding
         results = {}
         for name, run in _cases(GaussianMixture(4, 2), _data()).items():
             results[name] = _plain(run(distributed=True, chunk_size=7))
             results[name + "_whole_shard"] = _plain(run(distributed=True))
-        refine_module.run_inner = run_inner
+        refine_module.run_inner, gmm_module._kmeans_chunk = run_inner, kmeans_chunk
         failure = _fail_on_one_rank()
-        out = {"results": results, "seen": seen, "failure": failure}
+        out = {"results": results, "seen": seen, "seeded": seeded, "failure": failure}
         torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
 
 
@@ -233,6 +241,8 @@ def test_two_ranks_return_the_single_process_result(tmp_path):
         chunks = [min(7, size - lo) for lo in range(0, size, 7)]
         # em: the shard in chunks of 7 (2 restarts each), then whole; slot attention likewise
         assert got["seen"] == [2 * c for c in chunks] + [2 * size] + chunks + [size]
+        # k-means++ seeded the rank's own datapoints only, not the batch (em: 2 restarts)
+        assert got["seeded"] == [2 * size, 2 * size, size, size]
         for name, result in want.items():
             _assert_same(_from_plain(got["results"][name]), result)
             _assert_same(_from_plain(got["results"][name + "_whole_shard"]), result)

@@ -8,8 +8,9 @@ which is what "± over 3 seeds" reports), and the validation score of every run 
 evaluation with its training seconds (``metrics.jsonl``). ``--weights final`` reports the final
 weights of a ``--select-best`` run instead of its best ones. A run trained with ``--test-sweep
 1,3,5,10,20`` also gets its test score against the inner steps T, and ``--reach 0.95`` prints
-the update and minutes at which each run's validation score first reached 0.95. A folder holding only ``test.json``
-and ``config.yaml`` (a run's record, kept without its checkpoints) is summarized from those.
+the update and minutes at which each run's validation score first reached 0.95. A folder
+holding only ``test.json`` and ``config.yaml`` (a run's record, kept without its checkpoints) is
+summarized from those.
 
 Example::
 

@@ -72,3 +72,52 @@ def test_kmeans_plus_plus_in_chunks_equals_the_whole_batch(monkeypatch, float64)
     loc = model.slot_spec.split(chunked)["loc"]
     lo, hi = x.detach().amin(1, keepdim=True), x.detach().amax(1, keepdim=True)
     assert ((loc >= lo - 1e-12) & (loc <= hi + 1e-12)).all()
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "random_from_data"])
+def test_init_slots_of_some_rows_are_those_rows_of_the_whole_draw(init, monkeypatch):
+    """GaussianMixture.init_slots(rows=...) equals the whole batch's draw indexed by the rows,
+    bit for bit (rows in any order, across k-means++ chunks), and seeds those datapoints only."""
+    from pyro_slots.models import gmm as gmm_module
+
+    monkeypatch.setattr(gmm_module, "KMEANS_CHUNK_POINTS", 3 * 30)  # chunks of 3 datapoints
+    x = torch.randn(11, 30, 2, generator=torch.Generator().manual_seed(4))
+    model = GaussianMixture(4, 2, init=init)
+    whole = model.init_slots(x, 4, torch.Generator().manual_seed(7))
+    rows = torch.tensor([9, 2, 3, 4, 10])
+    seeded, chunk = [], gmm_module._kmeans_chunk
+    monkeypatch.setattr(
+        gmm_module, "_kmeans_chunk", lambda x, *a: seeded.append(len(x)) or chunk(x, *a)
+    )
+    part = model.init_slots(x, 4, torch.Generator().manual_seed(7), rows=rows)
+    assert torch.equal(part, whole[rows])
+    assert seeded == ([3, 2] if init == "kmeans++" else [])
+
+
+def test_initial_slots_of_some_rows_for_every_kind_of_initializer():
+    """refine's initial_slots(rows=...) is the rows of the whole draw for a random initializer,
+    a conditional one (which reads only those datapoints; up to rounding) and a model whose
+    init_slots takes no rows argument."""
+    from pyro_slots import AmortizedInit, GaussianInit
+    from pyro_slots.refine import initial_slots
+
+    x = torch.randn(6, 30, 2, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([4, 1])
+    model = GaussianMixture(3, 2)
+    torch.manual_seed(0)
+    for init in (GaussianInit(5), AmortizedInit(2, 3, 5)):
+        whole = initial_slots(model, x, 3, init=init, generator=torch.Generator().manual_seed(1))
+        part = initial_slots(
+            model, x, 3, init=init, generator=torch.Generator().manual_seed(1), rows=rows
+        )
+        # a network on fewer rows rounds its products differently: equal to float32 rounding
+        torch.testing.assert_close(part, whole[rows], rtol=1e-6, atol=1e-7)
+
+    class OldStyle(GaussianMixture):
+        def init_slots(self, x, num_slots, generator=None):  # no rows argument
+            return super().init_slots(x, num_slots, generator)
+
+    old = OldStyle(3, 2)
+    whole = initial_slots(old, x, 3, generator=torch.Generator().manual_seed(2))
+    part = initial_slots(old, x, 3, generator=torch.Generator().manual_seed(2), rows=rows)
+    assert torch.equal(part, whole[rows])
