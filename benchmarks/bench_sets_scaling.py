@@ -35,9 +35,9 @@ the returned tensors (the responsibilities ``(1, sets, K, M)`` dominate), ``loop
 loop's peak growth less the result: that is what chunking bounds.
 
 Then the 2-process rows: the same cells under ``torchrun --nproc-per-node 2`` (``gloo`` on
-loopback, one thread per process), ``refine(..., distributed=True)``; every rank draws λ_0 for
-the whole batch (the duplicated part) and runs the loop on half of the sets, then the shards are
-all-gathered (``loglik``: each rank evaluates its half and the ELBOs are all-gathered). Times are
+loopback, one thread per process), ``refine(..., distributed=True)``; every rank draws the
+random numbers of λ_0 for the whole batch but computes λ_0 (k-means++) for its own half of the
+sets only, runs the loop on that half, then the shards are all-gathered (``loglik``: each rank evaluates its half and the ELBOs are all-gathered). Times are
 rank 0's, each phase from a barrier to a barrier (the loop's includes the gather); the memory is
 rank 0's.
 
@@ -152,12 +152,20 @@ def _loglik(model, x, truth, chunk_size, shard=(0, None)):
     return out
 
 
-def _lambda0(model, rule, x):
-    """λ_0 of the whole batch, drawn as ``refine(model, x, rule, seed=0)`` draws it."""
+def _lambda0(model, rule, x, shard=None):
+    """λ_0 drawn as ``refine(model, x, rule, seed=0)`` draws it: of the whole batch, or, with
+    ``shard = (start, stop)``, of those datapoints only, as a rank of ``refine(seed=0,
+    distributed=True)`` does (the other rows are zeros, which the rank never reads)."""
     from pyro_slots.refine import initial_slots, make_generator
 
+    rows = None if shard is None else torch.arange(*shard)
     with torch.no_grad():
-        return initial_slots(model, x, K, inner=rule, generator=make_generator(0))
+        slots = initial_slots(model, x, K, inner=rule, generator=make_generator(0), rows=rows)
+    if rows is None:
+        return slots
+    full = slots.new_zeros(x.shape[0], *slots.shape[1:])
+    full[rows] = slots
+    return full
 
 
 def _gather_equal_shards(local: torch.Tensor, world_size: int) -> torch.Tensor:
@@ -219,7 +227,8 @@ def run_cell(method: str, num_sets: int, num_points: int, chunk_size: int, distr
         if rule is None:
             elbo = measured("loop", loglik)
         else:
-            slots = measured("lambda0", lambda: _lambda0(model, rule, x))
+            own = shard if distributed else None
+            slots = measured("lambda0", lambda: _lambda0(model, rule, x, own))
             result = measured(
                 "loop",
                 lambda slots=slots: ps.refine(
@@ -386,8 +395,8 @@ def run(args) -> str:
         "split λ_0 + chunked refine equals one unchunked refine(seed=0) (cells ≤ 1000 sets), "
         f"largest difference {worst:.2e} (per point for ELBOs).\n\n"
         "Two processes (`torchrun --nproc-per-node 2`, gloo on loopback, one thread each, "
-        "`refine(..., distributed=True)`; λ_0 drawn on every rank for the whole batch, the "
-        "loop on half of the sets per rank, results all-gathered):\n\n"
+        "`refine(..., distributed=True)`; every rank computes λ_0 and runs the loop for its own "
+        "half of the sets, results all-gathered):\n\n"
         f"{dist_table}\n\n"
         f"Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; "
         f"after: {', '.join(f'{v:.2f}' for v in load_after)}. The machine has 2 cores shared "
