@@ -37,9 +37,9 @@ loop's peak growth less the result: that is what chunking bounds.
 Then the 2-process rows: the same cells under ``torchrun --nproc-per-node 2`` (``gloo`` on
 loopback, one thread per process), ``refine(..., distributed=True)``; every rank draws the
 random numbers of λ_0 for the whole batch but computes λ_0 (k-means++) for its own half of the
-sets only, runs the loop on that half, then the shards are all-gathered (``loglik``: each rank evaluates its half and the ELBOs are all-gathered). Times are
-rank 0's, each phase from a barrier to a barrier (the loop's includes the gather); the memory is
-rank 0's.
+sets only, runs the loop on that half, then the shards are all-gathered (``loglik``: each rank
+evaluates its half and the ELBOs are all-gathered). Times are rank 0's, each phase from a barrier
+to a barrier (the loop's includes the gather); the memory is rank 0's.
 
     python -m benchmarks.bench_sets_scaling            # the full table (~17 min, 1-2 cores)
     python -m benchmarks.bench_sets_scaling --quick    # tiny sizes: checks that the script runs
@@ -228,7 +228,7 @@ def run_cell(method: str, num_sets: int, num_points: int, chunk_size: int, distr
             elbo = measured("loop", loglik)
         else:
             own = shard if distributed else None
-            slots = measured("lambda0", lambda: _lambda0(model, rule, x, own))
+            slots = measured("lambda0", lambda own=own: _lambda0(model, rule, x, own))
             result = measured(
                 "loop",
                 lambda slots=slots: ps.refine(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 import torch
@@ -502,4 +503,10 @@ def console_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TUNED_COMMANDS:
         tune_allocator()
-    return main(argv)
+    try:
+        return main(argv)
+    except BrokenPipeError:
+        # The reader went away (``pyro-slots summarize ... | head``): no traceback, and no
+        # second error when Python flushes stdout at exit (the recipe of Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

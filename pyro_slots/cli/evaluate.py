@@ -638,8 +638,9 @@ def _write_pictures(run, folder, num, data, inner_steps, restarts) -> list[str]:
         parts = [decode(model, r) for r in inference.frames]
         recon, rgb, masks = (torch.stack([p[i][0] for p in parts]).cpu() for i in range(3))
         path = os.path.join(folder, "slots.png")
+        titles = [f"frame {t}" for t in range(masks.shape[0])]
         plots.plot_slot_masks(masks, images=x[0].cpu(), recon=recon, rgb=rgb,
-                              max_datapoints=None, path=path)  # fmt: skip
+                              max_datapoints=None, titles=titles, path=path)  # fmt: skip
         written.append(path)
         return written
     if run.components.stream.kind == "points":

@@ -311,7 +311,10 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
         echo(f"test ({report['weights']} weights, {config.test_size} held-out): "
              + ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()
                          if k in ("fg_ari", "ari", "mse", "loglik_per_point", "video_fg_ari",
-                                  "slot_keeping")))  # fmt: skip
+                                  "slot_keeping", "kept_slots")))  # fmt: skip
+        for t, metrics in report.get("sweep", {}).items():
+            scores = {k: v for k, v in metrics.items() if k in ("fg_ari", "loglik_per_point")}
+            echo(f"  at T = {t}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     return run
 
 

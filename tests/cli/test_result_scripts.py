@@ -114,3 +114,23 @@ def test_iodine_elbo_probe_parts_agree_with_pyros_elbo(examples_on_path, tmp_pat
     assert json.loads(out.read_text())[run.config.out] == rows
     assert rows["+ 5 Adam steps"]["elbo"] > rows["rule T=2"]["elbo"]
     assert 0 <= rows["rule T=2"]["split"] <= 3
+
+
+def test_summarize_into_a_closed_pipe_exits_without_a_traceback():
+    """``pyro-slots summarize RUN | head`` where the reader has gone: exit status 1 and nothing
+    on stderr (Python would print a BrokenPipeError traceback, then a second error at exit)."""
+    import os
+    import subprocess
+
+    record = Path(__file__).resolve().parents[2] / "examples/results/objects/cli/tet-s0"
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pyro_slots", "summarize", str(record)],
+            stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert proc.returncode == 1
+    assert proc.stderr == ""
