@@ -59,10 +59,25 @@ def check_positive_float(value, name: str, allow_zero: bool = False) -> float:
     return v
 
 
+#: Elements per piece when :func:`check_finite` counts the non-finite values.
+FINITE_CHECK_CHUNK = 2**22
+
+
 def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
-    """:raises NonFiniteError: naming ``name`` and counting the NaN or infinite values."""
-    if not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).sum().item()
+    """:raises NonFiniteError: naming ``name`` and counting the NaN or infinite values.
+
+    A NaN or an infinity anywhere makes the sum NaN or infinite, so a finite sum proves the
+    tensor finite without a boolean copy of it (95 MiB for 10⁵ sets of 500 2-D points); only
+    a sum that is not finite (bad values, or finite ones whose sum overflows) is followed by
+    counting, a piece at a time.
+    """
+    with torch.no_grad():
+        if bool(torch.isfinite(x.sum())):
+            return x
+        rows = max(1, FINITE_CHECK_CHUNK // max(1, x[0].numel())) if x.dim() else 1
+        pieces = x.split(rows) if x.dim() else (x,)
+        bad = sum(int((~torch.isfinite(piece)).sum()) for piece in pieces)
+    if bad:
         raise NonFiniteError(f"{name}: contains {bad} NaN or infinite values")
     return x
 

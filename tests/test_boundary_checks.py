@@ -85,6 +85,27 @@ def test_non_finite_error_is_both_a_value_and_a_floating_point_error():
             check_finite(bad, "w")
 
 
+def test_check_finite_counts_in_pieces_and_passes_finite_values_whose_sum_overflows(
+    monkeypatch,
+):
+    """The count over pieces of rows equals the count over the whole tensor (numpy); finite
+    float32 values whose sum overflows to infinity are finite; a 0-d tensor is checked too."""
+    import numpy as np
+
+    from pyro_slots import validation
+
+    monkeypatch.setattr(validation, "FINITE_CHECK_CHUNK", 10)  # pieces of 2 rows of 5
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+    x[0, 1], x[3, 4], x[6, 0], x[6, 2] = float("nan"), float("inf"), -float("inf"), float("nan")
+    expected = int((~np.isfinite(x.numpy())).sum())
+    with pytest.raises(NonFiniteError, match=f"w: contains {expected} NaN or infinite values"):
+        check_finite(x, "w")
+    big = torch.full((4, 3), 3e38)  # finite in float32, the sum is not
+    assert not torch.isfinite(big.sum()) and check_finite(big, "w") is big
+    with pytest.raises(NonFiniteError, match="w: contains 1 NaN or infinite values"):
+        check_finite(torch.tensor(float("nan")), "w")
+
+
 def test_draws_come_from_the_generator_device_and_land_on_the_data_device():
     """A CPU generator gives the same numbers whatever the requested device (here the meta
     device stands in for a GPU: the values are drawn on the CPU, then moved)."""
