@@ -223,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         "error (default: elbo)",
     )
     evaluate.add_argument(
+        "--reinitialize",
+        action="store_true",
+        help="redraw dead and duplicate slots before every inner step at test time "
+        "(pyro_slots.inner.Reinitialize around the trained rule, from the run's slot "
+        "initializer), for a run trained without --reinitialize",
+    )
+    evaluate.add_argument(
         "--no-carry",
         action="store_true",
         help="clips: start every frame's inner loop afresh instead of from the slots of the "
@@ -399,6 +406,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             per_image=args.per_image,
             criterion=args.restart_criterion,
             carry=not args.no_carry,
+            reinitialize=args.reinitialize,
         )
         for t in steps
     ]
@@ -413,7 +421,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"wrote {args.per_image}", file=note)
     if args.pictures:
         pictures = write_pictures(
-            run, args.pictures, data=data, inner_steps=steps[0], restarts=args.restarts
+            run,
+            args.pictures,
+            data=data,
+            inner_steps=steps[0],
+            restarts=args.restarts,
+            reinitialize=args.reinitialize,
         )
         for path in pictures:
             print(f"wrote {path}", file=note)

@@ -43,7 +43,7 @@ from pyro_slots.inner import EM
 from pyro_slots.metrics import ari, image_scores, reconstruction_mse, slot_keeping, video_fg_ari
 
 from .config import ConfigError
-from .registry import DATASETS, RESTART_CRITERIA, objective_targets
+from .registry import DATASETS, RESTART_CRITERIA, objective_targets, reinitialized_rule
 from .runs import METRICS_NAME, TrainRun, count_option, load_run, resolve_device, writable_folder
 from .streams import Batch
 
@@ -248,6 +248,7 @@ def infer(
     restarts: int = 1,
     criterion: str = "elbo",
     carry: bool = True,
+    reinitialize: bool = False,
 ) -> Inference:
     """Refine the slots of held-out datapoints with the trained rule and initialization.
 
@@ -262,14 +263,22 @@ def infer(
         only, never the truth.
     :param bool carry: clips only: every frame starts from the slots of the frame before
         (through the run's transition), as in training; ``False`` starts every frame afresh.
-    :raises ConfigError: for ``inner_steps`` or ``restarts`` < 1, or restarts on clips.
+    :param bool reinitialize: refine with the trained rule wrapped in
+        :class:`~pyro_slots.inner.Reinitialize` (dead and duplicate slots redrawn from the
+        run's slot initializer before every step), a run trained without it.
+    :raises ConfigError: for ``inner_steps`` or ``restarts`` < 1, restarts on clips, or
+        ``reinitialize`` where the run has no slot initializer to draw from or already
+        re-initializes.
     """
     with evaluation_mode(run.components.model):
-        return _infer(run, batch, inner_steps, restarts, criterion, carry)
+        return _infer(run, batch, inner_steps, restarts, criterion, carry, reinitialize)
 
 
-def _infer(run, batch, inner_steps, restarts, criterion, carry) -> Inference:
+def _infer(run, batch, inner_steps, restarts, criterion, carry, reinitialize) -> Inference:
     config, c = run.config, run.components
+    inner = c.inner
+    if reinitialize:
+        inner = reinitialized_rule(config, c.model, c.inner, c.init)
     inner_steps = count_option(inner_steps, "inner_steps")
     restarts = count_option(restarts, "restarts")
     if isinstance(batch, int):
@@ -285,10 +294,10 @@ def _infer(run, batch, inner_steps, restarts, criterion, carry) -> Inference:
         if restarts != 1:
             raise ConfigError(f"--restarts: clips carry one trajectory of slots, got {restarts}")
         results = refine_video(
-            c.model, batch.x, c.inner, carry=carry, transition=c.transition, **options
+            c.model, batch.x, inner, carry=carry, transition=c.transition, **options
         )
         return Inference(batch, results)
-    result = refine(c.model, batch.x, c.inner, num_restarts=restarts, **options)
+    result = refine(c.model, batch.x, inner, num_restarts=restarts, **options)
     if criterion == "elbo" or restarts == 1:
         return Inference(batch, result.best())
     with torch.no_grad():
@@ -513,6 +522,7 @@ def evaluate_run(
     chunk_size: int = CHUNK_SIZE,
     criterion: str = "elbo",
     carry: bool = True,
+    reinitialize: bool = False,
 ) -> dict:
     """Metrics of a trained run on held-out or any data (a flat dict of numbers), the Python
     form of ``pyro-slots evaluate``.
@@ -532,6 +542,8 @@ def evaluate_run(
     :param per_image: a CSV file to write one row per datapoint into (:func:`write_per_image`).
     :param bool carry: clips: carry the slots from frame to frame (``False``: every frame
         starts afresh, the per-frame baseline of the same weights).
+    :param bool reinitialize: re-initialize dead and duplicate slots at test time
+        (:func:`infer`).
     :param int chunk_size: datapoints refined at once. The slot initialization of each chunk is
         drawn with the run's seed, so a datapoint's scores depend on its position within its
         chunk (and are reproducible for the same ``num`` and ``chunk_size``).
@@ -549,13 +561,16 @@ def evaluate_run(
         raise ConfigError(
             f"criterion: unknown kind {criterion!r}; valid choices are {RESTART_CRITERIA}"
         )
+    if reinitialize:  # checked before any work
+        reinitialized_rule(run.config, run.components.model, run.components.inner,
+                           run.components.init)  # fmt: skip
     data = dataset if isinstance(dataset, EvalData) else evaluation_data(run, dataset, num)
     if per_image is not None:
         _check_per_image_path(per_image)
     parts, steps = [], 0
     for start in range(0, data.size, chunk_size):
         batch = data.load(start, min(start + chunk_size, data.size))
-        inference = infer(run, batch, inner_steps, restarts, criterion, carry)
+        inference = infer(run, batch, inner_steps, restarts, criterion, carry, reinitialize)
         steps = max(steps, inference.num_steps)
         parts.append(per_datapoint(run, inference))
     columns = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
@@ -568,6 +583,7 @@ def evaluate_run(
         "inner_steps": steps,
         "restarts": restarts,
         **({"restart_criterion": criterion} if restarts > 1 else {}),
+        **({"reinitialize": True} if reinitialize else {}),
         **({"carry": carry} if run.components.stream.kind == "videos" else {}),
         **_means(columns),
     }
@@ -593,21 +609,23 @@ def write_pictures(
     data: EvalData | None = None,
     inner_steps: int | None = None,
     restarts: int = 1,
+    reinitialize: bool = False,
 ) -> list[str]:
     """Write the run's pictures into ``folder``; returns their paths.
 
     ``training_curve.png`` (when the run's ``metrics.jsonl`` exists), ``inner_elbo.png``, and
     ``gmm_fits.png`` (gmm) or ``slots.png`` (image models) for ``num`` datapoints of ``data``
-    (:func:`evaluation_data`; default: the run's held-out split).
+    (:func:`evaluation_data`; default: the run's held-out split), refined as :func:`infer`
+    refines them.
 
     :raises ConfigError: when ``folder`` cannot be created or written into.
     """
     writable_folder(folder, "pictures")
     with evaluation_mode(run.components.model):
-        return _write_pictures(run, folder, num, data, inner_steps, restarts)
+        return _write_pictures(run, folder, num, data, inner_steps, restarts, reinitialize)
 
 
-def _write_pictures(run, folder, num, data, inner_steps, restarts) -> list[str]:
+def _write_pictures(run, folder, num, data, inner_steps, restarts, reinitialize) -> list[str]:
     config, model = run.config, run.components.model
     written = []
     metrics_path = os.path.join(config.out, METRICS_NAME)
@@ -620,7 +638,8 @@ def _write_pictures(run, folder, num, data, inner_steps, restarts) -> list[str]:
         )
         written.append(path)
     data = evaluation_data(run) if data is None else data
-    inference = infer(run, data.load(0, min(max(num, 32), data.size)), inner_steps, restarts)
+    batch = data.load(0, min(max(num, 32), data.size))
+    inference = infer(run, batch, inner_steps, restarts, reinitialize=reinitialize)
     result = inference.frames[0]
     path = os.path.join(folder, "inner_elbo.png")
     first = " (the first frame of every clip)" if len(inference.frames) > 1 else ""

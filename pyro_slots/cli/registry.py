@@ -850,14 +850,20 @@ def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components
             f"object, at least {stream.num_objects}, got {config.num_slots}"
         )
     if config.reinitialize:
-        inner = _reinitialize(config, model, inner, init)
+        inner = reinitialized_rule(config, model, inner, init)
     transition = SlotTransition(model.slot_dim) if config.transition == "mlp" else None
     return Components(model, inner, objective, init, stream, transition)
 
 
-def _reinitialize(config: TrainConfig, model, inner, init):
+def reinitialized_rule(config: TrainConfig, model, inner, init):
     """The rule wrapped in :class:`~pyro_slots.inner.Reinitialize`, redrawing from the run's
-    slot initializer (``init``, else the rule's or the model's own)."""
+    slot initializer (``init``, else the rule's or the model's own), seeded with the run's seed:
+    ``--reinitialize`` in training, ``pyro-slots evaluate --reinitialize`` at test time."""
+    if isinstance(inner, Reinitialize):
+        raise ConfigError(
+            "reinitialize: the run's rule re-initializes slots already (trained with "
+            "--reinitialize)"
+        )
     replacement = init
     for owner in (inner, model):
         if replacement is None:

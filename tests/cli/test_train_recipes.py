@@ -468,3 +468,33 @@ def test_list_options_read_from_a_config_file_as_their_text(tmp_path):
     path.write_text("test_sweep: [1, 2.5]\n")
     with pytest.raises(ConfigError, match="test_sweep expects an optional str"):
         merge_config(load_config_file(str(path)), {})
+
+
+def test_evaluate_reinitialize_refines_with_the_trained_rule_wrapped(tmp_path, capsys):
+    """evaluate_run(reinitialize=True) scores what refine scores with Reinitialize(trained rule,
+    the run's initializer, seed = the run's seed), built by hand; it differs from the plain
+    rule's result here (an untrained model's slots start as duplicates); and a run trained with
+    --reinitialize is refused."""
+    import pyro_slots as ps
+    from pyro_slots.cli import main
+    from pyro_slots.inner import Reinitialize
+
+    run = _train(tmp_path, eval_every=0)
+    loaded = load_run(run.config.out)
+    c, config = loaded.components, loaded.config
+    batch = c.stream.held_out(4)
+    got = infer(loaded, batch, reinitialize=True).result
+    rule = Reinitialize(c.inner, init=c.init or c.model.slot_init, seed=config.seed)
+    want = ps.refine(c.model, batch.x, rule, num_slots=config.num_slots,
+                     num_steps=config.inner_steps, init=c.init, seed=config.seed)  # fmt: skip
+    assert torch.equal(got.slots, want.slots)
+    plain = infer(loaded, batch).result
+    assert not torch.equal(plain.slots, got.slots)
+    metrics = evaluate_run(loaded, num=4, reinitialize=True)
+    assert metrics["reinitialize"] is True
+    assert metrics["fg_ari"] == pytest.approx(
+        metrics_of(loaded, infer(loaded, batch, reinitialize=True))["fg_ari"]
+    )
+    trained = _train(tmp_path, name="reinit", eval_every=0, reinitialize=True)
+    assert main(["evaluate", trained.config.out, "--reinitialize", "--num", "2"]) == 2
+    assert "re-initializes slots already" in capsys.readouterr().err
