@@ -477,9 +477,10 @@ def refine(
     :param bool distributed: split the datapoints over the ranks of the initialized
         ``torch.distributed`` process group: every rank draws the random numbers of λ_0 for the
         whole batch (pass a ``seed`` so that the ranks draw the same ones and the result equals
-        the single-process one) but computes λ_0 (e.g. k-means++) for its own contiguous shard
-        only (:func:`initial_slots` ``rows``), runs the loop on it (in chunks with
-        ``chunk_size``) and all-gathers the shards, so every rank returns the whole
+        the single-process one, up to rounding for a conditional initializer such as
+        :class:`~pyro_slots.AmortizedInit`) but computes λ_0 (e.g. k-means++) for its own
+        contiguous shard only (:func:`initial_slots` ``rows``), runs the loop on it (in chunks
+        with ``chunk_size``) and all-gathers the shards, so every rank returns the whole
         :class:`RefineResult`. Every rank must call it with the same arguments; an error in one
         rank's loop is raised on every rank.
     :returns: a :class:`RefineResult` with restart axis ``R = num_restarts``.
