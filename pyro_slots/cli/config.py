@@ -117,9 +117,10 @@ class TrainConfig:
     clip_norm: float | None = _opt(None, "clip the gradient norm of the shared weights")
     reinitialize: bool = _opt(
         False,
-        "redraw dead slots (explaining < 1%% of the measurements) and duplicate ones "
-        "(responsibilities at cosine > 0.95 with another slot's) before every inner step, from "
-        "the slot initializer (pyro_slots.inner.Reinitialize)",
+        "redraw dead slots (explaining < 1%% of the measurements) and duplicate ones (masks at "
+        "cosine > 0.95 with another slot's: the decoder's masks of image models, else the "
+        "responsibilities) before every inner step, from the slot initializer "
+        "(pyro_slots.inner.Reinitialize)",
     )
     init_regression: float = _opt(
         0.0,

@@ -25,7 +25,14 @@ import torch
 
 from pyro_slots.data import shapes, tetrominoes
 from pyro_slots.init import AmortizedInit, GaussianInit, LearnedQueries, SlotTransition
-from pyro_slots.inner import EM, GeneralizedEM, GradientAscent, Reinitialize, SoftKMeans
+from pyro_slots.inner import (
+    EM,
+    GeneralizedEM,
+    GradientAscent,
+    Reinitialize,
+    SoftKMeans,
+    decoder_masks,
+)
 from pyro_slots.models import GaussianMixture
 from pyro_slots.nested import GRADIENT_MODES
 from pyro_slots.objectives import NegativeELBO, Reconstruction, SetPrediction, WeightedSum
@@ -857,7 +864,9 @@ def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components
 
 def reinitialized_rule(config: TrainConfig, model, inner, init):
     """The rule wrapped in :class:`~pyro_slots.inner.Reinitialize`, redrawing from the run's
-    slot initializer (``init``, else the rule's or the model's own), seeded with the run's seed:
+    slot initializer (``init``, else the rule's or the model's own), seeded with the run's seed,
+    judging dead and duplicate slots by the decoder's masks where the model decodes images
+    (:func:`~pyro_slots.inner.decoder_masks`), else by the assignment posterior:
     ``--reinitialize`` in training, ``pyro-slots evaluate --reinitialize`` at test time."""
     if isinstance(inner, Reinitialize):
         raise ConfigError(
@@ -874,7 +883,10 @@ def reinitialized_rule(config: TrainConfig, model, inner, init):
             f"{config.init} has no slot initializer to redraw slots from (k-means++ seeds from "
             "the data); use --init learned or --init fixed"
         )
-    wrapped = Reinitialize(inner, init=replacement, seed=config.seed)
+    # An image model's segmentation is its decoder's masks; the posterior of its inner mixture
+    # over the encoder's features can be far flatter (Reinitialize's docstring).
+    masks = decoder_masks if callable(getattr(model, "decode", None)) else None
+    wrapped = Reinitialize(inner, init=replacement, seed=config.seed, masks=masks)
     try:
         wrapped.check_model(model)
     except CapabilityError as error:

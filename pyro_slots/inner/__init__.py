@@ -11,7 +11,7 @@ from .gradient import GradientAscent, trust_region
 from .hybrid import Hybrid
 from .learned_gradient import LearnedGradient
 from .mstep import DerivedMStep
-from .reinit import Reinitialize, duplicate_mask
+from .reinit import Reinitialize, decoder_masks, duplicate_mask, posterior_masks
 from .rnn_em import RNNEM
 from .safeguard import Safeguarded
 from .slot_attention import GaussianFeatures, SlotAttention
@@ -33,7 +33,9 @@ __all__ = [
     "SlotAttention",
     "SoftKMeans",
     "StepInfo",
+    "decoder_masks",
     "duplicate_mask",
     "expected_log_joint",
+    "posterior_masks",
     "trust_region",
 ]

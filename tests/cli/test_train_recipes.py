@@ -472,19 +472,20 @@ def test_list_options_read_from_a_config_file_as_their_text(tmp_path):
 
 def test_evaluate_reinitialize_refines_with_the_trained_rule_wrapped(tmp_path, capsys):
     """evaluate_run(reinitialize=True) scores what refine scores with Reinitialize(trained rule,
-    the run's initializer, seed = the run's seed), built by hand; it differs from the plain
-    rule's result here (an untrained model's slots start as duplicates); and a run trained with
-    --reinitialize is refused."""
+    the run's initializer, seed = the run's seed, the decoder's masks), built by hand; it
+    differs from the plain rule's result here (an untrained model's slots start as
+    duplicates); and a run trained with --reinitialize is refused."""
     import pyro_slots as ps
     from pyro_slots.cli import main
-    from pyro_slots.inner import Reinitialize
+    from pyro_slots.inner import Reinitialize, decoder_masks
 
     run = _train(tmp_path, eval_every=0)
     loaded = load_run(run.config.out)
     c, config = loaded.components, loaded.config
     batch = c.stream.held_out(4)
     got = infer(loaded, batch, reinitialize=True).result
-    rule = Reinitialize(c.inner, init=c.init or c.model.slot_init, seed=config.seed)
+    rule = Reinitialize(c.inner, init=c.init or c.model.slot_init, seed=config.seed,
+                        masks=decoder_masks)  # fmt: skip
     want = ps.refine(c.model, batch.x, rule, num_slots=config.num_slots,
                      num_steps=config.inner_steps, init=c.init, seed=config.seed)  # fmt: skip
     assert torch.equal(got.slots, want.slots)

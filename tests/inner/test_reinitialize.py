@@ -1,5 +1,6 @@
 """Reinitialize: dead and duplicate slots redrawn inside the inner loop."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,9 @@ from pyro_slots.inner import (
     InnerProblem,
     InnerState,
     Reinitialize,
+    decoder_masks,
     duplicate_mask,
+    posterior_masks,
 )
 from pyro_slots.models import GaussianMixture
 from pyro_slots.validation import CapabilityError
@@ -123,8 +126,9 @@ def test_trainer_wraps_the_rule_and_draws_from_the_runs_initializer(tmp_path):
                                        slot_dim=8, reinitialize=True)))  # fmt: skip
     assert isinstance(images.inner, Reinitialize) and isinstance(images.inner.rule, SlotAttention)
     assert images.inner.replacement is images.model.slot_init
+    assert images.inner.masks is decoder_masks
     points = build(resolve(TrainConfig(model="gmm", inner="em", init="learned", reinitialize=True)))
-    assert points.inner.replacement is points.init
+    assert points.inner.replacement is points.init and points.inner.masks is posterior_masks
     x = points.stream.batch(0).x[:4]
     by_hand = Reinitialize(EM(5), init=points.init, seed=0)
     a = ps.refine(points.model, x, points.inner, init=points.init, seed=3).slots
@@ -133,3 +137,43 @@ def test_trainer_wraps_the_rule_and_draws_from_the_runs_initializer(tmp_path):
     with pytest.raises(ConfigError, match="reinitialize: --model gmm .* no slot initializer"):
         build(resolve(TrainConfig(model="gmm", inner="slot-attention", init="model",
                                   reinitialize=True)))  # fmt: skip
+
+
+def test_decoder_masks_flag_a_slot_that_draws_what_another_draws():
+    """With masks=decoder_masks the duplicates and dead slots are judged on the decoder's masks:
+    a slot equal to an earlier one draws the same mask (a duplicate, whatever the feature
+    mixture's posterior says), and a slot is dead when its mean mask, computed here from
+    model.decode directly, is under the threshold."""
+    from pyro_slots.inner import SlotAttention
+    from pyro_slots.models import SlotAutoencoder
+
+    torch.manual_seed(0)
+    model = SlotAutoencoder(image_size=16, num_slots=4, slot_dim=8)
+    x = torch.rand(3, 3, 16, 16)
+    problem = InnerProblem(model, model.encode(x))
+    slots = torch.randn(3, 4, 8)
+    slots[:, 2] = slots[:, 0]  # slot 2 repeats slot 0 in every image
+    rule = Reinitialize(SlotAttention(num_steps=1, slot_dim=8, input_dim=8),
+                        init=ps.GaussianInit(8), masks=decoder_masks)  # fmt: skip
+    rule.check_model(model)
+    with torch.no_grad():
+        masks = model.decode(slots)[2].flatten(2).double().numpy()  # (3, 4, 256)
+    share = masks.mean(-1)
+    unit = masks / np.linalg.norm(masks, axis=-1, keepdims=True)
+    cos = np.einsum("bkn,bjn->bkj", unit, unit)
+    for duplicate in (0.95, 0.999999):
+        for dead in (0.0, float(share.min()) + 1e-6):
+            rule.dead_threshold, rule.duplicate_threshold = dead, duplicate
+            expected = share < dead
+            for k in range(4):  # brute force: a slot at cosine > threshold with an earlier one
+                expected[:, k] |= (cos[:, k, :k] > duplicate).any(-1)
+            assert torch.equal(rule.replaced(problem, slots), torch.from_numpy(expected))
+            assert expected[:, 2].all()  # the repeated slot, at any threshold
+            if (duplicate, dead) == (0.999999, 0.0):
+                assert expected.sum() == 3  # nothing but the repeated slot
+    with pytest.raises(CapabilityError, match="needs the decoder's masks: GaussianMixture"):
+        Reinitialize(EM(1), init=ps.GaussianInit(5), masks=decoder_masks).check_model(
+            GaussianMixture(3, 2)
+        )
+    with pytest.raises(TypeError, match="masks: expected a function masks"):
+        Reinitialize(EM(1), init=ps.GaussianInit(5), masks="decoder")
