@@ -73,6 +73,7 @@ RESUMABLE = (
     "eval_restarts",
     "restart_criterion",
     "test_sweep",
+    "eval_reinitialize",
 )
 
 

@@ -155,6 +155,11 @@ class TrainConfig:
         None, "inner steps T of the final test (default: --inner-steps)"
     )
     eval_restarts: int = _opt(1, "slot initializations per test datapoint; one is kept")
+    eval_reinitialize: bool = _opt(
+        False,
+        "test (final test and --test-sweep) with dead and duplicate slots redrawn before every "
+        "inner step, as pyro-slots evaluate --reinitialize; training is unchanged",
+    )
     test_sweep: str | None = _opt(
         None,
         "also test the tested weights at each of these inner steps T, e.g. 1,3,5,10,20 "

@@ -346,7 +346,9 @@ def _best_so_far(config: TrainConfig) -> tuple[int, float] | None:
 TEST_CHUNK = CHUNK_SIZE
 
 
-def test_metrics(run: TrainRun, batch, inner_steps=None, restarts=1, criterion="elbo") -> dict:
+def test_metrics(
+    run: TrainRun, batch, inner_steps=None, restarts=1, criterion="elbo", reinitialize=False
+) -> dict:
     """:func:`~pyro_slots.cli.evaluate.metrics_of` of :func:`~pyro_slots.cli.evaluate.infer`,
     over chunks of :data:`TEST_CHUNK` datapoints: every metric is the mean of the chunks' means
     weighted by their sizes (the mean over datapoints wherever no datapoint's value is NaN)."""
@@ -359,7 +361,7 @@ def test_metrics(run: TrainRun, batch, inner_steps=None, restarts=1, criterion="
             {k: v[i : i + TEST_CHUNK] if torch.is_tensor(v) else v for k, v in batch.truth.items()},
         )
         size = part.x.shape[0]
-        inference = infer(run, part, inner_steps, restarts, criterion)
+        inference = infer(run, part, inner_steps, restarts, criterion, reinitialize=reinitialize)
         if head is not None:
             slots.append(inference.result.slots[0])
         metrics = metrics_of(run, inference)
@@ -380,7 +382,8 @@ def test_metrics(run: TrainRun, batch, inner_steps=None, restarts=1, criterion="
 
 def final_test(run: TrainRun) -> dict:
     """Score the run on ``test_size`` held-out test datapoints at the test-time options
-    (``eval_inner_steps``, ``eval_restarts``, ``restart_criterion``) and write ``test.json``.
+    (``eval_inner_steps``, ``eval_restarts``, ``restart_criterion``, ``eval_reinitialize``)
+    and write ``test.json``.
 
     With ``test_sweep`` (``"1,3,5,10,20"``) the tested weights are tested again at each of those
     inner steps T, on the same data from the same initial slots: ``report["sweep"][str(T)]``.
@@ -390,7 +393,7 @@ def final_test(run: TrainRun) -> dict:
     """
     config = run.config
     batch = run.components.stream.held_out(config.test_size)
-    options = (config.eval_restarts, config.restart_criterion)
+    options = (config.eval_restarts, config.restart_criterion, config.eval_reinitialize)
     cpu_state = torch.get_rng_state()
     try:
         metrics = test_metrics(run, batch, config.eval_inner_steps, *options)
@@ -414,6 +417,8 @@ def final_test(run: TrainRun) -> dict:
     report["train_seconds"] = round(run.clock.seconds(), 1)
     report["inner_steps"] = config.eval_inner_steps or config.inner_steps
     report["restarts"], report["restart_criterion"] = config.eval_restarts, config.restart_criterion
+    if config.eval_reinitialize:
+        report["reinitialize"] = True
     path = os.path.join(config.out, TEST_NAME)
     write_atomically(path, json.dumps(report, indent=1))
     return report
