@@ -386,7 +386,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .summarize import steps_table
 
-    steps = int_list(args.inner_steps, "--inner-steps") or (None,)
+    steps = int_list(args.inner_steps, "--inner-steps", "10 or 1,3,5,10,20") or (None,)
     if len(steps) > 1:
         for flag in ("per_image", "pictures"):
             if getattr(args, flag):

@@ -97,10 +97,11 @@ def _gmm(config: TrainConfig, stream):
     return GaussianMixture(config.num_slots, stream.dim, **lloyd)
 
 
-def int_list(text: str | None, name: str) -> tuple[int, ...] | None:
+def int_list(text: str | None, name: str, example: str = "2,1,2,1") -> tuple[int, ...] | None:
     """``"2,1,2,1"`` as ``(2, 1, 2, 1)`` (``None`` stays ``None``).
 
-    :raises ConfigError: naming ``name`` unless every entry is an integer >= 1.
+    :raises ConfigError: naming ``name`` (and showing ``example``) unless every entry is an
+        integer >= 1.
     """
     if text is None:
         return None
@@ -109,7 +110,7 @@ def int_list(text: str | None, name: str) -> tuple[int, ...] | None:
     except ValueError:
         values = ()
     if not values or min(values) < 1:
-        raise ConfigError(f"{name}: expected positive integers like 2,1,2,1, got {text!r}")
+        raise ConfigError(f"{name}: expected positive integers like {example}, got {text!r}")
     return values
 
 
@@ -549,7 +550,7 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"{name}: expected an integer >= 1, got {value}")
-    int_list(config.test_sweep, "test_sweep")
+    int_list(config.test_sweep, "test_sweep", "1,3,5,10,20")
     if config.eval_reinitialize and config.reinitialize:
         raise ConfigError(
             "eval_reinitialize: the run re-initializes slots already (--reinitialize); the test "

@@ -408,7 +408,7 @@ def final_test(run: TrainRun) -> dict:
                 "metrics": test_metrics(tested, batch, config.eval_inner_steps, *options),
                 "final_weights": {"step": run.step, "metrics": metrics},
             }
-        sweep = int_list(config.test_sweep, "test_sweep") or ()
+        sweep = int_list(config.test_sweep, "test_sweep", "1,3,5,10,20") or ()
         if sweep:
             # The same test data and slot initializations at every T: only T changes.
             report["sweep"] = {str(t): test_metrics(tested, batch, t, *options) for t in sweep}

@@ -253,7 +253,7 @@ def test_iodine_objectives(tmp_path):
         ({"decoder_upsample": -1}, "decoder_upsample: expected an integer >= 0"),
         ({"decoder_channels": "32,0"}, "decoder_channels: expected positive integers"),
         ({"encoder_strides": "2,x"}, "encoder_strides: expected positive integers"),
-        ({"test_sweep": "1,0", "test_size": 2}, "test_sweep: expected positive integers"),
+        ({"test_sweep": "1,0", "test_size": 2}, "test_sweep: expected positive integers like 1,3"),
         ({"test_sweep": "1,3"}, "test_sweep: needs the final test (--test-size N > 0)"),
         ({"model": "gmm", "dataset": None, "slot_dim": None, "paper_size": True},
          "paper_size: an image model's architecture"),
