@@ -68,10 +68,14 @@ def test_unwritable_folders(run, tmp_path, capsys, kind):
     "argv, expected",
     [
         (["evaluate", "RUN", "--num", "0"], "num: expected an integer >= 1, got 0"),
-        (["evaluate", "RUN", "--inner-steps", "0"],
-         "--inner-steps: expected positive integers like 10 or 1,3,5,10,20, got '0'"),
-        (["evaluate", "RUN", "--inner-steps", "5,x"],
-         "--inner-steps: expected positive integers like 10 or 1,3,5,10,20, got '5,x'"),
+        (
+            ["evaluate", "RUN", "--inner-steps", "0"],
+            "--inner-steps: expected positive integers like 10 or 1,3,5,10,20, got '0'",
+        ),
+        (
+            ["evaluate", "RUN", "--inner-steps", "5,x"],
+            "--inner-steps: expected positive integers like 10 or 1,3,5,10,20, got '5,x'",
+        ),
         (["diagnose", "RUN", "--num", "0"], "num: expected an integer >= 1, got 0"),
         (["diagnose", "RUN", "--restarts", "0"], "restarts: expected an integer >= 1, got 0"),
         (["diagnose", "RUN", "--inner-steps", "0"], "inner_steps: expected an integer >= 1"),
