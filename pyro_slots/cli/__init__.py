@@ -191,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         default=None,
         metavar="NAME",
-        help="hdf5:PATH (a file in the layout of pyro_slots.data.hdf5) or a generator of the "
-        "run's kind of data (default: the run's own held-out split)",
+        help="hdf5:PATH (a file in the layout of pyro_slots.data.hdf5), a generator of the "
+        "run's kind of data, or validation (the run's validation scenes: choose test-time "
+        "options there, not on the test scenes) (default: the run's own held-out split)",
     )
     evaluate.add_argument(
         "--num",

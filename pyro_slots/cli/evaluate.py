@@ -49,6 +49,7 @@ from .streams import Batch
 
 __all__ = [
     "DEFAULT_NUM",
+    "VALIDATION",
     "Inference",
     "EvalData",
     "evaluate_run",
@@ -69,6 +70,10 @@ REFERENCE_EM_STEPS = 100
 
 #: Datapoints drawn from a generator when ``num`` is not given.
 DEFAULT_NUM = 128
+
+#: ``dataset`` naming the run's validation scenes (those of its periodic evaluation and
+#: ``select_best``), where test-time options can be chosen without looking at the test scenes.
+VALIDATION = "validation"
 
 #: Datapoints refined at once by :func:`evaluate_run` and by the final test of training (each
 #: chunk's slots are initialized with the run's seed, so the same chunks give the same scores).
@@ -180,8 +185,9 @@ def _hdf5_data(run: TrainRun, name: str, num: int | None) -> EvalData:
 def evaluation_data(run: TrainRun, dataset: str | None = None, num: int | None = None) -> EvalData:
     """The data to evaluate ``run`` on, checked; nothing is refined.
 
-    :param str dataset: ``None`` (the run's own held-out split), a generator's name of the run's
-        kind of data, or ``hdf5:PATH``.
+    :param str dataset: ``None`` (the run's own held-out split), ``"validation"`` (the run's
+        validation scenes, apart from training and test), a generator's name of the run's kind
+        of data, or ``hdf5:PATH``.
     :param int num: datapoints (default: :data:`DEFAULT_NUM` from a generator, every image of
         an HDF5 file or of the run's held-out HDF5 split); >= 1.
     :raises ConfigError: for an unknown name, data of another kind, size or channel count than
@@ -189,6 +195,18 @@ def evaluation_data(run: TrainRun, dataset: str | None = None, num: int | None =
     """
     num = count_option(num, "num")
     stream = run.components.stream
+    if dataset == VALIDATION:
+        if hasattr(stream, "held_out_size"):
+            raise ConfigError(
+                "--dataset validation: an HDF5 run has no validation split apart from its "
+                "held-out images; evaluate it on another file (--dataset hdf5:PATH)"
+            )
+        batch = stream.validation(DEFAULT_NUM if num is None else num)
+        return EvalData(
+            f"{run.config.dataset}/validation",
+            batch.x.shape[0],
+            lambda start, stop: _slice(batch, start, stop),
+        )
     own = dataset == run.config.dataset and not dataset.startswith("hdf5:")
     if dataset is None or own:
         name = f"{run.config.dataset}/held-out"

@@ -512,3 +512,21 @@ def test_evaluate_reinitialize_refines_with_the_trained_rule_wrapped(tmp_path, c
     trained = _train(tmp_path, name="reinit", eval_every=0, reinitialize=True)
     assert main(["evaluate", trained.config.out, "--reinitialize", "--num", "2"]) == 2
     assert "re-initializes slots already" in capsys.readouterr().err
+
+
+def test_evaluate_on_the_validation_scenes_repeats_the_runs_last_validation_record(tmp_path):
+    """--dataset validation scores the scenes of the periodic evaluation: the final weights on
+    eval_size of them give the FG-ARI and J of metrics.jsonl's last validation record, and
+    they are not the test scenes."""
+    from pyro_slots.cli import main
+
+    run = _train(tmp_path, steps=2, eval_every=2)
+    last = [r for r in _records(run) if r["split"] == "held_out"][-1]
+    assert last["step"] == 2
+    metrics = evaluate_run(load_run(run.config.out), dataset="validation", num=3)
+    assert metrics["dataset"] == "tetrominoes/validation"
+    assert metrics["fg_ari"] == pytest.approx(last["fg_ari"], abs=1e-6)
+    assert metrics["J"] == pytest.approx(last["J"], rel=1e-5)
+    test = evaluate_run(load_run(run.config.out), num=3)
+    assert test["mse"] != metrics["mse"]
+    assert main(["evaluate", run.config.out, "--dataset", "validation", "--num", "3"]) == 0
