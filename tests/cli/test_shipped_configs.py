@@ -61,6 +61,8 @@ def test_every_shipped_config_trains_and_evaluates(name, tmp_path, capsys):
     steps = str(config.get("eval_inner_steps") or final["inner_steps"])
     restarts = ["--restarts", str(config.get("eval_restarts", 1)),
                 "--restart-criterion", config.get("restart_criterion", "elbo")]  # fmt: skip
+    if config.get("eval_reinitialize"):
+        restarts.append("--reinitialize")
     capsys.readouterr()
     argv = ["evaluate", str(out), "--json", "--num", "3", "--inner-steps", steps, *restarts]
     assert main(argv) == 0
@@ -97,7 +99,8 @@ def _check_on_an_hdf5_file(out, path, steps, restarts, capsys):
     data = EvalData("direct", 3, lambda i, j: Batch(x[i:j], {"mask": truth[i:j]}))
     run = load_run(str(out))  # restores the checkpoint's generator state, as the command does
     direct = evaluate_run(run, data, inner_steps=steps, restarts=int(restarts[1]),
-                          criterion=restarts[3])  # fmt: skip
+                          criterion=restarts[3],
+                          reinitialize="--reinitialize" in restarts)  # fmt: skip
     assert on_file["num_datapoints"] == 3
     for key in ("fg_ari", "ari", "mse", "elbo"):
         assert on_file[key] == pytest.approx(direct[key], rel=1e-5, abs=1e-6), key
