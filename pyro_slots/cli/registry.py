@@ -31,7 +31,7 @@ from pyro_slots.inner import (
     GradientAscent,
     Reinitialize,
     SoftKMeans,
-    decoder_masks,
+    masks_of,
 )
 from pyro_slots.models import GaussianMixture
 from pyro_slots.nested import GRADIENT_MODES
@@ -893,8 +893,7 @@ def reinitialized_rule(config: TrainConfig, model, inner, init):
         )
     # An image model's segmentation is its decoder's masks; the posterior of its inner mixture
     # over the encoder's features can be far flatter (Reinitialize's docstring).
-    masks = decoder_masks if callable(getattr(model, "decode", None)) else None
-    wrapped = Reinitialize(inner, init=replacement, seed=config.seed, masks=masks)
+    wrapped = Reinitialize(inner, init=replacement, seed=config.seed, masks=masks_of(model))
     try:
         wrapped.check_model(model)
     except CapabilityError as error:

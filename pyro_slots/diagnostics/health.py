@@ -28,7 +28,7 @@ import xarray as xr
 from ..elbo import PerDatapointELBO
 from ..init import draw
 from ..inner.base import InnerProblem, InnerRule, InnerState
-from ..inner.reinit import duplicate_mask
+from ..inner.reinit import duplicate_mask, posterior_masks
 from ..validation import CapabilityError, check_positive_float, check_positive_int
 from . import _traces
 from .inference_data import checked_result
@@ -295,6 +295,7 @@ def inner_loop_health(
     elbo_rtol: float | None = None,
     num_particles: int = 8,
     seed: int | None = 0,
+    masks=None,
 ) -> InnerLoopHealth:
     """Health indicators of a refine result (the best restart of every datapoint).
 
@@ -323,6 +324,11 @@ def inner_loop_health(
         :func:`elbo_decreases`).
     :param int seed: seed of the power iteration's starting vectors and of the common random
         numbers.
+    :param masks: what every slot explains, ``masks(problem, slots) -> (B, K, N)``, for the
+        entropy, mass, dead and duplicate slots: e.g. :func:`~pyro_slots.inner.decoder_masks`
+        for an image model (:func:`~pyro_slots.inner.masks_of`), whose feature mixture's
+        posterior can be flat; default (``None`` or :func:`~pyro_slots.inner.posterior_masks`):
+        the responsibilities, as above.
     :returns: an :class:`InnerLoopHealth`.
     """
     res = checked_result(result)
@@ -348,7 +354,12 @@ def inner_loop_health(
     final_relres = relres[-1] if num_steps else history.new_zeros(batch)
     slots = best.slots[0].detach()
     resp = None if best.responsibilities is None else best.responsibilities[0]
-    if resp is None and model is not None and res.x_enc is not None:
+    if masks is not None and masks is not posterior_masks:  # the default: responsibilities
+        if model is None or res.x_enc is None:
+            raise ValueError("model: required (with result.x_enc) for masks")
+        with torch.no_grad():
+            resp = masks(InnerProblem(model, res.x_enc), slots)
+    elif resp is None and model is not None and res.x_enc is not None:
         resp = model_responsibilities(model, res.x_enc, slots)
     norm = None
     if jacobian and rule is not None:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..inner.reinit import masks_of
 from ..plots.diagnostics import plot_elbo_trajectories, plot_khat, plot_rhat
 from ..plots.slots import plot_slot_masks
 from ..refine import refine
@@ -118,7 +119,7 @@ def write_report(
     if guide_sites:
         psis = psis_diagnostic(model, x, best, num_psis_samples, seed=seed)
     gap = refinement_gap(model, x, best, refiner or default_refiner(model))
-    health = inner_loop_health(result, model, inner, seed=seed)
+    health = inner_loop_health(result, model, inner, seed=seed, masks=masks_of(model))
     table = summary(idata, psis=psis, gap=gap, health=health)
 
     idata.to_netcdf(str(folder / "inference_data.nc"))

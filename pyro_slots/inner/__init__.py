@@ -11,7 +11,7 @@ from .gradient import GradientAscent, trust_region
 from .hybrid import Hybrid
 from .learned_gradient import LearnedGradient
 from .mstep import DerivedMStep
-from .reinit import Reinitialize, decoder_masks, duplicate_mask, posterior_masks
+from .reinit import Reinitialize, decoder_masks, duplicate_mask, masks_of, posterior_masks
 from .rnn_em import RNNEM
 from .safeguard import Safeguarded
 from .slot_attention import GaussianFeatures, SlotAttention
@@ -36,6 +36,7 @@ __all__ = [
     "decoder_masks",
     "duplicate_mask",
     "expected_log_joint",
+    "masks_of",
     "posterior_masks",
     "trust_region",
 ]

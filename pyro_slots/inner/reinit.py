@@ -7,13 +7,20 @@ import torch
 from ..validation import CapabilityError, check_positive_float, check_positive_int
 from .base import InnerProblem, InnerRule, InnerState
 
-__all__ = ["Reinitialize", "decoder_masks", "duplicate_mask", "posterior_masks"]
+__all__ = ["Reinitialize", "decoder_masks", "duplicate_mask", "masks_of", "posterior_masks"]
 
 
 def posterior_masks(problem: InnerProblem, slots: torch.Tensor) -> torch.Tensor:
     """What every slot explains, ``(batch, K, M)``: the posterior of the model's assignment
     site (its responsibilities) at ``slots``, from the Pyro program."""
     return problem.elbo_and_responsibilities(slots)[1]
+
+
+def masks_of(model):
+    """What a slot explains for ``model``: :func:`decoder_masks` where the model decodes images
+    (``model.decode``), else :func:`posterior_masks` (re-initialization and the inner-loop
+    health diagnostics judge dead and duplicate slots by it)."""
+    return decoder_masks if callable(getattr(model, "decode", None)) else posterior_masks
 
 
 def decoder_masks(problem: InnerProblem, slots: torch.Tensor) -> torch.Tensor:

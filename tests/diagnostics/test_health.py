@@ -201,3 +201,30 @@ def test_generic_responsibilities_from_the_assignment_site(float64, point_sets):
     slots = gmm.init_slots(x, 3, torch.Generator().manual_seed(0))
     generic = model_responsibilities(gmm, x, slots)
     torch.testing.assert_close(generic, gmm_responsibilities(gmm, x, slots))
+
+
+def test_image_model_health_reads_the_decoders_masks():
+    """masks=decoder_masks: slot mass, dead and duplicate slots come from the decoder's masks
+    (computed here from model.decode and checked by brute force), and a slot repeated from an
+    earlier one is a duplicate; masks_of picks the decoder's masks for an image model and the
+    posterior for a Gaussian mixture."""
+    from pyro_slots.diagnostics import inner_loop_health
+    from pyro_slots.inner import SlotAttention, decoder_masks, masks_of, posterior_masks
+    from pyro_slots.models import SlotAutoencoder
+
+    torch.manual_seed(0)
+    model = SlotAutoencoder(image_size=16, num_slots=4, slot_dim=8)
+    x = torch.rand(3, 3, 16, 16)
+    rule = SlotAttention(num_steps=1, slot_dim=8, input_dim=model.encode(x).shape[-1])
+    result = ps.refine(model, x, rule, seed=0)
+    result.slots[0, :, 3] = result.slots[0, :, 1]  # slot 3 repeats slot 1 in every image
+    health = inner_loop_health(result, model, jacobian=False, masks=decoder_masks,
+                               duplicate_threshold=0.999999)  # fmt: skip
+    with torch.no_grad():
+        masks = model.decode(result.slots[0])[2].flatten(2).double().numpy()  # (3, 4, 256)
+    np.testing.assert_allclose(health.slot_mass.numpy(), masks.mean(-1), rtol=1e-5)
+    unit = masks / np.linalg.norm(masks, axis=-1, keepdims=True)
+    cos = np.einsum("bkn,bjn->bkj", unit, unit)
+    dup = [sum(bool((cos[b, k, :k] > 0.999999).any()) for k in range(4)) for b in range(3)]
+    assert health.num_duplicate_slots.tolist() == dup and min(dup) >= 1
+    assert masks_of(model) is decoder_masks and masks_of(GaussianMixture(3, 2)) is posterior_masks
