@@ -341,24 +341,21 @@ def _best_so_far(config: TrainConfig) -> tuple[int, float] | None:
     return best
 
 
-#: Test datapoints refined at a time by :func:`final_test` (bounds its memory): the chunks of
-#: ``pyro-slots evaluate``, so that it repeats the final test exactly.
-TEST_CHUNK = CHUNK_SIZE
-
-
 def test_metrics(
     run: TrainRun, batch, inner_steps=None, restarts=1, criterion="elbo", reinitialize=False
 ) -> dict:
     """:func:`~pyro_slots.cli.evaluate.metrics_of` of :func:`~pyro_slots.cli.evaluate.infer`,
-    over chunks of :data:`TEST_CHUNK` datapoints: every metric is the mean of the chunks' means
-    weighted by their sizes (the mean over datapoints wherever no datapoint's value is NaN)."""
+    over chunks of :data:`~pyro_slots.cli.evaluate.CHUNK_SIZE` datapoints (those of
+    ``pyro-slots evaluate``, which so repeats the final test exactly): every metric is the mean
+    of the chunks' means weighted by their sizes (the mean over datapoints wherever no
+    datapoint's value is NaN)."""
     num = batch.x.shape[0]
     head = set_prediction_head(run.components.objective)
     totals, count, slots = {}, 0, []
-    for i in range(0, num, TEST_CHUNK):
+    for i in range(0, num, CHUNK_SIZE):
         part = Batch(
-            batch.x[i : i + TEST_CHUNK],
-            {k: v[i : i + TEST_CHUNK] if torch.is_tensor(v) else v for k, v in batch.truth.items()},
+            batch.x[i : i + CHUNK_SIZE],
+            {k: v[i : i + CHUNK_SIZE] if torch.is_tensor(v) else v for k, v in batch.truth.items()},
         )
         size = part.x.shape[0]
         inference = infer(run, part, inner_steps, restarts, criterion, reinitialize=reinitialize)
