@@ -105,7 +105,13 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             help_text += f" (default: {f.default})"
         text = str(f.type)
         if text == "bool":
-            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            # --flag / --no-flag: a recipe's true can be turned off on the command line
+            group.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
             continue
         kind = {"int": int, "float": float, "str": str}[text.removesuffix(" | None")]
         aliases = ("--latent-dim",) if f.name == "slot_dim" else ()

@@ -158,7 +158,8 @@ class TrainConfig:
     eval_reinitialize: bool = _opt(
         False,
         "test (final test and --test-sweep) with dead and duplicate slots redrawn before every "
-        "inner step, as pyro-slots evaluate --reinitialize; training is unchanged",
+        "inner step, as pyro-slots evaluate --reinitialize; training is unchanged (a run trained "
+        "with --reinitialize is tested with its own rule, which does this already)",
     )
     test_sweep: str | None = _opt(
         None,

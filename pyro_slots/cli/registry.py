@@ -551,11 +551,6 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"{name}: expected an integer >= 1, got {value}")
     int_list(config.test_sweep, "test_sweep", "1,3,5,10,20")
-    if config.eval_reinitialize and config.reinitialize:
-        raise ConfigError(
-            "eval_reinitialize: the run re-initializes slots already (--reinitialize); the test "
-            "uses the trained rule"
-        )
     if config.test_sweep is not None and not config.test_size:
         raise ConfigError("test_sweep: needs the final test (--test-size N > 0)")
     if config.restart_criterion not in RESTART_CRITERIA:
@@ -864,7 +859,7 @@ def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components
         )
     if config.reinitialize:
         inner = reinitialized_rule(config, model, inner, init)
-    if config.eval_reinitialize:  # the final test's rule, checked before any training
+    if config.eval_reinitialize and not config.reinitialize:  # the final test's rule, checked early
         reinitialized_rule(config, model, inner, init)
     transition = SlotTransition(model.slot_dim) if config.transition == "mlp" else None
     return Components(model, inner, objective, init, stream, transition)

@@ -390,7 +390,9 @@ def final_test(run: TrainRun) -> dict:
     """
     config = run.config
     batch = run.components.stream.held_out(config.test_size)
-    options = (config.eval_restarts, config.restart_criterion, config.eval_reinitialize)
+    # A run trained with --reinitialize re-initializes with its own rule: nothing to add.
+    test_reinitialize = config.eval_reinitialize and not config.reinitialize
+    options = (config.eval_restarts, config.restart_criterion, test_reinitialize)
     cpu_state = torch.get_rng_state()
     try:
         metrics = test_metrics(run, batch, config.eval_inner_steps, *options)
@@ -414,7 +416,7 @@ def final_test(run: TrainRun) -> dict:
     report["train_seconds"] = round(run.clock.seconds(), 1)
     report["inner_steps"] = config.eval_inner_steps or config.inner_steps
     report["restarts"], report["restart_criterion"] = config.eval_restarts, config.restart_criterion
-    if config.eval_reinitialize:
+    if config.eval_reinitialize or config.reinitialize:
         report["reinitialize"] = True
     path = os.path.join(config.out, TEST_NAME)
     write_atomically(path, json.dumps(report, indent=1))

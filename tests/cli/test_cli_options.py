@@ -32,11 +32,13 @@ def test_help_lists_every_option(command, capsys):
 
 def test_config_file_and_flag_override(cli, tiny, tmp_path):
     config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({"steps": 4, "batch-size": 3, "lr": 0.01, "seed": 5}))
+    options = {"steps": 4, "batch-size": 3, "lr": 0.01, "seed": 5, "select-best": True}
+    config.write_text(yaml.safe_dump(options))
     out = tmp_path / "run"
-    cli("train", "--config", config, *tiny, "--out", out, "--no-pictures")  # tiny: --steps 6
+    # tiny: --steps 6; --no-select-best turns off the file's true
+    cli("train", "--config", config, *tiny, "--out", out, "--no-pictures", "--no-select-best")
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["steps"] == 6  # the flag wins over the file
+    assert saved["steps"] == 6 and saved["select_best"] is False  # the flags win over the file
     assert saved["lr"] == 0.01 and saved["seed"] == 5  # the file wins over the defaults
     assert saved["batch_size"] == 4  # tiny sets --batch-size 4
     # The saved configuration is itself a valid --config file.

@@ -503,13 +503,19 @@ def test_evaluate_reinitialize_refines_with_the_trained_rule_wrapped(tmp_path, c
     assert report["reinitialize"] is True
     for key in ("fg_ari", "ari", "mse"):
         assert report["metrics"][key] == pytest.approx(expected[key], abs=1e-6), key
-    with pytest.raises(ConfigError, match="eval_reinitialize: the run re-initializes slots"):
-        _train(tmp_path, name="both", reinitialize=True, eval_reinitialize=True)
     with pytest.raises(ConfigError, match="reinitialize: --model gmm .* no slot initializer"):
         _train(tmp_path, name="gmm", model="gmm", dataset=None, slot_dim=None, init="model",
                inner="slot-attention", eval_reinitialize=True)  # fmt: skip
-    assert not (tmp_path / "both").exists() and not (tmp_path / "gmm").exists()
-    trained = _train(tmp_path, name="reinit", eval_every=0, reinitialize=True)
+    assert not (tmp_path / "gmm").exists()
+    # trained with --reinitialize, a recipe's eval_reinitialize adds nothing: the test is the
+    # trained rule's (not wrapped twice)
+    trained = _train(tmp_path, name="reinit", eval_every=0, test_size=4, reinitialize=True,
+                     eval_reinitialize=True)  # fmt: skip
+    report = _test_report(trained)
+    expected = evaluate_run(load_run(trained.config.out), num=4)
+    assert report["reinitialize"] is True
+    for key in ("fg_ari", "ari", "mse"):
+        assert report["metrics"][key] == pytest.approx(expected[key], abs=1e-6), key
     assert main(["evaluate", trained.config.out, "--reinitialize", "--num", "2"]) == 2
     assert "re-initializes slots already" in capsys.readouterr().err
 
