@@ -232,10 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--reinitialize",
-        action="store_true",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="MASKS",
         help="redraw dead and duplicate slots before every inner step at test time "
         "(pyro_slots.inner.Reinitialize around the trained rule, from the run's slot "
-        "initializer), for a run trained without --reinitialize",
+        "initializer), for a run trained without --reinitialize; MASKS judges them: decoder, "
+        "posterior or attention (default: the run's --reinitialize-masks, else decoder for "
+        "image models)",
     )
     evaluate.add_argument(
         "--no-carry",

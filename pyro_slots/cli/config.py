@@ -122,6 +122,14 @@ class TrainConfig:
         "responsibilities) before every inner step, from the slot initializer "
         "(pyro_slots.inner.Reinitialize)",
     )
+    reinitialize_masks: str | None = _opt(
+        None,
+        "what --reinitialize and --eval-reinitialize judge dead and duplicate slots by: decoder "
+        "(the decoder's masks, one decode per inner step), posterior (the inner mixture's "
+        "responsibilities) or attention (slot attention's own attention, no decode); default "
+        "decoder for image models, else posterior",
+        metavar="KIND",
+    )
     init_regression: float = _opt(
         0.0,
         "beta >= 0: J gains beta * mean (lambda_0 - sg(lambda_T))^2, the starting slots "

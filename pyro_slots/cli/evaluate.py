@@ -266,7 +266,7 @@ def infer(
     restarts: int = 1,
     criterion: str = "elbo",
     carry: bool = True,
-    reinitialize: bool = False,
+    reinitialize: bool | str = False,
 ) -> Inference:
     """Refine the slots of held-out datapoints with the trained rule and initialization.
 
@@ -281,9 +281,11 @@ def infer(
         only, never the truth.
     :param bool carry: clips only: every frame starts from the slots of the frame before
         (through the run's transition), as in training; ``False`` starts every frame afresh.
-    :param bool reinitialize: refine with the trained rule wrapped in
+    :param reinitialize: refine with the trained rule wrapped in
         :class:`~pyro_slots.inner.Reinitialize` (dead and duplicate slots redrawn from the
-        run's slot initializer before every step), a run trained without it.
+        run's slot initializer before every step), a run trained without it: ``True`` judges
+        the slots as the run's ``reinitialize_masks`` says, or name the kind (``"decoder"``,
+        ``"posterior"``, ``"attention"``; :func:`~pyro_slots.cli.registry.reinitialized_rule`).
     :raises ConfigError: for ``inner_steps`` or ``restarts`` < 1, restarts on clips, or
         ``reinitialize`` where the run has no slot initializer to draw from or already
         re-initializes.
@@ -292,11 +294,15 @@ def infer(
         return _infer(run, batch, inner_steps, restarts, criterion, carry, reinitialize)
 
 
+def _masks_kind(reinitialize: bool | str) -> str | None:
+    return reinitialize if isinstance(reinitialize, str) else None
+
+
 def _infer(run, batch, inner_steps, restarts, criterion, carry, reinitialize) -> Inference:
     config, c = run.config, run.components
     inner = c.inner
     if reinitialize:
-        inner = reinitialized_rule(config, c.model, c.inner, c.init)
+        inner = reinitialized_rule(config, c.model, c.inner, c.init, _masks_kind(reinitialize))
     inner_steps = count_option(inner_steps, "inner_steps")
     restarts = count_option(restarts, "restarts")
     if isinstance(batch, int):
@@ -540,7 +546,7 @@ def evaluate_run(
     chunk_size: int = CHUNK_SIZE,
     criterion: str = "elbo",
     carry: bool = True,
-    reinitialize: bool = False,
+    reinitialize: bool | str = False,
 ) -> dict:
     """Metrics of a trained run on held-out or any data (a flat dict of numbers), the Python
     form of ``pyro-slots evaluate``.
@@ -560,8 +566,8 @@ def evaluate_run(
     :param per_image: a CSV file to write one row per datapoint into (:func:`write_per_image`).
     :param bool carry: clips: carry the slots from frame to frame (``False``: every frame
         starts afresh, the per-frame baseline of the same weights).
-    :param bool reinitialize: re-initialize dead and duplicate slots at test time
-        (:func:`infer`).
+    :param reinitialize: re-initialize dead and duplicate slots at test time: ``True``, or
+        the kind of masks that judges them (:func:`infer`).
     :param int chunk_size: datapoints refined at once. The slot initialization of each chunk is
         drawn with the run's seed, so a datapoint's scores depend on its position within its
         chunk (and are reproducible for the same ``num`` and ``chunk_size``).
@@ -580,8 +586,8 @@ def evaluate_run(
             f"criterion: unknown kind {criterion!r}; valid choices are {RESTART_CRITERIA}"
         )
     if reinitialize:  # checked before any work
-        reinitialized_rule(run.config, run.components.model, run.components.inner,
-                           run.components.init)  # fmt: skip
+        c = run.components
+        reinitialized_rule(run.config, c.model, c.inner, c.init, _masks_kind(reinitialize))
     data = dataset if isinstance(dataset, EvalData) else evaluation_data(run, dataset, num)
     if per_image is not None:
         _check_per_image_path(per_image)
@@ -601,7 +607,7 @@ def evaluate_run(
         "inner_steps": steps,
         "restarts": restarts,
         **({"restart_criterion": criterion} if restarts > 1 else {}),
-        **({"reinitialize": True} if reinitialize else {}),
+        **({"reinitialize": reinitialize} if reinitialize else {}),
         **({"carry": carry} if run.components.stream.kind == "videos" else {}),
         **_means(columns),
     }

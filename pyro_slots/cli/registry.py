@@ -31,7 +31,9 @@ from pyro_slots.inner import (
     GradientAscent,
     Reinitialize,
     SoftKMeans,
+    decoder_masks,
     masks_of,
+    posterior_masks,
 )
 from pyro_slots.models import GaussianMixture
 from pyro_slots.nested import GRADIENT_MODES
@@ -58,6 +60,8 @@ __all__ = [
 INIT_KINDS = ("auto", "model", "learned", "queries", "amortized", "fixed")
 #: Test-time restart criteria (``restart_criterion``).
 RESTART_CRITERIA = ("elbo", "mse")
+#: What re-initialization judges dead and duplicate slots by (``reinitialize_masks``).
+REINITIALIZE_MASKS = ("decoder", "posterior", "attention")
 #: Learning-rate schedules after the warm-up (``lr_schedule``).
 LR_SCHEDULES = ("constant", "cosine")
 #: The inner mixtures of the slot autoencoder (``mixture``), as ``models.slot_autoencoder``.
@@ -553,6 +557,16 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
     int_list(config.test_sweep, "test_sweep", "1,3,5,10,20")
     if config.test_sweep is not None and not config.test_size:
         raise ConfigError("test_sweep: needs the final test (--test-size N > 0)")
+    if config.reinitialize_masks is not None:
+        if config.reinitialize_masks not in REINITIALIZE_MASKS:
+            raise ConfigError(
+                f"reinitialize_masks: unknown kind {config.reinitialize_masks!r}; valid choices "
+                f"are {REINITIALIZE_MASKS}"
+            )
+        if not (config.reinitialize or config.eval_reinitialize):
+            raise ConfigError(
+                "reinitialize_masks: used only with --reinitialize or --eval-reinitialize"
+            )
     if config.restart_criterion not in RESTART_CRITERIA:
         raise ConfigError(
             f"restart_criterion: unknown kind {config.restart_criterion!r}; valid choices are "
@@ -865,12 +879,16 @@ def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components
     return Components(model, inner, objective, init, stream, transition)
 
 
-def reinitialized_rule(config: TrainConfig, model, inner, init):
+def reinitialized_rule(config: TrainConfig, model, inner, init, masks: str | None = None):
     """The rule wrapped in :class:`~pyro_slots.inner.Reinitialize`, redrawing from the run's
-    slot initializer (``init``, else the rule's or the model's own), seeded with the run's seed,
-    judging dead and duplicate slots by the decoder's masks where the model decodes images
-    (:func:`~pyro_slots.inner.decoder_masks`), else by the assignment posterior:
-    ``--reinitialize`` in training, ``pyro-slots evaluate --reinitialize`` at test time."""
+    slot initializer (``init``, else the rule's or the model's own), seeded with the run's seed:
+    ``--reinitialize`` in training, ``pyro-slots evaluate --reinitialize`` at test time.
+
+    Dead and duplicate slots are judged by ``masks`` (default ``config.reinitialize_masks``):
+    ``"decoder"`` (:func:`~pyro_slots.inner.decoder_masks`), ``"posterior"``
+    (:func:`~pyro_slots.inner.posterior_masks`) or ``"attention"`` (the slot-attention rule's
+    :meth:`~pyro_slots.inner.SlotAttention.attention_masks`); ``None``: the decoder's masks
+    where the model decodes images, else the posterior (:func:`~pyro_slots.inner.masks_of`)."""
     if isinstance(inner, Reinitialize):
         raise ConfigError(
             "reinitialize: the run's rule re-initializes slots already (trained with "
@@ -886,11 +904,31 @@ def reinitialized_rule(config: TrainConfig, model, inner, init):
             f"{config.init} has no slot initializer to redraw slots from (k-means++ seeds from "
             "the data); use --init learned or --init fixed"
         )
-    # An image model's segmentation is its decoder's masks; the posterior of its inner mixture
-    # over the encoder's features can be far flatter (Reinitialize's docstring).
-    wrapped = Reinitialize(inner, init=replacement, seed=config.seed, masks=masks_of(model))
+    wrapped = Reinitialize(
+        inner, init=replacement, seed=config.seed, masks=_masks(config, model, inner, masks)
+    )
     try:
         wrapped.check_model(model)
     except CapabilityError as error:
         raise ConfigError(f"reinitialize: {error}") from None
     return wrapped
+
+
+def _masks(config: TrainConfig, model, inner, kind: str | None):
+    kind = config.reinitialize_masks if kind is None else kind
+    if kind is None:
+        # An image model's segmentation is its decoder's masks; the posterior of its inner
+        # mixture over the encoder's features can be far flatter (Reinitialize's docstring).
+        return masks_of(model)
+    if kind not in REINITIALIZE_MASKS:
+        raise ConfigError(
+            f"reinitialize_masks: unknown kind {kind!r}; valid choices are {REINITIALIZE_MASKS}"
+        )
+    if kind == "attention":
+        if not hasattr(inner, "attention_masks"):
+            raise ConfigError(
+                f"reinitialize_masks: attention needs --inner slot-attention (the rule's own "
+                f"attention), got --inner {config.inner}"
+            )
+        return inner.attention_masks
+    return decoder_masks if kind == "decoder" else posterior_masks

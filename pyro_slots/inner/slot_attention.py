@@ -333,6 +333,18 @@ class SlotAttention(InnerRule):
             )
         return inputs if self.norm_inputs is None else self.norm_inputs(inputs)
 
+    def attention_masks(self, problem: InnerProblem, slots: torch.Tensor) -> torch.Tensor:
+        """What every slot attends to at ``slots``, ``(batch, K, M)``: the rule's own attention
+        (softmax over the slots, averaged over the heads), one projection and one product with
+        the encoded inputs (cached per problem). A ``masks`` for
+        :class:`~pyro_slots.inner.Reinitialize` that costs no decoding. With ``translate`` the
+        slots are read as at the first step (no recurrent state).
+        """
+        self._check_shapes(problem.x, slots)
+        s = self.embed(slots) if self.translate else slots  # the first step's (aux = 0)
+        attn = self.attend(s, self.normalized_inputs(problem))[0]
+        return attn[:, 0] if self.num_heads == 1 else attn.mean(1)
+
     def attend(self, s: torch.Tensor, inputs: torch.Tensor):
         """Attention of slots ``s`` ``(batch, K, hidden)`` over normalized inputs ``(batch, M, F)``.
 

@@ -489,6 +489,14 @@ def test_evaluate_reinitialize_refines_with_the_trained_rule_wrapped(tmp_path, c
     want = ps.refine(c.model, batch.x, rule, num_slots=config.num_slots,
                      num_steps=config.inner_steps, init=c.init, seed=config.seed)  # fmt: skip
     assert torch.equal(got.slots, want.slots)
+    # reinitialize="attention": judged by the slot-attention rule's own attention instead
+    got = infer(loaded, batch, reinitialize="attention").result
+    rule = Reinitialize(c.inner, init=c.init or c.model.slot_init, seed=config.seed,
+                        masks=c.inner.attention_masks)  # fmt: skip
+    want = ps.refine(c.model, batch.x, rule, num_slots=config.num_slots,
+                     num_steps=config.inner_steps, init=c.init, seed=config.seed)  # fmt: skip
+    assert torch.equal(got.slots, want.slots)
+    assert evaluate_run(loaded, num=4, reinitialize="attention")["reinitialize"] == "attention"
     plain = infer(loaded, batch).result
     assert not torch.equal(plain.slots, got.slots)
     metrics = evaluate_run(loaded, num=4, reinitialize=True)
@@ -503,6 +511,14 @@ def test_evaluate_reinitialize_refines_with_the_trained_rule_wrapped(tmp_path, c
     assert report["reinitialize"] is True
     for key in ("fg_ari", "ari", "mse"):
         assert report["metrics"][key] == pytest.approx(expected[key], abs=1e-6), key
+    for options, message in [
+        ({"reinitialize_masks": "attention"}, "used only with --reinitialize or --eval-"),
+        ({"reinitialize": True, "reinitialize_masks": "masks"}, "unknown kind 'masks'"),
+        ({"reinitialize": True, "reinitialize_masks": "attention", "inner": "soft-kmeans"},
+         "attention needs --inner slot-attention"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=f"reinitialize_masks: {message}"):
+            _train(tmp_path, name="gmm", **options)
     with pytest.raises(ConfigError, match="reinitialize: --model gmm .* no slot initializer"):
         _train(tmp_path, name="gmm", model="gmm", dataset=None, slot_dim=None, init="model",
                inner="slot-attention", eval_reinitialize=True)  # fmt: skip

@@ -127,6 +127,10 @@ def test_trainer_wraps_the_rule_and_draws_from_the_runs_initializer(tmp_path):
     assert isinstance(images.inner, Reinitialize) and isinstance(images.inner.rule, SlotAttention)
     assert images.inner.replacement is images.model.slot_init
     assert images.inner.masks is decoder_masks
+    attention = build(resolve(TrainConfig(model="slot-autoencoder", dataset="tetrominoes",
+                                          slot_dim=8, reinitialize=True,
+                                          reinitialize_masks="attention")))  # fmt: skip
+    assert attention.inner.masks == attention.inner.rule.attention_masks
     points = build(resolve(TrainConfig(model="gmm", inner="em", init="learned", reinitialize=True)))
     assert points.inner.replacement is points.init and points.inner.masks is posterior_masks
     x = points.stream.batch(0).x[:4]
@@ -177,3 +181,49 @@ def test_decoder_masks_flag_a_slot_that_draws_what_another_draws():
         )
     with pytest.raises(TypeError, match="masks: expected a function masks"):
         Reinitialize(EM(1), init=ps.GaussianInit(5), masks="decoder")
+
+
+def _layer_norm(a):
+    return (a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-5)
+
+
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_attention_masks_are_slot_attentions_softmax_over_slots(num_heads, float64):
+    """SlotAttention.attention_masks: softmax over the slots of LN(s) W_q (LN(x) W_k)^T / √d
+    (per head, then averaged over the heads) plus eps, computed here in numpy from the weights;
+    a repeated slot attends exactly as the one it repeats, so Reinitialize(masks=...) flags it."""
+    from pyro_slots.inner import SlotAttention
+
+    torch.manual_seed(1)
+    rule = SlotAttention(1, slot_dim=8, input_dim=8, hidden_dim=8, num_heads=num_heads,
+                         encoder=False, slot_init=ps.GaussianInit(8))  # fmt: skip
+    for norm in (rule.norm_slots, rule.norm_inputs):  # LayerNorms away from (1, 0)
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    model = GaussianMixture(4, 8)
+    x, slots = torch.randn(2, 10, 8), torch.randn(2, 4, 8)
+    slots[:, 3] = slots[:, 1]
+    problem = InnerProblem(model, x)
+    got = rule.attention_masks(problem, slots)
+    p = {name: t.detach().numpy() for name, t in rule.named_parameters()}
+    s = _layer_norm(slots.numpy()) * p["norm_slots.weight"] + p["norm_slots.bias"]
+    n = _layer_norm(x.numpy()) * p["norm_inputs.weight"] + p["norm_inputs.bias"]
+    q, k = s @ p["to_q.weight"].T, n @ p["to_k.weight"].T  # (B, K, d), (B, M, d)
+    head = 8 // num_heads
+    expected = 0
+    for h in range(num_heads):
+        part = slice(h * head, (h + 1) * head)
+        logits = np.einsum("bkd,bmd->bkm", q[..., part], k[..., part]) / np.sqrt(head)
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        expected = expected + (e / e.sum(1, keepdims=True) + rule.eps) / num_heads
+    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+    unit = expected / np.linalg.norm(expected, axis=-1, keepdims=True)
+    cos = np.einsum("bkn,bjn->bkj", unit, unit)
+    for duplicate in (0.95, 0.999999):
+        wrapped = Reinitialize(rule, masks=rule.attention_masks, duplicate_threshold=duplicate,
+                               dead_threshold=0.1)  # fmt: skip
+        flagged = expected.mean(-1) < 0.1
+        for k in range(4):  # brute force: a slot at cosine > threshold with an earlier one
+            flagged[:, k] |= (cos[:, k, :k] > duplicate).any(-1)
+        assert torch.equal(wrapped.replaced(problem, slots), torch.from_numpy(flagged))
+        assert flagged[:, 3].all()  # the repeated slot
