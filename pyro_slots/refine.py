@@ -435,6 +435,7 @@ def refine(
     record_history: bool = True,
     chunk_size: int | None = None,
     distributed: bool = False,
+    responsibilities: bool = True,
 ) -> RefineResult:
     """Run the inner loop alone: maximize every datapoint's ELBO over its slots.
 
@@ -483,6 +484,10 @@ def refine(
         with ``chunk_size``) and all-gathers the shards, so every rank returns the whole
         :class:`RefineResult`. Every rank must call it with the same arguments; an error in one
         rank's loop is raised on every rank.
+    :param bool responsibilities: return the posterior of the model's assignment site at the
+        final slots (``result.responsibilities``, ``(R, batch, K, M)``). ``False`` leaves it
+        ``None``: the largest tensor of the result for many measurements is then neither kept
+        nor, with ``distributed``, gathered.
     :returns: a :class:`RefineResult` with restart axis ``R = num_restarts``.
     """
     if not isinstance(inner, InnerRule):
@@ -491,6 +496,8 @@ def refine(
         chunk_size = check_positive_int(chunk_size, "chunk_size")
     if not isinstance(distributed, bool):
         raise TypeError(f"distributed: expected True or False, got {distributed!r}")
+    if not isinstance(responsibilities, bool):
+        raise TypeError(f"responsibilities: expected True or False, got {responsibilities!r}")
     world_size, rank = process_group(distributed) or (1, 0)
     inner.check_model(model)
     num_steps = check_positive_int(inner.num_steps if num_steps is None else num_steps, "num_steps")
@@ -555,7 +562,7 @@ def refine(
         keep_trajectory=keep_trajectory,
         estimator=estimator,
         record_history=record_history,
-        responsibilities=True,
+        responsibilities=responsibilities,
     )
     if chunk_size is None and world_size == 1:
         result = run_inner(model, x_rep, inner, slots, num_steps, **options)

@@ -73,7 +73,10 @@ def _assert_same(got, want):
         same(getattr(got, name), getattr(want, name), name)
     assert torch.equal(got.steps, want.steps)
     assert got.num_steps == want.num_steps == int(want.steps.max())
-    same(got.responsibilities, want.responsibilities, "responsibilities")
+    if want.responsibilities is None:
+        assert got.responsibilities is None
+    else:
+        same(got.responsibilities, want.responsibilities, "responsibilities")
     assert len(got.trajectory) == len(want.trajectory)
     for t, (a, b) in enumerate(zip(got.trajectory, want.trajectory)):
         same(a, b, f"trajectory[{t}]")
@@ -186,6 +189,12 @@ def _cases(gmm, x):
     }
 
 
+def _no_responsibilities(**kw):
+    x = _data()
+    return ps.refine(GaussianMixture(4, 2), x, EM(60), seed=5, elbo_tol=1e-4, num_restarts=2,
+                     responsibilities=False, **kw)  # fmt: skip
+
+
 class _Poisoned(EM):
     """EM that fails on a batch holding a datapoint far from the others (datapoint 30)."""
 
@@ -226,6 +235,7 @@ def _worker(rank, world_size, init_file, out_dir):
             results[name] = _plain(run(distributed=True, chunk_size=7))
             results[name + "_whole_shard"] = _plain(run(distributed=True))
         refine_module.run_inner, gmm_module._kmeans_chunk = run_inner, kmeans_chunk
+        results["em_no_responsibilities"] = _plain(_no_responsibilities(distributed=True))
         failure = _fail_on_one_rank()
         out = {"results": results, "seen": seen, "seeded": seeded, "failure": failure}
         torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
@@ -246,6 +256,9 @@ def test_two_ranks_return_the_single_process_result(tmp_path):
         for name, result in want.items():
             _assert_same(_from_plain(got["results"][name]), result)
             _assert_same(_from_plain(got["results"][name + "_whole_shard"]), result)
+        # responsibilities=False: the same result without the posterior, nothing gathered
+        _assert_same(_from_plain(got["results"]["em_no_responsibilities"]),
+                     _no_responsibilities())  # fmt: skip
     # A loop that fails on one rank fails on both (rather than leaving rank 0 in the gather).
     failures = [torch.load(tmp_path / f"{r}.pt", weights_only=True)["failure"] for r in (0, 1)]
     assert failures == [
@@ -253,3 +266,22 @@ def test_two_ranks_return_the_single_process_result(tmp_path):
         "this rank's shard ran",
         "ValueError: a poisoned datapoint",
     ]
+
+
+@pytest.mark.parametrize("chunk_size", [None, 10])
+def test_without_responsibilities_the_result_is_the_same_but_for_them(chunk_size):
+    """refine(responsibilities=False) returns the default result's every other field, and the
+    default's responsibilities are the posterior of the assignment recomputed from the model
+    at its final slots (brute force: softmax over K of the component log-densities)."""
+    gmm, x = GaussianMixture(4, 2), _data()
+    full = ps.refine(gmm, x, EM(60), seed=5, elbo_tol=1e-4, num_restarts=2, chunk_size=chunk_size)
+    lean = _no_responsibilities(chunk_size=chunk_size)
+    assert lean.responsibilities is None
+    _assert_same(lean, SimpleNamespace(**{**vars(full), "responsibilities": None}))
+    loc, scale, log_w = gmm.component_params(full.slots.flatten(0, 1))
+    xs = x.repeat(2, 1, 1)
+    log_p = torch.distributions.Normal(loc[:, :, None], scale[:, :, None]).log_prob(xs[:, None])
+    posterior = torch.softmax(log_p.sum(-1) + log_w[..., None], dim=1)  # (R B, K, M)
+    torch.testing.assert_close(full.responsibilities.flatten(0, 1), posterior)
+    with pytest.raises(TypeError, match="responsibilities: expected True or False"):
+        ps.refine(gmm, x, EM(2), responsibilities=1)
