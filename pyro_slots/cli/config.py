@@ -156,6 +156,13 @@ class TrainConfig:
         "keep the weights of the best validation score (FG-ARI for images, log-likelihood per "
         "point for gmm) as best.pt, and test those at the end",
     )
+    validate_as_tested: bool = _opt(
+        False,
+        "the periodic validation refines as the final test does (--eval-inner-steps, "
+        "--eval-restarts, --restart-criterion, --eval-reinitialize), so --select-best keeps the "
+        "weights that the test's own procedure scores best; a validation then costs a test of "
+        "--eval-size datapoints",
+    )
     test_size: int = _opt(
         0, "held-out test datapoints scored at the end of training into test.json (0: none)"
     )

@@ -710,21 +710,27 @@ def _write_pictures(run, folder, num, data, inner_steps, restarts, reinitialize)
     return written
 
 
-def held_out_record(run: TrainRun, batch: Batch) -> dict:
+def held_out_record(run: TrainRun, batch: Batch, **options) -> dict:
     """Task objective, inner ELBO and segmentation scores on held-out data.
 
     The slots are refined by :func:`pyro_slots.refine` with a fixed seed rather than by
     ``NestedSVI.evaluate_loss``, so every evaluation starts from the same initialization and
     no state of the run (outer-loop generator, global RNG) changes.
+
+    :param options: :func:`infer`'s keyword options (``inner_steps``, ``restarts``,
+        ``criterion``, ``reinitialize``; default: as in training); given any, the record
+        names its T.
     """
     cpu_state = torch.get_rng_state()
     try:
-        inference = infer(run, batch)
+        inference = infer(run, batch, **options)
         metrics = metrics_of(run, inference, reference=False)
     finally:
         torch.set_rng_state(cpu_state)
     elbo = inference.elbo.mean().item()
     record = {"step": run.step, "split": "held_out", "J": metrics.pop("J"), "elbo": elbo}
+    if options:
+        record["inner_steps"] = inference.num_steps
     record["elbo_per_measurement"] = elbo / inference.num_measurements
     for key in ("fg_ari", "ari", "mse", "loglik_per_point", "true_loglik_per_point",
                 "video_fg_ari", "slot_keeping", "kept_slots"):  # fmt: skip

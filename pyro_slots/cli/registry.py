@@ -547,6 +547,8 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
         raise ConfigError(f"max_minutes: expected finite minutes > 0, got {config.max_minutes}")
     if config.select_best and not config.eval_every:
         raise ConfigError("select_best: needs the periodic validation (--eval-every > 0)")
+    if config.validate_as_tested and not config.eval_every:
+        raise ConfigError("validate_as_tested: needs the periodic validation (--eval-every > 0)")
     for name in ("test_size", "first_scene"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(config, name)}")

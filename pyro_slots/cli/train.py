@@ -259,7 +259,8 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
                 }
             )
             if held_out is not None and run.step % config.eval_every == 0:
-                record = held_out_record(run, held_out)
+                options = test_options(config) if config.validate_as_tested else {}
+                record = held_out_record(run, held_out, **options)
                 record["train_seconds"] = round(run.clock.seconds(), 1)  # time to a score
                 logger.log(record)
                 score = record.get(SELECT_BY[run.components.stream.kind], -math.inf)
@@ -341,6 +342,20 @@ def _best_so_far(config: TrainConfig) -> tuple[int, float] | None:
     return best
 
 
+def test_options(config: TrainConfig) -> tuple:
+    """How the final test refines: :func:`~pyro_slots.cli.evaluate.infer`'s ``inner_steps``,
+    ``restarts``, ``criterion`` and ``reinitialize`` (also the periodic validation's with
+    ``validate_as_tested``)."""
+    # A run trained with --reinitialize re-initializes with its own rule: nothing to add.
+    reinitialize = config.eval_reinitialize and not config.reinitialize
+    return dict(
+        inner_steps=config.eval_inner_steps,
+        restarts=config.eval_restarts,
+        criterion=config.restart_criterion,
+        reinitialize=reinitialize,
+    )
+
+
 def test_metrics(
     run: TrainRun, batch, inner_steps=None, restarts=1, criterion="elbo", reinitialize=False
 ) -> dict:
@@ -390,12 +405,10 @@ def final_test(run: TrainRun) -> dict:
     """
     config = run.config
     batch = run.components.stream.held_out(config.test_size)
-    # A run trained with --reinitialize re-initializes with its own rule: nothing to add.
-    test_reinitialize = config.eval_reinitialize and not config.reinitialize
-    options = (config.eval_restarts, config.restart_criterion, test_reinitialize)
+    options = test_options(config)
     cpu_state = torch.get_rng_state()
     try:
-        metrics = test_metrics(run, batch, config.eval_inner_steps, *options)
+        metrics = test_metrics(run, batch, **options)
         report = {"weights": "final", "step": run.step, "metrics": metrics}
         tested = run
         best_path = os.path.join(config.out, BEST_NAME)
@@ -404,13 +417,16 @@ def final_test(run: TrainRun) -> dict:
             report = {
                 "weights": "best",
                 "step": tested.step,
-                "metrics": test_metrics(tested, batch, config.eval_inner_steps, *options),
+                "metrics": test_metrics(tested, batch, **options),
                 "final_weights": {"step": run.step, "metrics": metrics},
             }
         sweep = int_list(config.test_sweep, "test_sweep", "1,3,5,10,20") or ()
         if sweep:
             # The same test data and slot initializations at every T: only T changes.
-            report["sweep"] = {str(t): test_metrics(tested, batch, t, *options) for t in sweep}
+            options.pop("inner_steps")
+            report["sweep"] = {
+                str(t): test_metrics(tested, batch, inner_steps=t, **options) for t in sweep
+            }
     finally:
         torch.set_rng_state(cpu_state)
     report["train_seconds"] = round(run.clock.seconds(), 1)

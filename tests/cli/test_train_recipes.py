@@ -552,3 +552,16 @@ def test_evaluate_on_the_validation_scenes_repeats_the_runs_last_validation_reco
     test = evaluate_run(load_run(run.config.out), num=3)
     assert test["mse"] != metrics["mse"]
     assert main(["evaluate", run.config.out, "--dataset", "validation", "--num", "3"]) == 0
+    # validate_as_tested: the validation refines as the final test does (T = 3, re-initialized)
+    options = dict(eval_inner_steps=3, eval_reinitialize=True)
+    run = _train(tmp_path, name="as_tested", steps=2, eval_every=2, validate_as_tested=True,
+                 **options)  # fmt: skip
+    last = [r for r in _records(run) if r["split"] == "held_out"][-1]
+    as_tested = evaluate_run(load_run(run.config.out), dataset="validation", num=3,
+                             inner_steps=3, reinitialize=True)  # fmt: skip
+    assert last["inner_steps"] == 3
+    assert last["fg_ari"] == pytest.approx(as_tested["fg_ari"], abs=1e-6)
+    assert last["J"] == pytest.approx(as_tested["J"], rel=1e-5)
+    assert last["J"] != pytest.approx(metrics["J"], rel=1e-5)  # not the training T's (8e-4 off)
+    with pytest.raises(ConfigError, match="validate_as_tested: needs the periodic validation"):
+        _train(tmp_path, name="never", eval_every=0, validate_as_tested=True)
