@@ -40,10 +40,23 @@ from pyro_slots.checkpoint import write_atomically
 from pyro_slots.data import true_log_likelihood
 from pyro_slots.data.hdf5 import HDF5Dataset, open_hdf5
 from pyro_slots.inner import EM
-from pyro_slots.metrics import ari, image_scores, reconstruction_mse, slot_keeping, video_fg_ari
+from pyro_slots.metrics import (
+    AP_THRESHOLDS,
+    ari,
+    image_scores,
+    reconstruction_mse,
+    slot_keeping,
+    video_fg_ari,
+)
 
 from .config import ConfigError
-from .registry import DATASETS, RESTART_CRITERIA, objective_targets, reinitialized_rule
+from .registry import (
+    DATASETS,
+    RESTART_CRITERIA,
+    objective_targets,
+    reinitialized_rule,
+    set_prediction_head,
+)
 from .runs import METRICS_NAME, TrainRun, count_option, load_run, resolve_device, writable_folder
 from .streams import Batch
 
@@ -54,6 +67,7 @@ __all__ = [
     "EvalData",
     "evaluate_run",
     "format_table",
+    "chunked_metrics",
     "held_out_record",
     "evaluation_mode",
     "infer",
@@ -710,6 +724,47 @@ def _write_pictures(run, folder, num, data, inner_steps, restarts, reinitialize)
     return written
 
 
+def chunked_metrics(
+    run: TrainRun,
+    batch: Batch,
+    inner_steps=None,
+    restarts=1,
+    criterion="elbo",
+    reinitialize=False,
+    reference: bool = True,
+) -> dict:
+    """:func:`metrics_of` of :func:`infer`, over chunks of :data:`CHUNK_SIZE` datapoints (those
+    of ``pyro-slots evaluate``, which so repeats the final test and the periodic validation
+    exactly): every metric is the mean of the chunks' means weighted by their sizes (the mean
+    over datapoints wherever no datapoint's value is NaN)."""
+    num = batch.x.shape[0]
+    head = set_prediction_head(run.components.objective)
+    totals, count, slots = {}, 0, []
+    for i in range(0, num, CHUNK_SIZE):
+        part = Batch(
+            batch.x[i : i + CHUNK_SIZE],
+            {k: v[i : i + CHUNK_SIZE] if torch.is_tensor(v) else v for k, v in batch.truth.items()},
+        )
+        size = part.x.shape[0]
+        inference = infer(run, part, inner_steps, restarts, criterion, reinitialize=reinitialize)
+        if head is not None:
+            slots.append(inference.result.slots[0])
+        metrics = metrics_of(run, inference, reference)
+        for key, value in metrics.items():
+            if key not in ("num_datapoints", "inner_steps"):
+                totals[key] = totals.get(key, 0.0) + size * value
+        count += size
+    out = {"num_datapoints": count, "inner_steps": int(metrics["inner_steps"])}
+    out.update({key: value / count for key, value in totals.items()})
+    if head is not None:
+        # The average precision of the head's predictions at every distance threshold, over all
+        # the test data at once (predictions ranked by confidence across datapoints).
+        targets = [t.to(run.device) for t in head.targets_from_batch(batch.truth)]
+        aps = head.average_precisions(torch.cat(slots), *targets, thresholds=AP_THRESHOLDS)
+        out["ap"] = {("inf" if math.isinf(t) else str(t)): ap for t, ap in aps.items()}
+    return out
+
+
 def held_out_record(run: TrainRun, batch: Batch, **options) -> dict:
     """Task objective, inner ELBO and segmentation scores on held-out data.
 
@@ -723,15 +778,17 @@ def held_out_record(run: TrainRun, batch: Batch, **options) -> dict:
     """
     cpu_state = torch.get_rng_state()
     try:
-        inference = infer(run, batch, **options)
-        metrics = metrics_of(run, inference, reference=False)
+        metrics = chunked_metrics(run, batch, **options, reference=False)
     finally:
         torch.set_rng_state(cpu_state)
-    elbo = inference.elbo.mean().item()
-    record = {"step": run.step, "split": "held_out", "J": metrics.pop("J"), "elbo": elbo}
+    record = {"step": run.step, "split": "held_out", "J": metrics.pop("J")}
     if options:
-        record["inner_steps"] = inference.num_steps
-    record["elbo_per_measurement"] = elbo / inference.num_measurements
+        record["inner_steps"] = metrics["inner_steps"]
+    record["elbo"] = metrics["elbo"]
+    # a point set's measurements are its points
+    record["elbo_per_measurement"] = metrics.get(
+        "elbo_per_measurement", metrics.get("elbo_per_point")
+    )
     for key in ("fg_ari", "ari", "mse", "loglik_per_point", "true_loglik_per_point",
                 "video_fg_ari", "slot_keeping", "kept_slots"):  # fmt: skip
         if key in metrics:

@@ -25,12 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_slots.checkpoint import write_atomically
-from pyro_slots.metrics import AP_THRESHOLDS
 from pyro_slots.plots.training import read_metrics
 
 from .config import ConfigError, TrainConfig, save_config
-from .evaluate import CHUNK_SIZE, held_out_record, infer, metrics_of, write_pictures
-from .registry import int_list, objective_targets, reaches_init, resolve, set_prediction_head
+from .evaluate import chunked_metrics, held_out_record, write_pictures
+from .registry import int_list, objective_targets, reaches_init, resolve
 from .runs import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -50,7 +49,6 @@ from .runs import (
     resolve_device,
     save_run,
 )
-from .streams import Batch
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -59,7 +57,6 @@ __all__ = [
     "TrainingError",
     "checkpoint_path",
     "final_test",
-    "test_metrics",
     "load_run",
     "make_svi",
     "train",
@@ -356,42 +353,6 @@ def test_options(config: TrainConfig) -> tuple:
     )
 
 
-def test_metrics(
-    run: TrainRun, batch, inner_steps=None, restarts=1, criterion="elbo", reinitialize=False
-) -> dict:
-    """:func:`~pyro_slots.cli.evaluate.metrics_of` of :func:`~pyro_slots.cli.evaluate.infer`,
-    over chunks of :data:`~pyro_slots.cli.evaluate.CHUNK_SIZE` datapoints (those of
-    ``pyro-slots evaluate``, which so repeats the final test exactly): every metric is the mean
-    of the chunks' means weighted by their sizes (the mean over datapoints wherever no
-    datapoint's value is NaN)."""
-    num = batch.x.shape[0]
-    head = set_prediction_head(run.components.objective)
-    totals, count, slots = {}, 0, []
-    for i in range(0, num, CHUNK_SIZE):
-        part = Batch(
-            batch.x[i : i + CHUNK_SIZE],
-            {k: v[i : i + CHUNK_SIZE] if torch.is_tensor(v) else v for k, v in batch.truth.items()},
-        )
-        size = part.x.shape[0]
-        inference = infer(run, part, inner_steps, restarts, criterion, reinitialize=reinitialize)
-        if head is not None:
-            slots.append(inference.result.slots[0])
-        metrics = metrics_of(run, inference)
-        for key, value in metrics.items():
-            if key not in ("num_datapoints", "inner_steps"):
-                totals[key] = totals.get(key, 0.0) + size * value
-        count += size
-    out = {"num_datapoints": count, "inner_steps": int(metrics["inner_steps"])}
-    out.update({key: value / count for key, value in totals.items()})
-    if head is not None:
-        # The average precision of the head's predictions at every distance threshold, over all
-        # the test data at once (predictions ranked by confidence across datapoints).
-        targets = [t.to(run.device) for t in head.targets_from_batch(batch.truth)]
-        aps = head.average_precisions(torch.cat(slots), *targets, thresholds=AP_THRESHOLDS)
-        out["ap"] = {("inf" if math.isinf(t) else str(t)): ap for t, ap in aps.items()}
-    return out
-
-
 def final_test(run: TrainRun) -> dict:
     """Score the run on ``test_size`` held-out test datapoints at the test-time options
     (``eval_inner_steps``, ``eval_restarts``, ``restart_criterion``, ``eval_reinitialize``)
@@ -408,7 +369,7 @@ def final_test(run: TrainRun) -> dict:
     options = test_options(config)
     cpu_state = torch.get_rng_state()
     try:
-        metrics = test_metrics(run, batch, **options)
+        metrics = chunked_metrics(run, batch, **options)
         report = {"weights": "final", "step": run.step, "metrics": metrics}
         tested = run
         best_path = os.path.join(config.out, BEST_NAME)
@@ -417,7 +378,7 @@ def final_test(run: TrainRun) -> dict:
             report = {
                 "weights": "best",
                 "step": tested.step,
-                "metrics": test_metrics(tested, batch, **options),
+                "metrics": chunked_metrics(tested, batch, **options),
                 "final_weights": {"step": run.step, "metrics": metrics},
             }
         sweep = int_list(config.test_sweep, "test_sweep", "1,3,5,10,20") or ()
@@ -425,7 +386,7 @@ def final_test(run: TrainRun) -> dict:
             # The same test data and slot initializations at every T: only T changes.
             options.pop("inner_steps")
             report["sweep"] = {
-                str(t): test_metrics(tested, batch, inner_steps=t, **options) for t in sweep
+                str(t): chunked_metrics(tested, batch, inner_steps=t, **options) for t in sweep
             }
     finally:
         torch.set_rng_state(cpu_state)

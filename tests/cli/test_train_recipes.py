@@ -536,16 +536,22 @@ def test_evaluate_reinitialize_refines_with_the_trained_rule_wrapped(tmp_path, c
     assert "re-initializes slots already" in capsys.readouterr().err
 
 
-def test_evaluate_on_the_validation_scenes_repeats_the_runs_last_validation_record(tmp_path):
+def test_evaluate_on_the_validation_scenes_repeats_the_runs_last_validation_record(
+    tmp_path, monkeypatch
+):
     """--dataset validation scores the scenes of the periodic evaluation: the final weights on
-    eval_size of them give the FG-ARI and J of metrics.jsonl's last validation record, and
-    they are not the test scenes."""
+    eval_size of them give the FG-ARI and J of metrics.jsonl's last validation record (both
+    refine in chunks of CHUNK_SIZE, here 2 for 3 scenes), and they are not the test scenes."""
+    from pyro_slots.cli import evaluate as evaluate_module
     from pyro_slots.cli import main
 
+    monkeypatch.setattr(evaluate_module, "CHUNK_SIZE", 2)
     run = _train(tmp_path, steps=2, eval_every=2)
     last = [r for r in _records(run) if r["split"] == "held_out"][-1]
     assert last["step"] == 2
-    metrics = evaluate_run(load_run(run.config.out), dataset="validation", num=3)
+    metrics = evaluate_run(load_run(run.config.out), dataset="validation", num=3, chunk_size=2)
+    whole = evaluate_run(load_run(run.config.out), dataset="validation", num=3, chunk_size=3)
+    assert whole["J"] != pytest.approx(last["J"], rel=1e-6)  # other initial slots
     assert metrics["dataset"] == "tetrominoes/validation"
     assert metrics["fg_ari"] == pytest.approx(last["fg_ari"], abs=1e-6)
     assert metrics["J"] == pytest.approx(last["J"], rel=1e-5)
@@ -558,7 +564,7 @@ def test_evaluate_on_the_validation_scenes_repeats_the_runs_last_validation_reco
                  **options)  # fmt: skip
     last = [r for r in _records(run) if r["split"] == "held_out"][-1]
     as_tested = evaluate_run(load_run(run.config.out), dataset="validation", num=3,
-                             inner_steps=3, reinitialize=True)  # fmt: skip
+                             inner_steps=3, reinitialize=True, chunk_size=2)  # fmt: skip
     assert last["inner_steps"] == 3
     assert last["fg_ari"] == pytest.approx(as_tested["fg_ari"], abs=1e-6)
     assert last["J"] == pytest.approx(as_tested["J"], rel=1e-5)
