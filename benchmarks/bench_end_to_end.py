@@ -17,8 +17,9 @@ measured side by side in one run::
 
     python -m benchmarks.bench_end_to_end --baseline 1a3c1fa
 
-The wall time to FG-ARI 0.9 on tetrominoes is quoted from
-``examples/results/objects_history.md`` (the former training example's runs), not retrained here.
+The wall time to FG-ARI 0.9 on tetrominoes is read from the headline runs' kept records
+(``examples/results/objects/cli/tet-sS/metrics.jsonl``, as ``pyro-slots summarize --reach``),
+not retrained here.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -43,8 +43,11 @@ from benchmarks.common import (
     remove_checkout,
     report,
 )
+from pyro_slots.cli import summarize
 
-OBJECTS = ROOT / "examples" / "results" / "objects_history.md"
+#: The tetrominoes headline runs' kept records (``pyro-slots train --config
+#: tetrominoes-slot-attention --seed S``), read by :func:`wall_time_to_fg_ari`.
+HEADLINE = [ROOT / "examples" / "results" / "objects" / "cli" / f"tet-s{s}" for s in range(3)]
 CASES = ("shapes recipe", "shapes 64×64", "tetrominoes 35×35")
 
 
@@ -131,51 +134,30 @@ def _run_worker(case, threads, checkout, args) -> dict:
 
 
 def wall_time_to_fg_ari(threshold: float = 0.9) -> str:
-    """Time to validation FG-ARI >= ``threshold`` read from the results file ``OBJECTS``.
-
-    Reads the first markdown table whose header is ``update | seed ...`` with cells
-    ``FG-ARI (SECONDS s)`` (the headline runs' validation curves, as
-    ``pyro-slots summarize`` prints them) and reports, for every seed, the training
-    wall time of the first validation point at or above ``threshold``.
-    """
-    source = OBJECTS.relative_to(OBJECTS.parents[2])
-    if not OBJECTS.exists():
-        return f"`{source}` does not exist yet: not reported."
-    header, rows = None, []
-    for line in OBJECTS.read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if header is None:
-            if cells and cells[0] == "update" and any(c.startswith("seed") for c in cells):
-                header = cells
-        elif line.startswith("|") and not set(line) <= set("|-: "):
-            rows.append(cells)
-        elif rows:
-            break
-    if not rows:
-        return f"`{source}` has no validation curve per seed: not reported."
+    """Time to validation FG-ARI >= ``threshold`` of the headline runs kept in ``HEADLINE``
+    (their ``metrics.jsonl``), per seed: the training seconds of the first validation record
+    at or above ``threshold`` (``pyro-slots summarize --reach``'s
+    :func:`~pyro_slots.cli.summarize.first_reaching`)."""
     parts = []
-    for column, name in enumerate(header[1:], start=1):
-        curve = []
-        for cells in rows:
-            match = (
-                re.fullmatch(r"(-?[\d.]+) \((\d+) s\)", cells[column])
-                if column < len(cells)
-                else None
-            )
-            if match:
-                curve.append((float(match.group(2)), float(match.group(1))))
-        hit = next(((t, v) for t, v in curve if v >= threshold), None)
-        parts.append(
-            f"{name}: {hit[0]:.0f} s (FG-ARI {hit[1]:.3f})"
-            if hit
-            else f"{name}: not reached in {curve[-1][0]:.0f} s"
-            if curve
-            else f"{name}: no curve"
-        )
+    for folder in HEADLINE:
+        name = folder.name
+        if not (folder / "test.json").exists() or not (folder / "metrics.jsonl").exists():
+            parts.append(f"{name}: no validation records kept")
+            continue
+        run = summarize.load_runs([str(folder)])[0]
+        hit = summarize.first_reaching(run, threshold)
+        if hit is not None and hit.get("train_seconds") is not None:
+            parts.append(f"{name}: {hit['train_seconds']:.0f} s (FG-ARI {hit['fg_ari']:.3f})")
+        elif run["validation"]:
+            last = max(run["validation"], key=lambda r: r["step"])
+            parts.append(f"{name}: not reached in {last.get('train_seconds', 0):.0f} s")
+        else:
+            parts.append(f"{name}: no validation records kept")
+    source = HEADLINE[0].parent.relative_to(ROOT)
     return (
         "; ".join(parts) + " of training wall time, the first validation point at or "
-        f"above {threshold} in the headline runs of `{source}` (read from that file, not retrained "
-        "here)."
+        f"above {threshold} in the headline runs' records under `{source}` (read from them, not "
+        "retrained here)."
     )
 
 

@@ -48,18 +48,16 @@ def test_summary_across_seeds_is_the_spread_of_the_run_means(tmp_path, monkeypat
     text = capsys.readouterr().out
     assert f"**{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}**" in text
     assert text.count("| `") == 3 and "| 2 |" in text
-    # The validation curve carries each point's training seconds, in the form the end-to-end
-    # benchmark reads back (the first point at or above a threshold, per seed).
+    # The validation curve carries each point's training seconds; the end-to-end benchmark
+    # reads the same records back (the first point at or above a threshold, per seed).
     record = [r for r in runs[0]["validation"] if r["step"] == 1][0]
     assert f"| 1 | {record['fg_ari']:.3f} ({record['train_seconds']:.0f} s) |" in text
     from benchmarks import bench_end_to_end
 
-    doc = tmp_path / "curve.md"
-    doc.write_text(text)
-    monkeypatch.setattr(bench_end_to_end, "OBJECTS", doc)
-    printed = float(f"{record['fg_ari']:.3f}")  # the first point reaches its own score
-    expected = f"seed 0: {record['train_seconds']:.0f} s (FG-ARI {printed:.3f})"
-    assert bench_end_to_end.wall_time_to_fg_ari(printed).startswith(expected)
+    monkeypatch.setattr(bench_end_to_end, "HEADLINE", [Path(folders[0])])
+    monkeypatch.setattr(bench_end_to_end, "ROOT", tmp_path.parent)
+    expected = f"s0: {record['train_seconds']:.0f} s (FG-ARI {record['fg_ari']:.3f})"
+    assert bench_end_to_end.wall_time_to_fg_ari(record["fg_ari"]).startswith(expected)
     # --reach: per run, the first validation record at or above the score, found by brute force
     threshold = min(r["fg_ari"] for r in runs[1]["validation"])
     assert main(["summarize", *folders, "--reach", str(threshold)]) == 0
