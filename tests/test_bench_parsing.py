@@ -7,7 +7,9 @@ from benchmarks import bench_end_to_end
 
 def _run(folder, curve):
     folder.mkdir(parents=True)
-    (folder / "test.json").write_text(json.dumps({"weights": "final", "step": 3, "metrics": {"fg_ari": 0.5}}))
+    (folder / "test.json").write_text(
+        json.dumps({"weights": "final", "step": 3, "metrics": {"fg_ari": 0.5}})
+    )
     records = [{"step": i, "split": "train", "J": 1.0} for i in (1, 2)]
     records += [{"step": step, "split": "held_out", "fg_ari": score, "train_seconds": seconds}
                 for step, score, seconds in curve]  # fmt: skip

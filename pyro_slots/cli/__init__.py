@@ -52,6 +52,7 @@ from .registry import (
     LR_SCHEDULES,
     MODELS,
     OBJECTIVES,
+    REINITIALIZE_MASKS,
     RESTART_CRITERIA,
     int_list,
 )
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const=True,
         default=False,
+        choices=REINITIALIZE_MASKS,
         metavar="MASKS",
         help="redraw dead and duplicate slots before every inner step at test time "
         "(pyro_slots.inner.Reinitialize around the trained rule, from the run's slot "

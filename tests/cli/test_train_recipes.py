@@ -534,6 +534,10 @@ def test_evaluate_reinitialize_refines_with_the_trained_rule_wrapped(tmp_path, c
         assert report["metrics"][key] == pytest.approx(expected[key], abs=1e-6), key
     assert main(["evaluate", trained.config.out, "--reinitialize", "--num", "2"]) == 2
     assert "re-initializes slots already" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it
+        main(["evaluate", trained.config.out, "--reinitialize", "masks"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'masks' (choose from 'decoder'" in capsys.readouterr().err
 
 
 def test_evaluate_on_the_validation_scenes_repeats_the_runs_last_validation_record(
