@@ -256,7 +256,7 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
                 }
             )
             if held_out is not None and run.step % config.eval_every == 0:
-                options = test_options(config) if config.validate_as_tested else {}
+                options = final_test_options(config) if config.validate_as_tested else {}
                 record = held_out_record(run, held_out, **options)
                 record["train_seconds"] = round(run.clock.seconds(), 1)  # time to a score
                 logger.log(record)
@@ -339,7 +339,7 @@ def _best_so_far(config: TrainConfig) -> tuple[int, float] | None:
     return best
 
 
-def test_options(config: TrainConfig) -> tuple:
+def final_test_options(config: TrainConfig) -> dict:
     """How the final test refines: :func:`~pyro_slots.cli.evaluate.infer`'s ``inner_steps``,
     ``restarts``, ``criterion`` and ``reinitialize`` (also the periodic validation's with
     ``validate_as_tested``)."""
@@ -366,7 +366,7 @@ def final_test(run: TrainRun) -> dict:
     """
     config = run.config
     batch = run.components.stream.held_out(config.test_size)
-    options = test_options(config)
+    options = final_test_options(config)
     cpu_state = torch.get_rng_state()
     try:
         metrics = chunked_metrics(run, batch, **options)
