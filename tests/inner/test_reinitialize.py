@@ -223,7 +223,7 @@ def test_attention_masks_are_slot_attentions_softmax_over_slots(num_heads, float
         wrapped = Reinitialize(rule, masks=rule.attention_masks, duplicate_threshold=duplicate,
                                dead_threshold=0.1)  # fmt: skip
         flagged = expected.mean(-1) < 0.1
-        for k in range(4):  # brute force: a slot at cosine > threshold with an earlier one
-            flagged[:, k] |= (cos[:, k, :k] > duplicate).any(-1)
+        for j in range(4):  # brute force: a slot at cosine > threshold with an earlier one
+            flagged[:, j] |= (cos[:, j, :j] > duplicate).any(-1)
         assert torch.equal(wrapped.replaced(problem, slots), torch.from_numpy(flagged))
         assert flagged[:, 3].all()  # the repeated slot
