@@ -148,6 +148,8 @@ def wall_time_to_fg_ari(threshold: float = 0.9) -> str:
         hit = summarize.first_reaching(run, threshold)
         if hit is not None and hit.get("train_seconds") is not None:
             parts.append(f"{name}: {hit['train_seconds']:.0f} s (FG-ARI {hit['fg_ari']:.3f})")
+        elif hit is not None:  # records from before the trainer kept its clock
+            parts.append(f"{name}: update {hit['step']:,} (FG-ARI {hit['fg_ari']:.3f}; no clock)")
         elif run["validation"]:
             last = max(run["validation"], key=lambda r: r["step"])
             parts.append(f"{name}: not reached in {last.get('train_seconds', 0):.0f} s")

@@ -11,23 +11,26 @@ def _run(folder, curve):
         json.dumps({"weights": "final", "step": 3, "metrics": {"fg_ari": 0.5}})
     )
     records = [{"step": i, "split": "train", "J": 1.0} for i in (1, 2)]
-    records += [{"step": step, "split": "held_out", "fg_ari": score, "train_seconds": seconds}
-                for step, score, seconds in curve]  # fmt: skip
+    for step, score, seconds in curve:
+        record = {"step": step, "split": "held_out", "fg_ari": score}
+        records.append(record if seconds is None else {**record, "train_seconds": seconds})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def test_time_to_fg_ari_is_the_first_record_at_or_above_the_threshold(tmp_path, monkeypatch):
     """Per seed, the training seconds of the first validation record at or above the threshold
-    (records out of order, a train record between them); a run without records says so."""
+    (records out of order, a train record between them); a record without a clock gives its
+    update; a run without records says so."""
     _run(tmp_path / "tet-s0", [(1000, 0.905, 212.4), (500, 0.672, 104.0), (1500, 0.88, 320.0)])
     _run(tmp_path / "tet-s1", [(500, 0.173, 157.0), (1000, 0.877, 266.0), (1500, 0.9, 386.0)])
-    (tmp_path / "tet-s2").mkdir()
-    runs = [tmp_path / f"tet-s{s}" for s in range(3)]
+    _run(tmp_path / "tet-s2", [(500, 0.95, None)])
+    (tmp_path / "tet-s3").mkdir()
+    runs = [tmp_path / f"tet-s{s}" for s in range(4)]
     monkeypatch.setattr(bench_end_to_end, "HEADLINE", runs)
     monkeypatch.setattr(bench_end_to_end, "ROOT", tmp_path.parent)
     text = bench_end_to_end.wall_time_to_fg_ari(0.9)
     assert text.startswith(
         "tet-s0: 212 s (FG-ARI 0.905); tet-s1: 386 s (FG-ARI 0.900); "
-        "tet-s2: no validation records kept"
+        "tet-s2: update 500 (FG-ARI 0.950; no clock); tet-s3: no validation records kept"
     )
     assert "tet-s0: not reached in 320 s" in bench_end_to_end.wall_time_to_fg_ari(0.95)
