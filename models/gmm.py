@@ -279,10 +279,12 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int) -> dict:
         centers = torch.stack(centers, 1)  # (B, K, D)
         nearest = None
         for step in range(lloyd_steps + 1):
-            # |x - c|² up to the per-point constant |x|², as one batched matrix product; the
-            # nearest center is taken over a contiguous last axis.
-            score = (centers * centers).sum(-1, keepdim=True) - 2 * centers @ xt
-            previous, nearest = nearest, score.transpose(1, 2).contiguous().argmin(-1)  # (B, M)
+            # |x - c|² up to the per-point constant |x|², as one fused batched matrix product
+            # (a broadcast subtraction of |c|² takes the CPU's slow strided path). ``min``'s
+            # indices are the first minimum, like ``argmin``, and several times faster than
+            # ``argmin`` over the short inner axis.
+            score = torch.baddbmm((centers * centers).sum(-1, keepdim=True), centers, xt, alpha=-2)
+            previous, nearest = nearest, score.min(1).indices  # (B, M)
             if step == lloyd_steps or (previous is not None and torch.equal(previous, nearest)):
                 break  # the assignment is a fixed point of Lloyd's iteration
             sums, counts = _cluster_sums(xd, nearest, num_slots)
