@@ -56,7 +56,7 @@ from .registry import (
     RESTART_CRITERIA,
     int_list,
 )
-from .runs import TrainingError, load_run, resolve_device, writable_folder
+from .runs import WEIGHTS, TrainingError, load_run, resolve_device, weights_path, writable_folder
 from .train import train
 
 __all__ = ["build_parser", "console_main", "main"]
@@ -150,6 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
         "each rank's GPU and the ranks talk over nccl, else gloo); the GPU path is untested",
     )
 
+    trained = argparse.ArgumentParser(add_help=False)  # evaluate and diagnose a run's weights
+    trained.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="a checkpoint file or a run folder"
+    )
+    trained.add_argument(
+        "--weights",
+        default=None,
+        choices=WEIGHTS,
+        help="of a run folder: best (best.pt, the weights its final test used with "
+        "select_best) or last (checkpoint.pt, where training ended) (default: best where the "
+        "folder has best.pt, else last)",
+    )
+
     train = sub.add_parser(
         "train",
         parents=[common, on_device],
@@ -184,14 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "evaluate",
-        parents=[common, on_device],
+        parents=[common, on_device, trained],
         help="metrics of a checkpoint on held-out data or an HDF5 file",
         description="Metrics of a trained run: FG-ARI, ARI, mean IoU, MSE, ELBO, objects split "
         "and merged, and for gmm the log-likelihood per point against the data's true mixtures; "
         "on the run's held-out data, or on any benchmark file with --dataset hdf5:PATH.",
-    )
-    evaluate.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="a checkpoint file or a run folder"
     )
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.add_argument(
@@ -262,12 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     diagnose = sub.add_parser(
         "diagnose",
-        parents=[common, on_device],
+        parents=[common, on_device, trained],
         help="posterior diagnostics report of a checkpoint",
         description="Write the posterior diagnostics report of a trained run into a folder.",
-    )
-    diagnose.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="a checkpoint file or a run folder"
     )
     diagnose.add_argument(
         "--out", metavar="DIR", default=None, help="report folder (default: RUN/diagnostics)"
@@ -408,7 +415,9 @@ def _evaluate(args: argparse.Namespace) -> int:
                     f"--{flag.replace('_', '-')}: needs a single --inner-steps T, got "
                     f"{args.inner_steps}"
                 )
-    run = load_run(args.checkpoint, {"tensorboard": False}, resolve_device(args.device))
+    path = weights_path(args.checkpoint, args.weights)
+    run = load_run(path, {"tensorboard": False}, resolve_device(args.device))
+    print(f"weights: {path} (update {run.step})", file=sys.stderr if args.json else sys.stdout)
     data = evaluation_data(run, args.dataset, args.num)  # checked before any work
     if args.pictures:
         writable_folder(args.pictures, "--pictures")
@@ -457,6 +466,7 @@ def _diagnose(args: argparse.Namespace) -> int:
         restarts=args.restarts,
         draws=args.draws,
         device=args.device,
+        weights=args.weights,
     )
     print(f"diagnostics written to {folder}")
     return 0

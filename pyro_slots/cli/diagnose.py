@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from .config import ConfigError
-from .runs import checkpoint_path, count_option, load_run, resolve_device, writable_folder
+from .runs import count_option, load_run, resolve_device, weights_path, writable_folder
 
 __all__ = ["DRAWS", "diagnose"]
 
@@ -29,6 +29,7 @@ def diagnose(
     restarts: int = 4,
     draws: str = "auto",
     device: str = "cpu",
+    weights: str | None = None,
 ) -> str:
     """Write the diagnostics report of ``checkpoint`` into ``out``; returns the folder.
 
@@ -41,8 +42,11 @@ def diagnose(
         :func:`~pyro_slots.diagnostics.write_report` choose unless the slots have more than
         :data:`MAX_LAPLACE_COORDINATES` coordinates per datapoint (then ``"point"``).
     :param device: ``"cpu"`` (default) or ``"cuda"``.
+    :param str weights: a run folder's ``"best"`` or ``"last"`` weights (default: ``best``
+        where the folder has a ``best.pt``; :func:`~pyro_slots.cli.runs.weights_path`).
     :raises ConfigError: for ``num``, ``restarts`` or ``inner_steps`` < 1, an unknown
-        ``draws``, or an ``out`` that cannot be written (all checked before any work).
+        ``draws`` or ``weights``, or an ``out`` that cannot be written (all checked before any
+        work).
     """
     if draws not in DRAWS:
         raise ConfigError(f"draws: unknown kind {draws!r}; valid choices are {list(DRAWS)}")
@@ -53,7 +57,7 @@ def diagnose(
     from pyro_slots.diagnostics import write_report
 
     device = resolve_device(device)
-    path = checkpoint_path(checkpoint)
+    path = weights_path(checkpoint, weights)
     run = load_run(path, {"tensorboard": False}, device)
     folder = out or os.path.join(os.path.dirname(os.path.abspath(path)), "diagnostics")
     writable_folder(folder, "out")

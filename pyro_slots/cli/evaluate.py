@@ -57,7 +57,15 @@ from .registry import (
     reinitialized_rule,
     set_prediction_head,
 )
-from .runs import METRICS_NAME, TrainRun, count_option, load_run, resolve_device, writable_folder
+from .runs import (
+    METRICS_NAME,
+    TrainRun,
+    count_option,
+    load_run,
+    resolve_device,
+    weights_path,
+    writable_folder,
+)
 from .streams import Batch
 
 __all__ = [
@@ -561,6 +569,7 @@ def evaluate_run(
     criterion: str = "elbo",
     carry: bool = True,
     reinitialize: bool | str = False,
+    weights: str | None = None,
 ) -> dict:
     """Metrics of a trained run on held-out or any data (a flat dict of numbers), the Python
     form of ``pyro-slots evaluate``.
@@ -571,6 +580,9 @@ def evaluate_run(
         >>> metrics["fg_ari"]
 
     :param run: a :class:`TrainRun`, or a checkpoint file or run folder (loaded on ``device``).
+    :param str weights: a run folder's ``"best"`` (``best.pt``, the weights its final test used)
+        or ``"last"`` (``checkpoint.pt``) weights; by default ``best`` where the folder has them
+        (:func:`~pyro_slots.cli.runs.weights_path`).
     :param dataset: a name, see :func:`evaluation_data` (default: the run's own held-out
         split), or the :class:`EvalData` it returned (``num`` is then ignored).
     :param int num: datapoints (see :func:`evaluation_data`).
@@ -591,7 +603,9 @@ def evaluate_run(
     :raises CheckpointError: for an unreadable checkpoint.
     """
     if not isinstance(run, TrainRun):
-        run = load_run(run, {"tensorboard": False}, resolve_device(device))
+        run = load_run(weights_path(run, weights), {"tensorboard": False}, resolve_device(device))
+    elif weights is not None:
+        raise ConfigError("weights: chooses a run folder's checkpoint; run is already loaded")
     restarts = count_option(restarts, "restarts")
     inner_steps = count_option(inner_steps, "inner_steps")
     chunk_size = count_option(chunk_size, "chunk_size")

@@ -64,6 +64,7 @@ __all__ = [
     "RunFolder",
     "TrainRun",
     "TrainingError",
+    "WEIGHTS",
     "checkpoint_path",
     "count_option",
     "distributed_backend",
@@ -74,6 +75,7 @@ __all__ = [
     "new_run",
     "resolve_device",
     "save_run",
+    "weights_path",
     "writable_folder",
 ]
 
@@ -161,6 +163,40 @@ def checkpoint_path(path: str | os.PathLike) -> str:
     """The checkpoint file of ``path``: itself if a file, ``path/checkpoint.pt`` if a folder."""
     path = os.fspath(path)
     return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+
+
+#: Which weights of a run folder ``evaluate`` and ``diagnose`` load.
+WEIGHTS = ("best", "last")
+
+
+def weights_path(path: str | os.PathLike, weights: str | None = None) -> str:
+    """The checkpoint file to evaluate for ``path``: a file is itself; a run folder gives
+    ``best.pt`` (``weights="best"``, the weights its final test used with ``select_best``) or
+    ``checkpoint.pt`` (``"last"``, the weights training ended with). ``None`` means ``best``
+    where the folder has a ``best.pt``, else ``last``.
+
+    :raises ConfigError: for an unknown ``weights``, ``weights`` given with a file, or
+        ``"best"`` for a folder without ``best.pt``.
+    """
+    path = os.fspath(path)
+    if weights is not None and weights not in WEIGHTS:
+        raise ConfigError(f"weights: unknown kind {weights!r}; valid choices are {WEIGHTS}")
+    if not os.path.isdir(path):
+        if weights is not None:
+            raise ConfigError(
+                f"weights: chooses among a run folder's checkpoints, got the file {path}; "
+                "pass the run folder, or leave weights out"
+            )
+        return path
+    best = os.path.join(path, BEST_NAME)
+    if weights == "best" and not os.path.isfile(best):
+        raise ConfigError(
+            f"weights: best needs {best}, which a run writes with select_best; this folder "
+            "has none (use last)"
+        )
+    if weights == "best" or (weights is None and os.path.isfile(best)):
+        return best
+    return os.path.join(path, CHECKPOINT_NAME)
 
 
 # ------------------------------------------------------------------ device, processes

@@ -1,6 +1,7 @@
 """Every subcommand in a subprocess on tiny settings: the files and numbers it produces."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -93,11 +94,9 @@ def test_evaluate_json_numbers(gmm_run, cli):
 
 def test_evaluate_table_and_pictures(gmm_run, cli, tmp_path):
     proc = cli("evaluate", gmm_run / "checkpoint.pt", "--num", 4, "--pictures", tmp_path)
-    rows = dict(
-        line.split()
-        for line in proc.stdout.splitlines()
-        if line.count(" ") and not line.startswith("wrote")
-    )
+    lines = proc.stdout.splitlines()
+    assert re.fullmatch(rf"weights: {re.escape(str(gmm_run / 'checkpoint.pt'))} \(update 6\)", lines[0])
+    rows = dict(line.split() for line in lines[1:] if line.count(" ") and line[:5] != "wrote")
     assert float(rows["loglik_per_point"]) == pytest.approx(float(rows["elbo_per_point"]), abs=1e-3)
     assert {p.name for p in tmp_path.iterdir()} == {
         "training_curve.png",

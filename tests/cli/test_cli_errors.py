@@ -81,12 +81,19 @@ def test_unwritable_folders(run, tmp_path, capsys, kind):
         (["diagnose", "RUN", "--inner-steps", "0"], "inner_steps: expected an integer >= 1"),
         (["demo", "--steps", "0", "--out", "OUT"], "steps: expected an integer >= 1, got 0"),
         (["evaluate", "RUN", "--device", "tpu"], "device: expected cpu or cuda, got 'tpu'"),
+        # The run has no best.pt (no select_best); a file leaves nothing to choose.
+        (["evaluate", "RUN", "--weights", "best"], "weights: best needs RUN/best.pt"),
+        (["diagnose", "RUN", "--weights", "best"], "weights: best needs RUN/best.pt"),
+        (
+            ["evaluate", "RUN/checkpoint.pt", "--weights", "last"],
+            "weights: chooses among a run folder's checkpoints, got the file RUN/checkpoint.pt",
+        ),
     ],
 )
 def test_counts_below_one_are_refused(run, tmp_path, capsys, argv, expected):
     out = tmp_path / "demo"
-    argv = [str(run) if a == "RUN" else str(out) if a == "OUT" else a for a in argv]
-    assert expected in _error(argv, capsys)
+    argv = [a.replace("RUN", str(run)) if a != "OUT" else str(out) for a in argv]
+    assert expected.replace("RUN", str(run)) in _error(argv, capsys)
     assert not out.exists()
 
 

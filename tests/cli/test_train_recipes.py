@@ -91,6 +91,13 @@ def test_select_best_keeps_and_tests_the_best_validation_weights(tmp_path):
     validation = run.components.stream.validation(3)
     again = metrics_of(best, infer(best, validation), reference=False)
     assert again["fg_ari"] == pytest.approx(max(scores), abs=1e-6)
+    # evaluate RUN repeats the test: best.pt by default, checkpoint.pt with weights="last".
+    for weights, record in ((None, report), ("last", report["final_weights"])):
+        metrics = evaluate_run(run.config.out, num=3, inner_steps=report["inner_steps"],
+                               weights=weights)  # fmt: skip
+        assert metrics["step"] == record["step"]
+        for key in ("fg_ari", "ari", "mse", "elbo"):
+            assert metrics[key] == pytest.approx(record["metrics"][key], rel=1e-5, abs=1e-6), key
 
 
 def test_validation_scenes_are_neither_training_nor_test_scenes(tmp_path):
