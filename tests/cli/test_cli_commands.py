@@ -95,7 +95,8 @@ def test_evaluate_json_numbers(gmm_run, cli):
 def test_evaluate_table_and_pictures(gmm_run, cli, tmp_path):
     proc = cli("evaluate", gmm_run / "checkpoint.pt", "--num", 4, "--pictures", tmp_path)
     lines = proc.stdout.splitlines()
-    assert re.fullmatch(rf"weights: {re.escape(str(gmm_run / 'checkpoint.pt'))} \(update 6\)", lines[0])
+    loaded = re.escape(str(gmm_run / "checkpoint.pt"))
+    assert re.fullmatch(rf"weights: {loaded} \(update 6\)", lines[0])
     rows = dict(line.split() for line in lines[1:] if line.count(" ") and line[:5] != "wrote")
     assert float(rows["loglik_per_point"]) == pytest.approx(float(rows["elbo_per_point"]), abs=1e-3)
     assert {p.name for p in tmp_path.iterdir()} == {
