@@ -417,7 +417,6 @@ def _evaluate(args: argparse.Namespace) -> int:
                 )
     path = weights_path(args.checkpoint, args.weights)
     run = load_run(path, {"tensorboard": False}, resolve_device(args.device))
-    print(f"weights: {path} (update {run.step})", file=sys.stderr if args.json else sys.stdout)
     data = evaluation_data(run, args.dataset, args.num)  # checked before any work
     if args.pictures:
         writable_folder(args.pictures, "--pictures")
@@ -441,6 +440,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         print(steps_table({str(t): m for t, m in zip(steps, sweep)}))
     note = sys.stderr if args.json else sys.stdout
+    print(f"weights: {path} (update {run.step})", file=note)
     if args.per_image:
         print(f"wrote {args.per_image}", file=note)
     if args.pictures:

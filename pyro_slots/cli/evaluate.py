@@ -76,7 +76,7 @@ __all__ = [
     "evaluate_run",
     "format_table",
     "chunked_metrics",
-    "held_out_record",
+    "validation_record",
     "evaluation_mode",
     "infer",
     "kept_slots",
@@ -779,8 +779,8 @@ def chunked_metrics(
     return out
 
 
-def held_out_record(run: TrainRun, batch: Batch, **options) -> dict:
-    """Task objective, inner ELBO and segmentation scores on held-out data.
+def validation_record(run: TrainRun, batch: Batch, **options) -> dict:
+    """Task objective, inner ELBO and segmentation scores on the validation data.
 
     The slots are refined by :func:`pyro_slots.refine` with a fixed seed rather than by
     ``NestedSVI.evaluate_loss``, so every evaluation starts from the same initialization and
@@ -795,7 +795,7 @@ def held_out_record(run: TrainRun, batch: Batch, **options) -> dict:
         metrics = chunked_metrics(run, batch, **options, reference=False)
     finally:
         torch.set_rng_state(cpu_state)
-    record = {"step": run.step, "split": "held_out", "J": metrics.pop("J")}
+    record = {"step": run.step, "split": "validation", "J": metrics.pop("J")}
     if options:
         record["inner_steps"] = metrics["inner_steps"]
     record["elbo"] = metrics["elbo"]

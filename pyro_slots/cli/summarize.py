@@ -28,7 +28,7 @@ import os
 import yaml
 
 from pyro_slots.checkpoint import load_checkpoint
-from pyro_slots.plots.training import read_metrics
+from pyro_slots.plots.training import is_validation, read_metrics
 
 from .config import ConfigError
 
@@ -98,7 +98,7 @@ def load_runs(folders: list[str], weights: str = "tested") -> list[dict]:
                 "step": report["step"],
                 "test": report["metrics"],
                 "sweep": report.get("sweep", {}) if weights == "tested" else {},
-                "validation": [r for r in records if r.get("split") == "held_out"],
+                "validation": [r for r in records if is_validation(r)],
             }
         )
     return runs

@@ -25,10 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_slots.checkpoint import write_atomically
-from pyro_slots.plots.training import read_metrics
+from pyro_slots.plots.training import is_validation, read_metrics
 
 from .config import ConfigError, TrainConfig, save_config
-from .evaluate import chunked_metrics, held_out_record, write_pictures
+from .evaluate import chunked_metrics, validation_record, write_pictures
 from .registry import int_list, objective_targets, reaches_init, resolve
 from .runs import (
     BEST_NAME,
@@ -257,7 +257,7 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
             )
             if held_out is not None and run.step % config.eval_every == 0:
                 options = final_test_options(config) if config.validate_as_tested else {}
-                record = held_out_record(run, held_out, **options)
+                record = validation_record(run, held_out, **options)
                 record["train_seconds"] = round(run.clock.seconds(), 1)  # time to a score
                 logger.log(record)
                 score = record.get(SELECT_BY[run.components.stream.kind], -math.inf)
@@ -333,7 +333,7 @@ def _best_so_far(config: TrainConfig) -> tuple[int, float] | None:
             except json.JSONDecodeError:
                 continue
             for key in SELECT_BY.values():
-                if record.get("split") == "held_out" and key in record:
+                if is_validation(record) and key in record:
                     if best is None or record[key] > best[1]:
                         best = (record["step"], record[key])
     return best

@@ -15,7 +15,22 @@ from matplotlib.figure import Figure
 
 from ._style import save
 
-__all__ = ["plot_inner_elbo", "plot_training_curve", "read_metrics"]
+__all__ = [
+    "VALIDATION_SPLITS",
+    "is_validation",
+    "plot_inner_elbo",
+    "plot_training_curve",
+    "read_metrics",
+]
+
+#: The ``split`` of a periodic validation record in ``metrics.jsonl``: ``"validation"``, or
+#: ``"held_out"`` in the logs of runs written before v0.2 (the same validation scenes).
+VALIDATION_SPLITS = ("validation", "held_out")
+
+
+def is_validation(record: dict) -> bool:
+    """Whether a ``metrics.jsonl`` record is a periodic validation (any version's label)."""
+    return record.get("split") in VALIDATION_SPLITS
 
 
 def read_metrics(path) -> list[dict]:
@@ -44,16 +59,16 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 def plot_training_curve(records: list[dict], path=None, title: str | None = None) -> Figure:
     """J and the inner ELBO per measurement against the update number.
 
-    Thin lines: every training batch; thick: a moving average; dots: held-out evaluations. A
-    third panel shows the held-out FG-ARI (image models) or log-likelihood per point next to
+    Thin lines: every training batch; thick: a moving average; dots: the periodic validations. A
+    third panel shows the validation FG-ARI (image models) or log-likelihood per point next to
     that of the true mixtures (gmm) when the records have them.
 
-    :param list records: dicts with ``step``, ``split`` (``"train"`` / ``"held_out"``), ``J``
+    :param list records: dicts with ``step``, ``split`` (``"train"`` / ``"validation"``), ``J``
         and ``elbo_per_measurement``, as in ``metrics.jsonl``.
     :param path: PNG to write (110 dpi), or ``None``.
     """
     train = [r for r in records if r.get("split", "train") == "train"]
-    held = [r for r in records if r.get("split") == "held_out"]
+    held = [r for r in records if is_validation(r)]
     extra = next((k for k in ("fg_ari", "loglik_per_point") if held and k in held[0]), None)
     fig = Figure(figsize=(15 if extra else 10, 3.6), layout="constrained")
     axes = fig.subplots(1, 3 if extra else 2)
@@ -80,7 +95,7 @@ def plot_training_curve(records: list[dict], path=None, title: str | None = None
                 "o-",
                 color="tab:orange",
                 ms=4,
-                label="held-out",
+                label="validation",
             )
         ax.set_xlabel("outer update")
         ax.set_title(label, fontsize=10)
@@ -89,9 +104,9 @@ def plot_training_curve(records: list[dict], path=None, title: str | None = None
     if extra:
         ax = axes[2]
         steps = [r["step"] for r in held]
-        ax.plot(steps, [r[extra] for r in held], "o-", color="tab:orange", ms=4, label="held-out")
+        ax.plot(steps, [r[extra] for r in held], "o-", color="tab:orange", ms=4, label="validation")
         if extra == "fg_ari":
-            ax.set_title("held-out FG-ARI (higher is better)", fontsize=10)
+            ax.set_title("validation FG-ARI (higher is better)", fontsize=10)
             ax.set_ylim(min(0.0, min(r[extra] for r in held)), 1.0)
         else:
             ax.plot(
@@ -101,7 +116,7 @@ def plot_training_curve(records: list[dict], path=None, title: str | None = None
                 color="k",
                 label="true mixtures",
             )
-            ax.set_title("held-out log-likelihood per point", fontsize=10)
+            ax.set_title("validation log-likelihood per point", fontsize=10)
         ax.set_xlabel("outer update")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

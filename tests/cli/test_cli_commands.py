@@ -28,7 +28,7 @@ def test_train_writes_checkpoint_metrics_config_and_pictures(gmm_run):
         assert (gmm_run / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = _records(gmm_run)
     train = [r for r in records if r["split"] == "train"]
-    held = [r for r in records if r["split"] == "held_out"]
+    held = [r for r in records if r["split"] == "validation"]
     assert [r["step"] for r in train] == list(range(1, 7))
     assert [r["step"] for r in held] == [3, 6]
     for r in train:
@@ -94,10 +94,10 @@ def test_evaluate_json_numbers(gmm_run, cli):
 
 def test_evaluate_table_and_pictures(gmm_run, cli, tmp_path):
     proc = cli("evaluate", gmm_run / "checkpoint.pt", "--num", 4, "--pictures", tmp_path)
-    lines = proc.stdout.splitlines()
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith("wrote")]
     loaded = re.escape(str(gmm_run / "checkpoint.pt"))
-    assert re.fullmatch(rf"weights: {loaded} \(update 6\)", lines[0])
-    rows = dict(line.split() for line in lines[1:] if line.count(" ") and line[:5] != "wrote")
+    assert re.fullmatch(rf"weights: {loaded} \(update 6\)", lines[-1])
+    rows = dict(line.split() for line in lines[:-1] if line.count(" "))
     assert float(rows["loglik_per_point"]) == pytest.approx(float(rows["elbo_per_point"]), abs=1e-3)
     assert {p.name for p in tmp_path.iterdir()} == {
         "training_curve.png",
@@ -137,7 +137,7 @@ def test_image_model_train_and_evaluate(cli, tmp_path):
         "--out", tmp_path,
     )  # fmt: skip
     assert (tmp_path / "slots.png").stat().st_size > 10_000
-    held = [r for r in _records(tmp_path) if r["split"] == "held_out"]
+    held = [r for r in _records(tmp_path) if r["split"] == "validation"]
     assert len(held) == 1 and -1 <= held[0]["fg_ari"] <= 1
     metrics = json.loads(cli("evaluate", tmp_path, "--json", "--num", 3).stdout)
     assert -1 <= metrics["fg_ari"] <= 1 and -1 <= metrics["ari"] <= 1

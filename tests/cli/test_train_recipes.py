@@ -78,7 +78,7 @@ def test_select_best_keeps_and_tests_the_best_validation_weights(tmp_path):
     """best.pt is the checkpoint of the highest validation FG-ARI in metrics.jsonl; the final
     test scores its weights (and keeps the final weights' scores beside them)."""
     run = _train(tmp_path, steps=4, select_best=True, test_size=3, lr=5e-3)
-    held = [r for r in _records(run) if r["split"] == "held_out"]
+    held = [r for r in _records(run) if r["split"] == "validation"]
     assert [r["step"] for r in held] == [1, 2, 3, 4]
     scores = [r["fg_ari"] for r in held]
     best_step = held[int(np.argmax(scores))]["step"]  # first of equal maxima, as ">" keeps
@@ -558,7 +558,7 @@ def test_evaluate_on_the_validation_scenes_repeats_the_runs_last_validation_reco
 
     monkeypatch.setattr(evaluate_module, "CHUNK_SIZE", 2)
     run = _train(tmp_path, steps=2, eval_every=2)
-    last = [r for r in _records(run) if r["split"] == "held_out"][-1]
+    last = [r for r in _records(run) if r["split"] == "validation"][-1]
     assert last["step"] == 2
     metrics = evaluate_run(load_run(run.config.out), dataset="validation", num=3, chunk_size=2)
     whole = evaluate_run(load_run(run.config.out), dataset="validation", num=3, chunk_size=3)
@@ -573,7 +573,7 @@ def test_evaluate_on_the_validation_scenes_repeats_the_runs_last_validation_reco
     options = dict(eval_inner_steps=3, eval_reinitialize=True)
     run = _train(tmp_path, name="as_tested", steps=2, eval_every=2, validate_as_tested=True,
                  **options)  # fmt: skip
-    last = [r for r in _records(run) if r["split"] == "held_out"][-1]
+    last = [r for r in _records(run) if r["split"] == "validation"][-1]
     as_tested = evaluate_run(load_run(run.config.out), dataset="validation", num=3,
                              inner_steps=3, reinitialize=True, chunk_size=2)  # fmt: skip
     assert last["inner_steps"] == 3

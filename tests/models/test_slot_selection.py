@@ -234,7 +234,7 @@ def test_e_slot_sparsity_trains_and_reports_the_kept_slots(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*TINY, "--slot-sparsity", "0.1", "--out", str(out)]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    held_out = [r for r in records if r["split"] == "held_out"]
+    held_out = [r for r in records if r["split"] == "validation"]
     assert len(held_out) == 2 and all(1 <= r["kept_slots"] <= 4 for r in held_out)
     final = json.loads((out / "test.json").read_text())["metrics"]
     assert 1 <= final["kept_slots"] <= 4
