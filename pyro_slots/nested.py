@@ -617,12 +617,20 @@ class NestedSVI:
         return NestedStep(loss, result)
 
     def evaluate_loss(self, x, *targets) -> float:
-        """J on a batch without gradients or weight updates (slots still refined)."""
+        """J on a batch without gradients or weight updates (slots still refined), with every
+        module in evaluation mode (e.g. :class:`~pyro_slots.models.SlotSelector` keeps its
+        thresholded slots instead of drawing Gumbel noise); the modules' modes and the outer
+        loop's generator are restored afterwards."""
         state = self.generator.get_state()
+        modes = [(m, m.training) for mod in self.modules() for m in mod.modules()]
         try:
+            for mod in self.modules():
+                mod.eval()
             with torch.no_grad():
                 return self.loss(x, *targets, differentiable=False).item()
         finally:
+            for m, training in modes:
+                m.training = training
             self.generator.set_state(state)
 
     # -------------------------------------------------------------- checkpoints

@@ -210,6 +210,27 @@ def test_d_evaluation_keeps_the_slots_above_one_half_deterministically(float64):
     assert torch.equal(masks.flatten(2).amax(-1) > 0, expected.bool())
 
 
+def test_evaluate_loss_is_the_evaluation_mode_loss_and_restores_the_training_mode(float64):
+    """NestedSVI.evaluate_loss on a model in training mode is J of the same model in evaluation
+    mode (kept slots thresholded at 1/2, no Gumbel draw: the selector's generator does not
+    move) with the same outer draws; the model is back in training mode afterwards."""
+    torch.manual_seed(0)
+    model = tiny_autoencoder(active_slots=True).double().train()
+    x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    rule = SoftKMeans(num_steps=2, temperature=model.variance)
+    svi = NestedSVI(model, rule, Reconstruction(), pyro.optim.Adam({"lr": 1e-3}), seed=4,
+                    slot_sparsity=0.1)  # fmt: skip
+    noise = model.slot_selector.get_extra_state().clone()
+    value = svi.evaluate_loss(x)
+    assert model.training and model.slot_selector.training
+    assert torch.equal(model.slot_selector.get_extra_state(), noise)
+    model.eval()
+    expected = svi.loss(x, differentiable=False).item()  # the generator was restored: same λ_0
+    assert value == pytest.approx(expected, rel=1e-12)
+    model.train()
+    assert svi.loss(x, differentiable=False).item() != pytest.approx(expected, rel=1e-6)
+
+
 def test_training_keeps_the_top_slot_when_every_slot_is_dropped(float64):
     """Keep probabilities near 0 drop every slot: each image keeps exactly its top slot."""
     torch.manual_seed(0)
