@@ -117,27 +117,49 @@ def _cell(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
+def tested_with(metrics: dict) -> str:
+    """How a test refined its slots, from its metrics: ``T = 20``, then ``R restarts`` and
+    ``re-initialized`` (test-time re-initialization, with its masks) where they were used."""
+    parts = [f"T = {metrics['inner_steps']}" if "inner_steps" in metrics else "T = ?"]
+    if metrics.get("restarts", 1) > 1:
+        parts.append(f"{metrics['restarts']} restarts ({metrics.get('restart_criterion', 'elbo')})")
+    kind = metrics.get("reinitialize")
+    if kind:
+        parts.append("re-initialized" + (f" ({kind} masks)" if isinstance(kind, str) else ""))
+    return ", ".join(parts)
+
+
 def test_table(runs: list[dict]) -> str:
+    """One row per run (its test means and how it was tested), and the mean ± std over the
+    runs; a line under it says so when the runs were tested differently (the mean then mixes
+    test procedures: compare them at equal T in :func:`sweep_table`)."""
     metrics = [m for m in METRICS if all(m in run["test"] for run in runs)]
     header = [h for m, h in zip(METRICS, HEADER) if m in metrics]
     lines = [
-        "| run | seed | updates | train min | weights (update) | " + " | ".join(header) + " |",
-        "|---|---:|---:|---:|---|" + "---:|" * len(metrics),
+        "| run | seed | updates | train min | weights (update) | tested at | "
+        + " | ".join(header)
+        + " |",
+        "|---|---:|---:|---:|---|---|" + "---:|" * len(metrics),
     ]
     for run in runs:
         cells = [f"{run['test'][m]:.{DECIMALS.get(m, 3)}f}" for m in metrics]
         lines.append(
             f"| `{run['path']}` | {_cell(run['seed'], 'd')} | {run['updates']:,} | "
             f"{_cell(run['minutes'], '.1f')} | {run['weights']} ({run['step']:,}) | "
-            + " | ".join(cells)
-            + " |"
+            f"{tested_with(run['test'])} | " + " | ".join(cells) + " |"
         )
     if len(runs) > 1:
         cells = [
             "**{0:.{2}f} ± {1:.{2}f}**".format(*across_runs(runs, m), DECIMALS.get(m, 3))
             for m in metrics
         ]
-        lines.append(f"| mean ± std over {len(runs)} runs | | | | | " + " | ".join(cells) + " |")
+        lines.append(f"| mean ± std over {len(runs)} runs | | | | | | " + " | ".join(cells) + " |")
+    procedures = list(dict.fromkeys(tested_with(run["test"]) for run in runs))
+    if len(procedures) > 1:
+        lines.append(
+            f"\nThe runs were tested differently ({'; '.join(procedures)}): the mean mixes "
+            "test procedures; the T sweep compares the weights at equal T."
+        )
     return "\n".join(lines)
 
 

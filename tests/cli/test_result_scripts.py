@@ -78,7 +78,16 @@ def test_summary_across_seeds_is_the_spread_of_the_run_means(tmp_path, monkeypat
         (kept / name).write_text(Path(folders[0], name).read_text())
     row = summary.test_table(summary.load_runs([str(kept)]))
     seconds = json.loads((kept / "test.json").read_text())["train_seconds"]
-    assert f"| `{kept}` | 0 | 2 | {seconds / 60:.1f} | final (2) | {values[0]:.3f} |" in row
+    tested = json.loads((kept / "test.json").read_text())["metrics"]["inner_steps"]
+    cells = f"| 0 | 2 | {seconds / 60:.1f} | final (2) | T = {tested} | {values[0]:.3f} |"
+    assert f"| `{kept}` {cells}" in row and "tested differently" not in row
+    # runs tested differently: a line says their mean mixes procedures
+    again = json.loads((kept / "test.json").read_text())
+    again["metrics"].update(inner_steps=20, restarts=4, reinitialize="attention")
+    (kept / "test.json").write_text(json.dumps(again))
+    table = summary.test_table(summary.load_runs([folders[0], str(kept)]))
+    assert "| final (2) | T = 20, 4 restarts (elbo), re-initialized (attention masks) |" in table
+    assert f"tested differently (T = {tested}; T = 20, 4 restarts (elbo), re-initialized" in table
 
 
 def test_iodine_elbo_probe_parts_agree_with_pyros_elbo(examples_on_path, tmp_path):
