@@ -9,6 +9,8 @@ import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Folders of data files shipped as packages without an ``__init__.py`` (no Python code).
+DATA_PACKAGES = {"pyro_slots.configs"}
 
 
 def _config():
@@ -21,7 +23,7 @@ def test_every_subpackage_is_listed():
         for p in (ROOT / "pyro_slots").rglob("__init__.py")
     }
     found.add("pyro_slots.models")
-    assert set(_config()["packages"]) == found
+    assert set(_config()["packages"]) == found | DATA_PACKAGES
 
 
 def test_models_folder_maps_into_the_pyro_slots_namespace():
@@ -37,7 +39,9 @@ def test_every_public_subpackage_is_an_attribute_of_the_package_lazily():
     """In a fresh interpreter: ``import pyro_slots`` loads neither ArviZ nor matplotlib, and every
     public subpackage listed in pyproject.toml is then reachable as an attribute."""
     subpackages = sorted(
-        name.split(".")[1] for name in _config()["packages"] if name.count(".") == 1
+        name.split(".")[1]
+        for name in _config()["packages"]
+        if name.count(".") == 1 and name not in DATA_PACKAGES
     )
     code = f"""
 import json, sys
@@ -68,8 +72,8 @@ print(json.dumps({{"heavy": heavy, "found": found, "dir": dir(pyro_slots)}}))
 def test_the_shipped_recipes_are_package_data():
     """pyro_slots/configs/*.yaml (``pyro-slots train --config NAME``) is in the distribution:
     the package-data pattern matches every recipe file and nothing else is in the folder."""
-    patterns = _config()["package-data"]["pyro_slots"]
-    assert patterns == ["configs/*.yaml"]
+    patterns = _config()["package-data"]["pyro_slots.configs"]
+    assert patterns == ["*.yaml"]
     folder = ROOT / "pyro_slots" / "configs"
     files = sorted(p.name for p in folder.iterdir())
     assert files and files == sorted(p.name for p in folder.glob("*.yaml"))
