@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import warnings
 from typing import NamedTuple
@@ -213,7 +214,10 @@ class NestedSVI:
     :param bool distributed: average J's gradients over the ranks of ``torch.distributed``
         (default: whenever a process group is initialized). The inner loop stays local to each
         rank; only the shared weights' gradients are communicated, by one ``all_reduce`` per
-        step. Weights are broadcast from rank 0 at construction. Plain ``all_reduce`` rather
+        step. Weights are broadcast from rank 0 at construction. Every rank draws λ_0 from the
+        same stream, the random numbers of the global batch, and computes its own rows (also
+        k-means++): with a rank's share of each global batch, N processes draw the
+        single-process λ_0, and rank 0's checkpoint resumes every rank. Plain ``all_reduce`` rather
         than ``DistributedDataParallel``: J's gradients are taken with
         :func:`torch.autograd.grad`, which DDP's backward hooks do not see.
     :param bool sequence: ``x`` holds clips ``(batch, frames, ...)``: frame ``t + 1``'s inner
@@ -335,9 +339,6 @@ class NestedSVI:
         self._store_prefix = f"NestedSVI{next(_INSTANCES)}"
         self._pending_optim_state = {}
         self._setup_distributed(distributed)
-        if self.world_size > 1 and self._slot_initializer() is None:
-            # Data-dependent initializations (k-means++) draw per rank from their own stream.
-            self.generator = make_generator((0 if seed is None else seed) + 7919 * self.rank)
         self._warn_if_init_is_frozen()
 
     def _slot_initializer(self):
@@ -501,18 +502,41 @@ class NestedSVI:
         return loss, result
 
     def _initial_slots(self, x_enc):
+        # Every rank draws from the same stream (rank 0's checkpoint resumes every rank exactly).
         init = self._slot_initializer()
-        if init is not None and self.world_size > 1 and not getattr(init, "conditional", False):
-            # Data-independent draws: every rank draws the global batch from the same stream
-            # and keeps its shard, so N processes see exactly the single-process draws.
+        if self.world_size > 1 and not getattr(init, "conditional", False):
+            # The random numbers of the global batch, this rank's rows computed: N processes
+            # see exactly the single-process draws. A data-dependent initialization (k-means++)
+            # computes this shard only, placed at its rows of a global batch whose other rows
+            # it never reads.
             batch = x_enc.shape[0]
-            everything = init(
-                batch * self.world_size,
-                self.num_slots,
-                generator=self.generator,
-                dtype=x_enc.dtype,
-            )
-            return everything[self.rank * batch : (self.rank + 1) * batch]
+            start = self.rank * batch
+            if init is not None:
+                everything = init(
+                    batch * self.world_size,
+                    self.num_slots,
+                    generator=self.generator,
+                    dtype=x_enc.dtype,
+                )
+                return everything[start : start + batch]
+            if "rows" in inspect.signature(self.model.init_slots).parameters:
+                others = x_enc.detach().new_zeros(1, *x_enc.shape[1:])
+                padded = torch.cat(
+                    [
+                        others.expand(start, *x_enc.shape[1:]),
+                        x_enc,
+                        others.expand(batch * (self.world_size - 1) - start, *x_enc.shape[1:]),
+                    ]
+                )
+                rows = torch.arange(start, start + batch, device=x_enc.device)
+                return initial_slots(
+                    self.model,
+                    padded,
+                    self.num_slots,
+                    inner=self.inner,
+                    generator=self.generator,
+                    rows=rows,
+                )
         return initial_slots(
             self.model,
             x_enc,

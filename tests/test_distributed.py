@@ -27,10 +27,11 @@ def _data(step):
     return x + 0.5 * torch.randn(GLOBAL_BATCH, 24, 2, generator=g, dtype=torch.float64)
 
 
-def _svi():
+def _svi(init="gaussian"):
     torch.manual_seed(0)
     model = GaussianMixture(3, 2, encoder=nn.Linear(2, 2).double())
-    init = ps.GaussianInit(model.slot_dim, scale=1.0).double()
+    # "kmeans++": the model's own data-dependent initialization (init=None)
+    init = ps.GaussianInit(model.slot_dim, scale=1.0).double() if init == "gaussian" else None
     return ps.NestedSVI(
         model,
         GradientAscent(4, 0.2),
@@ -41,8 +42,8 @@ def _svi():
     )
 
 
-def _train(rank, world_size):
-    svi = _svi()
+def _train(rank, world_size, init="gaussian"):
+    svi = _svi(init)
     shard = GLOBAL_BATCH // world_size
     losses = []
     for step in range(STEPS):
@@ -51,15 +52,18 @@ def _train(rank, world_size):
     return {n: p.detach().clone() for n, p in svi.named_parameters()}, losses
 
 
-def _worker(rank, world_size, init_file, out_dir):
+def _worker(rank, world_size, init_file, out_dir, init):
     with gloo_group(rank, world_size, init_file):
-        weights, losses = _train(rank, world_size)
+        weights, losses = _train(rank, world_size, init)
         torch.save({"weights": weights, "losses": losses}, os.path.join(out_dir, f"{rank}.pt"))
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    single_weights, single_losses = _train(0, 1)
+@pytest.mark.parametrize("init", ["gaussian", "kmeans++"])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, init):
+    """Also with k-means++: every rank draws the global batch's random numbers from the one
+    stream and seeds its own rows, so the slots, J and weights are the single process's."""
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), init), nprocs=2, join=True)
+    single_weights, single_losses = _train(0, 1, init)
     for rank in range(2):
         got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
         for name, value in single_weights.items():
