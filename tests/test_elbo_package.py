@@ -103,6 +103,48 @@ def test_estimators_pickle_without_their_caches(float64):
     assert torch.equal(clone(gmm, x, slots), before)
 
 
+class _RecordingGMM(GaussianMixture):
+    """Records whether distribution arguments are checked while its program runs."""
+
+    def model(self, x, slots):
+        self.checks.append(dist.is_validation_enabled())
+        return super().model(x, slots)
+
+
+def test_lean_estimator_checks_arguments_once_per_model_and_signature(float64):
+    """With Pyro's validation on, the first call per (model, x and slots signature) runs the
+    program with argument checks, later ones without them and with the same ELBO as a checked
+    evaluation; a new batch size is checked again; ``validate_once=False`` checks every call.
+    A bad parameter is refused by the first call; later it gives a NaN ELBO, never a finite
+    one; an observation outside the support is refused at every call."""
+    gmm, x, slots = _gmm_problem()
+    model = _RecordingGMM(3, 2)
+    model.checks = []
+    lean, every = LeanEstimator(), LeanEstimator(validate_once=False)
+    values = [lean(model, x, slots) for _ in range(3)]
+    assert model.checks == [True, False, False]
+    assert dist.is_validation_enabled()  # restored after each call
+    assert lean.checked_before(model, x, slots) and not lean.checked_before(model, x[:2], slots)
+    expected = every(model, x, slots)
+    assert model.checks[-1] is True
+    assert all(torch.equal(v, expected) for v in values)
+    lean(model, x[:2], slots[:2])
+    assert model.checks[-1] is True
+    bad = slots.clone()
+    bad[0, 0, 0] = float("nan")  # a NaN mean: Normal's argument check refuses it
+    with pytest.raises(ValueError, match="loc"):
+        LeanEstimator()(model, x, bad)
+    assert torch.isnan(lean(model, x, bad)[0]) and torch.isfinite(lean(model, x, bad)[1:]).all()
+    x_nan = x.clone()  # observations are still checked against their support
+    x_nan[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="support"):
+        lean(model, x_nan, slots)
+    with pytest.raises(TypeError, match="validate_once: expected True or False"):
+        LeanEstimator(validate_once=1)
+    clone = pickle.loads(pickle.dumps(lean))
+    assert not clone.checked_before(model, x, slots)
+
+
 @pytest.mark.parametrize("features", [2, 20])
 @pytest.mark.parametrize("shared_scale", [False, True])
 def test_diag_normal_log_prob_matches_torch_distributions(float64, features, shared_scale):

@@ -78,8 +78,14 @@ class ValidatedObservations:
             self._entries[value] = key
 
 
-def _log_prob(fn, value, validated: ValidatedObservations):
-    """``fn.log_prob(value)``, evaluated on unbroadcast parameters where that is cheaper."""
+def _log_prob(fn, value, validated: ValidatedObservations, check: bool = False):
+    """``fn.log_prob(value)``, evaluated on unbroadcast parameters where that is cheaper.
+
+    :param bool check: check ``value``'s support (remembered per tensor version) also when
+        ``fn`` does not validate (an observation while argument checks are off).
+    """
+    if check and not compat.validates_args(fn):
+        validated.check(fn, value)
     compact = unbroadcast(fn)
     if compact is fn:
         return fn.log_prob(value)
@@ -107,15 +113,17 @@ def _log_prob(fn, value, validated: ValidatedObservations):
 class _LogDensityCollector(compat.SampleMessenger):
     """Collects every sample site's scaled log-density and plates, without building a Trace."""
 
-    def __init__(self, validated: ValidatedObservations):
+    def __init__(self, validated: ValidatedObservations, check_observed: bool = False):
         super().__init__()
         self.validated = validated
+        self.check_observed = check_observed
         self.sites = []
 
     def postprocess_sample(self, msg):
         if site_is_subsample(msg):
             return
-        log_prob = _log_prob(msg["fn"], msg["value"], self.validated)
+        check = self.check_observed and msg["is_observed"]
+        log_prob = _log_prob(msg["fn"], msg["value"], self.validated, check)
         enumerated = compat.is_enumerated(msg)
         if enumerated and not (msg["mask"] is None and is_identically_one(msg["scale"])):
             raise LeanFallback  # Pyro scales outside the log-expectation; keep its rules.
@@ -135,22 +143,50 @@ class LeanEstimator(ELBOEstimator):
     The support checks of observed tensors that passed are remembered in :attr:`validated`
     (weak references, owned by this estimator).
 
+    With Pyro's validation on (its default), the first call for a model and a signature of
+    ``x`` and ``slots`` (shapes, dtypes, device) runs the program with every distribution's
+    argument checks; later calls with the same signature run it with them off
+    (``pyro.validation_enabled(False)``), since a program that passed its shape and support
+    checks passes them again and the checks cost passes over every parameter (5 % of an
+    IODINE inner step). Observed values are still checked against their support (once per
+    tensor version, :attr:`validated`). A value-dependent error such as a NaN parameter then
+    shows as a non-finite ELBO, which the inner loop and ``NestedSVI`` refuse
+    (``NonFiniteError``).
+    ``validate_once=False`` checks at every call.
+
     :param int num_particles: Monte Carlo samples of the guide (vectorized as a plate).
     :param int max_plate_nesting: overrides ``model.max_plate_nesting``.
+    :param bool validate_once: check the distributions' arguments on the first call per model
+        and signature only (default) instead of at every call.
     """
 
-    def __init__(self, num_particles: int = 1, max_plate_nesting: int | None = None):
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: int | None = None,
+        validate_once: bool = True,
+    ):
         super().__init__(num_particles, max_plate_nesting)
+        if not isinstance(validate_once, bool):
+            raise TypeError(f"validate_once: expected True or False, got {validate_once!r}")
+        self.validate_once = validate_once
         self.validated = ValidatedObservations()
+        # model -> the signatures of (x, slots) whose program passed its argument checks.
+        self._checked_programs = WeakIdKeyDictionary()
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["validated"] = None  # weak references do not pickle; rebuilt on load
+        state["_checked_programs"] = None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.validated = ValidatedObservations()
+        self._checked_programs = WeakIdKeyDictionary()
+
+    def _signature(self, x: torch.Tensor, slots: torch.Tensor) -> tuple:
+        return (tuple(x.shape), x.dtype, x.device, tuple(slots.shape), slots.dtype)
 
     def __call__(self, model, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         return self._checked(model, x, slots).elbo
@@ -172,8 +208,24 @@ class LeanEstimator(ELBOEstimator):
         except LeanFallback:
             raise ValueError(unsupported_message(model)) from None
 
+    def checked_before(self, model, x: torch.Tensor, slots: torch.Tensor) -> bool:
+        """Whether ``model``'s program passed its argument checks for this signature of ``x``
+        and ``slots`` (later calls then skip them, see the class docstring)."""
+        seen = self._checked_programs.get(model)
+        return seen is not None and self._signature(x, slots) in seen
+
     def estimate(self, model, x: torch.Tensor, slots: torch.Tensor) -> LeanEstimate:
         """One evaluation; raises :class:`LeanFallback` where the program is not supported."""
+        if not (self.validate_once and dist.is_validation_enabled()):
+            return self._estimate(model, x, slots)
+        if self.checked_before(model, x, slots):
+            with pyro.validation_enabled(False):
+                return self._estimate(model, x, slots, check_observed=True)
+        estimate = self._estimate(model, x, slots)
+        self._checked_programs.setdefault(model, set()).add(self._signature(x, slots))
+        return estimate
+
+    def _estimate(self, model, x, slots, check_observed: bool = False) -> LeanEstimate:
         batch_plate = model.batch_plate
         nesting = self.nesting(model)
         num_particles = self.num_particles
@@ -195,7 +247,7 @@ class LeanEstimator(ELBOEstimator):
             for site in guide_trace.nodes.values()
             if site["type"] == "sample" and not site_is_subsample(site)
         ]
-        collector = _LogDensityCollector(self.validated)
+        collector = _LogDensityCollector(self.validated, check_observed)
         # An empty guide (every latent enumerated) has nothing to replay: one handler fewer.
         replayed = poutine.replay(model.model, trace=guide_trace) if guide_sites else model.model
         enumerated = poutine.enum(replayed, first_available_dim=first_dim)
