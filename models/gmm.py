@@ -13,12 +13,11 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.ops.indexing import Vindex
 from torch import nn
 
 from pyro_slots.init import draw
 from pyro_slots.inner.mstep import variance_floor_unit, weighted_squared_deviations
-from pyro_slots.model import SlotModel, SlotSpec
+from pyro_slots.model import SlotModel, SlotSpec, select_component
 from pyro_slots.validation import check_measurements, check_positive_float, check_positive_int
 
 __all__ = ["GaussianMixture", "kmeans_plus_plus", "random_from_data"]
@@ -94,19 +93,22 @@ class GaussianMixture(SlotModel):
     def model(self, x, slots):
         loc, scale, log_weights = self.component_params(slots)
         batch, num_points, _ = x.shape
-        with pyro.plate(self.batch_plate, batch, dim=-2) as n:
+        with pyro.plate(self.batch_plate, batch, dim=-2):
             with pyro.plate("measurements", num_points, dim=-1):
                 z = pyro.sample(
                     "assignment",
                     dist.Categorical(logits=log_weights.unsqueeze(-2)),
                     infer={"enumerate": "parallel"},
                 )
-                # Vindex broadcasts the enumerated assignment against the batch index: no gather
-                # over a materialized (batch, M, K, dim) tensor.
-                n = n.unsqueeze(-1)
+                # The components' parameters (batch, 1, K, dim) line up with the plates; under
+                # enumeration the pick is a view with the component axis moved to the
+                # enumeration dim, no (batch, M, K, dim) tensor (Vindex for sampled values).
                 pyro.sample(
                     "obs",
-                    dist.Normal(Vindex(loc)[n, z], Vindex(scale)[n, z]).to_event(1),
+                    dist.Normal(
+                        select_component(loc.unsqueeze(-3), z, dim=-2),
+                        select_component(scale.unsqueeze(-3), z, dim=-2),
+                    ).to_event(1),
                     obs=x,
                 )
 

@@ -16,6 +16,7 @@ from pyro_slots.elbo import (
 )
 from pyro_slots.elbo import auto as auto_module
 from pyro_slots.elbo.kernels import (
+    broadcast_shape,
     contract_last,
     diag_normal_log_prob,
     stable_logsumexp,
@@ -165,6 +166,18 @@ def test_diag_normal_log_prob_declines_where_float32_would_cancel():
     scale = torch.full((1, 2, 1, 20), 1e-2)
     value = torch.full((1, 1, 5, 20), 1e3)
     assert diag_normal_log_prob(loc, scale, value) is None
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [((3, 1, 2), (4, 2)), ((), (5,)), ((2, 1), (1, 3)), ((1,), (1,)), ((4, 1, 1), (3, 2)),
+     ((256, 4, 1, 2), (256, 1, 500, 2)), ((7,), (2, 3, 1))],
+)  # fmt: skip
+def test_broadcast_shape_is_torchs(a, b):
+    assert broadcast_shape(a, b) == tuple(torch.broadcast_shapes(a, b))
+    assert broadcast_shape(b, a) == tuple(torch.broadcast_shapes(b, a))
+    with pytest.raises(ValueError, match="do not broadcast"):
+        broadcast_shape(a + (3,), b + (4,))
 
 
 def test_contract_last_and_unbroadcast_are_exact(float64):

@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "CANCELLATION_TOL",
     "CONTRACT_MIN_FEATURES",
+    "broadcast_shape",
     "contract_last",
     "diag_normal_log_prob",
     "is_outer",
@@ -108,6 +109,20 @@ def contract_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.reshape(out_shape)
 
 
+def broadcast_shape(a, b) -> tuple:
+    """``torch.broadcast_shapes(a, b)`` for two shapes that broadcast (a distribution's
+    parameters and its value), in plain Python: torch's version costs ~70 µs per call, a tenth
+    of the lean estimator's fixed cost."""
+    a, b = tuple(a), tuple(b)
+    if len(a) < len(b):
+        a, b = b, a
+    b = (1,) * (len(a) - len(b)) + b
+    out = tuple(m if n == 1 else n for m, n in zip(a, b))
+    if any(m != 1 and n != 1 and m != n for m, n in zip(a, b)):
+        raise ValueError(f"shapes {a} and {b} do not broadcast")
+    return out
+
+
 def is_outer(loc_shape, value_shape, shape) -> bool:
     """Whether ``loc`` and ``value`` each miss dimensions of the broadcast ``shape``: only then
     does the contraction avoid a tensor larger than its inputs (mixture means against points)."""
@@ -136,9 +151,7 @@ def diag_normal_log_prob(loc, scale, value):
     prec = scale.pow(-2)
     log_det = event * scale.log()[..., 0] if scale.shape[-1] == 1 else scale.log().sum(-1)
     const = log_det + 0.5 * event * _LOG_2PI
-    if not is_outer(
-        loc.shape[:-1], value.shape[:-1], torch.broadcast_shapes(loc.shape, value.shape)[:-1]
-    ):
+    if not is_outer(loc.shape[:-1], value.shape[:-1], broadcast_shape(loc.shape, value.shape)[:-1]):
         # The means already have the points' shape (IODINE's per-pixel means). Few features:
         # accumulate them one at a time, each a pass over (K, ..., M) (a reduction over a short
         # last axis is several times slower on the CPU); many: one pass and a reduction.

@@ -23,7 +23,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _pyro_compat as compat
 from .base import ELBOEstimator
-from .kernels import diag_normal_log_prob, stable_logsumexp_parts, unbroadcast
+from .kernels import broadcast_shape, diag_normal_log_prob, stable_logsumexp_parts, unbroadcast
 
 __all__ = ["LeanEstimate", "LeanEstimator", "LeanFallback", "ValidatedObservations"]
 
@@ -107,7 +107,7 @@ def _log_prob(fn, value, validated: ValidatedObservations, check: bool = False):
         return log_prob
     # The value is broadcast too: restore the shape fn.log_prob(value) has.
     sample_shape = value.shape[: value.dim() - len(fn.event_shape)]
-    return log_prob.expand(torch.broadcast_shapes(sample_shape, fn.batch_shape))
+    return log_prob.expand(broadcast_shape(sample_shape, fn.batch_shape))
 
 
 class _LogDensityCollector(compat.SampleMessenger):
