@@ -121,6 +121,18 @@ class SlotSelector(nn.Module):
         if seed is None:
             seed = int(torch.randint(2**62, ()).item())
         self._generator = torch.Generator().manual_seed(check_positive_int(seed, "seed", 0))
+        self._shard = (0, 1)
+
+    def shard_draws(self, rank: int, world_size: int) -> None:
+        """Draw the noise of this rank's share of a global batch: each draw from the selector's
+        own generator is made for ``world_size`` times the batch (the same numbers on every
+        rank) and rows ``rank * batch`` on are kept, so ``world_size`` data-parallel processes
+        draw the single process's noise and rank 0's checkpoint resumes every rank.
+        :class:`~pyro_slots.NestedSVI` calls it under ``torch.distributed``."""
+        world_size = check_positive_int(world_size, "world_size")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected 0 <= rank < {world_size}, got {rank}")
+        self._shard = (rank, world_size)
 
     def get_extra_state(self) -> torch.Tensor:
         return self._generator.get_state()
@@ -140,10 +152,16 @@ class SlotSelector(nn.Module):
         return torch.sigmoid(self.logits(slots))
 
     def gumbel_noise(self, shape, dtype=None, device=None, generator=None) -> torch.Tensor:
-        """Standard Gumbel draws of ``shape`` from ``generator`` (default the selector's own)."""
+        """Standard Gumbel draws of ``shape`` from ``generator`` (default the selector's own,
+        this rank's rows of the global batch's draw after :meth:`shard_draws`)."""
+        rank, world_size = (0, 1) if generator is not None else self._shard
         generator = self._generator if generator is None else generator
         dtype = torch.get_default_dtype() if dtype is None else dtype
-        u = torch.rand(shape, generator=generator, dtype=dtype, device=generator.device)
+        shape = tuple(shape)
+        full = (shape[0] * world_size, *shape[1:])
+        u = torch.rand(full, generator=generator, dtype=dtype, device=generator.device)
+        if world_size > 1:
+            u = u[rank * shape[0] : (rank + 1) * shape[0]]
         tiny = torch.finfo(dtype).tiny
         return -torch.log(-torch.log(u.clamp(tiny, 1.0 - torch.finfo(dtype).eps))).to(device)
 

@@ -558,6 +558,12 @@ class NestedSVI:
             with torch.no_grad():
                 for p in self.parameters():
                     dist.broadcast(p.data, src=0)
+            # Modules that draw per datapoint (AdaSlot's SlotSelector) draw this rank's rows of
+            # the global batch's numbers, as the slot initialization does.
+            for mod in self.modules():
+                for m in mod.modules():
+                    if callable(getattr(m, "shard_draws", None)):
+                        m.shard_draws(self.rank, self.world_size)
 
     def _all_reduce_mean(self, loss, grads, params):
         """Average J and its gradients over ranks in one collective."""

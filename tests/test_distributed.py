@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import pyro_slots as ps
-from pyro_slots.inner import GradientAscent
+from pyro_slots.inner import GradientAscent, SoftKMeans
 from pyro_slots.models import GaussianMixture
-from tests.conftest import gloo_group
+from tests.conftest import gloo_group, tiny_autoencoder
 
 GLOBAL_BATCH, STEPS = 8, 4
 
@@ -69,6 +69,37 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, in
         for name, value in single_weights.items():
             assert torch.allclose(got["weights"][name], value, atol=1e-5), name
         assert got["losses"] == pytest.approx(single_losses, abs=1e-8)
+
+
+def _adaslot_train(rank, world_size):
+    """AdaSlot (a SlotSelector drawing Gumbel noise in training) on this rank's images."""
+    torch.manual_seed(0)
+    model = tiny_autoencoder(active_slots=True).double()
+    rule = SoftKMeans(num_steps=2, temperature=model.variance)
+    svi = ps.NestedSVI(model, rule, ps.objectives.Reconstruction(),
+                       pyro.optim.Adam({"lr": 0.01}), seed=3, slot_sparsity=0.1)  # fmt: skip
+    shard = GLOBAL_BATCH // world_size
+    losses = []
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(200 + step)
+        images = torch.rand(GLOBAL_BATCH, 3, 12, 12, generator=g, dtype=torch.float64)
+        losses.append(svi.step(images[rank * shard : (rank + 1) * shard]).loss)
+    return losses
+
+
+def _adaslot_worker(rank, world_size, init_file, out_dir):
+    with gloo_group(rank, world_size, init_file):
+        torch.save(_adaslot_train(rank, world_size), os.path.join(out_dir, f"{rank}.pt"))
+
+
+def test_slot_selector_noise_is_the_single_process_noise_on_two_processes(tmp_path):
+    """AdaSlot's Gumbel noise: under NestedSVI on 2 ranks each rank keeps its rows of the
+    global batch's draw (SlotSelector.shard_draws), so J is the single process's."""
+    mp.spawn(_adaslot_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)  # fmt: skip
+    single = _adaslot_train(0, 1)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"{rank}.pt") == pytest.approx(single, abs=1e-10)
 
 
 def _hanging_worker(rank, world_size, port, out_dir):

@@ -231,6 +231,18 @@ def test_evaluate_loss_is_the_evaluation_mode_loss_and_restores_the_training_mod
     assert svi.loss(x, differentiable=False).item() != pytest.approx(expected, rel=1e-6)
 
 
+def test_shard_draws_keeps_this_ranks_rows_of_the_global_draw():
+    """After shard_draws(rank, 2), a draw of (4, 3, 2) is rows 4r..4r+3 of the (8, 3, 2) draw
+    an unsharded selector with the same generator state makes; a bad rank is refused."""
+    whole, ranks = SlotSelector(5, seed=7), [SlotSelector(5, seed=7) for _ in range(2)]
+    expected = whole.gumbel_noise((8, 3, 2))
+    for rank, selector in enumerate(ranks):
+        selector.shard_draws(rank, 2)
+        assert torch.equal(selector.gumbel_noise((4, 3, 2)), expected[4 * rank : 4 * rank + 4])
+    with pytest.raises(ValueError, match="rank: expected 0 <= rank < 2, got 2"):
+        whole.shard_draws(2, 2)
+
+
 def test_training_keeps_the_top_slot_when_every_slot_is_dropped(float64):
     """Keep probabilities near 0 drop every slot: each image keeps exactly its top slot."""
     torch.manual_seed(0)
