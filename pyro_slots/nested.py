@@ -13,6 +13,7 @@ from pyro.optim import PyroOptim
 
 from .elbo import ELBOEstimator
 from .inner.base import InnerRule
+from .model import SlotModel
 from .objectives.base import Objective
 from .refine import RefineResult, initial_slots, make_generator, run_inner
 from .validation import (
@@ -511,12 +512,16 @@ class NestedSVI:
             # it never reads.
             batch = x_enc.shape[0]
             start = self.rank * batch
+            own = getattr(self.model, "slot_init", None)
+            if init is None and type(self.model).init_slots is SlotModel.init_slots:
+                init = own  # the default init_slots draws from slot_init: data-independent
             if init is not None:
                 everything = init(
                     batch * self.world_size,
                     self.num_slots,
                     generator=self.generator,
                     dtype=x_enc.dtype,
+                    device=x_enc.device,
                 )
                 return everything[start : start + batch]
             if "rows" in inspect.signature(self.model.init_slots).parameters:
