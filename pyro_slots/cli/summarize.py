@@ -232,14 +232,17 @@ def reach_table(runs: list[dict], threshold: float, metric: str = "fg_ari") -> s
 
 def validation_table(runs: list[dict], metric: str = "fg_ari") -> str:
     """One row per evaluated update: every run's score, with its training seconds where the
-    record has them (``0.905 (212 s)``, the form ``benchmarks/bench_end_to_end.py`` reads)."""
+    record has them (``0.905 (212 s)``, the form ``benchmarks/bench_end_to_end.py`` reads).
+    The columns are named by seed, or by run folder where several runs share a seed."""
     steps = sorted({v["step"] for run in runs for v in run["validation"]})
     if not steps:
         return "(no validation curve)"
-    lines = [
-        "| update | " + " | ".join(f"seed {run['seed']}" for run in runs) + " |",
-        "|---:|" + "---:|" * len(runs),
-    ]
+    seeds = [run["seed"] for run in runs]
+    if len(set(seeds)) == len(seeds):
+        names = [f"seed {seed}" for seed in seeds]
+    else:  # several runs of one seed (components, recipes): name them by their folder
+        names = [f"`{os.path.basename(os.path.normpath(run['path']))}`" for run in runs]
+    lines = ["| update | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(runs)]
     for step in steps:
         cells = []
         for run in runs:

@@ -85,6 +85,9 @@ def test_summary_across_seeds_is_the_spread_of_the_run_means(tmp_path, monkeypat
     again = json.loads((kept / "test.json").read_text())
     again["metrics"].update(inner_steps=20, restarts=4, reinitialize="attention")
     (kept / "test.json").write_text(json.dumps(again))
+    # two runs of seed 0: the validation columns are named by folder
+    curves = summary.validation_table(summary.load_runs([folders[0], folders[0]]))
+    assert curves.splitlines()[0] == "| update | `s0` | `s0` |"
     table = summary.test_table(summary.load_runs([folders[0], str(kept)]))
     assert "| final (2) | T = 20, 4 restarts (elbo), re-initialized (attention masks) |" in table
     assert f"tested differently (T = {tested}; T = 20, 4 restarts (elbo), re-initialized" in table
