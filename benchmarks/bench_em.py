@@ -17,7 +17,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import pyro_slots as ps
-from benchmarks.common import markdown_table, median_time, write_result
+from benchmarks.common import interleaved_medians, markdown_table, write_result
 from pyro_slots.models import GaussianMixture
 
 
@@ -62,20 +62,14 @@ def main(args):
                 scores.append(sk.fit(x[n].numpy()).score(x[n].numpy()))
         return float(np.mean(scores))
 
-    # Every method is timed in rounds, one run of each per round, and gets the median of its
-    # rounds: a change of load hits all of them alike (one sklearn run swung 0.5-1.9 s).
+    # Interleaved rounds, medians: a change of load hits every method alike (one sklearn run,
+    # timed alone, swung 0.5-1.9 s).
     methods = {
         torch.float64: lambda: ours(torch.float64),
         torch.float32: lambda: ours(torch.float32),
+        "sklearn": sklearn_loop,
     }
-    methods["sklearn"] = sklearn_loop
-    for fn in methods.values():
-        fn()  # warm-up
-    rounds = {name: [] for name in methods}
-    for _ in range(args.repeats):
-        for name, fn in methods.items():
-            rounds[name].append(median_time(fn, repeats=1, warmup=0))
-    median = {name: sorted(v)[len(v) // 2] for name, v in rounds.items()}
+    median = interleaved_medians(methods, args.repeats)
     rows, timings = [], {}
     for dtype in (torch.float64, torch.float32):
         t = median[dtype]

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from benchmarks.common import markdown_table, median_time, report
+from benchmarks.common import interleaved_medians, markdown_table, report
 from pyro_slots.data import sample_point_sets
 from pyro_slots.elbo import PerDatapointELBO
 from pyro_slots.models import IODINE, GaussianMixture
@@ -115,12 +115,8 @@ def bench_gmm(batch, num_points, num_slots, dim, repeats):
         elbo_err = ((elbo.double() - ref_elbo).abs().max() / ref_elbo.abs().max()).item()
         if elbo_err > 1e-5:
             raise AssertionError(f"{name}: ELBO differs from float64 by {elbo_err:.1e}")
-    # Interleave the methods so that load changes hit them alike.
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(median_time(lambda fn=fn: inner_step(fn, slots), 1, 1))
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}, errors
+    steps = {name: (lambda fn=fn: inner_step(fn, slots)) for name, fn in fns.items()}
+    return interleaved_medians(steps, repeats, warmup=0, warmup_each_round=1), errors
 
 
 # ---------------------------------------------------------------------------- (b) IODINE
@@ -178,11 +174,8 @@ def bench_iodine(batch, image_size, num_slots, latent_dim, repeats):
         # Pyro draws eps with torch.randn under the same seed: same sample, same ELBO.
         if err > 1e-4:
             print(f"note: {name} differs from the hand-written ELBO by {err:.1e} (relative)")
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(median_time(lambda fn=fn: inner_step(fn, slots), 1, 1))
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    steps = {name: (lambda fn=fn: inner_step(fn, slots)) for name, fn in fns.items()}
+    return interleaved_medians(steps, repeats, warmup=0, warmup_each_round=1)
 
 
 def run(args) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import markdown_table, median_time, report
+from benchmarks.common import interleaved_medians, markdown_table, report
 
 NUM_SLOTS, DIM, ITERS = 7, 64, 3
 SIZES = ((32, 4096), (64, 1024))
@@ -91,16 +91,8 @@ def worker(args) -> dict:
             loss_fn(inputs).backward()
 
         fns[impl] = step
-    times = {impl: [] for impl in fns}
-    for fn in fns.values():
-        median_time(fn, 1, 1)  # warm-up
-    for _ in range(args.repeats):
-        for impl, fn in fns.items():
-            times[impl].append(median_time(fn, 1, 0))
-    return {
-        "tuned": tuned,
-        "samples_per_s": {k: args.batch / sorted(v)[len(v) // 2] for k, v in times.items()},
-    }
+    times = interleaved_medians(fns, args.repeats, warmup=2)
+    return {"tuned": tuned, "samples_per_s": {k: args.batch / v for k, v in times.items()}}
 
 
 def _run_worker(batch, num_inputs, tune, args) -> dict:

@@ -81,6 +81,23 @@ def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, rounds: int, warmup: int = 1, warmup_each_round: int = 0):
+    """``{name: median wall time}`` of every ``fns[name]()`` timed in ``rounds`` rounds, each
+    round running every function once in turn, so that a change of load hits them alike.
+
+    :param int warmup: untimed calls of each function before the first round.
+    :param int warmup_each_round: untimed calls of a function before each of its timed calls.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(median_time(fn, 1, warmup_each_round))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def tensor_peak_bytes(fn):
     """``(fn(), peak)``: the largest growth of the bytes held in CPU tensors while ``fn`` runs,
     from the CPU allocator's own record of every storage it allocates and frees
