@@ -56,7 +56,14 @@ from .registry import (
     RESTART_CRITERIA,
     int_list,
 )
-from .runs import WEIGHTS, TrainingError, load_run, resolve_device, weights_path, writable_folder
+from .runs import (
+    CHECKPOINT_WEIGHTS,
+    TrainingError,
+    load_run,
+    resolve_device,
+    weights_path,
+    writable_folder,
+)
 from .train import train
 
 __all__ = ["build_parser", "console_main", "main"]
@@ -157,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     trained.add_argument(
         "--weights",
         default=None,
-        choices=WEIGHTS,
+        choices=CHECKPOINT_WEIGHTS,
         help="of a run folder: best (best.pt, the weights its final test used with "
         "select_best) or last (checkpoint.pt, where training ended) (default: best where the "
         "folder has best.pt, else last)",

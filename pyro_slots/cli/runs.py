@@ -52,6 +52,7 @@ from .config import ConfigError, TrainConfig
 from .registry import Components, build, resolve
 
 __all__ = [
+    "CHECKPOINT_WEIGHTS",
     "BEST_NAME",
     "CHECKPOINT_NAME",
     "TEST_NAME",
@@ -64,7 +65,6 @@ __all__ = [
     "RunFolder",
     "TrainRun",
     "TrainingError",
-    "WEIGHTS",
     "checkpoint_path",
     "count_option",
     "distributed_backend",
@@ -165,8 +165,9 @@ def checkpoint_path(path: str | os.PathLike) -> str:
     return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
 
 
-#: Which weights of a run folder ``evaluate`` and ``diagnose`` load.
-WEIGHTS = ("best", "last")
+#: Which checkpoint of a run folder ``evaluate`` and ``diagnose`` load (``summarize`` chooses
+#: between the metrics ``test.json`` records instead, :data:`~pyro_slots.cli.summarize.WEIGHTS`).
+CHECKPOINT_WEIGHTS = ("best", "last")
 
 
 def weights_path(path: str | os.PathLike, weights: str | None = None) -> str:
@@ -179,8 +180,10 @@ def weights_path(path: str | os.PathLike, weights: str | None = None) -> str:
         ``"best"`` for a folder without ``best.pt``.
     """
     path = os.fspath(path)
-    if weights is not None and weights not in WEIGHTS:
-        raise ConfigError(f"weights: unknown kind {weights!r}; valid choices are {WEIGHTS}")
+    if weights is not None and weights not in CHECKPOINT_WEIGHTS:
+        raise ConfigError(
+            f"weights: unknown kind {weights!r}; valid choices are {CHECKPOINT_WEIGHTS}"
+        )
     if not os.path.isdir(path):
         if weights is not None:
             raise ConfigError(
@@ -196,7 +199,7 @@ def weights_path(path: str | os.PathLike, weights: str | None = None) -> str:
         )
     if weights == "best" or (weights is None and os.path.isfile(best)):
         return best
-    return os.path.join(path, CHECKPOINT_NAME)
+    return checkpoint_path(path)
 
 
 # ------------------------------------------------------------------ device, processes
