@@ -83,5 +83,9 @@ def gloo_group(rank: int, world_size: int, init_file: str):
     try:
         torch.set_num_threads(1)
         yield
+        # Meet before tearing the group down: a rank destroying it while the other still
+        # finishes its last collective aborts now and then (SIGABRT), as the trainer's ranks
+        # did before their barrier.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
