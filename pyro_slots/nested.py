@@ -506,42 +506,23 @@ class NestedSVI:
         # Every rank draws from the same stream (rank 0's checkpoint resumes every rank exactly).
         init = self._slot_initializer()
         if self.world_size > 1 and not getattr(init, "conditional", False):
-            # The random numbers of the global batch, this rank's rows computed: N processes
-            # see exactly the single-process draws. A data-dependent initialization (k-means++)
-            # computes this shard only, placed at its rows of a global batch whose other rows
-            # it never reads.
-            batch = x_enc.shape[0]
-            start = self.rank * batch
-            own = getattr(self.model, "slot_init", None)
             if init is None and type(self.model).init_slots is SlotModel.init_slots:
-                init = own  # the default init_slots draws from slot_init: data-independent
-            if init is not None:
-                everything = init(
-                    batch * self.world_size,
-                    self.num_slots,
-                    generator=self.generator,
-                    dtype=x_enc.dtype,
-                    device=x_enc.device,
-                )
-                return everything[start : start + batch]
-            if "rows" in inspect.signature(self.model.init_slots).parameters:
-                others = x_enc.detach().new_zeros(1, *x_enc.shape[1:])
-                padded = torch.cat(
-                    [
-                        others.expand(start, *x_enc.shape[1:]),
-                        x_enc,
-                        others.expand(batch * (self.world_size - 1) - start, *x_enc.shape[1:]),
-                    ]
-                )
+                init = getattr(self.model, "slot_init", None)  # the default: data-independent
+            reads_data = init is None
+            if not reads_data or "rows" in inspect.signature(self.model.init_slots).parameters:
+                # This rank's rows of the global batch's draw (initial_slots ``rows``): N
+                # processes see exactly the single-process draws.
+                batch, shape = x_enc.shape[0], x_enc.shape[1:]
+                start = self.rank * batch
+                if reads_data:  # k-means++: this shard at its rows; the others are never read
+                    pad = x_enc.detach().new_zeros(1, *shape)
+                    after = batch * (self.world_size - 1) - start
+                    whole = torch.cat([pad.expand(start, *shape), x_enc, pad.expand(after, *shape)])
+                else:  # a data-independent draw reads the batch's size only
+                    whole = x_enc.detach()[:1].expand(batch * self.world_size, *shape)
                 rows = torch.arange(start, start + batch, device=x_enc.device)
-                return initial_slots(
-                    self.model,
-                    padded,
-                    self.num_slots,
-                    inner=self.inner,
-                    generator=self.generator,
-                    rows=rows,
-                )
+                return initial_slots(self.model, whole, self.num_slots, inner=self.inner,
+                                     init=init, generator=self.generator, rows=rows)  # fmt: skip
         return initial_slots(
             self.model,
             x_enc,

@@ -393,7 +393,9 @@ def initial_slots(model, x_enc, num_slots, *, inner=None, init=None, generator=N
             x_rows = x_enc if rows is None else x_enc[rows]
             return init(x_rows.shape[0], num_slots, generator=generator, dtype=x_enc.dtype,
                         x_enc=x_rows)  # fmt: skip
-        slots = init(x_enc.shape[0], num_slots, generator=generator, dtype=x_enc.dtype)
+        slots = init(
+            x_enc.shape[0], num_slots, generator=generator, dtype=x_enc.dtype, device=x_enc.device
+        )
         return slots if rows is None else slots[rows]
     if rows is None:
         return model.init_slots(x_enc, num_slots, generator=generator)
