@@ -128,12 +128,15 @@ def machine() -> str:
     import pyro
     import sklearn
 
+    from pyro_slots.cli.runs import cpu_model
+
     try:
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return (
-        f"{datetime.date.today()} · {platform.processor() or platform.machine()} · "
+        f"{datetime.date.today()} · {platform.machine()} · {cpu_model()} "
+        f"({torch.backends.cpu.get_cpu_capability()}) · "
         f"{os.cpu_count()} cores · torch threads {torch.get_num_threads()} · "
         f"Python {platform.python_version()} · torch {torch.__version__} · pyro {pyro.__version__}"
         f" · scikit-learn {sklearn.__version__} · commit {commit}"

@@ -31,6 +31,7 @@ from pyro_slots.checkpoint import load_checkpoint
 from pyro_slots.plots.training import is_validation, read_metrics
 
 from .config import ConfigError
+from .runs import describe_machine
 
 __all__ = [
     "METRICS",
@@ -99,6 +100,7 @@ def load_runs(folders: list[str], weights: str = "tested") -> list[dict]:
                 "test": report["metrics"],
                 "sweep": report.get("sweep", {}) if weights == "tested" else {},
                 "validation": [r for r in records if is_validation(r)],
+                "machine": report.get("machine"),
             }
         )
     return runs
@@ -159,6 +161,12 @@ def test_table(runs: list[dict]) -> str:
         lines.append(
             f"\nThe runs were tested differently ({'; '.join(procedures)}): the mean mixes "
             "test procedures; the T sweep compares the weights at equal T."
+        )
+    machines = list(dict.fromkeys(describe_machine(r["machine"]) for r in runs if r["machine"]))
+    if len(machines) > 1:
+        lines.append(
+            f"\nThe runs finished on different machines ({'; '.join(machines)}): equal minutes "
+            "are not equal updates; the validation table compares them at equal updates."
         )
     return "\n".join(lines)
 

@@ -44,6 +44,7 @@ from .runs import (
     first_line,
     init_from,
     load_run,
+    machine_record,
     make_svi,
     new_run,
     resolve_device,
@@ -391,6 +392,7 @@ def final_test(run: TrainRun) -> dict:
     finally:
         torch.set_rng_state(cpu_state)
     report["train_seconds"] = round(run.clock.seconds(), 1)
+    report["machine"] = machine_record(run.device)
     report["inner_steps"] = config.eval_inner_steps or config.inner_steps
     report["restarts"], report["restart_criterion"] = config.eval_restarts, config.restart_criterion
     if config.eval_reinitialize or config.reinitialize:

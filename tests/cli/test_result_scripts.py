@@ -1,6 +1,7 @@
 """pyro-slots summarize and examples/iodine_elbo_probe.py on runs of the trainer."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -91,6 +92,18 @@ def test_summary_across_seeds_is_the_spread_of_the_run_means(tmp_path, monkeypat
     table = summary.test_table(summary.load_runs([folders[0], str(kept)]))
     assert "| final (2) | T = 20, 4 restarts (elbo), re-initialized (attention masks) |" in table
     assert f"tested differently (T = {tested}; T = 20, 4 restarts (elbo), re-initialized" in table
+    assert "different machines" not in table  # both finished here
+    # test.json names the machine; runs finished on different ones get a line under the table
+    machine = json.loads(Path(folders[0], "test.json").read_text())["machine"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["torch_threads"] == torch.get_num_threads()
+    assert machine["cores"] == os.cpu_count() and machine["torch"] == torch.__version__
+    again["machine"] = {**machine, "cpu_capability": "AVX512", "torch_threads": 2}
+    (kept / "test.json").write_text(json.dumps(again))
+    table = summary.test_table(summary.load_runs([folders[0], str(kept)]))
+    here = f"{machine['cpu']} ({machine['cpu_capability']}), {machine['torch_threads']} torch"
+    assert f"different machines ({here} thread" in table
+    assert f"; {machine['cpu']} (AVX512), 2 torch threads)" in table
 
 
 def test_iodine_elbo_probe_parts_agree_with_pyros_elbo(examples_on_path, tmp_path):
