@@ -103,6 +103,44 @@ def test_slot_selector_noise_is_the_single_process_noise_on_two_processes(tmp_pa
         assert losses == pytest.approx(single, abs=1e-10)
 
 
+def _reinit_train(rank, world_size):
+    """Slots re-initialized inside the inner loop (Reinitialize) on this rank's images. With a
+    dead threshold of 0.5 at least K - 1 of the K slots are redrawn at every step (their mean
+    responsibilities sum to 1), so the loss depends on every replacement drawn."""
+    from pyro_slots.inner import Reinitialize
+
+    torch.manual_seed(0)
+    model = tiny_autoencoder().double()
+    inner = SoftKMeans(num_steps=3, temperature=model.variance)
+    rule = Reinitialize(inner, init=ps.GaussianInit(model.slot_dim), dead_threshold=0.5, seed=5)
+    svi = ps.NestedSVI(model, rule, ps.objectives.Reconstruction(),
+                       pyro.optim.Adam({"lr": 0.01}), seed=3)  # fmt: skip
+    shard = GLOBAL_BATCH // world_size
+    losses = []
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(300 + step)
+        images = torch.rand(GLOBAL_BATCH, 3, 12, 12, generator=g, dtype=torch.float64)
+        losses.append(svi.step(images[rank * shard : (rank + 1) * shard]).loss)
+    return losses
+
+
+def _reinit_worker(rank, world_size, init_file, out_dir):
+    with gloo_group(rank, world_size, init_file):
+        torch.save(_reinit_train(rank, world_size), os.path.join(out_dir, f"{rank}.pt"))
+
+
+def test_reinitialized_slots_are_the_single_process_draws_on_two_processes(tmp_path):
+    """Reinitialize under NestedSVI on 2 ranks: each rank keeps its rows of the global batch's
+    replacement draw (Reinitialize.shard_draws), so J is the single process's; without the
+    sharding each rank drew the first rows for its own images."""
+    mp.spawn(_reinit_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)  # fmt: skip
+    single = _reinit_train(0, 1)
+    for rank in range(2):
+        losses = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert losses == pytest.approx(single, abs=1e-10)
+
+
 def _hanging_worker(rank, world_size, port, out_dir):
     dist.init_process_group(
         "gloo",

@@ -68,9 +68,12 @@ class Reinitialize(InnerRule):
     can pick up an object that two slots were sharing or none was explaining — the pruning and
     re-initialization of DIAS (Zhao et al. 2025) and MetaSlot (2025), with the inner-loop health
     diagnostics' own definitions (:func:`pyro_slots.diagnostics.inner_loop_health`). The
-    draws come from a generator seeded with ``seed`` at every :meth:`init`, so a run is
-    reproducible. The decision is not differentiated; a replaced slot carries no gradient to
-    its former value, and the rule's recurrent state (``aux``) is kept as it was.
+    draws come from a generator seeded with ``seed`` at every :meth:`init`, one draw for the
+    whole batch at every re-initialization step whether a slot is replaced or not, so a run is
+    reproducible and the ranks of a data-parallel :class:`~pyro_slots.NestedSVI`
+    (:meth:`shard_draws`) redraw the single process's slots. The decision is not
+    differentiated; a replaced slot carries no gradient to its former value, and the rule's
+    recurrent state (``aux``) is kept as it was.
 
     :param InnerRule rule: the rule that takes the steps (its weights are this rule's weights).
     :param init: a slot initializer ``init(batch, K, generator=, dtype=)`` (e.g.
@@ -124,6 +127,17 @@ class Reinitialize(InnerRule):
         self.seed = int(seed)
         self.uses_elbo_gradient = rule.uses_elbo_gradient
         self._generator = torch.Generator().manual_seed(self.seed)
+        self._shard = (0, 1)
+
+    def shard_draws(self, rank: int, world_size: int) -> None:
+        """Draw the replacements of this rank's share of a global batch: every draw is made for
+        ``world_size`` times the batch (the same numbers on every rank) and rows ``rank * batch``
+        on are kept, so ``world_size`` data-parallel processes redraw the single process's slots.
+        :class:`~pyro_slots.NestedSVI` calls it under ``torch.distributed``."""
+        world_size = check_positive_int(world_size, "world_size")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected 0 <= rank < {world_size}, got {rank}")
+        self._shard = (rank, world_size)
 
     @property
     def slot_init(self):
@@ -157,11 +171,18 @@ class Reinitialize(InnerRule):
         slots = state.slots
         if state.step >= 1 and state.step % self.every == 0:
             replace = self.replaced(problem, slots)
+            # Drawn at every re-initialization step, replaced or not, so that the stream does
+            # not depend on which datapoints needed a slot: a rank of a data-parallel run
+            # (shard_draws) keeps its rows of the single process's draw.
+            rank, world_size = self._shard
+            batch = slots.shape[0]
+            fresh = self.replacement(
+                batch * world_size, slots.shape[1], generator=self._generator, dtype=slots.dtype
+            )
+            if world_size > 1:
+                fresh = fresh[rank * batch : (rank + 1) * batch]
             if bool(replace.any()):
-                fresh = self.replacement(
-                    slots.shape[0], slots.shape[1], generator=self._generator, dtype=slots.dtype
-                ).to(slots.device)
-                slots = torch.where(replace.unsqueeze(-1), fresh.detach(), slots)
+                slots = torch.where(replace.unsqueeze(-1), fresh.detach().to(slots.device), slots)
         # info.elbo is the ELBO at the slots the rule stepped from, the redrawn ones
         return self.rule.step(InnerState(slots, state.step, state.aux), problem, create_graph)
 

@@ -73,6 +73,14 @@ def test_the_dead_and_duplicate_slots_are_redrawn_before_the_rule_steps(float64)
     # step 0 is never patched: the rule's own step from λ_0
     first, _ = rule.step(InnerState(slots, 0, state.aux), problem)
     torch.testing.assert_close(first.slots, EM(1).step(InnerState(slots, 0), problem)[0].slots)
+    # rank 1 of 2 (shard_draws): the rows 4..7 of the draw for the global batch of 8
+    sharded = Reinitialize(EM(1), init=init, seed=5)
+    sharded.shard_draws(1, 2)
+    sharded.init(problem, slots)
+    new, _ = sharded.step(InnerState(slots, 1, ()), problem)
+    patched[:, 1:] = init(8, 3, generator=torch.Generator().manual_seed(5))[4:, 1:]
+    expected, _ = EM(1).step(EM(1).init(problem, patched), problem)
+    torch.testing.assert_close(new.slots, expected.slots)
 
 
 def test_reinitialize_frees_em_from_a_stuck_start(float64):
@@ -112,6 +120,8 @@ def test_reinitialize_refuses_a_model_without_assignments_and_a_rule_without_ini
         Reinitialize(EM(1))
     with pytest.raises(ValueError, match="duplicate_threshold"):
         Reinitialize(EM(1), init=ps.GaussianInit(5), duplicate_threshold=0)
+    with pytest.raises(ValueError, match="rank: expected 0 <= rank < 2, got 2"):
+        Reinitialize(EM(1), init=ps.GaussianInit(5)).shard_draws(2, 2)
 
 
 def test_trainer_wraps_the_rule_and_draws_from_the_runs_initializer(tmp_path):
