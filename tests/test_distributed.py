@@ -71,13 +71,27 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, in
         assert got["losses"] == pytest.approx(single_losses, abs=1e-8)
 
 
-def _adaslot_train(rank, world_size):
-    """AdaSlot (a SlotSelector drawing Gumbel noise in training) on this rank's images."""
+def _drawing_svi(kind):
+    """A NestedSVI whose training draws per datapoint: AdaSlot's SlotSelector (Gumbel noise), or
+    Reinitialize (replacement slots; with a dead threshold of 0.5 at least K - 1 of the K
+    slots are redrawn at every step, since their mean responsibilities sum to 1, so the loss
+    depends on every replacement drawn)."""
+    from pyro_slots.inner import Reinitialize
+
     torch.manual_seed(0)
-    model = tiny_autoencoder(active_slots=True).double()
-    rule = SoftKMeans(num_steps=2, temperature=model.variance)
-    svi = ps.NestedSVI(model, rule, ps.objectives.Reconstruction(),
-                       pyro.optim.Adam({"lr": 0.01}), seed=3, slot_sparsity=0.1)  # fmt: skip
+    model = tiny_autoencoder(active_slots=kind == "adaslot").double()
+    rule = SoftKMeans(num_steps=2 if kind == "adaslot" else 3, temperature=model.variance)
+    options = {"slot_sparsity": 0.1} if kind == "adaslot" else {}
+    if kind == "reinitialize":
+        init = ps.GaussianInit(model.slot_dim)
+        rule = Reinitialize(rule, init=init, dead_threshold=0.5, seed=5)
+    return ps.NestedSVI(model, rule, ps.objectives.Reconstruction(),
+                        pyro.optim.Adam({"lr": 0.01}), seed=3, **options)  # fmt: skip
+
+
+def _sharded_losses(kind, rank, world_size):
+    """J of every update, each rank stepping on its share of the same global batches."""
+    svi = _drawing_svi(kind)
     shard = GLOBAL_BATCH // world_size
     losses = []
     for step in range(STEPS):
@@ -87,58 +101,31 @@ def _adaslot_train(rank, world_size):
     return losses
 
 
-def _adaslot_worker(rank, world_size, init_file, out_dir):
+def _losses_worker(rank, world_size, kind, init_file, out_dir):
     with gloo_group(rank, world_size, init_file):
-        torch.save(_adaslot_train(rank, world_size), os.path.join(out_dir, f"{rank}.pt"))
+        torch.save(_sharded_losses(kind, rank, world_size), os.path.join(out_dir, f"{rank}.pt"))
 
 
-def test_slot_selector_noise_is_the_single_process_noise_on_two_processes(tmp_path):
-    """AdaSlot's Gumbel noise: under NestedSVI on 2 ranks each rank keeps its rows of the
-    global batch's draw (SlotSelector.shard_draws), so J is the single process's."""
-    mp.spawn(_adaslot_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+def _assert_two_ranks_train_as_one(tmp_path, kind):
+    mp.spawn(_losses_worker, args=(2, kind, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
              join=True)  # fmt: skip
-    single = _adaslot_train(0, 1)
+    single = _sharded_losses(kind, 0, 1)
     for rank in range(2):
         losses = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
         assert losses == pytest.approx(single, abs=1e-10)
 
 
-def _reinit_train(rank, world_size):
-    """Slots re-initialized inside the inner loop (Reinitialize) on this rank's images. With a
-    dead threshold of 0.5 at least K - 1 of the K slots are redrawn at every step (their mean
-    responsibilities sum to 1), so the loss depends on every replacement drawn."""
-    from pyro_slots.inner import Reinitialize
-
-    torch.manual_seed(0)
-    model = tiny_autoencoder().double()
-    inner = SoftKMeans(num_steps=3, temperature=model.variance)
-    rule = Reinitialize(inner, init=ps.GaussianInit(model.slot_dim), dead_threshold=0.5, seed=5)
-    svi = ps.NestedSVI(model, rule, ps.objectives.Reconstruction(),
-                       pyro.optim.Adam({"lr": 0.01}), seed=3)  # fmt: skip
-    shard = GLOBAL_BATCH // world_size
-    losses = []
-    for step in range(STEPS):
-        g = torch.Generator().manual_seed(300 + step)
-        images = torch.rand(GLOBAL_BATCH, 3, 12, 12, generator=g, dtype=torch.float64)
-        losses.append(svi.step(images[rank * shard : (rank + 1) * shard]).loss)
-    return losses
-
-
-def _reinit_worker(rank, world_size, init_file, out_dir):
-    with gloo_group(rank, world_size, init_file):
-        torch.save(_reinit_train(rank, world_size), os.path.join(out_dir, f"{rank}.pt"))
+def test_slot_selector_noise_is_the_single_process_noise_on_two_processes(tmp_path):
+    """AdaSlot's Gumbel noise: under NestedSVI on 2 ranks each rank keeps its rows of the
+    global batch's draw (SlotSelector.shard_draws), so J is the single process's."""
+    _assert_two_ranks_train_as_one(tmp_path, "adaslot")
 
 
 def test_reinitialized_slots_are_the_single_process_draws_on_two_processes(tmp_path):
     """Reinitialize under NestedSVI on 2 ranks: each rank keeps its rows of the global batch's
     replacement draw (Reinitialize.shard_draws), so J is the single process's; without the
     sharding each rank drew the first rows for its own images."""
-    mp.spawn(_reinit_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-             join=True)  # fmt: skip
-    single = _reinit_train(0, 1)
-    for rank in range(2):
-        losses = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
-        assert losses == pytest.approx(single, abs=1e-10)
+    _assert_two_ranks_train_as_one(tmp_path, "reinitialize")
 
 
 def _hanging_worker(rank, world_size, port, out_dir):
