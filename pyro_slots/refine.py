@@ -217,6 +217,8 @@ def run_inner(
     record_history: bool = True,
     responsibilities: bool = False,
     straight_through: bool = False,
+    rows: torch.Tensor | None = None,
+    num_rows: int | None = None,
 ) -> RefineResult:
     """Run the inner loop from λ_0 = ``slots``: the one loop of the library.
 
@@ -241,12 +243,15 @@ def run_inner(
     :param bool straight_through: phase 2 starts from ``sg(λ) + λ_0 - sg(λ_0)`` (the value of
         λ, the gradient of λ_0 = ``slots``, which keeps its graph): the straight-through
         gradient to the initialization (:class:`~pyro_slots.NestedSVI`).
+    :param rows: with ``num_rows``, where the datapoints sit in the batch that rules draw
+        random numbers for (:class:`InnerProblem`): a chunk or shard of a larger batch.
     """
     batch, num_points = x_enc.shape[:2]
     free_steps = num_steps - backprop_steps
-    problem_graph = InnerProblem(model, x_enc, estimator, record_history)
+    problem_graph = InnerProblem(model, x_enc, estimator, record_history, rows, num_rows)
     x_free = x_enc.detach()
-    problem = InnerProblem(model, x_free, estimator, record_history)
+    problem_free = InnerProblem(model, x_free, estimator, record_history, rows, num_rows)
+    problem = problem_free
     state = inner.init(problem_graph if free_steps <= 0 else problem, slots)
     start_slots = state.slots.detach()
     trace = _Trace(batch, keep_trajectory)
@@ -304,7 +309,7 @@ def run_inner(
                 _map_state(lambda a, keep=keep: a[keep] if torch.is_tensor(a) else a, state),
                 previous[keep],
             )
-            problem = InnerProblem(model, x_free[active], estimator, record_history)
+            problem = problem_free.subset(active)
     state = InnerState(full.slots, t, full.aux)
 
     # Phase 2: the differentiated steps, on the whole batch.
@@ -473,17 +478,20 @@ def refine(
         step at test time.
     :param int chunk_size: run the loop on consecutive chunks of at most ``chunk_size``
         datapoints (each with its ``num_restarts`` restarts) and concatenate their results. λ_0
-        is drawn for the whole batch first, as without chunks, so the result is the unchunked
-        one (a chunk whose datapoints all stopped early is padded as :func:`run_inner` pads a
-        stopped datapoint). The loop's working memory is then that of one chunk; the input,
-        the result and the drawing of λ_0 still scale with the batch.
+        is drawn for the whole batch first, as without chunks, and a rule that draws per
+        datapoint (:class:`~pyro_slots.inner.Reinitialize`) gives every chunk its rows of the
+        whole batch's draw, so the result is the unchunked one (a chunk whose datapoints all
+        stopped early is padded as :func:`run_inner` pads a stopped datapoint). The loop's
+        working memory is then that of one chunk; the input, the result and the drawing of
+        λ_0 still scale with the batch.
     :param bool distributed: split the datapoints over the ranks of the initialized
         ``torch.distributed`` process group: every rank draws the random numbers of λ_0 for the
         whole batch (pass a ``seed`` so that the ranks draw the same ones and the result equals
         the single-process one, up to rounding for a conditional initializer such as
         :class:`~pyro_slots.AmortizedInit`) but computes λ_0 (e.g. k-means++) for its own
         contiguous shard only (:func:`initial_slots` ``rows``), runs the loop on it (in chunks
-        with ``chunk_size``) and all-gathers the shards, so every rank returns the whole
+        with ``chunk_size``; per-datapoint draws of the rule as in the whole batch) and
+        all-gathers the shards, so every rank returns the whole
         :class:`RefineResult`. Every rank must call it with the same arguments; an error in one
         rank's loop is raised on every rank.
     :param bool responsibilities: return the posterior of the model's assignment site at the
@@ -678,8 +686,15 @@ def _run_chunks(
         x = x_enc[lo:hi]
         x_rep = x.repeat(num_restarts, 1, 1) if num_restarts > 1 else x
         lam = slots[:, lo - start : hi - start].reshape(num_restarts * (hi - lo), *slots.shape[2:])
+        # Where the chunk's rows sit in the batch of every datapoint and restart (restart-major,
+        # as unchunked): a rule's random draws are those of the unchunked loop.
+        rows = torch.arange(num_restarts)[:, None] * x_enc.shape[0] + torch.arange(lo, hi)
+        rows = rows.flatten().to(x_enc.device)
+        num_rows = num_restarts * x_enc.shape[0]
         try:
-            part = run_inner(model, x_rep, inner, lam, num_steps, **options)
+            part = run_inner(
+                model, x_rep, inner, lam, num_steps, rows=rows, num_rows=num_rows, **options
+            )
         except InnerLoopError as e:
             raise InnerLoopError(
                 f"in the chunk of datapoints [{lo}, {hi}) (chunk_size={chunk_size}; the "

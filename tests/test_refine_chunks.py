@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pyro_slots as ps
-from pyro_slots.inner import EM, GaussianFeatures, SlotAttention
+from pyro_slots.inner import EM, GaussianFeatures, Reinitialize, SlotAttention
 from pyro_slots.models import GaussianMixture
 from tests.conftest import gloo_group, make_point_sets
 
@@ -186,7 +186,17 @@ def _cases(gmm, x):
         "slot_attention": lambda **kw: ps.refine(
             gmm, x, _slot_attention(gmm), seed=6, record_history=False, **kw
         ),
+        # replacement draws per datapoint (a slot below 0.2 of the points is redrawn: K = 4
+        # slots for 3 clusters, so most sets redraw until they stop)
+        "reinitialize": lambda **kw: ps.refine(
+            gmm, x, _reinitialize(gmm), seed=7, elbo_tol=1e-4, num_restarts=2, **kw
+        ),
     }
+
+
+def _reinitialize(gmm):
+    init = ps.GaussianInit(gmm.slot_dim, learnable=False).double()
+    return Reinitialize(EM(40), init=init, seed=8, dead_threshold=0.2)
 
 
 def _no_responsibilities(**kw):
@@ -245,14 +255,18 @@ def test_two_ranks_return_the_single_process_result(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     want = {name: run() for name, run in _cases(GaussianMixture(4, 2), _data()).items()}
     assert want["em"].num_steps > int(want["em"].steps[:, :18].max())  # ranks stop apart
+    steps = want["reinitialize"].steps
+    assert steps.min() < 10 and steps.max() > 20  # datapoints stop apart
     shards = {0: 18, 1: 19}  # 37 datapoints: rank 0 holds [0, 18), rank 1 [18, 37)
     for rank, size in shards.items():
         got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
         chunks = [min(7, size - lo) for lo in range(0, size, 7)]
-        # em: the shard in chunks of 7 (2 restarts each), then whole; slot attention likewise
-        assert got["seen"] == [2 * c for c in chunks] + [2 * size] + chunks + [size]
+        # em: the shard in chunks of 7 (2 restarts each), then whole; slot attention and
+        # reinitialize (2 restarts) likewise
+        restarts2 = [2 * c for c in chunks] + [2 * size]
+        assert got["seen"] == restarts2 + chunks + [size] + restarts2
         # k-means++ seeded the rank's own datapoints only, not the batch (em: 2 restarts)
-        assert got["seeded"] == [2 * size, 2 * size, size, size]
+        assert got["seeded"] == [2 * size, 2 * size, size, size, 2 * size, 2 * size]
         for name, result in want.items():
             _assert_same(_from_plain(got["results"][name]), result)
             _assert_same(_from_plain(got["results"][name + "_whole_shard"]), result)

@@ -53,6 +53,13 @@ class InnerProblem:
     :param ELBOEstimator estimator: how the ELBO is computed (Pyro traces by default).
     :param bool record_history: whether rules that do not need the ELBO for their update
         still evaluate it at every step for the history (see :meth:`history_elbo`).
+    :param torch.Tensor rows: where this problem's datapoints sit in the batch that random
+        choices are drawn for, ``(batch,)`` distinct indices in ``[0, num_rows)``; default
+        ``None``, the problem is that batch. A rule that draws per datapoint
+        (:class:`~pyro_slots.inner.Reinitialize`) draws for all ``num_rows`` and keeps these
+        rows, so a chunk, a rank's shard or the still-active datapoints of a batch get the
+        numbers the whole batch draws for them (:func:`~pyro_slots.refine` sets them).
+    :param int num_rows: the size of that batch (required with ``rows``).
     """
 
     def __init__(
@@ -61,11 +68,46 @@ class InnerProblem:
         x: torch.Tensor,
         estimator: ELBOEstimator | None = None,
         record_history: bool = True,
+        rows: torch.Tensor | None = None,
+        num_rows: int | None = None,
     ):
         self.model = model
         self.x = x
         self.estimator = estimator or PerDatapointELBO()
         self.record_history = bool(record_history)
+        if (rows is None) != (num_rows is None):
+            raise ValueError("rows, num_rows: give both (a subset of a larger batch) or neither")
+        if rows is not None:
+            num_rows = check_positive_int(num_rows, "num_rows")
+            if not torch.is_tensor(rows) or rows.dim() != 1 or rows.dtype != torch.long:
+                raise ValueError(
+                    f"rows: expected a 1-D tensor of int64 indices, got "
+                    f"{tuple(rows.shape) if torch.is_tensor(rows) else type(rows).__name__}"
+                )
+            if rows.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"rows: expected one index per datapoint ({x.shape[0]}), got {rows.shape[0]}"
+                )
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_rows):
+                raise ValueError(f"rows: expected indices in [0, {num_rows})")
+        self.rows = rows
+        self.num_rows = x.shape[0] if num_rows is None else num_rows
+
+    def subset(self, index: torch.Tensor) -> InnerProblem:
+        """The problem of the datapoints ``index`` (an index tensor into this batch), keeping
+        where they sit in the batch of draws."""
+        rows = index if self.rows is None else self.rows[index]
+        return InnerProblem(
+            self.model, self.x[index], self.estimator, self.record_history, rows, self.num_rows
+        )
+
+    def draw_rows(self, draw: torch.Tensor) -> torch.Tensor:
+        """This problem's rows of ``draw``, a draw for the whole batch ``(num_rows, ...)``."""
+        if draw.shape[0] != self.num_rows:
+            raise ValueError(
+                f"draw: expected {self.num_rows} rows (the batch of draws), got {draw.shape[0]}"
+            )
+        return draw if self.rows is None else draw[self.rows.to(draw.device)]
 
     def elbo(self, slots: torch.Tensor) -> torch.Tensor:
         """ELBO of every datapoint, ``(batch,)``, differentiable in slots and weights."""

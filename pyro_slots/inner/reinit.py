@@ -70,10 +70,12 @@ class Reinitialize(InnerRule):
     diagnostics' own definitions (:func:`pyro_slots.diagnostics.inner_loop_health`). The
     draws come from a generator seeded with ``seed`` at every :meth:`init`, one draw for the
     whole batch at every re-initialization step whether a slot is replaced or not, so a run is
-    reproducible and the ranks of a data-parallel :class:`~pyro_slots.NestedSVI`
-    (:meth:`shard_draws`) redraw the single process's slots. The decision is not
-    differentiated; a replaced slot carries no gradient to its former value, and the rule's
-    recurrent state (``aux``) is kept as it was.
+    reproducible, and a datapoint gets the same replacements whether it runs alone or with others:
+    the ranks of a data-parallel :class:`~pyro_slots.NestedSVI` (:meth:`shard_draws`), the
+    chunks and ranks of :func:`~pyro_slots.refine` and the datapoints still active after others
+    stopped keep their rows of the whole batch's draw (``InnerProblem(rows=...)``). The
+    decision is not differentiated; a replaced slot carries no gradient to its former value,
+    and the rule's recurrent state (``aux``) is kept as it was.
 
     :param InnerRule rule: the rule that takes the steps (its weights are this rule's weights).
     :param init: a slot initializer ``init(batch, K, generator=, dtype=)`` (e.g.
@@ -174,13 +176,16 @@ class Reinitialize(InnerRule):
             # Drawn at every re-initialization step, replaced or not, so that the stream does
             # not depend on which datapoints needed a slot: a rank of a data-parallel run
             # (shard_draws) keeps its rows of the single process's draw.
+            # The problem's rows of the draw for its whole batch (a chunk, a shard or the
+            # still-active datapoints get what the whole batch draws for them).
             rank, world_size = self._shard
-            batch = slots.shape[0]
+            num_rows = problem.num_rows
             fresh = self.replacement(
-                batch * world_size, slots.shape[1], generator=self._generator, dtype=slots.dtype
+                num_rows * world_size, slots.shape[1], generator=self._generator, dtype=slots.dtype
             )
             if world_size > 1:
-                fresh = fresh[rank * batch : (rank + 1) * batch]
+                fresh = fresh[rank * num_rows : (rank + 1) * num_rows]
+            fresh = problem.draw_rows(fresh)
             if bool(replace.any()):
                 slots = torch.where(replace.unsqueeze(-1), fresh.detach().to(slots.device), slots)
         # info.elbo is the ELBO at the slots the rule stepped from, the redrawn ones

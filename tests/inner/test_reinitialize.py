@@ -111,6 +111,62 @@ def test_reinitialize_frees_em_from_a_stuck_start(float64):
     assert reached.sum() >= 2
 
 
+def _box_init(model):
+    def init(batch, num_slots, generator=None, dtype=None):
+        """Unit-variance slots of equal weight, uniform over the data's box."""
+        u = torch.rand(batch, num_slots, 2, generator=generator, dtype=dtype)
+        return _slots(model, u * torch.tensor([14.0, 2.0], dtype=dtype) - torch.tensor([7.0, 1.0]))
+
+    return init
+
+
+def test_chunks_and_early_stopped_neighbours_do_not_change_a_datapoints_replacements(float64):
+    """A datapoint's replacement slots are its rows of the whole batch's draw: refine in chunks
+    (restarts included) gives the unchunked result, and a datapoint that never stopped ends
+    where it ends when nobody stops. Three sets start at the true centres (they stop after a
+    few steps with elbo_tol), three stuck (slots redrawn for more steps)."""
+    x, centers = _clusters(num_sets=6, seed=1)
+    model = GaussianMixture(3, 2)
+    stuck = _slots(model, _stuck(6))
+    stuck[:3] = _slots(model, centers.expand(3, -1, -1))
+    start = torch.stack([stuck, stuck.flip(0)])  # 2 restarts: the stuck sets differ
+    rule = Reinitialize(EM(25), init=_box_init(model), seed=3)
+    whole = ps.refine(model, x, rule, slots=start, num_restarts=2)
+    for chunk_size in (1, 4):
+        chunked = ps.refine(model, x, rule, slots=start, num_restarts=2, chunk_size=chunk_size)
+        torch.testing.assert_close(chunked.slots, whole.slots, rtol=0, atol=1e-12)
+    # the replacements mattered: without them the stuck sets stay half a nat per point lower
+    plain = ps.refine(model, x, EM(25), slots=start, num_restarts=2)
+    assert ((whole.elbo - plain.elbo).max(0).values[3:] / x.shape[1] > 0.1).all()
+
+    # Stopping: every datapoint ends where the run without stopping was at its last step.
+    # (a slot is dead below 0.3 of the points: the stuck sets are redrawn for several steps)
+    rule = Reinitialize(EM(25), init=_box_init(model), seed=3, dead_threshold=0.3)
+    path = ps.refine(model, x, rule, slots=start[0], keep_trajectory=True).trajectory
+    stopped = ps.refine(model, x, rule, slots=start[0], elbo_tol=1e-5)
+    steps = stopped.steps[0].tolist()
+    assert max(steps[:3]) < min(steps[3:]) and max(steps) > 8  # stuck sets go on alone
+    for n, t in enumerate(steps):
+        torch.testing.assert_close(stopped.slots[0, n], path[t][0, n], rtol=0, atol=1e-12)
+
+
+def test_inner_problem_rows_are_checked():
+    model = GaussianMixture(3, 2)
+    x = torch.zeros(4, 5, 2)
+    with pytest.raises(ValueError, match="rows, num_rows: give both"):
+        InnerProblem(model, x, rows=torch.arange(4))
+    with pytest.raises(ValueError, match=r"rows: expected one index per datapoint \(4\), got 3"):
+        InnerProblem(model, x, rows=torch.arange(3), num_rows=8)
+    with pytest.raises(ValueError, match=r"rows: expected indices in \[0, 4\)"):
+        InnerProblem(model, x, rows=torch.arange(4) + 1, num_rows=4)
+    problem = InnerProblem(model, x, rows=torch.tensor([5, 1, 7, 2]), num_rows=8)
+    draw = torch.arange(8.0)
+    assert problem.draw_rows(draw).tolist() == [5.0, 1.0, 7.0, 2.0]
+    assert problem.subset(torch.tensor([2, 0])).draw_rows(draw).tolist() == [7.0, 5.0]
+    with pytest.raises(ValueError, match="draw: expected 8 rows"):
+        problem.draw_rows(torch.arange(4.0))
+
+
 def test_reinitialize_refuses_a_model_without_assignments_and_a_rule_without_init():
     model = GaussianMixture(3, 2)
     model.assignment_site = None
