@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import interleaved_medians, markdown_table, report
+from benchmarks.common import interleaved_medians, markdown_table, report, run_json_worker
 
 NUM_SLOTS, DIM, ITERS = 7, 64, 3
 SIZES = ((32, 4096), (64, 1024))
@@ -96,17 +93,11 @@ def worker(args) -> dict:
 
 
 def _run_worker(batch, num_inputs, tune, args) -> dict:
-    cmd = [
-        sys.executable, "-m", "benchmarks.bench_slot_attention", "--worker",
-        "--batch", str(batch), "--num-inputs", str(num_inputs),
-        "--repeats", str(args.repeats), "--threads", str(args.threads),
-        "--impls", *IMPLS,
+    argv = [
+        "--worker", "--batch", str(batch), "--num-inputs", str(num_inputs),
+        "--repeats", str(args.repeats), "--threads", str(args.threads), "--impls", *IMPLS,
     ]  # fmt: skip
-    if tune:
-        cmd.append("--tune")
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json_worker("benchmarks.bench_slot_attention", argv, tune)
 
 
 def run(args) -> str:

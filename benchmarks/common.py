@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -169,3 +170,13 @@ def report(args, name: str, title: str, body: str) -> str:
     if not args.quick:
         write_result(name, title, body)
     return body
+
+
+def run_json_worker(module: str, argv: list, tune: bool) -> dict:
+    """Run ``python -m module --worker-args...`` in a fresh process (``argv``, plus ``--tune``
+    to apply :func:`~pyro_slots._allocator.tune_allocator` there: ``mallopt`` is process-wide
+    and cannot be undone) and return the JSON object its last line of output prints."""
+    cmd = [sys.executable, "-m", module, *argv] + (["--tune"] if tune else [])
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root)
+    return json.loads(out.stdout.strip().splitlines()[-1])
