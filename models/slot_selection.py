@@ -20,9 +20,6 @@ from pyro_slots.validation import check_positive_float, check_positive_int, chec
 
 __all__ = ["SlotSelection", "SlotSelector", "masked_softmax"]
 
-#: Largest exponent of a dropped slot's term in :func:`masked_softmax`: its value is multiplied
-#: by 0 in the forward pass; only the straight-through gradient w.r.t. its keep mask is bounded.
-_MAX_EXPONENT = 30.0
 
 
 class SlotSelection(NamedTuple):
@@ -45,10 +42,14 @@ class SlotSelection(NamedTuple):
 def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     r"""The softmax over slots (dim 1) of mixing logits, restricted to the kept slots.
 
-    ``α_k = z_k exp(l_k) / Σ_j z_j exp(l_j)``: with a hard mask ``z`` it is the softmax with the
-    dropped slots' logits at ``-∞`` (AdaSlot's masked decoder), written as the renormalized
-    product so that a straight-through gradient reaches ``z``. Computed relative to the largest
-    kept logit, so no kept term underflows.
+    ``α_k = z_k e_k / Σ_j z_j e_j`` with ``e_k = exp(min(l_k, m))`` and ``m`` the largest kept
+    logit (held constant): with a hard mask ``z`` it is the softmax with the dropped slots'
+    logits at ``-∞`` (AdaSlot's masked decoder), written as the renormalized product so that a
+    straight-through gradient reaches ``z``. The cap at ``m`` changes no value (a kept logit is
+    at most ``m``, a dropped term is multiplied by 0) but bounds the derivative in ``z_k`` by 1:
+    without it, a dropped slot whose logit dominates a pixel by ``d`` gave ``e^d`` (up to
+    ``e^30``), which wrecked a trained autoencoder within 100 updates of AdaSlot fine-tuning
+    (gradient norm 4,000 against 0.5). Computed relative to ``m``, so no kept term underflows.
 
     :param torch.Tensor logits: ``(batch, K, ...)``, e.g. the decoder's mask logits per pixel.
     :param torch.Tensor keep: ``(batch, K)``, 0 or 1 in value, at least one 1 per datapoint.
@@ -64,7 +65,7 @@ def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     z = keep.reshape(*keep.shape, *([1] * (logits.dim() - 2)))
     kept = z.detach() > 0.5
     shift = logits.detach().masked_fill(~kept, -torch.inf).amax(1, keepdim=True)
-    weights = torch.exp((logits - shift).clamp(max=_MAX_EXPONENT)) * z
+    weights = torch.exp((logits - shift).clamp(max=0.0)) * z
     return weights / weights.sum(1, keepdim=True)
 
 

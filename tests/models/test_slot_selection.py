@@ -79,8 +79,8 @@ def test_masked_softmax_is_the_softmax_of_the_kept_logits_and_its_gradient_the_s
     float64,
 ):
     """With a hard mask it is the softmax with the dropped logits at -inf; its gradient in
-    (logits, keep) is that of α_k = z_k e^{l_k} / Σ_j z_j e^{l_j} (central finite differences,
-    gradcheck), so the straight-through gradient reaches the mask. A row keeping nothing or a
+    (logits, keep) is that of the function (central finite differences, gradcheck), so the
+    straight-through gradient reaches the mask. A row keeping nothing or a
     misshaped mask is refused."""
     g = torch.Generator().manual_seed(0)
     logits = 3 * torch.randn(2, 4, 3, 2, generator=g, dtype=torch.float64)
@@ -95,6 +95,24 @@ def test_masked_softmax_is_the_softmax_of_the_kept_logits_and_its_gradient_the_s
         masked_softmax(logits, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))
     with pytest.raises(ValueError, match=r"keep: expected shape \(batch, K\) = \(2, 4\)"):
         masked_softmax(logits, torch.ones(2, 3))
+
+
+def test_masked_softmax_derivative_in_a_dropped_dominant_slots_mask_is_bounded(float64):
+    """Slot 1 is dropped but its logit dominates the pixel by 20: the derivative of the masks in
+    z is the analytic one of the capped surrogate α_k = z_k e_k / Σ z_j e_j, e = exp(min(l, m))
+    with m the largest kept logit (by hand below), at most 1 in size; the uncapped surrogate's
+    would be e^20 ≈ 5e8."""
+    logits = torch.tensor([[[0.5], [20.7], [0.7], [-1.0]]])  # (1, K=4, 1 pixel)
+    keep = torch.tensor([[1.0, 0.0, 1.0, 1.0]], requires_grad=True)
+    jac = torch.autograd.functional.jacobian(lambda z: masked_softmax(logits, z)[0, :, 0], keep)
+    m = 0.7  # the largest kept logit
+    e = torch.exp(torch.minimum(logits[0, :, 0], torch.tensor(m)))
+    z = keep.detach()[0]
+    s = (z * e).sum()
+    expected = torch.diag(e) / s - (z * e)[:, None] * e[None, :] / s**2  # d α_j / d z_k
+    torch.testing.assert_close(jac[:, 0, :], expected, rtol=1e-12, atol=1e-14)
+    assert jac.abs().max() <= 1.0
+    assert jac[:, 0, 1].abs().max() < 0.5  # the dropped slot's column, e^20-sized uncapped
 
 
 # -------------------------------------------------------- (b) the straight-through gradient
