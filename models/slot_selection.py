@@ -21,7 +21,6 @@ from pyro_slots.validation import check_positive_float, check_positive_int, chec
 __all__ = ["SlotSelection", "SlotSelector", "masked_softmax"]
 
 
-
 class SlotSelection(NamedTuple):
     """What :class:`SlotSelector` returns.
 
