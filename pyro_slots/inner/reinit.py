@@ -173,11 +173,10 @@ class Reinitialize(InnerRule):
         slots = state.slots
         if state.step >= 1 and state.step % self.every == 0:
             replace = self.replaced(problem, slots)
-            # Drawn at every re-initialization step, replaced or not, so that the stream does
-            # not depend on which datapoints needed a slot: a rank of a data-parallel run
-            # (shard_draws) keeps its rows of the single process's draw.
-            # The problem's rows of the draw for its whole batch (a chunk, a shard or the
-            # still-active datapoints get what the whole batch draws for them).
+            # Drawn at every re-initialization step, replaced or not, for the whole batch, so
+            # the stream does not depend on which datapoints needed a slot: a rank of a
+            # data-parallel run (shard_draws), a chunk or the still-active datapoints
+            # (problem.rows) keep their rows of the single process's draw.
             rank, world_size = self._shard
             num_rows = problem.num_rows
             fresh = self.replacement(
