@@ -83,6 +83,15 @@ def test_the_dead_and_duplicate_slots_are_redrawn_before_the_rule_steps(float64)
     torch.testing.assert_close(new.slots, expected.slots)
 
 
+def _box_init(model):
+    def init(batch, num_slots, generator=None, dtype=None):
+        """Unit-variance slots of equal weight, uniform over the data's box."""
+        u = torch.rand(batch, num_slots, 2, generator=generator, dtype=dtype)
+        return _slots(model, u * torch.tensor([14.0, 2.0], dtype=dtype) - torch.tensor([7.0, 1.0]))
+
+    return init
+
+
 def test_reinitialize_frees_em_from_a_stuck_start(float64):
     """EM from the stuck start keeps two slots on one cluster and a dead one forever (its ELBO
     stays far below that of EM started at the true centers, the global optimum of these
@@ -90,12 +99,7 @@ def test_reinitialize_frees_em_from_a_stuck_start(float64):
     x, centers = _clusters()
     model = GaussianMixture(3, 2)
     x_enc = model.encode(x)
-
-    def init(batch, num_slots, generator=None, dtype=None):
-        """Unit-variance slots of equal weight, uniform over the data's box."""
-        u = torch.rand(batch, num_slots, 2, generator=generator, dtype=dtype)
-        return _slots(model, u * torch.tensor([14.0, 2.0]) - torch.tensor([7.0, 1.0]))
-
+    init = _box_init(model)
     stuck = _slots(model, _stuck(4))
     plain = ps.refine(model, x, EM(60), slots=stuck).elbo[0]
     reinit = ps.refine(model, x, Reinitialize(EM(60), init=init, seed=1), slots=stuck).elbo[0]
@@ -109,15 +113,6 @@ def test_reinitialize_frees_em_from_a_stuck_start(float64):
     assert (reinit <= best + 1e-9 * num_points).all()
     reached = (best - reinit).abs() < 1e-6 * num_points
     assert reached.sum() >= 2
-
-
-def _box_init(model):
-    def init(batch, num_slots, generator=None, dtype=None):
-        """Unit-variance slots of equal weight, uniform over the data's box."""
-        u = torch.rand(batch, num_slots, 2, generator=generator, dtype=dtype)
-        return _slots(model, u * torch.tensor([14.0, 2.0], dtype=dtype) - torch.tensor([7.0, 1.0]))
-
-    return init
 
 
 def test_chunks_and_early_stopped_neighbours_do_not_change_a_datapoints_replacements(float64):
