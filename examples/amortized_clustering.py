@@ -144,7 +144,8 @@ def make_parser():
         parser.add_argument(f"--{name}", type=type(default) if default is not None else str,
                             default=default)  # fmt: skip
     parser.add_argument("--features", choices=["gaussian", "mlp"], default="gaussian")
-    parser.add_argument("--init", choices=["kmeans++", "random_from_data"], default="kmeans++")
+    parser.add_argument("--init", choices=["kmeans++", "kmeans++_seeds", "random_from_data"],
+                        default="kmeans++")  # fmt: skip
     parser.add_argument("--moments", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--test-steps", type=int, nargs="+", default=[1, 3, 5, 10])
     for flag in ("--fast-learned", "--safeguarded", "--learned-only", "--quiet"):

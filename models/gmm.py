@@ -51,7 +51,10 @@ class GaussianMixture(SlotModel):
         or ``"random_from_data"`` (``K`` distinct measurements of the datapoint as the means,
         the datapoint's pooled standard deviation as every scale, uniform weights; as
         scikit-learn's option of that name, and the cheapest data-dependent start: one top-k
-        over random keys, no distance computations).
+        over random keys, no distance computations), or ``"kmeans++_seeds"`` (the k-means++
+        seeds as the means with ``random_from_data``'s pooled scales and uniform weights: the
+        seeds' spread without the pass that assigns every measurement to a seed, for a learned
+        rule that refines λ_0 itself; ``init_lloyd_steps`` is not used).
     """
 
     def __init__(
@@ -165,11 +168,12 @@ class GaussianMixture(SlotModel):
         if self.init == "random_from_data":
             return random_from_data(self, x, num_slots, generator=generator, rows=rows)
         return kmeans_plus_plus(
-            self, x, num_slots, generator=generator, lloyd_steps=self.init_lloyd_steps, rows=rows
-        )
+            self, x, num_slots, generator=generator, lloyd_steps=self.init_lloyd_steps, rows=rows,
+            statistics=self.init == "kmeans++",
+        )  # fmt: skip
 
 
-_INITS = ("kmeans++", "random_from_data")
+_INITS = ("kmeans++", "kmeans++_seeds", "random_from_data")
 
 
 def random_from_data(model: GaussianMixture, x, num_slots: int, generator=None, rows=None):
@@ -198,17 +202,29 @@ def random_from_data(model: GaussianMixture, x, num_slots: int, generator=None, 
         batch = x.shape[0]
     idx = keys.topk(num_slots, dim=1, sorted=False).indices  # (B, K), distinct per row
     loc = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, dim))
+    return model.slot_spec.pack(_pooled_parts(x, loc))
+
+
+def _pooled_parts(x, loc) -> dict:
+    """Slots with means ``loc`` ``(B, K, D)``, the datapoints' pooled per-feature standard
+    deviation as every scale and equal weights."""
+    batch, num_slots, dim = loc.shape
     pooled = x.var(1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-    parts = {
+    return {
         "loc": loc,
         "log_scale": (0.5 * pooled.log()).expand(batch, num_slots, dim),
         "logit": x.new_zeros(batch, num_slots),
     }
-    return model.slot_spec.pack(parts)
 
 
 def kmeans_plus_plus(
-    model: GaussianMixture, x, num_slots: int, generator=None, lloyd_steps: int = 10, rows=None
+    model: GaussianMixture,
+    x,
+    num_slots: int,
+    generator=None,
+    lloyd_steps: int = 10,
+    rows=None,
+    statistics: bool = True,
 ):
     """Batched greedy k-means++ seeding refined by Lloyd iterations.
 
@@ -227,6 +243,10 @@ def kmeans_plus_plus(
     random numbers of the whole draw: the rows of the result without ``rows``, at the cost of
     those datapoints alone (a rank of ``refine(distributed=True)`` seeds its shard only).
 
+    With ``statistics=False`` the seeds themselves are the means, with the datapoint's pooled
+    scales and equal weights (as :func:`random_from_data`): no Lloyd iteration and no pass that
+    assigns the measurements to the seeds, about half the cost of ``lloyd_steps=0``.
+
     :returns: slots ``(batch, num_slots, 2 dim + 1)`` (``(len(rows), ...)`` with ``rows``).
     """
     num_slots = check_positive_int(num_slots, "num_slots")
@@ -243,8 +263,9 @@ def kmeans_plus_plus(
         index = slice(lo, lo + chunk) if rows is None else rows[lo : lo + chunk]
         parts.append(
             _kmeans_chunk(
-                x[index], num_slots, first[index], [u[index] for u in uniforms], lloyd_steps
-            )
+                x[index], num_slots, first[index], [u[index] for u in uniforms],
+                lloyd_steps if statistics else None,
+            )  # fmt: skip
         )
     parts = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return model.slot_spec.pack(parts)
@@ -254,9 +275,10 @@ def kmeans_plus_plus(
 KMEANS_CHUNK_POINTS = 2**21
 
 
-def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int) -> dict:
+def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int | None) -> dict:
     """:func:`kmeans_plus_plus` on the datapoints ``x`` ``(B, M, D)`` with their random
-    numbers: the first seed's index ``(B,)`` and one ``(B, trials)`` uniform per later seed."""
+    numbers: the first seed's index ``(B,)`` and one ``(B, trials)`` uniform per later seed;
+    ``lloyd_steps=None``: the seeds with pooled statistics."""
     batch, num_points, dim = x.shape
     rows = torch.arange(batch, device=x.device)
     # The random choices are made without gradients; the resulting cluster statistics keep
@@ -264,11 +286,11 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int) -> dict:
     # Everything is computed about the datapoint's mean: the Lloyd score |c|² - 2 c·x and the
     # cluster sums cancel or round badly in float32 when the data sit far from the origin.
     ref = x.mean(1, keepdim=True)  # (B, 1, D)
-    x = x - ref
+    x_raw, x = x, x - ref
     with torch.no_grad():
         xd = x.detach()
         xt = xd.transpose(1, 2).contiguous()  # (B, D, M): distances feature by feature
-        centers = [xd[rows, first]]
+        centers, seeds = [xd[rows, first]], [first]
         closest = _squared_distances(xt, centers[0].unsqueeze(1))[:, 0]  # (B, M)
         for u in uniforms:
             cdf = (closest + 1e-12).cumsum(-1)
@@ -277,8 +299,13 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int) -> dict:
             new_closest = torch.minimum(closest.unsqueeze(1), _squared_distances(xt, cand))
             best = new_closest.sum(-1).argmin(1)  # (B,)
             centers.append(cand[rows, best])
+            seeds.append(idx[rows, best])
             closest = new_closest[rows, best]
         centers = torch.stack(centers, 1)  # (B, K, D)
+    if lloyd_steps is None:  # the seeds are measurements, gathered with their gradients
+        index = torch.stack(seeds, 1).unsqueeze(-1).expand(-1, -1, dim)
+        return _pooled_parts(x_raw, torch.gather(x_raw, 1, index))
+    with torch.no_grad():
         nearest = None
         for step in range(lloyd_steps + 1):
             # |x - c|² up to the per-point constant |x|², as one fused batched matrix product

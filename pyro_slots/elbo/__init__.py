@@ -18,13 +18,20 @@ The CPU kernels of the lean estimator live in :mod:`~pyro_slots.elbo.kernels`; e
 Pyro function used goes through :mod:`pyro_slots._pyro_compat`.
 """
 
-from .auto import STRATEGIES, PerDatapointELBO, make_estimator, per_datapoint_elbo
+from .auto import (
+    DEFAULT_ESTIMATOR,
+    STRATEGIES,
+    PerDatapointELBO,
+    make_estimator,
+    per_datapoint_elbo,
+)
 from .base import ELBOEstimator
 from .kernels import stable_logsumexp as _stable_logsumexp  # noqa: F401  (former private name)
 from .lean import LeanEstimate, LeanEstimator
 from .trace_enum import TraceEnumEstimator, marginal_model_costs
 
 __all__ = [
+    "DEFAULT_ESTIMATOR",
     "STRATEGIES",
     "ELBOEstimator",
     "LeanEstimate",

@@ -11,7 +11,13 @@ from .base import ELBOEstimator
 from .lean import LeanEstimator, LeanFallback, unsupported_message
 from .trace_enum import TraceEnumEstimator
 
-__all__ = ["STRATEGIES", "PerDatapointELBO", "make_estimator", "per_datapoint_elbo"]
+__all__ = [
+    "DEFAULT_ESTIMATOR",
+    "STRATEGIES",
+    "PerDatapointELBO",
+    "make_estimator",
+    "per_datapoint_elbo",
+]
 
 #: The evaluation strategies of :class:`PerDatapointELBO`.
 STRATEGIES = ("auto", "lean", "trace_enum")
@@ -119,7 +125,13 @@ def make_estimator(
     return PerDatapointELBO(num_particles, max_plate_nesting, strategy)
 
 
-_DEFAULT = PerDatapointELBO()
+#: The estimator of every :class:`~pyro_slots.inner.InnerProblem` built without one (so of
+#: :func:`~pyro_slots.refine` and :class:`~pyro_slots.NestedSVI` by default) and of
+#: :func:`per_datapoint_elbo`. Shared, so that what it learns about a program runs once per
+#: model and signature of ``x`` and ``slots``, not once per call: which estimator the model
+#: needs, the distributions' argument checks (see :class:`~pyro_slots.elbo.LeanEstimator`) and
+#: the observations' support checks (once per tensor version).
+DEFAULT_ESTIMATOR = PerDatapointELBO()
 
 
 def per_datapoint_elbo(
@@ -127,5 +139,5 @@ def per_datapoint_elbo(
 ) -> torch.Tensor:
     """Functional form of :class:`PerDatapointELBO`: ELBO of every datapoint, ``(batch,)``."""
     if num_particles == 1 and strategy == "auto":
-        return _DEFAULT(model, x, slots)
+        return DEFAULT_ESTIMATOR(model, x, slots)
     return PerDatapointELBO(num_particles, strategy=strategy)(model, x, slots)

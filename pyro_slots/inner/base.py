@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from pyro.nn import PyroModule
 
-from ..elbo import ELBOEstimator, PerDatapointELBO
+from ..elbo import DEFAULT_ESTIMATOR, ELBOEstimator
 from ..validation import CapabilityError, check_positive_int
 
 __all__ = ["InnerProblem", "InnerRule", "InnerState", "StepInfo"]
@@ -50,7 +50,8 @@ class InnerProblem:
 
     :param SlotModel model: the slot model.
     :param torch.Tensor x: encoded measurements ``(batch, M, features)``.
-    :param ELBOEstimator estimator: how the ELBO is computed (Pyro traces by default).
+    :param ELBOEstimator estimator: how the ELBO is computed (default
+        :data:`~pyro_slots.elbo.DEFAULT_ESTIMATOR`, shared by every problem).
     :param bool record_history: whether rules that do not need the ELBO for their update
         still evaluate it at every step for the history (see :meth:`history_elbo`).
     :param torch.Tensor rows: where this problem's datapoints sit in the batch that random
@@ -73,7 +74,7 @@ class InnerProblem:
     ):
         self.model = model
         self.x = x
-        self.estimator = estimator or PerDatapointELBO()
+        self.estimator = estimator or DEFAULT_ESTIMATOR
         self.record_history = bool(record_history)
         if (rows is None) != (num_rows is None):
             raise ValueError("rows, num_rows: give both (a subset of a larger batch) or neither")

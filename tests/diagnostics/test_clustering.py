@@ -49,6 +49,9 @@ def test_compare_methods_times_and_derives_gaps_and_speedups():
     assert sk["speedup_vs_sklearn"] == pytest.approx(1.0)
     other = rows["other"]
     assert other["speedup_vs_sklearn"] == pytest.approx(sk["ms_per_set"] / other["ms_per_set"])
+    assert other["cpu_speedup_vs_sklearn_largest"] == pytest.approx(
+        sk["cpu_ms_per_set_largest"] / other["cpu_ms_per_set_largest"]
+    )
     table = clustering.comparison_table(list(rows.values()), "20 pts")
     assert table.count("\n") == 4 and "| other | 0.5000 |" in table
     assert math.isnan(

@@ -74,7 +74,52 @@ def test_kmeans_plus_plus_in_chunks_equals_the_whole_batch(monkeypatch, float64)
     assert ((loc >= lo - 1e-12) & (loc <= hi + 1e-12)).all()
 
 
-@pytest.mark.parametrize("init", ["kmeans++", "random_from_data"])
+def _numpy_kmeans_plus_plus_seeds(x, num_slots, generator):
+    """Greedy k-means++ seeding written per datapoint in numpy, from the same random numbers
+    (the first index, then ``2 + log K`` uniforms per later seed), returning the seeds' indices."""
+    batch, num_points, _ = x.shape
+    trials = 2 + int(np.log(num_slots))
+    first = torch.randint(num_points, (batch,), generator=generator).numpy()
+    uniforms = [torch.rand(batch, trials, generator=generator, dtype=torch.float64).numpy()
+                for _ in range(1, num_slots)]  # fmt: skip
+    seeds = []
+    for n in range(batch):
+        points, chosen = x[n], [first[n]]
+        closest = ((points - points[first[n]]) ** 2).sum(-1)
+        for u in uniforms:
+            cdf = np.cumsum(closest + 1e-12)
+            cand = np.minimum(np.searchsorted(cdf, u[n] * cdf[-1]), num_points - 1)
+            potentials = [np.minimum(closest, ((points - points[c]) ** 2).sum(-1)) for c in cand]
+            best = int(np.argmin([p.sum() for p in potentials]))
+            chosen.append(cand[best])
+            closest = potentials[best]
+        seeds.append(chosen)
+    return np.array(seeds)
+
+
+def test_kmeans_plus_plus_seeds_are_the_greedy_seeds_with_pooled_statistics():
+    """init="kmeans++_seeds": the means are exactly the seeds of a per-datapoint numpy k-means++
+    (same random numbers), the scales the pooled standard deviations, the weights equal, and the
+    means carry x's gradient."""
+    x = (torch.randn(5, 40, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+         * torch.tensor([1.0, 3.0]) + 10.0).requires_grad_()  # fmt: skip
+    gmm = GaussianMixture(4, 2, init="kmeans++_seeds")
+    slots = gmm.init_slots(x, 4, torch.Generator().manual_seed(3))
+    parts = gmm.slot_spec.split(slots)
+    xn = x.detach().numpy()
+    seeds = _numpy_kmeans_plus_plus_seeds(xn, 4, torch.Generator().manual_seed(3))
+    for n in range(5):
+        np.testing.assert_array_equal(parts["loc"][n].detach().numpy(), xn[n][seeds[n]])
+        assert len(set(seeds[n])) == 4
+        pooled_std = xn[n].std(0, ddof=1)
+        np.testing.assert_allclose(parts["log_scale"][n].exp().detach().numpy(),
+                                   np.tile(pooled_std, (4, 1)))  # fmt: skip
+    assert torch.equal(parts["logit"], torch.zeros(5, 4, dtype=torch.float64))
+    (grad,) = torch.autograd.grad(parts["loc"].sum(), x)
+    assert torch.equal(grad.sum((1, 2)), torch.full((5,), 8.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "kmeans++_seeds", "random_from_data"])
 def test_init_slots_of_some_rows_are_those_rows_of_the_whole_draw(init, monkeypatch):
     """GaussianMixture.init_slots(rows=...) equals the whole batch's draw indexed by the rows,
     bit for bit (rows in any order, across k-means++ chunks), and seeds those datapoints only."""
@@ -91,7 +136,7 @@ def test_init_slots_of_some_rows_are_those_rows_of_the_whole_draw(init, monkeypa
     )
     part = model.init_slots(x, 4, torch.Generator().manual_seed(7), rows=rows)
     assert torch.equal(part, whole[rows])
-    assert seeded == ([3, 2] if init == "kmeans++" else [])
+    assert seeded == ([] if init == "random_from_data" else [3, 2])
 
 
 def test_initial_slots_of_some_rows_for_every_kind_of_initializer():
