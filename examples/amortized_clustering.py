@@ -118,7 +118,7 @@ def main(args):
         clustering.learned_methods(model, rule, args.test_steps, args.num_steps, args.seed,
                                    args.fast_learned, args.safeguarded)
     )  # fmt: skip
-    rows = clustering.compare_methods(methods, groups)
+    rows = clustering.compare_methods(methods, groups, repeats=args.timing_repeats)
     table = clustering.comparison_table(rows, f"{args.max_points} pts")
     if not args.quiet:
         print(table)
@@ -137,8 +137,9 @@ def make_parser():
         "num-updates": 100, "batch-size": 32, "min-points": 100, "max-points": 500,
         "num-steps": 3, "max-train-steps": 6, "hidden-dim": 64, "num-heads": 1, "lr": 1e-3,
         "lr-decay": 0.1, "num-test-sets": 50, "num-test-groups": 5, "learned-lloyd-steps": 0,
-        "checkpoint-every": 100, "threads": 1, "seed": 0, "gradient": "unrolled",
-        "iteration-weights": "linear", "checkpoint": None, "init-from": None, "results": None,
+        "timing-repeats": 1, "checkpoint-every": 100, "threads": 1, "seed": 0,
+        "gradient": "unrolled", "iteration-weights": "linear", "checkpoint": None,
+        "init-from": None, "results": None,
     }  # fmt: skip
     for name, default in options.items():
         parser.add_argument(f"--{name}", type=type(default) if default is not None else str,

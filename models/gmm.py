@@ -16,7 +16,11 @@ import torch
 from torch import nn
 
 from pyro_slots.init import draw
-from pyro_slots.inner.mstep import variance_floor_unit, weighted_squared_deviations
+from pyro_slots.inner.mstep import (
+    mean_and_variance,
+    variance_floor_unit,
+    weighted_squared_deviations,
+)
 from pyro_slots.model import SlotModel, SlotSpec, select_component
 from pyro_slots.validation import check_measurements, check_positive_float, check_positive_int
 
@@ -209,7 +213,7 @@ def _pooled_parts(x, loc) -> dict:
     """Slots with means ``loc`` ``(B, K, D)``, the datapoints' pooled per-feature standard
     deviation as every scale and equal weights."""
     batch, num_slots, dim = loc.shape
-    pooled = x.var(1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    pooled = mean_and_variance(x)[1].clamp_min(torch.finfo(x.dtype).tiny)
     return {
         "loc": loc,
         "log_scale": (0.5 * pooled.log()).expand(batch, num_slots, dim),
@@ -263,9 +267,12 @@ def kmeans_plus_plus(
         index = slice(lo, lo + chunk) if rows is None else rows[lo : lo + chunk]
         parts.append(
             _kmeans_chunk(
-                x[index], num_slots, first[index], [u[index] for u in uniforms],
+                x[index],
+                num_slots,
+                first[index],
+                [u[index] for u in uniforms],
                 lloyd_steps if statistics else None,
-            )  # fmt: skip
+            )
         )
     parts = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     return model.slot_spec.pack(parts)
@@ -322,7 +329,7 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int | None) -
     # An empty cluster keeps its seed: its statistics come from the pooled data.
     loc = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
     nk = counts  # (B, K, 1)
-    pooled = x.var(1, keepdim=True).expand(batch, num_slots, dim)
+    pooled = mean_and_variance(x)[1].expand(batch, num_slots, dim)
     # Squared deviation of every point from its own cluster's mean: O(B M D), no (B, K, M, D).
     own = torch.gather(loc, 1, nearest.unsqueeze(-1).expand(-1, -1, dim))  # (B, M, D)
     var, _ = _cluster_sums((x - own) ** 2, nearest, num_slots)

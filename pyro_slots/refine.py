@@ -249,7 +249,8 @@ def run_inner(
     batch, num_points = x_enc.shape[:2]
     free_steps = num_steps - backprop_steps
     problem_graph = InnerProblem(model, x_enc, estimator, record_history, rows, num_rows)
-    x_free = x_enc.detach()
+    # The same tensor when there is no graph: what the estimator checked about it holds.
+    x_free = x_enc.detach() if x_enc.requires_grad else x_enc
     problem_free = InnerProblem(model, x_free, estimator, record_history, rows, num_rows)
     problem = problem_free
     state = inner.init(problem_graph if free_steps <= 0 else problem, slots)

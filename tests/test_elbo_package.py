@@ -2,6 +2,7 @@
 
 import pickle
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -224,6 +225,26 @@ def test_contract_last_and_unbroadcast_are_exact(float64):
     plain = dist.Normal(torch.zeros(3), torch.ones(3))  # nothing broadcast
     assert unbroadcast(dist.Gamma(1.0, 1.0)).__class__ is dist.Gamma
     assert unbroadcast(plain.to_event(1)).base_dist is plain
+
+
+def test_stable_softmax_matches_scipy_on_logits_far_below_the_exp_floor():
+    """Differences to the maximum down to -300 (float32 exp's slow range): every probability
+    within e^-80 of scipy's float64 softmax, plus eps; NaN logits stay NaN."""
+    from scipy.special import softmax
+
+    from pyro_slots.elbo.kernels import stable_softmax
+
+    t = torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(0)) * 100.0
+    for eps in (0.0, 1e-8):
+        got = stable_softmax(t, 1, eps).double().numpy()
+        exact = softmax(t.double().numpy(), axis=1)
+        want = exact + eps
+        assert np.abs(got - want).max() < 1e-6 * want.max()
+        tiny = exact < 1e-30
+        assert tiny.any() and np.all(np.abs(got[tiny] - want[tiny]) < 2e-35 + 1e-7 * eps)
+    bad = t.clone()
+    bad[0, 0, 0] = float("nan")
+    assert torch.isnan(stable_softmax(bad, 1)[0, :, 0]).all()
 
 
 def test_stable_logsumexp_clamps_only_negligible_terms(float64):

@@ -98,7 +98,10 @@ def refine_loglik(model, sets: PointSets, rule, num_steps: int, seed: int = 0, r
     :param bool record: record the ELBO at every step; ``False`` computes only the final one
         (``refine(..., record_history=False)``, for rules whose update does not use it).
     """
-    result = refine(model, sets.x, rule, num_steps=num_steps, seed=seed, record_history=record)
+    result = refine(
+        model, sets.x, rule, num_steps=num_steps, seed=seed, record_history=record,
+        responsibilities=False,
+    )  # fmt: skip
     return result.elbo[0].double() / sets.x.shape[1]
 
 
@@ -171,9 +174,17 @@ def learned_methods(
     return methods
 
 
-def compare_methods(methods: dict[str, Callable], groups: list[PointSets]) -> list[dict]:
+def compare_methods(
+    methods: dict[str, Callable], groups: list[PointSets], repeats: int = 1
+) -> list[dict]:
     """Score and time every method on every group, under ``torch.no_grad()``.
 
+    The methods take turns: every round runs each method once on each group, and a method's
+    time on a group is its median over ``repeats`` rounds, so that a machine slowing down for a
+    while (other jobs, a busy host) weighs on every method alike instead of on the ones that
+    happened to run then. The scores are the first round's.
+
+    :param int repeats: rounds, >= 1.
     :returns: one dict per method: ``method``, ``loglik_per_point`` (mean over sets) and its
         ``stderr``, ``ms_per_set`` / ``cpu_ms_per_set`` (all sets) and ``..._largest`` (the last
         group), ``gap_to_oracle`` (the :data:`ORACLE` row minus this one; NaN without it) and
@@ -182,31 +193,42 @@ def compare_methods(methods: dict[str, Callable], groups: list[PointSets]) -> li
     """
     if not groups:
         raise ValueError("groups: expected at least one group of point sets")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats: expected an int >= 1, got {repeats!r}")
     warmup = type(groups[0])(*(t[:2] for t in groups[0]))
-    rows = []
+    scores = {name: [] for name in methods}
+    wall = {name: [[] for _ in groups] for name in methods}
+    cpu = {name: [[] for _ in groups] for name in methods}
     with torch.no_grad():
-        for name, fn in methods.items():
+        for fn in methods.values():
             fn(warmup)  # imports, allocator and Pyro's first-call costs are not timed
-            scores, seconds, cpu_seconds = [], [], []
-            for sets in groups:
-                start, cpu_start = time.perf_counter(), time.process_time()
-                scores.append(fn(sets).double())
-                seconds.append(time.perf_counter() - start)
-                cpu_seconds.append(time.process_time() - cpu_start)
-            every = torch.cat(scores)
-            rows.append(
-                {
-                    "method": name,
-                    "loglik_per_point": every.mean().item(),
-                    "stderr": (every.std() / math.sqrt(len(every))).item()
-                    if len(every) > 1
-                    else math.nan,
-                    "ms_per_set": 1e3 * sum(seconds) / len(every),
-                    "ms_per_set_largest": 1e3 * seconds[-1] / len(scores[-1]),
-                    "cpu_ms_per_set": 1e3 * sum(cpu_seconds) / len(every),
-                    "cpu_ms_per_set_largest": 1e3 * cpu_seconds[-1] / len(scores[-1]),
-                }
-            )
+        for round_ in range(repeats):
+            for g, sets in enumerate(groups):
+                for name, fn in methods.items():
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    score = fn(sets).double()
+                    wall[name][g].append(time.perf_counter() - start)
+                    cpu[name][g].append(time.process_time() - cpu_start)
+                    if round_ == 0:
+                        scores[name].append(score)
+    rows = []
+    for name in methods:
+        every = torch.cat(scores[name])
+        seconds = [float(np.median(t)) for t in wall[name]]
+        cpu_seconds = [float(np.median(t)) for t in cpu[name]]
+        rows.append(
+            {
+                "method": name,
+                "loglik_per_point": every.mean().item(),
+                "stderr": (every.std() / math.sqrt(len(every))).item()
+                if len(every) > 1
+                else math.nan,
+                "ms_per_set": 1e3 * sum(seconds) / len(every),
+                "ms_per_set_largest": 1e3 * seconds[-1] / len(groups[-1].x),
+                "cpu_ms_per_set": 1e3 * sum(cpu_seconds) / len(every),
+                "cpu_ms_per_set_largest": 1e3 * cpu_seconds[-1] / len(groups[-1].x),
+            }
+        )
     by_name = {r["method"]: r for r in rows}
     oracle = by_name.get(ORACLE)
     sklearn = next((r for r in rows if r["method"].startswith("sklearn")), None)

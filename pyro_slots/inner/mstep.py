@@ -429,6 +429,17 @@ def _plate_shape(batch_shape, nesting):
     return (1,) * (nesting - len(shape)) + shape
 
 
+def mean_and_variance(x):
+    """Per-datapoint mean and unbiased variance of the measurements, each ``(batch, 1, dim)``,
+    for ``x`` ``(batch, M, dim)``: ``torch.std_mean(x, 1)``'s numbers (up to rounding) from two
+    plain passes, a mean and the squared deviations from it (the same stability; the CPU's
+    variance kernel over the middle axis of a tensor with few features is ~10× slower)."""
+    mean = x.mean(1, keepdim=True)
+    dev = x - mean
+    var = (dev * dev).sum(1, keepdim=True) / max(x.shape[1] - 1, 1)
+    return mean, var
+
+
 def variance_floor_unit(xc):
     """Per-datapoint, per-feature variance ``(batch, 1, dim)`` of centred measurements ``xc``:
     the unit of the variance floor ``reg_covar`` (a function of the data, not of λ, so EM stays

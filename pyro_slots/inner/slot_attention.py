@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..elbo.kernels import stable_softmax
 from ..validation import check_positive_float, check_positive_int
 from .base import InnerProblem, InnerRule, InnerState, StepInfo
+from .mstep import mean_and_variance
 
 __all__ = ["GaussianFeatures", "SlotAttention"]
 
@@ -44,7 +46,8 @@ class _Derived:
 class _AttendPool(torch.autograd.Function):
     r"""Slot-competitive attention over shared inputs and the attention-weighted sums, fused.
 
-    ``attn = softmax_K(q n^T) + eps`` and ``pooled = attn n`` for queries ``q``
+    ``attn = softmax_K(q n^T) + eps`` (:func:`~pyro_slots.elbo.kernels.stable_softmax`) and
+    ``pooled = attn n`` for queries ``q``
     ``(batch, heads, K, F)`` and inputs ``n`` ``(batch, M, F)`` shared by the heads. Autograd
     would write the inputs' gradient twice per call, once transposed (from ``q n^T``), and then
     add the two ``(batch, M, F)`` tensors with strided reads: on the CPU that addition was half of
@@ -58,8 +61,7 @@ class _AttendPool(torch.autograd.Function):
         batch, heads, num_slots, features = q.shape
         rows = heads * num_slots
         logits = torch.bmm(q.reshape(batch, rows, features), n.transpose(1, 2))
-        p = torch.softmax(logits.view(batch, heads, num_slots, -1), dim=2)
-        attn = p + eps
+        attn = stable_softmax(logits.view(batch, heads, num_slots, -1), 2, eps)
         pooled = torch.bmm(attn.view(batch, rows, -1), n)
         # Only inputs and outputs keep their history for a double backward: p comes back from
         # the output, p = attn - eps (off by at most an ulp of eps, below the eps floor itself).
@@ -120,11 +122,17 @@ class GaussianFeatures(nn.Module):
         self.feature_dim = 2 * self.dim + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.standardize(x)[0]
+
+    def standardize(self, x: torch.Tensor):
+        """The features ``(batch, M, 2 dim + 1)`` with the affine map that made ``z``: the mean
+        and the scale ``std + eps``, each ``(batch, 1, dim)`` (``x = mean + scale z``)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected (batch, M, {self.dim}), got {tuple(x.shape)}")
-        std, mean = torch.std_mean(x, dim=1, keepdim=True)
-        z = (x - mean) / (std + self.eps)
-        return torch.cat([torch.ones_like(z[..., :1]), z, z * z], dim=-1)
+        mean, var = mean_and_variance(x)
+        scale = var.sqrt() + self.eps
+        z = (x - mean) / scale
+        return torch.cat([torch.ones_like(z[..., :1]), z, z * z], dim=-1), mean, scale
 
 
 class SlotAttention(InnerRule):
@@ -163,7 +171,11 @@ class SlotAttention(InnerRule):
     ``(2 input_dim + 1)`` numbers — the slot's position and scale of Invariant Slot Attention
     (Biza et al. 2023) — through an MLP and a linear skip. For a Gaussian mixture this gives the
     readout a soft M-step on the attention to refine, instead of having to decode coordinates
-    from the normalized features.
+    from the normalized features. With :class:`GaussianFeatures` as the keys (and
+    ``norm_inputs=False``) the attention-weighted features already are these moments in
+    standardized coordinates, ``(Σ a, Σ a z, Σ a z²)``: they are mapped back through the
+    standardization instead of taking a second weighted sum over the measurements (the same
+    numbers up to rounding, with less cancellation for data far from the origin).
 
     **Cost.** The key and value projections are folded into the queries and into the
     attention-weighted inputs, ``q·(W_k n) = (W_k^T q)·n`` and
@@ -303,12 +315,12 @@ class SlotAttention(InnerRule):
         # The ELBO at λ_t is only a diagnostic (the history); no graph is needed for it.
         elbo = problem.history_elbo(slots)
         s = state.aux[0] + self.embed(slots) if self.translate else slots
-        attn, updates = self.attend(s, self.normalized_inputs(problem))
+        attn, updates, pooled = self._attend(s, self.normalized_inputs(problem))
         batch, num_slots, d = s.shape
         h = self.gru(updates.reshape(-1, d), s.reshape(-1, d)).reshape(batch, num_slots, d)
         h = h + self.mlp(self.norm_mlp(h))
         if self.translate:
-            new_slots = self._readout(h, attn, problem)
+            new_slots = self._readout(h, attn, pooled, problem)
             aux = (h,)
         else:
             new_slots, aux = h, ()
@@ -319,10 +331,28 @@ class SlotAttention(InnerRule):
     # ------------------------------------------------------------------ the update
     def normalized_inputs(self, problem: InnerProblem) -> torch.Tensor:
         """``LayerNorm(encoder(x̃))`` of shape ``(batch, M, features)``, once per problem."""
+        if self._standardized_moments:
+            return self._standardized(problem)[0]
         params = tuple(
             p for m in (self.encoder, self.norm_inputs) if m is not None for p in m.parameters()
         )
         return self._derived(problem, "inputs", params, lambda: self._encode(problem.x))
+
+    @property
+    def _standardized_moments(self) -> bool:
+        """Whether the moments come from the pooled :class:`GaussianFeatures` (class docs)."""
+        return (
+            self.moments
+            and self.fold_projections
+            and self.norm_inputs is None
+            and isinstance(self.encoder, GaussianFeatures)
+        )
+
+    def _standardized(self, problem: InnerProblem):
+        """``GaussianFeatures.standardize(x)``: features, mean and scale, once per problem."""
+        return self._derived(
+            problem, "standardized", (), lambda: self.encoder.standardize(problem.x)
+        )
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         inputs = x if self.encoder is None else self.encoder(x)
@@ -351,6 +381,11 @@ class SlotAttention(InnerRule):
         :returns: ``attn`` ``(batch, heads, K, M)`` (softmax over the slots, plus ``eps``) and
             the updates ``(batch, K, hidden)`` (attention-weighted means of the values).
         """
+        return self._attend(s, inputs)[:2]
+
+    def _attend(self, s: torch.Tensor, inputs: torch.Tensor):
+        """:meth:`attend`, and the attention-weighted sums of the inputs ``(batch, heads, K, F)``
+        (``None`` in the textbook order)."""
         batch, num_slots, _ = s.shape
         heads, head_dim, features = self.num_heads, self.head_dim, inputs.shape[-1]
         # Heads as a leading axis and the slot axis off the last dim: the softmax over slots
@@ -365,7 +400,8 @@ class SlotAttention(InnerRule):
         if self.fold_projections:
             q_in = torch.matmul(q, w_k)  # (b, h, K, F): the query pulled back to input space
             attn, pooled = _AttendPool.apply(q_in, inputs.contiguous(), self.eps)
-            mass = attn.sum(-1, keepdim=True)
+            # GaussianFeatures' first feature is 1: its weighted sum is the mass, no pass needed.
+            mass = pooled[..., :1] if self._standardized_moments else attn.sum(-1, keepdim=True)
             updates = torch.matmul(pooled / mass, w_v.transpose(-1, -2))
         else:
             n = inputs.unsqueeze(1)  # (b, 1, M, F), shared by the heads
@@ -373,10 +409,11 @@ class SlotAttention(InnerRule):
             attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)), dim=2) + self.eps
             mass = attn.sum(-1, keepdim=True)
             updates = torch.matmul(attn, torch.matmul(n, w_v.transpose(-1, -2))) / mass
+            pooled = None
         updates = updates.transpose(1, 2).reshape(batch, num_slots, heads * head_dim)
         if self.to_out is not None:
             updates = self.to_out(updates)
-        return attn, updates
+        return attn, updates, pooled
 
     def moment_inputs(self, problem: InnerProblem) -> torch.Tensor:
         """``(x, x²)`` of the raw measurements, ``(batch, M, 2 input_dim)``, once per problem."""
@@ -391,15 +428,24 @@ class SlotAttention(InnerRule):
             entry = per_rule[(self, name)] = _Derived(problem.x, params, compute())
         return entry.value
 
-    def _readout(self, h: torch.Tensor, attn: torch.Tensor, problem: InnerProblem) -> torch.Tensor:
+    def _readout(self, h, attn, pooled, problem: InnerProblem) -> torch.Tensor:
         if not self.moments:
             return self.readout(h)
-        attn = attn[:, 0] if self.num_heads == 1 else attn.mean(1)  # (batch, K, M)
-        mass = attn.sum(-1, keepdim=True)  # (batch, K, 1)
-        # First and second moments in one pass over the attention, normalized on (batch, K, ·).
-        raw = torch.matmul(attn, self.moment_inputs(problem)) / mass  # (batch, K, 2F)
-        mean, second = raw.split(self.input_dim, dim=-1)
-        var = second - mean * mean
+        if self._standardized_moments:
+            # (Σ a, Σ a z, Σ a z²) summed over the heads, mapped back by x = mean + scale z.
+            total = pooled[:, 0] if self.num_heads == 1 else pooled.sum(1)  # (batch, K, F)
+            mass = total[..., :1] / self.num_heads  # the heads' mean attention's mass
+            ez, ez2 = (total[..., 1:] / total[..., :1]).split(self.input_dim, dim=-1)
+            _, loc, scale = self._standardized(problem)
+            mean = loc + scale * ez
+            var = scale * scale * (ez2 - ez * ez)
+        else:
+            attn = attn[:, 0] if self.num_heads == 1 else attn.mean(1)  # (batch, K, M)
+            mass = attn.sum(-1, keepdim=True)  # (batch, K, 1)
+            # First and second moments in one pass over the attention, normalized on (b, K, ·).
+            raw = torch.matmul(attn, self.moment_inputs(problem)) / mass  # (batch, K, 2F)
+            mean, second = raw.split(self.input_dim, dim=-1)
+            var = second - mean * mean
         log_std = 0.5 * (var.clamp_min(0) + self.eps).log()
         log_share = (mass / problem.x.shape[1]).log()
         stats = torch.cat([mean, log_std, log_share], dim=-1)

@@ -57,3 +57,37 @@ def test_compare_methods_times_and_derives_gaps_and_speedups():
     assert math.isnan(
         clustering.compare_methods({"x": constant["other"]}, groups)[0]["gap_to_oracle"]
     )
+
+
+def test_compare_methods_interleaves_rounds_and_takes_the_median_time(monkeypatch):
+    """repeats=3: the methods take turns group by group in every round, each time is the
+    median of its three rounds (a slow round of one method does not count), scores round 1's."""
+    groups = clustering.point_set_groups(4, 10, 20, num_groups=2)
+    clock = {"now": 0.0}
+
+    class FakeTime:
+        perf_counter = process_time = staticmethod(lambda: clock["now"])
+
+    monkeypatch.setattr(clustering, "time", FakeTime)
+    calls, costs = [], {"a": iter([0, 1.0, 2.0, 30.0, 2.0, 4.0, 2.0]), "b": iter([0] + [0.5] * 6)}
+
+    def method(name):
+        def run(sets):
+            calls.append((name, sets.x.shape[1]))
+            clock["now"] += next(costs[name])  # the first call is the untimed warm-up
+            return torch.full((len(sets.x),), float(len(calls)))
+
+        return run
+
+    rows = clustering.compare_methods({"a": method("a"), "b": method("b")}, groups, repeats=3)
+    # an untimed warm-up on two sets of the first group, then the rounds
+    assert calls == [("a", 10), ("b", 10)] + [("a", 10), ("b", 10), ("a", 20), ("b", 20)] * 3
+    a, b = rows
+    # a's times on the first group are 1, 30, 4 s and on the second 2, 2, 2 s: medians 4 and 2
+    assert a["ms_per_set"] == pytest.approx(1e3 * (4.0 + 2.0) / 4)
+    assert a["cpu_ms_per_set_largest"] == pytest.approx(1e3 * 2.0 / 2)
+    assert b["ms_per_set"] == pytest.approx(1e3 * 1.0 / 4)
+    assert a["loglik_per_point"] == pytest.approx((3 + 3 + 5 + 5) / 4)  # the first round's
+    assert b["loglik_per_point"] == pytest.approx((4 + 4 + 6 + 6) / 4)
+    with pytest.raises(ValueError, match="repeats"):
+        clustering.compare_methods({"a": method("a")}, groups, repeats=0)

@@ -166,6 +166,41 @@ def test_gaussian_features_are_standardized_sufficient_statistics(float64):
         np.testing.assert_allclose(phi[n] @ coef, log_joint[n].T, atol=1e-8)
 
 
+@pytest.mark.parametrize("num_heads", [1, 4])
+def test_moments_from_pooled_gaussian_features_equal_the_raw_weighted_moments(float64, num_heads):
+    """With GaussianFeatures keys the readout's moments come from the pooled (1, z, z²) mapped
+    back through the standardization: the same steps (slots and gradients) as the weighted sums
+    of the raw (x, x²) that any other encoder gets, here on sets far from the origin."""
+    from torch import nn
+
+    from pyro_slots.refine import run_inner
+
+    class Opaque(nn.Module):  # the same features, without GaussianFeatures' type
+        def __init__(self):
+            super().__init__()
+            self.features = GaussianFeatures(2)
+
+        def forward(self, x):
+            return self.features(x)
+
+    kw = dict(slot_dim=5, input_dim=2, hidden_dim=16, num_heads=num_heads, moments=True,
+              feature_dim=5, norm_inputs=False)  # fmt: skip
+    torch.manual_seed(0)
+    fast = SlotAttention(3, encoder=GaussianFeatures(2), **kw)
+    raw = SlotAttention(3, encoder=Opaque(), **kw)
+    raw.load_state_dict(fast.state_dict())
+    assert fast._standardized_moments and not raw._standardized_moments
+    model = GaussianMixture(4, 2)
+    x = _data() * 3.0 + 40.0
+    slots0 = _slots(model, x, 4).requires_grad_()
+    a = run_inner(model, x, fast, slots0, 3, backprop_steps=3)
+    b = run_inner(model, x, raw, slots0, 3, backprop_steps=3)
+    assert torch.allclose(a.slots, b.slots, rtol=1e-9, atol=1e-9)
+    (ga,) = torch.autograd.grad(a.slots.sin().sum(), slots0)
+    (gb,) = torch.autograd.grad(b.slots.sin().sum(), slots0)
+    assert torch.allclose(ga, gb, rtol=1e-8, atol=1e-9)
+
+
 def test_multi_head_logits_scale_by_head_dim(float64):
     """Heads are scaled by head_dim ** -0.5 (not hidden_dim ** -0.5 as in lucidrains' port)."""
     torch.manual_seed(0)

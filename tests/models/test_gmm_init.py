@@ -166,3 +166,16 @@ def test_initial_slots_of_some_rows_for_every_kind_of_initializer():
     whole = initial_slots(old, x, 3, generator=torch.Generator().manual_seed(2))
     part = initial_slots(old, x, 3, generator=torch.Generator().manual_seed(2), rows=rows)
     assert torch.equal(part, whole[rows])
+
+
+def test_mean_and_variance_match_numpy_in_float32_far_from_the_origin():
+    """The two-pass per-datapoint moments behind the pooled scales and GaussianFeatures: numpy's
+    float64 mean and unbiased variance, to float32 accuracy, for data at 1e4 ± 1."""
+    from pyro_slots.inner.mstep import mean_and_variance
+
+    x = 1e4 + torch.randn(3, 200, 2, generator=torch.Generator().manual_seed(0))
+    mean, var = mean_and_variance(x)
+    xn = x.double().numpy()
+    np.testing.assert_allclose(mean.squeeze(1).numpy(), xn.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(var.squeeze(1).numpy(), xn.var(1, ddof=1), rtol=1e-3)
+    assert mean.shape == var.shape == (3, 1, 2)
