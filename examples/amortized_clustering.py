@@ -135,7 +135,7 @@ def make_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     options = {
         "num-updates": 100, "batch-size": 32, "min-points": 100, "max-points": 500,
-        "num-steps": 3, "max-train-steps": 6, "hidden-dim": 64, "num-heads": 1, "lr": 1e-3,
+        "num-steps": 3, "max-train-steps": 6, "hidden-dim": 32, "num-heads": 1, "lr": 1e-3,
         "lr-decay": 0.1, "num-test-sets": 50, "num-test-groups": 5, "learned-lloyd-steps": 0,
         "timing-repeats": 1, "checkpoint-every": 100, "threads": 1, "seed": 0,
         "gradient": "unrolled", "iteration-weights": "linear", "checkpoint": None,
@@ -146,7 +146,7 @@ def make_parser():
                             default=default)  # fmt: skip
     parser.add_argument("--features", choices=["gaussian", "mlp"], default="gaussian")
     parser.add_argument("--init", choices=["kmeans++", "kmeans++_seeds", "random_from_data"],
-                        default="kmeans++")  # fmt: skip
+                        default="kmeans++_seeds")  # fmt: skip
     parser.add_argument("--moments", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--test-steps", type=int, nargs="+", default=[1, 3, 5, 10])
     for flag in ("--fast-learned", "--safeguarded", "--learned-only", "--quiet"):

@@ -275,6 +275,12 @@ class TrainConfig:
     init_lloyd_steps: int | None = _opt(
         None, "gmm: Lloyd iterations after the k-means++ seeding of its slot init (default 10)"
     )
+    gmm_init: str | None = _opt(
+        None,
+        "gmm: how its slot init draws lambda_0: kmeans++ (default), kmeans++_seeds (the seeds "
+        "with pooled scales, no assignment pass) or random_from_data",
+        metavar="KIND",
+    )
     hidden_dim: int | None = _opt(
         None,
         "width of the learned rules (default: 64 on points, 128 for learned-gradient on images)",

@@ -97,8 +97,12 @@ class ModelEntry:
 
 
 def _gmm(config: TrainConfig, stream):
-    lloyd = {} if config.init_lloyd_steps is None else {"init_lloyd_steps": config.init_lloyd_steps}
-    return GaussianMixture(config.num_slots, stream.dim, **lloyd)
+    options = (
+        {} if config.init_lloyd_steps is None else {"init_lloyd_steps": config.init_lloyd_steps}
+    )
+    if config.gmm_init is not None:
+        options["init"] = config.gmm_init
+    return GaussianMixture(config.num_slots, stream.dim, **options)
 
 
 def int_list(text: str | None, name: str, example: str = "2,1,2,1") -> tuple[int, ...] | None:
@@ -653,6 +657,15 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
         if config.init_lloyd_steps < 0:
             raise ConfigError(
                 f"init_lloyd_steps: expected an integer >= 0, got {config.init_lloyd_steps}"
+            )
+    if config.gmm_init is not None:
+        from pyro_slots.models.gmm import _INITS
+
+        if config.model != "gmm":
+            raise ConfigError(f"gmm_init: only for --model gmm, not {config.model}")
+        if config.gmm_init not in _INITS:
+            raise ConfigError(
+                f"gmm_init: unknown kind {config.gmm_init!r}; valid choices are {_INITS}"
             )
     if config.mse_weight is not None and objective != "elbo+mse":
         raise ConfigError("mse_weight: only with --objective elbo+mse")

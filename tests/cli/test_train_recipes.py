@@ -408,6 +408,12 @@ def test_point_recipe_options_build_the_examples_rule(tmp_path):
         resolve(TrainConfig(model="iodine", init_lloyd_steps=0))
     with pytest.raises(ConfigError, match="features: unknown kind 'rbf'"):
         resolve(TrainConfig(**base, features="rbf"))
+    seeds = new_run(resolve(TrainConfig(**base, gmm_init="kmeans++_seeds")))
+    assert seeds.components.model.init == "kmeans++_seeds"
+    with pytest.raises(ConfigError, match="gmm_init: unknown kind 'kmeans'"):
+        resolve(TrainConfig(**base, gmm_init="kmeans"))
+    with pytest.raises(ConfigError, match="gmm_init: only for --model gmm"):
+        resolve(TrainConfig(model="iodine", gmm_init="kmeans++"))
 
 
 def test_a_finished_run_resumed_with_test_options_is_only_tested_again(tmp_path):
