@@ -211,3 +211,35 @@ def test_nested_svi_stops_datapoints_on_their_own_before_the_differentiated_step
         k = int(steps[n])
         solo = run_inner(model, x_enc[n : n + 1], EM(k), result.initial_slots[0, n : n + 1], k)
         assert torch.allclose(result.slots[0, n], solo.slots[0, 0], atol=1e-10)
+
+
+def test_refine_shares_the_default_estimator_and_checks_a_program_once(monkeypatch):
+    """Problems built without an estimator share DEFAULT_ESTIMATOR: a second refine of the same
+    data runs the distributions' argument checks and the observations' support check no more
+    (before, every InnerProblem built its own estimator and repeated both), and the ELBO is
+    unchanged."""
+    from pyro_slots import _pyro_compat as compat
+    from pyro_slots.elbo import DEFAULT_ESTIMATOR
+    from pyro_slots.inner.base import InnerProblem
+
+    x, _ = make_point_sets(5, 30, num_components=3, seed=1)
+    model = GaussianMixture(3, 2)
+    assert InnerProblem(model, x).estimator is DEFAULT_ESTIMATOR
+    checks, full_runs = [], []
+    original_check, original_estimate = compat.validate_sample, DEFAULT_ESTIMATOR.lean._estimate
+    monkeypatch.setattr(
+        compat, "validate_sample", lambda fn, v: checks.append(1) or original_check(fn, v)
+    )
+
+    def estimate(model, x, slots, check_observed=False):
+        full_runs.append(not check_observed)  # True: run with every argument check
+        return original_estimate(model, x, slots, check_observed)
+
+    monkeypatch.setattr(DEFAULT_ESTIMATOR.lean, "_estimate", estimate)
+    first = ps.refine(model, x, EM(3), seed=0)
+    count = (len(checks), sum(full_runs))
+    second = ps.refine(model, x, EM(3), seed=0)
+    assert torch.equal(first.elbo, second.elbo)
+    assert sum(full_runs) == count[1] <= 1  # the program's argument checks: once at most
+    assert len(checks) == count[0]  # the observations' support: not checked again
+    assert len(full_runs) == 2 * 4  # three EM steps and the final ELBO per call, all lean
