@@ -91,6 +91,11 @@ class InnerProblem:
                 )
             if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_rows):
                 raise ValueError(f"rows: expected indices in [0, {num_rows})")
+            if torch.unique(rows).numel() != rows.numel():
+                raise ValueError(
+                    "rows: expected distinct indices (two datapoints at one row would share "
+                    "their random draws)"
+                )
         self.rows = rows
         self.num_rows = x.shape[0] if num_rows is None else num_rows
 

@@ -154,6 +154,8 @@ def test_inner_problem_rows_are_checked():
         InnerProblem(model, x, rows=torch.arange(3), num_rows=8)
     with pytest.raises(ValueError, match=r"rows: expected indices in \[0, 4\)"):
         InnerProblem(model, x, rows=torch.arange(4) + 1, num_rows=4)
+    with pytest.raises(ValueError, match="rows: expected distinct indices"):
+        InnerProblem(model, x, rows=torch.tensor([0, 2, 2, 3]), num_rows=4)
     problem = InnerProblem(model, x, rows=torch.tensor([5, 1, 7, 2]), num_rows=8)
     draw = torch.arange(8.0)
     assert problem.draw_rows(draw).tolist() == [5.0, 1.0, 7.0, 2.0]
