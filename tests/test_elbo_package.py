@@ -163,6 +163,26 @@ def test_diag_normal_log_prob_matches_torch_distributions(float64, features, sha
     assert torch.allclose(diag_normal_log_prob(loc_full, scale, value), expected, atol=1e-10)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_diag_normal_log_prob_in_place_without_graph_equals_torch(float64, grad):
+    """Without a graph the few-feature branch reuses its temporaries in place: the same numbers
+    as torch's distribution, also where the scale has dimensions the means and points lack
+    (no in-place broadcast), and the inputs untouched."""
+    g = torch.Generator().manual_seed(0)
+    loc = torch.randn(3, 4, 1, 2, generator=g)  # (K, batch, 1, F)
+    value = torch.randn(4, 30, 2, generator=g)  # (batch, M, F)
+    for scale in (torch.rand(3, 4, 1, 2, generator=g) + 0.5,
+                  torch.rand(5, 3, 4, 1, 2, generator=g) + 0.5):  # fmt: skip
+        inputs = [t.clone().requires_grad_(grad) for t in (loc, scale, value)]
+        copies = [t.detach().clone() for t in inputs]
+        got = diag_normal_log_prob(*inputs)
+        expected = dist.Normal(copies[0], copies[1]).to_event(1).log_prob(copies[2])
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-10)
+        assert all(torch.equal(t.detach(), c) for t, c in zip(inputs, copies))
+        assert got.requires_grad == grad
+
+
 @pytest.mark.parametrize(
     "value_shape, loc_shape",
     [((2, 6, 3), (4, 2, 6, 3)), ((4, 2, 6, 3), (2, 6, 3)), ((2, 6, 1), (3, 2, 6, 3)),

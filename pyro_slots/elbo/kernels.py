@@ -57,7 +57,8 @@ def stable_logsumexp_parts(t: torch.Tensor, dim: int):
     """``(logsumexp, t - max, log Σ exp(t - max))`` over ``dim``; the log-softmax is the
     difference of the last two (formed only when a posterior is asked for)."""
     m = t.amax(dim, keepdim=True).detach().nan_to_num(0.0, 0.0, 0.0)  # all -inf: shift by 0
-    d = (t - m).clamp_min(-80.0)
+    d = t - m
+    d = d.clamp_min_(-80.0) if _no_graph(t) else d.clamp_min(-80.0)
     log_norm = d.exp().sum(dim, keepdim=True).log()
     return (log_norm + m).squeeze(dim), d, log_norm
 
@@ -72,6 +73,12 @@ def stable_softmax(t: torch.Tensor, dim: int, eps: float = 0.0) -> torch.Tensor:
     e = (t - t.amax(dim, keepdim=True)).clamp_min_(-80.0).exp_()
     e = e.div_(e.sum(dim, keepdim=True))
     return e.add_(eps) if eps else e
+
+
+def _no_graph(*tensors) -> bool:
+    """Whether nothing computed from ``tensors`` is recorded by autograd (no-grad mode, or no
+    input requires a gradient): temporaries may then be overwritten in place."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
 def narrow_broadcast(t):
@@ -185,11 +192,21 @@ def diag_normal_log_prob(loc, scale, value):
         return -0.5 * square - const
     if event < CONTRACT_MIN_FEATURES:
         xs, mus, ps = value.movedim(-1, 0), loc.movedim(-1, 0), prec.movedim(-1, 0)
+        in_place = _no_graph(value, loc, scale)  # then the temporaries are reused
         square = None
         for f in range(event):
             d = xs[f] - mus[f if mus.shape[0] > 1 else 0]
-            term = d * d * ps[f if ps.shape[0] > 1 else 0]
-            square = term if square is None else square + term
+            p = ps[f if ps.shape[0] > 1 else 0]
+            own = in_place and broadcast_shape(d.shape, p.shape) == d.shape
+            term = d.mul_(d).mul_(p) if own else d * d * p
+            if square is None:
+                square = term
+            elif in_place and square.shape == term.shape:
+                square = square.add_(term)
+            else:
+                square = square + term
+        if in_place and broadcast_shape(square.shape, const.shape) == square.shape:
+            return square.mul_(-0.5).sub_(const)
         return -0.5 * square - const
     if prec.shape[-1] == 1:  # one variance for the whole event: Σ x²/σ² = (Σ x²)/σ²
         square = torch.linalg.vector_norm(value, dim=-1).square() * prec[..., 0]
