@@ -170,8 +170,10 @@ def diag_normal_log_prob(loc, scale, value):
     """
     event = value.shape[-1]
     loc, scale = narrow_broadcast(loc), narrow_broadcast(scale)
-    prec = scale.pow(-2)
-    log_det = event * scale.log()[..., 0] if scale.shape[-1] == 1 else scale.log().sum(-1)
+    # One log serves both: σ^-2 = exp(-2 log σ) (cheaper to differentiate twice than pow).
+    log_scale = scale.log()
+    prec = (-2.0 * log_scale).exp()
+    log_det = event * log_scale[..., 0] if scale.shape[-1] == 1 else log_scale.sum(-1)
     const = log_det + 0.5 * event * _LOG_2PI
     if not is_outer(loc.shape[:-1], value.shape[:-1], broadcast_shape(loc.shape, value.shape)[:-1]):
         # The means already have the points' shape (IODINE's per-pixel means). Few features:
@@ -191,12 +193,14 @@ def diag_normal_log_prob(loc, scale, value):
             square = term if square is None else square + term
         return -0.5 * square - const
     if event < CONTRACT_MIN_FEATURES:
-        xs, mus, ps = value.movedim(-1, 0), loc.movedim(-1, 0), prec.movedim(-1, 0)
+        # unbind: one autograd node per input for all features (selects: one each, whose
+        # backward zero-fills the whole input)
+        xs, mus, ps = value.unbind(-1), loc.unbind(-1), prec.unbind(-1)
         in_place = _no_graph(value, loc, scale)  # then the temporaries are reused
         square = None
         for f in range(event):
-            d = xs[f] - mus[f if mus.shape[0] > 1 else 0]
-            p = ps[f if ps.shape[0] > 1 else 0]
+            d = xs[f] - mus[f if len(mus) > 1 else 0]
+            p = ps[f if len(ps) > 1 else 0]
             own = in_place and broadcast_shape(d.shape, p.shape) == d.shape
             term = d.mul_(d).mul_(p) if own else d * d * p
             if square is None:
