@@ -131,8 +131,11 @@ class GaussianFeatures(nn.Module):
             raise ValueError(f"x: expected (batch, M, {self.dim}), got {tuple(x.shape)}")
         mean, var = mean_and_variance(x)
         scale = var.sqrt() + self.eps
-        z = (x - mean) / scale
-        return torch.cat([torch.ones_like(z[..., :1]), z, z * z], dim=-1), mean, scale
+        zt = ((x - mean) / scale).transpose(1, 2)  # (batch, dim, M)
+        # Stored feature by feature (a (batch, M, F) view of a contiguous (batch, F, M) tensor):
+        # slot attention's products with so few features run 2-3x faster along contiguous M.
+        features = torch.cat([torch.ones_like(zt[:, :1]), zt, zt * zt], dim=1)
+        return features.transpose(1, 2), mean, scale
 
 
 class SlotAttention(InnerRule):
@@ -399,7 +402,8 @@ class SlotAttention(InnerRule):
         # attention itself: (Σ_m a_m n_m) / Σ_m a_m, one pass over (b, h, K, M) fewer.
         if self.fold_projections:
             q_in = torch.matmul(q, w_k)  # (b, h, K, F): the query pulled back to input space
-            attn, pooled = _AttendPool.apply(q_in, inputs.contiguous(), self.eps)
+            # Any strides: GaussianFeatures' inputs are feature-major on purpose (bmm reads both).
+            attn, pooled = _AttendPool.apply(q_in, inputs, self.eps)
             # GaussianFeatures' first feature is 1: its weighted sum is the mass, no pass needed.
             mass = pooled[..., :1] if self._standardized_moments else attn.sum(-1, keepdim=True)
             updates = torch.matmul(pooled / mass, w_v.transpose(-1, -2))
