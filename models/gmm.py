@@ -82,8 +82,8 @@ class GaussianMixture(SlotModel):
             raise ValueError(f"input_dim: {input_dim} differs from dim {dim} but no encoder given")
         self.reg_covar = check_positive_float(reg_covar, "reg_covar", allow_zero=True)
         self.init_lloyd_steps = check_positive_int(init_lloyd_steps, "init_lloyd_steps", minimum=0)
-        if init not in _INITS:
-            raise ValueError(f"init: expected one of {_INITS}, got {init!r}")
+        if init not in INITS:
+            raise ValueError(f"init: expected one of {INITS}, got {init!r}")
         self.init = init
 
     # ------------------------------------------------------------------ Pyro program
@@ -177,7 +177,8 @@ class GaussianMixture(SlotModel):
         )  # fmt: skip
 
 
-_INITS = ("kmeans++", "kmeans++_seeds", "random_from_data")
+#: The values of ``GaussianMixture(init=...)``: how :meth:`GaussianMixture.init_slots` draws λ_0.
+INITS = ("kmeans++", "kmeans++_seeds", "random_from_data")
 
 
 def random_from_data(model: GaussianMixture, x, num_slots: int, generator=None, rows=None):

@@ -659,13 +659,13 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
                 f"init_lloyd_steps: expected an integer >= 0, got {config.init_lloyd_steps}"
             )
     if config.gmm_init is not None:
-        from pyro_slots.models.gmm import _INITS
+        from pyro_slots.models.gmm import INITS
 
         if config.model != "gmm":
             raise ConfigError(f"gmm_init: only for --model gmm, not {config.model}")
-        if config.gmm_init not in _INITS:
+        if config.gmm_init not in INITS:
             raise ConfigError(
-                f"gmm_init: unknown kind {config.gmm_init!r}; valid choices are {_INITS}"
+                f"gmm_init: unknown kind {config.gmm_init!r}; valid choices are {INITS}"
             )
     if config.mse_weight is not None and objective != "elbo+mse":
         raise ConfigError("mse_weight: only with --objective elbo+mse")
