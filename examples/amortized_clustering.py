@@ -29,6 +29,7 @@ from pyro_slots.data import sample_point_sets
 from pyro_slots.diagnostics import clustering
 from pyro_slots.inner import GaussianFeatures, SlotAttention
 from pyro_slots.models import GaussianMixture
+from pyro_slots.models.gmm import INITS
 from pyro_slots.objectives import NegativeELBO
 
 K, DIM, TRAIN_SEED, TEST_SEED = 4, 2, 0, 1
@@ -145,8 +146,7 @@ def make_parser():
         parser.add_argument(f"--{name}", type=type(default) if default is not None else str,
                             default=default)  # fmt: skip
     parser.add_argument("--features", choices=["gaussian", "mlp"], default="gaussian")
-    parser.add_argument("--init", choices=["kmeans++", "kmeans++_seeds", "random_from_data"],
-                        default="kmeans++_seeds")  # fmt: skip
+    parser.add_argument("--init", choices=INITS, default="kmeans++_seeds")
     parser.add_argument("--moments", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--test-steps", type=int, nargs="+", default=[1, 3, 5, 10])
     for flag in ("--fast-learned", "--safeguarded", "--learned-only", "--quiet"):
