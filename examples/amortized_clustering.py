@@ -37,7 +37,10 @@ K, DIM, TRAIN_SEED, TEST_SEED = 4, 2, 0, 1
 
 def build(args):
     """The model, the learned rule and ``NestedSVI`` (lr decays by ``--lr-decay`` over the run)."""
-    model = GaussianMixture(K, DIM, init=args.init, init_lloyd_steps=args.learned_lloyd_steps)
+    model = GaussianMixture(
+        K, DIM, init=args.init, init_lloyd_steps=args.learned_lloyd_steps,
+        init_local_trials=args.init_local_trials,
+    )  # fmt: skip
     features = {}
     if args.features == "gaussian":  # keys (1, z, z²) of standardized points, no LayerNorm
         features = dict(encoder=GaussianFeatures(DIM), feature_dim=2 * DIM + 1, norm_inputs=False)
@@ -147,6 +150,10 @@ def make_parser():
                             default=default)  # fmt: skip
     parser.add_argument("--features", choices=["gaussian", "mlp"], default="gaussian")
     parser.add_argument("--init", choices=INITS, default="kmeans++_seeds")
+    parser.add_argument(
+        "--init-local-trials", type=int, default=None,
+        help="candidates per k-means++ draw (default 2 + ln K, as scikit-learn)",
+    )  # fmt: skip
     parser.add_argument("--moments", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--test-steps", type=int, nargs="+", default=[1, 3, 5, 10])
     for flag in ("--fast-learned", "--safeguarded", "--learned-only", "--quiet"):

@@ -1,5 +1,6 @@
 """The elbo package: one interface, two estimators, the auto front, kernels, owned caches."""
 
+import math
 import pickle
 
 import numpy as np
@@ -256,15 +257,49 @@ def test_stable_softmax_matches_scipy_on_logits_far_below_the_exp_floor():
 
     t = torch.randn(3, 4, 50, generator=torch.Generator().manual_seed(0)) * 100.0
     for eps in (0.0, 1e-8):
-        got = stable_softmax(t, 1, eps).double().numpy()
         exact = softmax(t.double().numpy(), axis=1)
         want = exact + eps
-        assert np.abs(got - want).max() < 1e-6 * want.max()
         tiny = exact < 1e-30
-        assert tiny.any() and np.all(np.abs(got[tiny] - want[tiny]) < 2e-35 + 1e-7 * eps)
+        assert tiny.any()
+        # Natural logits; base-2 logits t log2(e) (exp2); the latter overwriting its input.
+        t2 = t / math.log(2.0)
+        for got in (
+            stable_softmax(t, 1, eps),
+            stable_softmax(t2, 1, eps, log2=True),
+            stable_softmax(t2.clone(), 1, eps, log2=True, overwrite=True),
+        ):
+            got = got.double().numpy()
+            assert np.abs(got - want).max() < 1e-6 * want.max()
+            assert np.all(np.abs(got[tiny] - want[tiny]) < 2e-35 + 1e-7 * eps)
+    scratch = t.clone()
+    assert stable_softmax(scratch, 1, overwrite=True).data_ptr() == scratch.data_ptr()
+    assert torch.equal(t, t.clone()) and not torch.equal(scratch, t)  # only the scratch changed
     bad = t.clone()
     bad[0, 0, 0] = float("nan")
     assert torch.isnan(stable_softmax(bad, 1)[0, :, 0]).all()
+    assert torch.isnan(stable_softmax(bad, 1, log2=True)[0, :, 0]).all()
+
+
+def test_stable_logsumexp_parts_overwriting_its_input_matches_scipy():
+    """The no-graph path (exp2, ``t - max`` in ``t``'s storage with ``overwrite``) and the
+    differentiable path give scipy's log-sum-exp, and the log-posterior parts sum to one."""
+    from scipy.special import logsumexp
+
+    from pyro_slots.elbo.kernels import stable_logsumexp_parts
+
+    t = torch.randn(4, 6, 30, generator=torch.Generator().manual_seed(1)) * 20.0
+    want = logsumexp(t.double().numpy(), axis=0)
+    with torch.no_grad():
+        scratch = t.clone()
+        lse, shifted, log_norm = stable_logsumexp_parts(scratch, 0, overwrite=True)
+    assert shifted.data_ptr() == scratch.data_ptr()
+    leaf = t.clone().requires_grad_()
+    lse_graph = stable_logsumexp_parts(leaf, 0, overwrite=True)[0]  # a graph: never in place
+    assert torch.equal(leaf.detach(), t)
+    for got in (lse, lse_graph.detach()):
+        assert np.abs(got.double().numpy() - want).max() < 1e-5 * np.abs(want).max()
+    posterior = (shifted - log_norm).double().exp().sum(0)
+    assert torch.allclose(posterior, torch.ones_like(posterior), atol=1e-5)
 
 
 def test_stable_logsumexp_clamps_only_negligible_terms(float64):

@@ -275,6 +275,11 @@ class TrainConfig:
     init_lloyd_steps: int | None = _opt(
         None, "gmm: Lloyd iterations after the k-means++ seeding of its slot init (default 10)"
     )
+    init_local_trials: int | None = _opt(
+        None,
+        "gmm: candidates per k-means++ draw of its slot init, the best kept (default 2 + ln K, "
+        "as scikit-learn; 1: the original k-means++)",
+    )
     gmm_init: str | None = _opt(
         None,
         "gmm: how its slot init draws lambda_0: kmeans++ (default), kmeans++_seeds (the seeds "

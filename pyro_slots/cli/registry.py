@@ -102,6 +102,8 @@ def _gmm(config: TrainConfig, stream):
     )
     if config.gmm_init is not None:
         options["init"] = config.gmm_init
+    if config.init_local_trials is not None:
+        options["init_local_trials"] = config.init_local_trials
     return GaussianMixture(config.num_slots, stream.dim, **options)
 
 
@@ -657,6 +659,13 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
         if config.init_lloyd_steps < 0:
             raise ConfigError(
                 f"init_lloyd_steps: expected an integer >= 0, got {config.init_lloyd_steps}"
+            )
+    if config.init_local_trials is not None:
+        if config.model != "gmm":
+            raise ConfigError(f"init_local_trials: only for --model gmm, not {config.model}")
+        if config.init_local_trials < 1:
+            raise ConfigError(
+                f"init_local_trials: expected an integer >= 1, got {config.init_local_trials}"
             )
     if config.gmm_init is not None:
         from pyro_slots.models.gmm import INITS

@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2 * math.pi)
+_LOG2_E = 1.0 / math.log(2.0)
 
 #: Features from which the squared distance is expanded into a matrix product.
 CONTRACT_MIN_FEATURES = 16
@@ -53,24 +54,45 @@ def stable_logsumexp(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Ten
     return lse, shifted - log_norm
 
 
-def stable_logsumexp_parts(t: torch.Tensor, dim: int):
+def stable_logsumexp_parts(t: torch.Tensor, dim: int, overwrite: bool = False):
     """``(logsumexp, t - max, log Σ exp(t - max))`` over ``dim``; the log-softmax is the
-    difference of the last two (formed only when a posterior is asked for)."""
+    difference of the last two (formed only when a posterior is asked for).
+
+    :param bool overwrite: ``t`` is the caller's temporary: where nothing is recorded for
+        autograd, ``t - max`` is formed in its storage instead of a new tensor.
+    """
     m = t.amax(dim, keepdim=True).detach().nan_to_num(0.0, 0.0, 0.0)  # all -inf: shift by 0
-    d = t - m
-    d = d.clamp_min_(-80.0) if _no_graph(t) else d.clamp_min(-80.0)
-    log_norm = d.exp().sum(dim, keepdim=True).log()
+    if _no_graph(t):
+        d = (t.sub_(m) if overwrite else t - m).clamp_min_(-80.0)
+        # exp(d) as exp2(d log2 e): float32 exp2 is about twice as fast as exp on the CPU, which
+        # pays for the extra multiplication (and keeps d itself, the log-posterior's part).
+        e = torch.mul(d, _LOG2_E).exp2_()
+    else:
+        d = (t - m).clamp_min(-80.0)
+        e = d.exp()
+    log_norm = e.sum(dim, keepdim=True).log_()
     return (log_norm + m).squeeze(dim), d, log_norm
 
 
-def stable_softmax(t: torch.Tensor, dim: int, eps: float = 0.0) -> torch.Tensor:
+def stable_softmax(
+    t: torch.Tensor, dim: int, eps: float = 0.0, *, log2: bool = False, overwrite: bool = False
+) -> torch.Tensor:
     """``softmax(t) + eps`` over ``dim``, with the differences to the maximum clamped at -80
     before ``exp`` (``torch.softmax`` slows down up to twofold on the CPU as the logits spread).
 
     Every probability is off by less than ``e^-80`` (1.8e-35). Computed in place on one
     temporary, so not differentiable: for the forward of an autograd function or ``no_grad``.
+
+    :param bool log2: ``t`` holds base-2 logits (``softmax(t ln 2)``, differences clamped at
+        ``-80 / ln 2``): float32 ``exp2`` is about twice as fast as ``exp`` on the CPU, and a
+        caller can often fold the ``log2 e`` into a smaller tensor upstream (the queries of
+        slot attention instead of its logits).
+    :param bool overwrite: ``t`` is the caller's temporary and becomes the result (no new
+        tensor).
     """
-    e = (t - t.amax(dim, keepdim=True)).clamp_min_(-80.0).exp_()
+    shift = t.amax(dim, keepdim=True)
+    e = t.sub_(shift) if overwrite else t - shift
+    e = e.clamp_min_(-80.0 * _LOG2_E).exp2_() if log2 else e.clamp_min_(-80.0).exp_()
     e = e.div_(e.sum(dim, keepdim=True))
     return e.add_(eps) if eps else e
 

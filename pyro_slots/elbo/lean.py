@@ -309,7 +309,9 @@ class LeanEstimator(ELBOEstimator):
             lead = joint.dim() - plate_dims
             shape = joint.shape
             flat = joint.reshape(-1, *shape[lead:])
-            lse, shifted, log_norm = stable_logsumexp_parts(flat, 0)
+            # A sum of several terms is this function's own tensor: shifted in place.
+            owned = len(enum_terms) > 1
+            lse, shifted, log_norm = stable_logsumexp_parts(flat, 0, overwrite=owned)
             if len(enum_sites) == 1:
                 posterior_parts = (enum_sites[0], shifted.reshape(shape), log_norm)
             total = _add(total, _reduce_plates(lse, enum_frames, batch_plate, batch))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -16,6 +18,8 @@ __all__ = ["GaussianFeatures", "SlotAttention"]
 #: The attribute of an :class:`~pyro_slots.inner.InnerProblem` under which slot-attention rules
 #: keep what they derive from its measurements: ``{(rule, name): _Derived}``.
 _DERIVED_ATTR = "_slot_attention_derived"
+
+_LOG2_E = 1.0 / math.log(2.0)
 
 
 class _Derived:
@@ -46,22 +50,26 @@ class _Derived:
 class _AttendPool(torch.autograd.Function):
     r"""Slot-competitive attention over shared inputs and the attention-weighted sums, fused.
 
-    ``attn = softmax_K(q n^T) + eps`` (:func:`~pyro_slots.elbo.kernels.stable_softmax`) and
-    ``pooled = attn n`` for queries ``q``
-    ``(batch, heads, K, F)`` and inputs ``n`` ``(batch, M, F)`` shared by the heads. Autograd
-    would write the inputs' gradient twice per call, once transposed (from ``q n^T``), and then
-    add the two ``(batch, M, F)`` tensors with strided reads: on the CPU that addition was half of
-    a slot-attention step. Here it is one product of the stacked factors,
-    ``dn = [dlogits; attn]^T [q; dpooled]``, written once and contiguous. The backward is made of
-    differentiable operations of saved inputs and outputs, so double backward works.
+    ``attn = softmax_K(q n^T) + eps`` (:func:`~pyro_slots.elbo.kernels.stable_softmax`, in base
+    2) and ``pooled = attn n`` for queries ``q`` ``(batch, heads, K, F)`` and inputs ``n``
+    ``(batch, M, F)`` shared by the heads. Autograd would write the inputs' gradient twice per
+    call, once transposed (from ``q n^T``), and then add the two ``(batch, M, F)`` tensors with
+    strided reads: on the CPU that addition was half of a slot-attention step. Here it is one
+    product of the stacked factors, ``dn = [dlogits; attn]^T [q; dpooled]``, written once and
+    contiguous. The backward is made of differentiable operations of saved inputs and outputs,
+    so double backward works.
     """
 
     @staticmethod
     def forward(ctx, q, n, eps):
         batch, heads, num_slots, features = q.shape
         rows = heads * num_slots
-        logits = torch.bmm(q.reshape(batch, rows, features), n.transpose(1, 2))
-        attn = stable_softmax(logits.view(batch, heads, num_slots, -1), 2, eps)
+        # Base-2 logits: the log2(e) goes on the (batch, rows, F) queries, and the softmax
+        # takes exp2, about twice as fast as exp on the CPU (the same probabilities).
+        logits2 = torch.bmm(q.reshape(batch, rows, features) * _LOG2_E, n.transpose(1, 2))
+        attn = stable_softmax(
+            logits2.view(batch, heads, num_slots, -1), 2, eps, log2=True, overwrite=True
+        )
         pooled = torch.bmm(attn.view(batch, rows, -1), n)
         # Only inputs and outputs keep their history for a double backward: p comes back from
         # the output, p = attn - eps (off by at most an ulp of eps, below the eps floor itself).

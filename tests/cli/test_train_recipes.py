@@ -414,6 +414,13 @@ def test_point_recipe_options_build_the_examples_rule(tmp_path):
         resolve(TrainConfig(**base, gmm_init="kmeans"))
     with pytest.raises(ConfigError, match="gmm_init: only for --model gmm"):
         resolve(TrainConfig(model="iodine", gmm_init="kmeans++"))
+    one = new_run(resolve(TrainConfig(**base, gmm_init="kmeans++_seeds", init_local_trials=1)))
+    assert one.components.model.init_local_trials == 1
+    assert seeds.components.model.init_local_trials is None
+    with pytest.raises(ConfigError, match="init_local_trials: expected an integer >= 1"):
+        resolve(TrainConfig(**base, init_local_trials=0))
+    with pytest.raises(ConfigError, match="init_local_trials: only for --model gmm"):
+        resolve(TrainConfig(model="iodine", init_local_trials=1))
 
 
 def test_a_finished_run_resumed_with_test_options_is_only_tested_again(tmp_path):

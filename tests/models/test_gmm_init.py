@@ -74,11 +74,12 @@ def test_kmeans_plus_plus_in_chunks_equals_the_whole_batch(monkeypatch, float64)
     assert ((loc >= lo - 1e-12) & (loc <= hi + 1e-12)).all()
 
 
-def _numpy_kmeans_plus_plus_seeds(x, num_slots, generator):
+def _numpy_kmeans_plus_plus_seeds(x, num_slots, generator, trials=None):
     """Greedy k-means++ seeding written per datapoint in numpy, from the same random numbers
-    (the first index, then ``2 + log K`` uniforms per later seed), returning the seeds' indices."""
+    (the first index, then ``trials`` uniforms per later seed, by default ``2 + log K``),
+    returning the seeds' indices."""
     batch, num_points, _ = x.shape
-    trials = 2 + int(np.log(num_slots))
+    trials = 2 + int(np.log(num_slots)) if trials is None else trials
     first = torch.randint(num_points, (batch,), generator=generator).numpy()
     uniforms = [torch.rand(batch, trials, generator=generator, dtype=torch.float64).numpy()
                 for _ in range(1, num_slots)]  # fmt: skip
@@ -97,17 +98,19 @@ def _numpy_kmeans_plus_plus_seeds(x, num_slots, generator):
     return np.array(seeds)
 
 
-def test_kmeans_plus_plus_seeds_are_the_greedy_seeds_with_pooled_statistics():
+@pytest.mark.parametrize("trials", [None, 1, 3])
+def test_kmeans_plus_plus_seeds_are_the_greedy_seeds_with_pooled_statistics(trials):
     """init="kmeans++_seeds": the means are exactly the seeds of a per-datapoint numpy k-means++
-    (same random numbers), the scales the pooled standard deviations, the weights equal, and the
-    means carry x's gradient."""
+    (same random numbers, ``init_local_trials`` candidates per draw: scikit-learn's 2 + ln K by
+    default, 1 the original algorithm), the scales the pooled standard deviations, the weights
+    equal, and the means carry x's gradient."""
     x = (torch.randn(5, 40, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
          * torch.tensor([1.0, 3.0]) + 10.0).requires_grad_()  # fmt: skip
-    gmm = GaussianMixture(4, 2, init="kmeans++_seeds")
+    gmm = GaussianMixture(4, 2, init="kmeans++_seeds", init_local_trials=trials)
     slots = gmm.init_slots(x, 4, torch.Generator().manual_seed(3))
     parts = gmm.slot_spec.split(slots)
     xn = x.detach().numpy()
-    seeds = _numpy_kmeans_plus_plus_seeds(xn, 4, torch.Generator().manual_seed(3))
+    seeds = _numpy_kmeans_plus_plus_seeds(xn, 4, torch.Generator().manual_seed(3), trials)
     for n in range(5):
         np.testing.assert_array_equal(parts["loc"][n].detach().numpy(), xn[n][seeds[n]])
         assert len(set(seeds[n])) == 4
@@ -179,3 +182,30 @@ def test_mean_and_variance_match_numpy_in_float32_far_from_the_origin():
     np.testing.assert_allclose(mean.squeeze(1).numpy(), xn.mean(1), rtol=1e-6)
     np.testing.assert_allclose(var.squeeze(1).numpy(), xn.var(1, ddof=1), rtol=1e-3)
     assert mean.shape == var.shape == (3, 1, 2)
+
+
+def test_original_kmeans_plus_plus_draws_the_second_seed_with_probability_d2():
+    """``init_local_trials=1`` is D² sampling: over many datapoints holding the same five points
+    and the same first seed, the second seed's frequencies match d² / Σ d² (analytic)."""
+    from pyro_slots.models import gmm as gmm_module
+
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [1.0, 1.0]])
+    batch = 20000
+    x = points.expand(batch, -1, -1).double()
+    model = GaussianMixture(2, 2, init="kmeans++_seeds", init_local_trials=1)
+    generator = torch.Generator().manual_seed(5)
+    slots = gmm_module.kmeans_plus_plus(model, x, 2, generator, statistics=False, local_trials=1)
+    loc = model.slot_spec.split(slots)["loc"]  # (batch, 2, 2)
+    first = (loc[:, :1] == x).all(-1).double().argmax(-1)
+    second = (loc[:, 1:] == x).all(-1).double().argmax(-1)
+    for i in range(5):
+        rows = first == i
+        d2 = ((points - points[i]) ** 2).sum(-1).double()
+        freq = torch.bincount(second[rows], minlength=5).double() / rows.sum()
+        # Binomial standard error at ~4000 draws: < 0.008; 4 of them.
+        np.testing.assert_allclose(freq.numpy(), (d2 / d2.sum()).numpy(), atol=0.032)
+
+
+def test_init_local_trials_must_be_a_positive_int():
+    with pytest.raises(ValueError, match="init_local_trials"):
+        GaussianMixture(4, 2, init_local_trials=0)
