@@ -77,7 +77,14 @@ class ValidatedObservations:
         return len(self._entries)
 
     def check(self, fn, value: torch.Tensor) -> None:
-        """``fn``'s support check of ``value``, skipped when it passed before for this version."""
+        """``fn``'s support check of ``value``, skipped when it passed before for this version.
+
+        A tensor made under ``torch.inference_mode`` has no version counter: it is checked at
+        every call.
+        """
+        if value.is_inference():
+            compat.validate_sample(fn, value)
+            return
         key = (value._version, fn.batch_shape, fn.event_shape)
         if self._entries.get(value) != key:
             compat.validate_sample(fn, value)

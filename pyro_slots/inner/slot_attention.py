@@ -27,7 +27,9 @@ class _Derived:
 
     It stays valid while it is used with the same ``x`` and weights (the same tensors, not
     modified in place since) in the same grad mode: an optimizer step, a ``load_state_dict`` or
-    a ``torch.no_grad`` block in between refreshes it.
+    a ``torch.no_grad`` block in between refreshes it. A tensor made under
+    ``torch.inference_mode`` has no version counter: it counts as unmodified (the problem's own
+    ``x`` is not changed in place during its inner loop).
     """
 
     __slots__ = ("grad", "params", "source", "value", "versions")
@@ -35,7 +37,7 @@ class _Derived:
     def __init__(self, source: torch.Tensor, params: tuple, value: torch.Tensor):
         self.source, self.params, self.value = source, params, value
         self.grad = torch.is_grad_enabled()
-        self.versions = (source._version, *(p._version for p in params))
+        self.versions = _versions(source, params)
 
     def valid(self, source: torch.Tensor, params: tuple) -> bool:
         return (
@@ -43,8 +45,12 @@ class _Derived:
             and source is self.source
             and len(params) == len(self.params)
             and all(a is b for a, b in zip(params, self.params))
-            and self.versions == (source._version, *(p._version for p in params))
+            and self.versions == _versions(source, params)
         )
+
+
+def _versions(source: torch.Tensor, params: tuple) -> tuple:
+    return tuple(None if t.is_inference() else t._version for t in (source, *params))
 
 
 class _AttendPool(torch.autograd.Function):

@@ -91,3 +91,46 @@ def test_compare_methods_interleaves_rounds_and_takes_the_median_time(monkeypatc
     assert b["loglik_per_point"] == pytest.approx((4 + 4 + 6 + 6) / 4)
     with pytest.raises(ValueError, match="repeats"):
         clustering.compare_methods({"a": method("a")}, groups, repeats=0)
+
+
+@pytest.mark.parametrize("kind", ["em", "slot-attention", "gradient-ascent"])
+@pytest.mark.parametrize("encoder", [False, True])
+def test_refine_loglik_is_the_mixtures_log_likelihood_in_inference_mode(kind, encoder, monkeypatch):
+    """refine_loglik is the scipy log-likelihood per point of the mixture at refine's final
+    slots; rules that do not differentiate the ELBO run under torch.inference_mode (the lean
+    estimator's and slot attention's caches then meet tensors without version counters, e.g.
+    an encoder's output), gradient ascent does not."""
+    from torch import nn
+
+    from pyro_slots import refine
+    from pyro_slots.inner import EM, GaussianFeatures, GradientAscent, SlotAttention
+    from pyro_slots.models import GaussianMixture
+
+    torch.manual_seed(0)
+    (sets,) = clustering.point_set_groups(3, 60, 60, num_groups=1, seed=4)
+    model = GaussianMixture(4, 2, encoder=nn.Linear(2, 2) if encoder else None)
+    rule = {
+        "em": EM(4),
+        "slot-attention": SlotAttention(
+            3, slot_dim=5, input_dim=2, hidden_dim=16, moments=True,
+            encoder=GaussianFeatures(2), feature_dim=5, norm_inputs=False,
+        ),
+        "gradient-ascent": GradientAscent(3, step_size=0.05),
+    }[kind]  # fmt: skip
+    modes = []
+    original = clustering.refine
+    monkeypatch.setattr(
+        clustering,
+        "refine",
+        lambda *a, **k: modes.append(torch.is_inference_mode_enabled()) or original(*a, **k),
+    )
+    got = clustering.refine_loglik(model, sets, rule, 3, seed=0, record=False)
+    assert modes == [kind != "gradient-ascent"]
+    with torch.no_grad():
+        slots = refine(model, sets.x, rule, num_steps=3, seed=0, record_history=False).slots[0]
+        x = model.encode(sets.x).double().numpy()
+    loc, scale, log_w = (t.double().numpy() for t in model.component_params(slots))
+    for i in range(3):
+        log_pdf = norm.logpdf(x[i][:, None], loc[i][None], scale[i][None]).sum(-1)
+        expected = logsumexp(log_pdf + log_w[i], axis=1).mean()
+        assert got[i].item() == pytest.approx(expected, abs=1e-4)
