@@ -245,11 +245,11 @@ def kmeans_plus_plus(
     already chosen (Arthur & Vassilvitskii 2007); like scikit-learn, every draw tries
     ``local_trials`` candidates (default ``2 + ln K``) and keeps the one that lowers the k-means
     potential most (``local_trials=1``: the original algorithm, a third of the distance
-    computations at K = 4). The seeds
-    are then moved by ``lloyd_steps`` hard k-means iterations (scikit-learn's default
-    ``init_params="kmeans"``). Scales are the per-cluster standard deviations of the final hard
-    assignment (the pooled standard deviation for clusters of fewer than two points) and the
-    weights the cluster fractions. Vectorized over the batch: no Python loop over datapoints.
+    computations at K = 4). The seeds are then moved by ``lloyd_steps`` hard k-means iterations
+    (scikit-learn's default ``init_params="kmeans"``). Scales are the per-cluster standard
+    deviations of the final hard assignment (the pooled standard deviation for clusters of fewer
+    than two points) and the weights the cluster fractions. Vectorized over the batch: no Python
+    loop over datapoints.
 
     Every random number is drawn first, for the whole batch; the datapoints are then processed
     in chunks of about :data:`KMEANS_CHUNK_POINTS` measurements, so the temporaries stay the
