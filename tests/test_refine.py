@@ -243,3 +243,35 @@ def test_refine_shares_the_default_estimator_and_checks_a_program_once(monkeypat
     assert sum(full_runs) == count[1] <= 1  # the program's argument checks: once at most
     assert len(checks) == count[0]  # the observations' support: not checked again
     assert len(full_runs) == 2 * 4  # three EM steps and the final ELBO per call, all lean
+
+
+@pytest.mark.parametrize("kind", ["em", "soft-kmeans", "slot-attention", "safeguarded", "reinit"])
+def test_refine_under_inference_mode_equals_no_grad(kind):
+    """Gradient-free rules run under ``torch.inference_mode`` (tensors without version
+    counters, including an encoder's output) and give no_grad's result, bit for bit."""
+    from torch import nn
+
+    from pyro_slots.init import GaussianInit
+    from pyro_slots.inner import EM, Reinitialize, Safeguarded, SlotAttention, SoftKMeans
+    from pyro_slots.models import GaussianMixture
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 40, 2, generator=torch.Generator().manual_seed(1))
+    model = GaussianMixture(3, 2, encoder=nn.Linear(2, 2))
+    attention = SlotAttention(3, slot_dim=5, input_dim=2, hidden_dim=16)
+    rule = {
+        "em": lambda: EM(3),
+        "soft-kmeans": lambda: SoftKMeans(3),
+        "slot-attention": lambda: attention,
+        "safeguarded": lambda: Safeguarded(attention, fallback=EM(1)),
+        "reinit": lambda: Reinitialize(attention, GaussianInit(5), seed=2),
+    }[kind]()
+    assert not rule.uses_elbo_gradient
+    results = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            results.append(ps.refine(model, x, rule, num_steps=3, seed=0, responsibilities=True))
+    plain, inference = results
+    assert inference.slots.is_inference()
+    for name in ("slots", "elbo", "history", "responsibilities"):
+        assert torch.equal(getattr(plain, name), getattr(inference, name)), name
