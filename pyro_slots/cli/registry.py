@@ -653,20 +653,14 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
         )
     if config.features != "mlp" and (config.inner != "slot-attention" or config.model != "gmm"):
         raise ConfigError("features: only for --inner slot-attention on --model gmm")
-    if config.init_lloyd_steps is not None:
+    for name, minimum in (("init_lloyd_steps", 0), ("init_local_trials", 1)):  # gmm's init
+        value = getattr(config, name)
+        if value is None:
+            continue
         if config.model != "gmm":
-            raise ConfigError(f"init_lloyd_steps: only for --model gmm, not {config.model}")
-        if config.init_lloyd_steps < 0:
-            raise ConfigError(
-                f"init_lloyd_steps: expected an integer >= 0, got {config.init_lloyd_steps}"
-            )
-    if config.init_local_trials is not None:
-        if config.model != "gmm":
-            raise ConfigError(f"init_local_trials: only for --model gmm, not {config.model}")
-        if config.init_local_trials < 1:
-            raise ConfigError(
-                f"init_local_trials: expected an integer >= 1, got {config.init_local_trials}"
-            )
+            raise ConfigError(f"{name}: only for --model gmm, not {config.model}")
+        if value < minimum:
+            raise ConfigError(f"{name}: expected an integer >= {minimum}, got {value}")
     if config.gmm_init is not None:
         from pyro_slots.models.gmm import INITS
 
