@@ -20,6 +20,7 @@ from pyro_slots.inner.mstep import (
     mean_and_variance,
     variance_floor_unit,
     weighted_squared_deviations,
+    weighted_sums,
 )
 from pyro_slots.model import SlotModel, SlotSpec, select_component
 from pyro_slots.validation import check_measurements, check_positive_float, check_positive_int
@@ -142,7 +143,7 @@ class GaussianMixture(SlotModel):
         # every digit of a unit variance at |x| = 1e3 and returns 0 at 1e5).
         ref = x.mean(1, keepdim=True)  # (B, 1, D)
         xc = x - ref
-        loc_c = torch.einsum("bkm,bmd->bkd", resp, xc) / nk.unsqueeze(-1)
+        loc_c = weighted_sums(resp, xc) / nk.unsqueeze(-1)
         loc = loc_c + ref
         if fixed_variance is None:
             var = weighted_squared_deviations(xc, loc_c, resp) / nk.unsqueeze(-1)

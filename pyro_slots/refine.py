@@ -219,6 +219,8 @@ def run_inner(
     straight_through: bool = False,
     rows: torch.Tensor | None = None,
     num_rows: int | None = None,
+    num_restarts: int = 1,
+    keep_best_after: int | None = None,
 ) -> RefineResult:
     """Run the inner loop from λ_0 = ``slots``: the one loop of the library.
 
@@ -245,6 +247,10 @@ def run_inner(
         gradient to the initialization (:class:`~pyro_slots.NestedSVI`).
     :param rows: with ``num_rows``, where the datapoints sit in the batch that rules draw
         random numbers for (:class:`InnerProblem`): a chunk or shard of a larger batch.
+    :param int keep_best_after: with ``num_restarts`` (the batch holds that many restarts of
+        every datapoint, restart-major), before graph-free step ``keep_best_after`` every
+        datapoint keeps only its restart of highest ELBO at λ_t running; the others are frozen
+        there, as a converged datapoint is (:func:`refine`).
     """
     batch, num_points = x_enc.shape[:2]
     free_steps = num_steps - backprop_steps
@@ -267,7 +273,25 @@ def run_inner(
     full = state if free_steps <= 0 else _map_state(_detach, state)
     active = None  # None: every datapoint is active (no indexing on the common path)
     state, previous = full, None
+    pruned = None  # (rows, ELBO at the slots they were frozen at) of the restarts pruned
+    pruned_at_start = None  # every row's ELBO at λ_0 where the restarts are pruned there
     while t < free_steps:
+        if t == keep_best_after:
+            frozen_elbo = trace.history[-1] if trace.history else None
+            keep, elbo_now = _best_restarts(
+                problem, state, active, frozen_elbo, batch, num_restarts
+            )
+            _check_elbo(inner, elbo_now, t)
+            rows_now = torch.arange(batch, device=steps.device) if active is None else active
+            pruned = (rows_now[~keep], elbo_now[~keep])
+            if not trace.history:  # the rows frozen at λ_0 are recorded with this ELBO
+                pruned_at_start = elbo_now
+            if not bool(keep.any()):
+                break
+            active = rows_now[keep]
+            state = _map_state(lambda a, keep=keep: a[keep] if torch.is_tensor(a) else a, state)
+            previous = None if previous is None else previous[keep]
+            problem = problem_free.subset(active)
         new_state, info = _step(inner, state, problem, False, t)
         _check_elbo(inner, info.elbo, t, record_history)
         _check_slots(inner, new_state.slots, t)
@@ -282,7 +306,7 @@ def run_inner(
                     for f, a in zip(full.aux, new_state.aux)
                 ),
             )
-        frozen_elbo = trace.history[-1] if trace.history else None
+        frozen_elbo = trace.history[-1] if trace.history else pruned_at_start
         delta = trace.record(
             info.elbo, state.slots, new_state.slots, active, frozen_elbo, full.slots
         )
@@ -348,6 +372,15 @@ def run_inner(
         resp = None
         if responsibilities and getattr(model, "assignment_site", None) is not None:
             final, resp = final_problem.elbo_and_responsibilities(slots_final)
+        elif pruned is not None and pruned[0].numel() > 0:
+            # A pruned restart sits where its ELBO was evaluated: only the others are needed.
+            others = torch.ones(batch, dtype=torch.bool, device=steps.device)
+            others[pruned[0]] = False
+            others = others.nonzero().flatten()
+            final = pruned[1].new_empty(batch).index_copy_(0, pruned[0], pruned[1])
+            if others.numel() > 0:
+                part = InnerProblem(model, x_free[others], estimator).elbo(slots_final[others])
+                final.index_copy_(0, others, part.to(final.dtype))
         else:
             final = final_problem.elbo(slots_final)
     _check_elbo(inner, final, t)
@@ -380,6 +413,30 @@ def run_inner(
         x_enc=x_enc,
         state=_map_state(one, state),
     )
+
+
+def _best_restarts(problem, state, active, frozen_elbo, batch: int, num_restarts: int):
+    """Which of the running rows ``active`` (``None``: all ``batch`` rows) is its datapoint's
+    best restart.
+
+    The running rows' ELBO is evaluated at their slots; a frozen row competes with its last
+    recorded ELBO (``frozen_elbo``, over the whole batch). Rows are restart-major: row
+    ``r * n + i`` is restart ``r`` of datapoint ``i``.
+
+    :returns: ``(keep, elbo)``: a mask and the ELBO, both over the running rows.
+    """
+    with torch.no_grad():
+        elbo = problem.elbo(state.slots).detach()
+    if active is None:
+        current = elbo
+    else:
+        current = frozen_elbo.index_copy(0, active, elbo.to(frozen_elbo.dtype))
+    per_datapoint = batch // num_restarts
+    winner = current.reshape(num_restarts, per_datapoint).argmax(0) * per_datapoint
+    winner = winner + torch.arange(per_datapoint, device=winner.device)
+    is_winner = torch.zeros(batch, dtype=torch.bool, device=winner.device)
+    is_winner[winner] = True
+    return (is_winner if active is None else is_winner[active]), elbo
 
 
 # --------------------------------------------------------------------------- refine
@@ -436,6 +493,7 @@ def refine(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     num_restarts: int = 1,
+    keep_best_after: int | None = None,
     tol: float | None = None,
     elbo_tol: float | None = None,
     keep_trajectory: bool = False,
@@ -468,6 +526,14 @@ def refine(
     :param init: a :class:`~pyro_slots.init.SlotInitializer` to draw λ_0 from.
     :param int seed: seed of the slot initialization (or pass ``generator``).
     :param int num_restarts: R independent initializations per datapoint, run side by side.
+    :param int keep_best_after: prune the restarts after this many steps: at λ_t, t =
+        ``keep_best_after``, the ELBO of every restart is evaluated and only each datapoint's
+        best restart runs on; the others stay there, frozen as a converged datapoint is (their
+        ``steps`` is ``keep_best_after``, their final ELBO the one they were compared by). The
+        restarts then cost ``R`` times the first steps only, not the whole loop. For a rule
+        that ascends the ELBO monotonically (EM) :meth:`RefineResult.best` then returns the
+        restart that ran on; otherwise it returns whichever ended highest. Needs
+        ``num_restarts > 1`` and ``0 <= keep_best_after < num_steps``.
     :param float tol: stop a datapoint once its residual ``‖λ_{t+1} - λ_t‖`` is below ``tol``;
         later steps run on the datapoints still active only (:func:`run_inner`).
     :param float elbo_tol: stop a datapoint once its ELBO changed by less than ``elbo_tol`` per
@@ -513,6 +579,17 @@ def refine(
     inner.check_model(model)
     num_steps = check_positive_int(inner.num_steps if num_steps is None else num_steps, "num_steps")
     num_restarts = check_positive_int(num_restarts, "num_restarts")
+    if keep_best_after is not None:
+        keep_best_after = check_positive_int(keep_best_after, "keep_best_after", minimum=0)
+        if num_restarts < 2:
+            raise ValueError(
+                f"keep_best_after: prunes restarts, expected num_restarts > 1, got {num_restarts}"
+            )
+        if keep_best_after >= num_steps:
+            raise ValueError(
+                f"keep_best_after: expected 0 <= keep_best_after < num_steps = {num_steps}, "
+                f"got {keep_best_after}"
+            )
     if tol is not None:
         tol = check_positive_float(tol, "tol")
     if elbo_tol is not None:
@@ -574,6 +651,8 @@ def refine(
         estimator=estimator,
         record_history=record_history,
         responsibilities=responsibilities,
+        num_restarts=num_restarts,
+        keep_best_after=keep_best_after,
     )
     if chunk_size is None and world_size == 1:
         result = run_inner(model, x_rep, inner, slots, num_steps, **options)

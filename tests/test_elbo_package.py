@@ -53,6 +53,9 @@ def test_make_estimator_builds_each_strategy_and_all_agree(float64):
         assert torch.allclose(elbo, expected, atol=1e-9)
         resp = torch.softmax(comp + logw.unsqueeze(-1), 1)  # (batch, K, M)
         assert torch.allclose(log_post.exp().reshape(3, 3, 20).movedim(0, 1), resp, atol=1e-9)
+        elbo, post = estimator.elbo_and_posterior(gmm, x, slots, "assignment", probs=True)
+        assert torch.allclose(elbo, expected, atol=1e-9)
+        assert torch.allclose(post.reshape(3, 3, 20).movedim(0, 1), resp, atol=1e-12)
 
 
 def test_interface_is_abstract():
@@ -291,7 +294,7 @@ def test_stable_logsumexp_parts_overwriting_its_input_matches_scipy():
     want = logsumexp(t.double().numpy(), axis=0)
     with torch.no_grad():
         scratch = t.clone()
-        lse, shifted, log_norm = stable_logsumexp_parts(scratch, 0, overwrite=True)
+        lse, shifted, log_norm, _, _ = stable_logsumexp_parts(scratch, 0, overwrite=True)
     assert shifted.data_ptr() == scratch.data_ptr()
     leaf = t.clone().requires_grad_()
     lse_graph = stable_logsumexp_parts(leaf, 0, overwrite=True)[0]  # a graph: never in place

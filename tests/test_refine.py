@@ -29,6 +29,13 @@ class SpyRule(EM):
         (torch.randn(2, 5, 2), {"num_slots": 0}, "num_slots: expected an integer >= 1"),
         (torch.randn(2, 5, 2), {"num_steps": 0}, "num_steps: expected an integer >= 1"),
         (torch.randn(2, 5, 2), {"num_restarts": -1}, "num_restarts"),
+        (torch.randn(2, 5, 2), {"keep_best_after": 1}, "keep_best_after: .* num_restarts > 1"),
+        (
+            torch.randn(2, 5, 2),
+            {"keep_best_after": 3, "num_restarts": 2},
+            r"keep_best_after: expected 0 <= keep_best_after < num_steps = 3, got 3",
+        ),
+        (torch.randn(2, 5, 2), {"keep_best_after": -1, "num_restarts": 2}, "keep_best_after"),
         (torch.randn(2, 5, 2), {"tol": -1.0}, "tol: expected a finite number > 0"),
         (torch.randn(2, 5, 2), {"slots": torch.randn(2, 3, 4)}, r"slots: expected shape \(1, 2,"),
         (torch.randn(2, 5, 2), {"slots": torch.randn(3, 3, 5)}, r"slots: .* got \(3, 3, 5\)"),
@@ -105,6 +112,40 @@ def test_restarts_are_independent_and_best_picks_max(float64):
         res.select(3)
     with pytest.raises(ValueError, match=r"index: expected restarts in \[0, 3\)"):
         res.select(torch.tensor([0, 1, 3, 0]))
+
+
+@pytest.mark.parametrize("after", [0, 2])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_keep_best_after_is_best_of_the_first_steps_then_that_restart_alone(
+    float64, after, chunk_size
+):
+    x, _ = make_point_sets(5, 30, seed=3)
+    gmm = GaussianMixture(3, 2, init_lloyd_steps=0)
+    pruned = ps.refine(
+        gmm, x, EM(6), seed=2, num_restarts=4, keep_best_after=after, chunk_size=chunk_size
+    )
+    # Independent answer, in two calls: every restart for `after` steps, the best one by its
+    # ELBO there, then that restart alone for the remaining steps.
+    full = ps.refine(gmm, x, EM(6), seed=2, num_restarts=4, keep_trajectory=True)
+    at = full.history[after]  # (R, batch): the ELBO at λ_after
+    winner = at.argmax(0)
+    rest = ps.refine(gmm, x, EM(6 - after), slots=full.trajectory[after][winner, range(5)])
+    rows = torch.arange(5)
+    assert torch.allclose(pruned.slots[winner, rows], rest.slots[0], atol=1e-10)
+    assert torch.allclose(pruned.elbo[winner, rows], rest.elbo[0], atol=1e-10)
+    assert torch.equal(pruned.steps[winner, rows], torch.full((5,), 6))
+    losers = torch.ones(4, 5, dtype=torch.bool)
+    losers[winner, rows] = False
+    # A pruned restart stays at λ_after: its slots, its final ELBO (the one it lost by), steps.
+    assert torch.allclose(
+        pruned.slots[losers], torch.stack(full.trajectory)[after][losers], atol=1e-12
+    )
+    assert torch.allclose(pruned.elbo[losers], at[losers], atol=1e-10)
+    assert torch.equal(pruned.steps[losers], torch.full((15,), after))
+    assert torch.allclose(pruned.history[: after + 1], full.history[: after + 1], atol=1e-10)
+    # EM is monotone: best() ends where the restart that ran on ends (or at a tie with it, a
+    # restart that had converged to the same optimum, its components permuted).
+    assert torch.allclose(pruned.best().elbo[0], rest.elbo[0], atol=1e-10)
 
 
 def test_same_seed_same_result_and_history_starts_at_initial_elbo(float64):

@@ -127,6 +127,17 @@ def test_restarts_stay_together_in_a_chunk(monkeypatch):
     _assert_same(got.best(), want.best())
 
 
+def test_pruned_restarts_in_chunks_are_the_unchunked_result():
+    gmm, x = GaussianMixture(4, 2), _data()
+    kwargs = dict(seed=1, elbo_tol=1e-4, num_restarts=3, keep_best_after=2)
+    want = ps.refine(gmm, x, EM(60), **kwargs)
+    # Pruning froze two restarts of every datapoint at step 2; the third ran on, and stopped.
+    assert int((want.steps == 2).sum()) >= 2 * BATCH and int(want.steps.max()) > 2
+    got = ps.refine(gmm, x, EM(60), chunk_size=10, **kwargs)
+    _assert_same(got, want)
+    _assert_same(got.best(), want.best())
+
+
 def test_keep_trajectory_in_chunks():
     gmm, x = GaussianMixture(4, 2), _data()
     kwargs = dict(seed=2, elbo_tol=1e-4, num_restarts=2, keep_trajectory=True)

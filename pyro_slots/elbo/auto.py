@@ -100,13 +100,16 @@ class PerDatapointELBO(ELBOEstimator):
             return estimate.elbo
         return self.trace_enum(model, x, slots)
 
-    def elbo_and_posterior(self, model, x: torch.Tensor, slots: torch.Tensor, site: str):
+    def elbo_and_posterior(
+        self, model, x: torch.Tensor, slots: torch.Tensor, site: str, probs: bool = False
+    ):
         estimate = self._lean(model, x, slots)
-        log_post = None if estimate is None else estimate.log_posterior(site)
-        if log_post is not None:
-            return estimate.elbo, log_post
+        if estimate is not None:
+            post = estimate.posterior(site) if probs else estimate.log_posterior(site)
+            if post is not None:
+                return estimate.elbo, post
         # Several enumerated sites, or a program the lean estimator does not handle.
-        return self.trace_enum.elbo_and_posterior(model, x, slots, site)
+        return self.trace_enum.elbo_and_posterior(model, x, slots, site, probs=probs)
 
 
 def make_estimator(

@@ -37,9 +37,12 @@ class ELBOEstimator(ABC):
         """
 
     @abstractmethod
-    def elbo_and_posterior(self, model, x: torch.Tensor, slots: torch.Tensor, site: str):
+    def elbo_and_posterior(
+        self, model, x: torch.Tensor, slots: torch.Tensor, site: str, probs: bool = False
+    ):
         """``(elbo (batch,), log p(site | x, λ))`` for an enumerated ``site``.
 
         The log-posterior has the enumeration dimension first, then the site's plate
         dimensions, e.g. ``(num_slots, batch, measurements)`` for a mixture assignment.
+        With ``probs=True`` the posterior itself, ``p(site | x, λ)``, in the same layout.
         """

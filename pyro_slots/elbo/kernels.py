@@ -50,13 +50,15 @@ def stable_logsumexp(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Ten
     :param int dim: the reduced dimension.
     :returns: the log-sum-exp (``t``'s shape without ``dim``) and the log-softmax (``t``'s shape).
     """
-    lse, shifted, log_norm = stable_logsumexp_parts(t, dim)
+    lse, shifted, log_norm, _, _ = stable_logsumexp_parts(t, dim)
     return lse, shifted - log_norm
 
 
 def stable_logsumexp_parts(t: torch.Tensor, dim: int, overwrite: bool = False):
-    """``(logsumexp, t - max, log Σ exp(t - max))`` over ``dim``; the log-softmax is the
-    difference of the last two (formed only when a posterior is asked for).
+    """``(logsumexp, t - max, log Σ exp(t - max), exp(t - max), Σ exp(t - max))`` over
+    ``dim``; the log-softmax is the difference of the second and third, the softmax the fourth
+    over the fifth (formed only when a posterior is asked for: a division, where the
+    exponential of the log-softmax would cost a second pass of ``exp``).
 
     :param bool overwrite: ``t`` is the caller's temporary: where nothing is recorded for
         autograd, ``t - max`` is formed in its storage instead of a new tensor.
@@ -70,8 +72,9 @@ def stable_logsumexp_parts(t: torch.Tensor, dim: int, overwrite: bool = False):
     else:
         d = (t - m).clamp_min(-80.0)
         e = d.exp()
-    log_norm = e.sum(dim, keepdim=True).log_()
-    return (log_norm + m).squeeze(dim), d, log_norm
+    total = e.sum(dim, keepdim=True)
+    log_norm = total.log()
+    return (log_norm + m).squeeze(dim), d, log_norm, e, total
 
 
 def stable_softmax(

@@ -43,16 +43,24 @@ class LeanEstimate(NamedTuple):
 
     #: ELBO of each datapoint, ``(batch,)``.
     elbo: torch.Tensor
-    #: The enumerated site and ``(t - max, log Σ exp(t - max))`` over its enumeration dimension,
-    #: the log-posterior's two parts; subtracted only when the posterior is asked for.
+    #: The enumerated site and ``(t - max, log Σ exp(t - max), exp(t - max), Σ exp(t - max))``
+    #: over its enumeration dimension, the posterior's parts; combined only when asked for.
     posterior_parts: tuple | None = None
 
     def log_posterior(self, site: str) -> torch.Tensor | None:
         """``log p(site | x)`` with the enumeration dimension first, or ``None``."""
         if self.posterior_parts is None or self.posterior_parts[0] != site:
             return None
-        _, shifted, log_norm = self.posterior_parts
+        _, shifted, log_norm, _, _ = self.posterior_parts
         return shifted - log_norm
+
+    def posterior(self, site: str) -> torch.Tensor | None:
+        """``p(site | x)`` with the enumeration dimension first, or ``None``: the exponentials
+        the log-sum-exp computed anyway over their sum (no second pass of ``exp``)."""
+        if self.posterior_parts is None or self.posterior_parts[0] != site:
+            return None
+        _, _, _, exp_shifted, exp_sum = self.posterior_parts
+        return exp_shifted / exp_sum
 
 
 class ValidatedObservations:
@@ -212,9 +220,11 @@ class LeanEstimator(ELBOEstimator):
     def __call__(self, model, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         return self._checked(model, x, slots).elbo
 
-    def elbo_and_posterior(self, model, x: torch.Tensor, slots: torch.Tensor, site: str):
+    def elbo_and_posterior(
+        self, model, x: torch.Tensor, slots: torch.Tensor, site: str, probs: bool = False
+    ):
         estimate = self._checked(model, x, slots)
-        log_post = estimate.log_posterior(site)
+        log_post = estimate.posterior(site) if probs else estimate.log_posterior(site)
         if log_post is None:
             raise ValueError(
                 f"site: the lean estimator yields the posterior of one group of enumerated "
@@ -318,9 +328,14 @@ class LeanEstimator(ELBOEstimator):
             flat = joint.reshape(-1, *shape[lead:])
             # A sum of several terms is this function's own tensor: shifted in place.
             owned = len(enum_terms) > 1
-            lse, shifted, log_norm = stable_logsumexp_parts(flat, 0, overwrite=owned)
+            lse, shifted, log_norm, exp_shifted, exp_sum = stable_logsumexp_parts(
+                flat, 0, overwrite=owned
+            )
             if len(enum_sites) == 1:
-                posterior_parts = (enum_sites[0], shifted.reshape(shape), log_norm)
+                posterior_parts = (
+                    enum_sites[0], shifted.reshape(shape), log_norm, exp_shifted.reshape(shape),
+                    exp_sum,
+                )  # fmt: skip
             total = _add(total, _reduce_plates(lse, enum_frames, batch_plate, batch))
         if total is None:
             raise LeanFallback

@@ -68,9 +68,12 @@ class TraceEnumEstimator(ELBOEstimator):
             total = value if total is None else total + value
         return total / self.num_particles
 
-    def elbo_and_posterior(self, model, x: torch.Tensor, slots: torch.Tensor, site: str):
+    def elbo_and_posterior(
+        self, model, x: torch.Tensor, slots: torch.Tensor, site: str, probs: bool = False
+    ):
         elbo = self(model, x, slots)
-        return elbo, self.log_posterior(model, x, slots, site)
+        log_post = self.log_posterior(model, x, slots, site)
+        return elbo, (log_post.exp() if probs else log_post)
 
     def log_posterior(self, model, x: torch.Tensor, slots: torch.Tensor, site: str):
         """``log p(site | x, λ)`` from ``TraceEnum_ELBO.compute_marginals``, the enumeration

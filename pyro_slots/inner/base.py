@@ -142,9 +142,11 @@ class InnerProblem:
                 f"{type(self.model).__name__} declares no assignment_site (the enumerated "
                 "sample site of the slot assignments)"
             )
-        elbo, log_post = self.estimator.elbo_and_posterior(self.model, self.x, slots, site)
+        elbo, post = self.estimator.elbo_and_posterior(
+            self.model, self.x, slots, site, probs=True
+        )
         batch, num_points = self.x.shape[:2]
-        resp = log_post.exp().reshape(slots.shape[1], batch, num_points).movedim(0, 1)
+        resp = post.reshape(slots.shape[1], batch, num_points).movedim(0, 1)
         return elbo, resp
 
     def elbo_and_grad(self, slots: torch.Tensor, create_graph: bool = False):

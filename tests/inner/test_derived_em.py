@@ -276,3 +276,19 @@ def test_unrolled_gradient_of_generalized_em_matches_finite_differences(float64)
         with torch.no_grad():
             fd = (loss(plus) - loss(minus)) / (2 * eps)
         assert grad[i, j].item() == pytest.approx(fd.item(), rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("features", [2, 16])
+def test_weighted_sums_are_numpys_and_differentiable(float64, features):
+    from pyro_slots.inner.mstep import FEATURE_MAJOR_MAX, weighted_sums
+
+    g = torch.Generator().manual_seed(features)
+    resp = torch.rand(3, 4, 11, generator=g, dtype=torch.float64)
+    values = torch.randn(3, 11, features, generator=g, dtype=torch.float64)
+    want = np.einsum("bkm,bme->bke", resp.numpy(), values.numpy())
+    got = weighted_sums(resp, values)
+    assert (features < FEATURE_MAJOR_MAX) == (features == 2)  # both layouts are exercised
+    assert np.abs(got.numpy() - want).max() < 1e-12
+    assert torch.autograd.gradcheck(
+        weighted_sums, (resp.requires_grad_(), values.requires_grad_()), eps=1e-6
+    )
