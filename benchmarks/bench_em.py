@@ -132,7 +132,8 @@ def main(args):
          "-", "-", "-"]
     )  # fmt: skip
     table = markdown_table(
-        ["method", "restarts", "best kept after step", "Lloyd steps", "wall s", "ms / set", "log-lik / point", "vs sklearn (mean)",
+        ["method", "restarts", "best kept after step", "Lloyd steps", "wall s", "ms / set",
+         "log-lik / point", "vs sklearn (mean)",
          f"sets worse by > {args.worse_by}", "worst set vs sklearn", "EM steps", "× sklearn"],
         rows,
     )  # fmt: skip

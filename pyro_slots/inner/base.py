@@ -142,9 +142,7 @@ class InnerProblem:
                 f"{type(self.model).__name__} declares no assignment_site (the enumerated "
                 "sample site of the slot assignments)"
             )
-        elbo, post = self.estimator.elbo_and_posterior(
-            self.model, self.x, slots, site, probs=True
-        )
+        elbo, post = self.estimator.elbo_and_posterior(self.model, self.x, slots, site, probs=True)
         batch, num_points = self.x.shape[:2]
         resp = post.reshape(slots.shape[1], batch, num_points).movedim(0, 1)
         return elbo, resp
