@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .elbo import ELBOEstimator
-from .inner.base import InnerProblem, InnerRule, InnerState
+from .inner.base import InnerProblem, InnerRule, InnerState, versioned
 from .validation import (
     check_data,
     check_finite,
@@ -256,7 +256,7 @@ def run_inner(
     free_steps = num_steps - backprop_steps
     problem_graph = InnerProblem(model, x_enc, estimator, record_history, rows, num_rows)
     # The same tensor when there is no graph: what the estimator checked about it holds.
-    x_free = x_enc.detach() if x_enc.requires_grad else x_enc
+    x_free = versioned(x_enc.detach() if x_enc.requires_grad else x_enc)
     problem_free = InnerProblem(model, x_free, estimator, record_history, rows, num_rows)
     problem = problem_free
     state = inner.init(problem_graph if free_steps <= 0 else problem, slots)

@@ -286,6 +286,30 @@ def test_refine_shares_the_default_estimator_and_checks_a_program_once(monkeypat
     assert len(full_runs) == 2 * 4  # three EM steps and the final ELBO per call, all lean
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_observations_are_checked_once_per_active_set_also_under_inference_mode(monkeypatch, mode):
+    """Under inference_mode the loop's batch (the restarts' repeat, the stopped datapoints'
+    subsets) keeps a version counter, so its support check is remembered as under no_grad:
+    one check per distinct observed tensor, not one per step."""
+    from pyro_slots import _pyro_compat as compat
+
+    x, _ = make_point_sets(6, 40, seed=0)
+    x = x + 0.0  # a tensor no other test's estimator has seen
+    checks = []
+    original = compat.validate_sample
+    monkeypatch.setattr(
+        compat, "validate_sample", lambda fn, v: checks.append(v.shape) or original(fn, v)
+    )
+    with mode():
+        result = ps.refine(GaussianMixture(3, 2), x, EM(8), seed=0, num_restarts=2, elbo_tol=1e-2)
+    steps = result.steps.flatten().tolist()
+    # The active set changes each time some datapoints stop, except the last time, when all
+    # have stopped: one tensor per distinct step count, the first the whole (2 * 6)-row batch.
+    assert len(set(steps)) > 1
+    assert len(checks) == len(set(steps))
+    assert checks[0] == (12, 40, 2)
+
+
 @pytest.mark.parametrize("kind", ["em", "soft-kmeans", "slot-attention", "safeguarded", "reinit"])
 def test_refine_under_inference_mode_equals_no_grad(kind):
     """Gradient-free rules run under ``torch.inference_mode`` (tensors without version

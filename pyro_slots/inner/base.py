@@ -45,6 +45,21 @@ class StepInfo(NamedTuple):
     responsibilities: torch.Tensor | None = None
 
 
+def versioned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or where it is an inference tensor (made under :func:`torch.inference_mode`, no
+    version counter) a copy made outside inference mode.
+
+    The estimator remembers that an observed tensor passed its support check for as long as its
+    version is unchanged (:class:`~pyro_slots.elbo.ValidatedObservations`); an inference tensor
+    is checked again at every evaluation, about a fifth of an EM step on point sets.
+    """
+    if not t.is_inference():
+        return t
+    grad = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
+        return t.clone()
+
+
 class InnerProblem:
     """The inner objective of one batch: ``λ ↦ L(x̃^n, λ^n)`` for every datapoint ``n``.
 
@@ -103,9 +118,13 @@ class InnerProblem:
         """The problem of the datapoints ``index`` (an index tensor into this batch), keeping
         where they sit in the batch of draws."""
         rows = index if self.rows is None else self.rows[index]
-        return InnerProblem(
-            self.model, self.x[index], self.estimator, self.record_history, rows, self.num_rows
-        )
+        if self.x.is_inference():
+            x = self.x[index]
+        else:  # a tensor with a version counter stays one (see versioned)
+            grad = torch.is_grad_enabled()
+            with torch.inference_mode(False), torch.set_grad_enabled(grad):
+                x = self.x[index]
+        return InnerProblem(self.model, x, self.estimator, self.record_history, rows, self.num_rows)
 
     def draw_rows(self, draw: torch.Tensor) -> torch.Tensor:
         """This problem's rows of ``draw``, a draw for the whole batch ``(num_rows, ...)``."""
