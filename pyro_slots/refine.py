@@ -256,7 +256,7 @@ def run_inner(
     free_steps = num_steps - backprop_steps
     problem_graph = InnerProblem(model, x_enc, estimator, record_history, rows, num_rows)
     # The same tensor when there is no graph: what the estimator checked about it holds.
-    x_free = versioned(x_enc.detach() if x_enc.requires_grad else x_enc)
+    x_free = versioned(None, x_enc.detach() if x_enc.requires_grad else x_enc)
     problem_free = InnerProblem(model, x_free, estimator, record_history, rows, num_rows)
     problem = problem_free
     state = inner.init(problem_graph if free_steps <= 0 else problem, slots)
@@ -630,7 +630,7 @@ def refine(
         if num_slots is None:
             raise ValueError("num_slots: required, since the model has no default num_slots")
         num_slots = check_positive_int(num_slots, "num_slots")
-    x_rep = x_enc.repeat(num_restarts, 1, 1) if num_restarts > 1 else x_enc
+    x_rep = versioned(lambda t: t.repeat(num_restarts, 1, 1), x_enc) if num_restarts > 1 else x_enc
     start, stop = _shard(batch, world_size, rank)
     rows = None  # a rank's λ_0 only: its datapoints' rows r * batch + i of every restart r
     if world_size > 1:
@@ -764,7 +764,7 @@ def _run_chunks(
     for lo in range(start, stop, chunk_size):
         hi = min(lo + chunk_size, stop)
         x = x_enc[lo:hi]
-        x_rep = x.repeat(num_restarts, 1, 1) if num_restarts > 1 else x
+        x_rep = versioned(lambda t: t.repeat(num_restarts, 1, 1), x) if num_restarts > 1 else x
         lam = slots[:, lo - start : hi - start].reshape(num_restarts * (hi - lo), *slots.shape[2:])
         # Where the chunk's rows sit in the batch of every datapoint and restart (restart-major,
         # as unchunked): a rule's random draws are those of the unchunked loop.

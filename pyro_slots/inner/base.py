@@ -45,19 +45,20 @@ class StepInfo(NamedTuple):
     responsibilities: torch.Tensor | None = None
 
 
-def versioned(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or where it is an inference tensor (made under :func:`torch.inference_mode`, no
-    version counter) a copy made outside inference mode.
+def versioned(fn, t: torch.Tensor) -> torch.Tensor:
+    """``fn(t)`` (an index or a repeat of ``t``; ``None``: ``t`` itself) as a tensor with a
+    version counter, also under :func:`torch.inference_mode`: computed outside it (grad mode
+    unchanged), and copied only where it would still be an inference tensor.
 
     The estimator remembers that an observed tensor passed its support check for as long as its
     version is unchanged (:class:`~pyro_slots.elbo.ValidatedObservations`); an inference tensor
-    is checked again at every evaluation, about a fifth of an EM step on point sets.
+    has no version and is checked again at every evaluation, about a fifth of an EM step on
+    point sets.
     """
-    if not t.is_inference():
-        return t
     grad = torch.is_grad_enabled()
     with torch.inference_mode(False), torch.set_grad_enabled(grad):
-        return t.clone()
+        out = t if fn is None else fn(t)
+        return out.clone() if out.is_inference() else out
 
 
 class InnerProblem:
@@ -118,12 +119,7 @@ class InnerProblem:
         """The problem of the datapoints ``index`` (an index tensor into this batch), keeping
         where they sit in the batch of draws."""
         rows = index if self.rows is None else self.rows[index]
-        if self.x.is_inference():
-            x = self.x[index]
-        else:  # a tensor with a version counter stays one (see versioned)
-            grad = torch.is_grad_enabled()
-            with torch.inference_mode(False), torch.set_grad_enabled(grad):
-                x = self.x[index]
+        x = versioned(lambda t: t[index], self.x)
         return InnerProblem(self.model, x, self.estimator, self.record_history, rows, self.num_rows)
 
     def draw_rows(self, draw: torch.Tensor) -> torch.Tensor:
