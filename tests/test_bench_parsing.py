@@ -34,3 +34,21 @@ def test_time_to_fg_ari_is_the_first_record_at_or_above_the_threshold(tmp_path, 
         "tet-s2: update 500 (FG-ARI 0.950; no clock); tet-s3: no validation records kept"
     )
     assert "tet-s0: not reached in 320 s" in bench_end_to_end.wall_time_to_fg_ari(0.95)
+
+
+def test_em_benchmark_configurations_parse_and_bad_ones_are_named():
+    """``R[:S[:L]]``: restarts, the step after which the best is kept (``-``: never) and the
+    Lloyd steps (default 10, as the benchmark's rows without one)."""
+    import argparse
+
+    import pytest
+
+    from benchmarks.bench_em import parse, parse_config
+
+    assert parse_config("8") == (8, None, 10)
+    assert parse_config("6:1:0") == (6, 1, 0)
+    assert parse_config("6:-:3") == (6, None, 3)
+    for bad in ("6:x", "1:2:3:4", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="--configs"):
+            parse_config(bad)
+    assert parse([]).configs == ["1", "8", "6:1:1", "6:1:0"]
