@@ -385,7 +385,7 @@ def run_inner(
             final = final_problem.elbo(slots_final)
     _check_elbo(inner, final, t)
     history = trace.history + [final]
-    if stopping and t > 0:
+    if (stopping or pruned is not None) and t > 0:
         # A frozen datapoint sits at λ_{steps_n} from then on: its ELBO is the final one.
         history = torch.stack(history)
         rows = torch.arange(t + 1, device=history.device).unsqueeze(1)

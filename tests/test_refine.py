@@ -119,7 +119,9 @@ def test_restarts_are_independent_and_best_picks_max(float64):
 def test_keep_best_after_is_best_of_the_first_steps_then_that_restart_alone(
     float64, after, chunk_size
 ):
-    x, _ = make_point_sets(5, 30, seed=3)
+    # Overlapping clusters: every restart's ELBO still moves at every step (checked below), so
+    # a record of the wrong step would show.
+    x, _ = make_point_sets(5, 60, num_components=4, seed=3, spread=1.0)
     gmm = GaussianMixture(3, 2, init_lloyd_steps=0)
     pruned = ps.refine(
         gmm, x, EM(6), seed=2, num_restarts=4, keep_best_after=after, chunk_size=chunk_size
@@ -127,6 +129,7 @@ def test_keep_best_after_is_best_of_the_first_steps_then_that_restart_alone(
     # Independent answer, in two calls: every restart for `after` steps, the best one by its
     # ELBO there, then that restart alone for the remaining steps.
     full = ps.refine(gmm, x, EM(6), seed=2, num_restarts=4, keep_trajectory=True)
+    assert bool(((full.history[1:] - full.history[:-1]).abs() > 1e-3).all())
     at = full.history[after]  # (R, batch): the ELBO at λ_after
     winner = at.argmax(0)
     rest = ps.refine(gmm, x, EM(6 - after), slots=full.trajectory[after][winner, range(5)])
@@ -143,6 +146,9 @@ def test_keep_best_after_is_best_of_the_first_steps_then_that_restart_alone(
     assert torch.allclose(pruned.elbo[losers], at[losers], atol=1e-10)
     assert torch.equal(pruned.steps[losers], torch.full((15,), after))
     assert torch.allclose(pruned.history[: after + 1], full.history[: after + 1], atol=1e-10)
+    # ... and its history repeats that ELBO from step `after` on, as a converged datapoint's.
+    history = pruned.history.permute(1, 2, 0)[losers]  # (15, T + 1)
+    assert torch.allclose(history[:, after:], at[losers].unsqueeze(1).expand(-1, 7 - after))
     # EM is monotone: best() ends where the restart that ran on ends (or at a tie with it, a
     # restart that had converged to the same optimum, its components permuted).
     assert torch.allclose(pruned.best().elbo[0], rest.elbo[0], atol=1e-10)
