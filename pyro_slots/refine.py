@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -80,8 +81,9 @@ class RefineResult:
         return self.slots.shape[0]
 
     def best(self) -> RefineResult:
-        """The restart with the highest final ELBO for every datapoint (``R = 1`` afterwards)."""
-        return self.select(self.elbo.argmax(0))
+        """The restart with the highest final ELBO for every datapoint (``R = 1`` afterwards);
+        of restarts tied up to rounding the first (:func:`best_restart`)."""
+        return self.select(best_restart(self.elbo))
 
     def select(self, index) -> RefineResult:
         """Keep one restart per datapoint: ``index`` is an int (the same restart for every
@@ -415,6 +417,21 @@ def run_inner(
     )
 
 
+def best_restart(scores: torch.Tensor) -> torch.Tensor:
+    """``(batch,)`` index of the best of ``scores`` ``(restarts, batch)`` (an ELBO) per column;
+    of restarts tied up to rounding (within ``16 ε |best|``) the first.
+
+    Restarts that reach the same optimum have ELBOs equal but for the order of their sums'
+    roundings, which differs between devices and thread counts: a plain ``argmax`` then keeps
+    one restart on the CPU and another on a GPU. NaN never wins; all NaN: restart 0.
+    """
+    scores = scores.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    best = scores.amax(0)
+    eps = torch.finfo(scores.dtype).eps if scores.is_floating_point() else 0.0
+    tied = (scores >= best - 16 * eps * best.abs()) | (scores == best)
+    return (tied.cumsum(0) == 0).sum(0)
+
+
 def _best_restarts(problem, state, active, frozen_elbo, batch: int, num_restarts: int):
     """Which of the running rows ``active`` (``None``: all ``batch`` rows) is its datapoint's
     best restart.
@@ -432,7 +449,7 @@ def _best_restarts(problem, state, active, frozen_elbo, batch: int, num_restarts
     else:
         current = frozen_elbo.index_copy(0, active, elbo.to(frozen_elbo.dtype))
     per_datapoint = batch // num_restarts
-    winner = current.reshape(num_restarts, per_datapoint).argmax(0) * per_datapoint
+    winner = best_restart(current.reshape(num_restarts, per_datapoint)) * per_datapoint
     winner = winner + torch.arange(per_datapoint, device=winner.device)
     is_winner = torch.zeros(batch, dtype=torch.bool, device=winner.device)
     is_winner[winner] = True

@@ -19,7 +19,8 @@ def test_readme_api_example_runs_and_shapes_hold():
     assert tuple(result.history.shape) == (51, 4, 32)
     best = namespace["best"]
     assert tuple(best.slots.shape) == (1, 32, 4, 5)
-    assert torch.equal(best.elbo[0], result.elbo.max(0).values)
+    # the best restart, or one tied with it up to float32 rounding (16 ε, relative)
+    assert torch.allclose(best.elbo[0], result.elbo.max(0).values, rtol=2e-6, atol=0)
     # EM never lowers the ELBO; the learned step returned a finite task loss.
     assert (result.history.diff(dim=0) >= -1e-3 * result.history[:-1].abs()).all()
     assert torch.isfinite(torch.tensor(namespace["loss"]))

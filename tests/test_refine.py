@@ -5,7 +5,7 @@ import torch
 import pyro_slots as ps
 from pyro_slots.inner import EM, GradientAscent, InnerRule, SoftKMeans
 from pyro_slots.models import GaussianMixture
-from pyro_slots.refine import run_inner
+from pyro_slots.refine import best_restart, run_inner
 from tests.conftest import gmm_responsibilities, make_point_sets
 
 
@@ -112,6 +112,38 @@ def test_restarts_are_independent_and_best_picks_max(float64):
         res.select(3)
     with pytest.raises(ValueError, match=r"index: expected restarts in \[0, 3\)"):
         res.select(torch.tensor([0, 1, 3, 0]))
+
+
+def test_best_restart_keeps_the_first_of_restarts_tied_up_to_rounding():
+    """Brute force: the first restart within 16 ε |best| of the column's best; NaN never wins."""
+    eps = torch.finfo(torch.float64).eps
+    scores = torch.tensor(
+        [
+            [-100.0, 1.0, float("nan"), -5.0, float("nan"), -float("inf")],
+            [-100.0 * (1 - 3 * eps), 2.0, 3.0, -5.0 + 1e-3, float("nan"), -float("inf")],
+            [-100.0 * (1 - 12 * eps), 2.0 * (1 + eps), 3.0, -4.0, float("nan"), -float("inf")],
+        ],
+        dtype=torch.float64,
+    )
+    # Column 0: restart 2 is the largest, 0 and 1 lie within 16 ε |best| below it; column 1:
+    # restarts 1 and 2 within it; column 2: NaN loses; 3: no ties; 4, 5: all NaN, all -inf.
+    assert best_restart(scores).tolist() == [0, 1, 1, 2, 0, 0]
+    assert scores[:, 0].argmax() == 2 and scores[:, 1].argmax() == 2
+
+
+def test_keep_best_after_and_best_keep_the_first_of_tied_restarts(float64):
+    """Restart 1 starts from restart 0's slots with the components permuted: the same ELBO but
+    for the order of the sums over K. Restart 0 is kept, whichever rounds higher (before, a
+    GPU kept the other one now and then)."""
+    x, _ = make_point_sets(6, 40, seed=4)
+    gmm = GaussianMixture(3, 2)
+    start = ps.refine(gmm, x, EM(1), seed=0).initial_slots[0]
+    slots = torch.stack([start, start[:, [2, 0, 1]], start + 0.5])
+    res = ps.refine(gmm, x, EM(8), slots=slots, num_restarts=3, keep_best_after=2)
+    assert torch.equal(res.steps[1], torch.full((6,), 2))  # the permuted copy is pruned
+    at = res.history[2]
+    assert bool((at[0] >= at[2]).all())  # (so restart 0 or 1 wins every datapoint)
+    assert torch.equal(res.best().slots[0], res.slots[0])
 
 
 @pytest.mark.parametrize("after", [0, 2])

@@ -48,6 +48,7 @@ from pyro_slots.metrics import (
     slot_keeping,
     video_fg_ari,
 )
+from pyro_slots.refine import best_restart
 
 from .config import ConfigError
 from .registry import (
@@ -351,7 +352,7 @@ def _infer(run, batch, inner_steps, restarts, criterion, carry, reinitialize) ->
         recon = c.model.reconstruct(c.model.encode(x), result.slots.flatten(0, 1), x_raw=x)
     size = batch.x.shape[0]
     mse = reconstruction_mse(x, recon).reshape(restarts, size)
-    return Inference(batch, result.select(mse.argmin(0)))
+    return Inference(batch, result.select(best_restart(-mse)))
 
 
 def on_device(batch: Batch, device: torch.device) -> Batch:

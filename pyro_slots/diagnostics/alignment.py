@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ..refine import best_restart
+
 __all__ = [
     "align_slots",
     "apply_permutation",
@@ -150,7 +152,7 @@ def _reference_index(reference, elbo, num_restarts: int, batch: int) -> np.ndarr
             raise ValueError(
                 f"elbo: expected shape ({num_restarts}, {batch}), got {tuple(elbo.shape)}"
             )
-        return elbo.detach().argmax(0).cpu().numpy()
+        return best_restart(elbo.detach()).cpu().numpy()
     if reference == "first":
         return np.zeros(batch, dtype=np.int64)
     if isinstance(reference, int | np.integer) and not isinstance(reference, bool):

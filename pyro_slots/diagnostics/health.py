@@ -29,6 +29,7 @@ from ..elbo import PerDatapointELBO
 from ..init import draw
 from ..inner.base import InnerProblem, InnerRule, InnerState
 from ..inner.reinit import duplicate_mask, posterior_masks
+from ..refine import best_restart
 from ..validation import CapabilityError, check_positive_float, check_positive_int
 from . import _traces
 from .inference_data import checked_result
@@ -334,7 +335,7 @@ def inner_loop_health(
     res = checked_result(result)
     duplicate_threshold = check_positive_float(duplicate_threshold, "duplicate_threshold")
     dead_threshold = check_positive_float(dead_threshold, "dead_threshold", allow_zero=True)
-    idx = res.elbo.argmax(0)  # the best restart of every datapoint
+    idx = best_restart(res.elbo)  # the best restart of every datapoint (as best())
     best = res.best()
     history = best.history[:, 0].detach()  # (T + 1, B)
     decrease = elbo_decreases(

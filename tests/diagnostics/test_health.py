@@ -88,7 +88,13 @@ def test_em_never_lowers_the_elbo(float64, point_sets):
     # At a well-separated optimum EM contracts: its Jacobian norm is below 1.
     assert (health.jacobian_norm < 1).all()
     assert (health.num_dead_slots == 0).all() and (health.num_duplicate_slots == 0).all()
-    assert health.restart.tolist() == result.elbo.argmax(0).tolist()
+    # The best restart of each set; of restarts at the same optimum (ELBOs equal to rounding,
+    # as both restarts of set 0 here) the first.
+    chosen = result.elbo[torch.as_tensor(health.restart), torch.arange(4)]
+    assert torch.allclose(chosen, result.elbo.max(0).values, rtol=1e-13, atol=0)
+    tied = (result.elbo[0] - result.elbo[1]).abs() <= 1e-13 * result.elbo[0].abs()
+    assert health.restart.tolist() == torch.where(tied, 0, result.elbo.argmax(0)).tolist()
+    assert bool(tied[0]) and result.elbo[1, 0] > result.elbo[0, 0]  # argmax would pick 1
     frame = health.to_dataframe()
     assert list(frame.index) == [0, 1, 2, 3]
 
