@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         metavar="DEVICE",
         help="cpu (default) or cuda: where the weights and data live (under torchrun, cuda is "
-        "each rank's GPU and the ranks talk over nccl, else gloo); the GPU path is untested",
+        "each rank's GPU and the ranks talk over nccl, else gloo)",
     )
 
     trained = argparse.ArgumentParser(add_help=False)  # evaluate and diagnose a run's weights
