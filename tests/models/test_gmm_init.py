@@ -209,3 +209,23 @@ def test_original_kmeans_plus_plus_draws_the_second_seed_with_probability_d2():
 def test_init_local_trials_must_be_a_positive_int():
     with pytest.raises(ValueError, match="init_local_trials"):
         GaussianMixture(4, 2, init_local_trials=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_slots", [2, 3, 4, 7, 16, 20])
+def test_nearest_center_is_numpy_argmin_with_ties_to_the_first(dtype, num_slots):
+    """k-means++'s assignment (the slot index packed into the distances' low bits, or ``min``
+    above 16 slots) against numpy's ``argmin``; exact ties (duplicated centers, zero distances)
+    go to the first slot as in ``argmin``."""
+    from pyro_slots.models.gmm import _cluster_counts, _nearest
+
+    g = torch.Generator().manual_seed(num_slots)
+    d = torch.rand(5, num_slots, 300, generator=g, dtype=torch.float64).to(dtype)
+    d[:, -1] = d[:, 0]  # a duplicated center: every point ties between slots 0 and K - 1
+    d[0, :, :10] = 0.0  # points that sit on every center
+    got = _nearest(d)
+    want = np.argmin(d.numpy(), axis=1)
+    np.testing.assert_array_equal(got.numpy(), want)
+    counts = _cluster_counts(got, num_slots, dtype)
+    brute = np.stack([(want == k).sum(1) for k in range(num_slots)], 1)[..., None]
+    np.testing.assert_array_equal(counts.numpy(), brute)
