@@ -328,3 +328,44 @@ def test_observed_values_are_validated_once_per_version_and_untouched():
     assert len(validated) == 0
     # Another estimator has its own record.
     assert len(PerDatapointELBO(strategy="lean").lean.validated) == 0
+
+
+_NAN_ROW = torch.randn(3, 4).index_put((torch.tensor([1]),), torch.tensor(float("nan")))
+_INFINITIES = torch.tensor([[float("inf"), -float("inf"), 0.0, 1.0]] * 3)
+
+
+def _normal(event=True):
+    fn = dist.Normal(torch.zeros(3, 4), 1.0)
+    return fn.to_event(1) if event else fn
+
+
+@pytest.mark.parametrize(
+    "fn, value",
+    [
+        (_normal(), torch.randn(3, 4)),
+        (_normal(), torch.randn(2, 3, 4)),  # broadcasts
+        (_normal(event=False), _NAN_ROW),
+        (_normal(), _INFINITIES),  # the sum is NaN, the values are real
+        (_normal(), torch.full((3, 4), 3e38)),  # the sum overflows to inf
+        (_normal(), torch.randn(3, 5)),  # event shape
+        (_normal(event=False), torch.randn(2, 4)),  # batch shape
+        (dist.Poisson(torch.ones(3)), torch.tensor([1.0, -1.0, 2.0])),  # not the real line
+        (dist.Poisson(torch.ones(3)), torch.tensor([1.0, 0.0, 2.0])),
+    ],
+)
+def test_check_observation_agrees_with_the_distributions_own_check(fn, value):
+    """The lean estimator's check of an observation (one sum for a real support) raises exactly
+    where the distribution's ``_validate_sample`` raises, with its message."""
+    from pyro_slots.elbo.lean import check_observation
+
+    try:
+        fn._validate_sample(value)
+        expected = None
+    except ValueError as e:
+        expected = str(e)
+    if expected is None:
+        check_observation(fn, value)
+    else:
+        with pytest.raises(ValueError) as info:
+            check_observation(fn, value)
+        assert str(info.value) == expected

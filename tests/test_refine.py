@@ -297,17 +297,18 @@ def test_refine_shares_the_default_estimator_and_checks_a_program_once(monkeypat
     data runs the distributions' argument checks and the observations' support check no more
     (before, every InnerProblem built its own estimator and repeated both), and the ELBO is
     unchanged."""
-    from pyro_slots import _pyro_compat as compat
     from pyro_slots.elbo import DEFAULT_ESTIMATOR
+    from pyro_slots.elbo import lean as lean_module
     from pyro_slots.inner.base import InnerProblem
 
     x, _ = make_point_sets(5, 30, num_components=3, seed=1)
     model = GaussianMixture(3, 2)
     assert InnerProblem(model, x).estimator is DEFAULT_ESTIMATOR
     checks, full_runs = [], []
-    original_check, original_estimate = compat.validate_sample, DEFAULT_ESTIMATOR.lean._estimate
+    original_check = lean_module.check_observation
+    original_estimate = DEFAULT_ESTIMATOR.lean._estimate
     monkeypatch.setattr(
-        compat, "validate_sample", lambda fn, v: checks.append(1) or original_check(fn, v)
+        lean_module, "check_observation", lambda fn, v: checks.append(1) or original_check(fn, v)
     )
 
     def estimate(model, x, slots, check_observed=False):
@@ -320,7 +321,7 @@ def test_refine_shares_the_default_estimator_and_checks_a_program_once(monkeypat
     second = ps.refine(model, x, EM(3), seed=0)
     assert torch.equal(first.elbo, second.elbo)
     assert sum(full_runs) == count[1] <= 1  # the program's argument checks: once at most
-    assert len(checks) == count[0]  # the observations' support: not checked again
+    assert len(checks) == count[0] >= 1  # the observations' support: not checked again
     assert len(full_runs) == 2 * 4  # three EM steps and the final ELBO per call, all lean
 
 
@@ -329,19 +330,19 @@ def test_observations_are_checked_once_per_active_set_also_under_inference_mode(
     """Under inference_mode the loop's batch (the restarts' repeat, the stopped datapoints'
     subsets) keeps a version counter, so its support check is remembered as under no_grad:
     one check per distinct observed tensor, not one per step."""
-    from pyro_slots import _pyro_compat as compat
+    from pyro_slots.elbo import lean as lean_module
 
     x, _ = make_point_sets(6, 40, seed=0)
     x = x + 0.0  # a tensor no other test's estimator has seen
     checks = []
-    original = compat.validate_sample
+    original = lean_module.check_observation
 
     def check(fn, value):
         if value.shape[1:] == (40, 2):  # the observations (not the enumerated assignments)
             checks.append(value.shape)
         return original(fn, value)
 
-    monkeypatch.setattr(compat, "validate_sample", check)
+    monkeypatch.setattr(lean_module, "check_observation", check)
     with mode():
         result = ps.refine(GaussianMixture(3, 2), x, EM(8), seed=0, num_restarts=2, elbo_tol=1e-2)
     steps = result.steps.flatten().tolist()

@@ -91,12 +91,43 @@ class ValidatedObservations:
         every call.
         """
         if value.is_inference():
-            compat.validate_sample(fn, value)
+            check_observation(fn, value)
             return
         key = (value._version, fn.batch_shape, fn.event_shape)
         if self._entries.get(value) != key:
-            compat.validate_sample(fn, value)
+            check_observation(fn, value)
             self._entries[value] = key
+
+
+def _real_support(fn) -> bool:
+    """Whether ``fn``'s support is the real line (``real``, or ``independent(real, n)``)."""
+    support = fn.support
+    while isinstance(support, dist.constraints.independent):
+        support = support.base_constraint
+    return support is dist.constraints.real
+
+
+def check_observation(fn, value: torch.Tensor) -> None:
+    """``fn``'s check of an observed ``value`` (its shape against ``fn``'s, then its support):
+    raises ``ValueError`` as the distribution's own check does.
+
+    For a real-valued support (every Normal's) the support check asks only that no entry is
+    NaN, which one sum answers: a NaN entry makes the sum NaN. Where the sum is NaN (a NaN, or
+    infinities of both signs) the distribution's own check runs and names the problem. A
+    comparison ``value == value`` and its ``all`` cost about 20 times that sum on the CPU (2 ms
+    for 1536 point sets of 500 points, where an EM step takes 17).
+    """
+    if not (_real_support(fn) and value.is_floating_point()):
+        compat.validate_sample(fn, value)
+        return
+    event_shape, batch_shape = fn.event_shape, fn.batch_shape
+    if value.shape[value.dim() - len(event_shape) :] != event_shape or any(
+        i != 1 and j != 1 and i != j
+        for i, j in zip(reversed(value.shape), reversed(batch_shape + event_shape))
+    ):
+        compat.validate_sample(fn, value)  # raises the shape error
+    if torch.isnan(value.sum()):
+        compat.validate_sample(fn, value)
 
 
 def _log_prob(fn, value, validated: ValidatedObservations, check: bool = False):
