@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 STEPS ?=
 
-.PHONY: venv install demo test test-slow lint format bench clean docs docs-fast
+.PHONY: venv install demo test test-slow test-gpu lint format bench clean docs docs-fast
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
+
+# The GPU path against the CPU's numbers (needs CUDA; skipped elsewhere, so not part of CI).
+test-gpu: $(STAMP)
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'test-gpu: CUDA is not available here (torch.cuda.is_available() is False)')"
+	$(PY) -m pytest -q tests/test_cuda.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pyro_slots models tests examples benchmarks docs
