@@ -20,7 +20,7 @@ from .validation import (
     process_group,
 )
 
-__all__ = ["InnerLoopError", "RefineResult", "refine", "refine_video", "run_inner"]
+__all__ = ["InnerLoopError", "RefineResult", "best_restart", "refine", "refine_video", "run_inner"]
 
 
 class InnerLoopError(FloatingPointError):
