@@ -339,16 +339,16 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int | None) -
             previous, nearest = nearest, _nearest(score.add_(squares).clamp_min_(0))  # (B, M)
             if step == lloyd_steps or (previous is not None and torch.equal(previous, nearest)):
                 break  # the assignment is a fixed point of Lloyd's iteration
-            counts = _cluster_counts(nearest, num_slots, xd.dtype)
+            counts = _cluster_counts(_flat_index(nearest, num_slots), batch, num_slots, xd.dtype)
             sums = _cluster_sums(xd, nearest, num_slots)
             centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
-    nk = _cluster_counts(nearest, num_slots, x.dtype)  # (B, K, 1)
+    flat = _flat_index(nearest, num_slots)  # (B, M): rows of loc.flatten(0, 1)
+    nk = _cluster_counts(flat, batch, num_slots, x.dtype)  # (B, K, 1)
     sums = _cluster_sums(x, nearest, num_slots)  # with gradients, as promised above
     # An empty cluster keeps its seed: its statistics come from the pooled data.
     loc = torch.where(nk > 0, sums / nk.clamp_min(1), centers)
     pooled = mean_and_variance(x)[1].expand(batch, num_slots, dim)
     # Squared deviation of every point from its own cluster's mean: O(B M D), no (B, K, M, D).
-    flat = nearest + num_slots * rows.unsqueeze(1)  # (B, M): rows of loc.flatten(0, 1)
     own = loc.flatten(0, 1).index_select(0, flat.flatten()).view(batch, num_points, dim)
     dev = x - own
     var = _cluster_sums(dev * dev, nearest, num_slots)
@@ -381,12 +381,17 @@ def _cluster_sums(values, nearest, num_slots: int):
     return values.new_zeros(batch, num_slots, dim).scatter_add(1, index, values)
 
 
-def _cluster_counts(nearest, num_slots: int, dtype):
-    """Cluster sizes ``(B, K, 1)`` of a hard assignment ``(B, M)``: one count over the flat
-    indices ``b K + k`` (a scatter over ``(B, M)`` costs 2-3 times more on the CPU)."""
-    batch = nearest.shape[0]
-    rows = torch.arange(batch, device=nearest.device).unsqueeze(1)
-    counts = torch.bincount((nearest + num_slots * rows).flatten(), minlength=batch * num_slots)
+def _flat_index(nearest, num_slots: int):
+    """``b K + k`` ``(B, M)`` of a hard assignment ``(B, M)``: rows of a ``(B K, ...)`` table."""
+    rows = torch.arange(nearest.shape[0], device=nearest.device).unsqueeze(1)
+    return nearest + num_slots * rows
+
+
+def _cluster_counts(flat, batch: int, num_slots: int, dtype):
+    """Cluster sizes ``(B, K, 1)`` from the flat indices ``b K + k`` of a hard assignment
+    (:func:`_flat_index`): one count (a scatter over ``(B, M)`` costs 2-3 times more on the
+    CPU)."""
+    counts = torch.bincount(flat.flatten(), minlength=batch * num_slots)
     return counts.view(batch, num_slots, 1).to(dtype)
 
 

@@ -336,7 +336,7 @@ def inner_loop_health(
     duplicate_threshold = check_positive_float(duplicate_threshold, "duplicate_threshold")
     dead_threshold = check_positive_float(dead_threshold, "dead_threshold", allow_zero=True)
     idx = best_restart(res.elbo)  # the best restart of every datapoint (as best())
-    best = res.best()
+    best = res.select(idx)
     history = best.history[:, 0].detach()  # (T + 1, B)
     decrease = elbo_decreases(
         history,

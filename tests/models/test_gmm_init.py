@@ -217,7 +217,7 @@ def test_nearest_center_is_numpy_argmin_with_ties_to_the_first(dtype, num_slots)
     """k-means++'s assignment (the slot index packed into the distances' low bits, or ``min``
     above 16 slots) against numpy's ``argmin``; exact ties (duplicated centers, zero distances)
     go to the first slot as in ``argmin``."""
-    from pyro_slots.models.gmm import _cluster_counts, _nearest
+    from pyro_slots.models.gmm import _cluster_counts, _flat_index, _nearest
 
     g = torch.Generator().manual_seed(num_slots)
     d = torch.rand(5, num_slots, 300, generator=g, dtype=torch.float64).to(dtype)
@@ -226,6 +226,6 @@ def test_nearest_center_is_numpy_argmin_with_ties_to_the_first(dtype, num_slots)
     got = _nearest(d)
     want = np.argmin(d.numpy(), axis=1)
     np.testing.assert_array_equal(got.numpy(), want)
-    counts = _cluster_counts(got, num_slots, dtype)
+    counts = _cluster_counts(_flat_index(got, num_slots), 5, num_slots, dtype)
     brute = np.stack([(want == k).sum(1) for k in range(num_slots)], 1)[..., None]
     np.testing.assert_array_equal(counts.numpy(), brute)
