@@ -44,7 +44,13 @@ from .config import (
 )
 from .demo import demo
 from .diagnose import diagnose
-from .evaluate import evaluate_run, evaluation_data, format_table, write_pictures
+from .evaluate import (
+    evaluate_run,
+    evaluation_data,
+    final_test_options,
+    format_table,
+    write_pictures,
+)
 from .registry import (
     DATASETS,
     INIT_KINDS,
@@ -230,36 +236,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--inner-steps",
         default=None,
         metavar="T[,T...]",
-        help="inner steps (default: as in training); several, e.g. 1,3,5,10,20, evaluate the "
+        help="inner steps (default: the run's final test's, eval_inner_steps, else the "
+        "training T; the defaults of --inner-steps, --restarts, --restart-criterion and "
+        "--reinitialize repeat the run's test.json); several, e.g. 1,3,5,10,20, evaluate the "
         "same data from the same initial slots at each T and print FG-ARI etc. against T",
     )
     evaluate.add_argument(
         "--restarts",
         type=int,
-        default=1,
+        default=None,
         metavar="R",
         help="restarts per datapoint, run side by side; one is kept (--restart-criterion) "
-        "(default: 1)",
+        "(default: the run's eval_restarts, 1 unless set)",
     )
     evaluate.add_argument(
         "--restart-criterion",
-        default="elbo",
+        default=None,
         choices=("elbo", "mse"),
         help="the restart a datapoint keeps: the highest inner ELBO or the lowest reconstruction "
-        "error (default: elbo)",
+        "error (default: the run's restart_criterion, elbo unless set)",
     )
-    evaluate.add_argument(
+    reinit = evaluate.add_mutually_exclusive_group()
+    reinit.add_argument(
         "--reinitialize",
         nargs="?",
         const=True,
-        default=False,
+        default=None,
         choices=REINITIALIZE_MASKS,
         metavar="MASKS",
         help="redraw dead and duplicate slots before every inner step at test time "
         "(pyro_slots.inner.Reinitialize around the trained rule, from the run's slot "
         "initializer), for a run trained without --reinitialize; MASKS judges them: decoder, "
         "posterior or attention (default: the run's --reinitialize-masks, else decoder for "
-        "image models)",
+        "image models). Default: as the run's test (eval_reinitialize)",
+    )
+    reinit.add_argument(
+        "--no-reinitialize",
+        dest="reinitialize",
+        action="store_const",
+        const=False,
+        help="no test-time re-initialization, also for a run whose test has it (eval_reinitialize)",
     )
     evaluate.add_argument(
         "--no-carry",
@@ -425,6 +441,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     path = weights_path(args.checkpoint, args.weights)
     run = load_run(path, {"tensorboard": False}, resolve_device(args.device))
     data = evaluation_data(run, args.dataset, args.num)  # checked before any work
+    # Unset options are the run's final test's: evaluate RUN repeats test.json.
+    options = final_test_options(
+        run.config,
+        restarts=args.restarts,
+        criterion=args.restart_criterion,
+        reinitialize=args.reinitialize,
+    )
     if args.pictures:
         writable_folder(args.pictures, "--pictures")
     sweep = [
@@ -432,11 +455,11 @@ def _evaluate(args: argparse.Namespace) -> int:
             run,
             dataset=data,
             inner_steps=t,
-            restarts=args.restarts,
+            restarts=options["restarts"],
             per_image=args.per_image,
-            criterion=args.restart_criterion,
+            criterion=options["criterion"],
             carry=not args.no_carry,
-            reinitialize=args.reinitialize,
+            reinitialize=options["reinitialize"],
         )
         for t in steps
     ]
@@ -455,9 +478,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             run,
             args.pictures,
             data=data,
-            inner_steps=steps[0],
-            restarts=args.restarts,
-            reinitialize=args.reinitialize,
+            inner_steps=steps[0] or options["inner_steps"],
+            restarts=options["restarts"],
+            reinitialize=options["reinitialize"],
         )
         for path in pictures:
             print(f"wrote {path}", file=note)

@@ -282,6 +282,30 @@ def evaluation_mode(module):
         module.train(training)
 
 
+def final_test_options(config, **given) -> dict:
+    """How the run's final test refines (``eval_inner_steps``, ``eval_restarts``,
+    ``restart_criterion``, ``eval_reinitialize``) as :func:`infer`'s ``inner_steps``,
+    ``restarts``, ``criterion`` and ``reinitialize``; an option in ``given`` that is not
+    ``None`` replaces the run's.
+
+    The one home of the test's procedure: the final test, the periodic validation with
+    ``validate_as_tested``, and ``pyro-slots evaluate`` by default, so that ``evaluate RUN``
+    repeats ``test.json``.
+    """
+    unknown = set(given) - {"inner_steps", "restarts", "criterion", "reinitialize"}
+    if unknown:
+        raise TypeError(f"final_test_options: unknown options {sorted(unknown)}")
+    options = dict(
+        inner_steps=config.eval_inner_steps,
+        restarts=config.eval_restarts,
+        criterion=config.restart_criterion,
+        # A run trained with --reinitialize re-initializes with its own rule: nothing to add.
+        reinitialize=config.eval_reinitialize and not config.reinitialize,
+    )
+    options.update({k: v for k, v in given.items() if v is not None})
+    return options
+
+
 def infer(
     run: TrainRun,
     batch: Batch | int,
@@ -563,13 +587,13 @@ def evaluate_run(
     dataset: str | EvalData | None = None,
     num: int | None = None,
     inner_steps: int | None = None,
-    restarts: int = 1,
+    restarts: int | None = None,
     per_image: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     chunk_size: int = CHUNK_SIZE,
-    criterion: str = "elbo",
+    criterion: str | None = None,
     carry: bool = True,
-    reinitialize: bool | str = False,
+    reinitialize: bool | str | None = None,
     weights: str | None = None,
 ) -> dict:
     """Metrics of a trained run on held-out or any data (a flat dict of numbers), the Python
@@ -587,14 +611,17 @@ def evaluate_run(
     :param dataset: a name, see :func:`evaluation_data` (default: the run's own held-out
         split), or the :class:`EvalData` it returned (``num`` is then ignored).
     :param int num: datapoints (see :func:`evaluation_data`).
-    :param int inner_steps: inner steps T (default: as in training).
+    :param int inner_steps: inner steps T. ``inner_steps``, ``restarts``, ``criterion`` and
+        ``reinitialize`` default to the run's final test (:func:`final_test_options`: its
+        ``eval_inner_steps``, else the training T, ...), so the defaults repeat ``test.json``.
     :param int restarts: restarts per datapoint, one kept by ``criterion``.
     :param str criterion: ``"elbo"`` or ``"mse"``, as :func:`infer`.
     :param per_image: a CSV file to write one row per datapoint into (:func:`write_per_image`).
     :param bool carry: clips: carry the slots from frame to frame (``False``: every frame
         starts afresh, the per-frame baseline of the same weights).
     :param reinitialize: re-initialize dead and duplicate slots at test time: ``True``, or
-        the kind of masks that judges them (:func:`infer`).
+        the kind of masks that judges them (:func:`infer`); ``False``: not even where the
+        run's test does (``eval_reinitialize``).
     :param int chunk_size: datapoints refined at once. The slot initialization of each chunk is
         drawn with the run's seed, so a datapoint's scores depend on its position within its
         chunk (and are reproducible for the same ``num`` and ``chunk_size``).
@@ -607,6 +634,15 @@ def evaluate_run(
         run = load_run(weights_path(run, weights), {"tensorboard": False}, resolve_device(device))
     elif weights is not None:
         raise ConfigError("weights: chooses a run folder's checkpoint; run is already loaded")
+    options = final_test_options(
+        run.config,
+        inner_steps=inner_steps,
+        restarts=restarts,
+        criterion=criterion,
+        reinitialize=reinitialize,
+    )
+    inner_steps, restarts = options["inner_steps"], options["restarts"]
+    criterion, reinitialize = options["criterion"], options["reinitialize"]
     restarts = count_option(restarts, "restarts")
     inner_steps = count_option(inner_steps, "inner_steps")
     chunk_size = count_option(chunk_size, "chunk_size")

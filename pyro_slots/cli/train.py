@@ -28,7 +28,7 @@ from pyro_slots.checkpoint import write_atomically
 from pyro_slots.plots.training import is_validation, read_metrics
 
 from .config import ConfigError, TrainConfig, save_config
-from .evaluate import chunked_metrics, validation_record, write_pictures
+from .evaluate import chunked_metrics, final_test_options, validation_record, write_pictures
 from .registry import int_list, objective_targets, reaches_init, resolve
 from .runs import (
     BEST_NAME,
@@ -338,20 +338,6 @@ def _best_so_far(config: TrainConfig) -> tuple[int, float] | None:
                     if best is None or record[key] > best[1]:
                         best = (record["step"], record[key])
     return best
-
-
-def final_test_options(config: TrainConfig) -> dict:
-    """How the final test refines: :func:`~pyro_slots.cli.evaluate.infer`'s ``inner_steps``,
-    ``restarts``, ``criterion`` and ``reinitialize`` (also the periodic validation's with
-    ``validate_as_tested``)."""
-    # A run trained with --reinitialize re-initializes with its own rule: nothing to add.
-    reinitialize = config.eval_reinitialize and not config.reinitialize
-    return dict(
-        inner_steps=config.eval_inner_steps,
-        restarts=config.eval_restarts,
-        criterion=config.restart_criterion,
-        reinitialize=reinitialize,
-    )
 
 
 def final_test(run: TrainRun) -> dict:

@@ -74,6 +74,39 @@ def test_final_test_scores_what_evaluate_scores(tmp_path, model):
     assert report["metrics"]["num_datapoints"] == 5 and report["metrics"]["inner_steps"] == 4
 
 
+def test_evaluate_defaults_repeat_the_final_test(tmp_path, capsys):
+    """Without options, ``evaluate_run(RUN)`` and ``pyro-slots evaluate RUN`` refine as the
+    run's final test did (its T, restarts, criterion and re-initialization), so they print
+    test.json's numbers; an option given replaces the test's, ``--no-reinitialize`` too."""
+    from pyro_slots.cli import main
+
+    run = _train(
+        tmp_path, test_size=4, eval_inner_steps=4, eval_restarts=2, restart_criterion="mse",
+        eval_reinitialize=True,
+    )  # fmt: skip
+    report = _test_report(run)
+    assert (report["inner_steps"], report["restarts"], report["reinitialize"]) == (4, 2, True)
+    default = evaluate_run(run.config.out, num=4)
+    assert (default["inner_steps"], default["restarts"]) == (4, 2)
+    assert (default["restart_criterion"], default["reinitialize"]) == ("mse", True)
+    for key in ("fg_ari", "ari", "mean_iou", "mse", "elbo", "J"):
+        assert default[key] == pytest.approx(report["metrics"][key], rel=1e-5, abs=1e-6), key
+    assert main(["evaluate", run.config.out, "--num", "4", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["mse"] == pytest.approx(report["metrics"]["mse"], rel=1e-5, abs=1e-6)
+    # Each option given replaces the test's: one restart at the training T, no re-drawing.
+    plain = evaluate_run(run.config.out, num=4, inner_steps=run.config.inner_steps, restarts=1,
+                         reinitialize=False)  # fmt: skip
+    assert (plain["inner_steps"], plain["restarts"]) == (run.config.inner_steps, 1)
+    assert "reinitialize" not in plain and "restart_criterion" not in plain
+    argv = ["evaluate", run.config.out, "--num", "4", "--json", "--restarts", "1",
+            "--inner-steps", str(run.config.inner_steps), "--no-reinitialize"]  # fmt: skip
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["mse"] == pytest.approx(plain["mse"], rel=1e-6)
+    assert printed["mse"] != pytest.approx(default["mse"], rel=1e-6)
+
+
 def test_select_best_keeps_and_tests_the_best_validation_weights(tmp_path):
     """best.pt is the checkpoint of the highest validation FG-ARI in metrics.jsonl; the final
     test scores its weights (and keeps the final weights' scores beside them)."""
