@@ -26,7 +26,11 @@ def point_sets(num_sets, num_points, num_components, dim, seed):
     means = 3.0 * torch.randn(num_sets, num_components, dim, generator=g, dtype=torch.float64)
     scales = 0.3 + 0.7 * torch.rand(num_sets, num_components, dim, generator=g, dtype=torch.float64)
     weights = torch.distributions.Dirichlet(torch.full((num_components,), 3.0, dtype=torch.float64))
-    w = weights.sample((num_sets,))
+    # Dirichlet.sample takes no generator: draw from torch's global stream seeded with `seed`,
+    # forked, so the sets depend on `seed` alone and the caller's stream is left as it was.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        w = weights.sample((num_sets,))
     z = torch.multinomial(w, num_points, replacement=True, generator=g)
     idx = z.unsqueeze(-1).expand(-1, -1, dim)
     x = torch.gather(means, 1, idx) + torch.gather(scales, 1, idx) * torch.randn(
@@ -60,7 +64,6 @@ def main(args):
     torch.set_num_threads(args.threads)
     # One process times both: the allocator setting holds for scikit-learn's loop as well.
     ps.tune_allocator()
-    torch.manual_seed(0)  # the Dirichlet draw of the mixing weights uses the global stream
     x, means, scales, w = point_sets(args.num_sets, args.num_points, args.num_components, 2, 0)
     rule = ps.inner.EM(args.max_steps)
     configs = [parse_config(c) for c in args.configs]

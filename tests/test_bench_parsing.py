@@ -52,3 +52,29 @@ def test_em_benchmark_configurations_parse_and_bad_ones_are_named():
         with pytest.raises(argparse.ArgumentTypeError, match="--configs"):
             parse_config(bad)
     assert parse([]).configs == ["1", "8", "6:1:1", "6:1:0"]
+
+
+def test_em_benchmark_point_sets_depend_on_their_seed_alone():
+    """The benchmark's sets are the same whatever state torch's global stream is in, and
+    drawing them leaves that state alone; the mixing weights are the Dirichlet draw of a
+    stream seeded with ``seed`` (recomputed here), every set's weights on the simplex."""
+    import torch
+
+    from benchmarks.bench_em import point_sets
+
+    torch.manual_seed(1)
+    first = point_sets(5, 20, 3, 2, seed=7)
+    torch.manual_seed(2)
+    second = point_sets(5, 20, 3, 2, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(point_sets(5, 20, 3, 2, seed=8)[0], first[0])
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    point_sets(5, 20, 3, 2, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(7)
+    expected = torch.distributions.Dirichlet(torch.full((3,), 3.0, dtype=torch.float64)).sample(
+        (5,)
+    )
+    assert torch.equal(first[3], expected)
+    assert torch.allclose(first[3].sum(-1), torch.ones(5, dtype=torch.float64))
