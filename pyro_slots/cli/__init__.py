@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="reinitialize",
         action="store_const",
         const=False,
-        help="no test-time re-initialization, also for a run whose test has it (eval_reinitialize)",
+        help="no test-time re-initialization added, also for a run whose test adds it "
+        "(eval_reinitialize); a run trained with --reinitialize keeps its own rule",
     )
     evaluate.add_argument(
         "--no-carry",
