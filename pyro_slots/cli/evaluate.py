@@ -282,25 +282,27 @@ def evaluation_mode(module):
         module.train(training)
 
 
-def final_test_options(config, **given) -> dict:
+def final_test_options(
+    config, inner_steps=None, restarts=None, criterion=None, reinitialize=None
+) -> dict:
     """How the run's final test refines (``eval_inner_steps``, ``eval_restarts``,
     ``restart_criterion``, ``eval_reinitialize``) as :func:`infer`'s ``inner_steps``,
-    ``restarts``, ``criterion`` and ``reinitialize``; an option in ``given`` that is not
-    ``None`` replaces the run's.
+    ``restarts``, ``criterion`` and ``reinitialize``; an option given (not ``None``) replaces
+    the run's.
 
     The one home of the test's procedure: the final test, the periodic validation with
     ``validate_as_tested``, and ``pyro-slots evaluate`` by default, so that ``evaluate RUN``
     repeats ``test.json``.
     """
-    unknown = set(given) - {"inner_steps", "restarts", "criterion", "reinitialize"}
-    if unknown:
-        raise TypeError(f"final_test_options: unknown options {sorted(unknown)}")
     options = dict(
         inner_steps=config.eval_inner_steps,
         restarts=config.eval_restarts,
         criterion=config.restart_criterion,
         # A run trained with --reinitialize re-initializes with its own rule: nothing to add.
         reinitialize=config.eval_reinitialize and not config.reinitialize,
+    )
+    given = dict(
+        inner_steps=inner_steps, restarts=restarts, criterion=criterion, reinitialize=reinitialize
     )
     options.update({k: v for k, v in given.items() if v is not None})
     return options
