@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="T",
-        help="inner steps (default: as in training)",
+        help="inner steps (default: as in the run's final test, eval_inner_steps, else as in "
+        "training)",
     )
     diagnose.add_argument(
         "--restarts", type=int, default=4, metavar="R", help="restarts per datapoint (default: 4)"

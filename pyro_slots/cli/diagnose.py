@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from .config import ConfigError
+from .evaluate import final_test_options
 from .runs import count_option, load_run, resolve_device, weights_path, writable_folder
 
 __all__ = ["DRAWS", "diagnose"]
@@ -36,7 +37,9 @@ def diagnose(
     :param checkpoint: a checkpoint file or a run folder.
     :param str out: the report folder (default: ``diagnostics`` next to the checkpoint).
     :param int num: held-out datapoints.
-    :param int inner_steps: inner steps (default: as in training).
+    :param int inner_steps: inner steps (default: the run's final test's, ``eval_inner_steps``,
+        else the training T; :func:`~pyro_slots.cli.evaluate.final_test_options`), so the
+        report diagnoses the inference whose scores ``test.json`` holds.
     :param int restarts: independent restarts per datapoint (chains for R-hat).
     :param str draws: posterior draws of the report, one of :data:`DRAWS`; ``"auto"`` lets
         :func:`~pyro_slots.diagnostics.write_report` choose unless the slots have more than
@@ -80,7 +83,8 @@ def diagnose(
         num_restarts=restarts,
         draws=draws,
         num_slots=run.config.num_slots,
-        num_steps=run.config.inner_steps if inner_steps is None else inner_steps,
+        num_steps=final_test_options(run.config, inner_steps=inner_steps)["inner_steps"]
+        or run.config.inner_steps,
         seed=run.config.seed,
         image_shape=_measurement_grid(c.model),
     )

@@ -118,6 +118,23 @@ def test_diagnose_writes_report(gmm_run, cli, tmp_path):
     assert "GaussianInit" in report
 
 
+def test_diagnose_defaults_to_the_final_tests_inner_steps(cli, tiny, tmp_path):
+    """A run tested at ``eval_inner_steps`` = 3 (trained at T = 5) is diagnosed at T = 3: its
+    ELBO trajectories hold λ_0..λ_3; ``inner_steps`` given replaces it."""
+    import arviz as az
+
+    from pyro_slots.cli import diagnose
+
+    run = tmp_path / "run"
+    cli("train", *tiny, "--eval-inner-steps", 3, "--out", run)
+    for given, expected in ((None, 3), (2, 2)):
+        out = diagnose(run, tmp_path / f"report-{given}", num=3, restarts=2, inner_steps=given)
+        history = az.from_netcdf(f"{out}/inference_data.nc").sample_stats["elbo_history"]
+        assert history.sizes["inner_step"] == expected + 1
+        report = (tmp_path / f"report-{given}" / "report.md").read_text()
+        assert f"inner steps: {expected}," in report
+
+
 def test_demo_gmm_prints_loglik_and_pictures(cli, tmp_path):
     proc = cli(
         "demo", "--model", "gmm", "--steps", 3, "--out", tmp_path, "--no-progress", "--threads", 1
