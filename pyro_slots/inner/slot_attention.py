@@ -51,6 +51,58 @@ def _versions(source: torch.Tensor, params: tuple) -> tuple:
     return tuple(None if t.is_inference() else t._version for t in (source, *params))
 
 
+class _InputsGradient:
+    """The gradient of inputs shared by several :class:`_AttendPool` calls, deferred.
+
+    The inner loop attends over the same normalized inputs ``n`` at every step, so autograd
+    would write one ``(batch, M, F)`` gradient per step and add them up, each addition another
+    pass over memory. Instead every step's backward leaves its two factors here (tagged with
+    the backward pass that made them), and :class:`_CollectInputsGradient` accumulates
+    ``Σ_t left_t^T right_t`` into one tensor inside the products (``baddbmm``) at the end.
+    (One product of the stacked factors, ``[left_1; ...]^T [right_1; ...]``, measured slower:
+    the BLAS is slow for that inner size.)
+    """
+
+    __slots__ = ("factors", "node")
+
+    def __init__(self):
+        self.factors = []  # (graph task id, left (batch, R, M), right (batch, R, F))
+        self.node = None  # the collecting node, once its token is made
+
+    def needed(self) -> bool:
+        """Whether the running backward pass reaches the inputs (else it wants no factors)."""
+        return torch._C._will_engine_execute_node(self.node)
+
+    def take(self, task: int):
+        """This backward pass's factors, removed (those of other passes stay)."""
+        mine = [f for f in self.factors if f[0] == task]
+        self.factors = [f for f in self.factors if f[0] != task]
+        return mine
+
+
+class _CollectInputsGradient(torch.autograd.Function):
+    """``token = 0``, a scalar made from the shared inputs ``n``: every :class:`_AttendPool`
+    over ``n`` takes it as an input, so autograd runs this backward after all of theirs and
+    it returns ``n``'s whole gradient from the factors they left in ``sink``."""
+
+    @staticmethod
+    def forward(ctx, n, sink):
+        ctx.sink = sink
+        ctx.set_materialize_grads(False)
+        return n.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        factors = ctx.sink.take(torch._C._current_graph_task_id())
+        if not factors:
+            return None, None
+        _, left, right = factors[0]
+        d_n = torch.bmm(left.transpose(1, 2), right)
+        for _, left, right in factors[1:]:
+            d_n.baddbmm_(left.transpose(1, 2), right)  # accumulated inside the product
+        return d_n, None
+
+
 class _AttendPool(torch.autograd.Function):
     r"""Slot-competitive attention over shared inputs and the attention-weighted sums, fused.
 
@@ -60,12 +112,14 @@ class _AttendPool(torch.autograd.Function):
     call, once transposed (from ``q n^T``), and then add the two ``(batch, M, F)`` tensors with
     strided reads: on the CPU that addition was half of a slot-attention step. Here it is one
     product of the stacked factors, ``dn = [dlogits; attn]^T [q; dpooled]``, written once and
-    contiguous. The backward is made of differentiable operations of saved inputs and outputs,
-    so double backward works.
+    contiguous; with a ``token`` of :class:`_CollectInputsGradient` the factors are left in its
+    ``sink`` instead, for one gradient over all the steps that share ``n``. The backward is made
+    of differentiable operations of saved inputs and outputs, so double backward works (a
+    backward that builds a graph computes ``dn`` here, not through the sink).
     """
 
     @staticmethod
-    def forward(ctx, q, n, eps):
+    def forward(ctx, q, n, eps, token=None, sink=None):
         batch, heads, num_slots, features = q.shape
         rows = heads * num_slots
         # Base-2 logits: the log2(e) goes on the (batch, rows, F) queries, and the softmax
@@ -79,7 +133,7 @@ class _AttendPool(torch.autograd.Function):
         # Only inputs and outputs keep their history for a double backward: p comes back from
         # the output, p = attn - eps (off by at most an ulp of eps, below the eps floor itself).
         ctx.save_for_backward(q, n, attn)
-        ctx.eps = eps
+        ctx.eps, ctx.sink = eps, sink
         ctx.set_materialize_grads(False)
         return attn, pooled.view(batch, heads, num_slots, features)
 
@@ -97,14 +151,20 @@ class _AttendPool(torch.autograd.Function):
             g = g + d_attn
         pg = p * g  # the softmax's backward, p (g - Σ_K p g)
         d_logits = torch.addcmul(pg, p, pg.sum(2, keepdim=True), value=-1).view(batch, rows, -1)
-        d_q = d_n = None
+        d_q = d_n = d_token = None
         if ctx.needs_input_grad[0]:
             d_q = torch.bmm(d_logits, n).view(q.shape)
-        if ctx.needs_input_grad[1]:
+        # A backward that builds a graph computes dn here, differentiably; else the sink does.
+        defer = ctx.sink is not None and not torch.is_grad_enabled()
+        if ctx.needs_input_grad[1] and (not defer or ctx.sink.needed()):
             left = torch.cat([d_logits, attn.view(batch, rows, -1)], dim=1)  # (batch, 2 rows, M)
             right = torch.cat([q.reshape(batch, rows, features), d_pooled], dim=1)
-            d_n = torch.bmm(left.transpose(1, 2), right)
-        return d_q, d_n, None
+            if defer:
+                ctx.sink.factors.append((torch._C._current_graph_task_id(), left, right))
+                d_token = q.new_zeros(())  # schedules the sink's product after this one
+            else:
+                d_n = torch.bmm(left.transpose(1, 2), right)
+        return d_q, d_n, None, d_token, None
 
 
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -201,7 +261,10 @@ class SlotAttention(InnerRule):
     The normalized inputs depend on ``x`` and the weights only, so they are computed once per
     :class:`~pyro_slots.inner.InnerProblem` and kept with it (an attribute of the problem, gone
     with it) for its later steps; they are recomputed whenever the weights or ``x`` change in
-    place or the grad mode differs.
+    place or the grad mode differs. Their gradient is accumulated over the steps that share
+    them inside the matrix products, into one tensor, instead of one ``(batch, M, features)``
+    tensor per step added up by autograd (a backward that builds a graph, for second
+    derivatives, keeps the per-step form).
 
     The weights do not depend on the number of slots, so ``refine(..., num_slots=K)`` may use
     another ``K`` than training. The rule is equivariant under permutations of the slots and
@@ -331,7 +394,7 @@ class SlotAttention(InnerRule):
         # The ELBO at λ_t is only a diagnostic (the history); no graph is needed for it.
         elbo = problem.history_elbo(slots)
         s = state.aux[0] + self.embed(slots) if self.translate else slots
-        attn, updates, pooled = self._attend(s, self.normalized_inputs(problem))
+        attn, updates, pooled = self._attend(s, *self._shared_inputs(problem))
         batch, num_slots, d = s.shape
         h = self.gru(updates.reshape(-1, d), s.reshape(-1, d)).reshape(batch, num_slots, d)
         h = h + self.mlp(self.norm_mlp(h))
@@ -353,6 +416,21 @@ class SlotAttention(InnerRule):
             p for m in (self.encoder, self.norm_inputs) if m is not None for p in m.parameters()
         )
         return self._derived(problem, "inputs", params, lambda: self._encode(problem.x))
+
+    def _shared_inputs(self, problem: InnerProblem):
+        """The normalized inputs, with the token and sink of their deferred gradient
+        (:class:`_InputsGradient`) when a backward will need it, kept with the problem."""
+        n = self.normalized_inputs(problem)
+        if not (self.fold_projections and torch.is_grad_enabled() and n.requires_grad):
+            return n, None
+        per_rule = problem.__dict__[_DERIVED_ATTR]
+        shared = per_rule.get((self, "sink"))
+        if shared is None or shared[0] is not n:
+            sink = _InputsGradient()
+            token = _CollectInputsGradient.apply(n, sink)
+            sink.node = token.grad_fn
+            shared = per_rule[(self, "sink")] = (n, (token, sink))
+        return shared
 
     @property
     def _standardized_moments(self) -> bool:
@@ -399,9 +477,10 @@ class SlotAttention(InnerRule):
         """
         return self._attend(s, inputs)[:2]
 
-    def _attend(self, s: torch.Tensor, inputs: torch.Tensor):
+    def _attend(self, s: torch.Tensor, inputs: torch.Tensor, shared=None):
         """:meth:`attend`, and the attention-weighted sums of the inputs ``(batch, heads, K, F)``
-        (``None`` in the textbook order)."""
+        (``None`` in the textbook order); ``shared``: the token and sink of
+        :meth:`_shared_inputs`, to defer the inputs' gradient."""
         batch, num_slots, _ = s.shape
         heads, head_dim, features = self.num_heads, self.head_dim, inputs.shape[-1]
         # Heads as a leading axis and the slot axis off the last dim: the softmax over slots
@@ -416,7 +495,7 @@ class SlotAttention(InnerRule):
         if self.fold_projections:
             q_in = torch.matmul(q, w_k)  # (b, h, K, F): the query pulled back to input space
             # Any strides: GaussianFeatures' inputs are feature-major on purpose (bmm reads both).
-            attn, pooled = _AttendPool.apply(q_in, inputs, self.eps)
+            attn, pooled = _AttendPool.apply(q_in, inputs, self.eps, *(shared or ()))
             # GaussianFeatures' first feature is 1: its weighted sum is the mass, no pass needed.
             mass = pooled[..., :1] if self._standardized_moments else attn.sum(-1, keepdim=True)
             updates = torch.matmul(pooled / mass, w_v.transpose(-1, -2))

@@ -276,6 +276,44 @@ def test_folded_gradients_equal_the_textbook_order(float64, num_heads):
             assert torch.allclose(a, b, atol=1e-10)
 
 
+def _unrolled(rule, model, x, slots0):
+    problem = InnerProblem(model, x)
+    state = rule.init(problem, slots0)
+    for _ in range(3):
+        state, _ = rule.step(state, problem)
+    return state.slots.sin().sum(), problem
+
+
+def test_deferred_input_gradient_in_every_kind_of_backward(float64):
+    """The inputs' gradient collected once over the steps (``_InputsGradient``) against plain
+    autograd through the textbook order: a second backward of the same graph, a backward that
+    reaches only some weights (it leaves no factors behind), and a double backward."""
+    from pyro_slots.inner.slot_attention import _DERIVED_ATTR
+
+    folded, plain = _folded_and_plain(1)
+    model = GaussianMixture(4, 2)
+    x = _data().requires_grad_()
+    slots0 = _slots(model, x.detach(), 4)
+    (loss, problem), (ref, _) = (_unrolled(r, model, x, slots0) for r in (folded, plain))
+    enc = list(folded.encoder.parameters())
+    expected = torch.autograd.grad(ref, [x, *plain.encoder.parameters()], retain_graph=True)
+    for _ in range(2):  # the same graph twice: each pass collects only its own factors
+        got = torch.autograd.grad(loss, [x, *enc], retain_graph=True)
+        for a, b in zip(got, expected):
+            assert torch.allclose(a, b, atol=1e-10)
+    sink = problem.__dict__[_DERIVED_ATTR][(folded, "sink")][1][1]
+    torch.autograd.grad(loss, [folded.to_q.weight], retain_graph=True)  # the inputs not reached
+    assert sink.factors == []
+    # Hessian-vector product through x: the backward that builds a graph computes dn in place.
+    v = torch.randn_like(x)
+    hvp = []
+    for out in (loss, ref):
+        (gx,) = torch.autograd.grad(out, [x], create_graph=True)
+        hvp.append(torch.autograd.grad((gx * v).sum(), [x])[0])
+    assert torch.allclose(hvp[0], hvp[1], atol=1e-9)
+    assert hvp[0].abs().max() > 1e-3  # not trivially zero
+
+
 def test_cached_inputs_follow_the_weights(float64):
     """The per-problem input cache is refreshed when the weights change in place."""
     torch.manual_seed(0)
