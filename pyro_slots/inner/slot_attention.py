@@ -58,26 +58,46 @@ class _InputsGradient:
     would write one ``(batch, M, F)`` gradient per step and add them up, each addition another
     pass over memory. Instead every step's backward leaves its two factors here (tagged with
     the backward pass that made them), and :class:`_CollectInputsGradient` accumulates
-    ``Σ_t left_t^T right_t`` into one tensor inside the products (``baddbmm``) at the end.
+    ``Σ_t left_t^T right_t`` into one tensor inside the products (``baddbmm``) at the end, or
+    earlier once the factors would hold more memory than that tensor (many steps or slots).
     (One product of the stacked factors, ``[left_1; ...]^T [right_1; ...]``, measured slower:
     the BLAS is slow for that inner size.)
     """
 
-    __slots__ = ("factors", "node")
+    __slots__ = ("factors", "node", "partial")
 
     def __init__(self):
         self.factors = []  # (graph task id, left (batch, R, M), right (batch, R, F))
+        self.partial = {}  # graph task id: the gradient summed so far
         self.node = None  # the collecting node, once its token is made
 
     def needed(self) -> bool:
         """Whether the running backward pass reaches the inputs (else it wants no factors)."""
         return torch._C._will_engine_execute_node(self.node)
 
-    def take(self, task: int):
-        """This backward pass's factors, removed (those of other passes stay)."""
+    def add(self, left: torch.Tensor, right: torch.Tensor):
+        """Keeps one step's factors for the running backward pass. Once its factors hold more
+        rows than the gradient has features, they are summed into it: the memory held stays
+        below that of the gradient itself, however many steps share the inputs."""
+        task = torch._C._current_graph_task_id()
+        self.factors.append((task, left, right))
         mine = [f for f in self.factors if f[0] == task]
+        if sum(f[1].shape[1] for f in mine) > right.shape[-1]:
+            self.partial[task] = self._sum(task)
+
+    def take(self, task: int) -> torch.Tensor | None:
+        """This backward pass's gradient, removed (that of other passes stays)."""
+        return self._sum(task)
+
+    def _sum(self, task: int) -> torch.Tensor | None:
+        d_n = self.partial.pop(task, None)
+        for _, left, right in (f for f in self.factors if f[0] == task):
+            if d_n is None:
+                d_n = torch.bmm(left.transpose(1, 2), right)
+            else:
+                d_n.baddbmm_(left.transpose(1, 2), right)  # accumulated inside the product
         self.factors = [f for f in self.factors if f[0] != task]
-        return mine
+        return d_n
 
 
 class _CollectInputsGradient(torch.autograd.Function):
@@ -93,14 +113,7 @@ class _CollectInputsGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _):
-        factors = ctx.sink.take(torch._C._current_graph_task_id())
-        if not factors:
-            return None, None
-        _, left, right = factors[0]
-        d_n = torch.bmm(left.transpose(1, 2), right)
-        for _, left, right in factors[1:]:
-            d_n.baddbmm_(left.transpose(1, 2), right)  # accumulated inside the product
-        return d_n, None
+        return ctx.sink.take(torch._C._current_graph_task_id()), None
 
 
 class _AttendPool(torch.autograd.Function):
@@ -160,7 +173,7 @@ class _AttendPool(torch.autograd.Function):
             left = torch.cat([d_logits, attn.view(batch, rows, -1)], dim=1)  # (batch, 2 rows, M)
             right = torch.cat([q.reshape(batch, rows, features), d_pooled], dim=1)
             if defer:
-                ctx.sink.factors.append((torch._C._current_graph_task_id(), left, right))
+                ctx.sink.add(left, right)
                 d_token = q.new_zeros(())  # schedules the sink's product after this one
             else:
                 d_n = torch.bmm(left.transpose(1, 2), right)
