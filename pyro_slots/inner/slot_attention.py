@@ -51,6 +51,14 @@ def _versions(source: torch.Tensor, params: tuple) -> tuple:
     return tuple(None if t.is_inference() else t._version for t in (source, *params))
 
 
+#: Whether this torch's autograd engine tells a backward which pass it is in and which nodes it
+#: will run (private API, used the same way by ``torch.utils.checkpoint``); without it the
+#: inputs' gradient is not deferred.
+_CAN_DEFER = hasattr(torch._C, "_current_graph_task_id") and hasattr(
+    torch._C, "_will_engine_execute_node"
+)
+
+
 class _InputsGradient:
     """The gradient of inputs shared by several :class:`_AttendPool` calls, deferred.
 
@@ -434,7 +442,9 @@ class SlotAttention(InnerRule):
         """The normalized inputs, with the token and sink of their deferred gradient
         (:class:`_InputsGradient`) when a backward will need it, kept with the problem."""
         n = self.normalized_inputs(problem)
-        if not (self.fold_projections and torch.is_grad_enabled() and n.requires_grad):
+        if not (
+            _CAN_DEFER and self.fold_projections and torch.is_grad_enabled() and n.requires_grad
+        ):
             return n, None
         per_rule = problem.__dict__[_DERIVED_ATTR]
         shared = per_rule.get((self, "sink"))

@@ -314,6 +314,25 @@ def test_deferred_input_gradient_in_every_kind_of_backward(float64):
     assert hvp[0].abs().max() > 1e-3  # not trivially zero
 
 
+def test_without_the_engine_api_the_gradient_is_not_deferred(float64, monkeypatch):
+    """On a torch whose engine lacks the private calls the sink relies on, every step writes
+    its own input gradient (no sink is made), with the same gradients as the deferred path."""
+    from pyro_slots.inner import slot_attention as sa
+
+    folded, _ = _folded_and_plain(1)
+    model = GaussianMixture(4, 2)
+    x = _data().requires_grad_()
+    slots0 = _slots(model, x.detach(), 4)
+    grads = []
+    for can in (True, False):
+        monkeypatch.setattr(sa, "_CAN_DEFER", can)
+        loss, problem = _unrolled(folded, model, x, slots0)
+        grads.append(torch.autograd.grad(loss, [x, *folded.encoder.parameters()]))
+        assert ((folded, "sink") in problem.__dict__[sa._DERIVED_ATTR]) == can
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
 def test_cached_inputs_follow_the_weights(float64):
     """The per-problem input cache is refreshed when the weights change in place."""
     torch.manual_seed(0)
