@@ -91,13 +91,10 @@ class _InputsGradient:
         self.factors.append((task, left, right))
         mine = [f for f in self.factors if f[0] == task]
         if sum(f[1].shape[1] for f in mine) > right.shape[-1]:
-            self.partial[task] = self._sum(task)
+            self.partial[task] = self.take(task)
 
     def take(self, task: int) -> torch.Tensor | None:
-        """This backward pass's gradient, removed (that of other passes stays)."""
-        return self._sum(task)
-
-    def _sum(self, task: int) -> torch.Tensor | None:
+        """This backward pass's gradient summed so far, removed (that of other passes stays)."""
         d_n = self.partial.pop(task, None)
         for _, left, right in (f for f in self.factors if f[0] == task):
             if d_n is None:
