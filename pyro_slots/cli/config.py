@@ -216,6 +216,15 @@ class TrainConfig:
         "sigma_x of the pixel likelihood of iodine (default 0.1; see examples/results/objects.md) "
         "and neural-em (default 0.25)",
     )
+    pixel_scale_start: float | None = _opt(
+        None,
+        "sigma_x at the first update, moved linearly to --pixel-scale (the model's default "
+        "without it) over --pixel-scale-ramp updates; validation runs at the sigma_x of the update "
+        "before it, the final test at the final one",
+    )
+    pixel_scale_ramp: int = _opt(
+        0, "updates over which sigma_x moves from --pixel-scale-start to --pixel-scale"
+    )
     mse_weight: float | None = _opt(
         None,
         "weight of the MSE in --objective elbo+mse (default C H W / (2 sigma_x^2), the scale of "

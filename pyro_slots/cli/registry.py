@@ -508,12 +508,21 @@ def _check_positive(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"{name}: expected an integer >= 1, got {value}")
-    for name in ("lr", "pixel_scale"):
+    for name in ("lr", "pixel_scale", "pixel_scale_start"):
         value = getattr(config, name)
         if value is not None and not 0 < value < math.inf:
             raise ConfigError(f"{name}: expected a finite number > 0, got {value}")
     if config.eval_every < 0:
         raise ConfigError(f"eval_every: expected an integer >= 0, got {config.eval_every}")
+    if config.pixel_scale_ramp < 0:
+        raise ConfigError(
+            f"pixel_scale_ramp: expected an integer >= 0, got {config.pixel_scale_ramp}"
+        )
+    if (config.pixel_scale_start is None) != (config.pixel_scale_ramp == 0):
+        raise ConfigError(
+            "pixel_scale_start, pixel_scale_ramp: give both (sigma_x moves from the start to "
+            "--pixel-scale over the ramp's updates) or neither"
+        )
     if config.seed < 0:
         raise ConfigError(f"seed: expected an integer >= 0, got {config.seed}")
 
@@ -532,6 +541,7 @@ def reaches_init(config: TrainConfig, num_steps: int) -> bool:
 _MODEL_ONLY = {
     "encoder_strides": (("slot-autoencoder",), "the other models have no encoder"),
     "pixel_scale": (("iodine", "neural-em"), "the pixel likelihood's sigma_x"),
+    "pixel_scale_start": (("iodine", "neural-em"), "a ramp of the pixel likelihood's sigma_x"),
     "refinement_inputs": (("iodine",), "IODINE's auxiliary refinement inputs"),
     "mse_weight": (("iodine",), "the weight of --objective elbo+mse"),
     "mixture": (("slot-autoencoder",), "the inner mixture over its encoder's features"),
@@ -597,7 +607,13 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
     int_list(config.decoder_channels, "decoder_channels")
     given = {
         name: getattr(config, name) not in (None, False)
-        for name in ("encoder_strides", "pixel_scale", "refinement_inputs", "mse_weight")
+        for name in (
+            "encoder_strides",
+            "pixel_scale",
+            "pixel_scale_start",
+            "refinement_inputs",
+            "mse_weight",
+        )  # fmt: skip
     }
     given["mixture"] = config.mixture != "isotropic"
     given["slot_sparsity"] = config.slot_sparsity > 0

@@ -60,6 +60,7 @@ __all__ = [
     "TrainingClock",
     "init_from",
     "lr_factor",
+    "pixel_scale_at",
     "CONFIG_NAME",
     "LOCK_NAME",
     "METRICS_NAME",
@@ -329,6 +330,16 @@ def lr_factor(config: TrainConfig, step: int, clock: TrainingClock | None = None
     progress = min(max(progress, 0.0), 1.0)
     r = config.min_lr_ratio
     return warmup * (r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def pixel_scale_at(config: TrainConfig, step: int, final: float) -> float:
+    """σ_x for update ``step`` (0-based): ``pixel_scale_start`` moved linearly to ``final``
+    (the model's ``--pixel-scale``) over ``pixel_scale_ramp`` updates, ``final`` from then on
+    (and without a ramp)."""
+    if config.pixel_scale_start is None or config.pixel_scale_ramp <= 0:
+        return final
+    progress = min(max(step / config.pixel_scale_ramp, 0.0), 1.0)
+    return config.pixel_scale_start + (final - config.pixel_scale_start) * progress
 
 
 def make_svi(

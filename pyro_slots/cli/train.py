@@ -47,6 +47,7 @@ from .runs import (
     machine_record,
     make_svi,
     new_run,
+    pixel_scale_at,
     resolve_device,
     save_run,
 )
@@ -202,6 +203,11 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
     bar = None
     best = _best_so_far(config) if resume is not None else None
     budget = math.inf if config.max_minutes is None else 60.0 * config.max_minutes
+    model = run.components.model
+    # The model is built with the final sigma_x (a resumed run too); a ramp moves it there,
+    # and it is put back when training ends, for the pictures and the final test.
+    final_scale = getattr(model, "pixel_scale", None)
+    ramp = config.pixel_scale_ramp > 0
     try:
         if main_rank:
             save_config(os.path.join(config.out, CONFIG_NAME), config)
@@ -218,6 +224,8 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
         start_time, start_step = time.perf_counter(), run.step
         run.clock.start()
         while run.step < config.steps and run.clock.seconds() < budget:
+            if ramp:
+                model.pixel_scale = pixel_scale_at(config, run.step, final_scale)
             batch = stream.batch(run.step)
             x = batch.x.to(run.device)
             targets = [
@@ -259,6 +267,8 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
             if held_out is not None and run.step % config.eval_every == 0:
                 options = final_test_options(config) if config.validate_as_tested else {}
                 record = validation_record(run, held_out, **options)
+                if ramp:
+                    record["pixel_scale"] = model.pixel_scale
                 record["train_seconds"] = round(run.clock.seconds(), 1)  # time to a score
                 logger.log(record)
                 score = record.get(SELECT_BY[run.components.stream.kind], -math.inf)
@@ -295,6 +305,8 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
             folder.restore()
         raise
     finally:
+        if ramp:
+            model.pixel_scale = final_scale
         if bar is not None:
             bar.close()
         if logger is not None:

@@ -277,6 +277,53 @@ def test_iodine_objectives(tmp_path):
         resolve(TrainConfig(**base, mse_weight=2.0))
 
 
+def test_pixel_scale_ramp(tmp_path, monkeypatch):
+    """--pixel-scale-start A --pixel-scale-ramp N: update s runs at sigma_x = A + (B - A) s / N
+    (B = --pixel-scale), then B; validation logs the sigma_x it ran at (the last update's), and
+    the model is back at B for the final test; a resumed run continues the ramp where it
+    stopped."""
+    from pyro_slots.cli.runs import pixel_scale_at
+    from pyro_slots.nested import NestedSVI
+
+    config = TrainConfig(pixel_scale_start=0.5, pixel_scale_ramp=4)
+    assert [pixel_scale_at(config, s, 0.9) for s in range(6)] == pytest.approx(
+        [0.5, 0.6, 0.7, 0.8, 0.9, 0.9]
+    )
+    assert pixel_scale_at(TrainConfig(), 3, 0.9) == 0.9
+    seen = []
+    step = NestedSVI.step
+
+    def spy(self, *args):
+        seen.append(self.model.pixel_scale)
+        return step(self, *args)
+
+    monkeypatch.setattr(NestedSVI, "step", spy)
+    options = dict(model="iodine", pixel_scale=0.9, pixel_scale_start=0.5, pixel_scale_ramp=4,
+                   inner_steps=1, slot_dim=4, test_size=2)  # fmt: skip
+    run = _train(tmp_path, steps=3, **options)
+    assert seen == pytest.approx([0.5, 0.6, 0.7])
+    validation = [r for r in _records(run) if r["split"] == "validation"]
+    # validation runs at the sigma_x of the update it follows
+    assert [r["pixel_scale"] for r in validation] == pytest.approx([0.5, 0.6, 0.7])
+    assert run.components.model.pixel_scale == 0.9
+    seen.clear()
+    resumed = train(resume=str(tmp_path / "run"), overrides={"steps": 6}, progress=False,
+                    pictures=False, echo=quiet)  # fmt: skip
+    assert seen == pytest.approx([0.8, 0.9, 0.9])
+    assert resumed.components.model.pixel_scale == 0.9
+    base = dict(model="iodine", pixel_scale_start=0.5)
+    for bad, match in [
+        (base, "give both"),
+        (dict(model="iodine", pixel_scale_ramp=3), "give both"),
+        ({**base, "pixel_scale_ramp": -1}, "pixel_scale_ramp: expected an integer >= 0"),
+        ({**base, "pixel_scale_start": 0.0, "pixel_scale_ramp": 3}, "pixel_scale_start: expected"),
+        (dict(model="gmm", pixel_scale_start=0.5, pixel_scale_ramp=3),
+         "pixel_scale_start: only for --model iodine"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            resolve(TrainConfig(**bad))
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
