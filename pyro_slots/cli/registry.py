@@ -613,7 +613,7 @@ def _check_training_options(config: TrainConfig, objective: str) -> None:
             "pixel_scale_start",
             "refinement_inputs",
             "mse_weight",
-        )  # fmt: skip
+        )
     }
     given["mixture"] = config.mixture != "isotropic"
     given["slot_sparsity"] = config.slot_sparsity > 0
