@@ -313,12 +313,14 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int | None) -
         xd = x.detach()
         xt = xd.transpose(1, 2).contiguous()  # (B, D, M): distances feature by feature
         centers, seeds = [xd[rows, first]], [first]
-        closest = _squared_distances(xt, centers[0].unsqueeze(1))[:, 0]  # (B, M)
+        closest = _squared_distances(xt, centers[0].unsqueeze(1))[0][:, 0]  # (B, M)
+        work = (None, None)  # the candidates' (B, T, M) distances and scratch, reused
         for i, u in enumerate(uniforms):
             cdf = (closest + 1e-12).cumsum(-1)
             idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(num_points - 1)  # (B, T)
             cand = xd[rows.unsqueeze(1), idx]  # (B, T, D)
-            distances = _squared_distances(xt, cand)  # (B, T, M), overwritten below
+            work = _squared_distances(xt, cand, *work)
+            distances = work[0]  # (B, T, M), overwritten below
             new_closest = torch.minimum(closest.unsqueeze(1), distances, out=distances)
             best = new_closest.sum(-1).argmin(1)  # (B,)
             centers.append(cand[rows, best])
@@ -333,9 +335,10 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int | None) -
         nearest = None
         squares = (xt * xt).sum(1, keepdim=True)  # (B, 1, M)
         for step in range(lloyd_steps + 1):
-            # |x - c|² as one fused batched matrix product plus |x|² (a broadcast subtraction
-            # of the centers takes the CPU's slow strided path).
-            score = torch.baddbmm((centers * centers).sum(-1, keepdim=True), centers, xt, alpha=-2)
+            # |x - c|² as one batched matrix product, then |c|² and |x|² added in place (a
+            # broadcast subtraction of the centers takes the CPU's slow strided path, and
+            # baddbmm would first copy the broadcast |c|² into a new (B, K, M) tensor).
+            score = torch.bmm(centers, xt).mul_(-2).add_((centers * centers).sum(-1, keepdim=True))
             previous, nearest = nearest, _nearest(score.add_(squares).clamp_min_(0))  # (B, M)
             if step == lloyd_steps or (previous is not None and torch.equal(previous, nearest)):
                 break  # the assignment is a fixed point of Lloyd's iteration
@@ -362,15 +365,26 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int | None) -
     return parts
 
 
-def _squared_distances(xt, centers):
+def _squared_distances(xt, centers, out=None, scratch=None):
     """``|x_m - c_j|²`` of shape ``(B, C, M)`` from feature-major points ``xt`` ``(B, D, M)`` and
     centers ``(B, C, D)``, accumulated one feature at a time: contiguous ``(B, C, M)`` passes
-    instead of a ``(B, C, M, D)`` temporary reduced over its short last axis."""
-    out = None
+    instead of a ``(B, C, M, D)`` temporary reduced over its short last axis.
+
+    :param out: a ``(B, C, M)`` tensor to write the result into, and ``scratch`` one for the
+        differences of the later features (``None``: new ones): a loop that passes back what
+        it was given reuses the same memory (a new tensor per call is a pass over memory that
+        the cache no longer holds).
+    :returns: ``(out, scratch)``; ``scratch`` stays ``None`` for one feature.
+    """
     for d in range(xt.shape[1]):
-        diff = xt[:, d].unsqueeze(1) - centers[:, :, d].unsqueeze(-1)
-        out = diff.mul_(diff) if out is None else out.addcmul_(diff, diff)
-    return out
+        a, b = xt[:, d].unsqueeze(1), centers[:, :, d].unsqueeze(-1)
+        if d == 0:
+            out = a - b if out is None else torch.sub(a, b, out=out)
+            out.mul_(out)
+        else:
+            scratch = a - b if scratch is None else torch.sub(a, b, out=scratch)
+            out.addcmul_(scratch, scratch)
+    return out, scratch
 
 
 def _cluster_sums(values, nearest, num_slots: int):
@@ -396,7 +410,8 @@ def _cluster_counts(flat, batch: int, num_slots: int, dtype):
 
 
 def _nearest(distances):
-    """Index ``(B, M)`` of the smallest of ``distances`` ``(B, K, M)`` (≥ 0) along the slot axis.
+    """Index ``(B, M)`` of the smallest of ``distances`` ``(B, K, M)`` (≥ 0) along the slot axis;
+    ``distances`` is the caller's temporary, overwritten.
 
     Non-negative floats order as their bit patterns do, so the slot's index goes into the
     lowest ``ceil(log2 K)`` bits and one ``amin`` over the integers returns the distance and its
@@ -410,7 +425,7 @@ def _nearest(distances):
     bits = max(1, (num_slots - 1).bit_length())
     if bits > 4 or distances.dtype != torch.float32:
         return distances.min(1).indices
-    packed = distances.view(torch.int32).bitwise_and(-(1 << bits))
+    packed = distances.view(torch.int32).bitwise_and_(-(1 << bits))
     for k in range(1, num_slots):
         packed[:, k].bitwise_or_(k)
     return packed.amin(1).bitwise_and_((1 << bits) - 1).long()

@@ -311,3 +311,83 @@ def test_stable_logsumexp_clamps_only_negligible_terms(float64):
     assert torch.allclose(lse, torch.logsumexp(t, 1), atol=1e-12)
     assert torch.allclose(log_post.exp().sum(1), torch.ones(2), atol=1e-12)
     assert log_post[0, 2] == pytest.approx(-80.0 - lse[0].item(), abs=1e-12)
+
+
+def test_stable_logsumexp_parts_without_the_shifted_log_joint_reuses_its_storage():
+    """``keep_shifted=False`` without autograd: ``exp(t - max)`` is formed in the storage of
+    ``t - max`` (``t``'s own with ``overwrite``), with scipy's log-sum-exp and softmax."""
+    from scipy.special import logsumexp, softmax
+
+    from pyro_slots.elbo.kernels import stable_logsumexp_parts
+
+    t = torch.randn(4, 6, 30, generator=torch.Generator().manual_seed(2)) * 20.0
+    with torch.no_grad():
+        scratch = t.clone()
+        lse, shifted, _, e, total = stable_logsumexp_parts(
+            scratch, 0, overwrite=True, keep_shifted=False
+        )
+    assert shifted is None and e.data_ptr() == scratch.data_ptr()
+    want = logsumexp(t.double().numpy(), axis=0)
+    assert np.abs(lse.double().numpy() - want).max() < 1e-5 * np.abs(want).max()
+    probs = (e / total).double().numpy()
+    assert np.abs(probs - softmax(t.double().numpy(), axis=0)).max() < 1e-6
+    leaf = t.clone().requires_grad_()  # a graph: the shifted log-joint is kept, nothing in place
+    _, shifted, _, _, _ = stable_logsumexp_parts(leaf, 0, keep_shifted=False)
+    assert shifted is not None and torch.equal(leaf.detach(), t)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_lean_estimate_parts_give_the_same_elbo_and_posterior(float64, grad):
+    """``parts="probs"`` and ``"elbo"`` (in place without autograd) give the numbers of
+    ``"all"``, the posterior equal to the brute-force responsibilities; no observed tensor or
+    parameter is written to; a bad ``parts`` is refused."""
+    from pyro_slots.elbo import LeanEstimator
+    from pyro_slots.models import GaussianMixture
+    from tests.conftest import gmm_responsibilities, make_point_sets
+
+    x, _ = make_point_sets(3, 25, seed=4)
+    gmm = GaussianMixture(3, 2)
+    slots = gmm.init_slots(x, 3, torch.Generator().manual_seed(1))
+    x_before, slots_before = x.clone(), slots.clone()
+    est = LeanEstimator()
+    with torch.set_grad_enabled(grad):
+        full = est.estimate(gmm, x, slots.requires_grad_(grad))
+        probs = est.estimate(gmm, x, slots, parts="probs")
+        elbo_only = est.estimate(gmm, x, slots, parts="elbo")
+    brute = gmm_responsibilities(gmm, x, slots.detach())
+    for estimate in (full, probs, elbo_only):
+        assert torch.allclose(estimate.elbo, full.elbo, rtol=0, atol=1e-12)
+    for estimate in (full, probs):
+        post = estimate.posterior("assignment").reshape(3, 3, 25).movedim(0, 1)
+        assert torch.allclose(post, brute, atol=1e-10)
+        log_post = estimate.log_posterior("assignment").reshape(3, 3, 25).movedim(0, 1)
+        assert torch.allclose(log_post.exp(), brute, atol=1e-10)
+    assert elbo_only.posterior("assignment") is None
+    assert torch.equal(x, x_before) and torch.equal(slots.detach(), slots_before)
+    with pytest.raises(ValueError, match="parts: expected one of"):
+        est.estimate(gmm, x, slots, parts="posterior")
+
+
+def test_lean_joint_adds_into_its_own_term_only():
+    """Without autograd the enumerated log-densities are summed into the one this module made
+    (in place); a term it did not make is never written to, and with autograd a new tensor
+    carries the gradient of every term (one everywhere for the sum)."""
+    from pyro_slots.elbo.lean import _joint
+
+    g = torch.Generator().manual_seed(0)
+    own, other, narrow = (torch.randn(3, 4, 5, generator=g, dtype=torch.float64) for _ in "abc")
+    narrow = narrow[:, :, :1]
+    want = own + other + narrow
+    with torch.no_grad():
+        kept = other.clone()
+        joint, owned = _joint([(other, False), (own.clone(), True), (narrow, False)])
+    assert owned and torch.allclose(joint, want, rtol=0, atol=1e-12)
+    assert torch.equal(other, kept)
+    with torch.no_grad():  # nothing of ours with the full shape: a new tensor
+        joint, _ = _joint([(other, False), (narrow, True)])
+    assert torch.equal(other, kept) and torch.allclose(joint, other + narrow)
+    leaf = own.clone().requires_grad_()
+    joint, _ = _joint([(leaf, True), (other, False)])
+    assert torch.equal(leaf.detach(), own)
+    (d_leaf,) = torch.autograd.grad(joint.sum(), leaf)
+    assert torch.equal(d_leaf, torch.ones_like(own))

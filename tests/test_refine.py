@@ -311,9 +311,9 @@ def test_refine_shares_the_default_estimator_and_checks_a_program_once(monkeypat
         lean_module, "check_observation", lambda fn, v: checks.append(1) or original_check(fn, v)
     )
 
-    def estimate(model, x, slots, check_observed=False):
+    def estimate(model, x, slots, check_observed=False, **kwargs):
         full_runs.append(not check_observed)  # True: run with every argument check
-        return original_estimate(model, x, slots, check_observed)
+        return original_estimate(model, x, slots, check_observed, **kwargs)
 
     monkeypatch.setattr(DEFAULT_ESTIMATOR.lean, "_estimate", estimate)
     first = ps.refine(model, x, EM(3), seed=0)

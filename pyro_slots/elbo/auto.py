@@ -72,7 +72,7 @@ class PerDatapointELBO(ELBOEstimator):
         self.__dict__.update(state)
         self._lean_ok = weakref.WeakKeyDictionary()
 
-    def _lean(self, model, x, slots):
+    def _lean(self, model, x, slots, parts: str = "all"):
         if self.strategy == "trace_enum":
             return None
         known = self._lean_ok.get(type(model))
@@ -82,7 +82,7 @@ class PerDatapointELBO(ELBOEstimator):
         # then draws from (the guide may sample before the program is found unsupported).
         rng = pyro.util.get_rng_state() if known is None else None
         try:
-            estimate = self.lean.estimate(model, x, slots)
+            estimate = self.lean.estimate(model, x, slots, parts)
         except LeanFallback:
             if rng is not None:
                 pyro.util.set_rng_state(rng)
@@ -95,7 +95,7 @@ class PerDatapointELBO(ELBOEstimator):
         return estimate
 
     def __call__(self, model, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        estimate = self._lean(model, x, slots)
+        estimate = self._lean(model, x, slots, "elbo")
         if estimate is not None:
             return estimate.elbo
         return self.trace_enum(model, x, slots)
@@ -103,7 +103,7 @@ class PerDatapointELBO(ELBOEstimator):
     def elbo_and_posterior(
         self, model, x: torch.Tensor, slots: torch.Tensor, site: str, probs: bool = False
     ):
-        estimate = self._lean(model, x, slots)
+        estimate = self._lean(model, x, slots, "probs" if probs else "all")
         if estimate is not None:
             post = estimate.posterior(site) if probs else estimate.log_posterior(site)
             if post is not None:

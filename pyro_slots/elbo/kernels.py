@@ -54,7 +54,9 @@ def stable_logsumexp(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Ten
     return lse, shifted - log_norm
 
 
-def stable_logsumexp_parts(t: torch.Tensor, dim: int, overwrite: bool = False):
+def stable_logsumexp_parts(
+    t: torch.Tensor, dim: int, overwrite: bool = False, keep_shifted: bool = True
+):
     """``(logsumexp, t - max, log Σ exp(t - max), exp(t - max), Σ exp(t - max))`` over
     ``dim``; the log-softmax is the difference of the second and third, the softmax the fourth
     over the fifth (formed only when a posterior is asked for: a division, where the
@@ -62,13 +64,19 @@ def stable_logsumexp_parts(t: torch.Tensor, dim: int, overwrite: bool = False):
 
     :param bool overwrite: ``t`` is the caller's temporary: where nothing is recorded for
         autograd, ``t - max`` is formed in its storage instead of a new tensor.
+    :param bool keep_shifted: ``False``: where nothing is recorded for autograd, ``exp(t - max)``
+        overwrites ``t - max`` (one tensor of ``t``'s size fewer, which on the CPU is a pass over
+        memory that no longer fits the cache) and ``None`` is returned in its place.
     """
     m = t.amax(dim, keepdim=True).detach().nan_to_num(0.0, 0.0, 0.0)  # all -inf: shift by 0
     if _no_graph(t):
         d = (t.sub_(m) if overwrite else t - m).clamp_min_(-80.0)
         # exp(d) as exp2(d log2 e): float32 exp2 is about twice as fast as exp on the CPU, which
         # pays for the extra multiplication (and keeps d itself, the log-posterior's part).
-        e = torch.mul(d, _LOG2_E).exp2_()
+        if keep_shifted:
+            e = torch.mul(d, _LOG2_E).exp2_()
+        else:
+            e, d = d.mul_(_LOG2_E).exp2_(), None
     else:
         d = (t - m).clamp_min(-80.0)
         e = d.exp()
@@ -224,8 +232,8 @@ def diag_normal_log_prob(loc, scale, value):
         in_place = _no_graph(value, loc, scale)  # then the temporaries are reused
         square = None
         for f in range(event):
-            d = xs[f] - mus[f if len(mus) > 1 else 0]
-            p = ps[f if len(ps) > 1 else 0]
+            mu, p = mus[f if len(mus) > 1 else 0], ps[f if len(ps) > 1 else 0]
+            d = xs[f] - mu
             own = in_place and broadcast_shape(d.shape, p.shape) == d.shape
             term = d.mul_(d).mul_(p) if own else d * d * p
             if square is None:

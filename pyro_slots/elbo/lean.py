@@ -24,6 +24,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import _pyro_compat as compat
 from .base import ELBOEstimator
 from .kernels import (
+    _no_graph,
     broadcast_shape,
     diag_normal_log_prob,
     narrow_broadcast,
@@ -45,13 +46,17 @@ class LeanEstimate(NamedTuple):
     elbo: torch.Tensor
     #: The enumerated site and ``(t - max, log Σ exp(t - max), exp(t - max), Σ exp(t - max))``
     #: over its enumeration dimension, the posterior's parts; combined only when asked for.
+    #: An estimate made for the probabilities alone (``parts="probs"``) without autograd holds
+    #: ``(None, log_norm, p, None)``: the posterior itself, formed in place.
     posterior_parts: tuple | None = None
 
     def log_posterior(self, site: str) -> torch.Tensor | None:
         """``log p(site | x)`` with the enumeration dimension first, or ``None``."""
         if self.posterior_parts is None or self.posterior_parts[0] != site:
             return None
-        _, shifted, log_norm, _, _ = self.posterior_parts
+        _, shifted, log_norm, probs, exp_sum = self.posterior_parts
+        if shifted is None:
+            return probs.log() if exp_sum is None else probs.log() - log_norm
         return shifted - log_norm
 
     def posterior(self, site: str) -> torch.Tensor | None:
@@ -60,7 +65,7 @@ class LeanEstimate(NamedTuple):
         if self.posterior_parts is None or self.posterior_parts[0] != site:
             return None
         _, _, _, exp_shifted, exp_sum = self.posterior_parts
-        return exp_shifted / exp_sum
+        return exp_shifted if exp_sum is None else exp_shifted / exp_sum
 
 
 class ValidatedObservations:
@@ -136,6 +141,12 @@ def _log_prob(fn, value, validated: ValidatedObservations, check: bool = False):
     :param bool check: check ``value``'s support (remembered per tensor version) also when
         ``fn`` does not validate (an observation while argument checks are off).
     """
+    return _log_prob_owned(fn, value, validated, check)[0]
+
+
+def _log_prob_owned(fn, value, validated: ValidatedObservations, check: bool = False):
+    """:func:`_log_prob`, and whether the tensor is this module's own (made by its kernel,
+    referenced nowhere else): a caller that records nothing for autograd may overwrite it."""
     if check and not compat.validates_args(fn):
         validated.check(fn, value)
     base = fn.base_dist if isinstance(fn, dist.Independent) else None
@@ -150,24 +161,25 @@ def _log_prob(fn, value, validated: ValidatedObservations, check: bool = False):
         # a small GMM step).
         loc, scale = narrow_broadcast(base.loc), narrow_broadcast(base.scale)
         if loc is base.loc and scale is base.scale:
-            return fn.log_prob(value)
+            return fn.log_prob(value), False
         if compat.validates_args(fn):
             validated.check(fn, value)
         log_prob = diag_normal_log_prob(loc, scale, value)
+        owned = log_prob is not None
         if log_prob is None:
             log_prob = dist.Normal(loc, scale, validate_args=False).to_event(1).log_prob(value)
     else:
         compact = unbroadcast(fn)
         if compact is fn:
-            return fn.log_prob(value)
+            return fn.log_prob(value), False
         if compat.validates_args(fn):
             validated.check(fn, value)
-        log_prob = compact.log_prob(value)
+        log_prob, owned = compact.log_prob(value), False
     if log_prob.shape == fn.batch_shape:
-        return log_prob
+        return log_prob, owned
     # The value is broadcast too: restore the shape fn.log_prob(value) has.
     sample_shape = value.shape[: value.dim() - len(fn.event_shape)]
-    return log_prob.expand(broadcast_shape(sample_shape, fn.batch_shape))
+    return log_prob.expand(broadcast_shape(sample_shape, fn.batch_shape)), False
 
 
 class _LogDensityCollector(compat.SampleMessenger):
@@ -183,13 +195,14 @@ class _LogDensityCollector(compat.SampleMessenger):
         if site_is_subsample(msg):
             return
         check = self.check_observed and msg["is_observed"]
-        log_prob = _log_prob(msg["fn"], msg["value"], self.validated, check)
+        log_prob, owned = _log_prob_owned(msg["fn"], msg["value"], self.validated, check)
         enumerated = compat.is_enumerated(msg)
         if enumerated and not (msg["mask"] is None and is_identically_one(msg["scale"])):
             raise LeanFallback  # Pyro scales outside the log-expectation; keep its rules.
-        log_prob = scale_and_mask(log_prob, msg["scale"], msg["mask"])
+        scaled = scale_and_mask(log_prob, msg["scale"], msg["mask"])
+        owned = owned or scaled is not log_prob  # a product made here is ours too
         frames = {f.name: f.dim for f in msg["cond_indep_stack"] if f.vectorized}
-        self.sites.append((msg["name"], log_prob, enumerated, frames))
+        self.sites.append((msg["name"], scaled, enumerated, frames, owned))
 
 
 class LeanEstimator(ELBOEstimator):
@@ -249,12 +262,12 @@ class LeanEstimator(ELBOEstimator):
         return (tuple(x.shape), x.dtype, x.device, tuple(slots.shape), slots.dtype)
 
     def __call__(self, model, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        return self._checked(model, x, slots).elbo
+        return self._checked(model, x, slots, "elbo").elbo
 
     def elbo_and_posterior(
         self, model, x: torch.Tensor, slots: torch.Tensor, site: str, probs: bool = False
     ):
-        estimate = self._checked(model, x, slots)
+        estimate = self._checked(model, x, slots, "probs" if probs else "all")
         log_post = estimate.posterior(site) if probs else estimate.log_posterior(site)
         if log_post is None:
             raise ValueError(
@@ -264,9 +277,9 @@ class LeanEstimator(ELBOEstimator):
             )
         return estimate.elbo, log_post
 
-    def _checked(self, model, x, slots) -> LeanEstimate:
+    def _checked(self, model, x, slots, parts: str = "all") -> LeanEstimate:
         try:
-            return self.estimate(model, x, slots)
+            return self.estimate(model, x, slots, parts)
         except LeanFallback:
             raise ValueError(unsupported_message(model)) from None
 
@@ -276,18 +289,29 @@ class LeanEstimator(ELBOEstimator):
         seen = self._checked_programs.get(model)
         return seen is not None and self._signature(x, slots) in seen
 
-    def estimate(self, model, x: torch.Tensor, slots: torch.Tensor) -> LeanEstimate:
-        """One evaluation; raises :class:`LeanFallback` where the program is not supported."""
+    def estimate(
+        self, model, x: torch.Tensor, slots: torch.Tensor, parts: str = "all"
+    ) -> LeanEstimate:
+        """One evaluation; raises :class:`LeanFallback` where the program is not supported.
+
+        :param str parts: what the caller will read: ``"all"`` (the ELBO and either form of
+            the posterior), ``"probs"`` (the ELBO and :meth:`LeanEstimate.posterior`, formed in
+            place when autograd records nothing) or ``"elbo"`` (no posterior).
+        """
+        if parts not in _PARTS:
+            raise ValueError(f"parts: expected one of {_PARTS}, got {parts!r}")
         if not (self.validate_once and dist.is_validation_enabled()):
-            return self._estimate(model, x, slots)
+            return self._estimate(model, x, slots, parts=parts)
         if self.checked_before(model, x, slots):
             with pyro.validation_enabled(False):
-                return self._estimate(model, x, slots, check_observed=True)
-        estimate = self._estimate(model, x, slots)
+                return self._estimate(model, x, slots, check_observed=True, parts=parts)
+        estimate = self._estimate(model, x, slots, parts=parts)
         self._checked_programs.setdefault(model, set()).add(self._signature(x, slots))
         return estimate
 
-    def _estimate(self, model, x, slots, check_observed: bool = False) -> LeanEstimate:
+    def _estimate(
+        self, model, x, slots, check_observed: bool = False, parts: str = "all"
+    ) -> LeanEstimate:
         batch_plate = model.batch_plate
         nesting = self.nesting(model)
         num_particles = self.num_particles
@@ -330,13 +354,13 @@ class LeanEstimator(ELBOEstimator):
             )
             frames = {f.name: f.dim for f in site["cond_indep_stack"] if f.vectorized}
             guide_terms.append((-lp, frames))
-        for name, _, is_enum, frames in collector.sites:
+        for name, _, is_enum, frames, _ in collector.sites:
             if is_enum:
                 enum_sites.append(name)
                 if enum_frames is not None and frames != enum_frames:
                     raise LeanFallback
                 enum_frames = frames
-        for _, lp, is_enum, frames in collector.sites:
+        for _, lp, is_enum, frames, owned in collector.sites:
             depends = is_enum or (
                 lp.dim() > plate_dims and any(s > 1 for s in lp.shape[:-plate_dims])
             )
@@ -344,28 +368,29 @@ class LeanEstimator(ELBOEstimator):
                 if enum_frames is None or not set(enum_frames).issubset(frames):
                     raise LeanFallback
                 extra = [d for f, d in frames.items() if f not in enum_frames]
-                enum_terms.append(lp.sum(extra, keepdim=True) if extra else lp)
+                enum_terms.append((lp.sum(extra, keepdim=True), True) if extra else (lp, owned))
             else:
                 total = _add(total, _reduce_plates(lp, frames, batch_plate, batch))
         for neg_lq, frames in guide_terms:
             total = _add(total, _reduce_plates(neg_lq, frames, batch_plate, batch))
         posterior_parts = None
         if enum_terms:
-            joint = enum_terms[0]
-            for term in enum_terms[1:]:
-                joint = joint + term
+            joint, owned = _joint(enum_terms)
             lead = joint.dim() - plate_dims
             shape = joint.shape
             flat = joint.reshape(-1, *shape[lead:])
-            # A sum of several terms is this function's own tensor: shifted in place.
-            owned = len(enum_terms) > 1
+            # Without autograd and with nothing but the probabilities wanted, exp(t - max)
+            # overwrites t - max and the division happens in place: two tensors of the
+            # joint's size fewer (each a pass over memory the cache no longer holds).
             lse, shifted, log_norm, exp_shifted, exp_sum = stable_logsumexp_parts(
-                flat, 0, overwrite=owned
+                flat, 0, overwrite=owned, keep_shifted=parts == "all"
             )
-            if len(enum_sites) == 1:
+            if len(enum_sites) == 1 and parts != "elbo":
+                if shifted is None and parts == "probs":
+                    exp_shifted, exp_sum = exp_shifted.div_(exp_sum), None
                 posterior_parts = (
-                    enum_sites[0], shifted.reshape(shape), log_norm, exp_shifted.reshape(shape),
-                    exp_sum,
+                    enum_sites[0], None if shifted is None else shifted.reshape(shape), log_norm,
+                    exp_shifted.reshape(shape), exp_sum,
                 )  # fmt: skip
             total = _add(total, _reduce_plates(lse, enum_frames, batch_plate, batch))
         if total is None:
@@ -375,12 +400,43 @@ class LeanEstimator(ELBOEstimator):
         return LeanEstimate(total, posterior_parts)
 
 
+#: The values of ``LeanEstimator.estimate(parts=...)``.
+_PARTS = ("all", "probs", "elbo")
+
+
 def unsupported_message(model) -> str:
     return (
         f"strategy: {type(model).__name__} needs Pyro's general enumeration "
         "(enumerated sites in different plates, a non-reparameterized or "
         "enumerated guide, or scaled enumerated sites); use strategy='auto'"
     )
+
+
+def _joint(terms):
+    """The sum of the enumerated sites' log-densities ``[(tensor, owned), ...]``, and whether
+    it is this module's own tensor (then shifted in place by the log-sum-exp).
+
+    Without autograd, the terms are added into one of them that this module made and that has
+    the sum's shape (the observations' log-density of a mixture, usually): no new tensor of the
+    joint's size. Otherwise, or where no such term exists, a new one.
+    """
+    if len(terms) == 1:
+        return terms[0]
+    tensors = [t for t, _ in terms]
+    shape = tensors[0].shape
+    for t in tensors[1:]:
+        shape = broadcast_shape(shape, t.shape)  # torch.broadcast_shapes costs ~50 µs
+    if _no_graph(*tensors):
+        for i, (t, own) in enumerate(terms):
+            if own and t.shape == shape:
+                for j, other in enumerate(tensors):
+                    if j != i:
+                        t.add_(narrow_broadcast(other))
+                return t, True
+    joint = tensors[0]
+    for term in tensors[1:]:
+        joint = joint + term
+    return joint, True
 
 
 def _add(total, term):

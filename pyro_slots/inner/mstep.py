@@ -467,14 +467,20 @@ def weighted_squared_deviations(x, loc, resp):
     """``Σ_m r_km (x_md - loc_kd)²`` of shape ``(B, K, D)``: the centred second moment.
 
     One feature at a time over contiguous ``(B, K, M)`` blocks (no ``(B, K, M, D)`` temporary),
-    in place when no gradient is recorded.
+    in place in one reused block when no gradient is recorded (a new block per feature is a
+    pass over memory the cache no longer holds).
     """
     xt = x.transpose(1, 2).contiguous()  # (B, D, M)
     in_place = not (torch.is_grad_enabled() and (x.requires_grad or loc.requires_grad))
     in_place = in_place and not (torch.is_grad_enabled() and resp.requires_grad)
-    out = []
+    out, block = [], None
     for d in range(xt.shape[1]):
-        dev = xt[:, d].unsqueeze(1) - loc[:, :, d].unsqueeze(-1)  # (B, K, M)
-        sq = dev.mul_(dev).mul_(resp) if in_place else dev * dev * resp
+        a, b = xt[:, d].unsqueeze(1), loc[:, :, d].unsqueeze(-1)
+        if in_place:
+            block = a - b if block is None else torch.sub(a, b, out=block)
+            sq = block.mul_(block).mul_(resp)  # (B, K, M)
+        else:
+            dev = a - b
+            sq = dev * dev * resp
         out.append(sq.sum(-1))
     return torch.stack(out, -1)

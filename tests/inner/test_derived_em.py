@@ -292,3 +292,20 @@ def test_weighted_sums_are_numpys_and_differentiable(float64, features):
     assert torch.autograd.gradcheck(
         weighted_sums, (resp.requires_grad_(), values.requires_grad_()), eps=1e-6
     )
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_weighted_squared_deviations_equal_the_brute_force_sum(float64, grad):
+    """``Σ_m r_km (x_md - μ_kd)²`` one feature at a time (in one reused block without autograd)
+    against the ``(B, K, M, D)`` brute force, three features; the inputs are left as they were."""
+    from pyro_slots.inner.mstep import weighted_squared_deviations
+
+    g = torch.Generator().manual_seed(3)
+    x, loc = torch.randn(2, 7, 3, generator=g), torch.randn(2, 4, 3, generator=g)
+    resp = torch.rand(2, 4, 7, generator=g)
+    kept = [t.clone() for t in (x, loc, resp)]
+    want = (resp.unsqueeze(-1) * (x.unsqueeze(1) - loc.unsqueeze(2)) ** 2).sum(2)
+    with torch.set_grad_enabled(grad):
+        got = weighted_squared_deviations(x, loc.requires_grad_(grad), resp)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip((x, loc.detach(), resp), kept))
