@@ -89,17 +89,22 @@ def test_brute_force_enumeration_k2_n3(float64):
     assert torch.allclose(per_datapoint_elbo(gmm, x, slots)[0], brute, atol=1e-10)
 
 
+def _lean_and_trace_elbo(model, x, slots, seed):
+    """The per-datapoint ELBO and Pyro's ``-Trace_ELBO`` loss, each from the same draws."""
+    pyro.set_rng_seed(seed)
+    per = per_datapoint_elbo(model, x, slots)
+    pyro.set_rng_seed(seed)
+    loss = Trace_ELBO(max_plate_nesting=2).differentiable_loss(model.model, model.guide, x, slots)
+    return per, -loss
+
+
 def test_continuous_guide_matches_trace_elbo(float64):
     """With a reparameterized guide and one particle, the same draw gives Pyro's Trace_ELBO."""
-    model = GaussianLatentModel()
-    x = torch.randn(4, 7, 1)
-    slots = torch.randn(4, 3, 2) * 0.3
-    pyro.set_rng_seed(5)
-    per = per_datapoint_elbo(model, x, slots)
-    pyro.set_rng_seed(5)
-    loss = Trace_ELBO(max_plate_nesting=2).differentiable_loss(model.model, model.guide, x, slots)
+    per, pyro_elbo = _lean_and_trace_elbo(
+        GaussianLatentModel(), torch.randn(4, 7, 1), torch.randn(4, 3, 2) * 0.3, seed=5
+    )
     assert per.shape == (4,)
-    assert torch.allclose(per.sum(), -loss, atol=1e-8)
+    assert torch.allclose(per.sum(), pyro_elbo, atol=1e-8)
 
 
 class SubsampledLocalModel(SlotModel):
@@ -135,14 +140,10 @@ class SubsampledLocalModel(SlotModel):
 def test_guide_subsample_indices_are_replayed_into_the_model(float64):
     """The lean estimator replays the guide's sites into the model, its subsample indices
     included: the same draws give Pyro's Trace_ELBO (whose replay is ``poutine.replay``)."""
-    model = SubsampledLocalModel(subsample_size=4)
-    x = torch.randn(3, 9, 1)
-    slots = torch.randn(3, 1, 2) * 0.3
-    pyro.set_rng_seed(2)
-    per = per_datapoint_elbo(model, x, slots)
-    pyro.set_rng_seed(2)
-    loss = Trace_ELBO(max_plate_nesting=2).differentiable_loss(model.model, model.guide, x, slots)
-    assert torch.allclose(per.sum(), -loss, atol=1e-10)
+    per, pyro_elbo = _lean_and_trace_elbo(
+        SubsampledLocalModel(subsample_size=4), torch.randn(3, 9, 1), torch.randn(3, 1, 2) * 0.3, 2
+    )
+    assert torch.allclose(per.sum(), pyro_elbo, atol=1e-10)
 
 
 def test_continuous_guide_expectation_is_analytic(float64):
