@@ -232,8 +232,8 @@ def diag_normal_log_prob(loc, scale, value):
         in_place = _no_graph(value, loc, scale)  # then the temporaries are reused
         square = None
         for f in range(event):
-            mu, p = mus[f if len(mus) > 1 else 0], ps[f if len(ps) > 1 else 0]
-            d = xs[f] - mu
+            d = xs[f] - mus[f if len(mus) > 1 else 0]
+            p = ps[f if len(ps) > 1 else 0]
             own = in_place and broadcast_shape(d.shape, p.shape) == d.shape
             term = d.mul_(d).mul_(p) if own else d * d * p
             if square is None:
