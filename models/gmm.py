@@ -141,10 +141,13 @@ class GaussianMixture(SlotModel):
         # mean of its measurements) and, for the variance, about each component's own mean, so
         # nothing cancels in float32 when the data sit far from the origin (E[x²] - μ² loses
         # every digit of a unit variance at |x| = 1e3 and returns 0 at 1e5).
-        ref = x.mean(1, keepdim=True)  # (B, 1, D)
-        xc = x - ref
+        # Feature-major: (B, M, D) views of (B, D, M) memory, the layout the weighted sums
+        # read (a broadcast over a short last axis takes the CPU's slow path).
+        xt = x.transpose(1, 2).contiguous()
+        ref = xt.mean(2, keepdim=True)  # (B, D, 1)
+        xc = (xt - ref).transpose(1, 2)  # (B, M, D)
         loc_c = weighted_sums(resp, xc) / nk.unsqueeze(-1)
-        loc = loc_c + ref
+        loc = loc_c + ref.transpose(1, 2)
         if fixed_variance is None:
             var = weighted_squared_deviations(xc, loc_c, resp) / nk.unsqueeze(-1)
             var = var + self.reg_covar * variance_floor_unit(xc)
@@ -303,66 +306,83 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int | None) -
     ``lloyd_steps=None``: the seeds with pooled statistics."""
     batch, num_points, dim = x.shape
     rows = torch.arange(batch, device=x.device)
-    # The random choices are made without gradients; the resulting cluster statistics keep
-    # them, so an unrolled outer gradient sees how the initialization moves with an encoder.
-    # Everything is computed about the datapoint's mean: the Lloyd score |c|² - 2 c·x and the
-    # cluster sums cancel or round badly in float32 when the data sit far from the origin.
-    ref = x.mean(1, keepdim=True)  # (B, 1, D)
-    x_raw, x = x, x - ref
+    # Feature-major (B, D, M) throughout: every pass is over contiguous rows of M points (with
+    # a few features last, (B, M, D), broadcasts, scatters and matrix products take the CPU's
+    # slow paths). The random choices are made without gradients; the resulting cluster
+    # statistics keep them, so an unrolled outer gradient sees how the initialization moves
+    # with an encoder. Everything is computed about the datapoint's mean: the Lloyd score
+    # |c|² - 2 c·x and the cluster sums cancel or round badly in float32 when the data sit far
+    # from the origin.
+    xt = x.transpose(1, 2).contiguous()
+    ref = xt.mean(2, keepdim=True)  # (B, D, 1)
+    xt = xt - ref
     with torch.no_grad():
-        xd = x.detach()
-        xt = xd.transpose(1, 2).contiguous()  # (B, D, M): distances feature by feature
-        centers, seeds = [xd[rows, first]], [first]
-        closest = _squared_distances(xt, centers[0].unsqueeze(1))[0][:, 0]  # (B, M)
+        xd = xt.detach()
+        centers, seeds = [_columns(xd, first.unsqueeze(1))], [first]
+        closest = _squared_distances(xd, centers[0])[0][:, 0]  # (B, M)
         work = (None, None)  # the candidates' (B, T, M) distances and scratch, reused
         for i, u in enumerate(uniforms):
             cdf = (closest + 1e-12).cumsum(-1)
             idx = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(num_points - 1)  # (B, T)
-            cand = xd[rows.unsqueeze(1), idx]  # (B, T, D)
-            work = _squared_distances(xt, cand, *work)
+            cand = _columns(xd, idx)  # (B, T, D)
+            work = _squared_distances(xd, cand, *work)
             distances = work[0]  # (B, T, M), overwritten below
             new_closest = torch.minimum(closest.unsqueeze(1), distances, out=distances)
             best = new_closest.sum(-1).argmin(1)  # (B,)
-            centers.append(cand[rows, best])
+            centers.append(cand[rows, best].unsqueeze(1))
             seeds.append(idx[rows, best])
             if i + 1 < len(uniforms):  # the last seed's distances are not needed
                 closest = new_closest[rows, best]
-        centers = torch.stack(centers, 1)  # (B, K, D)
+        centers = torch.cat(centers, 1)  # (B, K, D)
     if lloyd_steps is None:  # the seeds are measurements, gathered with their gradients
         index = torch.stack(seeds, 1).unsqueeze(-1).expand(-1, -1, dim)
-        return _pooled_parts(x_raw, torch.gather(x_raw, 1, index))
+        return _pooled_parts(x, torch.gather(x, 1, index))
     with torch.no_grad():
         nearest = None
-        squares = (xt * xt).sum(1, keepdim=True)  # (B, 1, M)
+        squares = (xd * xd).sum(1, keepdim=True)  # (B, 1, M)
         for step in range(lloyd_steps + 1):
             # |x - c|² as one batched matrix product, then |c|² and |x|² added in place (a
             # broadcast subtraction of the centers takes the CPU's slow strided path, and
             # baddbmm would first copy the broadcast |c|² into a new (B, K, M) tensor).
-            score = torch.bmm(centers, xt).mul_(-2).add_((centers * centers).sum(-1, keepdim=True))
+            score = torch.bmm(centers, xd).mul_(-2).add_((centers * centers).sum(-1, keepdim=True))
             previous, nearest = nearest, _nearest(score.add_(squares).clamp_min_(0))  # (B, M)
             if step == lloyd_steps or (previous is not None and torch.equal(previous, nearest)):
                 break  # the assignment is a fixed point of Lloyd's iteration
-            counts = _cluster_counts(_flat_index(nearest, num_slots), batch, num_slots, xd.dtype)
-            sums = _cluster_sums(xd, nearest, num_slots)
+            members = _one_hot(nearest, num_slots, xd.dtype)  # (B, K, M)
+            counts = members.sum(-1, keepdim=True)  # (B, K, 1)
+            sums = torch.bmm(members, xd.transpose(1, 2))  # (B, K, D)
             centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
-    flat = _flat_index(nearest, num_slots)  # (B, M): rows of loc.flatten(0, 1)
-    nk = _cluster_counts(flat, batch, num_slots, x.dtype)  # (B, K, 1)
-    sums = _cluster_sums(x, nearest, num_slots)  # with gradients, as promised above
+        members = _one_hot(nearest, num_slots, xd.dtype)
+    # The cluster statistics with gradients, as promised above; (B, D, K) like the points.
+    nk = members.sum(-1).unsqueeze(1)  # (B, 1, K)
+    sums = torch.bmm(xt, members.transpose(1, 2))  # (B, D, K)
     # An empty cluster keeps its seed: its statistics come from the pooled data.
-    loc = torch.where(nk > 0, sums / nk.clamp_min(1), centers)
-    pooled = mean_and_variance(x)[1].expand(batch, num_slots, dim)
+    loc = torch.where(nk > 0, sums / nk.clamp_min(1), centers.transpose(1, 2))
+    pooled = (xt * xt).sum(2, keepdim=True) / max(num_points - 1, 1)  # (B, D, 1)
     # Squared deviation of every point from its own cluster's mean: O(B M D), no (B, K, M, D).
-    own = loc.flatten(0, 1).index_select(0, flat.flatten()).view(batch, num_points, dim)
-    dev = x - own
-    var = _cluster_sums(dev * dev, nearest, num_slots)
+    dev = xt - torch.gather(loc, 2, nearest.unsqueeze(1).expand(-1, dim, -1))
+    var = torch.bmm(dev * dev, members.transpose(1, 2))  # (B, D, K)
     var = torch.where(nk > 1, var / nk.clamp_min(1), pooled)
     var = var.clamp_min(1e-6 * pooled.detach().clamp_min(1e-12))
-    parts = {
-        "loc": loc + ref,
-        "log_scale": 0.5 * var.log(),
-        "logit": ((nk.squeeze(-1) + 1.0) / (num_points + num_slots)).log(),
+    return {
+        "loc": (loc + ref).transpose(1, 2),
+        "log_scale": 0.5 * var.log().transpose(1, 2),
+        "logit": ((nk.squeeze(1) + 1.0) / (num_points + num_slots)).log(),
     }
-    return parts
+
+
+def _columns(xt, index):
+    """Points ``(B, T, D)`` at ``index`` ``(B, T)`` of feature-major ``xt`` ``(B, D, M)``."""
+    return torch.gather(xt, 2, index.unsqueeze(1).expand(-1, xt.shape[1], -1)).transpose(1, 2)
+
+
+def _one_hot(nearest, num_slots: int, dtype):
+    """The hard assignment ``(B, M)`` as memberships ``(B, K, M)`` of ``dtype``:
+    ``max(0, 1 - |k - nearest|)``, in place on one tensor (a comparison writes booleans, whose
+    conversion is a second pass about twice as slow; a scatter is slower still)."""
+    k = torch.arange(num_slots, dtype=dtype, device=nearest.device).view(1, -1, 1)
+    members = nearest.to(dtype).unsqueeze(1) - k
+    return members.abs_().neg_().add_(1).clamp_min_(0)
 
 
 def _squared_distances(xt, centers, out=None, scratch=None):
@@ -385,28 +405,6 @@ def _squared_distances(xt, centers, out=None, scratch=None):
             scratch = a - b if scratch is None else torch.sub(a, b, out=scratch)
             out.addcmul_(scratch, scratch)
     return out, scratch
-
-
-def _cluster_sums(values, nearest, num_slots: int):
-    """Per-cluster sums ``(B, K, D)`` of ``values`` ``(B, M, D)`` under a hard assignment
-    ``(B, M)``."""
-    batch, _, dim = values.shape
-    index = nearest.unsqueeze(-1).expand(-1, -1, dim)
-    return values.new_zeros(batch, num_slots, dim).scatter_add(1, index, values)
-
-
-def _flat_index(nearest, num_slots: int):
-    """``b K + k`` ``(B, M)`` of a hard assignment ``(B, M)``: rows of a ``(B K, ...)`` table."""
-    rows = torch.arange(nearest.shape[0], device=nearest.device).unsqueeze(1)
-    return nearest + num_slots * rows
-
-
-def _cluster_counts(flat, batch: int, num_slots: int, dtype):
-    """Cluster sizes ``(B, K, 1)`` from the flat indices ``b K + k`` of a hard assignment
-    (:func:`_flat_index`): one count (a scatter over ``(B, M)`` costs 2-3 times more on the
-    CPU)."""
-    counts = torch.bincount(flat.flatten(), minlength=batch * num_slots)
-    return counts.view(batch, num_slots, 1).to(dtype)
 
 
 def _nearest(distances):

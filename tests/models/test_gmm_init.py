@@ -217,7 +217,7 @@ def test_nearest_center_is_numpy_argmin_with_ties_to_the_first(dtype, num_slots)
     """k-means++'s assignment (the slot index packed into the distances' low bits, or ``min``
     above 16 slots) against numpy's ``argmin``; exact ties (duplicated centers, zero distances)
     go to the first slot as in ``argmin``."""
-    from pyro_slots.models.gmm import _cluster_counts, _flat_index, _nearest
+    from pyro_slots.models.gmm import _nearest, _one_hot
 
     g = torch.Generator().manual_seed(num_slots)
     d = torch.rand(5, num_slots, 300, generator=g, dtype=torch.float64).to(dtype)
@@ -226,6 +226,63 @@ def test_nearest_center_is_numpy_argmin_with_ties_to_the_first(dtype, num_slots)
     got = _nearest(d)
     want = np.argmin(d.numpy(), axis=1)
     np.testing.assert_array_equal(got.numpy(), want)
-    counts = _cluster_counts(_flat_index(got, num_slots), 5, num_slots, dtype)
-    brute = np.stack([(want == k).sum(1) for k in range(num_slots)], 1)[..., None]
-    np.testing.assert_array_equal(counts.numpy(), brute)
+    members = _one_hot(got, num_slots, dtype)  # the assignment as k-means' memberships
+    brute = np.stack([want == k for k in range(num_slots)], 1)
+    np.testing.assert_array_equal(members.numpy(), brute.astype(members.numpy().dtype))
+
+
+def _numpy_lloyd_statistics(points, seeds, lloyd_steps):
+    """Lloyd's iterations from the seeds (ties to the first center, an empty cluster keeps its
+    center, stopping early at a fixed assignment), then the cluster means, per-feature variances
+    (the pooled unbiased variance below two points, floored at 1e-6 of it) and the smoothed
+    weights ``(N_k + 1) / (M + K)``, per datapoint in numpy."""
+    num_points, num_slots = len(points), len(seeds)
+    centers, nearest = points[seeds].copy(), None
+    for step in range(lloyd_steps + 1):
+        d2 = ((points[:, None, :] - centers[None]) ** 2).sum(-1)
+        previous, nearest = nearest, d2.argmin(1)
+        if step == lloyd_steps or (previous is not None and (previous == nearest).all()):
+            break
+        for k in range(num_slots):
+            if (nearest == k).any():
+                centers[k] = points[nearest == k].mean(0)
+    pooled = points.var(0, ddof=1)
+    loc, var, count = centers.copy(), np.tile(pooled, (num_slots, 1)), np.zeros(num_slots)
+    for k in range(num_slots):
+        members = points[nearest == k]
+        count[k] = len(members)
+        if len(members):
+            loc[k] = members.mean(0)
+        if len(members) > 1:
+            var[k] = ((members - loc[k]) ** 2).mean(0)
+    var = np.maximum(var, 1e-6 * pooled)
+    return loc, var, np.log((count + 1) / (num_points + num_slots))
+
+
+@pytest.mark.parametrize("lloyd_steps", [0, 1, 10])
+def test_kmeans_plus_plus_statistics_are_numpy_lloyd_from_the_same_seeds(lloyd_steps):
+    """init="kmeans++": from the greedy seeds, ``init_lloyd_steps`` hard k-means iterations and
+    the final assignment's cluster means, variances and smoothed weights, against a numpy Lloyd
+    per datapoint (float64, data far from the origin); the means carry x's gradient (the means
+    of the assigned points: each point's gradient of Σ loc is 1 / N_k, so a set's total is the
+    number of non-empty clusters times the features)."""
+    g = torch.Generator().manual_seed(4)
+    centers = 6.0 * torch.randn(6, 1, 3, 2, generator=g, dtype=torch.float64)
+    pick = torch.randint(3, (6, 50), generator=g)
+    x = torch.gather(centers.expand(6, 50, 3, 2), 2, pick[..., None, None].expand(6, 50, 1, 2))
+    x = x.squeeze(2) + torch.randn(6, 50, 2, generator=g, dtype=torch.float64) + 100.0
+    x.requires_grad_()
+    gmm = GaussianMixture(4, 2, init_lloyd_steps=lloyd_steps)
+    parts = gmm.slot_spec.split(gmm.init_slots(x, 4, torch.Generator().manual_seed(3)))
+    xn = x.detach().numpy()
+    seeds = _numpy_kmeans_plus_plus_seeds(xn, 4, torch.Generator().manual_seed(3))
+    nonempty = []
+    for n in range(6):
+        loc, var, logit = _numpy_lloyd_statistics(xn[n], seeds[n], lloyd_steps)
+        np.testing.assert_allclose(parts["loc"][n].detach().numpy(), loc, rtol=1e-12)
+        np.testing.assert_allclose(parts["log_scale"][n].exp().detach().numpy() ** 2, var,
+                                   rtol=1e-9)  # fmt: skip
+        np.testing.assert_allclose(parts["logit"][n].detach().numpy(), logit, rtol=1e-12)
+        nonempty.append(float((logit > np.log(1 / 54) + 1e-9).sum()))
+    (grad,) = torch.autograd.grad(parts["loc"].sum(), x)
+    np.testing.assert_allclose(grad.sum((1, 2)).numpy(), 2 * np.array(nonempty), rtol=1e-12)
