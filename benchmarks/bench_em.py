@@ -45,19 +45,36 @@ def true_loglik(x, means, scales, w):
     return torch.logsumexp(lp, 1).mean().item()
 
 
-def parse_config(text: str) -> tuple[int, int | None, int]:
-    """``R[:S[:L]]``: R restarts, pruned to the best after S steps (``-``: never), k-means++
+def parse_config(text: str) -> tuple[int, int | tuple | None, int]:
+    """``R[:S[:L]]``: R restarts, pruned to the best after S steps (``-``: never; ``s=k,...``:
+    in stages, the k best kept at step s, as ``refine(keep_best_after={s: k, ...})``, returned
+    as ``((s, k), ...)`` so that a configuration can key a dict), k-means++
     followed by L Lloyd steps (default 10, scikit-learn's k-means runs to convergence)."""
     parts = text.split(":")
     if not 1 <= len(parts) <= 3:
         raise argparse.ArgumentTypeError(f"--configs: expected R[:S[:L]], got {text!r}")
     try:
         restarts = int(parts[0])
-        after = None if len(parts) < 2 or parts[1] == "-" else int(parts[1])
+        if len(parts) < 2 or parts[1] == "-":
+            after = None
+        elif "=" in parts[1]:
+            stages = (stage.split("=") for stage in parts[1].split(","))
+            after = tuple((int(step), int(kept)) for step, kept in stages)
+        else:
+            after = int(parts[1])
         lloyd = 10 if len(parts) < 3 else int(parts[2])
     except ValueError:
         raise argparse.ArgumentTypeError(f"--configs: expected integers, got {text!r}") from None
     return restarts, after, lloyd
+
+
+def schedule_label(after) -> str:
+    """The table's text for ``keep_best_after``: ``-``, the step, or ``s → k`` per stage."""
+    if after is None:
+        return "-"
+    if isinstance(after, tuple):
+        return ", ".join(f"{s} → {k}" for s, k in after)
+    return str(after)
 
 
 def main(args):
@@ -76,7 +93,8 @@ def main(args):
         with torch.inference_mode():
             result = ps.refine(
                 gmm, x.to(dtype), rule, seed=0, elbo_tol=args.elbo_tol,
-                num_restarts=num_restarts, keep_best_after=after, responsibilities=False,
+                num_restarts=num_restarts, responsibilities=False,
+                keep_best_after=dict(after) if isinstance(after, tuple) else after,
             )  # fmt: skip
             return result.best() if num_restarts > 1 else result
 
@@ -112,7 +130,7 @@ def main(args):
             [
                 f"pyro_slots.refine(EM), {name}",
                 num_restarts,
-                "-" if after is None else after,
+                schedule_label(after),
                 lloyd,
                 t,
                 t / args.num_sets * 1e3,
@@ -124,7 +142,9 @@ def main(args):
                 f"{t_sk / t:.2f}x",
             ]
         )
-        label = f"R = {num_restarts}" + ("" if after is None else f" pruned after {after}")
+        label = f"R = {num_restarts}" + (
+            "" if after is None else f" pruned after {schedule_label(after)}"
+        )
         verdicts.append((t_sk / t, worse, diff.mean(), name, f"{label}, {lloyd} Lloyd"))
     rows.append(
         ["sklearn GaussianMixture loop (n_init=1), float64", 1, "-", "to convergence", t_sk,

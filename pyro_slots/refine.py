@@ -222,7 +222,7 @@ def run_inner(
     rows: torch.Tensor | None = None,
     num_rows: int | None = None,
     num_restarts: int = 1,
-    keep_best_after: int | None = None,
+    keep_best_after: dict[int, int] | None = None,
 ) -> RefineResult:
     """Run the inner loop from λ_0 = ``slots``: the one loop of the library.
 
@@ -249,10 +249,10 @@ def run_inner(
         gradient to the initialization (:class:`~pyro_slots.NestedSVI`).
     :param rows: with ``num_rows``, where the datapoints sit in the batch that rules draw
         random numbers for (:class:`InnerProblem`): a chunk or shard of a larger batch.
-    :param int keep_best_after: with ``num_restarts`` (the batch holds that many restarts of
-        every datapoint, restart-major), before graph-free step ``keep_best_after`` every
-        datapoint keeps only its restart of highest ELBO at λ_t running; the others are frozen
-        there, as a converged datapoint is (:func:`refine`).
+    :param dict keep_best_after: ``{step: kept}``, with ``num_restarts`` (the batch holds that
+        many restarts of every datapoint, restart-major): before graph-free step ``step`` every
+        datapoint keeps only its ``kept`` restarts of highest ELBO at λ_t running; the others
+        are frozen there, as a converged datapoint is (:func:`refine`).
     """
     batch, num_points = x_enc.shape[:2]
     free_steps = num_steps - backprop_steps
@@ -277,15 +277,19 @@ def run_inner(
     state, previous = full, None
     pruned = None  # (rows, ELBO at the slots they were frozen at) of the restarts pruned
     pruned_at_start = None  # every row's ELBO at λ_0 where the restarts are pruned there
+    schedule = keep_best_after or {}
     while t < free_steps:
-        if t == keep_best_after:
+        if t in schedule:
             frozen_elbo = trace.history[-1] if trace.history else None
             keep, elbo_now = _best_restarts(
-                problem, state, active, frozen_elbo, batch, num_restarts
+                problem, state, active, frozen_elbo, batch, num_restarts, schedule[t]
             )
             _check_elbo(inner, elbo_now, t)
             rows_now = torch.arange(batch, device=steps.device) if active is None else active
-            pruned = (rows_now[~keep], elbo_now[~keep])
+            lost = (rows_now[~keep], elbo_now[~keep])
+            if pruned is not None:  # an earlier stage's losers stay where they lost
+                lost = (torch.cat([pruned[0], lost[0]]), torch.cat([pruned[1], lost[1]]))
+            pruned = lost
             if not trace.history:  # the rows frozen at λ_0 are recorded with this ELBO
                 pruned_at_start = elbo_now
             if not bool(keep.any()):
@@ -417,6 +421,39 @@ def run_inner(
     )
 
 
+def _prune_schedule(keep_best_after, num_restarts: int, num_steps: int) -> dict[int, int]:
+    """``refine``'s ``keep_best_after`` (an int ``S`` or ``{step: kept}``) as a checked dict
+    ordered by step."""
+    if num_restarts < 2:
+        raise ValueError(
+            f"keep_best_after: prunes restarts, expected num_restarts > 1, got {num_restarts}"
+        )
+    if isinstance(keep_best_after, dict):
+        if not keep_best_after:
+            raise ValueError("keep_best_after: expected a non-empty dict {step: kept}, got {}")
+        schedule = {}
+        for step, kept in keep_best_after.items():
+            step = check_positive_int(step, "keep_best_after: a step", minimum=0)
+            schedule[step] = check_positive_int(kept, f"keep_best_after[{step}]")
+        schedule = dict(sorted(schedule.items()))
+    else:
+        schedule = {check_positive_int(keep_best_after, "keep_best_after", minimum=0): 1}
+    last = num_restarts
+    for step, kept in schedule.items():
+        if step >= num_steps:
+            raise ValueError(
+                f"keep_best_after: expected 0 <= keep_best_after < num_steps = {num_steps}, "
+                f"got {step}"
+            )
+        if not kept < last:
+            raise ValueError(
+                f"keep_best_after: the restarts kept must decrease from {num_restarts} stage by "
+                f"stage, got {kept} at step {step} after {last}"
+            )
+        last = kept
+    return schedule
+
+
 def best_restart(scores: torch.Tensor) -> torch.Tensor:
     """``(batch,)`` index of the best of ``scores`` ``(restarts, batch)`` (an ELBO) per column;
     of restarts tied up to rounding (within ``16 ε |best|``) the first.
@@ -432,13 +469,16 @@ def best_restart(scores: torch.Tensor) -> torch.Tensor:
     return (tied.cumsum(0) == 0).sum(0)
 
 
-def _best_restarts(problem, state, active, frozen_elbo, batch: int, num_restarts: int):
-    """Which of the running rows ``active`` (``None``: all ``batch`` rows) is its datapoint's
-    best restart.
+def _best_restarts(
+    problem, state, active, frozen_elbo, batch: int, num_restarts: int, kept: int = 1
+):
+    """Which of the running rows ``active`` (``None``: all ``batch`` rows) are among their
+    datapoint's ``kept`` best restarts.
 
     The running rows' ELBO is evaluated at their slots; a frozen row competes with its last
     recorded ELBO (``frozen_elbo``, over the whole batch). Rows are restart-major: row
-    ``r * n + i`` is restart ``r`` of datapoint ``i``.
+    ``r * n + i`` is restart ``r`` of datapoint ``i``. The winners are drawn one at a time by
+    :func:`best_restart` (ties up to rounding go to the first restart).
 
     :returns: ``(keep, elbo)``: a mask and the ELBO, both over the running rows.
     """
@@ -449,10 +489,13 @@ def _best_restarts(problem, state, active, frozen_elbo, batch: int, num_restarts
     else:
         current = frozen_elbo.index_copy(0, active, elbo.to(frozen_elbo.dtype))
     per_datapoint = batch // num_restarts
-    winner = best_restart(current.reshape(num_restarts, per_datapoint)) * per_datapoint
-    winner = winner + torch.arange(per_datapoint, device=winner.device)
-    is_winner = torch.zeros(batch, dtype=torch.bool, device=winner.device)
-    is_winner[winner] = True
+    scores = current.reshape(num_restarts, per_datapoint)
+    columns = torch.arange(per_datapoint, device=scores.device)
+    is_winner = torch.zeros(num_restarts, per_datapoint, dtype=torch.bool, device=scores.device)
+    for _ in range(kept):
+        winner = best_restart(scores.masked_fill(is_winner, -math.inf))
+        is_winner[winner, columns] = True
+    is_winner = is_winner.flatten()
     return (is_winner if active is None else is_winner[active]), elbo
 
 
@@ -510,7 +553,7 @@ def refine(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     num_restarts: int = 1,
-    keep_best_after: int | None = None,
+    keep_best_after: int | dict[int, int] | None = None,
     tol: float | None = None,
     elbo_tol: float | None = None,
     keep_trajectory: bool = False,
@@ -543,14 +586,18 @@ def refine(
     :param init: a :class:`~pyro_slots.init.SlotInitializer` to draw λ_0 from.
     :param int seed: seed of the slot initialization (or pass ``generator``).
     :param int num_restarts: R independent initializations per datapoint, run side by side.
-    :param int keep_best_after: prune the restarts after this many steps: at λ_t, t =
+    :param keep_best_after: prune the restarts after this many steps (an int): at λ_t, t =
         ``keep_best_after``, the ELBO of every restart is evaluated and only each datapoint's
         best restart runs on; the others stay there, frozen as a converged datapoint is (their
         ``steps`` is ``keep_best_after``, their final ELBO the one they were compared by). The
         restarts then cost ``R`` times the first steps only, not the whole loop. For a rule
         that ascends the ELBO monotonically (EM) :meth:`RefineResult.best` then returns the
         restart that ran on; otherwise it returns whichever ended highest. Needs
-        ``num_restarts > 1`` and ``0 <= keep_best_after < num_steps``.
+        ``num_restarts > 1`` and ``0 <= keep_best_after < num_steps``. A dict ``{step: kept}``
+        prunes in stages (successive halving): e.g. ``{0: 2, 1: 1}`` keeps each datapoint's
+        2 best restarts at λ_0 and the best of those 2 at λ_1, so the full ``R`` restarts cost
+        one ELBO evaluation, not a step; ``kept`` decreases from stage to stage, within
+        ``1 <= kept < num_restarts``, and an int ``S`` is ``{S: 1}``.
     :param float tol: stop a datapoint once its residual ``‖λ_{t+1} - λ_t‖`` is below ``tol``;
         later steps run on the datapoints still active only (:func:`run_inner`).
     :param float elbo_tol: stop a datapoint once its ELBO changed by less than ``elbo_tol`` per
@@ -597,16 +644,7 @@ def refine(
     num_steps = check_positive_int(inner.num_steps if num_steps is None else num_steps, "num_steps")
     num_restarts = check_positive_int(num_restarts, "num_restarts")
     if keep_best_after is not None:
-        keep_best_after = check_positive_int(keep_best_after, "keep_best_after", minimum=0)
-        if num_restarts < 2:
-            raise ValueError(
-                f"keep_best_after: prunes restarts, expected num_restarts > 1, got {num_restarts}"
-            )
-        if keep_best_after >= num_steps:
-            raise ValueError(
-                f"keep_best_after: expected 0 <= keep_best_after < num_steps = {num_steps}, "
-                f"got {keep_best_after}"
-            )
+        keep_best_after = _prune_schedule(keep_best_after, num_restarts, num_steps)
     if tol is not None:
         tol = check_positive_float(tol, "tol")
     if elbo_tol is not None:

@@ -37,8 +37,9 @@ def test_time_to_fg_ari_is_the_first_record_at_or_above_the_threshold(tmp_path, 
 
 
 def test_em_benchmark_configurations_parse_and_bad_ones_are_named():
-    """``R[:S[:L]]``: restarts, the step after which the best is kept (``-``: never) and the
-    Lloyd steps (default 10, as the benchmark's rows without one)."""
+    """``R[:S[:L]]``: restarts, the step after which the best is kept (``-``: never; ``s=k,...``
+    a schedule of stages) and the Lloyd steps (default 10, as the benchmark's rows without
+    one)."""
     import argparse
 
     import pytest
@@ -48,7 +49,8 @@ def test_em_benchmark_configurations_parse_and_bad_ones_are_named():
     assert parse_config("8") == (8, None, 10)
     assert parse_config("6:1:0") == (6, 1, 0)
     assert parse_config("6:-:3") == (6, None, 3)
-    for bad in ("6:x", "1:2:3:4", ""):
+    assert parse_config("6:0=2,1=1:0") == (6, ((0, 2), (1, 1)), 0)
+    for bad in ("6:x", "1:2:3:4", "", "6:0=2,1"):
         with pytest.raises(argparse.ArgumentTypeError, match="--configs"):
             parse_config(bad)
     assert parse([]).configs == ["1", "8", "6:1:1", "6:1:0"]

@@ -36,6 +36,28 @@ class SpyRule(EM):
             r"keep_best_after: expected 0 <= keep_best_after < num_steps = 3, got 3",
         ),
         (torch.randn(2, 5, 2), {"keep_best_after": -1, "num_restarts": 2}, "keep_best_after"),
+        (
+            torch.randn(2, 5, 2),
+            {"keep_best_after": {0: 2, 1: 2}, "num_restarts": 4},
+            r"keep_best_after: the restarts kept must decrease from 4 stage by stage, got 2 at "
+            r"step 1 after 2",
+        ),
+        (
+            torch.randn(2, 5, 2),
+            {"keep_best_after": {1: 1, 0: 4}, "num_restarts": 4},
+            "got 4 at step 0 after 4",
+        ),
+        (
+            torch.randn(2, 5, 2),
+            {"keep_best_after": {0: 2, 3: 1}, "num_restarts": 4},
+            r"keep_best_after: expected 0 <= keep_best_after < num_steps = 3, got 3",
+        ),
+        (torch.randn(2, 5, 2), {"keep_best_after": {}, "num_restarts": 2}, "non-empty dict"),
+        (
+            torch.randn(2, 5, 2),
+            {"keep_best_after": {0: 0}, "num_restarts": 2},
+            r"keep_best_after\[0\]: expected an integer >= 1",
+        ),
         (torch.randn(2, 5, 2), {"tol": -1.0}, "tol: expected a finite number > 0"),
         (torch.randn(2, 5, 2), {"slots": torch.randn(2, 3, 4)}, r"slots: expected shape \(1, 2,"),
         (torch.randn(2, 5, 2), {"slots": torch.randn(3, 3, 5)}, r"slots: .* got \(3, 3, 5\)"),
@@ -184,6 +206,36 @@ def test_keep_best_after_is_best_of_the_first_steps_then_that_restart_alone(
     # EM is monotone: best() ends where the restart that ran on ends (or at a tie with it, a
     # restart that had converged to the same optimum, its components permuted).
     assert torch.allclose(pruned.best().elbo[0], rest.elbo[0], atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_keep_best_after_in_stages_is_successive_halving_of_the_restarts(float64, chunk_size):
+    """``keep_best_after={0: 2, 2: 1}`` against its definition, computed from one run of every
+    restart: the 2 best of 4 restarts by the ELBO at λ_0 run on, the better of those 2 at λ_2
+    runs alone to the end; each loser stays where it lost (slots, ELBO, steps)."""
+    x, _ = make_point_sets(5, 60, num_components=4, seed=3, spread=1.0)
+    gmm = GaussianMixture(3, 2, init_lloyd_steps=0)
+    staged = ps.refine(
+        gmm, x, EM(6), seed=2, num_restarts=4, keep_best_after={2: 1, 0: 2}, chunk_size=chunk_size
+    )
+    full = ps.refine(gmm, x, EM(6), seed=2, num_restarts=4, keep_trajectory=True)
+    trajectory = torch.stack(full.trajectory)  # (T + 1, R, batch, K, slot)
+    rows = torch.arange(5)
+    first = full.history[0].argsort(0, descending=True)[:2]  # (2, batch): kept at λ_0
+    second = first[full.history[2][first, rows].argmax(0), rows]  # the winner at λ_2
+    assert len(set(full.history[0].flatten().tolist())) == 20  # no ties to break
+    assert torch.allclose(staged.slots[second, rows], full.slots[second, rows], atol=1e-10)
+    assert torch.equal(staged.steps[second, rows], torch.full((5,), 6))
+    runner_up = first.sum(0) - second
+    assert torch.equal(staged.steps[runner_up, rows], torch.full((5,), 2))
+    assert torch.allclose(staged.slots[runner_up, rows], trajectory[2][runner_up, rows], atol=1e-12)
+    assert torch.allclose(staged.elbo[runner_up, rows], full.history[2][runner_up, rows])
+    lost_at_start = torch.ones(4, 5, dtype=torch.bool)
+    lost_at_start[first, rows] = False
+    assert torch.equal(staged.steps[lost_at_start], torch.zeros(10, dtype=torch.long))
+    assert torch.allclose(staged.slots[lost_at_start], trajectory[0][lost_at_start])
+    assert torch.allclose(staged.elbo[lost_at_start], full.history[0][lost_at_start])
+    assert torch.allclose(staged.best().elbo[0], full.elbo[second, rows], atol=1e-10)
 
 
 def test_same_seed_same_result_and_history_starts_at_initial_elbo(float64):
