@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pyro_slots.init import GaussianInit
-from pyro_slots.model import SlotModel, SlotSpec, select_component
+from pyro_slots.model import SlotCategorical, SlotModel, SlotSpec, select_component
 from pyro_slots.validation import check_positive_float, check_positive_int, check_slots
 
 from .blocks import SpatialBroadcastDecoder, _int_tuple, _pair
@@ -209,9 +209,10 @@ class IODINE(SlotModel):
                 z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))
             means, logits = self.pixel_components(z)  # (..., B, M, K, C), (..., B, M, K)
             with pyro.plate("measurements", num_pixels, dim=-1):
+                # Normalized over the slots where the decoder put them, (..., B, K, M).
                 a = pyro.sample(
                     "assignment",
-                    dist.Categorical(logits=logits),
+                    SlotCategorical(logits.transpose(-1, -2), dim=-2),
                     infer={"enumerate": "parallel"},
                 )
                 # The means' batch dims (..., B, M) line up with the plates; under enumeration

@@ -15,7 +15,7 @@ from . import data, elbo, inner, metrics, objectives
 from ._allocator import tune_allocator
 from .elbo import PerDatapointELBO, per_datapoint_elbo
 from .init import AmortizedInit, GaussianInit, LearnedQueries, SlotInitializer, SlotTransition
-from .model import SlotModel, SlotSpec, select_component
+from .model import SlotCategorical, SlotModel, SlotSpec, select_component
 from .nested import (
     GRADIENT_MODES,
     ImplicitAdjoint,
@@ -47,6 +47,7 @@ __all__ = [
     "SlotInitializer",
     "SlotModel",
     "SlotSpec",
+    "SlotCategorical",
     "SlotTransition",
     "checkpoint",
     "cli",

@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping
 
+import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 from pyro.ops.indexing import Vindex
 
 from .validation import CapabilityError, check_measurements
 
-__all__ = ["SlotModel", "SlotSpec", "select_component"]
+__all__ = ["SlotCategorical", "SlotModel", "SlotSpec", "select_component"]
 
 
 class SlotSpec:
@@ -204,3 +205,38 @@ def select_component(values: torch.Tensor, index: torch.Tensor, dim: int, event_
         out = moved.movedim(batch_rank, 0)  # (K, *batch, *event), a view
         return out[(slice(None),) + (None,) * extra] if extra else out
     return Vindex(moved)[(Ellipsis, index) + (slice(None),) * event_dim]
+
+
+class SlotCategorical(dist.Categorical):
+    """``dist.Categorical(logits=logits.movedim(dim, -1))``, normalized along ``dim``, where the
+    logits lie in memory.
+
+    A decoder emits the per-measurement mixing logits of a slot model slot-major, ``(..., K,
+    M)``; torch's ``Categorical`` normalizes over its last axis, which is then a strided axis of
+    length K, and a log-sum-exp and its gradient over a short strided axis take the CPU's slow
+    path (0.60 ms against 0.15 ms for one ``log_softmax`` over ``(32, 4, 1024)`` with its
+    gradient). The same distribution with the same log-densities: :attr:`logits` are the
+    normalized values with the category axis last (a view of the ``log_softmax``), its batch
+    shape ``logits.shape`` without ``dim``.
+
+    :param torch.Tensor logits: unnormalized log-probabilities, categories along ``dim``.
+    :param int dim: the category (slot) axis of ``logits``.
+    """
+
+    def __init__(self, logits: torch.Tensor, dim: int = -1, validate_args=None):
+        if not torch.is_tensor(logits) or logits.dim() < 1:
+            raise ValueError(f"logits: expected a tensor with a category axis, got {logits!r}")
+        if not -logits.dim() <= dim < logits.dim():
+            raise ValueError(
+                f"dim: expected an axis of logits with shape {tuple(logits.shape)}, got {dim}"
+            )
+        self.logits = torch.log_softmax(logits, dim).movedim(dim, -1)
+        self._param = self.logits
+        self._num_events = self.logits.shape[-1]
+        batch_shape = self.logits.shape[:-1]
+        # torch's Categorical.__init__ would normalize the logits again, over the strided axis.
+        torch.distributions.Distribution.__init__(self, batch_shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(SlotCategorical, _instance)
+        return super().expand(batch_shape, _instance=new)
