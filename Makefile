@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 STEPS ?=
 
-.PHONY: venv install demo test test-slow test-gpu lint format bench clean docs docs-fast
+.PHONY: venv install demo test test-slow test-gpu lint format bench bench-em clean docs docs-fast
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -60,6 +60,10 @@ docs-fast: $(DOCS_STAMP)
 bench: $(STAMP)
 	$(PIP) install -q -c constraints.txt -e ".[bench]"
 	$(PY) -m benchmarks.run
+
+# Batched EM against a scikit-learn loop (issue 22, 3): benchmarks/results/em.md.
+bench-em: $(STAMP)
+	$(PY) -m benchmarks.bench_em --repeats 9
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache docs/_build docs/auto_tutorials

@@ -212,7 +212,7 @@ def parse(argv=None):
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--elbo-tol", type=float, default=1e-3, help="scikit-learn's default")
     parser.add_argument(
-        "--configs", nargs="+", default=["1", "8", "6:1:1", "6:1:0"],
+        "--configs", nargs="+", default=["1", "8", "6:1:1", "6:1:0", "6:0=3,1=1:0"],
         help="R[:S[:L]]: R restarts, the best kept after S steps, L Lloyd steps (default 10)",
     )  # fmt: skip
     parser.add_argument("--worse-by", type=float, default=0.01)

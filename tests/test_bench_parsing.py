@@ -53,7 +53,7 @@ def test_em_benchmark_configurations_parse_and_bad_ones_are_named():
     for bad in ("6:x", "1:2:3:4", "", "6:0=2,1"):
         with pytest.raises(argparse.ArgumentTypeError, match="--configs"):
             parse_config(bad)
-    assert parse([]).configs == ["1", "8", "6:1:1", "6:1:0"]
+    assert parse([]).configs == ["1", "8", "6:1:1", "6:1:0", "6:0=3,1=1:0"]
 
 
 def test_em_benchmark_point_sets_depend_on_their_seed_alone():
