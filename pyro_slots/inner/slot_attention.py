@@ -133,21 +133,29 @@ class _AttendPool(torch.autograd.Function):
     contiguous; with a ``token`` of :class:`_CollectInputsGradient` the factors are left in its
     ``sink`` instead, for one gradient over all the steps that share ``n``. The backward is made
     of differentiable operations of saved inputs and outputs, so double backward works (a
-    backward that builds a graph computes ``dn`` here, not through the sink).
+    backward that builds a graph computes ``dn`` here, not through the sink). On the CPU the
+    forward and the graph-free backward run a few datapoints at a time
+    (:data:`ATTEND_CHUNK_BYTES`), each reading its inputs twice while they are in the cache.
     """
 
     @staticmethod
     def forward(ctx, q, n, eps, token=None, sink=None):
         batch, heads, num_slots, features = q.shape
-        rows = heads * num_slots
+        rows, num_inputs = heads * num_slots, n.shape[1]
         # Base-2 logits: the log2(e) goes on the (batch, rows, F) queries, and the softmax
         # takes exp2, about twice as fast as exp on the CPU (the same probabilities).
         q2 = q.reshape(batch, rows, features) * math.log2(math.e)
-        logits2 = torch.bmm(q2, n.transpose(1, 2))
-        attn = stable_softmax(
-            logits2.view(batch, heads, num_slots, -1), 2, eps, log2=True, overwrite=True
-        )
-        pooled = torch.bmm(attn.view(batch, rows, -1), n)
+        attn = q2.new_empty(batch, rows, num_inputs)
+        pooled = q2.new_empty(batch, rows, features)
+        # A few datapoints at a time (ATTEND_CHUNK_BYTES of inputs): the second product reads
+        # each datapoint's inputs while the first one's read still holds them in the cache.
+        for lo, hi in _batch_chunks(n):
+            logits2 = torch.bmm(q2[lo:hi], n[lo:hi].transpose(1, 2), out=attn[lo:hi])
+            p = stable_softmax(
+                logits2.view(hi - lo, heads, num_slots, -1), 2, eps, log2=True, overwrite=True
+            )
+            torch.bmm(p.view(hi - lo, rows, -1), n[lo:hi], out=pooled[lo:hi])
+        attn = attn.view(batch, heads, num_slots, num_inputs)
         # Only inputs and outputs keep their history for a double backward: p comes back from
         # the output, p = attn - eps (off by at most an ulp of eps, below the eps floor itself).
         ctx.save_for_backward(q, n, attn)
@@ -158,24 +166,31 @@ class _AttendPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_attn, d_pooled):
         q, n, attn = ctx.saved_tensors
-        p = attn - ctx.eps
         batch, heads, num_slots, features = q.shape
         rows = heads * num_slots
         if d_pooled is None:
             d_pooled = q.new_zeros(q.shape)
         d_pooled = d_pooled.reshape(batch, rows, features)
-        g = torch.bmm(d_pooled, n.transpose(1, 2)).view_as(p)
-        if d_attn is not None:
-            g = g + d_attn
-        pg = p * g  # the softmax's backward, p (g - Σ_K p g)
-        d_logits = torch.addcmul(pg, p, pg.sum(2, keepdim=True), value=-1).view(batch, rows, -1)
-        d_q = d_n = d_token = None
-        if ctx.needs_input_grad[0]:
-            d_q = torch.bmm(d_logits, n).view(q.shape)
         # A backward that builds a graph computes dn here, differentiably; else the sink does.
         defer = ctx.sink is not None and not torch.is_grad_enabled()
-        if ctx.needs_input_grad[1] and (not defer or ctx.sink.needed()):
-            left = torch.cat([d_logits, attn.view(batch, rows, -1)], dim=1)  # (batch, 2 rows, M)
+        need_n = ctx.needs_input_grad[1] and (not defer or ctx.sink.needed())
+        if not torch.is_grad_enabled():
+            d_q, left = _attend_pool_grads(q, n, attn, ctx.eps, d_attn, d_pooled, need_n)
+        else:
+            p = attn - ctx.eps
+            g = torch.bmm(d_pooled, n.transpose(1, 2)).view_as(p)
+            if d_attn is not None:
+                g = g + d_attn
+            pg = p * g  # the softmax's backward, p (g - Σ_K p g)
+            d_logits = torch.addcmul(pg, p, pg.sum(2, keepdim=True), value=-1)
+            d_logits = d_logits.view(batch, rows, -1)
+            d_q = torch.bmm(d_logits, n).view(q.shape) if ctx.needs_input_grad[0] else None
+            left = None
+            if need_n:
+                left = torch.cat([d_logits, attn.view(batch, rows, -1)], dim=1)  # (B, 2 rows, M)
+        d_q = d_q if ctx.needs_input_grad[0] else None
+        d_n = d_token = None
+        if need_n:
             right = torch.cat([q.reshape(batch, rows, features), d_pooled], dim=1)
             if defer:
                 ctx.sink.add(left, right)
@@ -183,6 +198,49 @@ class _AttendPool(torch.autograd.Function):
             else:
                 d_n = torch.bmm(left.transpose(1, 2), right)
         return d_q, d_n, None, d_token, None
+
+
+#: Bytes of inputs per chunk of :class:`_AttendPool`'s batch: the inputs of a chunk are read
+#: twice in a row (the logits, then the weighted sums; in the backward the logits' gradient,
+#: then the queries'), the second time from the cache. Forward and backward of three
+#: iterations with 2 threads on this project's machine (32 MiB L3): 5 % faster at 64 × 1024
+#: inputs, 1.5 % at 32 × 4096 than the whole batch at once; 1 and 2 MiB were slower.
+ATTEND_CHUNK_BYTES = 2**22
+
+
+def _batch_chunks(n):
+    """``(lo, hi)`` slices of ``n``'s batch holding about :data:`ATTEND_CHUNK_BYTES` each; one
+    slice off the CPU (there every chunk is more kernel launches, not fewer passes over memory)."""
+    batch = n.shape[0]
+    if n.device.type != "cpu" or batch == 0:
+        return [(0, batch)]
+    per_datapoint = n[0].numel() * n.element_size()
+    size = max(1, min(batch, ATTEND_CHUNK_BYTES // max(1, per_datapoint)))
+    return [(lo, min(lo + size, batch)) for lo in range(0, batch, size)]
+
+
+def _attend_pool_grads(q, n, attn, eps, d_attn, d_pooled, need_n: bool):
+    """:class:`_AttendPool`'s backward without a graph, a chunk of the batch at a time:
+    ``d_q`` ``(B, heads, K, F)`` and, with ``need_n``, the left factor ``[d_logits; attn]``
+    ``(B, 2 rows, M)`` of the inputs' gradient."""
+    batch, heads, num_slots, features = q.shape
+    rows, num_inputs = heads * num_slots, n.shape[1]
+    d_q = q.new_empty(batch, rows, features)
+    left = q.new_empty(batch, 2 * rows, num_inputs) if need_n else None
+    for lo, hi in _batch_chunks(n):
+        a = attn[lo:hi].view(hi - lo, rows, num_inputs)
+        g = torch.bmm(d_pooled[lo:hi], n[lo:hi].transpose(1, 2))  # (c, rows, M)
+        if d_attn is not None:
+            g.add_(d_attn[lo:hi].reshape(hi - lo, rows, num_inputs))
+        p = a - eps
+        pg = g.mul_(p).view(hi - lo, heads, num_slots, -1)  # the softmax's backward
+        d_logits = pg.addcmul_(p.view_as(pg), pg.sum(2, keepdim=True), value=-1)
+        d_logits = d_logits.view(hi - lo, rows, -1)
+        torch.bmm(d_logits, n[lo:hi], out=d_q[lo:hi])
+        if need_n:
+            left[lo:hi, :rows] = d_logits
+            left[lo:hi, rows:] = a
+    return d_q.view(q.shape), left
 
 
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:

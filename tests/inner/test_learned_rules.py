@@ -238,15 +238,30 @@ def test_folded_projections_equal_the_textbook_order(float64, num_heads):
     assert torch.allclose(a.responsibilities, b.responsibilities, atol=1e-12)
 
 
+@pytest.fixture(params=["whole batch", "chunks of 2"])
+def attend_chunks(request, monkeypatch):
+    """The fused attention over the whole batch at once, or in chunks (``ATTEND_CHUNK_BYTES``):
+    of 2 datapoints for 6 inputs x 4 features, the last chunk shorter, and of one datapoint
+    for the 40 points of ``_data()``."""
+    from pyro_slots.inner import slot_attention as sa
+
+    if request.param == "chunks of 2":
+        monkeypatch.setattr(sa, "ATTEND_CHUNK_BYTES", 2 * 6 * 4 * 8)
+    return request.param
+
+
 @pytest.mark.parametrize("num_heads", [1, 2])
-def test_fused_attention_gradients_match_finite_differences(float64, num_heads):
+def test_fused_attention_gradients_match_finite_differences(float64, num_heads, attend_chunks):
     """The fused attention-pooling's hand-written backward (and its double backward) against
-    central finite differences of its forward, with both outputs feeding the loss."""
-    from pyro_slots.inner.slot_attention import _AttendPool
+    central finite differences of its forward, with both outputs feeding the loss; over the
+    whole batch and in chunks (the graph-free backward and the forward loop over them)."""
+    from pyro_slots.inner.slot_attention import _AttendPool, _batch_chunks
 
     torch.manual_seed(0)
-    q = torch.randn(2, num_heads, 3, 4, requires_grad=True)
-    n = torch.randn(2, 6, 4, requires_grad=True)
+    q = torch.randn(5, num_heads, 3, 4, requires_grad=True)
+    n = torch.randn(5, 6, 4, requires_grad=True)
+    chunks = _batch_chunks(n)
+    assert chunks == ([(0, 5)] if attend_chunks == "whole batch" else [(0, 2), (2, 4), (4, 5)])
     assert torch.autograd.gradcheck(lambda q, n: _AttendPool.apply(q, n, 1e-3), (q, n))
     assert torch.autograd.gradgradcheck(lambda q, n: _AttendPool.apply(q, n, 1e-3), (q, n))
     # Only one output used: the other's gradient arrives as None.
@@ -255,12 +270,13 @@ def test_fused_attention_gradients_match_finite_differences(float64, num_heads):
 
 
 @pytest.mark.parametrize("num_heads", [1, 4])
-def test_folded_gradients_equal_the_textbook_order(float64, num_heads):
+def test_folded_gradients_equal_the_textbook_order(float64, num_heads, attend_chunks):
     """Unrolled gradients through three steps: every weight's and the inputs' gradient of the
-    fused path equals plain autograd through the textbook (unfolded) order."""
+    fused path (over the whole batch or in chunks) equals plain autograd through the textbook
+    (unfolded) order."""
     folded, plain = _folded_and_plain(num_heads)
     model = GaussianMixture(4, 2)
-    x = _data().requires_grad_()
+    x = _data(num_sets=5).requires_grad_()
     slots0 = _slots(model, x.detach(), 4)
     grads = []
     for rule in (folded, plain):
@@ -284,7 +300,7 @@ def _unrolled(rule, model, x, slots0):
     return state.slots.sin().sum(), problem
 
 
-def test_deferred_input_gradient_in_every_kind_of_backward(float64):
+def test_deferred_input_gradient_in_every_kind_of_backward(float64, attend_chunks):
     """The inputs' gradient collected once over the steps (``_InputsGradient``) against plain
     autograd through the textbook order: a second backward of the same graph, a backward that
     reaches only some weights (it leaves no factors behind), and a double backward."""
