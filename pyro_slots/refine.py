@@ -222,7 +222,7 @@ def run_inner(
     rows: torch.Tensor | None = None,
     num_rows: int | None = None,
     num_restarts: int = 1,
-    keep_best_after: dict[int, int] | None = None,
+    keep_best_after: int | dict[int, int] | None = None,
 ) -> RefineResult:
     """Run the inner loop from λ_0 = ``slots``: the one loop of the library.
 
@@ -249,10 +249,11 @@ def run_inner(
         gradient to the initialization (:class:`~pyro_slots.NestedSVI`).
     :param rows: with ``num_rows``, where the datapoints sit in the batch that rules draw
         random numbers for (:class:`InnerProblem`): a chunk or shard of a larger batch.
-    :param dict keep_best_after: ``{step: kept}``, with ``num_restarts`` (the batch holds that
-        many restarts of every datapoint, restart-major): before graph-free step ``step`` every
-        datapoint keeps only its ``kept`` restarts of highest ELBO at λ_t running; the others
-        are frozen there, as a converged datapoint is (:func:`refine`).
+    :param keep_best_after: ``{step: kept}`` (an int ``S``: ``{S: 1}``), with ``num_restarts``
+        (the batch holds that many restarts of every datapoint, restart-major): before
+        graph-free step ``step`` every datapoint keeps only its ``kept`` restarts of highest ELBO
+        at λ_t running; the others are frozen there, as a converged datapoint is
+        (:func:`refine`, which checks the schedule).
     """
     batch, num_points = x_enc.shape[:2]
     free_steps = num_steps - backprop_steps
@@ -277,7 +278,10 @@ def run_inner(
     state, previous = full, None
     pruned = None  # (rows, ELBO at the slots they were frozen at) of the restarts pruned
     pruned_at_start = None  # every row's ELBO at λ_0 where the restarts are pruned there
-    schedule = keep_best_after or {}
+    if keep_best_after is None or isinstance(keep_best_after, dict):
+        schedule = keep_best_after or {}
+    else:  # an int S, as refine's: {S: 1}
+        schedule = {keep_best_after: 1}
     while t < free_steps:
         if t in schedule:
             frozen_elbo = trace.history[-1] if trace.history else None
