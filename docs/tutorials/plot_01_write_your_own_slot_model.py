@@ -45,6 +45,11 @@ Checklist -- what the library checks, and where:
   (refused with a :class:`~pyro_slots.CapabilityError` otherwise).
 * **responsibilities** have the layout ``(batch, num_slots, measurements)``: slot axis before
   measurement axis.
+* **per-measurement mixing weights** that a decoder emits slot-major, ``(batch, num_slots,
+  measurements)`` (IODINE's masks), go into :class:`~pyro_slots.SlotCategorical` with
+  ``dim=-2``: it normalizes them along the slot axis where they lie, instead of transposing
+  them for ``dist.Categorical``; :func:`~pyro_slots.select_component` picks every
+  measurement's component parameters under enumeration as a view, without a gather.
 * **m_step(x, responsibilities, slots) -> slots** is *optional*. :class:`~pyro_slots.inner.EM`
   uses it when the model defines it (see :class:`~pyro_slots.models.GaussianMixture`), and
   otherwise derives the M-step from the model's trace
