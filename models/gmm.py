@@ -16,12 +16,7 @@ import torch
 from torch import nn
 
 from pyro_slots.init import draw
-from pyro_slots.inner.mstep import (
-    mean_and_variance,
-    variance_floor_unit,
-    weighted_squared_deviations,
-    weighted_sums,
-)
+from pyro_slots.inner.mstep import mean_and_variance, normal_moments, weighted_sums
 from pyro_slots.model import SlotModel, SlotSpec, select_component
 from pyro_slots.validation import check_measurements, check_positive_float, check_positive_int
 
@@ -135,24 +130,16 @@ class GaussianMixture(SlotModel):
         :param fixed_variance: keep every variance at this value (soft k-means).
         :param fixed_weights: keep uniform mixing weights (soft k-means).
         """
-        eps = 10 * torch.finfo(x.dtype).eps
-        nk = resp.sum(-1) + eps  # (B, K)
-        # Centred statistics: the moments are taken about a per-datapoint reference point (the
-        # mean of its measurements) and, for the variance, about each component's own mean, so
-        # nothing cancels in float32 when the data sit far from the origin (E[x²] - μ² loses
-        # every digit of a unit variance at |x| = 1e3 and returns 0 at 1e5).
-        # Feature-major: (B, M, D) views of (B, D, M) memory, the layout the weighted sums
-        # read (a broadcast over a short last axis takes the CPU's slow path).
-        xt = x.transpose(1, 2).contiguous()
-        ref = xt.mean(2, keepdim=True)  # (B, D, 1)
-        xc = (xt - ref).transpose(1, 2)  # (B, M, D)
-        loc_c = weighted_sums(resp, xc) / nk.unsqueeze(-1)
-        loc = loc_c + ref.transpose(1, 2)
+        # Centred statistics (about a per-datapoint reference point and, where the raw moments
+        # would cancel, each component's own mean), so float32 EM stays exact far from the
+        # origin: normal_moments.
         if fixed_variance is None:
-            var = weighted_squared_deviations(xc, loc_c, resp) / nk.unsqueeze(-1)
-            var = var + self.reg_covar * variance_floor_unit(xc)
+            nk, loc, var = normal_moments(resp, x, self.reg_covar)
             log_scale = 0.5 * var.clamp_min(torch.finfo(x.dtype).tiny).log()
         else:
+            nk = resp.sum(-1) + 10 * torch.finfo(x.dtype).eps
+            ref = x.mean(1, keepdim=True)
+            loc = weighted_sums(resp, x - ref) / nk.unsqueeze(-1) + ref
             log_scale = torch.full_like(loc, 0.5 * math.log(fixed_variance))
         if fixed_weights:
             logit = torch.zeros_like(nk)

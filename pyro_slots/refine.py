@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .elbo import ELBOEstimator
-from .inner.base import InnerProblem, InnerRule, InnerState, versioned
+from .inner.base import InnerProblem, InnerRule, InnerState, StepInfo, versioned
 from .validation import (
     check_data,
     check_finite,
@@ -253,7 +253,10 @@ def run_inner(
         (the batch holds that many restarts of every datapoint, restart-major): before
         graph-free step ``step`` every datapoint keeps only its ``kept`` restarts of highest ELBO
         at λ_t running; the others are frozen there, as a converged datapoint is
-        (:func:`refine`, which checks the schedule).
+        (:func:`refine`, which checks the schedule). The ELBO at λ_t is the one step ``step``
+        reports where the rule's step is an ELBO evaluation
+        (:attr:`~pyro_slots.inner.InnerRule.step_is_elbo_evaluation`: the step runs on every
+        running row and only the winners' updates are kept), else a separate evaluation.
     """
     batch, num_points = x_enc.shape[:2]
     free_steps = num_steps - backprop_steps
@@ -283,12 +286,17 @@ def run_inner(
     else:  # an int S, as refine's: {S: 1}
         schedule = {keep_best_after: 1}
     while t < free_steps:
+        stepped = None  # the step already taken at a pruning stage, on every running row
         if t in schedule:
             frozen_elbo = trace.history[-1] if trace.history else None
-            keep, elbo_now = _best_restarts(
-                problem, state, active, frozen_elbo, batch, num_restarts, schedule[t]
-            )
+            if inner.step_is_elbo_evaluation:
+                stepped = _step(inner, state, problem, False, t)
+                elbo_now = stepped[1].elbo
+            else:
+                with torch.no_grad():
+                    elbo_now = problem.elbo(state.slots).detach()
             _check_elbo(inner, elbo_now, t)
+            keep = _best_restarts(elbo_now, active, frozen_elbo, batch, num_restarts, schedule[t])
             rows_now = torch.arange(batch, device=steps.device) if active is None else active
             lost = (rows_now[~keep], elbo_now[~keep])
             if pruned is not None:  # an earlier stage's losers stay where they lost
@@ -300,9 +308,16 @@ def run_inner(
                 break
             active = rows_now[keep]
             state = _map_state(lambda a, keep=keep: a[keep] if torch.is_tensor(a) else a, state)
+            if stepped is not None:  # the losers' updates are dropped: they stay at λ_t
+                new_state, info = stepped
+                new_state = _map_state(
+                    lambda a, keep=keep: a[keep] if torch.is_tensor(a) else a, new_state
+                )
+                info = StepInfo(info.elbo[keep])  # (the loop reads no responsibilities)
             previous = None if previous is None else previous[keep]
             problem = problem_free.subset(active)
-        new_state, info = _step(inner, state, problem, False, t)
+        if stepped is None:
+            new_state, info = _step(inner, state, problem, False, t)
         _check_elbo(inner, info.elbo, t, record_history)
         _check_slots(inner, new_state.slots, t)
         if active is None:
@@ -473,21 +488,17 @@ def best_restart(scores: torch.Tensor) -> torch.Tensor:
     return (tied.cumsum(0) == 0).sum(0)
 
 
-def _best_restarts(
-    problem, state, active, frozen_elbo, batch: int, num_restarts: int, kept: int = 1
-):
+def _best_restarts(elbo, active, frozen_elbo, batch: int, num_restarts: int, kept: int = 1):
     """Which of the running rows ``active`` (``None``: all ``batch`` rows) are among their
     datapoint's ``kept`` best restarts.
 
-    The running rows' ELBO is evaluated at their slots; a frozen row competes with its last
+    The running rows compete with their ELBO ``elbo`` at their slots, a frozen row with its last
     recorded ELBO (``frozen_elbo``, over the whole batch). Rows are restart-major: row
     ``r * n + i`` is restart ``r`` of datapoint ``i``. The winners are drawn one at a time by
     :func:`best_restart` (ties up to rounding go to the first restart).
 
-    :returns: ``(keep, elbo)``: a mask and the ELBO, both over the running rows.
+    :returns: a mask over the running rows.
     """
-    with torch.no_grad():
-        elbo = problem.elbo(state.slots).detach()
     if active is None:
         current = elbo
     else:
@@ -500,7 +511,7 @@ def _best_restarts(
         winner = best_restart(scores.masked_fill(is_winner, -math.inf))
         is_winner[winner, columns] = True
     is_winner = is_winner.flatten()
-    return (is_winner if active is None else is_winner[active]), elbo
+    return is_winner if active is None else is_winner[active]
 
 
 # --------------------------------------------------------------------------- refine
@@ -600,7 +611,8 @@ def refine(
         ``num_restarts > 1`` and ``0 <= keep_best_after < num_steps``. A dict ``{step: kept}``
         prunes in stages (successive halving): e.g. ``{0: 2, 1: 1}`` keeps each datapoint's
         2 best restarts at λ_0 and the best of those 2 at λ_1, so the full ``R`` restarts cost
-        one ELBO evaluation, not a step; ``kept`` decreases from stage to stage, within
+        one ELBO evaluation, not a step (for EM, whose E-step is that evaluation, one step
+        whose update is kept for the winners only); ``kept`` decreases from stage to stage, within
         ``1 <= kept < num_restarts``, and an int ``S`` is ``{S: 1}``.
     :param float tol: stop a datapoint once its residual ``‖λ_{t+1} - λ_t‖`` is below ``tol``;
         later steps run on the datapoints still active only (:func:`run_inner`).

@@ -168,17 +168,25 @@ def test_keep_best_after_and_best_keep_the_first_of_tied_restarts(float64):
     assert torch.equal(res.best().slots[0], res.slots[0])
 
 
+class _EvaluateThenStep(EM):
+    """EM pruned the general way: the ELBO evaluated at λ_t, then the winners stepped (EM
+    itself prunes by the ELBO its E-step reports, the step run on every restart)."""
+
+    step_is_elbo_evaluation = False
+
+
+@pytest.mark.parametrize("rule", [EM, _EvaluateThenStep])
 @pytest.mark.parametrize("after", [0, 2])
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_keep_best_after_is_best_of_the_first_steps_then_that_restart_alone(
-    float64, after, chunk_size
+    float64, rule, after, chunk_size
 ):
     # Overlapping clusters: every restart's ELBO still moves at every step (checked below), so
     # a record of the wrong step would show.
     x, _ = make_point_sets(5, 60, num_components=4, seed=3, spread=1.0)
     gmm = GaussianMixture(3, 2, init_lloyd_steps=0)
     pruned = ps.refine(
-        gmm, x, EM(6), seed=2, num_restarts=4, keep_best_after=after, chunk_size=chunk_size
+        gmm, x, rule(6), seed=2, num_restarts=4, keep_best_after=after, chunk_size=chunk_size
     )
     # Independent answer, in two calls: every restart for `after` steps, the best one by its
     # ELBO there, then that restart alone for the remaining steps.
@@ -208,16 +216,18 @@ def test_keep_best_after_is_best_of_the_first_steps_then_that_restart_alone(
     assert torch.allclose(pruned.best().elbo[0], rest.elbo[0], atol=1e-10)
 
 
+@pytest.mark.parametrize("rule", [EM, _EvaluateThenStep])
 @pytest.mark.parametrize("chunk_size", [None, 2])
-def test_keep_best_after_in_stages_is_successive_halving_of_the_restarts(float64, chunk_size):
+def test_keep_best_after_in_stages_is_successive_halving_of_the_restarts(float64, rule, chunk_size):
     """``keep_best_after={0: 2, 2: 1}`` against its definition, computed from one run of every
     restart: the 2 best of 4 restarts by the ELBO at λ_0 run on, the better of those 2 at λ_2
     runs alone to the end; each loser stays where it lost (slots, ELBO, steps)."""
     x, _ = make_point_sets(5, 60, num_components=4, seed=3, spread=1.0)
     gmm = GaussianMixture(3, 2, init_lloyd_steps=0)
     staged = ps.refine(
-        gmm, x, EM(6), seed=2, num_restarts=4, keep_best_after={2: 1, 0: 2}, chunk_size=chunk_size
-    )
+        gmm, x, rule(6), seed=2, num_restarts=4, keep_best_after={2: 1, 0: 2},
+        chunk_size=chunk_size,
+    )  # fmt: skip
     full = ps.refine(gmm, x, EM(6), seed=2, num_restarts=4, keep_trajectory=True)
     trajectory = torch.stack(full.trajectory)  # (T + 1, R, batch, K, slot)
     rows = torch.arange(5)

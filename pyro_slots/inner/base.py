@@ -188,6 +188,13 @@ class InnerRule(PyroModule):
     #: Whether :meth:`step` differentiates the ELBO w.r.t. the slots.
     uses_elbo_gradient = False
 
+    #: Whether a step costs about one evaluation of the ELBO at ``λ_t`` (the E-step of
+    #: coordinate ascent, whose update is cheap beside it). :func:`pyro_slots.refine` then
+    #: prunes restarts (``keep_best_after``) by the ELBO the step itself reports
+    #: (:attr:`StepInfo.elbo`), running the step on every restart and keeping the winners'
+    #: updates, instead of evaluating the ELBO first and stepping the winners.
+    step_is_elbo_evaluation = False
+
     def __init__(self, num_steps: int):
         super().__init__()
         self.num_steps = check_positive_int(num_steps, "num_steps")

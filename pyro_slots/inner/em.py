@@ -67,6 +67,8 @@ class EM(InnerRule):
         self.m_step = m_step
         self._derived = DerivedMStep()
 
+    step_is_elbo_evaluation = True
+
     def check_model(self, model):
         _require_assignment(model, "EM")
 
@@ -265,6 +267,8 @@ class SoftKMeans(InnerRule):
     def __init__(self, num_steps: int = 10, temperature: float = 1.0):
         super().__init__(num_steps)
         self.temperature = check_positive_float(temperature, "temperature")
+
+    step_is_elbo_evaluation = True
 
     def check_model(self, model):
         _require(model, "m_step", "SoftKMeans")

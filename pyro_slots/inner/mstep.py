@@ -354,17 +354,14 @@ class DerivedMStep:
         eps = torch.finfo(r.dtype).eps
         if family is dist.Normal:
             free_loc = not torch.is_tensor(mapping["loc"])
-            loc = mean(v) if free_loc else flat_fixed("loc")
+            if torch.is_tensor(mapping["scale"]):
+                return {"loc": mean(v)} if free_loc else {}
+            # Centred statistics, as GaussianMixture's (normal_moments): the floor is
+            # reg_covar in units of the datapoint's variance.
+            fixed = None if free_loc else flat_fixed("loc")
+            _, loc, var = normal_moments(r, v, self.reg_covar, loc=fixed)
             out = {"loc": loc} if free_loc else {}
-            if not torch.is_tensor(mapping["scale"]):
-                # Centred statistics (about the datapoint's mean, then each component's own
-                # mean): E[x²] - μ² cancels in float32 far from the origin. The floor is
-                # reg_covar in units of the datapoint's variance, as GaussianMixture's.
-                ref = v.mean(1, keepdim=True)
-                vc, loc_c = v - ref, loc - ref
-                var = weighted_squared_deviations(vc, loc_c, r) / nk.unsqueeze(-1)
-                var = var + self.reg_covar * variance_floor_unit(vc)
-                out["scale"] = var.clamp_min(tiny).sqrt()
+            out["scale"] = var.clamp_min(tiny).sqrt()
             return out
         if family in (dist.Bernoulli, dist.Categorical):
             return {"probs": mean(v).clamp(eps, 1 - eps)}
@@ -440,15 +437,6 @@ def mean_and_variance(x):
     return mean, var
 
 
-def variance_floor_unit(xc):
-    """Per-datapoint, per-feature variance ``(batch, 1, dim)`` of centred measurements ``xc``:
-    the unit of the variance floor ``reg_covar`` (a function of the data, not of λ, so EM stays
-    coordinate ascent; differentiable, e.g. through an encoder); 1 for a datapoint whose
-    measurements are all equal."""
-    var = (xc * xc).mean(1, keepdim=True)
-    return torch.where(var > 0, var, torch.ones_like(var))
-
-
 #: Features below which :func:`weighted_sums` hands the batched matrix product its values
 #: feature-major: for a few features the CPU's product runs about twice as fast that way (and
 #: several times slower for many).
@@ -484,3 +472,78 @@ def weighted_squared_deviations(x, loc, resp):
             sq = dev * dev * resp
         out.append(sq.sum(-1))
     return torch.stack(out, -1)
+
+
+#: Largest relative rounding error a component variance from the raw moments may carry
+#: (:func:`normal_moments`); the datapoints where it could be larger are recomputed directly.
+MOMENT_RTOL = 1e-3
+
+#: Rounding error of a batched product's sums in units of ``eps`` times the sum of magnitudes
+#: (a generous bound for blocked float accumulation over a few thousand terms).
+_SUM_ERROR_EPS = 16
+
+
+def normal_moments(resp, x, reg_covar: float = 0.0, loc=None):
+    r"""Weighted Normal statistics of every component: ``(nk, loc, var)``.
+
+    ``nk = Σ_m r_km`` ``(B, K)`` (plus ``10 eps``, so that an empty component divides by it),
+    ``loc = Σ_m r_km x_m / nk`` and ``var = Σ_m r_km (x_m - loc_k)² / nk + reg_covar · u``
+    ``(B, K, D)``, where ``u`` is the datapoint's per-feature variance of its measurements (1
+    where they are all equal: a function of the data, not of λ, so EM stays coordinate ascent).
+    With ``loc`` given (``(B, K, D)``, fixed means), the variances are about it and it is
+    returned as it is.
+
+    All three come from one batched matrix product of ``resp`` ``(B, K, M)`` with the
+    measurements' moments ``[1, x_c, x_c²]`` about the datapoint's mean (``x_c``): one pass
+    over the responsibilities, where the direct form reads them, and a ``(B, K, M)`` temporary,
+    once per feature. ``var = S₂/nk - loc_c²`` cancels where a component is tight beside its
+    distance from the datapoint's mean; its rounding error is bounded by a few ``eps · S₂/nk``,
+    and the datapoints where that bound exceeds :data:`MOMENT_RTOL` of a variance are
+    recomputed directly (:func:`weighted_squared_deviations`). Differentiable in ``resp``,
+    ``x`` and ``loc``.
+
+    :param resp: ``(B, K, M)`` weights (responsibilities); :param x: ``(B, M, D)``.
+    """
+    batch, num_points, dim = x.shape
+    eps = torch.finfo(x.dtype).eps
+    ref = x.mean(1, keepdim=True)  # (B, 1, D)
+    feature_major = dim < FEATURE_MAJOR_MAX  # the product's fast layout (weighted_sums)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        # One tensor, written in place: [1, x_c, x_c²] along the moment axis.
+        if feature_major:
+            moments = x.new_empty(batch, 1 + 2 * dim, num_points)
+            parts = moments[:, :1], moments[:, 1 : 1 + dim], moments[:, 1 + dim :]
+            torch.sub(x.transpose(1, 2), ref.transpose(1, 2), out=parts[1])
+        else:
+            moments = x.new_empty(batch, num_points, 1 + 2 * dim)
+            parts = moments[..., :1], moments[..., 1 : 1 + dim], moments[..., 1 + dim :]
+            torch.sub(x, ref, out=parts[1])
+        parts[0].fill_(1)
+        torch.mul(parts[1], parts[1], out=parts[2])
+    else:
+        xc = x - ref
+        moments = torch.cat([torch.ones_like(xc[..., :1]), xc, xc * xc], -1)
+        if feature_major:
+            moments = moments.transpose(1, 2).contiguous()
+    values = moments.transpose(1, 2) if feature_major else moments  # (B, M, 1 + 2D)
+    sums = torch.bmm(resp, values)  # (B, K, 1 + 2D)
+    nk = sums[..., 0] + 10 * eps
+    s1, s2 = sums[..., 1 : 1 + dim] / nk.unsqueeze(-1), sums[..., 1 + dim :] / nk.unsqueeze(-1)
+    if loc is None:
+        loc_c = s1
+        var = s2 - loc_c * loc_c
+    else:
+        loc_c = loc - ref
+        var = s2 - 2 * loc_c * s1 + loc_c * loc_c
+    unit = values[..., 1 + dim :].mean(1, keepdim=True)  # (B, 1, D): the data's variance
+    unit = torch.where(unit > 0, unit, torch.ones_like(unit))
+    floor = reg_covar * unit
+    # Rounding error of S₂/nk - loc_c² (and of the sums it comes from) against the variance.
+    error = (_SUM_ERROR_EPS * eps) * (s2 + loc_c * loc_c).detach()
+    risky = (error > MOMENT_RTOL * (var.detach().clamp_min(0) + floor)).flatten(1).any(1)
+    if bool(risky.any()):
+        rows = risky.nonzero().flatten()
+        direct = weighted_squared_deviations(x[rows] - ref[rows], loc_c[rows], resp[rows])
+        var = var.index_copy(0, rows, direct / nk[rows].unsqueeze(-1))
+    loc = loc_c + ref if loc is None else loc
+    return nk, loc, var + floor

@@ -309,3 +309,82 @@ def test_weighted_squared_deviations_equal_the_brute_force_sum(float64, grad):
         got = weighted_squared_deviations(x, loc.requires_grad_(grad), resp)
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
     assert all(torch.equal(a, b) for a, b in zip((x, loc.detach(), resp), kept))
+
+
+def _brute_force_moments(resp, x, reg_covar, loc=None):
+    """Float64 numpy: counts, means and variances about ``loc`` (the weighted means by
+    default) plus ``reg_covar`` times each datapoint's per-feature variance."""
+    r, v = resp.double().numpy(), x.double().numpy()
+    nk = r.sum(-1) + 10 * torch.finfo(x.dtype).eps
+    mean = np.einsum("bkm,bmd->bkd", r, v) / nk[..., None] if loc is None else loc.double().numpy()
+    dev = v[:, None] - mean[:, :, None]  # (B, K, M, D)
+    var = np.einsum("bkm,bkmd->bkd", r, dev**2) / nk[..., None]
+    unit = v.var(1, keepdims=True)
+    return nk, mean, var + reg_covar * np.where(unit > 0, unit, 1.0)
+
+
+@pytest.mark.parametrize("features", [2, 16])
+@pytest.mark.parametrize("fixed_loc", [False, True])
+def test_normal_moments_are_the_brute_force_statistics(float64, features, fixed_loc):
+    """Counts, means and variances from one product with [1, x_c, x_c²], against numpy's
+    ``(B, K, M, D)`` brute force, in both layouts, about the weighted means or fixed ones; the
+    data sit at 50 ± 1 (the moments are taken about each datapoint's mean)."""
+    from pyro_slots.inner.mstep import FEATURE_MAJOR_MAX, normal_moments
+
+    g = torch.Generator().manual_seed(features)
+    x = 50 + torch.randn(3, 40, features, generator=g)
+    resp = torch.softmax(torch.randn(3, 4, 40, generator=g), 1)
+    loc = 50 + torch.randn(3, 4, features, generator=g) if fixed_loc else None
+    nk, mean, var = normal_moments(resp, x, 1e-3, loc=loc)
+    want = _brute_force_moments(resp, x, 1e-3, loc)
+    assert (features < FEATURE_MAJOR_MAX) == (features == 2)  # both layouts are exercised
+    for got, expected in zip((nk, mean, var), want):
+        assert np.abs(got.numpy() - expected).max() < 1e-10
+    if fixed_loc:
+        assert mean is loc
+
+
+def test_normal_moments_are_differentiable(float64):
+    from pyro_slots.inner.mstep import normal_moments
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 2, generator=g, requires_grad=True)
+    resp = torch.softmax(torch.randn(2, 3, 9, generator=g), 1).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda r, v: normal_moments(r, v, 1e-2), (resp, x), eps=1e-6, atol=1e-6
+    )
+    # With a graph the moments come from torch.cat, without one from a block written in place.
+    with torch.no_grad():
+        plain = normal_moments(resp, x, 1e-2)
+    for a, b in zip(normal_moments(resp, x, 1e-2), plain):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_normal_moments_recompute_cancelling_components_directly(monkeypatch):
+    """Float32: datapoint 1 has a component of standard deviation 1e-2 at 1e3 from the rest of
+    its measurements, where S₂/nk - μ² loses every digit of its variance (checked below); that
+    datapoint alone is recomputed as Σ r (x - μ)², to float32 accuracy of float64's numbers
+    (its deviations from the datapoint's mean, ~500, are rounded to ~3e-5)."""
+    import pyro_slots.inner.mstep as mstep
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 60, 2, generator=g)
+    x[1, 30:] = 1e3 + 1e-2 * torch.randn(30, 2, generator=g)
+    resp = torch.zeros(3, 2, 60)
+    resp[:, 0, :30], resp[:, 1, 30:] = 1.0, 1.0
+    recomputed = []
+    direct = mstep.weighted_squared_deviations
+    monkeypatch.setattr(
+        mstep, "weighted_squared_deviations",
+        lambda xc, loc, r: recomputed.append(xc.shape[0]) or direct(xc, loc, r),
+    )  # fmt: skip
+    nk, mean, var = mstep.normal_moments(resp, x, 0.0)
+    assert recomputed == [1]
+    _, want_mean, want_var = _brute_force_moments(resp, x, 0.0)
+    assert want_var[1, 1].max() < 2e-4  # the tight component
+    assert np.abs(var.double().numpy() / want_var - 1).max() < 1e-3
+    assert np.abs(mean.double().numpy() - want_mean).max() < 1e-4
+    # The raw moments alone: off by far more than the variance itself.
+    xc = (x - x.mean(1, keepdim=True)).double()[1, 30:]
+    raw = (xc.float() ** 2).mean(0) - xc.float().mean(0) ** 2
+    assert (raw.double() - torch.from_numpy(want_var[1, 1])).abs().max() > 10 * want_var[1, 1].max()
