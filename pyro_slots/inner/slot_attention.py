@@ -9,6 +9,7 @@ from torch import nn
 
 from ..elbo.kernels import stable_softmax
 from ..validation import check_positive_float, check_positive_int
+from . import _fused_attention as _fused
 from .base import InnerProblem, InnerRule, InnerState, StepInfo
 from .mstep import mean_and_variance
 
@@ -145,6 +146,15 @@ class _AttendPool(torch.autograd.Function):
         # Base-2 logits: the log2(e) goes on the (batch, rows, F) queries, and the softmax
         # takes exp2, about twice as fast as exp on the CPU (the same probabilities).
         q2 = q.reshape(batch, rows, features) * math.log2(math.e)
+        ctx.blocked = None
+        if _fused.supported(q, n):  # the fused CPU kernel (module docs of _fused_attention)
+            ctx.blocked = _fused.blocked(n)
+            attn, pooled = _fused.forward(q2, ctx.blocked, eps)
+            attn = attn.view(batch, heads, num_slots, num_inputs)
+            ctx.save_for_backward(q, n, attn)
+            ctx.eps, ctx.sink = eps, sink
+            ctx.set_materialize_grads(False)
+            return attn, pooled.view(batch, heads, num_slots, features)
         attn = q2.new_empty(batch, rows, num_inputs)
         pooled = q2.new_empty(batch, rows, features)
         # A few datapoints at a time (ATTEND_CHUNK_BYTES of inputs): the second product reads
@@ -174,7 +184,13 @@ class _AttendPool(torch.autograd.Function):
         # A backward that builds a graph computes dn here, differentiably; else the sink does.
         defer = ctx.sink is not None and not torch.is_grad_enabled()
         need_n = ctx.needs_input_grad[1] and (not defer or ctx.sink.needed())
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and ctx.blocked is not None:
+            d_attn = None if d_attn is None else d_attn.reshape(batch, rows, -1)
+            d_q, left = _fused.backward(
+                d_pooled, attn.view(batch, rows, -1), d_attn, ctx.blocked, ctx.eps
+            )
+            d_q, left = d_q.view(q.shape), left if need_n else None
+        elif not torch.is_grad_enabled():
             d_q, left = _attend_pool_grads(q, n, attn, ctx.eps, d_attn, d_pooled, need_n)
         else:
             p = attn - ctx.eps
@@ -340,7 +356,12 @@ class SlotAttention(InnerRule):
     place or the grad mode differs. Their gradient is accumulated over the steps that share
     them inside the matrix products, into one tensor, instead of one ``(batch, M, features)``
     tensor per step added up by autograd (a backward that builds a graph, for second
-    derivatives, keeps the per-step form).
+    derivatives, keeps the per-step form). On the CPU, in float32, with one head, at most 16
+    slots, an even number of features and a multiple of 8 inputs, the attention, its softmax
+    and the weighted sums (and their backward without a graph) run in a fused C++ kernel
+    compiled at first use (:mod:`pyro_slots.inner._fused_attention`; about 30 s once, then
+    cached; torch's operations where it cannot be built; ``PYRO_SLOTS_FUSED_ATTENTION=0`` turns
+    it off): 1.2-1.3 times faster training steps at 64 × 1024 and 32 × 4096 inputs here.
 
     The weights do not depend on the number of slots, so ``refine(..., num_slots=K)`` may use
     another ``K`` than training. The rule is equivariant under permutations of the slots and

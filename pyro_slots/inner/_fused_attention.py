@@ -1,0 +1,343 @@
+"""A fused CPU kernel for slot attention's attention and weighted sums.
+
+:class:`~pyro_slots.inner.slot_attention._AttendPool` computes, per datapoint, the logits of
+``K`` queries against ``M`` inputs, their softmax over the slots and the attention-weighted sums
+of the inputs; its backward the mirror image. With torch's operations these are batched matrix
+products of ``K`` rows each (about 30 GFLOP/s for 7 rows on this project's CPUs) with the
+softmax in passes between them. The kernel here makes two passes over each datapoint's inputs,
+kept in a blocked feature-major layout ``(batch, M / 8, F, 8)`` (:func:`blocked`, made once per
+problem): the first computes a tile of 8 inputs' ``K`` logits in vector registers and applies
+the softmax (in the backward, the softmax's backward) to them there; the second accumulates the
+weighted sums over all tiles in registers, two features at a time, while the datapoint's inputs
+are still in the cache.
+
+It is C++ compiled at first use with :func:`torch.utils.cpp_extension.load_inline` (about half
+a minute, cached by torch afterwards; GCC's vector extensions, ``-march=native``, OpenMP over
+the batch). Where it cannot be built (no compiler, no ninja) or does not apply
+(:func:`supported`), :class:`_AttendPool` keeps torch's operations;
+``PYRO_SLOTS_FUSED_ATTENTION=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import warnings
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["available", "backward", "blocked", "forward", "supported"]
+
+logger = logging.getLogger(__name__)
+
+#: Inputs per tile of the blocked layout (one 8-float vector).
+TILE = 8
+#: The largest number of slots the kernel is compiled for.
+MAX_SLOTS = 16
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstring>
+
+namespace {
+constexpr int L = 8;
+typedef float vf __attribute__((vector_size(32)));
+typedef int vi __attribute__((vector_size(32)));
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf splat(float x) { return vf{} + x; }
+
+// 2^d for d in [-115.4, 0]: 2^floor(d) from the exponent bits times a degree-6 polynomial of the
+// fraction (relative error below 2e-7).
+inline vf exp2v(vf d) {
+  vi t = __builtin_convertvector(d, vi);  // toward zero
+  t = t + (vi)(d < __builtin_convertvector(t, vf));  // floor: -1 where the truncation is above
+  const vf f = d - __builtin_convertvector(t, vf);
+  vf p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  return p * (vf)((t + 127) << 23);
+}
+
+// The dot products w_k . n_m of slots K0..K0+N-1 for two tiles of 8 inputs at once (each row
+// of the inputs loaded once for N slots of both tiles: 2 loads and N broadcasts per 2N FMAs).
+template <int K0, int N>
+inline void dots2(const float* w, const float* t0, const float* t1, int64_t F, vf* a0, vf* a1) {
+  vf x0[N], x1[N];
+  for (int k = 0; k < N; ++k) { x0[k] = vf{}; x1[k] = vf{}; }
+  for (int64_t f = 0; f < F; ++f) {
+    const vf r0 = load(t0 + f * L), r1 = load(t1 + f * L);
+#pragma GCC unroll 8
+    for (int k = 0; k < N; ++k) {
+      const float c = w[(K0 + k) * F + f];
+      x0[k] += c * r0;
+      x1[k] += c * r1;
+    }
+  }
+  for (int k = 0; k < N; ++k) { a0[K0 + k] = x0[k]; a1[K0 + k] = x1[k]; }
+}
+
+// All K slots in groups of at most 4 (2 x 4 accumulators, 2 rows and a broadcast fit the 16
+// vector registers of AVX2).
+template <int K, int K0 = 0>
+inline void dots2_all(const float* w, const float* t0, const float* t1, int64_t F, vf* a0, vf* a1) {
+  if constexpr (K0 < K) {
+    constexpr int N = (K - K0) < 4 ? (K - K0) : 4;
+    dots2<K0, N>(w, t0, t1, F, a0, a1);
+    dots2_all<K, K0 + N>(w, t0, t1, F, a0, a1);
+  }
+}
+
+// Forward epilogue: attn = softmax_K in base 2 + eps, stored (K, M).
+// Backward epilogue: g = the products (+ d_attn), p = attn - eps, d_logits = p (g - sum_K p g),
+// stored (K, M) with row stride `out_stride` (rows of the caller's left factor).
+template <int K, bool BACKWARD>
+inline void epilogue(vf* acc, int64_t m, int64_t M, float eps, const float* attn,
+                     const float* d_attn, int64_t da_k, int64_t da_m, float* out,
+                     int64_t out_stride) {
+  if (!BACKWARD) {
+    vf mx = acc[0];
+    for (int k = 1; k < K; ++k) mx = acc[k] > mx ? acc[k] : mx;
+    vf sum = vf{};
+    for (int k = 0; k < K; ++k) {
+      vf d = acc[k] - mx;
+      d = d < -115.4f ? splat(-115.4f) : d;
+      acc[k] = exp2v(d);
+      sum += acc[k];
+    }
+    const vf inv = 1.0f / sum;
+    for (int k = 0; k < K; ++k) store(out + k * out_stride + m, acc[k] * inv + eps);
+  } else {
+    vf p[K], s = vf{};
+    for (int k = 0; k < K; ++k) {
+      if (d_attn != nullptr)  // (an attention sum's gradient is constant along M)
+        acc[k] += da_m == 0 ? splat(d_attn[k * da_k]) : load(d_attn + k * da_k + m);
+      p[k] = load(attn + k * M + m) - eps;
+      acc[k] *= p[k];
+      s += acc[k];
+    }
+    for (int k = 0; k < K; ++k) store(out + k * out_stride + m, acc[k] - p[k] * s);
+  }
+}
+
+// Pass 1: for every tile of 8 inputs the K dot products w_k . n_m (two tiles at a time), then
+// the epilogue on them while they are in registers.
+template <int K, bool BACKWARD>
+void rows_pass(const float* w, const float* nb, int64_t M, int64_t F, float eps,
+               const float* attn, const float* d_attn, int64_t da_k, int64_t da_m, float* out,
+               int64_t out_stride) {
+  int64_t m = 0;
+  for (; m + 2 * L <= M; m += 2 * L) {
+    vf a0[K], a1[K];
+    dots2_all<K>(w, nb + m * F, nb + (m + L) * F, F, a0, a1);
+    epilogue<K, BACKWARD>(a0, m, M, eps, attn, d_attn, da_k, da_m, out, out_stride);
+    epilogue<K, BACKWARD>(a1, m + L, M, eps, attn, d_attn, da_k, da_m, out, out_stride);
+  }
+  for (; m < M; m += L) {
+    const float* tile = nb + m * F;
+    vf acc[K];
+    for (int k = 0; k < K; ++k) acc[k] = vf{};
+    for (int64_t f = 0; f < F; ++f) {
+      const vf row = load(tile + f * L);
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) acc[k] += w[k * F + f] * row;
+    }
+    epilogue<K, BACKWARD>(acc, m, M, eps, attn, d_attn, da_k, da_m, out, out_stride);
+  }
+}
+
+// Pass 2: out_k = sum_m a_km n_m for rows a (K, M) with row stride a_stride, two features at a
+// time with the K rows' accumulators in registers over all tiles.
+template <int K>
+void sums_pass(const float* a, int64_t a_stride, const float* nb, int64_t M, int64_t F,
+               float* out) {
+  for (int64_t f = 0; f < F; f += 2) {
+    vf p0[K], p1[K];
+    for (int k = 0; k < K; ++k) { p0[k] = vf{}; p1[k] = vf{}; }
+    for (int64_t m = 0; m < M; m += L) {
+      const vf r0 = load(nb + m * F + f * L), r1 = load(nb + m * F + (f + 1) * L);
+#pragma GCC unroll 16
+      for (int k = 0; k < K; ++k) {
+        const vf ak = load(a + k * a_stride + m);
+        p0[k] += ak * r0;
+        p1[k] += ak * r1;
+      }
+    }
+    for (int k = 0; k < K; ++k) {
+      float s0 = 0.f, s1 = 0.f;
+      for (int l = 0; l < L; ++l) { s0 += p0[k][l]; s1 += p1[k][l]; }
+      out[k * F + f] = s0;
+      out[k * F + f + 1] = s1;
+    }
+  }
+}
+
+template <int K>
+void forward_k(const float* q, const float* nb, float* attn, float* pooled, int64_t B,
+               int64_t M, int64_t F, float eps) {
+  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      float* ab = attn + b * K * M;
+      rows_pass<K, false>(q + b * K * F, nb + b * M * F, M, F, eps, nullptr, nullptr, 0, 0, ab,
+                         M);
+      sums_pass<K>(ab, M, nb + b * M * F, M, F, pooled + b * K * F);
+    }
+  });
+}
+
+template <int K>
+void backward_k(const float* d_pooled, const float* attn, const float* d_attn, int64_t da_b,
+                int64_t da_k, int64_t da_m, const float* nb,
+                float* left, float* d_q, int64_t B, int64_t M, int64_t F, float eps) {
+  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      float* dl = left + b * 2 * K * M;  // rows 0..K-1: d_logits; K..2K-1: the attention
+      const float* ab = attn + b * K * M;
+      rows_pass<K, true>(d_pooled + b * K * F, nb + b * M * F, M, F, eps, ab,
+                         d_attn == nullptr ? nullptr : d_attn + b * da_b, da_k, da_m, dl, M);
+      std::memcpy(dl + K * M, ab, sizeof(float) * K * M);
+      sums_pass<K>(dl, M, nb + b * M * F, M, F, d_q + b * K * F);
+    }
+  });
+}
+
+
+#define PYRO_SLOTS_DISPATCH(K_, CALL) \
+  switch (K_) { \
+    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; \
+    case 4: CALL(4); break; case 5: CALL(5); break; case 6: CALL(6); break; \
+    case 7: CALL(7); break; case 8: CALL(8); break; case 9: CALL(9); break; \
+    case 10: CALL(10); break; case 11: CALL(11); break; case 12: CALL(12); break; \
+    case 13: CALL(13); break; case 14: CALL(14); break; case 15: CALL(15); break; \
+    case 16: CALL(16); break; default: TORCH_CHECK(false, "K must be 1..16"); }
+}  // namespace
+
+std::vector<torch::Tensor> attend_forward(torch::Tensor q, torch::Tensor nb, double eps) {
+  const int64_t B = q.size(0), K = q.size(1), F = q.size(2), M = nb.size(1) * nb.size(3);
+  auto attn = torch::empty({B, K, M}, q.options());
+  auto pooled = torch::empty({B, K, F}, q.options());
+#define PYRO_SLOTS_FORWARD(k) forward_k<k>(q.data_ptr<float>(), nb.data_ptr<float>(), \
+    attn.data_ptr<float>(), pooled.data_ptr<float>(), B, M, F, (float)eps)
+  PYRO_SLOTS_DISPATCH(K, PYRO_SLOTS_FORWARD)
+  return {attn, pooled};
+}
+
+std::vector<torch::Tensor> attend_backward(torch::Tensor d_pooled, torch::Tensor attn,
+                                           c10::optional<torch::Tensor> d_attn,
+                                           torch::Tensor nb, double eps) {
+  const int64_t B = attn.size(0), K = attn.size(1), M = attn.size(2), F = d_pooled.size(2);
+  auto left = torch::empty({B, 2 * K, M}, attn.options());
+  auto d_q = torch::empty({B, K, F}, attn.options());
+  const float* da = d_attn.has_value() ? d_attn->data_ptr<float>() : nullptr;
+  const int64_t da_b = da ? d_attn->stride(0) : 0, da_k = da ? d_attn->stride(1) : 0;
+  const int64_t da_m = da ? d_attn->stride(2) : 0;
+#define PYRO_SLOTS_BACKWARD(k) backward_k<k>(d_pooled.data_ptr<float>(), attn.data_ptr<float>(), \
+    da, da_b, da_k, da_m, nb.data_ptr<float>(), left.data_ptr<float>(), d_q.data_ptr<float>(), \
+    B, M, F, (float)eps)
+  PYRO_SLOTS_DISPATCH(K, PYRO_SLOTS_BACKWARD)
+  return {d_q, left};
+}
+
+"""
+
+_state: dict = {"module": None, "error": None}
+_blocked_cache = WeakIdKeyDictionary()
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's feature flags: the build is ``-march=native``, so a cache of
+    builds shared by different machines keeps one per kind of CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1((flags or platform.processor()).encode()).hexdigest()[:10]
+
+
+def _build():
+    from torch.utils.cpp_extension import load_inline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_inline(
+            f"pyro_slots_fused_attention_{_cpu_tag()}",
+            cpp_sources=[_SOURCE],
+            functions=["attend_forward", "attend_backward"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+
+
+def available() -> bool:
+    """Whether the kernel is built (building it at the first call) and not turned off by
+    ``PYRO_SLOTS_FUSED_ATTENTION=0``. A failed build is logged once and not retried."""
+    if os.environ.get("PYRO_SLOTS_FUSED_ATTENTION", "1") == "0":
+        return False
+    if _state["module"] is None and _state["error"] is None:
+        try:
+            _state["module"] = _build()
+        except Exception as e:  # no compiler, no ninja, a failed compilation: torch's path
+            _state["error"] = e
+            logger.warning("pyro_slots: the fused attention kernel was not built (%s)", e)
+    return _state["module"] is not None
+
+
+def supported(q: torch.Tensor, n: torch.Tensor) -> bool:
+    """Whether the kernel applies to queries ``q`` ``(batch, heads, K, F)`` and inputs ``n``
+    ``(batch, M, F)``: float32 on the CPU, one head, ``K <= 16``, an even ``F`` and ``M`` a
+    positive multiple of :data:`TILE` (else torch's operations run)."""
+    return (
+        q.device.type == "cpu"
+        and n.device.type == "cpu"
+        and q.dtype == torch.float32
+        and n.dtype == torch.float32
+        and q.shape[1] == 1
+        and 1 <= q.shape[2] <= MAX_SLOTS
+        and q.shape[3] % 2 == 0
+        and n.shape[1] % TILE == 0
+        and n.shape[1] > 0
+        and available()
+    )
+
+
+def blocked(n: torch.Tensor) -> torch.Tensor:
+    """``n`` ``(batch, M, F)`` in the kernel's layout ``(batch, M / 8, F, 8)``, without its
+    graph, made once per tensor (and version): the inner loop attends over the same inputs at
+    every step."""
+    version = None if n.is_inference() else n._version
+    entry = _blocked_cache.get(n)
+    if entry is not None and entry[0] == version:
+        return entry[1]
+    batch, num_inputs, features = n.shape
+    with torch.no_grad():
+        out = n.detach().reshape(batch, num_inputs // TILE, TILE, features).transpose(2, 3)
+        out = out.contiguous()
+    _blocked_cache[n] = (version, out)
+    return out
+
+
+def forward(q: torch.Tensor, nb: torch.Tensor, eps: float):
+    """``(attn (B, K, M), pooled (B, K, F))`` for base-2 queries ``q`` ``(B, K, F)``."""
+    return _state["module"].attend_forward(q.contiguous(), nb, float(eps))
+
+
+def backward(d_pooled, attn, d_attn, nb, eps: float):
+    """``(d_q (B, K, F), left (B, 2K, M))``: the queries' gradient and the left factor
+    ``[d_logits; attn]`` of the inputs' gradient, from ``d_pooled`` ``(B, K, F)``, the
+    attention ``(B, K, M)`` (with ``eps``) and its gradient (or ``None``)."""
+    if d_attn is not None and d_attn.stride(-1) not in (0, 1):
+        d_attn = d_attn.contiguous()  # else read in place: contiguous along M, or constant there
+    return _state["module"].attend_backward(
+        d_pooled.contiguous(), attn.contiguous(), d_attn, nb, float(eps)
+    )

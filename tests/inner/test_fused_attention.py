@@ -1,0 +1,149 @@
+"""The fused CPU kernel of slot attention's attention (pyro_slots.inner._fused_attention).
+
+Against the textbook formulas in float64 (softmax over the slots plus eps, weighted sums, and
+autograd's gradients of both), and end to end against torch's path of the same rule; the kernel
+is built at the first test that needs it (about half a minute), and these tests are skipped
+where it cannot be built.
+"""
+
+import math
+
+import pytest
+import torch
+
+from pyro_slots.inner import InnerProblem, SlotAttention
+from pyro_slots.inner import _fused_attention as fused
+from pyro_slots.inner.slot_attention import _AttendPool
+from pyro_slots.models import GaussianMixture
+
+EPS = 1e-8
+
+needs_kernel = pytest.mark.skipif(
+    not fused.available(), reason=f"the fused kernel was not built: {fused._state['error']}"
+)
+
+
+def _textbook(q, n):
+    """float64 ``softmax_K(q nᵀ) + eps`` ``(B, 1, K, M)`` and ``attn n`` ``(B, 1, K, F)``."""
+    logits = torch.einsum("bhkf,bmf->bhkm", q.double(), n.double())
+    attn = torch.softmax(logits, dim=2) + EPS
+    return attn, torch.einsum("bhkm,bmf->bhkf", attn, n.double())
+
+
+def _inputs(batch, num_slots, num_inputs, features, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, 1, num_slots, features, generator=g) / math.sqrt(features)
+    n = torch.randn(batch, num_inputs, features, generator=g)
+    return q, n
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "num_slots, num_inputs, features", [(1, 8, 2), (4, 64, 10), (7, 1024, 64), (16, 40, 6)]
+)
+def test_kernel_forward_is_the_softmax_and_the_weighted_sums(num_slots, num_inputs, features):
+    q, n = _inputs(3, num_slots, num_inputs, features, seed=num_slots)
+    assert fused.supported(q, n)
+    attn, pooled = _AttendPool.apply(q, n, EPS)
+    want_attn, want_pooled = _textbook(q, n)
+    assert torch.allclose(attn.double(), want_attn, rtol=1e-5, atol=1e-6)
+    scale = want_pooled.abs().max()
+    assert (pooled.double() - want_pooled).abs().max() < 1e-5 * scale
+
+
+@needs_kernel
+@pytest.mark.parametrize("mass_only", [False, True])
+def test_kernel_backward_is_autograds_gradient_of_the_textbook(mass_only):
+    """d/dq and d/dn of a loss of both outputs, against float64 autograd through the formulas;
+    ``mass_only``: the attention enters only through its sum over the inputs (as the rule's
+    normalizer does), whose gradient is constant along M and read without a copy."""
+    q, n = _inputs(2, 7, 48, 12, seed=3)
+    g = torch.Generator().manual_seed(4)
+    w_attn, w_pooled = torch.randn(2, 1, 7, 48, generator=g), torch.randn(2, 1, 7, 12, generator=g)
+
+    def loss(attn, pooled):
+        a = attn.sum(-1) * w_attn[..., 0] if mass_only else attn * w_attn
+        return a.sum() + (pooled * w_pooled.to(pooled.dtype)).sum()
+
+    q1, n1 = q.clone().requires_grad_(), n.clone().requires_grad_()
+    attn, pooled = _AttendPool.apply(q1, n1, EPS)
+    loss(attn, pooled.to(attn.dtype)).backward()
+    q2, n2 = q.double().requires_grad_(), n.double().requires_grad_()
+    loss(*_textbook(q2, n2)).backward()
+    for got, want in ((q1.grad, q2.grad), (n1.grad, n2.grad)):
+        assert (got.double() - want).abs().max() < 2e-5 * want.abs().max()
+
+
+def _rule_gradients(monkeypatch, enabled: bool, num_inputs=64):
+    monkeypatch.setenv("PYRO_SLOTS_FUSED_ATTENTION", "1" if enabled else "0")
+    torch.manual_seed(0)
+    gmm = GaussianMixture(5, 2)
+    rule = SlotAttention(3, slot_dim=gmm.slot_dim, input_dim=2, hidden_dim=16)
+    x = torch.randn(4, num_inputs, 2, requires_grad=True)
+    problem = InnerProblem(gmm, x)
+    state = rule.init(problem, torch.randn(4, 5, gmm.slot_dim))
+    for _ in range(3):
+        state, _ = rule.step(state, problem)
+    state.slots.square().mean().backward()
+    return [x.grad] + [p.grad for p in rule.parameters()]
+
+
+@needs_kernel
+def test_rule_gradients_with_the_kernel_equal_torchs_path(monkeypatch):
+    """Three steps of a SlotAttention rule, backward through all of them (the inputs' gradient
+    deferred over the steps): the same weights' and inputs' gradients either way."""
+    on = _rule_gradients(monkeypatch, True)
+    off = _rule_gradients(monkeypatch, False)
+    for a, b in zip(on, off):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7
+
+
+def test_unsupported_shapes_and_the_switch_keep_torchs_path(monkeypatch):
+    q, n = _inputs(2, 4, 64, 8, seed=0)
+    two_heads = torch.cat([q, q], 1)
+    assert not fused.supported(two_heads, n)  # heads
+    assert not fused.supported(q, n[:, :60])  # M not a multiple of 8
+    assert not fused.supported(q.double(), n.double())  # float64
+    assert not fused.supported(q[..., :7], n[..., :7])  # an odd number of features
+    monkeypatch.setenv("PYRO_SLOTS_FUSED_ATTENTION", "0")
+    assert not fused.available() and not fused.supported(q, n)
+    # Torch's path then gives the textbook's numbers (as the kernel does, above).
+    attn, pooled = _AttendPool.apply(q, n, EPS)
+    want_attn, want_pooled = _textbook(q, n)
+    assert torch.allclose(attn.double(), want_attn, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(pooled.double(), want_pooled, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_build_is_remembered_and_torchs_path_runs(monkeypatch, caplog):
+    monkeypatch.setitem(fused._state, "module", None)
+    monkeypatch.setitem(fused._state, "error", None)
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fused, "_build", broken)
+    monkeypatch.setenv("PYRO_SLOTS_FUSED_ATTENTION", "1")
+    with caplog.at_level("WARNING", logger=fused.__name__):
+        assert not fused.available()
+        assert not fused.available()  # not retried
+    assert calls == [1]
+    assert "no compiler here" in caplog.text
+    q, n = _inputs(2, 3, 16, 4, seed=1)
+    assert not fused.supported(q, n)
+    attn, _ = _AttendPool.apply(q, n, EPS)
+    assert torch.allclose(attn.double(), _textbook(q, n)[0], rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_blocked_layout_is_made_once_per_tensor_version():
+    n = torch.randn(2, 16, 4)
+    nb = fused.blocked(n)
+    assert nb.shape == (2, 2, 4, 8)
+    assert torch.equal(nb[1, 1, 3], n[1, 8:16, 3])  # tile 1, feature 3: inputs 8-15
+    assert fused.blocked(n) is nb
+    with torch.no_grad():
+        n.add_(1.0)  # a new version: made again
+    assert fused.blocked(n) is not nb
+    assert torch.equal(fused.blocked(n)[0, 0, 0], n[0, :8, 0])
