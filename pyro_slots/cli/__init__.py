@@ -194,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--list-configs", action="store_true", help="list the shipped recipes and exit"
     )
     train.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly")
+    train.add_argument(
+        "--tf32",
+        choices=("on", "off"),
+        default=None,
+        help="on a GPU: TensorFloat-32 in matrix products and convolutions (on), or in neither "
+        "(off: float32 as on the CPU up to rounding); default torch's settings (convolutions "
+        "only)",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--no-pictures", action="store_true", help="do not draw the pictures")
@@ -399,6 +407,7 @@ def _train(args: argparse.Namespace) -> int:
         pictures=not args.no_pictures,
         dist_timeout=args.dist_timeout,
         device=args.device,
+        tf32=None if args.tf32 is None else args.tf32 == "on",
     )
     if args.resume is not None:
         if args.config is not None:

@@ -22,6 +22,7 @@ previous one back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -77,6 +78,7 @@ __all__ = [
     "new_run",
     "resolve_device",
     "save_run",
+    "tf32_mode",
     "weights_path",
     "writable_folder",
 ]
@@ -245,6 +247,23 @@ def describe_machine(record: dict | None) -> str:
     if threads is not None:
         text += f", {threads} torch thread{'s' if threads != 1 else ''}"
     return text
+
+
+@contextlib.contextmanager
+def tf32_mode(enabled: bool | None):
+    """TensorFloat-32 on NVIDIA GPUs for the matrix products and cuDNN's convolutions:
+    ``True`` allows it for both, ``False`` turns it off for both (float32 results as on the CPU
+    up to rounding), ``None`` keeps torch's settings (by default convolutions use TF32, matrix
+    products do not). The previous settings are restored on exit; no effect on the CPU."""
+    if enabled is None:
+        yield
+        return
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def resolve_device(device: str | torch.device | None = "cpu") -> torch.device:

@@ -50,6 +50,7 @@ from .runs import (
     pixel_scale_at,
     resolve_device,
     save_run,
+    tf32_mode,
 )
 
 __all__ = [
@@ -121,6 +122,7 @@ def train(
     time_limit: float | None = None,
     dist_timeout: float | None = None,
     device: str | torch.device = "cpu",
+    tf32: bool | None = None,
     echo=print,
 ) -> TrainRun:
     """Train (or continue training) and write checkpoint, metrics, config and pictures.
@@ -148,6 +150,10 @@ def train(
         ranks before this rank fails (see :func:`~pyro_slots.cli.runs.distributed_context`);
         ignored otherwise.
     :param device: ``"cpu"`` (default) or ``"cuda"``: where the weights and batches live.
+    :param tf32: on a GPU, allow TensorFloat-32 in matrix products and convolutions (``True``),
+        forbid it in both (``False``: float32 as on the CPU up to rounding) or keep torch's
+        settings (``None``, default: convolutions use it, matrix products do not); restored
+        afterwards (:func:`~pyro_slots.cli.runs.tf32_mode`).
     :returns: the finished :class:`TrainRun`.
     """
     if dist_timeout is not None and not 0 < dist_timeout < math.inf:
@@ -181,8 +187,9 @@ def train(
     if main_rank:
         folder.acquire()
     try:
-        return _train_in(run, folder, main_rank, resume, overwrite, progress, pictures,
-                         time_limit, echo)  # fmt: skip
+        with tf32_mode(tf32):
+            return _train_in(run, folder, main_rank, resume, overwrite, progress, pictures,
+                             time_limit, echo)  # fmt: skip
     finally:
         folder.release()
 
