@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pyro_slots.init import draw
-from pyro_slots.inner.mstep import mean_and_variance, normal_moments, weighted_sums
+from pyro_slots.inner.mstep import mean_and_variance, normal_moments
 from pyro_slots.model import SlotModel, SlotSpec, select_component
 from pyro_slots.validation import check_measurements, check_positive_float, check_positive_int
 
@@ -133,13 +133,10 @@ class GaussianMixture(SlotModel):
         # Centred statistics (about a per-datapoint reference point and, where the raw moments
         # would cancel, each component's own mean), so float32 EM stays exact far from the
         # origin: normal_moments.
+        nk, loc, var = normal_moments(resp, x, self.reg_covar)
         if fixed_variance is None:
-            nk, loc, var = normal_moments(resp, x, self.reg_covar)
             log_scale = 0.5 * var.clamp_min(torch.finfo(x.dtype).tiny).log()
         else:
-            nk = resp.sum(-1) + 10 * torch.finfo(x.dtype).eps
-            ref = x.mean(1, keepdim=True)
-            loc = weighted_sums(resp, x - ref) / nk.unsqueeze(-1) + ref
             log_scale = torch.full_like(loc, 0.5 * math.log(fixed_variance))
         if fixed_weights:
             logit = torch.zeros_like(nk)

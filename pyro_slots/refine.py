@@ -307,12 +307,10 @@ def run_inner(
             if not bool(keep.any()):
                 break
             active = rows_now[keep]
-            state = _map_state(lambda a, keep=keep: a[keep] if torch.is_tensor(a) else a, state)
+            pick = lambda a, keep=keep: a[keep] if torch.is_tensor(a) else a  # noqa: E731
+            state = _map_state(pick, state)
             if stepped is not None:  # the losers' updates are dropped: they stay at λ_t
-                new_state, info = stepped
-                new_state = _map_state(
-                    lambda a, keep=keep: a[keep] if torch.is_tensor(a) else a, new_state
-                )
+                new_state, info = _map_state(pick, stepped[0]), stepped[1]
                 info = StepInfo(info.elbo[keep])  # (the loop reads no responsibilities)
             previous = None if previous is None else previous[keep]
             problem = problem_free.subset(active)
