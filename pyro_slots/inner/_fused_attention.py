@@ -11,6 +11,13 @@ the softmax (in the backward, the softmax's backward) to them there; the second 
 weighted sums over all tiles in registers, two features at a time, while the datapoint's inputs
 are still in the cache.
 
+The input LayerNorm that precedes the attention is fused too (:func:`normalize`,
+:func:`normalize_backward`, used by
+:class:`~pyro_slots.inner.slot_attention._NormalizeShared`): its forward writes the normalized
+inputs and their blocked copy in one pass, and its backward sums the inputs' deferred gradient
+``Σ_t left_tᵀ right_t`` per input in registers and applies the LayerNorm's backward to it there,
+so that gradient is never written.
+
 It is C++ compiled at first use with :func:`torch.utils.cpp_extension.load_inline` (about half
 a minute, cached by torch afterwards; GCC's vector extensions, ``-march=native``, OpenMP over
 the batch). Where it cannot be built (no compiler, no ninja) or does not apply
@@ -29,7 +36,10 @@ import warnings
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["available", "backward", "blocked", "forward", "supported"]
+__all__ = [
+    "available", "backward", "blocked", "forward", "normalize", "normalize_backward",
+    "normalize_supported", "supported",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +47,16 @@ logger = logging.getLogger(__name__)
 TILE = 8
 #: The largest number of slots the kernel is compiled for.
 MAX_SLOTS = 16
+#: The most features of the fused input LayerNorm (:func:`normalize`): 16 vectors of 8.
+MAX_NORM_FEATURES = 16 * TILE
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cmath>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 namespace {
 constexpr int L = 8;
@@ -211,6 +226,131 @@ void backward_k(const float* d_pooled, const float* attn, const float* d_attn, i
 }
 
 
+// ---- The input LayerNorm n = (h - mean) rstd w + b, fused with the kernel's blocked copy
+// (forward) and with the inputs' deferred gradient sum_j left_j^T right_j (backward).
+
+inline float hsum(vf v) { float s = 0.f; for (int l = 0; l < L; ++l) s += v[l]; return s; }
+
+// One datapoint's rows: n (M, F), its blocked copy nb (M / 8, F, 8) if wanted, mean and rstd.
+void norm_forward_rows(const float* h, const float* w, const float* bias, float eps, int64_t M,
+                       int64_t F, float* n, float* nb, float* mean, float* rstd) {
+  const float inv_f = 1.0f / F;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = h + m * F;
+    vf s0 = vf{}, s1 = vf{};
+    int64_t f = 0;
+    for (; f + 2 * L <= F; f += 2 * L) { s0 += load(x + f); s1 += load(x + f + L); }
+    for (; f < F; f += L) s0 += load(x + f);
+    const float mu = hsum(s0 + s1) * inv_f;
+    s0 = vf{}; s1 = vf{};
+    for (f = 0; f + 2 * L <= F; f += 2 * L) {
+      const vf d0 = load(x + f) - mu, d1 = load(x + f + L) - mu;
+      s0 += d0 * d0; s1 += d1 * d1;
+    }
+    for (; f < F; f += L) { const vf d = load(x + f) - mu; s0 += d * d; }
+    const float rs = 1.0f / std::sqrt(hsum(s0 + s1) * inv_f + eps);
+    mean[m] = mu;
+    rstd[m] = rs;
+    float* out = n + m * F;
+    for (f = 0; f < F; f += L) {
+      const vf y = (load(x + f) - mu) * rs * load(w + f) + load(bias + f);
+      store(out + f, y);
+      if (nb != nullptr) {
+        float* t = nb + (m - m % L) * F + m % L;  // the row's lane of its tile
+        for (int l = 0; l < L; ++l) t[(f + l) * L] = y[l];
+      }
+    }
+  }
+}
+
+constexpr int NREG =
+#ifdef __AVX512F__
+    32;
+#else
+    16;
+#endif
+
+// One datapoint's backward: per group of R rows, d_n = sum over the factor pairs of
+// left[:, m]^T right (+ extra[m]) in registers, then the LayerNorm's backward on those rows:
+// d_h = rstd (g - mean_f(g) - xhat mean_f(g xhat)) with g = d_n w; d_w += d_n xhat, d_b += d_n.
+template <int NV, int R>
+void norm_backward_rows(const float* h, const float* mean, const float* rstd, const float* w,
+                        const float* const* lefts, const float* const* rights,
+                        const int64_t* rows, int64_t pairs, const float* extra, int64_t M,
+                        float* dh, vf* dw, vf* db) {
+  constexpr int64_t F = NV * L;
+  constexpr float inv_f = 1.0f / F;
+  for (int64_t m = 0; m < M; m += R) {
+    vf acc[R][NV];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+    for (int64_t p = 0; p < pairs; ++p) {
+      const float* lp = lefts[p] + m;
+      const float* rp = rights[p];
+      for (int64_t j = 0; j < rows[p]; ++j) {
+        float c[R];
+        for (int r = 0; r < R; ++r) c[r] = lp[j * M + r];
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) {
+          const vf rv = load(rp + j * F + v * L);
+          for (int r = 0; r < R; ++r) acc[r][v] += c[r] * rv;
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = m + r;
+      const float* x = h + row * F;
+      const float mu = mean[row], rs = rstd[row];
+      vf s1 = vf{}, s2 = vf{};
+      for (int v = 0; v < NV; ++v) {
+        if (extra != nullptr) acc[r][v] += load(extra + row * F + v * L);
+        const vf xh = (load(x + v * L) - mu) * rs;
+        db[v] += acc[r][v];
+        dw[v] += acc[r][v] * xh;
+        const vf g = acc[r][v] * load(w + v * L);
+        s1 += g;
+        s2 += g * xh;
+      }
+      const float a = hsum(s1) * inv_f, c = hsum(s2) * inv_f;
+      for (int v = 0; v < NV; ++v) {
+        const vf xh = (load(x + v * L) - mu) * rs;
+        store(dh + row * F + v * L, rs * (acc[r][v] * load(w + v * L) - a - xh * c));
+      }
+    }
+  }
+}
+
+template <int NV>
+void norm_backward_nv(const float* h, const float* mean, const float* rstd, const float* w,
+                      const std::vector<const float*>& lefts,
+                      const std::vector<const float*>& rights, const std::vector<int64_t>& rows,
+                      const float* extra, int64_t B, int64_t M, float* dh, float* dw_out,
+                      float* db_out) {
+  // Rows per group: R x NV accumulators, a row of the right factor and R broadcasts in registers.
+  constexpr int R = (4 * NV + 3 <= NREG) ? 4 : (2 * NV + 3 <= NREG) ? 2 : 1;
+  constexpr int64_t F = NV * L;
+  const int64_t pairs = rows.size();
+  std::mutex lock;
+  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    vf dw[NV], db[NV];
+    for (int v = 0; v < NV; ++v) { dw[v] = vf{}; db[v] = vf{}; }
+    std::vector<const float*> lb(pairs), rb(pairs);
+    for (int64_t b = lo; b < hi; ++b) {
+      for (int64_t p = 0; p < pairs; ++p) {
+        lb[p] = lefts[p] + b * rows[p] * M;
+        rb[p] = rights[p] + b * rows[p] * F;
+      }
+      norm_backward_rows<NV, R>(h + b * M * F, mean + b * M, rstd + b * M, w, lb.data(),
+                                rb.data(), rows.data(), pairs,
+                                extra == nullptr ? nullptr : extra + b * M * F, M,
+                                dh + b * M * F, dw, db);
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    for (int v = 0; v < NV; ++v)
+      for (int l = 0; l < L; ++l) { dw_out[v * L + l] += dw[v][l]; db_out[v * L + l] += db[v][l]; }
+  });
+}
+
 #define PYRO_SLOTS_DISPATCH(K_, CALL) \
   switch (K_) { \
     case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; \
@@ -218,7 +358,8 @@ void backward_k(const float* d_pooled, const float* attn, const float* d_attn, i
     case 7: CALL(7); break; case 8: CALL(8); break; case 9: CALL(9); break; \
     case 10: CALL(10); break; case 11: CALL(11); break; case 12: CALL(12); break; \
     case 13: CALL(13); break; case 14: CALL(14); break; case 15: CALL(15); break; \
-    case 16: CALL(16); break; default: TORCH_CHECK(false, "K must be 1..16"); }
+    case 16: CALL(16); break; \
+    default: TORCH_CHECK(false, "expected 1..16 slots or feature vectors"); }
 }  // namespace
 
 std::vector<torch::Tensor> attend_forward(torch::Tensor q, torch::Tensor nb, double eps) {
@@ -247,6 +388,47 @@ std::vector<torch::Tensor> attend_backward(torch::Tensor d_pooled, torch::Tensor
   return {d_q, left};
 }
 
+std::vector<torch::Tensor> norm_forward(torch::Tensor h, torch::Tensor w, torch::Tensor bias,
+                                        double eps, bool blocked) {
+  const int64_t B = h.size(0), M = h.size(1), F = h.size(2);
+  auto n = torch::empty_like(h);
+  auto nb = blocked ? torch::empty({B, M / L, F, L}, h.options()) : torch::empty({0}, h.options());
+  auto mean = torch::empty({B, M}, h.options());
+  auto rstd = torch::empty({B, M}, h.options());
+  const float *hp = h.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  float *np_ = n.data_ptr<float>(), *nbp = blocked ? nb.data_ptr<float>() : nullptr;
+  float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b)
+      norm_forward_rows(hp + b * M * F, wp, bp, (float)eps, M, F, np_ + b * M * F,
+                        nbp == nullptr ? nullptr : nbp + b * M * F, mp + b * M, rp + b * M);
+  });
+  return {n, nb, mean, rstd};
+}
+
+std::vector<torch::Tensor> norm_backward(torch::Tensor h, torch::Tensor mean, torch::Tensor rstd,
+                                         torch::Tensor w, std::vector<torch::Tensor> lefts,
+                                         std::vector<torch::Tensor> rights,
+                                         c10::optional<torch::Tensor> extra) {
+  const int64_t B = h.size(0), M = h.size(1), F = h.size(2);
+  auto dh = torch::empty_like(h);
+  auto dw = torch::zeros({F}, h.options());
+  auto db = torch::zeros({F}, h.options());
+  std::vector<const float*> lp, rp;
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < lefts.size(); ++i) {
+    lp.push_back(lefts[i].data_ptr<float>());
+    rp.push_back(rights[i].data_ptr<float>());
+    rows.push_back(lefts[i].size(1));
+  }
+  const float* ep = extra.has_value() ? extra->data_ptr<float>() : nullptr;
+#define PYRO_SLOTS_NORM_BACKWARD(nv) norm_backward_nv<nv>(h.data_ptr<float>(), \
+    mean.data_ptr<float>(), rstd.data_ptr<float>(), w.data_ptr<float>(), lp, rp, rows, ep, B, M, \
+    dh.data_ptr<float>(), dw.data_ptr<float>(), db.data_ptr<float>())
+  PYRO_SLOTS_DISPATCH(F / L, PYRO_SLOTS_NORM_BACKWARD)
+  return {dh, dw, db};
+}
+
 """
 
 _state: dict = {"module": None, "error": None}
@@ -272,7 +454,7 @@ def _build():
         return load_inline(
             f"pyro_slots_fused_attention_{_cpu_tag()}",
             cpp_sources=[_SOURCE],
-            functions=["attend_forward", "attend_backward"],
+            functions=["attend_forward", "attend_backward", "norm_forward", "norm_backward"],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -341,3 +523,54 @@ def backward(d_pooled, attn, d_attn, nb, eps: float):
     return _state["module"].attend_backward(
         d_pooled.contiguous(), attn.contiguous(), d_attn, nb, float(eps)
     )
+
+
+def normalize_supported(h: torch.Tensor, weight, bias) -> bool:
+    """Whether :func:`normalize` applies to inputs ``h`` ``(batch, M, F)`` and a LayerNorm's
+    ``weight`` and ``bias`` ``(F,)``: float32 on the CPU, ``F`` a multiple of :data:`TILE` up
+    to :data:`MAX_NORM_FEATURES` and ``M`` a positive multiple of :data:`TILE`."""
+    features = h.shape[-1]
+    return (
+        h.dim() == 3
+        and h.device.type == "cpu"
+        and h.dtype == torch.float32
+        and features % TILE == 0
+        and 0 < features <= MAX_NORM_FEATURES
+        and h.shape[1] % TILE == 0
+        and h.shape[1] > 0
+        and all(
+            t is not None and t.shape == (features,) and t.dtype == h.dtype and t.device == h.device
+            for t in (weight, bias)
+        )
+        and available()
+    )
+
+
+def normalize(h: torch.Tensor, weight, bias, eps: float, blocked: bool = True):
+    """``LayerNorm(h)`` over the last dimension in one pass over ``h`` ``(B, M, F)``:
+    ``(n (B, M, F), nb, mean (B, M), rstd (B, M))`` with ``nb`` the kernel's blocked copy of ``n``
+    (:func:`blocked`'s layout; an empty tensor without ``blocked``). No graph."""
+    return _state["module"].norm_forward(
+        h.detach().contiguous(), weight.detach().contiguous(), bias.detach().contiguous(),
+        float(eps), bool(blocked),
+    )  # fmt: skip
+
+
+def normalize_backward(h, mean, rstd, weight, factors, extra=None):
+    """``(d_h, d_weight, d_bias)`` of :func:`normalize` for the gradient of ``n``
+    ``Σ_i left_iᵀ right_i (+ extra)``, from the factors ``[(left (B, J_i, M), right (B, J_i, F))]``
+    that :class:`~pyro_slots.inner.slot_attention._AttendPool` leaves, summed per input in
+    registers and put through the LayerNorm's backward there (no ``(B, M, F)`` gradient of ``n``
+    written or read). No graph."""
+    lefts = [left.detach().contiguous() for left, _ in factors]
+    rights = [right.detach().contiguous() for _, right in factors]
+    if extra is not None:
+        extra = extra.detach().contiguous()
+    return _state["module"].norm_backward(
+        h.detach().contiguous(), mean, rstd, weight.detach().contiguous(), lefts, rights, extra
+    )
+
+
+def remember_blocked(n: torch.Tensor, nb: torch.Tensor) -> None:
+    """Keeps ``nb`` as :func:`blocked`'s copy of ``n`` (made by :func:`normalize`)."""
+    _blocked_cache[n] = (None if n.is_inference() else n._version, nb)

@@ -96,14 +96,20 @@ class _InputsGradient:
 
     def take(self, task: int) -> torch.Tensor | None:
         """This backward pass's gradient summed so far, removed (that of other passes stays)."""
-        d_n = self.partial.pop(task, None)
-        for _, left, right in (f for f in self.factors if f[0] == task):
+        d_n, factors = self.pop(task)
+        for left, right in factors:
             if d_n is None:
                 d_n = torch.bmm(left.transpose(1, 2), right)
             else:
                 d_n.baddbmm_(left.transpose(1, 2), right)  # accumulated inside the product
-        self.factors = [f for f in self.factors if f[0] != task]
         return d_n
+
+    def pop(self, task: int) -> tuple:
+        """This backward pass's partial sum (or ``None``) and its factors not yet summed,
+        ``[(left, right), ...]``, removed (those of other passes stay)."""
+        factors = [(left, right) for t, left, right in self.factors if t == task]
+        self.factors = [f for f in self.factors if f[0] != task]
+        return self.partial.pop(task, None), factors
 
 
 class _CollectInputsGradient(torch.autograd.Function):
@@ -120,6 +126,56 @@ class _CollectInputsGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _):
         return ctx.sink.take(torch._C._current_graph_task_id()), None
+
+
+class _NormalizeShared(torch.autograd.Function):
+    """``n = LayerNorm(h)`` of the shared inputs by the fused kernel
+    (:func:`~pyro_slots.inner._fused_attention.normalize`), returned with a token that plays
+    :class:`_CollectInputsGradient`'s part for an optional ``sink``, and the kernel's blocked
+    copy of ``n`` (not differentiable) made in the same pass over ``h``.
+
+    Without a graph the backward takes the factors that the :class:`_AttendPool` calls left in
+    the sink and, per input, sums ``Σ_t left_tᵀ right_t`` and applies the LayerNorm's backward to
+    it in registers (:func:`~pyro_slots.inner._fused_attention.normalize_backward`): no
+    gradient of ``n`` is written or read. A gradient of ``n`` from elsewhere is added to it. A
+    backward that builds a graph differentiates torch's ``layer_norm`` of the saved inputs
+    instead (the attention then returns ``n``'s gradient itself), so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, eps, sink, blocked):
+        n, nb, mean, rstd = _fused.normalize(h, weight, bias, eps, blocked=blocked)
+        ctx.save_for_backward(h, weight, bias, mean, rstd)
+        ctx.eps, ctx.sink = eps, sink
+        ctx.mark_non_differentiable(nb)
+        ctx.set_materialize_grads(False)
+        return n, n.new_zeros(()), nb
+
+    @staticmethod
+    def backward(ctx, d_n, _d_token, _d_nb):
+        h, weight, bias, mean, rstd = ctx.saved_tensors
+        partial, factors = None, []
+        if ctx.sink is not None:
+            partial, factors = ctx.sink.pop(torch._C._current_graph_task_id())
+        extra = partial if d_n is None else d_n if partial is None else d_n + partial
+        if extra is None and not factors:
+            return None, None, None, None, None, None
+        wanted = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            for left, right in factors:  # (none: a backward with a graph defers nothing)
+                term = torch.bmm(left.transpose(1, 2), right)
+                extra = term if extra is None else extra + term
+            with torch.enable_grad():
+                n = nn.functional.layer_norm(h, h.shape[-1:], weight, bias, ctx.eps)
+            inputs = [t for t, want in zip((h, weight, bias), wanted) if want]
+            grads = iter(torch.autograd.grad(n, inputs, extra, create_graph=True))
+            d_h, d_w, d_b = (next(grads) if want else None for want in wanted)
+        else:
+            d_h, d_w, d_b = _fused.normalize_backward(h, mean, rstd, weight, factors, extra)
+        return (
+            d_h if wanted[0] else None, d_w if wanted[1] else None, d_b if wanted[2] else None,
+            None, None, None,
+        )  # fmt: skip
 
 
 class _AttendPool(torch.autograd.Function):
@@ -508,29 +564,34 @@ class SlotAttention(InnerRule):
     # ------------------------------------------------------------------ the update
     def normalized_inputs(self, problem: InnerProblem) -> torch.Tensor:
         """``LayerNorm(encoder(x̃))`` of shape ``(batch, M, features)``, once per problem."""
+        return self._shared_inputs(problem)[0]
+
+    def _shared_inputs(self, problem: InnerProblem):
+        """The normalized inputs, with the token and sink of their deferred gradient
+        (:class:`_InputsGradient`) when a backward will need it (else ``None``), once per
+        problem (see :class:`_Derived`)."""
         if self._standardized_moments:
-            return self._standardized(problem)[0]
+            return self._derived(
+                problem, "inputs", (), lambda: self._with_sink(self._standardized(problem)[0])
+            )
         params = tuple(
             p for m in (self.encoder, self.norm_inputs) if m is not None for p in m.parameters()
         )
         return self._derived(problem, "inputs", params, lambda: self._encode(problem.x))
 
-    def _shared_inputs(self, problem: InnerProblem):
-        """The normalized inputs, with the token and sink of their deferred gradient
-        (:class:`_InputsGradient`) when a backward will need it, kept with the problem."""
-        n = self.normalized_inputs(problem)
-        if not (
-            _CAN_DEFER and self.fold_projections and torch.is_grad_enabled() and n.requires_grad
-        ):
+    def _defers(self, n: torch.Tensor) -> bool:
+        """Whether the gradient of inputs ``n`` is collected once over the steps."""
+        return _CAN_DEFER and self.fold_projections and torch.is_grad_enabled() and n.requires_grad
+
+    def _with_sink(self, n: torch.Tensor):
+        """``(n, (token, sink))`` with a :class:`_CollectInputsGradient` where the gradient is
+        deferred, else ``(n, None)``."""
+        if not self._defers(n):
             return n, None
-        per_rule = problem.__dict__[_DERIVED_ATTR]
-        shared = per_rule.get((self, "sink"))
-        if shared is None or shared[0] is not n:
-            sink = _InputsGradient()
-            token = _CollectInputsGradient.apply(n, sink)
-            sink.node = token.grad_fn
-            shared = per_rule[(self, "sink")] = (n, (token, sink))
-        return shared
+        sink = _InputsGradient()
+        token = _CollectInputsGradient.apply(n, sink)
+        sink.node = token.grad_fn
+        return n, (token, sink)
 
     @property
     def _standardized_moments(self) -> bool:
@@ -548,14 +609,42 @@ class SlotAttention(InnerRule):
             problem, "standardized", (), lambda: self.encoder.standardize(problem.x)
         )
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor):
+        """:meth:`_with_sink` of ``LayerNorm(encoder(x))``. Where the fused kernel applies
+        (:func:`~pyro_slots.inner._fused_attention.normalize_supported`, the folded order) the
+        LayerNorm is :class:`_NormalizeShared`: the kernel's blocked copy of the inputs comes
+        from the same pass, and the deferred gradient goes through the LayerNorm's backward
+        without being written."""
         inputs = x if self.encoder is None else self.encoder(x)
         if inputs.shape[-1] != self.feature_dim:
             raise ValueError(
                 f"encoder: expected {self.feature_dim} output features (feature_dim), "
                 f"got {tuple(inputs.shape)}"
             )
-        return inputs if self.norm_inputs is None else self.norm_inputs(inputs)
+        norm = self.norm_inputs
+        if norm is None:
+            return self._with_sink(inputs)
+        if not (
+            self.fold_projections and _fused.normalize_supported(inputs, norm.weight, norm.bias)
+        ):
+            return self._with_sink(norm(inputs))
+        blocked = self.num_heads == 1  # the attention kernel's layout (one head only)
+        graph = (inputs, norm.weight, norm.bias)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in graph)):
+            n, nb, _, _ = _fused.normalize(inputs, norm.weight, norm.bias, norm.eps, blocked)
+            shared = None
+        else:
+            sink = _InputsGradient() if _CAN_DEFER else None
+            n, token, nb = _NormalizeShared.apply(
+                inputs, norm.weight, norm.bias, norm.eps, sink, blocked
+            )
+            shared = None
+            if sink is not None:
+                sink.node = token.grad_fn
+                shared = (token, sink)
+        if blocked:
+            _fused.remember_blocked(n, nb)
+        return n, shared
 
     def attention_masks(self, problem: InnerProblem, slots: torch.Tensor) -> torch.Tensor:
         """What every slot attends to at ``slots``, ``(batch, K, M)``: the rule's own attention

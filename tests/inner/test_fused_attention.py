@@ -74,7 +74,7 @@ def test_kernel_backward_is_autograds_gradient_of_the_textbook(mass_only):
         assert (got.double() - want).abs().max() < 2e-5 * want.abs().max()
 
 
-def _rule_gradients(monkeypatch, enabled: bool, num_inputs=64):
+def _unrolled_rule(monkeypatch, enabled: bool, num_inputs=64, num_steps=3):
     monkeypatch.setenv("PYRO_SLOTS_FUSED_ATTENTION", "1" if enabled else "0")
     torch.manual_seed(0)
     gmm = GaussianMixture(5, 2)
@@ -82,20 +82,116 @@ def _rule_gradients(monkeypatch, enabled: bool, num_inputs=64):
     x = torch.randn(4, num_inputs, 2, requires_grad=True)
     problem = InnerProblem(gmm, x)
     state = rule.init(problem, torch.randn(4, 5, gmm.slot_dim))
-    for _ in range(3):
+    for _ in range(num_steps):
         state, _ = rule.step(state, problem)
-    state.slots.square().mean().backward()
+    return rule, x, problem, state.slots.square().mean()
+
+
+def _rule_gradients(monkeypatch, enabled: bool, num_inputs=64, num_steps=3):
+    rule, x, _, loss = _unrolled_rule(monkeypatch, enabled, num_inputs, num_steps)
+    loss.backward()
     return [x.grad] + [p.grad for p in rule.parameters()]
 
 
 @needs_kernel
-def test_rule_gradients_with_the_kernel_equal_torchs_path(monkeypatch):
-    """Three steps of a SlotAttention rule, backward through all of them (the inputs' gradient
-    deferred over the steps): the same weights' and inputs' gradients either way."""
-    on = _rule_gradients(monkeypatch, True)
-    off = _rule_gradients(monkeypatch, False)
+@pytest.mark.parametrize("num_steps", [1, 3])
+@pytest.mark.parametrize("defer", [True, False])
+def test_rule_gradients_with_the_kernel_equal_torchs_path(monkeypatch, num_steps, defer):
+    """Steps of a SlotAttention rule, backward through all of them: the same weights' and
+    inputs' gradients either way. With 16 features the input LayerNorm is the fused one
+    (:class:`_NormalizeShared`); with ``defer`` the inputs' gradient is left in the sink
+    (after 2 of 3 steps its 20 factor rows exceed the 16 features and are summed early, so the
+    fused backward gets a partial sum too), without it each step returns its own."""
+    from pyro_slots.inner import slot_attention as sa
+
+    monkeypatch.setattr(sa, "_CAN_DEFER", defer and sa._CAN_DEFER)
+    on = _rule_gradients(monkeypatch, True, num_steps=num_steps)
+    off = _rule_gradients(monkeypatch, False, num_steps=num_steps)
     for a, b in zip(on, off):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7
+
+
+@needs_kernel
+def test_double_backward_through_the_fused_layer_norm_equals_torchs(monkeypatch):
+    """A Hessian-vector product through the inputs (a backward that builds a graph: the fused
+    LayerNorm differentiates torch's) equals the one of torch's path; and a gradient of the
+    normalized inputs from outside the steps (the rule's attention masks) is added to the
+    deferred one."""
+    results = []
+    for enabled in (True, False):
+        rule, x, problem, loss = _unrolled_rule(monkeypatch, enabled)
+        n = rule.normalized_inputs(problem)
+        assert (n.grad_fn.__class__.__name__ == "_NormalizeSharedBackward") == enabled
+        masks = rule.attention_masks(problem, torch.randn(4, 5, rule.slot_dim))
+        (gx,) = torch.autograd.grad(loss + masks.square().mean(), [x], create_graph=True)
+        v = torch.linspace(-1, 1, x.numel()).view_as(x)
+        (hvp,) = torch.autograd.grad((gx * v).sum(), [x])
+        results.append((gx.detach(), hvp))
+    for a, b in zip(*results):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7
+    assert results[0][1].abs().max() > 1e-5  # not trivially zero (100× the tolerance's floor)
+
+
+def _layer_norm_inputs(batch, num_inputs, features, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = 3 * torch.randn(batch, num_inputs, features, generator=g) + 1
+    return h, torch.randn(features, generator=g), torch.randn(features, generator=g)
+
+
+@needs_kernel
+@pytest.mark.parametrize("features", [8, 64, 128])
+def test_fused_layer_norm_is_the_layer_norm_and_the_blocked_copy(features):
+    h, w, b = _layer_norm_inputs(3, 32, features, seed=features)
+    assert fused.normalize_supported(h, w, b)
+    n, nb, mean, rstd = fused.normalize(h, w, b, 1e-5)
+    want = torch.nn.functional.layer_norm(h.double(), (features,), w.double(), b.double(), 1e-5)
+    assert (n.double() - want).abs().max() < 1e-5 * want.abs().max()
+    assert torch.allclose(mean.double(), h.double().mean(-1), atol=1e-5)
+    var = h.double().var(-1, unbiased=False)
+    assert torch.allclose(rstd.double(), (var + 1e-5).rsqrt(), rtol=1e-5)
+    assert torch.equal(nb, fused.blocked(n.clone()))  # the layout of blocked(), same values
+    assert fused.normalize(h, w, b, 1e-5, blocked=False)[1].numel() == 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("features", [8, 64, 128])
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_fused_layer_norm_backward_is_autograds(features, with_extra):
+    """``d_h, d_w, d_b`` for the gradient ``Σ_i left_iᵀ right_i (+ extra)`` of ``n``, against
+    float64 autograd through torch's layer_norm; factor pairs of different sizes."""
+    batch, num_inputs = 3, 48
+    h, w, b = _layer_norm_inputs(batch, num_inputs, features, seed=1)
+    _, _, mean, rstd = fused.normalize(h, w, b, 1e-5)
+    g = torch.Generator().manual_seed(2)
+    factors = [
+        (
+            torch.randn(batch, j, num_inputs, generator=g),
+            torch.randn(batch, j, features, generator=g),
+        )
+        for j in (14, 3, 14)
+    ]
+    extra = torch.randn(batch, num_inputs, features, generator=g) if with_extra else None
+    got = fused.normalize_backward(h, mean, rstd, w, factors, extra)
+    d_n = sum(torch.bmm(left.double().transpose(1, 2), right.double()) for left, right in factors)
+    if with_extra:
+        d_n = d_n + extra.double()
+    leaves = [t.double().requires_grad_() for t in (h, w, b)]
+    n = torch.nn.functional.layer_norm(leaves[0], (features,), leaves[1], leaves[2], 1e-5)
+    for a, want in zip(got, torch.autograd.grad(n, leaves, d_n)):
+        assert (a.double() - want).abs().max() < 2e-5 * want.abs().max()
+
+
+@needs_kernel
+def test_fused_layer_norm_applies_to_its_shapes_only():
+    h, w, b = _layer_norm_inputs(2, 16, 16, seed=0)
+    assert fused.normalize_supported(h, w, b)
+    assert not fused.normalize_supported(h[..., :12], w[:12], b[:12])  # F not a multiple of 8
+    big = torch.zeros(2, 8, 136)
+    assert not fused.normalize_supported(big, big[0, 0], big[0, 0])  # more than 128 features
+    assert not fused.normalize_supported(h[:, :12], w, b)  # M not a multiple of 8
+    assert not fused.normalize_supported(h.double(), w.double(), b.double())
+    assert not fused.normalize_supported(h, w[:8], b)  # a weight of another size
+    assert not fused.normalize_supported(h, w, None)  # no bias
 
 
 def test_unsupported_shapes_and_the_switch_keep_torchs_path(monkeypatch):
