@@ -43,12 +43,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Inputs per tile of the blocked layout (one 8-float vector).
+#: Inputs per tile of the blocked layout where the kernel is not built (:func:`tile`).
 TILE = 8
 #: The largest number of slots the kernel is compiled for.
 MAX_SLOTS = 16
-#: The most features of the fused input LayerNorm (:func:`normalize`): 16 vectors of 8.
-MAX_NORM_FEATURES = 16 * TILE
+#: The most features of the fused input LayerNorm (:func:`normalize`), in tiles.
+MAX_NORM_VECTORS = 16
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -59,9 +59,17 @@ _SOURCE = r"""
 #include <vector>
 
 namespace {
+// One vector of L floats: a tile of L inputs in the blocked layout (16 with AVX-512's 64-byte
+// registers, else 8).
+#if defined(__AVX512F__)
+constexpr int L = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef int vi __attribute__((vector_size(64)));
+#else
 constexpr int L = 8;
 typedef float vf __attribute__((vector_size(32)));
 typedef int vi __attribute__((vector_size(32)));
+#endif
 
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
@@ -252,12 +260,16 @@ void norm_forward_rows(const float* h, const float* w, const float* bias, float 
     mean[m] = mu;
     rstd[m] = rs;
     float* out = n + m * F;
-    for (f = 0; f < F; f += L) {
-      const vf y = (load(x + f) - mu) * rs * load(w + f) + load(bias + f);
-      store(out + f, y);
-      if (nb != nullptr) {
-        float* t = nb + (m - m % L) * F + m % L;  // the row's lane of its tile
-        for (int l = 0; l < L; ++l) t[(f + l) * L] = y[l];
+    for (f = 0; f < F; f += L)
+      store(out + f, (load(x + f) - mu) * rs * load(w + f) + load(bias + f));
+    if (nb != nullptr && m % L == L - 1) {
+      // The tile's L rows are in the cache: their blocked copy, one feature's column at a time.
+      const float* rows = n + (m + 1 - L) * F;
+      float* tile = nb + (m + 1 - L) * F;
+      for (f = 0; f < F; ++f) {
+        vf c;
+        for (int l = 0; l < L; ++l) c[l] = rows[l * F + f];
+        store(tile + f * L, c);
       }
     }
   }
@@ -364,6 +376,7 @@ void norm_backward_nv(const float* h, const float* mean, const float* rstd, cons
 
 std::vector<torch::Tensor> attend_forward(torch::Tensor q, torch::Tensor nb, double eps) {
   const int64_t B = q.size(0), K = q.size(1), F = q.size(2), M = nb.size(1) * nb.size(3);
+  TORCH_CHECK(nb.size(3) == L && F % 2 == 0, "attend_forward: expected (B, M / tile, F, tile)");
   auto attn = torch::empty({B, K, M}, q.options());
   auto pooled = torch::empty({B, K, F}, q.options());
 #define PYRO_SLOTS_FORWARD(k) forward_k<k>(q.data_ptr<float>(), nb.data_ptr<float>(), \
@@ -376,6 +389,7 @@ std::vector<torch::Tensor> attend_backward(torch::Tensor d_pooled, torch::Tensor
                                            c10::optional<torch::Tensor> d_attn,
                                            torch::Tensor nb, double eps) {
   const int64_t B = attn.size(0), K = attn.size(1), M = attn.size(2), F = d_pooled.size(2);
+  TORCH_CHECK(nb.size(3) == L && M % L == 0, "attend_backward: expected (B, M / tile, F, tile)");
   auto left = torch::empty({B, 2 * K, M}, attn.options());
   auto d_q = torch::empty({B, K, F}, attn.options());
   const float* da = d_attn.has_value() ? d_attn->data_ptr<float>() : nullptr;
@@ -388,9 +402,12 @@ std::vector<torch::Tensor> attend_backward(torch::Tensor d_pooled, torch::Tensor
   return {d_q, left};
 }
 
+int64_t tile() { return L; }
+
 std::vector<torch::Tensor> norm_forward(torch::Tensor h, torch::Tensor w, torch::Tensor bias,
                                         double eps, bool blocked) {
   const int64_t B = h.size(0), M = h.size(1), F = h.size(2);
+  TORCH_CHECK(F % L == 0 && M % L == 0, "norm_forward: M and F must be multiples of the tile");
   auto n = torch::empty_like(h);
   auto nb = blocked ? torch::empty({B, M / L, F, L}, h.options()) : torch::empty({0}, h.options());
   auto mean = torch::empty({B, M}, h.options());
@@ -411,6 +428,7 @@ std::vector<torch::Tensor> norm_backward(torch::Tensor h, torch::Tensor mean, to
                                          std::vector<torch::Tensor> rights,
                                          c10::optional<torch::Tensor> extra) {
   const int64_t B = h.size(0), M = h.size(1), F = h.size(2);
+  TORCH_CHECK(F % L == 0 && M % L == 0, "norm_backward: M and F must be multiples of the tile");
   auto dh = torch::empty_like(h);
   auto dw = torch::zeros({F}, h.options());
   auto db = torch::zeros({F}, h.options());
@@ -454,7 +472,13 @@ def _build():
         return load_inline(
             f"pyro_slots_fused_attention_{_cpu_tag()}",
             cpp_sources=[_SOURCE],
-            functions=["attend_forward", "attend_backward", "norm_forward", "norm_backward"],
+            functions=[
+                "attend_forward",
+                "attend_backward",
+                "norm_forward",
+                "norm_backward",
+                "tile",
+            ],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -475,10 +499,21 @@ def available() -> bool:
     return _state["module"] is not None
 
 
+def tile() -> int:
+    """Inputs per tile of the kernel's blocked layout ``(batch, M / tile, F, tile)``: one vector
+    register, 16 floats where the CPU has AVX-512, else 8 (:data:`TILE` where the kernel is
+    not built)."""
+    if _state["module"] is None:
+        return TILE
+    if _state.get("tile") is None:
+        _state["tile"] = int(_state["module"].tile())
+    return _state["tile"]
+
+
 def supported(q: torch.Tensor, n: torch.Tensor) -> bool:
     """Whether the kernel applies to queries ``q`` ``(batch, heads, K, F)`` and inputs ``n``
     ``(batch, M, F)``: float32 on the CPU, one head, ``K <= 16``, an even ``F`` and ``M`` a
-    positive multiple of :data:`TILE` (else torch's operations run)."""
+    positive multiple of :func:`tile` (else torch's operations run)."""
     return (
         q.device.type == "cpu"
         and n.device.type == "cpu"
@@ -487,9 +522,9 @@ def supported(q: torch.Tensor, n: torch.Tensor) -> bool:
         and q.shape[1] == 1
         and 1 <= q.shape[2] <= MAX_SLOTS
         and q.shape[3] % 2 == 0
-        and n.shape[1] % TILE == 0
         and n.shape[1] > 0
         and available()
+        and n.shape[1] % tile() == 0
     )
 
 
@@ -503,7 +538,8 @@ def blocked(n: torch.Tensor) -> torch.Tensor:
         return entry[1]
     batch, num_inputs, features = n.shape
     with torch.no_grad():
-        out = n.detach().reshape(batch, num_inputs // TILE, TILE, features).transpose(2, 3)
+        size = tile()
+        out = n.detach().reshape(batch, num_inputs // size, size, features).transpose(2, 3)
         out = out.contiguous()
     _blocked_cache[n] = (version, out)
     return out
@@ -527,22 +563,22 @@ def backward(d_pooled, attn, d_attn, nb, eps: float):
 
 def normalize_supported(h: torch.Tensor, weight, bias) -> bool:
     """Whether :func:`normalize` applies to inputs ``h`` ``(batch, M, F)`` and a LayerNorm's
-    ``weight`` and ``bias`` ``(F,)``: float32 on the CPU, ``F`` a multiple of :data:`TILE` up
-    to :data:`MAX_NORM_FEATURES` and ``M`` a positive multiple of :data:`TILE`."""
+    ``weight`` and ``bias`` ``(F,)``: float32 on the CPU, ``F`` a multiple of :func:`tile` up
+    to :data:`MAX_NORM_VECTORS` tiles and ``M`` a positive multiple of :func:`tile`."""
     features = h.shape[-1]
     return (
         h.dim() == 3
         and h.device.type == "cpu"
         and h.dtype == torch.float32
-        and features % TILE == 0
-        and 0 < features <= MAX_NORM_FEATURES
-        and h.shape[1] % TILE == 0
         and h.shape[1] > 0
         and all(
             t is not None and t.shape == (features,) and t.dtype == h.dtype and t.device == h.device
             for t in (weight, bias)
         )
         and available()
+        and features % tile() == 0
+        and 0 < features <= MAX_NORM_VECTORS * tile()
+        and h.shape[1] % tile() == 0
     )
 
 

@@ -39,7 +39,7 @@ def _inputs(batch, num_slots, num_inputs, features, seed):
 
 @needs_kernel
 @pytest.mark.parametrize(
-    "num_slots, num_inputs, features", [(1, 8, 2), (4, 64, 10), (7, 1024, 64), (16, 40, 6)]
+    "num_slots, num_inputs, features", [(1, 16, 2), (4, 64, 10), (7, 1024, 64), (16, 80, 6)]
 )
 def test_kernel_forward_is_the_softmax_and_the_weighted_sums(num_slots, num_inputs, features):
     q, n = _inputs(3, num_slots, num_inputs, features, seed=num_slots)
@@ -139,7 +139,7 @@ def _layer_norm_inputs(batch, num_inputs, features, seed):
 
 
 @needs_kernel
-@pytest.mark.parametrize("features", [8, 64, 128])
+@pytest.mark.parametrize("features", [16, 64, 128])
 def test_fused_layer_norm_is_the_layer_norm_and_the_blocked_copy(features):
     h, w, b = _layer_norm_inputs(3, 32, features, seed=features)
     assert fused.normalize_supported(h, w, b)
@@ -154,7 +154,7 @@ def test_fused_layer_norm_is_the_layer_norm_and_the_blocked_copy(features):
 
 
 @needs_kernel
-@pytest.mark.parametrize("features", [8, 64, 128])
+@pytest.mark.parametrize("features", [16, 64, 128])
 @pytest.mark.parametrize("with_extra", [False, True])
 def test_fused_layer_norm_backward_is_autograds(features, with_extra):
     """``d_h, d_w, d_b`` for the gradient ``Σ_i left_iᵀ right_i (+ extra)`` of ``n``, against
@@ -186,8 +186,10 @@ def test_fused_layer_norm_applies_to_its_shapes_only():
     h, w, b = _layer_norm_inputs(2, 16, 16, seed=0)
     assert fused.normalize_supported(h, w, b)
     assert not fused.normalize_supported(h[..., :12], w[:12], b[:12])  # F not a multiple of 8
-    big = torch.zeros(2, 8, 136)
-    assert not fused.normalize_supported(big, big[0, 0], big[0, 0])  # more than 128 features
+    big = torch.zeros(2, 16, (fused.MAX_NORM_VECTORS + 1) * fused.tile())
+    assert not fused.normalize_supported(big, big[0, 0], big[0, 0])  # more features than compiled
+    most = big[..., : fused.MAX_NORM_VECTORS * fused.tile()]
+    assert fused.normalize_supported(most, most[0, 0], most[0, 0])
     assert not fused.normalize_supported(h[:, :12], w, b)  # M not a multiple of 8
     assert not fused.normalize_supported(h.double(), w.double(), b.double())
     assert not fused.normalize_supported(h, w[:8], b)  # a weight of another size
@@ -198,7 +200,7 @@ def test_unsupported_shapes_and_the_switch_keep_torchs_path(monkeypatch):
     q, n = _inputs(2, 4, 64, 8, seed=0)
     two_heads = torch.cat([q, q], 1)
     assert not fused.supported(two_heads, n)  # heads
-    assert not fused.supported(q, n[:, :60])  # M not a multiple of 8
+    assert not fused.supported(q, n[:, :60])  # M not a multiple of the tile (8 or 16)
     assert not fused.supported(q.double(), n.double())  # float64
     assert not fused.supported(q[..., :7], n[..., :7])  # an odd number of features
     monkeypatch.setenv("PYRO_SLOTS_FUSED_ATTENTION", "0")
@@ -234,12 +236,26 @@ def test_a_failed_build_is_remembered_and_torchs_path_runs(monkeypatch, caplog):
 
 @needs_kernel
 def test_blocked_layout_is_made_once_per_tensor_version():
-    n = torch.randn(2, 16, 4)
+    t = fused.tile()
+    assert t in (8, 16)
+    n = torch.randn(2, 2 * t, 4)
     nb = fused.blocked(n)
-    assert nb.shape == (2, 2, 4, 8)
-    assert torch.equal(nb[1, 1, 3], n[1, 8:16, 3])  # tile 1, feature 3: inputs 8-15
+    assert nb.shape == (2, 2, 4, t)
+    assert torch.equal(nb[1, 1, 3], n[1, t : 2 * t, 3])  # tile 1, feature 3
     assert fused.blocked(n) is nb
     with torch.no_grad():
         n.add_(1.0)  # a new version: made again
     assert fused.blocked(n) is not nb
-    assert torch.equal(fused.blocked(n)[0, 0, 0], n[0, :8, 0])
+    assert torch.equal(fused.blocked(n)[0, 0, 0], n[0, :t, 0])
+
+
+@needs_kernel
+def test_the_kernels_refuse_shapes_off_the_tile():
+    """Called directly with shapes that :func:`normalize_supported` refuses, the C++ functions
+    raise instead of writing past their rows."""
+    h, w, b = _layer_norm_inputs(2, 16, 4, seed=0)  # 4 features: not a multiple of the tile
+    with pytest.raises(RuntimeError, match="multiples of the tile"):
+        fused.normalize(h, w, b, 1e-5)
+    _, _, mean, rstd = fused.normalize(*_layer_norm_inputs(2, 16, 16, seed=0), 1e-5)
+    with pytest.raises(RuntimeError, match="multiples of the tile"):
+        fused.normalize_backward(h, mean, rstd, w, [])
