@@ -220,14 +220,16 @@ void forward_k(const float* q, const float* nb, float* attn, float* pooled, int6
 template <int K>
 void backward_k(const float* d_pooled, const float* attn, const float* d_attn, int64_t da_b,
                 int64_t da_k, int64_t da_m, const float* nb,
-                float* left, float* d_q, int64_t B, int64_t M, int64_t F, float eps) {
+                float* left, float* d_q, int64_t B, int64_t M, int64_t F, float eps,
+                bool stacked) {
   at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
-      float* dl = left + b * 2 * K * M;  // rows 0..K-1: d_logits; K..2K-1: the attention
+      // Rows 0..K-1: d_logits; K..2K-1 (if stacked): the attention.
+      float* dl = left + b * (stacked ? 2 : 1) * K * M;
       const float* ab = attn + b * K * M;
       rows_pass<K, true>(d_pooled + b * K * F, nb + b * M * F, M, F, eps, ab,
                          d_attn == nullptr ? nullptr : d_attn + b * da_b, da_k, da_m, dl, M);
-      std::memcpy(dl + K * M, ab, sizeof(float) * K * M);
+      if (stacked) std::memcpy(dl + K * M, ab, sizeof(float) * K * M);
       sums_pass<K>(dl, M, nb + b * M * F, M, F, d_q + b * K * F);
     }
   });
@@ -387,17 +389,17 @@ std::vector<torch::Tensor> attend_forward(torch::Tensor q, torch::Tensor nb, dou
 
 std::vector<torch::Tensor> attend_backward(torch::Tensor d_pooled, torch::Tensor attn,
                                            c10::optional<torch::Tensor> d_attn,
-                                           torch::Tensor nb, double eps) {
+                                           torch::Tensor nb, double eps, bool stacked) {
   const int64_t B = attn.size(0), K = attn.size(1), M = attn.size(2), F = d_pooled.size(2);
   TORCH_CHECK(nb.size(3) == L && M % L == 0, "attend_backward: expected (B, M / tile, F, tile)");
-  auto left = torch::empty({B, 2 * K, M}, attn.options());
+  auto left = torch::empty({B, stacked ? 2 * K : K, M}, attn.options());
   auto d_q = torch::empty({B, K, F}, attn.options());
   const float* da = d_attn.has_value() ? d_attn->data_ptr<float>() : nullptr;
   const int64_t da_b = da ? d_attn->stride(0) : 0, da_k = da ? d_attn->stride(1) : 0;
   const int64_t da_m = da ? d_attn->stride(2) : 0;
 #define PYRO_SLOTS_BACKWARD(k) backward_k<k>(d_pooled.data_ptr<float>(), attn.data_ptr<float>(), \
     da, da_b, da_k, da_m, nb.data_ptr<float>(), left.data_ptr<float>(), d_q.data_ptr<float>(), \
-    B, M, F, (float)eps)
+    B, M, F, (float)eps, stacked)
   PYRO_SLOTS_DISPATCH(K, PYRO_SLOTS_BACKWARD)
   return {d_q, left};
 }
@@ -550,14 +552,15 @@ def forward(q: torch.Tensor, nb: torch.Tensor, eps: float):
     return _state["module"].attend_forward(q.contiguous(), nb, float(eps))
 
 
-def backward(d_pooled, attn, d_attn, nb, eps: float):
+def backward(d_pooled, attn, d_attn, nb, eps: float, stacked: bool = True):
     """``(d_q (B, K, F), left (B, 2K, M))``: the queries' gradient and the left factor
     ``[d_logits; attn]`` of the inputs' gradient, from ``d_pooled`` ``(B, K, F)``, the
-    attention ``(B, K, M)`` (with ``eps``) and its gradient (or ``None``)."""
+    attention ``(B, K, M)`` (with ``eps``) and its gradient (or ``None``); without ``stacked``
+    ``left`` is ``d_logits`` alone ``(B, K, M)`` (the attention not copied under it)."""
     if d_attn is not None and d_attn.stride(-1) not in (0, 1):
         d_attn = d_attn.contiguous()  # else read in place: contiguous along M, or constant there
     return _state["module"].attend_backward(
-        d_pooled.contiguous(), attn.contiguous(), d_attn, nb, float(eps)
+        d_pooled.contiguous(), attn.contiguous(), d_attn, nb, float(eps), bool(stacked)
     )
 
 

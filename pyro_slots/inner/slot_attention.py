@@ -73,12 +73,15 @@ class _InputsGradient:
     the BLAS is slow for that inner size.)
     """
 
-    __slots__ = ("factors", "node", "partial")
+    __slots__ = ("factors", "node", "partial", "split")
 
-    def __init__(self):
+    def __init__(self, split: bool = False):
         self.factors = []  # (graph task id, left (batch, R, M), right (batch, R, F))
         self.partial = {}  # graph task id: the gradient summed so far
         self.node = None  # the collecting node, once its token is made
+        # Whether the collector sums factor pairs itself (the fused LayerNorm's backward): a
+        # step then leaves its two pairs as they are, not stacked into one for a single product.
+        self.split = split
 
     def needed(self) -> bool:
         """Whether the running backward pass reaches the inputs (else it wants no factors)."""
@@ -240,12 +243,17 @@ class _AttendPool(torch.autograd.Function):
         # A backward that builds a graph computes dn here, differentiably; else the sink does.
         defer = ctx.sink is not None and not torch.is_grad_enabled()
         need_n = ctx.needs_input_grad[1] and (not defer or ctx.sink.needed())
+        split = defer and ctx.sink.split
         if not torch.is_grad_enabled() and ctx.blocked is not None:
             d_attn = None if d_attn is None else d_attn.reshape(batch, rows, -1)
             d_q, left = _fused.backward(
-                d_pooled, attn.view(batch, rows, -1), d_attn, ctx.blocked, ctx.eps
+                d_pooled, attn.view(batch, rows, -1), d_attn, ctx.blocked, ctx.eps, not split
             )
             d_q, left = d_q.view(q.shape), left if need_n else None
+            if split and need_n:  # (d_logits, q) and (attn, d_pooled): nothing stacked
+                ctx.sink.add(left, q.reshape(batch, rows, features))
+                ctx.sink.add(attn.view(batch, rows, -1), d_pooled)
+                return d_q, None, None, q.new_zeros(()), None
         elif not torch.is_grad_enabled():
             d_q, left = _attend_pool_grads(q, n, attn, ctx.eps, d_attn, d_pooled, need_n)
         else:
@@ -634,7 +642,7 @@ class SlotAttention(InnerRule):
             n, nb, _, _ = _fused.normalize(inputs, norm.weight, norm.bias, norm.eps, blocked)
             shared = None
         else:
-            sink = _InputsGradient() if _CAN_DEFER else None
+            sink = _InputsGradient(split=True) if _CAN_DEFER else None
             n, token, nb = _NormalizeShared.apply(
                 inputs, norm.weight, norm.bias, norm.eps, sink, blocked
             )
