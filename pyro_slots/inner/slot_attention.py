@@ -685,6 +685,8 @@ class SlotAttention(InnerRule):
         q = self.to_q(self.norm_slots(s)).reshape(batch, num_slots, heads, head_dim).transpose(1, 2)
         w_k = self.to_k.weight.reshape(heads, head_dim, features)
         w_v = self.to_v.weight.reshape(heads, head_dim, features)
+        if heads == 1:  # 2-D weights: matmul folds the leading dims into one product (no bmm)
+            w_k, w_v = w_k[0], w_v[0]
         # The 1/sqrt(head_dim) scale goes on the (b, h, K, ·) query, not on the logits.
         q = q * head_dim**-0.5
         # Weighted means over the measurements normalize the (b, h, K, ·) sums, not the
