@@ -5,8 +5,9 @@
 of the inputs; its backward the mirror image. With torch's operations these are batched matrix
 products of ``K`` rows each (about 30 GFLOP/s for 7 rows on this project's CPUs) with the
 softmax in passes between them. The kernel here makes two passes over each datapoint's inputs,
-kept in a blocked feature-major layout ``(batch, M / 8, F, 8)`` (:func:`blocked`, made once per
-problem): the first computes a tile of 8 inputs' ``K`` logits in vector registers and applies
+kept in a blocked feature-major layout ``(batch, M / L, F, L)`` (:func:`blocked`, made once per
+problem; a tile of ``L`` = :func:`tile` inputs is one vector register, 16 floats with AVX-512,
+else 8): the first computes a tile's ``K`` logits in vector registers and applies
 the softmax (in the backward, the softmax's backward) to them there; the second accumulates the
 weighted sums over all tiles in registers, two features at a time, while the datapoint's inputs
 are still in the cache.
@@ -91,7 +92,7 @@ inline vf exp2v(vf d) {
   return p * (vf)((t + 127) << 23);
 }
 
-// The dot products w_k . n_m of slots K0..K0+N-1 for two tiles of 8 inputs at once (each row
+// The dot products w_k . n_m of slots K0..K0+N-1 for two tiles of L inputs at once (each row
 // of the inputs loaded once for N slots of both tiles: 2 loads and N broadcasts per 2N FMAs).
 template <int K0, int N>
 inline void dots2(const float* w, const float* t0, const float* t1, int64_t F, vf* a0, vf* a1) {
@@ -152,7 +153,7 @@ inline void epilogue(vf* acc, int64_t m, int64_t M, float eps, const float* attn
   }
 }
 
-// Pass 1: for every tile of 8 inputs the K dot products w_k . n_m (two tiles at a time), then
+// Pass 1: for every tile of L inputs the K dot products w_k . n_m (two tiles at a time), then
 // the epilogue on them while they are in registers.
 template <int K, bool BACKWARD>
 void rows_pass(const float* w, const float* nb, int64_t M, int64_t F, float eps,
@@ -241,7 +242,7 @@ void backward_k(const float* d_pooled, const float* attn, const float* d_attn, i
 
 inline float hsum(vf v) { float s = 0.f; for (int l = 0; l < L; ++l) s += v[l]; return s; }
 
-// One datapoint's rows: n (M, F), its blocked copy nb (M / 8, F, 8) if wanted, mean and rstd.
+// One datapoint's rows: n (M, F), its blocked copy nb (M / L, F, L) if wanted, mean and rstd.
 void norm_forward_rows(const float* h, const float* w, const float* bias, float eps, int64_t M,
                        int64_t F, float* n, float* nb, float* mean, float* rstd) {
   const float inv_f = 1.0f / F;
@@ -531,7 +532,7 @@ def supported(q: torch.Tensor, n: torch.Tensor) -> bool:
 
 
 def blocked(n: torch.Tensor) -> torch.Tensor:
-    """``n`` ``(batch, M, F)`` in the kernel's layout ``(batch, M / 8, F, 8)``, without its
+    """``n`` ``(batch, M, F)`` in the kernel's layout ``(batch, M / tile, F, tile)``, without its
     graph, made once per tensor (and version): the inner loop attends over the same inputs at
     every step."""
     version = None if n.is_inference() else n._version

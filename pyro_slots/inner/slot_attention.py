@@ -421,12 +421,15 @@ class SlotAttention(InnerRule):
     them inside the matrix products, into one tensor, instead of one ``(batch, M, features)``
     tensor per step added up by autograd (a backward that builds a graph, for second
     derivatives, keeps the per-step form). On the CPU, in float32, with one head, at most 16
-    slots, an even number of features and a multiple of 8 inputs, the attention, its softmax
-    and the weighted sums (and their backward without a graph) run in a fused C++ kernel
-    compiled at first use (:mod:`pyro_slots.inner._fused_attention`; about 30 s once, then
-    cached; torch's operations where it cannot be built; ``PYRO_SLOTS_FUSED_ATTENTION=0`` turns
-    it off): the rule's steps, forward and backward, 1.2-1.3 times faster at 64 × 1024 and
-    32 × 4096 inputs here.
+    slots, an even number of features and a multiple of the kernel's tile of inputs (8, or 16
+    with AVX-512), the attention, its softmax and the weighted sums (and their backward without
+    a graph) run in a fused C++ kernel compiled at first use
+    (:mod:`pyro_slots.inner._fused_attention`; about 30 s once, then cached; torch's operations
+    where it cannot be built; ``PYRO_SLOTS_FUSED_ATTENTION=0`` turns it off), and so does the
+    input LayerNorm where the features are a multiple of the tile too (its forward writes the
+    kernel's layout in the same pass; its backward takes the deferred gradient in registers):
+    the rule's steps, forward and backward, about 1.6 times faster at 64 × 1024 and 32 × 4096
+    inputs than with torch's operations, on an AVX-512 machine.
 
     The weights do not depend on the number of slots, so ``refine(..., num_slots=K)`` may use
     another ``K`` than training. The rule is equivariant under permutations of the slots and
