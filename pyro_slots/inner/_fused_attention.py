@@ -56,7 +56,6 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 namespace {
@@ -345,12 +344,14 @@ void norm_backward_nv(const float* h, const float* mean, const float* rstd, cons
   constexpr int R = (4 * NV + 3 <= NREG) ? 4 : (2 * NV + 3 <= NREG) ? 2 : 1;
   constexpr int64_t F = NV * L;
   const int64_t pairs = rows.size();
-  std::mutex lock;
+  // Each datapoint's dw and db, summed in the datapoints' order afterwards: the same result
+  // whatever the threads and their order.
+  std::vector<float> parts(B * 2 * F);
   at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
-    vf dw[NV], db[NV];
-    for (int v = 0; v < NV; ++v) { dw[v] = vf{}; db[v] = vf{}; }
     std::vector<const float*> lb(pairs), rb(pairs);
     for (int64_t b = lo; b < hi; ++b) {
+      vf dw[NV], db[NV];
+      for (int v = 0; v < NV; ++v) { dw[v] = vf{}; db[v] = vf{}; }
       for (int64_t p = 0; p < pairs; ++p) {
         lb[p] = lefts[p] + b * rows[p] * M;
         rb[p] = rights[p] + b * rows[p] * F;
@@ -359,11 +360,17 @@ void norm_backward_nv(const float* h, const float* mean, const float* rstd, cons
                                 rb.data(), rows.data(), pairs,
                                 extra == nullptr ? nullptr : extra + b * M * F, M,
                                 dh + b * M * F, dw, db);
+      for (int v = 0; v < NV; ++v) {
+        store(parts.data() + b * 2 * F + v * L, dw[v]);
+        store(parts.data() + b * 2 * F + F + v * L, db[v]);
+      }
     }
-    std::lock_guard<std::mutex> guard(lock);
-    for (int v = 0; v < NV; ++v)
-      for (int l = 0; l < L; ++l) { dw_out[v * L + l] += dw[v][l]; db_out[v * L + l] += db[v][l]; }
   });
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t f = 0; f < F; ++f) {
+      dw_out[f] += parts[b * 2 * F + f];
+      db_out[f] += parts[b * 2 * F + F + f];
+    }
 }
 
 #define PYRO_SLOTS_DISPATCH(K_, CALL) \

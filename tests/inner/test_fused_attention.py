@@ -259,3 +259,23 @@ def test_the_kernels_refuse_shapes_off_the_tile():
     _, _, mean, rstd = fused.normalize(*_layer_norm_inputs(2, 16, 16, seed=0), 1e-5)
     with pytest.raises(RuntimeError, match="multiples of the tile"):
         fused.normalize_backward(h, mean, rstd, w, [])
+
+
+@needs_kernel
+def test_fused_layer_norm_backward_is_the_same_whatever_the_threads():
+    """The weight and bias gradients are summed over the datapoints in their order, not in
+    the order the threads finish: bit for bit the same on one thread and on several."""
+    h, w, b = _layer_norm_inputs(6, 32, 16, seed=3)
+    _, _, mean, rstd = fused.normalize(h, w, b, 1e-5)
+    g = torch.Generator().manual_seed(4)
+    factors = [(torch.randn(6, 5, 32, generator=g), torch.randn(6, 5, 16, generator=g))]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append(fused.normalize_backward(h, mean, rstd, w, factors))
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
