@@ -39,7 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "available", "backward", "blocked", "forward", "normalize", "normalize_backward",
-    "normalize_supported", "supported",
+    "normalize_supported", "remember_blocked", "supported", "tile",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)

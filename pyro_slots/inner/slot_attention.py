@@ -157,23 +157,23 @@ class _NormalizeShared(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_n, _d_token, _d_nb):
         h, weight, bias, mean, rstd = ctx.saved_tensors
-        partial, factors = None, []
-        if ctx.sink is not None:
-            partial, factors = ctx.sink.pop(torch._C._current_graph_task_id())
-        extra = partial if d_n is None else d_n if partial is None else d_n + partial
-        if extra is None and not factors:
-            return None, None, None, None, None, None
+        task = torch._C._current_graph_task_id()
         wanted = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():
-            for left, right in factors:  # (none: a backward with a graph defers nothing)
-                term = torch.bmm(left.transpose(1, 2), right)
-                extra = term if extra is None else extra + term
+        if torch.is_grad_enabled():  # (the attention deferred nothing: it returned d_n itself)
+            deferred = None if ctx.sink is None else ctx.sink.take(task)
+            d_n = deferred if d_n is None else d_n if deferred is None else d_n + deferred
+            if d_n is None:
+                return None, None, None, None, None, None
             with torch.enable_grad():
                 n = nn.functional.layer_norm(h, h.shape[-1:], weight, bias, ctx.eps)
             inputs = [t for t, want in zip((h, weight, bias), wanted) if want]
-            grads = iter(torch.autograd.grad(n, inputs, extra, create_graph=True))
+            grads = iter(torch.autograd.grad(n, inputs, d_n, create_graph=True))
             d_h, d_w, d_b = (next(grads) if want else None for want in wanted)
         else:
+            partial, factors = (None, []) if ctx.sink is None else ctx.sink.pop(task)
+            extra = partial if d_n is None else d_n if partial is None else d_n + partial
+            if extra is None and not factors:
+                return None, None, None, None, None, None
             d_h, d_w, d_b = _fused.normalize_backward(h, mean, rstd, weight, factors, extra)
         return (
             d_h if wanted[0] else None, d_w if wanted[1] else None, d_b if wanted[2] else None,
