@@ -20,6 +20,8 @@ from pyro_slots.inner.mstep import mean_and_variance, normal_moments
 from pyro_slots.model import SlotModel, SlotSpec, select_component
 from pyro_slots.validation import check_measurements, check_positive_float, check_positive_int
 
+from . import _fused_kmeans
+
 __all__ = ["GaussianMixture", "kmeans_plus_plus", "random_from_data"]
 
 
@@ -289,7 +291,6 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int | None) -
     numbers: the first seed's index ``(B,)`` and one ``(B, trials)`` uniform per later seed;
     ``lloyd_steps=None``: the seeds with pooled statistics."""
     batch, num_points, dim = x.shape
-    rows = torch.arange(batch, device=x.device)
     # Feature-major (B, D, M) throughout: every pass is over contiguous rows of M points (with
     # a few features last, (B, M, D), broadcasts, scatters and matrix products take the CPU's
     # slow paths). The random choices are made without gradients; the resulting cluster
@@ -297,11 +298,54 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int | None) -
     # with an encoder. Everything is computed about the datapoint's mean: the Lloyd score
     # |c|² - 2 c·x and the cluster sums cancel or round badly in float32 when the data sit far
     # from the origin.
+    fused = _fused_kmeans.supported(x)
+    if fused:  # the same algorithm in C++ (the module docs of _fused_kmeans)
+        # Without a gradient to keep, the kernel returns the statistics too.
+        bare = lloyd_steps is not None and not (torch.is_grad_enabled() and x.requires_grad)
+        seeds, nearest, centers, stats = _fused_kmeans.kmeans(
+            x, first, uniforms, num_slots, lloyd_steps, bare
+        )
+        if stats is not None:
+            return stats
     xt = x.transpose(1, 2).contiguous()
     ref = xt.mean(2, keepdim=True)  # (B, D, 1)
     xt = xt - ref
+    xd = xt.detach()
+    if fused:
+        centers = centers - ref.detach().transpose(1, 2)  # about the mean, as the points
+    else:
+        seeds, nearest, centers = _kmeans_discrete(xd, first, uniforms, lloyd_steps)
+    if lloyd_steps is None:  # the seeds are measurements, gathered with their gradients
+        index = seeds.unsqueeze(-1).expand(-1, -1, dim)
+        return _pooled_parts(x, torch.gather(x, 1, index))
     with torch.no_grad():
-        xd = xt.detach()
+        members = _one_hot(nearest, num_slots, xd.dtype)
+    # The cluster statistics with gradients, as promised above; (B, D, K) like the points.
+    nk = members.sum(-1).unsqueeze(1)  # (B, 1, K)
+    sums = torch.bmm(xt, members.transpose(1, 2))  # (B, D, K)
+    # An empty cluster keeps its seed: its statistics come from the pooled data.
+    loc = torch.where(nk > 0, sums / nk.clamp_min(1), centers.transpose(1, 2))
+    pooled = (xt * xt).sum(2, keepdim=True) / max(num_points - 1, 1)  # (B, D, 1)
+    # Squared deviation of every point from its own cluster's mean: O(B M D), no (B, K, M, D).
+    dev = xt - torch.gather(loc, 2, nearest.long().unsqueeze(1).expand(-1, dim, -1))
+    var = torch.bmm(dev * dev, members.transpose(1, 2))  # (B, D, K)
+    var = torch.where(nk > 1, var / nk.clamp_min(1), pooled)
+    var = var.clamp_min(1e-6 * pooled.detach().clamp_min(1e-12))
+    return {
+        "loc": (loc + ref).transpose(1, 2),
+        "log_scale": 0.5 * var.log().transpose(1, 2),
+        "logit": ((nk.squeeze(1) + 1.0) / (num_points + num_slots)).log(),
+    }
+
+
+def _kmeans_discrete(xd, first, uniforms, lloyd_steps: int | None):
+    """Torch's greedy k-means++ seeding and Lloyd iterations on feature-major points ``xd``
+    ``(B, D, M)`` (no graph): ``(seeds (B, K), nearest (B, M), centers (B, K, D))``,
+    ``nearest`` ``None`` for ``lloyd_steps=None``."""
+    batch, _, num_points = xd.shape
+    num_slots = len(uniforms) + 1
+    rows = torch.arange(batch, device=xd.device)
+    with torch.no_grad():
         centers, seeds = [_columns(xd, first.unsqueeze(1))], [first]
         closest = _squared_distances(xd, centers[0])[0][:, 0]  # (B, M)
         work = (None, None)  # the candidates' (B, T, M) distances and scratch, reused
@@ -318,10 +362,9 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int | None) -
             if i + 1 < len(uniforms):  # the last seed's distances are not needed
                 closest = new_closest[rows, best]
         centers = torch.cat(centers, 1)  # (B, K, D)
-    if lloyd_steps is None:  # the seeds are measurements, gathered with their gradients
-        index = torch.stack(seeds, 1).unsqueeze(-1).expand(-1, -1, dim)
-        return _pooled_parts(x, torch.gather(x, 1, index))
-    with torch.no_grad():
+        seeds = torch.stack(seeds, 1)
+        if lloyd_steps is None:
+            return seeds, None, centers
         nearest = None
         squares = (xd * xd).sum(1, keepdim=True)  # (B, 1, M)
         for step in range(lloyd_steps + 1):
@@ -336,23 +379,7 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int | None) -
             counts = members.sum(-1, keepdim=True)  # (B, K, 1)
             sums = torch.bmm(members, xd.transpose(1, 2))  # (B, K, D)
             centers = torch.where(counts > 0, sums / counts.clamp_min(1), centers)
-        members = _one_hot(nearest, num_slots, xd.dtype)
-    # The cluster statistics with gradients, as promised above; (B, D, K) like the points.
-    nk = members.sum(-1).unsqueeze(1)  # (B, 1, K)
-    sums = torch.bmm(xt, members.transpose(1, 2))  # (B, D, K)
-    # An empty cluster keeps its seed: its statistics come from the pooled data.
-    loc = torch.where(nk > 0, sums / nk.clamp_min(1), centers.transpose(1, 2))
-    pooled = (xt * xt).sum(2, keepdim=True) / max(num_points - 1, 1)  # (B, D, 1)
-    # Squared deviation of every point from its own cluster's mean: O(B M D), no (B, K, M, D).
-    dev = xt - torch.gather(loc, 2, nearest.unsqueeze(1).expand(-1, dim, -1))
-    var = torch.bmm(dev * dev, members.transpose(1, 2))  # (B, D, K)
-    var = torch.where(nk > 1, var / nk.clamp_min(1), pooled)
-    var = var.clamp_min(1e-6 * pooled.detach().clamp_min(1e-12))
-    return {
-        "loc": (loc + ref).transpose(1, 2),
-        "log_scale": 0.5 * var.log().transpose(1, 2),
-        "logit": ((nk.squeeze(1) + 1.0) / (num_points + num_slots)).log(),
-    }
+    return seeds, nearest, centers
 
 
 def _columns(xt, index):

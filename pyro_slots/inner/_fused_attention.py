@@ -19,30 +19,23 @@ inputs and their blocked copy in one pass, and its backward sums the inputs' def
 ``Σ_t left_tᵀ right_t`` per input in registers and applies the LayerNorm's backward to it there,
 so that gradient is never written.
 
-It is C++ compiled at first use with :func:`torch.utils.cpp_extension.load_inline` (about half
-a minute, cached by torch afterwards; GCC's vector extensions, ``-march=native``, OpenMP over
-the batch). Where it cannot be built (no compiler, no ninja) or does not apply
-(:func:`supported`), :class:`_AttendPool` keeps torch's operations;
-``PYRO_SLOTS_FUSED_ATTENTION=0`` turns it off.
+It is C++ compiled at first use (about half a minute, cached by torch afterwards; GCC's vector
+extensions, ``-march=native``, OpenMP over the batch; :class:`~pyro_slots._native.NativeExtension`).
+Where it cannot be built (no compiler, no ninja) or does not apply (:func:`supported`),
+:class:`_AttendPool` keeps torch's operations; ``PYRO_SLOTS_FUSED_ATTENTION=0`` turns it off.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import warnings
-
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
+
+from pyro_slots._native import NativeExtension
 
 __all__ = [
     "available", "backward", "blocked", "forward", "normalize", "normalize_backward",
     "normalize_supported", "remember_blocked", "supported", "tile",
 ]  # fmt: skip
-
-logger = logging.getLogger(__name__)
 
 #: Inputs per tile of the blocked layout where the kernel is not built (:func:`tile`).
 TILE = 8
@@ -459,65 +452,33 @@ std::vector<torch::Tensor> norm_backward(torch::Tensor h, torch::Tensor mean, to
 
 """
 
-_state: dict = {"module": None, "error": None}
+EXTENSION = NativeExtension(
+    "fused_attention",
+    _SOURCE,
+    ["attend_forward", "attend_backward", "norm_forward", "norm_backward", "tile"],
+    switch="PYRO_SLOTS_FUSED_ATTENTION",
+    what="fused attention kernel",
+)
 _blocked_cache = WeakIdKeyDictionary()
-
-
-def _cpu_tag() -> str:
-    """A short hash of this CPU's feature flags: the build is ``-march=native``, so a cache of
-    builds shared by different machines keeps one per kind of CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha1((flags or platform.processor()).encode()).hexdigest()[:10]
-
-
-def _build():
-    from torch.utils.cpp_extension import load_inline
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_inline(
-            f"pyro_slots_fused_attention_{_cpu_tag()}",
-            cpp_sources=[_SOURCE],
-            functions=[
-                "attend_forward",
-                "attend_backward",
-                "norm_forward",
-                "norm_backward",
-                "tile",
-            ],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+_tile: dict = {}
 
 
 def available() -> bool:
     """Whether the kernel is built (building it at the first call) and not turned off by
-    ``PYRO_SLOTS_FUSED_ATTENTION=0``. A failed build is logged once and not retried."""
-    if os.environ.get("PYRO_SLOTS_FUSED_ATTENTION", "1") == "0":
-        return False
-    if _state["module"] is None and _state["error"] is None:
-        try:
-            _state["module"] = _build()
-        except Exception as e:  # no compiler, no ninja, a failed compilation: torch's path
-            _state["error"] = e
-            logger.warning("pyro_slots: the fused attention kernel was not built (%s)", e)
-    return _state["module"] is not None
+    ``PYRO_SLOTS_FUSED_ATTENTION=0`` (:class:`~pyro_slots._native.NativeExtension`)."""
+    return EXTENSION.available()
 
 
 def tile() -> int:
     """Inputs per tile of the kernel's blocked layout ``(batch, M / tile, F, tile)``: one vector
     register, 16 floats where the CPU has AVX-512, else 8 (:data:`TILE` where the kernel is
     not built)."""
-    if _state["module"] is None:
+    module = EXTENSION.module
+    if module is None:
         return TILE
-    if _state.get("tile") is None:
-        _state["tile"] = int(_state["module"].tile())
-    return _state["tile"]
+    if module not in _tile:
+        _tile[module] = int(module.tile())
+    return _tile[module]
 
 
 def supported(q: torch.Tensor, n: torch.Tensor) -> bool:
@@ -557,7 +518,7 @@ def blocked(n: torch.Tensor) -> torch.Tensor:
 
 def forward(q: torch.Tensor, nb: torch.Tensor, eps: float):
     """``(attn (B, K, M), pooled (B, K, F))`` for base-2 queries ``q`` ``(B, K, F)``."""
-    return _state["module"].attend_forward(q.contiguous(), nb, float(eps))
+    return EXTENSION.module.attend_forward(q.contiguous(), nb, float(eps))
 
 
 def backward(d_pooled, attn, d_attn, nb, eps: float, stacked: bool = True):
@@ -567,7 +528,7 @@ def backward(d_pooled, attn, d_attn, nb, eps: float, stacked: bool = True):
     ``left`` is ``d_logits`` alone ``(B, K, M)`` (the attention not copied under it)."""
     if d_attn is not None and d_attn.stride(-1) not in (0, 1):
         d_attn = d_attn.contiguous()  # else read in place: contiguous along M, or constant there
-    return _state["module"].attend_backward(
+    return EXTENSION.module.attend_backward(
         d_pooled.contiguous(), attn.contiguous(), d_attn, nb, float(eps), bool(stacked)
     )
 
@@ -597,7 +558,7 @@ def normalize(h: torch.Tensor, weight, bias, eps: float, blocked: bool = True):
     """``LayerNorm(h)`` over the last dimension in one pass over ``h`` ``(B, M, F)``:
     ``(n (B, M, F), nb, mean (B, M), rstd (B, M))`` with ``nb`` the kernel's blocked copy of ``n``
     (:func:`blocked`'s layout; an empty tensor without ``blocked``). No graph."""
-    return _state["module"].norm_forward(
+    return EXTENSION.module.norm_forward(
         h.detach().contiguous(), weight.detach().contiguous(), bias.detach().contiguous(),
         float(eps), bool(blocked),
     )  # fmt: skip
@@ -613,7 +574,7 @@ def normalize_backward(h, mean, rstd, weight, factors, extra=None):
     rights = [right.detach().contiguous() for _, right in factors]
     if extra is not None:
         extra = extra.detach().contiguous()
-    return _state["module"].norm_backward(
+    return EXTENSION.module.norm_backward(
         h.detach().contiguous(), mean, rstd, weight.detach().contiguous(), lefts, rights, extra
     )
 

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from pyro_slots._native import NativeExtension
 from pyro_slots.inner import InnerProblem, SlotAttention
 from pyro_slots.inner import _fused_attention as fused
 from pyro_slots.inner.slot_attention import _AttendPool
@@ -19,7 +20,7 @@ from pyro_slots.models import GaussianMixture
 EPS = 1e-8
 
 needs_kernel = pytest.mark.skipif(
-    not fused.available(), reason=f"the fused kernel was not built: {fused._state['error']}"
+    not fused.available(), reason=f"the fused kernel was not built: {fused.EXTENSION.error}"
 )
 
 
@@ -213,17 +214,17 @@ def test_unsupported_shapes_and_the_switch_keep_torchs_path(monkeypatch):
 
 
 def test_a_failed_build_is_remembered_and_torchs_path_runs(monkeypatch, caplog):
-    monkeypatch.setitem(fused._state, "module", None)
-    monkeypatch.setitem(fused._state, "error", None)
+    extension = NativeExtension("broken", "", [], "PYRO_SLOTS_BROKEN", "broken kernel")
     calls = []
 
     def broken():
         calls.append(1)
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(fused, "_build", broken)
-    monkeypatch.setenv("PYRO_SLOTS_FUSED_ATTENTION", "1")
-    with caplog.at_level("WARNING", logger=fused.__name__):
+    monkeypatch.setattr(extension, "_build", broken)
+    monkeypatch.setattr(fused, "EXTENSION", extension)
+    monkeypatch.setenv("PYRO_SLOTS_BROKEN", "1")
+    with caplog.at_level("WARNING", logger="pyro_slots._native"):
         assert not fused.available()
         assert not fused.available()  # not retried
     assert calls == [1]

@@ -5,7 +5,16 @@ import pytest
 import torch
 from scipy import stats
 
-from pyro_slots.models import GaussianMixture, random_from_data
+from pyro_slots.models import GaussianMixture, _fused_kmeans, random_from_data
+
+
+@pytest.fixture(params=["torch", "kernel"])
+def kmeans_path(request, monkeypatch):
+    """k-means++ through torch's operations and through the C++ kernel (models/_fused_kmeans)."""
+    if request.param == "kernel" and not _fused_kmeans.available():
+        pytest.skip(f"the k-means++ kernel was not built: {_fused_kmeans.EXTENSION.error}")
+    monkeypatch.setenv("PYRO_SLOTS_FUSED_KMEANS", "1" if request.param == "kernel" else "0")
+    return request.param
 
 
 def test_random_from_data_takes_distinct_points_pooled_scales_and_equal_weights():
@@ -52,7 +61,7 @@ def test_bad_init_arguments_raise_naming_the_argument():
         GaussianMixture(3, 2, init="random_from_data").init_slots(torch.randn(1, 2, 2), 3)
 
 
-def test_kmeans_plus_plus_in_chunks_equals_the_whole_batch(monkeypatch, float64):
+def test_kmeans_plus_plus_in_chunks_equals_the_whole_batch(kmeans_path, monkeypatch, float64):
     """λ_0 of a large batch is computed chunk by chunk from random numbers drawn for the whole
     batch first: the same slots (and gradients w.r.t. x) as one pass over the batch."""
     from pyro_slots.data import sample_point_sets
@@ -99,7 +108,7 @@ def _numpy_kmeans_plus_plus_seeds(x, num_slots, generator, trials=None):
 
 
 @pytest.mark.parametrize("trials", [None, 1, 3])
-def test_kmeans_plus_plus_seeds_are_the_greedy_seeds_with_pooled_statistics(trials):
+def test_kmeans_plus_plus_seeds_are_the_greedy_seeds_with_pooled_statistics(kmeans_path, trials):
     """init="kmeans++_seeds": the means are exactly the seeds of a per-datapoint numpy k-means++
     (same random numbers, ``init_local_trials`` candidates per draw: scikit-learn's 2 + ln K by
     default, 1 the original algorithm), the scales the pooled standard deviations, the weights
@@ -123,7 +132,7 @@ def test_kmeans_plus_plus_seeds_are_the_greedy_seeds_with_pooled_statistics(tria
 
 
 @pytest.mark.parametrize("init", ["kmeans++", "kmeans++_seeds", "random_from_data"])
-def test_init_slots_of_some_rows_are_those_rows_of_the_whole_draw(init, monkeypatch):
+def test_init_slots_of_some_rows_are_those_rows_of_the_whole_draw(kmeans_path, init, monkeypatch):
     """GaussianMixture.init_slots(rows=...) equals the whole batch's draw indexed by the rows,
     bit for bit (rows in any order, across k-means++ chunks), and seeds those datapoints only."""
     from pyro_slots.models import gmm as gmm_module
@@ -184,7 +193,7 @@ def test_mean_and_variance_match_numpy_in_float32_far_from_the_origin():
     assert mean.shape == var.shape == (3, 1, 2)
 
 
-def test_original_kmeans_plus_plus_draws_the_second_seed_with_probability_d2():
+def test_original_kmeans_plus_plus_draws_the_second_seed_with_probability_d2(kmeans_path):
     """``init_local_trials=1`` is D² sampling: over many datapoints holding the same five points
     and the same first seed, the second seed's frequencies match d² / Σ d² (analytic)."""
     from pyro_slots.models import gmm as gmm_module
@@ -259,19 +268,23 @@ def _numpy_lloyd_statistics(points, seeds, lloyd_steps):
     return loc, var, np.log((count + 1) / (num_points + num_slots))
 
 
+@pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("lloyd_steps", [0, 1, 10])
-def test_kmeans_plus_plus_statistics_are_numpy_lloyd_from_the_same_seeds(lloyd_steps):
+def test_kmeans_plus_plus_statistics_are_numpy_lloyd_from_the_same_seeds(
+    kmeans_path, lloyd_steps, grad
+):
     """init="kmeans++": from the greedy seeds, ``init_lloyd_steps`` hard k-means iterations and
     the final assignment's cluster means, variances and smoothed weights, against a numpy Lloyd
     per datapoint (float64, data far from the origin); the means carry x's gradient (the means
     of the assigned points: each point's gradient of Σ loc is 1 / N_k, so a set's total is the
-    number of non-empty clusters times the features)."""
+    number of non-empty clusters times the features). Without a gradient to keep (``grad``
+    False), the kernel computes the statistics itself."""
     g = torch.Generator().manual_seed(4)
     centers = 6.0 * torch.randn(6, 1, 3, 2, generator=g, dtype=torch.float64)
     pick = torch.randint(3, (6, 50), generator=g)
     x = torch.gather(centers.expand(6, 50, 3, 2), 2, pick[..., None, None].expand(6, 50, 1, 2))
     x = x.squeeze(2) + torch.randn(6, 50, 2, generator=g, dtype=torch.float64) + 100.0
-    x.requires_grad_()
+    x.requires_grad_(grad)
     gmm = GaussianMixture(4, 2, init_lloyd_steps=lloyd_steps)
     parts = gmm.slot_spec.split(gmm.init_slots(x, 4, torch.Generator().manual_seed(3)))
     xn = x.detach().numpy()
@@ -284,5 +297,90 @@ def test_kmeans_plus_plus_statistics_are_numpy_lloyd_from_the_same_seeds(lloyd_s
                                    rtol=1e-9)  # fmt: skip
         np.testing.assert_allclose(parts["logit"][n].detach().numpy(), logit, rtol=1e-12)
         nonempty.append(float((logit > np.log(1 / 54) + 1e-9).sum()))
-    (grad,) = torch.autograd.grad(parts["loc"].sum(), x)
-    np.testing.assert_allclose(grad.sum((1, 2)).numpy(), 2 * np.array(nonempty), rtol=1e-12)
+    if grad:
+        (d_x,) = torch.autograd.grad(parts["loc"].sum(), x)
+        np.testing.assert_allclose(d_x.sum((1, 2)).numpy(), 2 * np.array(nonempty), rtol=1e-12)
+    else:
+        assert not parts["loc"].requires_grad
+
+
+@pytest.mark.parametrize(
+    "batch, num_points, dim, num_slots",
+    [(7, 37, 1, 3), (5, 53, 5, 4), (4, 6, 2, 6), (3, 20, 2, 1), (6, 129, 3, 7)],
+)
+@pytest.mark.parametrize("grad", [True, False])
+def test_kmeans_plus_plus_on_odd_shapes_is_numpy_lloyd(kmeans_path, batch, num_points, dim,
+                                                       num_slots, grad):  # fmt: skip
+    """Shapes off the common case against the numpy references: one feature and five, as many
+    slots as points (every point a seed), one slot (no draw), points not a multiple of the
+    kernel's blocks of 16; three Lloyd steps."""
+    x = 3.0 * torch.randn(batch, num_points, dim, generator=torch.Generator().manual_seed(dim),
+                          dtype=torch.float64) - 7.0  # fmt: skip
+    x.requires_grad_(grad)
+    gmm = GaussianMixture(num_slots, dim, init_lloyd_steps=3)
+    parts = gmm.slot_spec.split(gmm.init_slots(x, num_slots, torch.Generator().manual_seed(8)))
+    xn = x.detach().numpy()
+    seeds = _numpy_kmeans_plus_plus_seeds(xn, num_slots, torch.Generator().manual_seed(8))
+    for n in range(batch):
+        assert len(set(seeds[n])) == num_slots
+        loc, var, logit = _numpy_lloyd_statistics(xn[n], seeds[n], 3)
+        np.testing.assert_allclose(parts["loc"][n].detach().numpy(), loc, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(parts["log_scale"][n].exp().detach().numpy() ** 2, var,
+                                   rtol=1e-9)  # fmt: skip
+        np.testing.assert_allclose(parts["logit"][n].detach().numpy(), logit, rtol=1e-12)
+
+
+def test_kmeans_plus_plus_of_identical_points(kmeans_path):
+    """Every point the same: every seed that point, zero variances floored at 1e-6 of the
+    floored pooled variance (1e-18), the weights from the cluster sizes (all in the first)."""
+    x = torch.full((3, 10, 2), 2.5, dtype=torch.float64)
+    gmm = GaussianMixture(3, 2, init_lloyd_steps=2)
+    parts = gmm.slot_spec.split(gmm.init_slots(x, 3, torch.Generator().manual_seed(0)))
+    assert torch.equal(parts["loc"], torch.full((3, 3, 2), 2.5, dtype=torch.float64))
+    torch.testing.assert_close(parts["log_scale"], torch.full((3, 3, 2), 0.5 * np.log(1e-18),
+                                                              dtype=torch.float64))  # fmt: skip
+    want = torch.tensor([11.0, 1.0, 1.0], dtype=torch.float64).div(13).log()
+    torch.testing.assert_close(parts["logit"], want.expand(3, 3))
+
+
+def test_kmeans_kernel_and_torch_agree_in_float32():
+    """The kernel against torch's operations on 512 float32 sets of 500 points (the benchmark's
+    shape): the same seeds and assignment, so the same statistics to float32 rounding, on all
+    but a few sets (a near-tie in a distance or a potential can go either way: the kernel sums
+    differences directly and potentials in double)."""
+    if not _fused_kmeans.available():
+        pytest.skip(f"the k-means++ kernel was not built: {_fused_kmeans.EXTENSION.error}")
+    from pyro_slots.data import sample_point_sets
+
+    x = sample_point_sets(512, 500, 4, 2, seed=3).x.float()
+    gmm = GaussianMixture(4, 2, init_lloyd_steps=2)
+    out = {}
+    for env in ("0", "1"):
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("PYRO_SLOTS_FUSED_KMEANS", env)
+            out[env] = gmm.init_slots(x, 4, torch.Generator().manual_seed(2))
+    close = torch.isclose(out["0"], out["1"], rtol=1e-4, atol=1e-4).flatten(1).all(1)
+    assert close.float().mean() >= 0.99
+
+
+def test_kmeans_kernel_refuses_bad_arguments():
+    if not _fused_kmeans.available():
+        pytest.skip(f"the k-means++ kernel was not built: {_fused_kmeans.EXTENSION.error}")
+    kernel = _fused_kmeans.EXTENSION.module.kmeans
+    x, u = torch.randn(2, 5, 2), torch.rand(2, 2, 3)
+    with pytest.raises(RuntimeError, match="first must index the points"):
+        kernel(x, torch.tensor([0, 5]), u, 3, 0, True)
+    with pytest.raises(RuntimeError, match="1 <= K <= M"):
+        kernel(x, torch.tensor([0, 1]), torch.rand(2, 5, 3), 6, 0, True)
+    with pytest.raises(RuntimeError, match="u must be"):
+        kernel(x, torch.tensor([0, 1]), u.double(), 3, 0, True)
+    with pytest.raises(RuntimeError, match="statistics need the assignment"):
+        kernel(x, torch.tensor([0, 1]), u, 3, -1, True)
+
+
+def test_native_kernels_are_switched_off_together(monkeypatch):
+    monkeypatch.setenv("PYRO_SLOTS_NATIVE", "0")
+    assert not _fused_kmeans.supported(torch.randn(2, 5, 2))
+    from pyro_slots.inner import _fused_attention
+
+    assert not _fused_attention.available()
