@@ -201,7 +201,7 @@ class IODINE(SlotModel):
 
     def model(self, x: torch.Tensor, slots: torch.Tensor):
         batch, num_pixels, _ = x.shape
-        check_slots(slots, "slots", batch, self.slot_dim)
+        check_slots(slots, "slots", batch, self.slot_dim, finite=dist.is_validation_enabled())
         num_slots = slots.shape[1]
         zeros = x.new_zeros(batch, num_slots, self.latent_dim)
         with pyro.plate(self.batch_plate, batch, dim=-2):
@@ -225,7 +225,7 @@ class IODINE(SlotModel):
 
     def guide(self, x: torch.Tensor, slots: torch.Tensor):
         batch = x.shape[0]
-        check_slots(slots, "slots", batch, self.slot_dim)
+        check_slots(slots, "slots", batch, self.slot_dim, finite=dist.is_validation_enabled())
         parts = self.slot_spec.split(slots)
         with pyro.plate(self.batch_plate, batch, dim=-2):
             with pyro.plate("slots", slots.shape[1], dim=-1):

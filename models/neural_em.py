@@ -109,7 +109,7 @@ class NeuralEM(SlotModel):
 
     def model(self, x: torch.Tensor, slots: torch.Tensor):
         batch, num_pixels, _ = x.shape
-        check_slots(slots, "slots", batch, self.slot_dim)
+        check_slots(slots, "slots", batch, self.slot_dim, finite=dist.is_validation_enabled())
         means = self.component_means(slots)  # (B, K, M, C)
         num_slots = means.shape[1]
         if means.shape[2] != num_pixels:

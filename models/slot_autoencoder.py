@@ -220,7 +220,7 @@ class SlotAutoencoder(SlotModel):
 
     def model(self, x: torch.Tensor, slots: torch.Tensor):
         batch, num_measurements, _ = x.shape
-        check_slots(slots, "slots", batch, self.slot_dim)
+        check_slots(slots, "slots", batch, self.slot_dim, finite=dist.is_validation_enabled())
         if self.gaussian_mixture is not None:
             return self.gaussian_mixture.model(x, slots)
         means = self.component_means(slots)

@@ -159,9 +159,17 @@ def check_slots(
     slot_dim: int,
     num_slots: int | None = None,
     like: torch.Tensor | None = None,
+    finite: bool = True,
 ):
     """``slots`` must be a finite ``(batch, num_slots, slot_dim)`` tensor; with ``like``, of its
-    dtype and on its device (the data the slots are refined on)."""
+    dtype and on its device (the data the slots are refined on).
+
+    :param bool finite: whether to check the values too (a pass over them). A Pyro program
+        passes ``pyro.distributions.is_validation_enabled()``: its shapes are always checked,
+        its values while Pyro validates (the lean estimator turns that off after a program's
+        first call per signature; a NaN then shows as a non-finite ELBO, which the inner loop
+        and ``NestedSVI`` refuse).
+    """
     if not torch.is_tensor(slots):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(slots).__name__}")
     if like is not None and slots.dtype != like.dtype:
@@ -181,7 +189,7 @@ def check_slots(
         or slots.shape[1] < 1
     ):
         raise ValueError(f"{name}: expected shape {expected}, got {tuple(slots.shape)}")
-    return check_finite(slots, name)
+    return check_finite(slots, name) if finite else slots
 
 
 def process_group(distributed) -> tuple[int, int] | None:

@@ -119,3 +119,27 @@ def test_draws_come_from_the_generator_device_and_land_on_the_data_device():
     assert torch.equal(
         cpu, torch.randn(2, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     )
+
+
+def test_pyro_programs_check_slot_values_while_pyro_validates():
+    """IODINE's model and guide refuse NaN slots while Pyro validates (naming them); with
+    validation off (the lean estimator's later calls) only their shape is checked and the NaN
+    shows as a non-finite ELBO."""
+    import pyro
+
+    from pyro_slots.elbo import PerDatapointELBO
+    from pyro_slots.models import IODINE
+
+    model = IODINE(image_size=8, num_slots=3, latent_dim=4)
+    x = model.encode(torch.rand(2, 3, 8, 8))
+    slots = model.init_slots(x, 3, generator=torch.Generator().manual_seed(0)).detach()
+    slots[1, 2, 0] = float("nan")
+    for program in (model.model, model.guide):
+        with pytest.raises(NonFiniteError, match="slots: contains 1 NaN"):
+            program(x, slots)
+    with pyro.validation_enabled(False):
+        model.guide(x, slots)
+        elbo = PerDatapointELBO(strategy="lean")(model, x, slots)
+        with pytest.raises(ValueError, match="slots: expected shape"):
+            model.model(x, slots[:, :, :-1])
+    assert torch.isfinite(elbo[0]) and not torch.isfinite(elbo[1])

@@ -215,6 +215,28 @@ def test_squared_distance_and_its_gradients_are_autograds(float64, value_shape, 
     # Only one of them needing a gradient.
     (only,) = torch.autograd.grad((squared_distance(value.detach(), loc) * w).sum(), loc)
     assert torch.allclose(only, theirs[1], atol=1e-12)
+    (only,) = torch.autograd.grad((squared_distance(value, loc.detach()) * w).sum(), value)
+    assert torch.allclose(only, theirs[0], atol=1e-12)
+    # A constant weight and shift (a Normal's log-density with a fixed scale), to two
+    # derivatives; the third through the kept differences' product against autograd's.
+    scaled = squared_distance(value, loc, -0.7, 2.5)
+    assert torch.allclose(scaled, -0.7 * expected + 2.5, atol=1e-12)
+
+    def weighted(v, m):
+        return squared_distance(v, m, -0.7, 2.5)
+
+    assert torch.autograd.gradcheck(weighted, (value, loc))
+    assert torch.autograd.gradgradcheck(weighted, (value, loc))
+    ours, theirs = (
+        (f(value, loc) * w).sum()
+        for f in (weighted, lambda v, m: -0.7 * ((v - m) ** 2).sum(-1) + 2.5)
+    )
+    third = []
+    for total in (ours, theirs):
+        g_loc = torch.autograd.grad(total, loc, create_graph=True)[0]
+        h = torch.autograd.grad((g_loc * g_loc).sum(), (value, loc), create_graph=True)
+        third.append(torch.autograd.grad(sum((t * t).sum() for t in h), loc)[0])
+    assert torch.allclose(third[0], third[1], atol=1e-10)
 
 
 def test_diag_normal_log_prob_declines_where_float32_would_cancel():

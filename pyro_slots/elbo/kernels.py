@@ -208,6 +208,12 @@ def _outer_few_features_in_place(xs, mus, log_scale, const):
     return out
 
 
+def _constant_number(t: torch.Tensor) -> bool:
+    """Whether ``t`` is one number on the CPU that no gradient flows to (read with ``float``
+    without a device synchronization)."""
+    return t.numel() == 1 and t.device.type == "cpu" and not t.requires_grad
+
+
 def diag_normal_log_prob(loc, scale, value):
     """``Independent(Normal(loc, scale), 1).log_prob(value)``, or ``None`` where the fast form
     would lose float32 digits (the caller then evaluates the distribution directly).
@@ -242,6 +248,9 @@ def diag_normal_log_prob(loc, scale, value):
                 return (d * d).sum(-1) * (-0.5 * prec[..., 0]) - const
             return (d * d * prec).sum(-1) * -0.5 - const
         if prec.shape[-1] == 1:
+            if _constant_number(prec) and _constant_number(const):
+                # A fixed scale (IODINE's pixels): the weight and constant in the same passes.
+                return squared_distance(value, loc, -0.5 * float(prec), -float(const))
             return squared_distance(value, loc) * (-0.5 * prec[..., 0]) - const
         square = None
         for f in range(event):
@@ -290,44 +299,89 @@ def diag_normal_log_prob(loc, scale, value):
 
 
 class _SquaredDistance(torch.autograd.Function):
-    """``Σ_f (value - loc)²`` over the last axis; see :func:`squared_distance`."""
+    """``weight · Σ_f (value - loc)² + shift`` over the last axis; see :func:`squared_distance`."""
 
     @staticmethod
-    def forward(ctx, value, loc):
+    def forward(ctx, value, loc, weight, shift):
+        features = value.shape[-1] if value.shape[-1] > 1 else loc.shape[-1]
+        shape = broadcast_shape(value.shape[:-1], loc.shape[:-1])
+        # With a gradient to come, the differences are kept, feature-major: the backward is
+        # then one pass (a product) instead of recomputing them.
+        keep = any(ctx.needs_input_grad[:2])
+        diffs = value.new_empty((features, *shape)) if keep else None
         out = None
-        for f in range(value.shape[-1] if value.shape[-1] > 1 else loc.shape[-1]):
-            d = (
-                value[..., f if value.shape[-1] > 1 else 0]
-                - loc[..., f if loc.shape[-1] > 1 else 0]
-            )
-            out = d * d if out is None else out.addcmul_(d, d)
-        ctx.save_for_backward(value, loc)
+        for f in range(features):
+            a = value[..., f if value.shape[-1] > 1 else 0]
+            b = loc[..., f if loc.shape[-1] > 1 else 0]
+            d = torch.sub(a, b, out=diffs[f]) if keep else a - b
+            if out is None:  # shift + weight d², one pass
+                out = torch.addcmul(d.new_tensor(shift), d, d, value=weight)
+            else:
+                out.addcmul_(d, d, value=weight)
+        ctx.save_for_backward(value, loc, diffs)
+        ctx.weight = weight
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        value, loc = ctx.saved_tensors
-        # d/dloc = 2 (loc - value) g: one tensor of the broadcast shape, in loc's layout where
-        # loc has it; made of differentiable operations, so double backward works.
-        d_loc = (loc - value) * (2 * grad).unsqueeze(-1)
-        d_value = None
-        if ctx.needs_input_grad[0]:
-            d_value = (-d_loc).sum_to_size(value.shape)
+        value, loc, diffs = ctx.saved_tensors
+        # d/dloc = 2 w (loc - value) g = -d/dvalue: one tensor of the broadcast shape, one
+        # pass over the kept differences (a Function whose own backward is autograd's, so
+        # double backward works).
+        d_value = d_loc = None
         if ctx.needs_input_grad[1]:
-            d_loc = d_loc.sum_to_size(loc.shape)
-        else:
-            d_loc = None
-        return d_value, d_loc
+            full = _DifferenceTimes.apply(diffs, value, loc, grad, -2.0 * ctx.weight)
+            d_loc = full.sum_to_size(loc.shape)
+            if ctx.needs_input_grad[0]:
+                d_value = (-full).sum_to_size(value.shape)
+        elif ctx.needs_input_grad[0]:
+            full = _DifferenceTimes.apply(diffs, value, loc, grad, 2.0 * ctx.weight)
+            d_value = full.sum_to_size(value.shape)
+        return d_value, d_loc, None, None
 
 
-def squared_distance(value: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
-    """``((value - loc) ** 2).sum(-1)`` with broadcasting, for a few features.
+class _DifferenceTimes(torch.autograd.Function):
+    """``scale (value - loc) g[..., None]`` from the differences ``diffs`` ``(F, ...)`` that
+    :class:`_SquaredDistance` kept (equal to ``value - loc``, without a graph): one pass; its
+    backward differentiates the same expression written in torch's operations."""
+
+    @staticmethod
+    def forward(ctx, diffs, value, loc, g, scale):
+        ctx.save_for_backward(value, loc, g)
+        ctx.scale = scale
+        zero = diffs.new_zeros(())
+        return torch.addcmul(zero, diffs.movedim(0, -1), g.unsqueeze(-1), value=scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        value, loc, g = ctx.saved_tensors
+        d_value = d_loc = d_g = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            scaled = grad * (ctx.scale * g).unsqueeze(-1)
+            if ctx.needs_input_grad[1]:
+                d_value = scaled.sum_to_size(value.shape)
+            if ctx.needs_input_grad[2]:
+                d_loc = (-scaled).sum_to_size(loc.shape)
+        if ctx.needs_input_grad[3]:
+            d_g = (grad * (value - loc)).sum(-1).mul(ctx.scale).sum_to_size(g.shape)
+        return None, d_value, d_loc, d_g, None
+
+
+def squared_distance(
+    value: torch.Tensor, loc: torch.Tensor, weight: float = 1.0, shift: float = 0.0
+) -> torch.Tensor:
+    """``weight * ((value - loc) ** 2).sum(-1) + shift`` with broadcasting, for a few features.
 
     Forward: one feature at a time, each a pass over a tensor of the broadcast batch shape (no
-    ``(..., F)`` temporary, no reduction over a short last axis). Backward: the gradient of
-    ``loc`` is written once, ``2 (loc - value) g``; autograd's gradient of the per-feature
-    slices zero-filled a full ``(..., F)`` tensor per feature and added them up, which on the
-    CPU (fresh pages for every zero-filled tensor under glibc's default allocator) was most of
-    the time of IODINE's likelihood.
+    ``(..., F)`` temporary, no reduction over a short last axis), the weight and shift applied
+    in the same passes (a Normal's log-density with a fixed scale: no passes of its own).
+    Backward: the gradient of ``loc`` is written once, ``2 w (loc - value) g``, from the
+    differences the forward kept (one pass); autograd's
+    gradient of the per-feature slices zero-filled a full ``(..., F)`` tensor per feature and
+    added them up, which on the CPU (fresh pages for every zero-filled tensor under glibc's
+    default allocator) was most of the time of IODINE's likelihood.
+
+    :param float weight: a constant factor (a Python number, no gradient).
+    :param float shift: a constant added (a Python number, no gradient).
     """
-    return _SquaredDistance.apply(value, loc)
+    return _SquaredDistance.apply(value, loc, float(weight), float(shift))
