@@ -167,6 +167,25 @@ def test_diag_normal_log_prob_matches_torch_distributions(float64, features, sha
     assert torch.allclose(diag_normal_log_prob(loc_full, scale, value), expected, atol=1e-10)
 
 
+@pytest.mark.parametrize("features", [3, 20])
+@pytest.mark.parametrize("sigma", [0.8, 1.0])
+def test_diag_normal_log_prob_with_one_fixed_scale(float64, features, sigma):
+    """One fixed scale for every component (IODINE's pixels, a standard-normal prior), the
+    factor and constant taken as Python numbers: torch's log-density and its gradient."""
+    g = torch.Generator().manual_seed(features)
+    loc = torch.randn(4, 3, 30, features, generator=g, requires_grad=True)
+    value = torch.randn(3, 30, features, generator=g)
+    scale = torch.tensor(sigma).expand(4, 3, 30, features)  # as Normal(loc, sigma) holds it
+    got = diag_normal_log_prob(loc, scale, value)
+    expected = dist.Normal(loc, sigma).to_event(1).log_prob(value)
+    assert torch.allclose(got, expected, atol=1e-10)
+    w = torch.randn(expected.shape, generator=g)
+    ours, theirs = (torch.autograd.grad((t * w).sum(), loc)[0] for t in (got, expected))
+    assert torch.allclose(ours, theirs, atol=1e-10)
+    # A scale that is not positive is left to torch's formula (NaN, not a math domain error).
+    assert diag_normal_log_prob(loc, torch.tensor(0.0).expand_as(loc), value).isnan().all()
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_diag_normal_log_prob_in_place_without_graph_equals_torch(float64, grad):
     """Without a graph the few-feature branch reuses its temporaries in place: the same numbers

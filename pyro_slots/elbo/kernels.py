@@ -233,12 +233,23 @@ def diag_normal_log_prob(loc, scale, value):
     """
     event = value.shape[-1]
     loc, scale = narrow_broadcast(loc), narrow_broadcast(scale)
+    outer = is_outer(loc.shape[:-1], value.shape[:-1], broadcast_shape(loc.shape, value.shape)[:-1])
+    sigma = float(scale) if not outer and _constant_number(scale) else math.nan
+    if 0 < sigma < math.inf:
+        # One fixed scale (IODINE's pixels, a standard-normal prior): the factor and the
+        # constant are Python numbers, applied in the passes over the data.
+        weight = -0.5 / (sigma * sigma)
+        shift = -event * (math.log(sigma) + 0.5 * _LOG_2PI)
+        if event >= CONTRACT_MIN_FEATURES:
+            d = value - loc
+            return (d * d).sum(-1).mul(weight).add_(shift)
+        return squared_distance(value, loc, weight, shift)
     # One log serves both: σ^-2 = exp(-2 log σ) (cheaper to differentiate twice than pow).
     log_scale = scale.log()
     prec = (-2.0 * log_scale).exp()
     log_det = event * log_scale[..., 0] if scale.shape[-1] == 1 else log_scale.sum(-1)
     const = log_det + 0.5 * event * _LOG_2PI
-    if not is_outer(loc.shape[:-1], value.shape[:-1], broadcast_shape(loc.shape, value.shape)[:-1]):
+    if not outer:
         # The means already have the points' shape (IODINE's per-pixel means). Few features:
         # accumulate them one at a time, each a pass over (K, ..., M) (a reduction over a short
         # last axis is several times slower on the CPU); many: one pass and a reduction.
@@ -248,9 +259,6 @@ def diag_normal_log_prob(loc, scale, value):
                 return (d * d).sum(-1) * (-0.5 * prec[..., 0]) - const
             return (d * d * prec).sum(-1) * -0.5 - const
         if prec.shape[-1] == 1:
-            if _constant_number(prec) and _constant_number(const):
-                # A fixed scale (IODINE's pixels): the weight and constant in the same passes.
-                return squared_distance(value, loc, -0.5 * float(prec), -float(const))
             return squared_distance(value, loc) * (-0.5 * prec[..., 0]) - const
         square = None
         for f in range(event):
