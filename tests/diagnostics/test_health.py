@@ -79,8 +79,6 @@ def test_jacobian_norm_of_gradient_step_matches_full_jacobian(float64, point_set
 
 
 def test_em_never_lowers_the_elbo(float64, point_sets):
-    # (seed 23: restart 1 of set 0 ends one ulp above restart 0 at the same optimum, with
-    # this M-step's rounding, the tie the last assertion needs)
     x = point_sets(4, 30, seed=23)
     gmm = GaussianMixture(3, 2)
     result = ps.refine(gmm, x, EM(20), num_restarts=2, seed=0)
@@ -90,13 +88,13 @@ def test_em_never_lowers_the_elbo(float64, point_sets):
     # At a well-separated optimum EM contracts: its Jacobian norm is below 1.
     assert (health.jacobian_norm < 1).all()
     assert (health.num_dead_slots == 0).all() and (health.num_duplicate_slots == 0).all()
-    # The best restart of each set; of restarts at the same optimum (ELBOs equal to rounding,
-    # as both restarts of set 0 here) the first.
+    # The best restart of each set; of restarts at the same optimum (ELBOs equal to rounding)
+    # the first (whether a set's two restarts tie here depends on the rounding of the CPU's
+    # sums; the tie itself is tested on best_restart in tests/test_refine.py).
     chosen = result.elbo[torch.as_tensor(health.restart), torch.arange(4)]
     assert torch.allclose(chosen, result.elbo.max(0).values, rtol=1e-13, atol=0)
     tied = (result.elbo[0] - result.elbo[1]).abs() <= 1e-13 * result.elbo[0].abs()
     assert health.restart.tolist() == torch.where(tied, 0, result.elbo.argmax(0)).tolist()
-    assert bool(tied[0]) and result.elbo[1, 0] > result.elbo[0, 0]  # argmax would pick 1
     frame = health.to_dataframe()
     assert list(frame.index) == [0, 1, 2, 3]
 
