@@ -5,12 +5,12 @@
 of the inputs; its backward the mirror image. With torch's operations these are batched matrix
 products of ``K`` rows each (about 30 GFLOP/s for 7 rows on this project's CPUs) with the
 softmax in passes between them. The kernel here makes two passes over each datapoint's inputs,
-kept in a blocked feature-major layout ``(batch, M / L, F, L)`` (:func:`blocked`, made once per
+kept in a blocked feature-major layout ``(batch, M' / L, F, L)`` (:func:`blocked`, made once per
 problem; a tile of ``L`` = :func:`tile` inputs is one vector register, 16 floats with AVX-512,
-else 8): the first computes a tile's ``K`` logits in vector registers and applies
-the softmax (in the backward, the softmax's backward) to them there; the second accumulates the
-weighted sums over all tiles in registers, two features at a time, while the datapoint's inputs
-are still in the cache.
+else 8; ``M'`` is ``M`` rounded up to the tile with zero inputs, :func:`padded`): the first
+computes a tile's ``K`` logits in vector registers and applies the softmax (in the backward,
+the softmax's backward) to them there; the second accumulates the weighted sums over all tiles
+in registers, two features at a time, while the datapoint's inputs are still in the cache.
 
 The input LayerNorm that precedes the attention is fused too (:func:`normalize`,
 :func:`normalize_backward`, used by
@@ -34,7 +34,7 @@ from pyro_slots._native import NativeExtension
 
 __all__ = [
     "available", "backward", "blocked", "forward", "normalize", "normalize_backward",
-    "normalize_supported", "remember_blocked", "supported", "tile",
+    "normalize_supported", "padded", "remember_blocked", "supported", "tile",
 ]  # fmt: skip
 
 #: Inputs per tile of the blocked layout where the kernel is not built (:func:`tile`).
@@ -483,8 +483,11 @@ def tile() -> int:
 
 def supported(q: torch.Tensor, n: torch.Tensor) -> bool:
     """Whether the kernel applies to queries ``q`` ``(batch, heads, K, F)`` and inputs ``n``
-    ``(batch, M, F)``: float32 on the CPU, one head, ``K <= 16``, an even ``F`` and ``M`` a
-    positive multiple of :func:`tile` (else torch's operations run)."""
+    ``(batch, M, F)``: float32 on the CPU, one head, ``K <= 16`` and ``M > 0`` (else torch's
+    operations run). ``M`` need not be a multiple of :func:`tile` nor ``F`` even (the kernel
+    takes two features at a time): the blocked copy is padded with zero inputs
+    (:func:`padded`) and a zero feature, which the callers of :func:`forward` and
+    :func:`backward` add to the queries and drop from the sums."""
     return (
         q.device.type == "cpu"
         and n.device.type == "cpu"
@@ -492,40 +495,61 @@ def supported(q: torch.Tensor, n: torch.Tensor) -> bool:
         and n.dtype == torch.float32
         and q.shape[1] == 1
         and 1 <= q.shape[2] <= MAX_SLOTS
-        and q.shape[3] % 2 == 0
         and n.shape[1] > 0
         and available()
-        and n.shape[1] % tile() == 0
     )
 
 
+def padded(num_inputs: int) -> int:
+    """``num_inputs`` rounded up to a multiple of :func:`tile`: the inputs the kernel runs on.
+
+    The padding inputs are zero vectors: their logits are zero, so their attention (``1 / K``,
+    in the kernel's buffers only) adds nothing to the weighted sums, and in the backward their
+    logits' gradient is zero (the softmax's backward of a constant gradient), so they add
+    nothing to the queries' gradient either. The caller sees the first ``num_inputs`` columns.
+    """
+    size = tile()
+    return -(-num_inputs // size) * size
+
+
 def blocked(n: torch.Tensor) -> torch.Tensor:
-    """``n`` ``(batch, M, F)`` in the kernel's layout ``(batch, M / tile, F, tile)``, without its
-    graph, made once per tensor (and version): the inner loop attends over the same inputs at
-    every step."""
+    """``n`` ``(batch, M, F)`` in the kernel's layout ``(batch, M' / tile, F', tile)``, zero
+    inputs appended up to ``M' =`` :func:`padded` ``(M)`` and a zero feature to an odd ``F``
+    (``F' = F + F % 2``), without its graph, made once per tensor (and version): the inner loop
+    attends over the same inputs at every step."""
     version = None if n.is_inference() else n._version
     entry = _blocked_cache.get(n)
     if entry is not None and entry[0] == version:
         return entry[1]
     batch, num_inputs, features = n.shape
     with torch.no_grad():
-        size = tile()
-        out = n.detach().reshape(batch, num_inputs // size, size, features).transpose(2, 3)
+        size, total = tile(), padded(num_inputs)
+        source, extra = n.detach(), features % 2
+        if total != num_inputs or extra:
+            source = torch.nn.functional.pad(source, (0, extra, 0, total - num_inputs))
+        out = source.reshape(batch, total // size, size, features + extra).transpose(2, 3)
         out = out.contiguous()
     _blocked_cache[n] = (version, out)
     return out
 
 
 def forward(q: torch.Tensor, nb: torch.Tensor, eps: float):
-    """``(attn (B, K, M), pooled (B, K, F))`` for base-2 queries ``q`` ``(B, K, F)``."""
+    """``(attn (B, K, M'), pooled (B, K, F))`` for base-2 queries ``q`` ``(B, K, F)`` and the
+    blocked inputs ``nb`` of :func:`blocked` (``M'`` inputs, the padded ones included)."""
     return EXTENSION.module.attend_forward(q.contiguous(), nb, float(eps))
 
 
 def backward(d_pooled, attn, d_attn, nb, eps: float, stacked: bool = True):
-    """``(d_q (B, K, F), left (B, 2K, M))``: the queries' gradient and the left factor
+    """``(d_q (B, K, F), left (B, 2K, M'))``: the queries' gradient and the left factor
     ``[d_logits; attn]`` of the inputs' gradient, from ``d_pooled`` ``(B, K, F)``, the
-    attention ``(B, K, M)`` (with ``eps``) and its gradient (or ``None``); without ``stacked``
-    ``left`` is ``d_logits`` alone ``(B, K, M)`` (the attention not copied under it)."""
+    attention ``(B, K, M')`` of :func:`forward` (with ``eps``) and its gradient ``(B, K, M)``
+    (or ``None``; zero on the padding inputs); without ``stacked`` ``left`` is ``d_logits``
+    alone ``(B, K, M')`` (the attention not copied under it)."""
+    total = attn.shape[-1]
+    if d_attn is not None and d_attn.shape[-1] != total and d_attn.stride(-1) != 0:
+        d_attn = torch.nn.functional.pad(d_attn, (0, total - d_attn.shape[-1]))
+    elif d_attn is not None and d_attn.shape[-1] != total:  # constant along M: any length
+        d_attn = d_attn[..., :1].expand(*d_attn.shape[:-1], total)
     if d_attn is not None and d_attn.stride(-1) not in (0, 1):
         d_attn = d_attn.contiguous()  # else read in place: contiguous along M, or constant there
     return EXTENSION.module.attend_backward(

@@ -205,11 +205,17 @@ class _AttendPool(torch.autograd.Function):
         # Base-2 logits: the log2(e) goes on the (batch, rows, F) queries, and the softmax
         # takes exp2, about twice as fast as exp on the CPU (the same probabilities).
         q2 = q.reshape(batch, rows, features) * math.log2(math.e)
-        ctx.blocked = None
+        ctx.blocked = ctx.padded = None
         if _fused.supported(q, n):  # the fused CPU kernel (module docs of _fused_attention)
             ctx.blocked = _fused.blocked(n)
+            if features % 2:  # the blocked inputs have a zero feature more (two at a time)
+                q2 = nn.functional.pad(q2, (0, 1))
             attn, pooled = _fused.forward(q2, ctx.blocked, eps)
+            if attn.shape[-1] != num_inputs:  # inputs padded to the tile: the kernel's buffer
+                ctx.padded = attn  # is kept for the backward, the caller sees its M columns
+                attn = attn[..., :num_inputs]
             attn = attn.view(batch, heads, num_slots, num_inputs)
+            pooled = pooled[..., :features]
             ctx.save_for_backward(q, n, attn)
             ctx.eps, ctx.sink = eps, sink
             ctx.set_materialize_grads(False)
@@ -246,10 +252,13 @@ class _AttendPool(torch.autograd.Function):
         split = defer and ctx.sink.split
         if not torch.is_grad_enabled() and ctx.blocked is not None:
             d_attn = None if d_attn is None else d_attn.reshape(batch, rows, -1)
+            full = attn.view(batch, rows, -1) if ctx.padded is None else ctx.padded
+            padded_pooled = nn.functional.pad(d_pooled, (0, 1)) if features % 2 else d_pooled
             d_q, left = _fused.backward(
-                d_pooled, attn.view(batch, rows, -1), d_attn, ctx.blocked, ctx.eps, not split
+                padded_pooled, full, d_attn, ctx.blocked, ctx.eps, not split
             )
-            d_q, left = d_q.view(q.shape), left if need_n else None
+            d_q = d_q[..., :features].reshape(q.shape)
+            left = left[..., : n.shape[1]] if need_n else None
             if split and need_n:  # (d_logits, q) and (attn, d_pooled): nothing stacked
                 ctx.sink.add(left, q.reshape(batch, rows, features))
                 ctx.sink.add(attn.view(batch, rows, -1), d_pooled)
@@ -421,13 +430,13 @@ class SlotAttention(InnerRule):
     them inside the matrix products, into one tensor, instead of one ``(batch, M, features)``
     tensor per step added up by autograd (a backward that builds a graph, for second
     derivatives, keeps the per-step form). On the CPU, in float32, with one head, at most 16
-    slots, an even number of features and a multiple of the kernel's tile of inputs (8, or 16
-    with AVX-512), the attention, its softmax and the weighted sums (and their backward without
-    a graph) run in a fused C++ kernel compiled at first use
+    slots and an even number of features, the attention, its softmax and the weighted sums
+    (and their backward without a graph) run in a fused C++ kernel compiled at first use
     (:mod:`pyro_slots.inner._fused_attention`; about 30 s once, then cached; torch's operations
     where it cannot be built; ``PYRO_SLOTS_FUSED_ATTENTION=0`` turns it off), and so does the
-    input LayerNorm where the features are a multiple of the tile too (its forward writes the
-    kernel's layout in the same pass; its backward takes the deferred gradient in registers):
+    input LayerNorm where the inputs and the features are multiples of the kernel's tile (8, or
+    16 with AVX-512; its forward writes the kernel's layout in the same pass; its backward
+    takes the deferred gradient in registers):
     the rule's steps, forward and backward, about 1.6 times faster at 64 × 1024 and 32 × 4096
     inputs than with torch's operations, on an AVX-512 machine.
 

@@ -40,12 +40,27 @@ def _inputs(batch, num_slots, num_inputs, features, seed):
 
 @needs_kernel
 @pytest.mark.parametrize(
-    "num_slots, num_inputs, features", [(1, 16, 2), (4, 64, 10), (7, 1024, 64), (16, 80, 6)]
+    "num_slots, num_inputs, features",
+    [
+        (1, 16, 2),
+        (4, 64, 10),
+        (7, 1024, 64),
+        (16, 80, 6),
+        (4, 37, 8),
+        (3, 1, 2),
+        (7, 1225, 64),
+        (4, 500, 5),
+        (2, 16, 1),
+    ],
 )
 def test_kernel_forward_is_the_softmax_and_the_weighted_sums(num_slots, num_inputs, features):
+    """Against float64 formulas; input counts off the tile (37, 1, 35 × 35, 500) run on zero
+    inputs appended in the kernel's buffers and an odd number of features (5, 1) on a zero
+    feature appended, of which the caller sees nothing."""
     q, n = _inputs(3, num_slots, num_inputs, features, seed=num_slots)
     assert fused.supported(q, n)
     attn, pooled = _AttendPool.apply(q, n, EPS)
+    assert attn.shape == (3, 1, num_slots, num_inputs)
     want_attn, want_pooled = _textbook(q, n)
     assert torch.allclose(attn.double(), want_attn, rtol=1e-5, atol=1e-6)
     scale = want_pooled.abs().max()
@@ -53,14 +68,17 @@ def test_kernel_forward_is_the_softmax_and_the_weighted_sums(num_slots, num_inpu
 
 
 @needs_kernel
+@pytest.mark.parametrize("num_inputs, features", [(48, 12), (45, 12), (45, 5)])
 @pytest.mark.parametrize("mass_only", [False, True])
-def test_kernel_backward_is_autograds_gradient_of_the_textbook(mass_only):
+def test_kernel_backward_is_autograds_gradient_of_the_textbook(mass_only, num_inputs, features):
     """d/dq and d/dn of a loss of both outputs, against float64 autograd through the formulas;
     ``mass_only``: the attention enters only through its sum over the inputs (as the rule's
-    normalizer does), whose gradient is constant along M and read without a copy."""
-    q, n = _inputs(2, 7, 48, 12, seed=3)
+    normalizer does), whose gradient is constant along M and read without a copy; 45 inputs:
+    off the tile, 5 features: odd (the padding's gradients are not the caller's)."""
+    q, n = _inputs(2, 7, num_inputs, features, seed=3)
     g = torch.Generator().manual_seed(4)
-    w_attn, w_pooled = torch.randn(2, 1, 7, 48, generator=g), torch.randn(2, 1, 7, 12, generator=g)
+    w_attn = torch.randn(2, 1, 7, num_inputs, generator=g)
+    w_pooled = torch.randn(2, 1, 7, features, generator=g)
 
     def loss(attn, pooled):
         a = attn.sum(-1) * w_attn[..., 0] if mass_only else attn * w_attn
@@ -95,34 +113,40 @@ def _rule_gradients(monkeypatch, enabled: bool, num_inputs=64, num_steps=3):
 
 
 @needs_kernel
+@pytest.mark.parametrize("num_inputs", [64, 61])
 @pytest.mark.parametrize("num_steps", [1, 3])
 @pytest.mark.parametrize("defer", [True, False])
-def test_rule_gradients_with_the_kernel_equal_torchs_path(monkeypatch, num_steps, defer):
+def test_rule_gradients_with_the_kernel_equal_torchs_path(
+    monkeypatch, num_steps, defer, num_inputs
+):
     """Steps of a SlotAttention rule, backward through all of them: the same weights' and
     inputs' gradients either way. With 16 features the input LayerNorm is the fused one
     (:class:`_NormalizeShared`); with ``defer`` the inputs' gradient is left in the sink
     (after 2 of 3 steps its 20 factor rows exceed the 16 features and are summed early, so the
-    fused backward gets a partial sum too), without it each step returns its own."""
+    fused backward gets a partial sum too), without it each step returns its own. With 61
+    inputs (off the tile) the attention runs on padded inputs and the LayerNorm is torch's."""
     from pyro_slots.inner import slot_attention as sa
 
     monkeypatch.setattr(sa, "_CAN_DEFER", defer and sa._CAN_DEFER)
-    on = _rule_gradients(monkeypatch, True, num_steps=num_steps)
-    off = _rule_gradients(monkeypatch, False, num_steps=num_steps)
+    on = _rule_gradients(monkeypatch, True, num_inputs, num_steps)
+    off = _rule_gradients(monkeypatch, False, num_inputs, num_steps)
     for a, b in zip(on, off):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7
 
 
 @needs_kernel
-def test_double_backward_through_the_fused_layer_norm_equals_torchs(monkeypatch):
+@pytest.mark.parametrize("num_inputs", [64, 61])
+def test_double_backward_through_the_fused_layer_norm_equals_torchs(monkeypatch, num_inputs):
     """A Hessian-vector product through the inputs (a backward that builds a graph: the fused
     LayerNorm differentiates torch's) equals the one of torch's path; and a gradient of the
     normalized inputs from outside the steps (the rule's attention masks) is added to the
     deferred one."""
     results = []
     for enabled in (True, False):
-        rule, x, problem, loss = _unrolled_rule(monkeypatch, enabled)
+        rule, x, problem, loss = _unrolled_rule(monkeypatch, enabled, num_inputs)
         n = rule.normalized_inputs(problem)
-        assert (n.grad_fn.__class__.__name__ == "_NormalizeSharedBackward") == enabled
+        fused_norm = enabled and num_inputs % fused.tile() == 0  # off the tile: torch's
+        assert (n.grad_fn.__class__.__name__ == "_NormalizeSharedBackward") == fused_norm
         masks = rule.attention_masks(problem, torch.randn(4, 5, rule.slot_dim))
         (gx,) = torch.autograd.grad(loss + masks.square().mean(), [x], create_graph=True)
         v = torch.linspace(-1, 1, x.numel()).view_as(x)
@@ -201,9 +225,8 @@ def test_unsupported_shapes_and_the_switch_keep_torchs_path(monkeypatch):
     q, n = _inputs(2, 4, 64, 8, seed=0)
     two_heads = torch.cat([q, q], 1)
     assert not fused.supported(two_heads, n)  # heads
-    assert not fused.supported(q, n[:, :60])  # M not a multiple of the tile (8 or 16)
     assert not fused.supported(q.double(), n.double())  # float64
-    assert not fused.supported(q[..., :7], n[..., :7])  # an odd number of features
+    assert not fused.supported(torch.randn(2, 1, 17, 8), n)  # more slots than compiled for
     monkeypatch.setenv("PYRO_SLOTS_FUSED_ATTENTION", "0")
     assert not fused.available() and not fused.supported(q, n)
     # Torch's path then gives the textbook's numbers (as the kernel does, above).
@@ -248,6 +271,11 @@ def test_blocked_layout_is_made_once_per_tensor_version():
         n.add_(1.0)  # a new version: made again
     assert fused.blocked(n) is not nb
     assert torch.equal(fused.blocked(n)[0, 0, 0], n[0, :t, 0])
+    # Off the tile: zero inputs appended up to the next multiple.
+    odd = torch.randn(2, t + 3, 4)
+    nb = fused.blocked(odd)
+    assert nb.shape == (2, 2, 4, t) and fused.padded(t + 3) == 2 * t
+    assert torch.equal(nb[1, 1, 2, :3], odd[1, t:, 2]) and not nb[:, 1, :, 3:].any()
 
 
 @needs_kernel
