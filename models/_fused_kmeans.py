@@ -174,7 +174,25 @@ void kmeans_one(const T* xin, int64_t D, int64_t M, int64_t K, int64_t first, co
     for (int64_t k = 0; k < K; ++k)
       for (int64_t d = 0; d < D; ++d) centers_out[k * D + d] = (T)(centers[k * D + d] + ref[d]);
   };
-  if (lloyd < 0) { write_centers(); return; }
+  if (lloyd < 0) {  // the seeds; with stats, the pooled scales and equal weights beside them
+    write_centers();
+    if (!stats) return;
+    const double denominator = M > 1 ? (double)(M - 1) : 1.0;
+    for (int64_t d = 0; d < D; ++d) {
+      const T* row = x + d * M;
+      T squares = 0;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t m = 0; m < M; ++m) squares += row[m] * row[m];
+      double v = squares / denominator;
+      v = v > std::numeric_limits<T>::min() ? v : (double)std::numeric_limits<T>::min();
+      for (int64_t k = 0; k < K; ++k) {
+        loc[k * D + d] = centers_out[k * D + d];
+        log_scale[k * D + d] = (T)(0.5 * std::log(v));
+      }
+    }
+    for (int64_t k = 0; k < K; ++k) logit[k] = 0;
+    return;
+  }
   // Lloyd's iterations from the seeds, stopping at a fixed point of the assignment.
   std::vector<int32_t> previous(M);
   std::vector<double> sums(K * D), counts(K);
@@ -227,7 +245,8 @@ void kmeans_one(const T* xin, int64_t D, int64_t M, int64_t K, int64_t first, co
 }  // namespace
 
 // x: (B, M, D) points, first: (B,) int64, u: (B, K - 1, T) uniforms, lloyd: Lloyd iterations
-// (-1: the seeds only), stats: whether to return the statistics.
+// (-1: the seeds only), stats: whether to return the statistics (with lloyd = -1: the seeds
+// with the pooled scales and equal weights).
 // Returns [seeds (B, K) int64, nearest (B, M) int64, centers (B, K, D), loc, log_scale
 // (B, K, D), logit (B, K)]; what was not asked for is empty.
 std::vector<torch::Tensor> kmeans(torch::Tensor x, torch::Tensor first, torch::Tensor u,
@@ -241,7 +260,6 @@ std::vector<torch::Tensor> kmeans(torch::Tensor x, torch::Tensor first, torch::T
   TORCH_CHECK(u.dim() == 3 && u.size(0) == B && u.size(1) == K - 1 && u.size(2) >= 1
               && u.is_contiguous() && u.dtype() == x.dtype(),
               "kmeans: u must be (B, K - 1, trials) like x");
-  TORCH_CHECK(!stats || lloyd >= 0, "kmeans: the statistics need the assignment (lloyd >= 0)");
   const int64_t trials = u.size(2);
   auto opts = x.options();
   auto seeds = torch::empty({B, K}, opts.dtype(torch::kInt64));
@@ -296,8 +314,9 @@ def kmeans(x, first, uniforms, num_slots: int, lloyd_steps: int | None, statisti
     with the first seeds ``(B,)`` and the ``K - 1`` uniforms ``(B, trials)``: ``(seeds (B, K),
     nearest (B, M) int32, centers (B, K, D), stats)``, ``nearest`` ``None`` for
     ``lloyd_steps=None`` (the seeds only), ``centers`` those of the last assignment, and
-    ``stats`` the slots' ``{"loc", "log_scale", "logit"}`` where ``statistics`` (else ``None``).
-    No graph."""
+    ``stats`` the slots' ``{"loc", "log_scale", "logit"}`` where ``statistics`` (else ``None``;
+    with ``lloyd_steps=None`` the seeds' coordinates, rounded through the datapoint's mean, with
+    the pooled scales and equal weights). No graph."""
     x = x.detach().contiguous()
     if uniforms:
         u = torch.stack(uniforms, 1).contiguous()

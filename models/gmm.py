@@ -301,11 +301,13 @@ def _kmeans_chunk(x, num_slots: int, first, uniforms, lloyd_steps: int | None) -
     fused = _fused_kmeans.supported(x)
     if fused:  # the same algorithm in C++ (the module docs of _fused_kmeans)
         # Without a gradient to keep, the kernel returns the statistics too.
-        bare = lloyd_steps is not None and not (torch.is_grad_enabled() and x.requires_grad)
+        bare = not (torch.is_grad_enabled() and x.requires_grad)
         seeds, nearest, centers, stats = _fused_kmeans.kmeans(
             x, first, uniforms, num_slots, lloyd_steps, bare
         )
         if stats is not None:
+            if lloyd_steps is None:  # the seeds exactly as measured, not through the mean
+                stats["loc"] = torch.gather(x, 1, seeds.unsqueeze(-1).expand(-1, -1, dim))
             return stats
     xt = x.transpose(1, 2).contiguous()
     ref = xt.mean(2, keepdim=True)  # (B, D, 1)

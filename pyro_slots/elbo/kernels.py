@@ -272,6 +272,10 @@ def diag_normal_log_prob(loc, scale, value):
         xs, mus, ps = value.unbind(-1), loc.unbind(-1), prec.unbind(-1)
         in_place = _no_graph(value, loc, scale)  # then the temporaries are reused
         if in_place:
+            if value.shape[-1] > 1 and value.stride(-1) == 1:
+                # Features interleaved: each made contiguous (one copy of the points, K times
+                # smaller than the passes below, which then read them at unit stride).
+                xs = value.movedim(-1, 0).contiguous().unbind(0)
             out = _outer_few_features_in_place(xs, mus, log_scale, const)
             if out is not None:
                 return out

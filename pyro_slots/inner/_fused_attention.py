@@ -525,10 +525,19 @@ def blocked(n: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         size, total = tile(), padded(num_inputs)
         source, extra = n.detach(), features % 2
-        if total != num_inputs or extra:
-            source = torch.nn.functional.pad(source, (0, extra, 0, total - num_inputs))
-        out = source.reshape(batch, total // size, size, features + extra).transpose(2, 3)
-        out = out.contiguous()
+        if total == num_inputs and not extra:  # one copy, transposing every tile
+            out = source.reshape(batch, total // size, size, features).transpose(2, 3)
+            out = out.contiguous()
+        else:  # zeros, then one copy of the full tiles and one of the last, partial one
+            out = source.new_zeros(batch, total // size, features + extra, size)
+            full = num_inputs // size
+            if full:
+                tiles = source[:, : full * size].reshape(batch, full, size, features)
+                out[:, :full, :features].copy_(tiles.transpose(2, 3))
+            if num_inputs > full * size:
+                out[:, full, :features, : num_inputs - full * size].copy_(
+                    source[:, full * size :].transpose(1, 2)
+                )
     _blocked_cache[n] = (version, out)
     return out
 

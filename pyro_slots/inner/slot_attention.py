@@ -369,10 +369,19 @@ class GaussianFeatures(nn.Module):
             raise ValueError(f"x: expected (batch, M, {self.dim}), got {tuple(x.shape)}")
         mean, var = mean_and_variance(x)
         scale = var.sqrt() + self.eps
-        zt = ((x - mean) / scale).transpose(1, 2)  # (batch, dim, M)
         # Stored feature by feature (a (batch, M, F) view of a contiguous (batch, F, M) tensor):
         # slot attention's products with so few features run 2-3x faster along contiguous M.
-        features = torch.cat([torch.ones_like(zt[:, :1]), zt, zt * zt], dim=1)
+        if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+            zt = ((x - mean) / scale).transpose(1, 2)  # (batch, dim, M)
+            features = torch.cat([torch.ones_like(zt[:, :1]), zt, zt * zt], dim=1)
+        else:  # without a graph, written in place: no temporaries, no concatenation
+            batch, num_points, dim = x.shape
+            features = x.new_empty(batch, 2 * dim + 1, num_points)
+            features[:, 0].fill_(1.0)
+            zt = features[:, 1 : dim + 1]
+            torch.sub(x.transpose(1, 2), mean.transpose(1, 2), out=zt)
+            zt.div_(scale.transpose(1, 2))
+            torch.mul(zt, zt, out=features[:, dim + 1 :])
         return features.transpose(1, 2), mean, scale
 
 

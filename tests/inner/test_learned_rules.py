@@ -156,6 +156,13 @@ def test_gaussian_features_are_standardized_sufficient_statistics(float64):
     xn = x.numpy()
     z = (xn - xn.mean(1, keepdims=True)) / (xn.std(1, ddof=1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(phi, np.concatenate([np.ones_like(z[..., :1]), z, z**2], -1))
+    # With a graph to keep (x requiring grad) the same features by autograd's operations,
+    # differentiable: Σ z over a datapoint's points is 0 whatever x, so its gradient is 0.
+    xg = x.clone().requires_grad_()
+    phi_g = GaussianFeatures(2)(xg)
+    np.testing.assert_allclose(phi_g.detach().numpy(), phi, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(phi_g[..., 1:3].sum(), xg)
+    assert grad.abs().max() < 1e-10
     # log π_k + log N(x | μ_k, σ_k) of any diagonal Gaussian lies in the span of the features:
     # least squares leaves no residual, so attention logits can express the E-step exactly.
     gmm = GaussianMixture(3, 2)
