@@ -252,6 +252,11 @@ def kmeans_plus_plus(
     scales and equal weights (as :func:`random_from_data`): no Lloyd iteration and no pass that
     assigns the measurements to the seeds, about half the cost of ``lloyd_steps=0``.
 
+    On the CPU in float32 and float64 the seeding, the Lloyd iterations and (when no gradient
+    is kept) the statistics run as a C++ kernel, per datapoint with its points in the cache
+    (:mod:`pyro_slots.models._fused_kmeans`; ``PYRO_SLOTS_FUSED_KMEANS=0``: torch's operations,
+    which make the same choices up to rounding).
+
     :returns: slots ``(batch, num_slots, 2 dim + 1)`` (``(len(rows), ...)`` with ``rows``).
     """
     num_slots = check_positive_int(num_slots, "num_slots")
