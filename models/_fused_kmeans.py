@@ -109,13 +109,25 @@ inline int64_t search(const double* prefix, int64_t nblocks, int64_t M, double v
   return M - 1;
 }
 
+// One thread's working memory, reused from datapoint to datapoint (resized, never re-zeroed:
+// every element is written before it is read).
+template <typename T>
+struct Buffers {
+  std::vector<T> xs, closest, cand, work, centers, point;
+  std::vector<double> ref, w, prefix, sums, counts, mean;
+  std::vector<int64_t> idx;
+  std::vector<int32_t> previous;
+};
+
 template <typename T>
 void kmeans_one(const T* xin, int64_t D, int64_t M, int64_t K, int64_t first, const T* u,
                 int64_t trials, int64_t lloyd, bool stats, int32_t* nearest, int64_t* seeds,
-                T* centers_out, T* loc, T* log_scale, T* logit) {
+                T* centers_out, T* loc, T* log_scale, T* logit, Buffers<T>& buf) {
   // The points feature-major and about their mean (as kmeans_plus_plus's torch path).
-  std::vector<T> xs(D * M);
-  std::vector<double> ref(D, 0.0);
+  auto& xs = buf.xs;
+  auto& ref = buf.ref;
+  xs.resize(D * M);
+  ref.resize(D);
   for (int64_t d = 0; d < D; ++d) {
     double s = 0.0;
 #pragma omp simd reduction(+ : s)
@@ -126,9 +138,12 @@ void kmeans_one(const T* xin, int64_t D, int64_t M, int64_t K, int64_t first, co
   }
   const T* x = xs.data();
   const int64_t nblocks = (M + 15) / 16;
-  std::vector<T> closest(M), cand(trials * M), work(2 * M), centers(K * D), point(D);
-  std::vector<double> w(M), prefix(nblocks);
-  std::vector<int64_t> idx(trials);
+  auto &closest = buf.closest, &cand = buf.cand, &work = buf.work, &centers = buf.centers;
+  auto &point = buf.point;
+  auto &w = buf.w, &prefix = buf.prefix;
+  auto& idx = buf.idx;
+  closest.resize(M), cand.resize(trials * M), work.resize(2 * M), centers.resize(K * D);
+  point.resize(D), w.resize(M), prefix.resize(nblocks), idx.resize(trials);
   auto column = [&](int64_t i, T* out) {
     for (int64_t d = 0; d < D; ++d) out[d] = x[d * M + i];
   };
@@ -194,8 +209,9 @@ void kmeans_one(const T* xin, int64_t D, int64_t M, int64_t K, int64_t first, co
     return;
   }
   // Lloyd's iterations from the seeds, stopping at a fixed point of the assignment.
-  std::vector<int32_t> previous(M);
-  std::vector<double> sums(K * D), counts(K);
+  auto& previous = buf.previous;
+  auto &sums = buf.sums, &counts = buf.counts;
+  previous.resize(M), sums.resize(K * D), counts.resize(K);
   for (int64_t step = 0;; ++step) {
     assign(x, centers.data(), K, D, M, work.data(), nearest);
     if (step == lloyd || (step > 0 && std::equal(nearest, nearest + M, previous.begin()))) break;
@@ -211,7 +227,8 @@ void kmeans_one(const T* xin, int64_t D, int64_t M, int64_t K, int64_t first, co
   // formulas): an empty cluster keeps its center, a cluster of fewer than two points takes
   // the pooled variance, every variance at least 1e-6 of the pooled one.
   cluster_sums(x, nearest, K, D, M, counts.data(), sums.data());
-  std::vector<double> mean(K * D);
+  auto& mean = buf.mean;
+  mean.resize(K * D);
   for (int64_t k = 0; k < K; ++k)
     for (int64_t d = 0; d < D; ++d)
       mean[k * D + d] = counts[k] > 0 ? sums[k * D + d] / counts[k] : (double)centers[k * D + d];
@@ -278,13 +295,14 @@ std::vector<torch::Tensor> kmeans(torch::Tensor x, torch::Tensor first, torch::T
     scalar_t* cp = centers.data_ptr<scalar_t>();
     at::parallel_for(0, B, 8, [&](int64_t lo, int64_t hi) {
       std::vector<int32_t> scratch(M);
+      Buffers<scalar_t> buf;
       for (int64_t b = lo; b < hi; ++b) {
         int32_t* np = lloyd >= 0 ? nearest.data_ptr<int32_t>() + b * M : scratch.data();
         kmeans_one<scalar_t>(xp + b * M * D, D, M, K, fp[b], up + b * (K - 1) * trials, trials,
                              lloyd, stats, np, sp + b * K, cp + b * K * D,
                              stats ? loc.data_ptr<scalar_t>() + b * K * D : nullptr,
                              stats ? log_scale.data_ptr<scalar_t>() + b * K * D : nullptr,
-                             stats ? logit.data_ptr<scalar_t>() + b * K : nullptr);
+                             stats ? logit.data_ptr<scalar_t>() + b * K : nullptr, buf);
       }
     });
   });
