@@ -430,24 +430,11 @@ def mean_and_variance(x):
     """Per-datapoint mean and unbiased variance of the measurements, each ``(batch, 1, dim)``,
     for ``x`` ``(batch, M, dim)``: ``torch.std_mean(x, 1)``'s numbers (up to rounding) from two
     plain passes, a mean and the squared deviations from it (the same stability; the CPU's
-    variance kernel over the middle axis of a tensor with few features is ~10× slower). With at
-    most :data:`FEW_FEATURES` features the passes run over a feature-major copy (reductions
-    over a last, contiguous axis: 1.4× faster at 2 features; slower with many)."""
-    denominator = max(x.shape[1] - 1, 1)
-    if x.shape[-1] <= FEW_FEATURES and x.stride(-1) == 1 and x.shape[-1] > 1:
-        xt = x.transpose(1, 2).contiguous()
-        mean = xt.mean(2, keepdim=True)
-        dev = xt - mean
-        var = (dev * dev).sum(2, keepdim=True) / denominator
-        return mean.transpose(1, 2), var.transpose(1, 2)
+    variance kernel over the middle axis of a tensor with few features is ~10× slower)."""
     mean = x.mean(1, keepdim=True)
     dev = x - mean
-    var = (dev * dev).sum(1, keepdim=True) / denominator
+    var = (dev * dev).sum(1, keepdim=True) / max(x.shape[1] - 1, 1)
     return mean, var
-
-
-#: Features up to which :func:`mean_and_variance` reduces over a feature-major copy.
-FEW_FEATURES = 4
 
 
 #: Features below which :func:`weighted_sums` hands the batched matrix product its values
