@@ -505,8 +505,8 @@ def padded(num_inputs: int) -> int:
 
     The padding inputs are zero vectors: their logits are zero, so their attention (``1 / K``,
     in the kernel's buffers only) adds nothing to the weighted sums, and in the backward their
-    logits' gradient is zero (the softmax's backward of a constant gradient), so they add
-    nothing to the queries' gradient either. The caller sees the first ``num_inputs`` columns.
+    logits' gradient multiplies zero inputs, so it adds nothing to the queries' gradient
+    either. The caller sees the first ``num_inputs`` columns.
     """
     size = tile()
     return -(-num_inputs // size) * size

@@ -1,4 +1,4 @@
-"""GaussianMixture(init="random_from_data"): distinct data points, pooled scales, equal weights."""
+"""GaussianMixture's initializations: random_from_data and k-means++ (torch's path and the C++ kernel)."""
 
 import numpy as np
 import pytest
@@ -7,11 +7,18 @@ from scipy import stats
 
 from pyro_slots.models import GaussianMixture, _fused_kmeans, random_from_data
 
+#: The kernel's own tests; where it cannot be built (no compiler) torch's path runs and is tested
+#: by the "torch" parameter of kmeans_path.
+needs_kmeans_kernel = pytest.mark.skipif(
+    not _fused_kmeans.available(),
+    reason=f"the k-means++ kernel was not built: {_fused_kmeans.EXTENSION.error}",
+)
+
 
 @pytest.fixture(params=["torch", "kernel"])
 def kmeans_path(request, monkeypatch):
     """k-means++ through torch's operations and through the C++ kernel (models/_fused_kmeans)."""
-    if request.param == "kernel" and not _fused_kmeans.available():
+    if request.param == "kernel" and not _fused_kmeans.available():  # no compiler here
         pytest.skip(f"the k-means++ kernel was not built: {_fused_kmeans.EXTENSION.error}")
     monkeypatch.setenv("PYRO_SLOTS_FUSED_KMEANS", "1" if request.param == "kernel" else "0")
     return request.param
@@ -349,13 +356,12 @@ def test_kmeans_plus_plus_of_identical_points(kmeans_path):
     torch.testing.assert_close(parts["logit"], want.expand(3, 3))
 
 
+@needs_kmeans_kernel
 def test_kmeans_kernel_and_torch_agree_in_float32():
     """The kernel against torch's operations on 512 float32 sets of 500 points (the benchmark's
     shape): the same seeds and assignment, so the same statistics to float32 rounding, on all
     but a few sets (a near-tie in a distance or a potential can go either way: the kernel sums
     differences directly and potentials in double)."""
-    if not _fused_kmeans.available():
-        pytest.skip(f"the k-means++ kernel was not built: {_fused_kmeans.EXTENSION.error}")
     from pyro_slots.data import sample_point_sets
 
     x = sample_point_sets(512, 500, 4, 2, seed=3).x.float()
@@ -369,9 +375,8 @@ def test_kmeans_kernel_and_torch_agree_in_float32():
     assert close.float().mean() >= 0.99
 
 
+@needs_kmeans_kernel
 def test_kmeans_kernel_refuses_bad_arguments():
-    if not _fused_kmeans.available():
-        pytest.skip(f"the k-means++ kernel was not built: {_fused_kmeans.EXTENSION.error}")
     kernel = _fused_kmeans.EXTENSION.module.kmeans
     x, u = torch.randn(2, 5, 2), torch.rand(2, 2, 3)
     with pytest.raises(RuntimeError, match="first must index the points"):
