@@ -1,4 +1,4 @@
-"""GaussianMixture's initializations: random_from_data and k-means++ (torch's path and the C++ kernel)."""
+"""GaussianMixture's initializations: random_from_data, k-means++ (torch's path and the kernel)."""
 
 import numpy as np
 import pytest
