@@ -1,7 +1,8 @@
 """The package's C++ CPU kernels: built at first use, cached by torch, optional.
 
-A kernel module (:mod:`pyro_slots.inner._fused_attention`, :mod:`pyro_slots.models._fused_kmeans`)
-declares one :class:`NativeExtension` with its C++ source; the extension is compiled with
+A kernel module (:mod:`pyro_slots.inner._fused_attention`, :mod:`pyro_slots.models._fused_kmeans`,
+:mod:`pyro_slots.elbo._fused_logprob`) declares one :class:`NativeExtension` with its C++
+source (the vectorized ones start with :data:`SIMD_PRELUDE`); the extension is compiled with
 :func:`torch.utils.cpp_extension.load_inline` the first time :meth:`NativeExtension.available`
 is asked (tens of seconds once, then loaded from torch's extensions folder,
 ``TORCH_EXTENSIONS_DIR``), with ``-O3 -march=native`` and OpenMP. The build is named after this
@@ -20,9 +21,50 @@ import os
 import platform
 import warnings
 
-__all__ = ["NativeExtension", "cpu_tag"]
+__all__ = ["SIMD_PRELUDE", "NativeExtension", "cpu_tag"]
 
 logger = logging.getLogger(__name__)
+
+#: The C++ every kernel's source starts with: torch's extension header and, in an anonymous
+#: namespace, one vector of ``L`` floats ``vf`` (16 with AVX-512's 64-byte registers, else 8; GCC's
+#: vector extensions), its ``load``/``store``/``splat`` and ``exp2v``, a vectorized ``2^d``.
+SIMD_PRELUDE = r"""
+#include <torch/extension.h>
+#include <cmath>
+#include <cstring>
+
+namespace {
+#if defined(__AVX512F__)
+constexpr int L = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef int vi __attribute__((vector_size(64)));
+#else
+constexpr int L = 8;
+typedef float vf __attribute__((vector_size(32)));
+typedef int vi __attribute__((vector_size(32)));
+#endif
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf splat(float x) { return vf{} + x; }
+
+// 2^d for d in [-115.4, 0]: 2^floor(d) from the exponent bits times a degree-6 polynomial of the
+// fraction (relative error below 2e-7).
+inline vf exp2v(vf d) {
+  vi t = __builtin_convertvector(d, vi);  // toward zero
+  t = t + (vi)(d < __builtin_convertvector(t, vf));  // floor: -1 where the truncation is above
+  const vf f = d - __builtin_convertvector(t, vf);
+  vf p = splat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  return p * (vf)((t + 127) << 23);
+}
+}  // namespace
+"""
 
 
 def cpu_tag() -> str:

@@ -26,6 +26,18 @@ def float64():
     torch.set_default_dtype(old)
 
 
+@pytest.fixture(params=["torch", "kernel"])
+def logprob_path(request, monkeypatch):
+    """The lean estimator's mixture passes through torch's operations and through the fused C++
+    kernels (pyro_slots/elbo/_fused_logprob.py); skipped for "kernel" where none was built."""
+    from pyro_slots.elbo import _fused_logprob
+
+    if request.param == "kernel" and not _fused_logprob.available():  # no compiler here
+        pytest.skip(f"the log-density kernels were not built: {_fused_logprob.EXTENSION.error}")
+    monkeypatch.setenv("PYRO_SLOTS_FUSED_LOGPROB", "1" if request.param == "kernel" else "0")
+    return request.param
+
+
 def make_point_sets(num_sets, num_points, num_components=3, dim=2, seed=0, spread=4.0):
     """Well-separated mixture point sets and their true component labels (test helper)."""
     g = torch.Generator().manual_seed(seed)

@@ -206,6 +206,59 @@ def test_diag_normal_log_prob_in_place_without_graph_equals_torch(float64, grad)
         assert got.requires_grad == grad
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("features", [1, 2, 4, 5])
+@pytest.mark.parametrize(
+    "loc_shape, scale_shape, value_shape, layout",
+    [((3, 4, 1), (3, 4, 1), (4, 37), "ABM"),  # (K, batch, 1) against (batch, M): a mixture
+     ((3, 4, 1), (5, 3, 4, 1), (4, 37), "AABM"),  # the scale with a dimension of its own
+     ((3, 4, 1), (3, 1, 1), (4, 37), "ABM"),  # a scale shared by the datapoints
+     ((1, 4, 1), (1, 4, 1), (6, 4, 37), None),  # points along a dimension before the datapoints
+     ((4, 3, 1), (4, 3, 1), (4, 1, 37), None)],  # components inside the datapoints: torch's
+)  # fmt: skip
+def test_fused_outer_diag_normal_matches_torch_distributions(
+    logprob_path, dtype, features, loc_shape, scale_shape, value_shape, layout
+):
+    """The one-pass kernel (pyro_slots/elbo/_fused_logprob.py) where the dimensions are
+    components, datapoints, points in that order (:func:`outer_layout`), torch's passes
+    elsewhere: torch's log-density either way, for points interleaved or feature-major, one
+    scale per feature or one per component, and the inputs untouched."""
+    from pyro_slots.elbo import _fused_logprob
+
+    g = torch.Generator().manual_seed(features)
+    loc = torch.randn(*loc_shape, features, generator=g, dtype=torch.float64) * 3.0
+    scale = torch.rand(*scale_shape, features, generator=g, dtype=torch.float64) + 0.3
+    value = torch.randn(*value_shape, features, generator=g, dtype=torch.float64) * 3.0
+    kinds = _fused_logprob.outer_layout(value_shape, [loc_shape, scale_shape, scale_shape])
+    assert (kinds is None) == (layout is None)
+    if layout is not None:
+        assert "".join(kinds[0]) == layout
+    for scale_ in (scale, scale[..., :1]):
+        expected = dist.Normal(loc, scale_).to_event(1).log_prob(value)
+        interleaved = value.to(dtype)
+        feature_major = interleaved.movedim(-1, 0).contiguous().movedim(0, -1)
+        for points in (interleaved, feature_major):
+            inputs = [loc.to(dtype), scale_.to(dtype), points]
+            copies = [t.clone() for t in inputs]
+            with torch.no_grad():
+                got = diag_normal_log_prob(*inputs)
+            assert got.shape == expected.shape and got.dtype == dtype
+            tol = 1e-10 if dtype == torch.float64 else 2e-6 * expected.abs().max().item()
+            assert (got.double() - expected).abs().max().item() < tol
+            assert all(torch.equal(t, c) for t, c in zip(inputs, copies))
+
+
+def test_fused_outer_layout_reads_components_datapoints_points():
+    from pyro_slots.elbo._fused_logprob import outer_layout
+
+    assert outer_layout((4, 37), [(3, 4, 1), (1, 1, 1)]) == (["A", "B", "M"], (3, 4, 37))
+    assert outer_layout((2, 1, 4, 37), [(2, 3, 4, 1)]) is None  # datapoints around components
+    assert outer_layout((1, 4, 37), [(3, 4, 1)]) == (["A", "B", "M"], (3, 4, 37))
+    assert outer_layout((4, 37), [(3, 5, 1)]) is None  # 4 against 5: no broadcast
+    assert outer_layout((4, 37), [(3, 4, 37)]) == (["A", "B", "B"], (3, 4, 37))
+    assert outer_layout((37, 4), [(4, 1, 4)]) is None  # a point dimension before a datapoint's
+
+
 @pytest.mark.parametrize(
     "value_shape, loc_shape",
     [((2, 6, 3), (4, 2, 6, 3)), ((4, 2, 6, 3), (2, 6, 3)), ((2, 6, 1), (3, 2, 6, 3)),
@@ -354,27 +407,51 @@ def test_stable_logsumexp_clamps_only_negligible_terms(float64):
     assert log_post[0, 2] == pytest.approx(-80.0 - lse[0].item(), abs=1e-12)
 
 
-def test_stable_logsumexp_parts_without_the_shifted_log_joint_reuses_its_storage():
-    """``keep_shifted=False`` without autograd: ``exp(t - max)`` is formed in the storage of
-    ``t - max`` (``t``'s own with ``overwrite``), with scipy's log-sum-exp and softmax."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stable_logsumexp_parts_probs_and_lse_match_scipy(logprob_path, dtype):
+    """``parts="probs"`` without autograd: the softmax formed in ``t``'s own storage (with
+    ``overwrite``), ``parts="lse"``: ``t`` untouched; both with scipy's log-sum-exp and softmax,
+    on torch's path and the fused kernel's (float32), including columns that are all ``-inf``,
+    hold a NaN or ``+inf``, or spread beyond the clamp."""
     from scipy.special import logsumexp, softmax
 
     from pyro_slots.elbo.kernels import stable_logsumexp_parts
 
-    t = torch.randn(4, 6, 30, generator=torch.Generator().manual_seed(2)) * 20.0
+    t = (torch.randn(4, 6, 37, generator=torch.Generator().manual_seed(2)) * 20.0).to(dtype)
+    t[:, 0, 0] = float("-inf")
+    t[2, 0, 1] = float("nan")
+    t[1, 0, 2] = float("inf")
+    t[0, 0, 3] = -1e4  # exp underflows; clamped at -80 below the maximum
+    finite = torch.ones(6, 37, dtype=torch.bool)
+    finite[0, :3] = False
+    plain = t.double().masked_fill(~finite, 0.0).numpy()  # scipy on the finite columns
+    want, want_probs = logsumexp(plain, axis=0), softmax(plain, axis=0)
     with torch.no_grad():
         scratch = t.clone()
-        lse, shifted, _, e, total = stable_logsumexp_parts(
-            scratch, 0, overwrite=True, keep_shifted=False
+        lse, shifted, _, probs, total = stable_logsumexp_parts(
+            scratch, 0, overwrite=True, parts="probs"
         )
-    assert shifted is None and e.data_ptr() == scratch.data_ptr()
-    want = logsumexp(t.double().numpy(), axis=0)
-    assert np.abs(lse.double().numpy() - want).max() < 1e-5 * np.abs(want).max()
-    probs = (e / total).double().numpy()
-    assert np.abs(probs - softmax(t.double().numpy(), axis=0)).max() < 1e-6
-    leaf = t.clone().requires_grad_()  # a graph: the shifted log-joint is kept, nothing in place
-    _, shifted, _, _, _ = stable_logsumexp_parts(leaf, 0, keep_shifted=False)
-    assert shifted is not None and torch.equal(leaf.detach(), t)
+        kept = t.clone()
+        lse2, _, log_norm, none, _ = stable_logsumexp_parts(kept, 0, parts="lse")
+    assert shifted is None and total is None and none is None
+    assert probs.data_ptr() == scratch.data_ptr()
+    torch.testing.assert_close(kept, t, rtol=0, atol=0, equal_nan=True)
+    for got in (lse, lse2, (log_norm[0] + t.amax(0).nan_to_num(0.0, 0.0, 0.0))):
+        got = got.double()
+        assert np.abs(got[finite].numpy() - want[finite.numpy()]).max() < 1e-5 * np.abs(want).max()
+        # the torch path's numbers off the finite columns: NaN, +inf, K e^-80 for all -inf
+        assert torch.isnan(got[0, 1]) and got[0, 2] == float("inf")
+        assert got[0, 0].item() == pytest.approx(math.log(4.0) - 80.0, rel=1e-5)
+    probs = probs.double()
+    assert np.abs(probs[:, finite].numpy() - want_probs[:, finite.numpy()]).max() < 1e-6
+    assert torch.isnan(probs[:, 0, 1]).all()
+    assert torch.allclose(probs[:, 0, 0], torch.full((4,), 0.25, dtype=torch.float64))
+    leaf = t.clone().requires_grad_()  # a graph: everything returned, nothing in place
+    _, shifted, _, _, total = stable_logsumexp_parts(leaf, 0, overwrite=True, parts="probs")
+    assert shifted is not None and total is not None
+    torch.testing.assert_close(leaf.detach(), t, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="parts"):
+        stable_logsumexp_parts(t, 0, parts="posterior")
 
 
 @pytest.mark.parametrize("grad", [False, True])

@@ -17,6 +17,8 @@ import math
 import pyro.distributions as dist
 import torch
 
+from pyro_slots.elbo import _fused_logprob
+
 __all__ = [
     "CANCELLATION_TOL",
     "CONTRACT_MIN_FEATURES",
@@ -54,26 +56,37 @@ def stable_logsumexp(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Ten
     return lse, shifted - log_norm
 
 
-def stable_logsumexp_parts(
-    t: torch.Tensor, dim: int, overwrite: bool = False, keep_shifted: bool = True
-):
+def stable_logsumexp_parts(t: torch.Tensor, dim: int, overwrite: bool = False, parts: str = "all"):
     """``(logsumexp, t - max, log Σ exp(t - max), exp(t - max), Σ exp(t - max))`` over
     ``dim``; the log-softmax is the difference of the second and third, the softmax the fourth
     over the fifth (formed only when a posterior is asked for: a division, where the
     exponential of the log-softmax would cost a second pass of ``exp``).
 
     :param bool overwrite: ``t`` is the caller's temporary: where nothing is recorded for
-        autograd, ``t - max`` is formed in its storage instead of a new tensor.
-    :param bool keep_shifted: ``False``: where nothing is recorded for autograd, ``exp(t - max)``
-        overwrites ``t - max`` (one tensor of ``t``'s size fewer, which on the CPU is a pass over
-        memory that no longer fits the cache) and ``None`` is returned in its place.
+        autograd, ``t - max`` (or the softmax) is formed in its storage instead of a new tensor.
+    :param str parts: what the caller reads. ``"all"``: everything. Where nothing is recorded
+        for autograd, ``"probs"``: the softmax itself as the fourth, ``None`` as the second and
+        fifth (one tensor of ``t``'s size fewer, which on the CPU is a pass over memory that no
+        longer fits the cache), and ``"lse"``: the first and third, the rest ``None``. With a
+        graph, everything whatever ``parts``. Float32 over the first dimension on the CPU, these
+        two are one pass over ``t`` (:func:`~pyro_slots.elbo._fused_logprob.logsumexp_first`).
     """
+    if parts not in ("all", "probs", "lse"):
+        raise ValueError(f"parts: expected 'all', 'probs' or 'lse', got {parts!r}")
+    no_graph = _no_graph(t)
+    if no_graph and dim == 0 and (parts == "lse" or (parts == "probs" and overwrite)):
+        fused = _fused_logprob.logsumexp_first(t, probs=parts == "probs")
+        if fused is not None:
+            shift, total = fused
+            log_norm = total.log_()
+            probs = t if parts == "probs" else None
+            return log_norm + shift, None, log_norm.unsqueeze(0), probs, None
     m = t.amax(dim, keepdim=True).detach().nan_to_num(0.0, 0.0, 0.0)  # all -inf: shift by 0
-    if _no_graph(t):
+    if no_graph:
         d = (t.sub_(m) if overwrite else t - m).clamp_min_(-80.0)
         # exp(d) as exp2(d log2 e): float32 exp2 is about twice as fast as exp on the CPU, which
         # pays for the extra multiplication (and keeps d itself, the log-posterior's part).
-        if keep_shifted:
+        if parts == "all":
             e = torch.mul(d, _LOG2_E).exp2_()
         else:
             e, d = d.mul_(_LOG2_E).exp2_(), None
@@ -82,7 +95,12 @@ def stable_logsumexp_parts(
         e = d.exp()
     total = e.sum(dim, keepdim=True)
     log_norm = total.log()
-    return (log_norm + m).squeeze(dim), d, log_norm, e, total
+    lse = (log_norm + m).squeeze(dim)
+    if no_graph and parts == "probs":
+        return lse, None, log_norm, e.div_(total), None
+    if no_graph and parts == "lse":
+        return lse, None, log_norm, None, None
+    return lse, d, log_norm, e, total
 
 
 def stable_softmax(
@@ -272,6 +290,10 @@ def diag_normal_log_prob(loc, scale, value):
         xs, mus, ps = value.unbind(-1), loc.unbind(-1), prec.unbind(-1)
         in_place = _no_graph(value, loc, scale)  # then the temporaries are reused
         if in_place:
+            # One pass over the (K, ..., M) result where the kernel applies.
+            out = _fused_logprob.outer_diag_normal(value, loc, log_scale, const)
+            if out is not None:
+                return out
             if value.shape[-1] > 1 and value.stride(-1) == 1:
                 # Features interleaved: each made contiguous (one copy of the points, K times
                 # smaller than the passes below, which then read them at unit stride).

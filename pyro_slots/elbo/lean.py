@@ -415,11 +415,9 @@ class LeanEstimator(ELBOEstimator):
             # overwrites t - max and the division happens in place: two tensors of the
             # joint's size fewer (each a pass over memory the cache no longer holds).
             lse, shifted, log_norm, exp_shifted, exp_sum = stable_logsumexp_parts(
-                flat, 0, overwrite=owned, keep_shifted=parts == "all"
+                flat, 0, overwrite=owned, parts="lse" if parts == "elbo" else parts
             )
             if len(enum_sites) == 1 and parts != "elbo":
-                if shifted is None and parts == "probs":
-                    exp_shifted, exp_sum = exp_shifted.div_(exp_sum), None
                 posterior_parts = (
                     enum_sites[0], None if shifted is None else shifted.reshape(shape), log_norm,
                     exp_shifted.reshape(shape), exp_sum,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from pyro_slots._native import NativeExtension
+from pyro_slots._native import SIMD_PRELUDE, NativeExtension
 
 __all__ = [
     "available", "backward", "blocked", "forward", "normalize", "normalize_backward",
@@ -44,46 +44,13 @@ MAX_SLOTS = 16
 #: The most features of the fused input LayerNorm (:func:`normalize`), in tiles.
 MAX_NORM_VECTORS = 16
 
-_SOURCE = r"""
-#include <torch/extension.h>
+_SOURCE = (
+    SIMD_PRELUDE
+    + r"""
 #include <ATen/Parallel.h>
-#include <cmath>
-#include <cstring>
 #include <vector>
 
 namespace {
-// One vector of L floats: a tile of L inputs in the blocked layout (16 with AVX-512's 64-byte
-// registers, else 8).
-#if defined(__AVX512F__)
-constexpr int L = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef int vi __attribute__((vector_size(64)));
-#else
-constexpr int L = 8;
-typedef float vf __attribute__((vector_size(32)));
-typedef int vi __attribute__((vector_size(32)));
-#endif
-
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf splat(float x) { return vf{} + x; }
-
-// 2^d for d in [-115.4, 0]: 2^floor(d) from the exponent bits times a degree-6 polynomial of the
-// fraction (relative error below 2e-7).
-inline vf exp2v(vf d) {
-  vi t = __builtin_convertvector(d, vi);  // toward zero
-  t = t + (vi)(d < __builtin_convertvector(t, vf));  // floor: -1 where the truncation is above
-  const vf f = d - __builtin_convertvector(t, vf);
-  vf p = splat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  return p * (vf)((t + 127) << 23);
-}
-
 // The dot products w_k . n_m of slots K0..K0+N-1 for two tiles of L inputs at once (each row
 // of the inputs loaded once for N slots of both tiles: 2 loads and N broadcasts per 2N FMAs).
 template <int K0, int N>
@@ -451,6 +418,7 @@ std::vector<torch::Tensor> norm_backward(torch::Tensor h, torch::Tensor mean, to
 }
 
 """
+)
 
 EXTENSION = NativeExtension(
     "fused_attention",
