@@ -33,7 +33,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from pyro_slots._native import SIMD_PRELUDE, NativeExtension
 
 __all__ = [
-    "available", "backward", "blocked", "forward", "normalize", "normalize_backward",
+    "available", "backward", "blocked", "forward", "gaussian_features", "normalize",
+    "normalize_backward",
     "normalize_supported", "padded", "remember_blocked", "supported", "tile",
 ]  # fmt: skip
 
@@ -374,6 +375,80 @@ std::vector<torch::Tensor> attend_backward(torch::Tensor d_pooled, torch::Tensor
 
 int64_t tile() { return L; }
 
+namespace {
+// Σ_m r[m] (center = 0 and plain) or Σ_m (r[m] - center)^2 over a row of n floats: L lanes of
+// float partial sums, added in double.
+inline double row_sum(const float* r, int64_t n, float center, bool squares) {
+  vf acc = vf{};
+  const vf c = splat(center);
+  int64_t m = 0;
+  for (; m + L <= n; m += L) {
+    const vf v = load(r + m) - c;
+    acc += squares ? v * v : v;
+  }
+  double total = 0.0;
+  for (int i = 0; i < L; ++i) total += acc[i];
+  for (; m < n; ++m) {
+    const double v = static_cast<double>(r[m] - center);
+    total += squares ? v * v : v;
+  }
+  return total;
+}
+}  // namespace
+
+// GaussianFeatures without a graph: per datapoint the mean and unbiased variance of the D
+// features of its M points (row_sum), z = (x - mean) / (std + eps), and the 2D + 1
+// features (1, z, z^2) written feature-major (B, 2D + 1, M) and, with `blocked`, in the
+// attention kernel's padded blocked layout (B, M' / L, F', L) from the same pass.
+std::vector<torch::Tensor> gaussian_features(torch::Tensor x, double eps, bool blocked) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "gaussian_features: expected (B, M, D)");
+  const int64_t B = x.size(0), M = x.size(1), D = x.size(2), F = 2 * D + 1, Fp = F + F % 2;
+  const int64_t tiles = (M + L - 1) / L;
+  auto features = torch::empty({B, F, M}, x.options());
+  auto nb = torch::empty({blocked ? B : 0, tiles, Fp, L}, x.options());
+  auto mean = torch::empty({B, 1, D}, x.options()), scale = torch::empty({B, 1, D}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float *fp = features.data_ptr<float>(), *np = nb.data_ptr<float>();
+  float *mp = mean.data_ptr<float>(), *sp = scale.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* xb = xp + b * M * D;
+      float* fb = fp + b * F * M;
+      for (int64_t d = 0; d < D; ++d) {
+        float* z = fb + (1 + d) * M;
+        float* z2 = fb + (1 + D + d) * M;
+        for (int64_t m = 0; m < M; ++m) z[m] = xb[m * D + d];  // the feature's row
+        const float mu = static_cast<float>(row_sum(z, M, 0.0f, false) / static_cast<double>(M));
+        const double dev = row_sum(z, M, mu, true);
+        const float var = static_cast<float>(dev / static_cast<double>(M > 1 ? M - 1 : 1));
+        const float sc = std::sqrt(var) + static_cast<float>(eps);
+        mp[b * D + d] = mu;
+        sp[b * D + d] = sc;
+        for (int64_t m = 0; m < M; ++m) {
+          const float v = (z[m] - mu) / sc;
+          z[m] = v;
+          z2[m] = v * v;
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) fb[m] = 1.0f;
+      if (!blocked) continue;
+      float* nbb = np + b * tiles * Fp * L;
+      const int64_t full = M / L;
+      for (int64_t j = 0; j < full; ++j) {
+        for (int64_t f = 0; f < F; ++f) store(nbb + (j * Fp + f) * L, load(fb + f * M + j * L));
+        for (int64_t f = F; f < Fp; ++f) store(nbb + (j * Fp + f) * L, vf{});
+      }
+      for (int64_t j = full; j < tiles; ++j)
+        for (int64_t f = 0; f < Fp; ++f)
+          for (int64_t i = 0; i < L; ++i) {
+            const int64_t m = j * L + i;
+            nbb[(j * Fp + f) * L + i] = (m < M && f < F) ? fb[f * M + m] : 0.0f;
+          }
+    }
+  });
+  return {features, nb, mean, scale};
+}
+
 std::vector<torch::Tensor> norm_forward(torch::Tensor h, torch::Tensor w, torch::Tensor bias,
                                         double eps, bool blocked) {
   const int64_t B = h.size(0), M = h.size(1), F = h.size(2);
@@ -423,7 +498,14 @@ std::vector<torch::Tensor> norm_backward(torch::Tensor h, torch::Tensor mean, to
 EXTENSION = NativeExtension(
     "fused_attention",
     _SOURCE,
-    ["attend_forward", "attend_backward", "norm_forward", "norm_backward", "tile"],
+    [
+        "attend_forward",
+        "attend_backward",
+        "norm_forward",
+        "norm_backward",
+        "tile",
+        "gaussian_features",
+    ],
     switch="PYRO_SLOTS_FUSED_ATTENTION",
     what="fused attention kernel",
 )
@@ -578,6 +660,23 @@ def normalize_backward(h, mean, rstd, weight, factors, extra=None):
     return EXTENSION.module.norm_backward(
         h.detach().contiguous(), mean, rstd, weight.detach().contiguous(), lefts, rights, extra
     )
+
+
+def gaussian_features(x: torch.Tensor, eps: float, blocked: bool):
+    """:meth:`~pyro_slots.inner.slot_attention.GaussianFeatures.standardize` without a graph in
+    one pass over float32 points ``x`` ``(B, M, D)`` on the CPU: ``(features, mean, scale)`` as
+    it returns them (the features a ``(B, M, 2D + 1)`` view of a feature-major tensor), with
+    ``blocked`` the kernel's blocked copy of the features remembered for :func:`blocked`.
+    ``None`` where the kernel is not built or ``x`` is not float32 on the CPU."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 3 or not available():
+        return None
+    features, nb, mean, scale = EXTENSION.module.gaussian_features(
+        x.detach().contiguous(), float(eps), bool(blocked)
+    )
+    n = features.transpose(1, 2)
+    if blocked:
+        remember_blocked(n, nb)
+    return n, mean, scale
 
 
 def remember_blocked(n: torch.Tensor, nb: torch.Tensor) -> None:

@@ -362,11 +362,20 @@ class GaussianFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.standardize(x)[0]
 
-    def standardize(self, x: torch.Tensor):
+    def standardize(self, x: torch.Tensor, blocked: bool = False):
         """The features ``(batch, M, 2 dim + 1)`` with the affine map that made ``z``: the mean
-        and the scale ``std + eps``, each ``(batch, 1, dim)`` (``x = mean + scale z``)."""
+        and the scale ``std + eps``, each ``(batch, 1, dim)`` (``x = mean + scale z``).
+
+        :param bool blocked: where no graph is kept and the fused attention kernel is built,
+            also write its blocked copy of the features (for :class:`SlotAttention` with one
+            head) in the same pass (:func:`~pyro_slots.inner._fused_attention.gaussian_features`).
+        """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected (batch, M, {self.dim}), got {tuple(x.shape)}")
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            fused = _fused.gaussian_features(x, self.eps, blocked)
+            if fused is not None:
+                return fused
         mean, var = mean_and_variance(x)
         scale = var.sqrt() + self.eps
         # Stored feature by feature (a (batch, M, F) view of a contiguous (batch, F, M) tensor):
@@ -635,7 +644,10 @@ class SlotAttention(InnerRule):
     def _standardized(self, problem: InnerProblem):
         """``GaussianFeatures.standardize(x)``: features, mean and scale, once per problem."""
         return self._derived(
-            problem, "standardized", (), lambda: self.encoder.standardize(problem.x)
+            problem,
+            "standardized",
+            (),
+            lambda: self.encoder.standardize(problem.x, blocked=self.num_heads == 1),
         )
 
     def _encode(self, x: torch.Tensor):

@@ -164,6 +164,38 @@ def _layer_norm_inputs(batch, num_inputs, features, seed):
 
 
 @needs_kernel
+@needs_kernel
+@pytest.mark.parametrize("num_inputs", [1, 37, 500])
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_fused_gaussian_features_are_numpys_with_the_blocked_copy(num_inputs, dim):
+    """``GaussianFeatures.standardize`` without a graph in one pass: (1, z, z²), the mean and
+    ``std + eps`` against numpy in float64, and the blocked copy written beside them equal to
+    :func:`blocked` of the features (zero padding inputs and feature)."""
+    import numpy as np
+
+    from pyro_slots.inner.slot_attention import GaussianFeatures
+
+    g = torch.Generator().manual_seed(num_inputs + dim)
+    x = torch.randn(6, num_inputs, dim, generator=g) * torch.linspace(0.5, 3.0, dim) + 2.0
+    with torch.no_grad():
+        n, mean, scale = GaussianFeatures(dim, eps=1e-3).standardize(x, blocked=True)
+    xn = x.double().numpy()
+    std = xn.std(1, ddof=1 if num_inputs > 1 else 0, keepdims=True)
+    z = (xn - xn.mean(1, keepdims=True)) / (std + 1e-3)
+    want = np.concatenate([np.ones_like(z[..., :1]), z, z**2], -1)
+    assert n.shape == (6, num_inputs, 2 * dim + 1) and n.stride(1) == 1  # feature-major
+    np.testing.assert_allclose(n.numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mean.numpy(), xn.mean(1, keepdims=True), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(scale.numpy(), std + 1e-3, rtol=1e-5)
+    kept = fused._blocked_cache[n][1]
+    assert fused.blocked(n) is kept
+    assert torch.equal(kept, fused.blocked(n.clone()))  # the copy made from the features
+    without = GaussianFeatures(dim, eps=1e-3)
+    with torch.no_grad():
+        n2, _, _ = without.standardize(x)  # not asked for: no blocked copy kept
+    assert n2 not in fused._blocked_cache and torch.equal(n2, n)
+
+
 @pytest.mark.parametrize("features", [16, 64, 128])
 def test_fused_layer_norm_is_the_layer_norm_and_the_blocked_copy(features):
     h, w, b = _layer_norm_inputs(3, 32, features, seed=features)
