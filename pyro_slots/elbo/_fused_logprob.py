@@ -306,6 +306,7 @@ def logsumexp_first(t: torch.Tensor, probs: bool = False):
         t.device.type != "cpu"
         or t.dtype != torch.float32
         or t.dim() < 1
+        or t.numel() == 0
         or not t.is_contiguous()
         or not available()
     ):
