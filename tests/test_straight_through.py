@@ -137,6 +137,15 @@ def test_trainer_trains_queries_under_first_order_with_straight_through(tmp_path
     lr_t = 1e-2 * 1 / 10
     assert moved.max().item() == pytest.approx(lr_t, rel=1e-3)
     assert (moved > 0.5 * lr_t).float().mean() > 0.9
+    # Restarts from learned queries would all be the same: refused before any work, here and
+    # in the config (eval_restarts).
+    from pyro_slots.cli.evaluate import infer
+
+    with pytest.raises(ConfigError, match="--restarts: --init queries starts every restart at"):
+        infer(run, 2, restarts=2)
+    assert infer(run, 2, restarts=1).result.slots.shape == (1, 2, 4, 8)
+    with pytest.raises(ConfigError, match="eval_restarts: --init queries starts every restart"):
+        resolve(TrainConfig(**base, init="queries", straight_through=True, eval_restarts=3))
 
 
 # ------------------------------------------------------- semi-amortized initialization

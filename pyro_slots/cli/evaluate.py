@@ -53,6 +53,7 @@ from pyro_slots.refine import best_restart
 from .config import ConfigError
 from .registry import (
     DATASETS,
+    DETERMINISTIC_INITS,
     RESTART_CRITERIA,
     objective_targets,
     reinitialized_rule,
@@ -335,7 +336,8 @@ def infer(
         run's slot initializer before every step), a run trained without it: ``True`` judges
         the slots as the run's ``reinitialize_masks`` says, or name the kind (``"decoder"``,
         ``"posterior"``, ``"attention"``; :func:`~pyro_slots.cli.registry.reinitialized_rule`).
-    :raises ConfigError: for ``inner_steps`` or ``restarts`` < 1, restarts on clips, or
+    :raises ConfigError: for ``inner_steps`` or ``restarts`` < 1, restarts on clips or from a
+        deterministic initializer (learned queries, an amortized guess), or
         ``reinitialize`` where the run has no slot initializer to draw from or already
         re-initializes.
     """
@@ -354,6 +356,11 @@ def _infer(run, batch, inner_steps, restarts, criterion, carry, reinitialize) ->
         inner = reinitialized_rule(config, c.model, c.inner, c.init, _masks_kind(reinitialize))
     inner_steps = count_option(inner_steps, "inner_steps")
     restarts = count_option(restarts, "restarts")
+    if restarts > 1 and config.init in DETERMINISTIC_INITS:
+        raise ConfigError(
+            f"--restarts: --init {config.init} starts every restart at the same slots, "
+            f"expected 1, got {restarts}"
+        )
     if isinstance(batch, int):
         batch = c.stream.held_out(batch)
     batch = on_device(batch, run.device)

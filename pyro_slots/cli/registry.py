@@ -45,6 +45,7 @@ from .streams import HDF5Stream, ImageStream, PointStream, VideoStream
 
 __all__ = [
     "DATASETS",
+    "DETERMINISTIC_INITS",
     "INIT_KINDS",
     "INNER_RULES",
     "MODELS",
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 INIT_KINDS = ("auto", "model", "learned", "queries", "amortized", "fixed")
+#: The initializers that start every restart of a datapoint at the same slots.
+DETERMINISTIC_INITS = ("queries", "amortized")
 #: Test-time restart criteria (``restart_criterion``).
 RESTART_CRITERIA = ("elbo", "mse")
 #: What re-initialization judges dead and duplicate slots by (``reinitialize_masks``).
@@ -761,7 +764,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
             f"or with --init-regression; --gradient {config.gradient} alone would leave them "
             "where they start"
         )
-    if init in ("queries", "amortized") and config.eval_restarts != 1:
+    if init in DETERMINISTIC_INITS and config.eval_restarts != 1:
         raise ConfigError(
             f"eval_restarts: --init {init} starts every restart at the same slots, expected 1, "
             f"got {config.eval_restarts}"
