@@ -42,8 +42,9 @@ Then the 2-process rows: the same cells under ``torchrun --nproc-per-node 2`` (`
 loopback, one thread per process), ``refine(..., distributed=True)``; every rank draws the
 random numbers of λ_0 for the whole batch but computes λ_0 (k-means++) for its own half of the
 sets only, runs the loop on that half, then the shards are all-gathered (``loglik``: each rank
-evaluates its half and the ELBOs are all-gathered). Times are rank 0's, each phase from a barrier
-to a barrier (the loop's includes the gather); the memory is rank 0's.
+evaluates its half and the ELBOs are all-gathered); and again with ``refine(..., gather=False)``,
+every rank keeping its own half of the results (``loglik``: no gather). Times are rank 0's, each
+phase from a barrier to a barrier (the loop's includes the gather); the memory is rank 0's.
 
     python -m benchmarks.bench_sets_scaling            # the full table (~17 min, 1-2 cores)
     python -m benchmarks.bench_sets_scaling --quick    # tiny sizes: checks that the script runs
@@ -180,8 +181,12 @@ def _gather_equal_shards(local: torch.Tensor, world_size: int) -> torch.Tensor:
     return out
 
 
-def run_cell(method: str, num_sets: int, num_points: int, chunk_size: int, distributed: bool):
-    """Time (s) and peak growths (MiB) of one cell; returns a dict (printed as JSON)."""
+def run_cell(
+    method: str, num_sets: int, num_points: int, chunk_size: int, distributed: bool,
+    gather: bool = True,
+):  # fmt: skip
+    """Time (s) and peak growths (MiB) of one cell; returns a dict (printed as JSON). Under
+    ``distributed``, ``gather=False`` leaves every rank's results on the rank."""
     torch.set_num_threads(1)
     import pyro_slots as ps
 
@@ -207,6 +212,9 @@ def run_cell(method: str, num_sets: int, num_points: int, chunk_size: int, distr
     else:
         ps.refine(model, warm, rule, seed=0, chunk_size=chunk_size, **options)
     out = dict(method=method, sets=num_sets, points=num_points, processes=world_size)
+    out["gather"] = gather
+    if distributed and not gather:
+        options = dict(options, gather=False)
     out["input_mib"] = x.numel() * x.element_size() / MIB
 
     def measured(name, fn):
@@ -224,7 +232,7 @@ def run_cell(method: str, num_sets: int, num_points: int, chunk_size: int, distr
 
     def loglik():
         elbo = _loglik(model, x, truth, chunk_size, shard)
-        return _gather_equal_shards(elbo, world_size) if distributed else elbo
+        return _gather_equal_shards(elbo, world_size) if distributed and gather else elbo
 
     # Few sets take milliseconds: the median of 5 runs (the memory is the first run's).
     for _ in range(5 if num_sets <= 1000 else 1):
@@ -292,10 +300,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(method, num_sets, num_points, chunk_size, processes) -> dict:
-    """One cell in a fresh process (or ``processes`` under torchrun)."""
+def measure(method, num_sets, num_points, chunk_size, processes, gather=True) -> dict:
+    """One cell in a fresh process (or ``processes`` under torchrun, the results gathered
+    onto every rank or, with ``gather=False``, left on each)."""
     cell = ["-m", "benchmarks.bench_sets_scaling", "--cell", method, str(num_sets),
             str(num_points), "--chunk-size", str(chunk_size)]  # fmt: skip
+    if not gather:
+        cell.append("--no-gather")
     if processes == 1:
         command = [sys.executable, *cell]
     else:
@@ -387,19 +398,24 @@ def run(args) -> str:
     for method in args.methods if args.distributed_sets else ():
         for num_sets in args.distributed_sets:
             cell = measure(method, num_sets, args.base_points, args.chunk_size, 2)
+            kept = measure(method, num_sets, args.base_points, args.chunk_size, 2, gather=False)
             one = single.get((method, num_sets, args.base_points))
             t1 = _total(one) if one else float("nan")
             dist_rows.append([
                 method, num_sets, args.base_points, 1e3 * t1 / num_sets,
                 1e3 * _total(cell) / num_sets, f"{t1 / _total(cell):.2f}×",
+                1e3 * _total(kept) / num_sets, f"{t1 / _total(kept):.2f}×",
                 cell.get("lambda0_s", 0.0) / _total(cell), cell.get("lambda0_peak_mib", "-"),
-                cell["loop_peak_mib"], cell["loop_tensor_peak_mib"],
+                cell["loop_peak_mib"], kept["loop_peak_mib"], cell["loop_tensor_peak_mib"],
+                kept["loop_tensor_peak_mib"],
             ])  # fmt: skip
     load_after = os.getloadavg()
     dist_table = markdown_table(
-        ["method", "sets", "M", "1 process ms / set", "2 processes ms / set", "speedup",
-         "λ_0 share of 2-process time", "rank 0 λ_0 peak MiB", "rank 0 loop peak MiB",
-         "rank 0 loop tensor peak MiB"],
+        ["method", "sets", "M", "1 process ms / set", "2 processes, gathered: ms / set",
+         "speedup", "2 processes, kept per rank: ms / set", "speedup",
+         "λ_0 share of 2-process time (gathered)", "rank 0 λ_0 peak MiB",
+         "rank 0 loop peak MiB: gathered", "kept", "rank 0 loop tensor peak MiB: gathered",
+         "kept"],
         dist_rows,
     )  # fmt: skip
     worst = max(checks) if checks else float("nan")
@@ -426,7 +442,8 @@ def run(args) -> str:
         f"largest difference {worst:.2e} (per point for ELBOs).\n\n"
         "Two processes (`torchrun --nproc-per-node 2`, gloo on loopback, one thread each, "
         "`refine(..., distributed=True)`; every rank computes λ_0 and runs the loop for its own "
-        "half of the sets, results all-gathered):\n\n"
+        "half of the sets; *gathered*: the results all-gathered onto every rank, as by "
+        "default; *kept per rank*: `gather=False`, every rank returns its own half):\n\n"
         f"{dist_table}\n\n"
         f"Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in load_before)}; "
         f"after: {', '.join(f'{v:.2f}' for v in load_after)}. The machine has 2 cores shared "
@@ -438,7 +455,10 @@ def run(args) -> str:
 def main(args):
     if args.cell:
         method, num_sets, num_points = args.cell
-        out = run_cell(method, int(num_sets), int(num_points), args.chunk_size, args.distributed)
+        out = run_cell(
+            method, int(num_sets), int(num_points), args.chunk_size, args.distributed,
+            not args.no_gather,
+        )  # fmt: skip
         if out is not None:
             print(json.dumps(out))
         return None
@@ -460,6 +480,7 @@ def parser():
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     p.add_argument("--cell", nargs=3, metavar=("METHOD", "SETS", "POINTS"), help=argparse.SUPPRESS)
     p.add_argument("--distributed", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-gather", action="store_true", help=argparse.SUPPRESS)
     return p
 
 

@@ -55,6 +55,10 @@ class RefineResult:
         the restarts).
     :ivar state: the rule's final :class:`~pyro_slots.inner.InnerState`, its tensors with the
         restart axis first.
+    :ivar datapoints: ``None`` where the result covers the whole batch; from
+        ``refine(..., distributed=True, gather=False)`` the rank's own contiguous datapoints,
+        ``slice(start, stop)`` of the batch, which every batch axis above (and ``x_enc``) then
+        holds: ``result.slots[:, i]`` is datapoint ``start + i``.
 
     :meth:`best` keeps the best restart of every datapoint, :meth:`select` given ones.
     """
@@ -71,6 +75,7 @@ class RefineResult:
     trajectory: list = field(default_factory=list)
     x_enc: torch.Tensor | None = None
     state: InnerState | None = None
+    datapoints: slice | None = None
 
     #: Fields whose restart axis comes after a leading step axis.
     _STEP_FIRST = ("history", "residuals", "relative_residuals")
@@ -574,6 +579,7 @@ def refine(
     record_history: bool = True,
     chunk_size: int | None = None,
     distributed: bool = False,
+    gather: bool = True,
     responsibilities: bool = True,
 ) -> RefineResult:
     """Run the inner loop alone: maximize every datapoint's ELBO over its slots.
@@ -639,6 +645,13 @@ def refine(
         all-gathers the shards, so every rank returns the whole
         :class:`RefineResult`. Every rank must call it with the same arguments; an error in one
         rank's loop is raised on every rank.
+    :param bool gather: with ``distributed``, all-gather the shards (the default), or, with
+        ``False``, return every rank's own shard only (``result.datapoints`` says which
+        datapoints): nothing is sent between the ranks but the check that every rank's loop ran,
+        and each rank holds ``1 / world_size`` of the result. For many datapoints the gather,
+        not the loop, is then the larger cost (see ``benchmarks/results/sets_scaling.md``): a
+        rank that writes or reduces its own results should not gather them. Without
+        ``distributed`` it must be ``True``.
     :param bool responsibilities: return the posterior of the model's assignment site at the
         final slots (``result.responsibilities``, ``(R, batch, K, M)``). ``False`` leaves it
         ``None``: the largest tensor of the result for many measurements is then neither kept
@@ -653,6 +666,10 @@ def refine(
         raise TypeError(f"distributed: expected True or False, got {distributed!r}")
     if not isinstance(responsibilities, bool):
         raise TypeError(f"responsibilities: expected True or False, got {responsibilities!r}")
+    if not isinstance(gather, bool):
+        raise TypeError(f"gather: expected True or False, got {gather!r}")
+    if not gather and not distributed:
+        raise ValueError("gather: False splits a distributed result, expected distributed=True")
     world_size, rank = process_group(distributed) or (1, 0)
     inner.check_model(model)
     num_steps = check_positive_int(inner.num_steps if num_steps is None else num_steps, "num_steps")
@@ -725,21 +742,26 @@ def refine(
     )
     if chunk_size is None and world_size == 1:
         result = run_inner(model, x_rep, inner, slots, num_steps, **options)
-        return _split_restarts(result, num_restarts, batch, x_enc)
-    del x_rep  # chunks repeat their own datapoints for the restarts
-    result = error = None
-    try:
-        result = _run_chunks(
-            model, x_enc, inner, slots, num_steps, num_restarts, start, stop, chunk_size, options
-        )
-    except Exception as e:  # raised below, once every rank knows
-        if world_size == 1:
-            raise
-        error = e
-    if world_size > 1:
-        _raise_together(error, rank, slots.device)
-        result = _all_gather_result(result, batch, world_size)
-    result.x_enc = x_enc
+        result = _split_restarts(result, num_restarts, batch, x_enc)
+    else:
+        del x_rep  # chunks repeat their own datapoints for the restarts
+        result = error = None
+        try:
+            result = _run_chunks(
+                model, x_enc, inner, slots, num_steps, num_restarts, start, stop, chunk_size,
+                options,
+            )  # fmt: skip
+        except Exception as e:  # raised below, once every rank knows
+            if world_size == 1:
+                raise
+            error = e
+        if world_size > 1:
+            _raise_together(error, rank, slots.device)
+            if gather:
+                result = _all_gather_result(result, batch, world_size)
+        result.x_enc = x_enc if gather else x_enc[start:stop]
+    if not gather:
+        result.datapoints = slice(start, stop)
     return result
 
 

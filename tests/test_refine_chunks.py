@@ -186,6 +186,10 @@ def test_distributed_without_a_process_group_is_an_error():
         ps.refine(GaussianMixture(4, 2), _data(), EM(5), seed=0, distributed=True)
     with pytest.raises(TypeError, match="distributed: expected True or False, got 'yes'"):
         ps.refine(GaussianMixture(4, 2), _data(), EM(5), seed=0, distributed="yes")
+    with pytest.raises(ValueError, match=r"gather: False splits a distributed result, expected "):
+        ps.refine(GaussianMixture(4, 2), _data(), EM(5), seed=0, gather=False)
+    with pytest.raises(TypeError, match="gather: expected True or False, got 0"):
+        ps.refine(GaussianMixture(4, 2), _data(), EM(5), seed=0, distributed=True, gather=0)
 
 
 # ------------------------------------------------------------------ two processes (gloo)
@@ -235,6 +239,37 @@ def _fail_on_one_rank():
     return "no error"
 
 
+def _shard_of(result, start: int, size: int) -> SimpleNamespace:
+    """Datapoints ``[start, start + size)`` of a whole batch's result, as a rank that ran them
+    alone records them: steps up to the last step one of them ran."""
+    stop = start + size
+    steps = int(result.steps[:, start:stop].max())
+
+    def rows(t):
+        return t[:, start:stop]
+
+    def step_rows(t, n):
+        return t[:n, :, start:stop]
+
+    state = SimpleNamespace(
+        step=steps,
+        slots=rows(result.state.slots),
+        aux=[rows(a) for a in result.state.aux if torch.is_tensor(a)],
+    )
+    return SimpleNamespace(
+        **{name: rows(getattr(result, name)) for name in ("slots", "elbo", "initial_slots")},
+        steps=rows(result.steps),
+        history=step_rows(result.history, steps + 1),
+        residuals=step_rows(result.residuals, steps),
+        relative_residuals=step_rows(result.relative_residuals, steps),
+        responsibilities=None if result.responsibilities is None else rows(result.responsibilities),
+        trajectory=[rows(s) for s in result.trajectory[: steps + 1]] if result.trajectory else [],
+        num_steps=steps,
+        state=state,
+        x_enc=result.x_enc[start:stop],
+    )
+
+
 def _worker(rank, world_size, init_file, out_dir):
     with gloo_group(rank, world_size, init_file):
         seen, run_inner = [], refine_module.run_inner
@@ -257,8 +292,26 @@ def _worker(rank, world_size, init_file, out_dir):
             results[name + "_whole_shard"] = _plain(run(distributed=True))
         refine_module.run_inner, gmm_module._kmeans_chunk = run_inner, kmeans_chunk
         results["em_no_responsibilities"] = _plain(_no_responsibilities(distributed=True))
+        # gather=False: every rank keeps its own shard, and nothing is all-gathered
+        gathered, all_gather = [], refine_module._all_gather
+
+        def recording_gather(t, *args):
+            gathered.append(tuple(t.shape))
+            return all_gather(t, *args)
+
+        refine_module._all_gather = recording_gather
+        for name, run in _cases(GaussianMixture(4, 2), _data()).items():
+            for chunk_size in (None, 7):
+                shard = run(distributed=True, gather=False, chunk_size=chunk_size)
+                results[f"{name}_shard_{chunk_size}"] = _plain(shard)
+                results[f"{name}_shard_{chunk_size}_datapoints"] = (
+                    shard.datapoints.start,
+                    shard.datapoints.stop,
+                )
+        refine_module._all_gather = all_gather
         failure = _fail_on_one_rank()
-        out = {"results": results, "seen": seen, "seeded": seeded, "failure": failure}
+        out = {"results": results, "seen": seen, "seeded": seeded, "failure": failure,
+               "gathered": gathered}  # fmt: skip
         torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
 
 
@@ -278,9 +331,15 @@ def test_two_ranks_return_the_single_process_result(tmp_path):
         assert got["seen"] == restarts2 + chunks + [size] + restarts2
         # k-means++ seeded the rank's own datapoints only, not the batch (em: 2 restarts)
         assert got["seeded"] == [2 * size, 2 * size, size, size, 2 * size, 2 * size]
+        start = 0 if rank == 0 else shards[0]
         for name, result in want.items():
             _assert_same(_from_plain(got["results"][name]), result)
             _assert_same(_from_plain(got["results"][name + "_whole_shard"]), result)
+            for chunk_size in (None, 7):
+                key = f"{name}_shard_{chunk_size}"
+                assert got["results"][key + "_datapoints"] == (start, start + size)
+                _assert_same(_from_plain(got["results"][key]), _shard_of(result, start, size))
+        assert got["gathered"] == []
         # responsibilities=False: the same result without the posterior, nothing gathered
         _assert_same(_from_plain(got["results"]["em_no_responsibilities"]),
                      _no_responsibilities())  # fmt: skip
