@@ -73,9 +73,9 @@ class InnerProblem:
     :param torch.Tensor rows: where this problem's datapoints sit in the batch that random
         choices are drawn for, ``(batch,)`` distinct indices in ``[0, num_rows)``; default
         ``None``, the problem is that batch. A rule that draws per datapoint
-        (:class:`~pyro_slots.inner.Reinitialize`) draws for all ``num_rows`` and keeps these
-        rows, so a chunk, a rank's shard or the still-active datapoints of a batch get the
-        numbers the whole batch draws for them (:func:`~pyro_slots.refine` sets them).
+        (:class:`~pyro_slots.inner.Reinitialize`) draws by these rows (:meth:`row_index`), so
+        a chunk, a rank's shard or the still-active datapoints of a batch get the numbers the
+        whole batch draws for them (:func:`~pyro_slots.refine` sets them).
     :param int num_rows: the size of that batch (required with ``rows``).
     """
 
@@ -122,13 +122,12 @@ class InnerProblem:
         x = versioned(lambda t: t[index], self.x)
         return InnerProblem(self.model, x, self.estimator, self.record_history, rows, self.num_rows)
 
-    def draw_rows(self, draw: torch.Tensor) -> torch.Tensor:
-        """This problem's rows of ``draw``, a draw for the whole batch ``(num_rows, ...)``."""
-        if draw.shape[0] != self.num_rows:
-            raise ValueError(
-                f"draw: expected {self.num_rows} rows (the batch of draws), got {draw.shape[0]}"
-            )
-        return draw if self.rows is None else draw[self.rows.to(draw.device)]
+    def row_index(self) -> torch.Tensor:
+        """Where the datapoints sit in the batch of draws: ``rows``, or ``0, ..., batch - 1``
+        where the problem is that batch (``(batch,)`` int64 on the CPU)."""
+        if self.rows is None:
+            return torch.arange(self.num_rows)
+        return self.rows.cpu()
 
     def elbo(self, slots: torch.Tensor) -> torch.Tensor:
         """ELBO of every datapoint, ``(batch,)``, differentiable in slots and weights."""

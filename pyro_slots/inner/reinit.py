@@ -9,6 +9,21 @@ from .base import InnerProblem, InnerRule, InnerState
 
 __all__ = ["Reinitialize", "decoder_masks", "duplicate_mask", "masks_of", "posterior_masks"]
 
+#: Rows per block of :meth:`Reinitialize.draw`: a subset of a batch's rows costs the blocks of
+#: the batch it touches, so chunks or ranks of many datapoints draw their own rows only.
+DRAW_BLOCK = 1024
+_MASK64 = 2**64 - 1
+
+
+def _block_seed(seed: int, step: int, block: int) -> int:
+    """The seed of block ``block`` of the draw at step ``step`` of a rule seeded with ``seed``:
+    SplitMix64's finalizer of a combination of the three, as a non-negative 63-bit int."""
+    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + block * 0x94D049BB133111EB)
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
 
 def posterior_masks(problem: InnerProblem, slots: torch.Tensor) -> torch.Tensor:
     """What every slot explains, ``(batch, K, M)``: the posterior of the model's assignment
@@ -67,15 +82,16 @@ class Reinitialize(InnerRule):
     and is replaced by a fresh draw of ``init`` before ``rule`` takes its step, so the freed slot
     can pick up an object that two slots were sharing or none was explaining — the pruning and
     re-initialization of DIAS (Zhao et al. 2025) and MetaSlot (2025), with the inner-loop health
-    diagnostics' own definitions (:func:`pyro_slots.diagnostics.inner_loop_health`). The
-    draws come from a generator seeded with ``seed`` at every :meth:`init`, one draw for the
-    whole batch at every re-initialization step whether a slot is replaced or not, so a run is
-    reproducible, and a datapoint gets the same replacements whether it runs alone or with others:
-    the ranks of a data-parallel :class:`~pyro_slots.NestedSVI` (:meth:`shard_draws`), the
-    chunks and ranks of :func:`~pyro_slots.refine` and the datapoints still active after others
-    stopped keep their rows of the whole batch's draw (``InnerProblem(rows=...)``). The
-    decision is not differentiated; a replaced slot carries no gradient to its former value,
-    and the rule's recurrent state (``aux``) is kept as it was.
+    diagnostics' own definitions (:func:`pyro_slots.diagnostics.inner_loop_health`). A
+    datapoint's replacements are its row of a draw for the whole batch, made in blocks of
+    :data:`DRAW_BLOCK` rows from generators seeded by ``seed``, the step and the block
+    (:meth:`draw`), so a run is reproducible, and a datapoint gets the same replacements
+    whether it runs alone or with others: the ranks of a data-parallel
+    :class:`~pyro_slots.NestedSVI` (:meth:`shard_draws`), the chunks and ranks of
+    :func:`~pyro_slots.refine` and the datapoints still active after others stopped keep their
+    rows of the whole batch's draw (``InnerProblem(rows=...)``), and each draws the blocks of
+    its own rows only. The decision is not differentiated; a replaced slot carries no gradient
+    to its former value, and the rule's recurrent state (``aux``) is kept as it was.
 
     :param InnerRule rule: the rule that takes the steps (its weights are this rule's weights).
     :param init: a slot initializer ``init(batch, K, generator=, dtype=)`` (e.g.
@@ -128,7 +144,6 @@ class Reinitialize(InnerRule):
             )
         self.seed = int(seed)
         self.uses_elbo_gradient = rule.uses_elbo_gradient
-        self._generator = torch.Generator().manual_seed(self.seed)
         self._shard = (0, 1)
 
     def shard_draws(self, rank: int, world_size: int) -> None:
@@ -159,8 +174,28 @@ class Reinitialize(InnerRule):
             )
 
     def init(self, problem: InnerProblem, slots: torch.Tensor) -> InnerState:
-        self._generator.manual_seed(self.seed)
         return self.rule.init(problem, slots)
+
+    def draw(
+        self, rows: torch.Tensor, num_rows: int, num_slots: int, step: int, dtype=None
+    ) -> torch.Tensor:
+        """The replacement slots of rows ``rows`` (int64 indices into a batch of ``num_rows``)
+        at step ``step``, ``(len(rows), num_slots, slot_dim)``.
+
+        The batch's draw is made in blocks of :data:`DRAW_BLOCK` rows (the last one shorter):
+        block ``b`` is ``init(block rows, num_slots, generator=g, dtype=dtype)`` with ``g`` seeded
+        by ``(seed, step, b)``. Only the blocks that ``rows`` touch are drawn.
+        """
+        blocks = torch.unique(rows // DRAW_BLOCK).tolist()
+        generator, parts = torch.Generator(), []
+        for b in blocks:
+            generator.manual_seed(_block_seed(self.seed, step, b))
+            size = min(DRAW_BLOCK, num_rows - b * DRAW_BLOCK)
+            parts.append(self.replacement(size, num_slots, generator=generator, dtype=dtype))
+        drawn = parts[0] if len(parts) == 1 else torch.cat(parts)
+        # row r sits in block r // DRAW_BLOCK, the i-th drawn (only the last block is short)
+        position = torch.searchsorted(torch.tensor(blocks), rows // DRAW_BLOCK)
+        return drawn[(position * DRAW_BLOCK + rows % DRAW_BLOCK).to(drawn.device)]
 
     def replaced(self, problem: InnerProblem, slots: torch.Tensor) -> torch.Tensor:
         """The slots to redraw at ``slots``, ``(batch, num_slots)`` bool (no graph)."""
@@ -173,19 +208,14 @@ class Reinitialize(InnerRule):
         slots = state.slots
         if state.step >= 1 and state.step % self.every == 0:
             replace = self.replaced(problem, slots)
-            # Drawn at every re-initialization step, replaced or not, for the whole batch, so
-            # the stream does not depend on which datapoints needed a slot: a rank of a
-            # data-parallel run (shard_draws), a chunk or the still-active datapoints
-            # (problem.rows) keep their rows of the single process's draw.
-            rank, world_size = self._shard
-            num_rows = problem.num_rows
-            fresh = self.replacement(
-                num_rows * world_size, slots.shape[1], generator=self._generator, dtype=slots.dtype
-            )
-            if world_size > 1:
-                fresh = fresh[rank * num_rows : (rank + 1) * num_rows]
-            fresh = problem.draw_rows(fresh)
             if bool(replace.any()):
+                # A rank of a data-parallel run (shard_draws), a chunk or the still-active
+                # datapoints (problem.rows) draw their rows of the single process's batch.
+                rank, world_size = self._shard
+                rows = rank * problem.num_rows + problem.row_index()
+                fresh = self.draw(
+                    rows, problem.num_rows * world_size, slots.shape[1], state.step, slots.dtype
+                )
                 slots = torch.where(replace.unsqueeze(-1), fresh.detach().to(slots.device), slots)
         # info.elbo is the ELBO at the slots the rule stepped from, the redrawn ones
         return self.rule.step(InnerState(slots, state.step, state.aux), problem, create_graph)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import pyro_slots as ps
+import pyro_slots.inner.reinit as reinit_module
 from pyro_slots.inner import (
     EM,
     GradientAscent,
@@ -51,10 +52,25 @@ def test_duplicate_mask_keeps_the_first_of_each_group():
     assert ps.diagnostics.duplicate_slots(features, 0.99).tolist() == [2]
 
 
+def _seeded(seed, step, block):
+    """The generator of block ``block`` of the draw at ``step`` (Reinitialize.draw)."""
+    return torch.Generator().manual_seed(reinit_module._block_seed(seed, step, block))
+
+
+def test_block_seeds_are_distinct_63_bit_ints():
+    seeds = {reinit_module._block_seed(s, t, b) for s in range(4) for t in range(8)
+             for b in range(16)}  # fmt: skip
+    assert len(seeds) == 4 * 8 * 16
+    assert all(0 <= v < 2**63 for v in seeds)
+    # SplitMix64's finalizer of 0 is 0, the only fixed point: (0, 0, 0) maps there
+    assert reinit_module._block_seed(0, 0, 0) == 0 and reinit_module._block_seed(0, 0, 1) > 0
+
+
 def test_the_dead_and_duplicate_slots_are_redrawn_before_the_rule_steps(float64):
     """At λ_1 the duplicate (slot 1, the same responsibilities as slot 0) and the dead slot
     (slot 2, responsibilities ~0) are replaced by the initializer's draws from a generator
-    seeded with ``seed``; slot 0 is kept; the EM step then runs from the patched slots."""
+    seeded by ``seed``, the step and the block; slot 0 is kept; the EM step then runs from the
+    patched slots."""
     x, _ = _clusters()
     model = GaussianMixture(3, 2)
     init = ps.GaussianInit(model.slot_dim, learnable=False)
@@ -65,7 +81,7 @@ def test_the_dead_and_duplicate_slots_are_redrawn_before_the_rule_steps(float64)
     assert rule.replaced(problem, slots).tolist() == [[False, True, True]] * 4
     new, _ = rule.step(InnerState(slots, 1, state.aux), problem)
 
-    fresh = init(4, 3, generator=torch.Generator().manual_seed(5))
+    fresh = init(4, 3, generator=_seeded(5, 1, 0))
     patched = slots.clone()
     patched[:, 1:] = fresh[:, 1:]
     expected, _ = EM(1).step(EM(1).init(problem, patched), problem)
@@ -78,7 +94,7 @@ def test_the_dead_and_duplicate_slots_are_redrawn_before_the_rule_steps(float64)
     sharded.shard_draws(1, 2)
     sharded.init(problem, slots)
     new, _ = sharded.step(InnerState(slots, 1, ()), problem)
-    patched[:, 1:] = init(8, 3, generator=torch.Generator().manual_seed(5))[4:, 1:]
+    patched[:, 1:] = init(8, 3, generator=_seeded(5, 1, 0))[4:, 1:]
     expected, _ = EM(1).step(EM(1).init(problem, patched), problem)
     torch.testing.assert_close(new.slots, expected.slots)
 
@@ -115,11 +131,16 @@ def test_reinitialize_frees_em_from_a_stuck_start(float64):
     assert reached.sum() >= 2
 
 
-def test_chunks_and_early_stopped_neighbours_do_not_change_a_datapoints_replacements(float64):
+@pytest.mark.parametrize("block", [1024, 4])
+def test_chunks_and_early_stopped_neighbours_do_not_change_a_datapoints_replacements(
+    block, float64, monkeypatch
+):
     """A datapoint's replacement slots are its rows of the whole batch's draw: refine in chunks
     (restarts included) gives the unchunked result, and a datapoint that never stopped ends
     where it ends when nobody stops. Three sets start at the true centres (they stop after a
-    few steps with elbo_tol), three stuck (slots redrawn for more steps)."""
+    few steps with elbo_tol), three stuck (slots redrawn for more steps). Also with draws in
+    blocks of 4 rows (of the 12 rows of 2 restarts × 6 sets), so chunks span blocks."""
+    monkeypatch.setattr(reinit_module, "DRAW_BLOCK", block)
     x, centers = _clusters(num_sets=6, seed=1)
     model = GaussianMixture(3, 2)
     stuck = _slots(model, _stuck(6))
@@ -157,11 +178,32 @@ def test_inner_problem_rows_are_checked():
     with pytest.raises(ValueError, match="rows: expected distinct indices"):
         InnerProblem(model, x, rows=torch.tensor([0, 2, 2, 3]), num_rows=4)
     problem = InnerProblem(model, x, rows=torch.tensor([5, 1, 7, 2]), num_rows=8)
-    draw = torch.arange(8.0)
-    assert problem.draw_rows(draw).tolist() == [5.0, 1.0, 7.0, 2.0]
-    assert problem.subset(torch.tensor([2, 0])).draw_rows(draw).tolist() == [7.0, 5.0]
-    with pytest.raises(ValueError, match="draw: expected 8 rows"):
-        problem.draw_rows(torch.arange(4.0))
+    assert problem.row_index().tolist() == [5, 1, 7, 2]
+    assert problem.subset(torch.tensor([2, 0])).row_index().tolist() == [7, 5]
+    assert InnerProblem(model, x).row_index().tolist() == [0, 1, 2, 3]
+
+
+def test_a_draw_is_the_rows_of_the_blocks_and_draws_only_the_blocks_it_touches(monkeypatch):
+    """Reinitialize.draw with blocks of 4 rows in a batch of 10 (blocks 0-3, 4-7, 8-9): any
+    rows, in any order, are those rows of the three blocks' draws concatenated, and only the
+    blocks holding them are drawn."""
+    monkeypatch.setattr(reinit_module, "DRAW_BLOCK", 4)
+    sizes = []
+
+    def init(batch, num_slots, generator=None, dtype=None):
+        sizes.append(batch)
+        return torch.randn(batch, num_slots, 3, generator=generator, dtype=dtype)
+
+    rule = Reinitialize(EM(1), init=init, seed=9)
+    whole = torch.cat([init(n, 2, generator=_seeded(9, 6, b)) for b, n in enumerate((4, 4, 2))])
+    sizes.clear()
+    torch.testing.assert_close(rule.draw(torch.arange(10), 10, 2, step=6), whole)
+    assert sizes == [4, 4, 2]
+    rows = torch.tensor([9, 1, 8, 2])
+    sizes.clear()
+    torch.testing.assert_close(rule.draw(rows, 10, 2, step=6), whole[rows])
+    assert sizes == [4, 2]  # block 1 is not drawn
+    assert not torch.equal(rule.draw(rows, 10, 2, step=7), whole[rows])  # a new step, new draws
 
 
 def test_reinitialize_refuses_a_model_without_assignments_and_a_rule_without_init():
