@@ -18,7 +18,7 @@ _MASK64 = 2**64 - 1
 def _block_seed(seed: int, step: int, block: int) -> int:
     """The seed of block ``block`` of the draw at step ``step`` of a rule seeded with ``seed``:
     SplitMix64's finalizer of a combination of the three, as a non-negative 63-bit int."""
-    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + block * 0x94D049BB133111EB)
+    z = seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + block * 0x94D049BB133111EB
     z &= _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
