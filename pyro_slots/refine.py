@@ -986,24 +986,29 @@ def refine_video(
     if transition is not None and not callable(transition):
         raise TypeError(f"transition: expected a callable, got {type(transition).__name__}")
     generator = make_generator(seed, generator)
-    results, slots = [], None
+    results, carried, shard = [], None, None
     for t in range(video.shape[1]):
-        if carry and slots is not None:
+        slots = None
+        if carry and carried is not None:
             with torch.no_grad():
-                slots = slots if transition is None else transition(slots)
+                slots = carried if transition is None else transition(carried)
+            if shard is not None:  # gather=False: this rank's rows; the others are never read
+                slots = slots.new_zeros(video.shape[0], *slots.shape[1:]).index_copy_(
+                    0, torch.arange(shard.start, shard.stop, device=slots.device), slots
+                )
         result = refine(
             model,
             video[:, t],
             inner,
             num_slots=num_slots,
             num_steps=num_steps,
-            slots=slots if carry else None,
+            slots=slots,
             init=init,
             generator=generator,
             **kwargs,
         )
         results.append(result)
-        slots = result.slots[0]
+        carried, shard = result.slots[0], result.datapoints
     return results
 
 

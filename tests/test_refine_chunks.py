@@ -270,6 +270,17 @@ def _shard_of(result, start: int, size: int) -> SimpleNamespace:
     )
 
 
+def _video_case():
+    """A 3-frame clip of every set (the points drift), EM with a transition between frames."""
+    x = _data()
+    video = torch.stack([x, x + 0.3, x - 0.2], 1)
+    return GaussianMixture(4, 2), video, EM(6)
+
+
+def _shifted(slots):
+    return slots + 0.01
+
+
 def _worker(rank, world_size, init_file, out_dir):
     with gloo_group(rank, world_size, init_file):
         seen, run_inner = [], refine_module.run_inner
@@ -309,6 +320,11 @@ def _worker(rank, world_size, init_file, out_dir):
                     shard.datapoints.stop,
                 )
         refine_module._all_gather = all_gather
+        # refine_video carries every rank's own rows from frame to frame
+        frames = ps.refine_video(
+            *_video_case(), seed=0, transition=_shifted, distributed=True, gather=False
+        )
+        results["video_shard"] = [(r.slots, r.elbo, r.datapoints.start) for r in frames]
         failure = _fail_on_one_rank()
         out = {"results": results, "seen": seen, "seeded": seeded, "failure": failure,
                "gathered": gathered}  # fmt: skip
@@ -340,6 +356,11 @@ def test_two_ranks_return_the_single_process_result(tmp_path):
                 assert got["results"][key + "_datapoints"] == (start, start + size)
                 _assert_same(_from_plain(got["results"][key]), _shard_of(result, start, size))
         assert got["gathered"] == []
+        whole = ps.refine_video(*_video_case(), seed=0, transition=_shifted)
+        for frame, (slots, elbo, first) in zip(whole, got["results"]["video_shard"], strict=True):
+            assert first == start
+            torch.testing.assert_close(slots, frame.slots[:, start : start + size])
+            torch.testing.assert_close(elbo, frame.elbo[:, start : start + size])
         # responsibilities=False: the same result without the posterior, nothing gathered
         _assert_same(_from_plain(got["results"]["em_no_responsibilities"]),
                      _no_responsibilities())  # fmt: skip
