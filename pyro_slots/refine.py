@@ -94,6 +94,11 @@ class RefineResult:
         """Keep one restart per datapoint: ``index`` is an int (the same restart for every
         datapoint) or a ``(batch,)`` integer tensor. The result has ``R = 1``."""
         batch = self.elbo.shape[1]
+        if isinstance(index, bool) or (torch.is_tensor(index) and index.dtype == torch.bool):
+            raise ValueError(
+                f"index: expected an int or a ({batch},) integer tensor of restarts, got a bool"
+                " (a mask does not say which restart each datapoint keeps)"
+            )
         if isinstance(index, int):
             if not -self.num_restarts <= index < self.num_restarts:
                 raise ValueError(
@@ -265,6 +270,7 @@ def run_inner(
     """
     batch, num_points = x_enc.shape[:2]
     free_steps = num_steps - backprop_steps
+    record_history = record_history or elbo_tol is not None  # elbo_tol reads every step's ELBO
     problem_graph = InnerProblem(model, x_enc, estimator, record_history, rows, num_rows)
     # The same tensor when there is no graph: what the estimator checked about it holds.
     x_free = versioned(None, x_enc.detach() if x_enc.requires_grad else x_enc)
@@ -626,7 +632,8 @@ def refine(
     :param bool record_history: with ``False``, rules whose update does not need the ELBO
         (slot attention) skip evaluating it at every step: ``history`` is NaN for those steps
         (its last row, the final ELBO, is always computed). Saves one model evaluation per
-        step at test time.
+        step at test time. ``elbo_tol`` needs every step's ELBO, so with it the ELBO is
+        evaluated (and recorded) at every step whatever ``record_history`` says.
     :param int chunk_size: run the loop on consecutive chunks of at most ``chunk_size``
         datapoints (each with its ``num_restarts`` restarts) and concatenate their results. λ_0
         is drawn for the whole batch first, as without chunks, and a rule that draws per

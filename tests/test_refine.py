@@ -134,6 +134,9 @@ def test_restarts_are_independent_and_best_picks_max(float64):
         res.select(3)
     with pytest.raises(ValueError, match=r"index: expected restarts in \[0, 3\)"):
         res.select(torch.tensor([0, 1, 3, 0]))
+    for mask in (True, torch.tensor([True, False, True, True])):  # a bool is not a restart
+        with pytest.raises(ValueError, match=r"index: expected an int or a \(4,\) integer"):
+            res.select(mask)
 
 
 def test_best_restart_keeps_the_first_of_restarts_tied_up_to_rounding():
