@@ -261,6 +261,11 @@ def kmeans_plus_plus(
     """
     num_slots = check_positive_int(num_slots, "num_slots")
     batch, num_points, _ = x.shape
+    if num_slots > num_points:
+        raise ValueError(
+            f"num_slots: k-means++ seeds every slot at a distinct measurement, expected at most "
+            f"the {num_points} measurements per datapoint, got {num_slots}"
+        )
     if local_trials is None:
         trials = 2 + int(math.log(num_slots))
     else:

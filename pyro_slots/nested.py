@@ -423,7 +423,7 @@ class NestedSVI:
         ``differentiable=False``) and the batch's inner :class:`~pyro_slots.RefineResult`
         (restart axis of size 1; its slots and trajectory keep their graph), or with
         ``sequence=True`` the list of every frame's."""
-        check_data(x, "x", self.model)
+        check_data(x, "x", self.model, self.inner)
         for t in targets:
             if torch.is_tensor(t) and t.shape[:1] != x.shape[:1]:
                 raise ValueError(

@@ -688,7 +688,7 @@ def refine(
     if elbo_tol is not None:
         elbo_tol = check_positive_float(elbo_tol, "elbo_tol")
     generator = make_generator(seed, generator)
-    check_data(x, "x", model)
+    check_data(x, "x", model, inner)
     with torch.no_grad():
         x_enc = model.encode(x)
     check_num_measurements(x_enc, num_slots or getattr(model, "num_slots", None))

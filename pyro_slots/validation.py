@@ -82,9 +82,10 @@ def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def check_data(x, name: str = "x", model=None) -> torch.Tensor:
-    """``x`` must be a floating-point tensor (before a model's ``encode``); with ``model``, of
-    the dtype and on the device of its floating-point weights, if it has any.
+def check_data(x, name: str = "x", model=None, *modules) -> torch.Tensor:
+    """``x`` must be a floating-point tensor (before a model's ``encode``); with ``model`` (and
+    any further ``modules``, e.g. a learned inner rule), of the dtype and on the device of
+    their floating-point weights, if they have any.
 
     :raises TypeError: for another type, an integer tensor (e.g. ``uint8`` images) or a dtype
         other than the weights', naming ``name`` and the expected dtype.
@@ -98,20 +99,25 @@ def check_data(x, name: str = "x", model=None) -> torch.Tensor:
             f"{name}: expected a floating-point tensor (torch.float32 or torch.float64), got "
             f"dtype {x.dtype}{hint}"
         )
-    parameters = getattr(model, "parameters", None)
-    weight = None
-    if callable(parameters):
-        weight = next((p for p in parameters() if p.is_floating_point()), None)
-    if weight is not None and x.dtype != weight.dtype:
-        raise TypeError(
-            f"{name}: expected dtype {weight.dtype} (the dtype of the model's weights), got "
-            f"{x.dtype}; convert the data (x.to({weight.dtype})) or the model"
-        )
-    if weight is not None and x.device != weight.device:
-        raise ValueError(
-            f"{name}: expected device {weight.device} (the device of the model's weights), got "
-            f"{x.device}"
-        )
+    for i, module in enumerate((model, *modules)):
+        parameters = getattr(module, "parameters", None)
+        weight = None
+        if callable(parameters):
+            weight = next((p for p in parameters() if p.is_floating_point()), None)
+        if weight is None:
+            continue
+        owner = "the model's" if i == 0 else f"{type(module).__name__}'s"
+        if x.dtype != weight.dtype:
+            raise TypeError(
+                f"{name}: expected dtype {weight.dtype} (the dtype of {owner} weights), got "
+                f"{x.dtype}; convert the data (x.to({weight.dtype})) or the "
+                + ("model" if i == 0 else f"rule ({type(module).__name__}(...).to({x.dtype}))")
+            )
+        if x.device != weight.device:
+            raise ValueError(
+                f"{name}: expected device {weight.device} (the device of {owner} weights), got "
+                f"{x.device}"
+            )
     return x
 
 

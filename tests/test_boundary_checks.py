@@ -66,6 +66,26 @@ def test_data_of_another_dtype_than_the_weights_is_refused():
         _svi(model).loss(images)
 
 
+def test_data_of_another_dtype_than_a_learned_rules_weights_is_refused():
+    """A float32 learned rule on float64 data (a model without weights): refused up front,
+    naming the rule, where the first matrix product used to fail deep inside torch."""
+    from pyro_slots.inner import SlotAttention
+    from pyro_slots.models import GaussianMixture
+
+    gmm = GaussianMixture(3, 2)
+    rule = SlotAttention(3, slot_dim=gmm.slot_dim, input_dim=2, hidden_dim=8)  # float32
+    x = torch.randn(2, 20, 2, dtype=torch.float64)
+    match = r"x: expected dtype torch.float32 \(the dtype of SlotAttention's weights\), got "
+    match += r"torch.float64; convert the data \(x.to\(torch.float32\)\) or the rule"
+    with pytest.raises(TypeError, match=match):
+        ps.refine(gmm, x, rule, seed=0)
+    with pytest.raises(TypeError, match=match):
+        ps.NestedSVI(gmm, rule, NegativeELBO(), pyro.optim.Adam({"lr": 1e-3})).loss(x)
+    # the same data in the rule's dtype, or the rule in the data's, go through
+    assert ps.refine(gmm, x.float(), rule, seed=0).slots.dtype == torch.float32
+    assert ps.refine(gmm, x, rule.double(), seed=0).slots.dtype == torch.float64
+
+
 def test_one_measurement_per_datapoint_is_refused():
     x = torch.randn(3, 1, 2)
     gmm = GaussianMixture(2, 2)

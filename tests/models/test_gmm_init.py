@@ -393,3 +393,23 @@ def test_native_kernels_are_switched_off_together(monkeypatch):
     from pyro_slots.inner import _fused_attention
 
     assert not _fused_attention.available()
+
+
+def test_more_slots_than_measurements_are_refused_before_seeding(kmeans_path):
+    """k-means++ seeds every slot at a distinct measurement: K = 5 slots on 3 points per set
+    are refused, naming num_slots, on both paths (torch's used to return collapsed components
+    with a positive log-likelihood); K = M still seeds every point once."""
+    import pyro_slots as ps
+    from pyro_slots.inner import EM
+
+    x = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(0))
+    match = r"num_slots: k-means\+\+ seeds every slot at a distinct measurement, expected at most"
+    match += r" the 3 measurements per datapoint, got 5"
+    with pytest.raises(ValueError, match=match):
+        ps.refine(GaussianMixture(5, 2), x, EM(3), seed=0)
+    seeds = GaussianMixture(3, 2, init_lloyd_steps=0).init_slots(
+        x, 3, generator=torch.Generator().manual_seed(0)
+    )
+    # every measurement is a seed (its own cluster's mean), in some order
+    assert torch.allclose(torch.cdist(seeds[..., :2], x).min(1).values, torch.zeros(2, 3),
+                          atol=1e-6)  # fmt: skip
