@@ -65,6 +65,12 @@ def diagnose(
     folder = out or os.path.join(os.path.dirname(os.path.abspath(path)), "diagnostics")
     writable_folder(folder, "out")
     c = run.components
+    held_out = getattr(c.stream, "held_out_size", None)  # an HDF5 run: its last images
+    if held_out is not None and num > held_out:
+        raise ConfigError(
+            f"--num: {num} images asked for, but the run held out only {held_out} (the larger "
+            "of its --eval-size and --test-size)"
+        )
     x = c.stream.held_out(num).x.to(device)
     inner = c.inner
     if c.init is not None:

@@ -238,7 +238,8 @@ def evaluation_data(run: TrainRun, dataset: str | None = None, num: int | None =
             if num is not None and num > stream.held_out_size:
                 raise ConfigError(
                     f"--num: {num} images asked for, but the run held out only "
-                    f"{stream.held_out_size} (its --eval-size); pass --dataset hdf5:PATH"
+                    f"{stream.held_out_size} (the larger of its --eval-size and --test-size); "
+                    "pass --dataset hdf5:PATH"
                 )
             return _generated(stream, stream.held_out_size if num is None else num, name)
         return _generated(stream, DEFAULT_NUM if num is None else num, name)

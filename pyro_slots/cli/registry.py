@@ -41,7 +41,7 @@ from pyro_slots.objectives import NegativeELBO, Reconstruction, SetPrediction, W
 from pyro_slots.validation import CapabilityError
 
 from .config import ConfigError, TrainConfig
-from .streams import HDF5Stream, ImageStream, PointStream, VideoStream
+from .streams import HELD_OUT_START, HDF5Stream, ImageStream, PointStream, VideoStream
 
 __all__ = [
     "DATASETS",
@@ -455,7 +455,9 @@ def _hdf5_stream(config: TrainConfig, name: str):
     if not path:
         raise ConfigError("dataset: 'hdf5:' must be followed by the file's path, e.g. hdf5:x.h5")
     try:
-        return HDF5Stream(path, config.seed, config.batch_size, config.eval_size)
+        # The file's last images are held out for the validation and the final test alike.
+        held_out = max(config.eval_size, config.test_size)
+        return HDF5Stream(path, config.seed, config.batch_size, held_out)
     except (OSError, ValueError) as error:
         raise ConfigError(f"dataset {name!r}: {error}") from None
 
@@ -870,6 +872,14 @@ def build(config: TrainConfig, rank: int = 0, world_size: int = 1) -> Components
     stream = dataset.factory(config, config.dataset)
     stream.shard(rank, world_size)
     stream.first = config.first_scene
+    end = config.first_scene + config.steps * config.batch_size * world_size
+    if not hasattr(stream, "held_out_size") and end > HELD_OUT_START:
+        # A generator's index: training must stay below the held-out and validation scenes.
+        raise ConfigError(
+            f"first_scene: training would draw datapoints {config.first_scene} to {end - 1} "
+            f"({config.steps} updates of {config.batch_size * world_size}), expected them below "
+            f"{HELD_OUT_START}, where the held-out test and validation data begin"
+        )
     model = MODELS[config.model].factory(config, stream)
     inner = INNER_RULES[config.inner].factory(config, model)
     try:

@@ -177,8 +177,9 @@ class VideoStream(_Stream):
 
 
 class HDF5Stream(_Stream):
-    """Images of a benchmark HDF5 file: the last ``held_out_size`` images are held out; the
-    rest are visited in a random order per epoch, drawn from ``(seed, epoch)``.
+    """Images of a benchmark HDF5 file: the last ``held_out_size`` images are held out (the
+    trainer holds out the larger of ``eval_size`` and ``test_size``); the rest are visited in a
+    random order per epoch, drawn from ``(seed, epoch)``.
     """
 
     kind = "images"
@@ -188,7 +189,8 @@ class HDF5Stream(_Stream):
         if len(self.data) <= held_out_size:
             raise ValueError(
                 f"{path}: {len(self.data)} images, but {held_out_size} are held out for "
-                "evaluation (--eval-size); the file needs more images"
+                "evaluation (the larger of --eval-size and --test-size); the file needs more "
+                "images"
             )
         self.seed, self.batch_size = seed, batch_size
         self.held_out_size = held_out_size
@@ -216,7 +218,11 @@ class HDF5Stream(_Stream):
         return self._items(indices)
 
     def held_out(self, num: int) -> Batch:
-        num = min(num, self.held_out_size)
+        if num > self.held_out_size:
+            raise ValueError(
+                f"num: {num} held-out images asked for, but the file's last "
+                f"{self.held_out_size} are held out"
+            )
         return self._items(range(self.num_train, self.num_train + num))
 
     def validation(self, num: int) -> Batch:

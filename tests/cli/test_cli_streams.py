@@ -61,6 +61,26 @@ def test_hdf5_stream_visits_every_training_image_once_per_epoch(tmp_path):
     assert torch.equal(stream.batch(1).x, HDF5Stream(str(path), 0, 3, 3).batch(1).x)
 
 
+def test_hdf5_runs_hold_out_enough_images_for_their_test(tmp_path):
+    """The trainer holds out the larger of eval_size and test_size (the final test scored
+    eval_size images when test_size was larger, and said test_size); asking a stream for more
+    held-out images than it holds out is an error naming num."""
+    from pyro_slots.cli.config import TrainConfig
+    from pyro_slots.cli.registry import build, resolve
+
+    path = tmp_path / "d.h5"
+    _write_hdf5(path, n=20)
+    for eval_size, test_size, held in ((3, 8, 8), (6, 2, 6)):
+        config = resolve(TrainConfig(model="slot-autoencoder", dataset=f"hdf5:{path}",
+                                     eval_size=eval_size, test_size=test_size, batch_size=2,
+                                     slot_dim=8))  # fmt: skip
+        stream = build(config).stream
+        assert stream.held_out_size == held and stream.num_train == 20 - held
+        assert stream.held_out(test_size).x.shape[0] == test_size
+    with pytest.raises(ValueError, match="num: 7 held-out images asked for, but the file's last 6"):
+        stream.held_out(7)
+
+
 def test_hdf5_layout_errors_name_what_was_expected(tmp_path, capsys):
     path = tmp_path / "bad.h5"
     _write_hdf5(path, layout="bad")

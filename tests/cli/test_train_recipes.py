@@ -336,6 +336,10 @@ def test_pixel_scale_ramp(tmp_path, monkeypatch):
         ({"max_minutes": 0.0}, "max_minutes: expected finite minutes > 0"),
         ({"select_best": True, "eval_every": 0}, "select_best: needs the periodic validation"),
         ({"first_scene": -3}, "first_scene: expected an integer >= 0"),
+        # 2**31 - 10 + 4 updates of 4 would reach the held-out scenes (2**31 on)
+        ({"first_scene": 2**31 - 10, "steps": 4, "batch_size": 4},
+         "first_scene: training would draw datapoints 2147483638 to 2147483653 (4 updates of 4), "
+         "expected them below 2147483648"),
         ({"kernel_size": 4}, "kernel_size: expected an odd integer >= 1"),
         ({"decoder_upsample": -1}, "decoder_upsample: expected an integer >= 0"),
         ({"decoder_channels": "32,0"}, "decoder_channels: expected positive integers"),
