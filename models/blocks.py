@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pyro_slots.validation import check_positive_int
+from pyro_slots.validation import check_bool, check_positive_int
 
 __all__ = ["CNNEncoder", "SoftPositionEmbed", "SpatialBroadcastDecoder", "build_grid"]
 
@@ -204,7 +204,7 @@ class SpatialBroadcastDecoder(nn.Module):
         fold_broadcast: bool = True,
     ):
         super().__init__()
-        self.fold_broadcast = bool(fold_broadcast)
+        self.fold_broadcast = check_bool(fold_broadcast, "fold_broadcast")
         self.input_dim = check_positive_int(input_dim, "input_dim")
         self.resolution = _pair(resolution, "resolution")
         self.decode_resolution = (

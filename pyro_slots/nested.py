@@ -17,6 +17,7 @@ from .model import SlotModel
 from .objectives.base import Objective
 from .refine import RefineResult, initial_slots, make_generator, run_inner
 from .validation import (
+    check_bool,
     check_data,
     check_num_measurements,
     check_positive_float,
@@ -315,9 +316,9 @@ class NestedSVI:
             raise TypeError(f"transition: expected a callable, got {type(transition).__name__}")
         if transition is not None and not sequence:
             raise ValueError("transition: needs sequence=True (slots carried between frames)")
-        self.sequence = bool(sequence)
+        self.sequence = check_bool(sequence, "sequence")
         self.transition = transition
-        self.straight_through = bool(straight_through)
+        self.straight_through = check_bool(straight_through, "straight_through")
         self.init_regression = check_positive_float(
             init_regression, "init_regression", allow_zero=True
         )

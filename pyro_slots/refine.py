@@ -11,11 +11,13 @@ import torch
 from .elbo import ELBOEstimator
 from .inner.base import InnerProblem, InnerRule, InnerState, StepInfo, versioned
 from .validation import (
+    check_bool,
     check_data,
     check_finite,
     check_num_measurements,
     check_positive_float,
     check_positive_int,
+    check_seed,
     check_slots,
     process_group,
 )
@@ -562,7 +564,7 @@ def make_generator(seed=None, generator=None) -> torch.Generator | None:
         return generator
     if seed is None:
         return None
-    return torch.Generator().manual_seed(int(seed))
+    return torch.Generator().manual_seed(check_seed(seed))
 
 
 def refine(
@@ -669,12 +671,10 @@ def refine(
         raise TypeError(f"inner: expected an InnerRule, got {type(inner).__name__}")
     if chunk_size is not None:
         chunk_size = check_positive_int(chunk_size, "chunk_size")
-    if not isinstance(distributed, bool):
-        raise TypeError(f"distributed: expected True or False, got {distributed!r}")
-    if not isinstance(responsibilities, bool):
-        raise TypeError(f"responsibilities: expected True or False, got {responsibilities!r}")
-    if not isinstance(gather, bool):
-        raise TypeError(f"gather: expected True or False, got {gather!r}")
+    for name, value in (("distributed", distributed), ("responsibilities", responsibilities),
+                        ("gather", gather), ("record_history", record_history),
+                        ("keep_trajectory", keep_trajectory)):  # fmt: skip
+        check_bool(value, name)
     if not gather and not distributed:
         raise ValueError("gather: False splits a distributed result, expected distributed=True")
     world_size, rank = process_group(distributed) or (1, 0)

@@ -37,7 +37,9 @@ class NonFiniteError(ValueError, FloatingPointError):
 
 
 def check_positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | torch.SymInt):
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    if not isinstance(value, int | torch.SymInt):
         try:
             if int(value) != value:
                 raise TypeError
@@ -46,6 +48,19 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
     if int(value) < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
     return int(value)
+
+
+def check_bool(value, name: str) -> bool:
+    """``value`` must be ``True`` or ``False`` (a switch given ``"no"`` or ``0`` is refused, not
+    read through ``bool()``)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """``value`` must be an integer >= 0 (not a bool, not a fractional number)."""
+    return check_positive_int(value, name, minimum=0)
 
 
 def check_positive_float(value, name: str, allow_zero: bool = False) -> float:
@@ -100,10 +115,7 @@ def check_data(x, name: str = "x", model=None, *modules) -> torch.Tensor:
             f"dtype {x.dtype}{hint}"
         )
     for i, module in enumerate((model, *modules)):
-        parameters = getattr(module, "parameters", None)
-        weight = None
-        if callable(parameters):
-            weight = next((p for p in parameters() if p.is_floating_point()), None)
+        weight = _first_weight(module) if i == 0 else _first_weight(module, skip_initializers=True)
         if weight is None:
             continue
         owner = "the model's" if i == 0 else f"{type(module).__name__}'s"
@@ -119,6 +131,28 @@ def check_data(x, name: str = "x", model=None, *modules) -> torch.Tensor:
                 f"{x.device}"
             )
     return x
+
+
+def _first_weight(module, skip_initializers: bool = False):
+    """The first floating-point parameter of ``module`` (``None`` if it has none); with
+    ``skip_initializers``, none of a slot initializer's inside it (an inner rule's replacement
+    draws, :class:`~pyro_slots.inner.Reinitialize`): initializers draw in the dtype asked for."""
+    parameters = getattr(module, "named_parameters", None)
+    if not callable(parameters):
+        return None
+    skipped = ()
+    if skip_initializers:
+        from .init import SlotInitializer
+
+        skipped = tuple(
+            name + "." for name, sub in module.named_modules() if isinstance(sub, SlotInitializer)
+        )
+        if "." in skipped:  # the module is an initializer
+            return None
+    for name, p in parameters():
+        if p.is_floating_point() and not name.startswith(skipped):
+            return p
+    return None
 
 
 def check_num_measurements(x_enc: torch.Tensor, num_slots: int | None, name: str = "x"):

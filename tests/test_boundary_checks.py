@@ -163,3 +163,37 @@ def test_pyro_programs_check_slot_values_while_pyro_validates():
         with pytest.raises(ValueError, match="slots: expected shape"):
             model.model(x, slots[:, :, :-1])
     assert torch.isfinite(elbo[0]) and not torch.isfinite(elbo[1])
+
+
+def test_switches_and_seeds_are_refused_unless_bools_and_integers():
+    """A switch given "no" or 1 is refused, not read through bool() ("no" was True), and a seed
+    must be an integer >= 0 (1.5 was seed 1, True seed 1)."""
+    from pyro_slots.inner import EM, GeneralizedEM, GradientAscent, Reinitialize, SlotAttention
+
+    gmm, (x, _) = GaussianMixture(3, 2), make_point_sets(2, 20, seed=0)
+    switches = [
+        (lambda v: GeneralizedEM(2, safeguarded=v), "safeguarded"),
+        (lambda v: GradientAscent(2, adam=v), "adam"),
+        (lambda v: GradientAscent(2, per_measurement=v), "per_measurement"),
+        (lambda v: SlotAttention(2, slot_dim=5, input_dim=2, moments=v), "moments"),
+        (lambda v: ps.refine(gmm, x, EM(2), seed=0, record_history=v), "record_history"),
+        (lambda v: ps.refine(gmm, x, EM(2), seed=0, keep_trajectory=v), "keep_trajectory"),
+    ]
+    for make, name in switches:
+        for bad in ("no", 1, None):
+            with pytest.raises(TypeError, match=f"{name}: expected True or False, got {bad!r}"):
+                make(bad)
+    assert GeneralizedEM(2, safeguarded=False).safeguarded is False
+    seeded = [
+        lambda s: ps.refine(gmm, x, EM(2), seed=s),
+        lambda s: Reinitialize(EM(2), init=ps.GaussianInit(5), seed=s),
+    ]
+    for make in seeded:
+        for bad in (1.5, True, "3"):
+            with pytest.raises(TypeError, match=r"seed: expected an integer >= 0"):
+                make(bad)
+        with pytest.raises(ValueError, match=r"seed: expected an integer >= 0, got -1"):
+            make(-1)
+    assert torch.equal(
+        ps.refine(gmm, x, EM(2), seed=3).slots, ps.refine(gmm, x, EM(2), seed=3).slots
+    )

@@ -19,6 +19,7 @@ from pyro.ops import packed
 
 from .. import _pyro_compat as compat
 from ..elbo import marginal_model_costs
+from ..validation import check_seed
 
 PARTICLE_PLATE = "num_particles_vectorized"  # the name TraceEnum_ELBO gives its particle plate
 
@@ -33,7 +34,7 @@ def seeded(seed: int | None):
         yield
         return
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+        torch.manual_seed(check_seed(seed))
         yield
 
 

@@ -30,7 +30,7 @@ from ..init import draw
 from ..inner.base import InnerProblem, InnerRule, InnerState
 from ..inner.reinit import duplicate_mask, posterior_masks
 from ..refine import best_restart
-from ..validation import CapabilityError, check_positive_float, check_positive_int
+from ..validation import CapabilityError, check_positive_float, check_positive_int, check_seed
 from . import _traces
 from .inference_data import checked_result
 
@@ -346,7 +346,7 @@ def inner_loop_health(
         best.slots[0],
         elbo_rtol=elbo_rtol,
         num_particles=num_particles,
-        seed=0 if seed is None else int(seed),
+        seed=0 if seed is None else check_seed(seed),
     )
     relres = best.relative_residuals[:, 0]
     num_steps = decrease.shape[0]
@@ -366,7 +366,7 @@ def inner_loop_health(
     if jacobian and rule is not None:
         if model is None or res.x_enc is None:
             raise ValueError("model: required (with result.x_enc) for the Jacobian spectral norm")
-        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        generator = None if seed is None else torch.Generator().manual_seed(check_seed(seed))
         norm = jacobian_spectral_norm(
             model,
             res.x_enc,

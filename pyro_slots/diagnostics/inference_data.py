@@ -29,7 +29,7 @@ import xarray as xr
 
 from ..elbo import PerDatapointELBO
 from ..init import draw
-from ..validation import check_positive_int
+from ..validation import check_positive_int, check_seed
 from . import _traces
 from ._arviz import az
 from .alignment import align_slots, apply_permutation
@@ -314,7 +314,7 @@ def to_inference_data(
         "datapoint": np.arange(batch),
         "slot": np.arange(num_slots),
     }
-    generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+    generator = None if seed is None else torch.Generator().manual_seed(check_seed(seed))
     flat = slots.reshape(num_restarts * batch, *slots.shape[2:])
     x_rep = None if res.x_enc is None else res.x_enc.repeat(num_restarts, 1, 1)
     stats = {}

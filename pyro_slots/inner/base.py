@@ -14,7 +14,7 @@ import torch
 from pyro.nn import PyroModule
 
 from ..elbo import DEFAULT_ESTIMATOR, ELBOEstimator
-from ..validation import CapabilityError, check_positive_int
+from ..validation import CapabilityError, check_bool, check_positive_int
 
 __all__ = ["InnerProblem", "InnerRule", "InnerState", "StepInfo"]
 
@@ -91,7 +91,7 @@ class InnerProblem:
         self.model = model
         self.x = x
         self.estimator = estimator or DEFAULT_ESTIMATOR
-        self.record_history = bool(record_history)
+        self.record_history = check_bool(record_history, "record_history")
         if (rows is None) != (num_rows is None):
             raise ValueError("rows, num_rows: give both (a subset of a larger batch) or neither")
         if rows is not None:

@@ -9,7 +9,7 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 
-from ..validation import CapabilityError, check_positive_float, check_positive_int
+from ..validation import CapabilityError, check_bool, check_positive_float, check_positive_int
 from .base import InnerProblem, InnerRule, InnerState, StepInfo
 from .gradient import trust_region
 from .mstep import DerivedMStep
@@ -186,7 +186,7 @@ class GeneralizedEM(InnerRule):
         safeguarded: bool = True,
     ):
         super().__init__(num_steps)
-        self.safeguarded = bool(safeguarded)
+        self.safeguarded = check_bool(safeguarded, "safeguarded")
         self.ascent_steps = check_positive_int(ascent_steps, "ascent_steps")
         self.step_size = check_positive_float(step_size, "step_size")
         self.trust_radius = (

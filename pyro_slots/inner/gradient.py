@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..validation import check_positive_float
+from ..validation import check_bool, check_positive_float
 from .base import InnerProblem, InnerRule, InnerState, StepInfo
 
 __all__ = ["GradientAscent", "trust_region"]
@@ -73,12 +73,12 @@ class GradientAscent(InnerRule):
     ):
         super().__init__(num_steps)
         self.step_size = check_positive_float(step_size, "step_size")
-        self.adam = bool(adam)
+        self.adam = check_bool(adam, "adam")
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas: expected two numbers in [0, 1), got {betas}")
         self.betas = tuple(float(b) for b in betas)
         self.eps = check_positive_float(eps, "eps")
-        self.per_measurement = bool(per_measurement)
+        self.per_measurement = check_bool(per_measurement, "per_measurement")
         self.trust_radius = (
             None if trust_radius is None else check_positive_float(trust_radius, "trust_radius")
         )

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..validation import check_positive_float, check_positive_int
+from ..validation import check_bool, check_positive_float, check_positive_int
 from .base import InnerProblem, InnerRule, InnerState, StepInfo
 from .gradient import trust_region
 
@@ -113,7 +113,7 @@ class LearnedGradient(InnerRule):
             )
         self.cell_type = cell
         self.preprocessing = preprocessing
-        self.per_measurement = bool(per_measurement)
+        self.per_measurement = check_bool(per_measurement, "per_measurement")
         self.trust_radius = (
             None if trust_radius is None else check_positive_float(trust_radius, "trust_radius")
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..validation import CapabilityError, check_positive_float, check_positive_int
+from ..validation import CapabilityError, check_positive_float, check_positive_int, check_seed
 from .base import InnerProblem, InnerRule, InnerState
 
 __all__ = ["Reinitialize", "decoder_masks", "duplicate_mask", "masks_of", "posterior_masks"]
@@ -142,7 +142,7 @@ class Reinitialize(InnerRule):
             raise TypeError(
                 f"masks: expected a function masks(problem, slots), got {type(masks).__name__}"
             )
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.uses_elbo_gradient = rule.uses_elbo_gradient
         self._shard = (0, 1)
 

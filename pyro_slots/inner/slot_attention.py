@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..elbo.kernels import stable_softmax
-from ..validation import check_positive_float, check_positive_int
+from ..validation import check_bool, check_positive_float, check_positive_int
 from . import _fused_attention as _fused
 from .base import InnerProblem, InnerRule, InnerState, StepInfo
 from .mstep import mean_and_variance
@@ -522,7 +522,7 @@ class SlotAttention(InnerRule):
         slot_init=None,
     ):
         super().__init__(num_steps)
-        self.fold_projections = bool(fold_projections)
+        self.fold_projections = check_bool(fold_projections, "fold_projections")
         self.slot_dim = check_positive_int(slot_dim, "slot_dim")
         self.input_dim = check_positive_int(input_dim, "input_dim")
         self.hidden_dim = check_positive_int(hidden_dim, "hidden_dim")
@@ -535,7 +535,7 @@ class SlotAttention(InnerRule):
         mlp_hidden_dim = 2 * self.hidden_dim if mlp_hidden_dim is None else mlp_hidden_dim
         mlp_hidden_dim = check_positive_int(mlp_hidden_dim, "mlp_hidden_dim")
         self.eps = check_positive_float(eps, "eps")
-        self.moments = bool(moments)
+        self.moments = check_bool(moments, "moments")
         if slot_init is not None and getattr(slot_init, "dim", self.slot_dim) != self.slot_dim:
             raise ValueError(
                 f"slot_init: expected an initializer of dimension slot_dim={self.slot_dim}, "

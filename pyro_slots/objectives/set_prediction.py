@@ -16,7 +16,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ..metrics import AP_THRESHOLDS, average_precision
-from ..validation import check_positive_float, check_positive_int, check_slots
+from ..validation import check_bool, check_positive_float, check_positive_int, check_slots
 from .base import Objective
 
 __all__ = ["SetPrediction"]
@@ -91,7 +91,7 @@ class SetPrediction(Objective):
         self.num_shapes = check_positive_int(num_shapes, "num_shapes")
         self.num_colors = check_positive_int(num_colors, "num_colors")
         self.position_dim = check_positive_int(position_dim, "position_dim")
-        self.predict_scale = bool(predict_scale)
+        self.predict_scale = check_bool(predict_scale, "predict_scale")
         hidden = check_positive_int(hidden, "hidden")
         self.position_weight = check_positive_float(position_weight, "position_weight", True)
         self.scale_weight = check_positive_float(scale_weight, "scale_weight", True)
