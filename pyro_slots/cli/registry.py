@@ -554,6 +554,13 @@ _MODEL_ONLY = {
 }
 
 
+#: Options read by some inner rules only: (the rules, what the option is).
+_INNER_ONLY = {
+    "temperature": (("soft-kmeans",), "the variance of soft k-means"),
+    "step_size": (("gradient", "generalized-em"), "the step size of the ascent on the ELBO"),
+}
+
+
 def _check_training_options(config: TrainConfig, objective: str) -> None:
     """The schedule, budget, test and architecture options, checked before anything is built."""
     if config.warmup_steps < 0:
@@ -715,6 +722,15 @@ def resolve(config: TrainConfig) -> TrainConfig:
             config, dataset="points" if model.data == "points" else "tetrominoes"
         )
     inner = _choice(INNER_RULES, config.inner, "inner")
+    for name, (only, what) in _INNER_ONLY.items():
+        if getattr(config, name) is not None and config.inner not in only:
+            raise ConfigError(
+                f"{name}: only for --inner {' or '.join(only)} ({what}), not {config.inner}"
+            )
+    if config.truncate != 1 and config.gradient != "truncated":
+        raise ConfigError(
+            f"truncate: the differentiated steps of --gradient truncated, not {config.gradient}"
+        )
     if config.init not in INIT_KINDS:
         raise ConfigError(f"init: unknown kind {config.init!r}; valid choices are {INIT_KINDS}")
     dataset = _dataset_entry(config.dataset)

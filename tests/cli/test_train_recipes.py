@@ -336,6 +336,11 @@ def test_pixel_scale_ramp(tmp_path, monkeypatch):
         ({"max_minutes": 0.0}, "max_minutes: expected finite minutes > 0"),
         ({"select_best": True, "eval_every": 0}, "select_best: needs the periodic validation"),
         ({"first_scene": -3}, "first_scene: expected an integer >= 0"),
+        ({"temperature": 5.0}, "temperature: only for --inner soft-kmeans (the variance of soft "
+         "k-means), not slot-attention"),
+        ({"step_size": 0.5}, "step_size: only for --inner gradient or generalized-em"),
+        ({"truncate": 3}, "truncate: the differentiated steps of --gradient truncated, not "
+         "unrolled"),
         # 2**31 - 10 + 4 updates of 4 would reach the held-out scenes (2**31 on)
         ({"first_scene": 2**31 - 10, "steps": 4, "batch_size": 4},
          "first_scene: training would draw datapoints 2147483638 to 2147483653 (4 updates of 4), "
