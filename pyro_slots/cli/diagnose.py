@@ -73,11 +73,6 @@ def diagnose(
         )
     x = c.stream.held_out(num).x.to(device)
     inner = c.inner
-    if c.init is not None:
-        # write_report has no init argument: refine falls back to the rule's own slot_init, so
-        # hand the trained initializer to the rule (this run's copy only) to diagnose the
-        # inference the run was trained with rather than k-means++.
-        inner.slot_init = c.init
     if draws == "auto":
         large = c.model.slot_dim * run.config.num_slots > MAX_LAPLACE_COORDINATES
         draws = "point" if large else None
@@ -93,6 +88,7 @@ def diagnose(
         or run.config.inner_steps,
         seed=run.config.seed,
         image_shape=_measurement_grid(c.model),
+        init=c.init,  # the trained initializer (None: the rule's or the model's own)
     )
     return folder
 

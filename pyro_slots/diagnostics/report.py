@@ -140,7 +140,7 @@ def write_report(
         fig.savefig(folder / name, dpi=100, bbox_inches="tight")
 
     path = folder / "report.md"
-    path.write_text(_markdown(model, inner, result, table, gap, psis, draws, figures))
+    path.write_text(_markdown(model, inner, init, result, table, gap, psis, draws, figures))
     return path
 
 
@@ -158,12 +158,14 @@ def _markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _markdown(model, inner, result, table, gap, psis, draws, figures) -> str:
+def _markdown(model, inner, init, result, table, gap, psis, draws, figures) -> str:
     flagged = int((table["flags"] != "").sum())
+    start = "the rule's or the model's own" if init is None else f"`{init!r}`"
     lines = [
         "# pyro_slots diagnostics",
         "",
         f"- model: `{type(model).__name__}`, inner rule: `{inner!r}`",
+        f"- slot initialization: {start}",
         f"- datapoints: {len(table)}, restarts (chains): {result.num_restarts}, "
         f"inner steps: {result.num_steps}, posterior draws: {draws}",
         f"- datapoints with a flag: {flagged} of {len(table)}",

@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from scipy.special import logsumexp
 from scipy.stats import norm
@@ -115,7 +116,37 @@ def test_diagnose_writes_report(gmm_run, cli, tmp_path):
     report = (out / "report.md").read_text()
     assert "datapoints: 3, restarts (chains): 2, inner steps: 5" in report
     # The trained slot initialization is the one diagnosed (not k-means++).
-    assert "GaussianInit" in report
+    assert "- slot initialization: `GaussianInit(" in report
+
+
+def test_diagnose_a_run_with_reinitialization(cli, tmp_path):
+    """A gmm run trained with --reinitialize (the rule is Reinitialize(EM), whose slot_init
+    cannot be set) is diagnosed from its trained initializer: the report's final ELBOs are
+    those of refine from that initializer (rebuilt here from the checkpoint), not those from
+    k-means++, the model's own."""
+    import arviz as az
+
+    import pyro_slots as ps
+    from pyro_slots.cli.runs import load_run
+
+    run, out = tmp_path / "run", tmp_path / "report"
+    cli("train", "--steps", 2, "--batch-size", 8, "--num-points", 50, "--eval-every", 0,
+        "--reinitialize", "--threads", 1, "--no-progress", "--no-pictures",
+        "--out", run)  # fmt: skip
+    cli("diagnose", run, "--out", out, "--num", 3, "--restarts", 2, "--threads", 1,
+        "--draws", "point")  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert (
+        "inner rule: `Reinitialize(" in report and "slot initialization: `GaussianInit(" in report
+    )
+    c = load_run(run / "checkpoint.pt", {"tensorboard": False}, "cpu").components
+    x = c.stream.held_out(3).x
+    elbo = az.from_netcdf(str(out / "inference_data.nc")).sample_stats["elbo"].values
+    elbo = torch.as_tensor(elbo).reshape(2, -1, 3)[:, 0]  # (restarts, datapoints)
+    trained = ps.refine(c.model, x, c.inner, num_restarts=2, seed=0, init=c.init).elbo
+    own = ps.refine(c.model, x, c.inner, num_restarts=2, seed=0).elbo
+    torch.testing.assert_close(elbo, trained.to(elbo.dtype))
+    assert not torch.allclose(elbo, own.to(elbo.dtype))
 
 
 def test_diagnose_defaults_to_the_final_tests_inner_steps(cli, tiny, tmp_path):
