@@ -343,9 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
     summarize.add_argument(
         "--metric",
-        default="fg_ari",
+        default=None,
         metavar="NAME",
-        help="validation metric of the curve (default: fg_ari)",
+        help="validation metric of the curve (default: the runs' selection score, fg_ari for "
+        "images, loglik_per_point for point sets)",
     )
     summarize.add_argument(
         "--weights",

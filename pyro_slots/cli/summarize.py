@@ -37,6 +37,7 @@ __all__ = [
     "METRICS",
     "WEIGHTS",
     "across_runs",
+    "default_metric",
     "first_reaching",
     "load_runs",
     "reach_table",
@@ -46,12 +47,15 @@ __all__ = [
 ]
 
 #: Test metrics of the table, and their headers.
-METRICS = ("fg_ari", "ari", "mean_iou", "mse", "objects_split", "objects_merged",
-           "video_fg_ari", "slot_keeping")  # fmt: skip
-HEADER = ("FG-ARI", "ARI", "mean IoU", "MSE", "split / image", "merged / image", "video FG-ARI",
-          "slot keeping")  # fmt: skip
+METRICS = ("fg_ari", "ari", "mean_iou", "loglik_per_point", "mse", "objects_split",
+           "objects_merged", "video_fg_ari", "slot_keeping")  # fmt: skip
+HEADER = ("FG-ARI", "ARI", "mean IoU", "log-lik / point", "MSE", "split / image",
+          "merged / image", "video FG-ARI", "slot keeping")  # fmt: skip
 #: Decimals of each metric's cells.
-DECIMALS = {"mse": 4}
+DECIMALS = {"mse": 4, "loglik_per_point": 4}
+#: The validation score of each kind of run (the one ``--select-best`` selects by), in the
+#: order :func:`default_metric` looks for them.
+SCORES = ("fg_ari", "video_fg_ari", "loglik_per_point")
 #: Which tested weights: those of test.json (best with --select-best), or the final ones.
 WEIGHTS = ("tested", "final")
 
@@ -262,18 +266,30 @@ def validation_table(runs: list[dict], metric: str = "fg_ari") -> str:
     return "\n".join(lines)
 
 
+def default_metric(runs: list[dict]) -> str:
+    """The validation score the runs were selected by: the first of :data:`SCORES` that every
+    run's validation records hold (FG-ARI for images, the log-likelihood per point for point
+    sets); ``fg_ari`` where none is common to all."""
+    for name in SCORES:
+        if all(any(name in v for v in run["validation"]) for run in runs):
+            return name
+    return "fg_ari"
+
+
 def summary(
     folders: list[str],
-    metric: str = "fg_ari",
+    metric: str | None = None,
     weights: str = "tested",
     reach: list[float] | tuple = (),
 ) -> str:
     """The markdown ``pyro-slots summarize`` prints.
 
+    :param metric: the validation score of the curves (default :func:`default_metric`).
     :param reach: validation scores; for each, the update and minutes at which every run first
         reached it (:func:`reach_table`).
     """
     runs = load_runs(folders, weights)
+    metric = default_metric(runs) if metric is None else metric
     parts = [f"Test (held-out data, {weights} weights; per run means):\n\n" + test_table(runs)]
     sweeps = sweep_table(runs, metric)
     if sweeps:

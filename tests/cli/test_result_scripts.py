@@ -106,6 +106,28 @@ def test_summary_across_seeds_is_the_spread_of_the_run_means(tmp_path, monkeypat
     assert f"; {machine['cpu']} (AVX512), 2 torch threads)" in table
 
 
+def test_summarize_a_gmm_run_shows_its_log_likelihood(tmp_path, capsys):
+    """A gmm run (selected by the log-likelihood per point): the test table has its
+    loglik_per_point column (test.json's number) and the validation curve, by default, that
+    score, every record's value printed."""
+    from pyro_slots.cli import main
+    from pyro_slots.cli import summarize as summary
+
+    out = tmp_path / "gmm"
+    config = dict(model="gmm", steps=4, batch_size=8, num_points=50, eval_every=2, eval_size=8,
+                  test_size=16, checkpoint_every=2, out=str(out))  # fmt: skip
+    train(TrainConfig(**config), progress=False, pictures=False, echo=lambda *a: None)
+    tested = json.loads((out / "test.json").read_text())["metrics"]["loglik_per_point"]
+    runs = summary.load_runs([str(out)])
+    assert summary.default_metric(runs) == "loglik_per_point"
+    assert main(["summarize", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "log-lik / point" in text and f"| {tested:.4f} |" in text
+    assert "Validation loglik_per_point:" in text
+    for record in runs[0]["validation"]:
+        assert f"| {record['step']} | {record['loglik_per_point']:.3f} (" in text
+
+
 def test_iodine_elbo_probe_parts_agree_with_pyros_elbo(examples_on_path, tmp_path):
     """The probe's hand-written parts, at a near-deterministic guide (σ = e^-14), add up to the
     ELBO that Pyro's TraceEnum_ELBO computes (soft-mask log-likelihood - KL; 256 particles, so
