@@ -69,11 +69,12 @@ class Safeguarded(InnerRule):
                 f"fallback: expected a rule without recurrent state (aux), got "
                 f"{type(self.fallback).__name__} with one; e.g. EM() or GradientAscent(adam=False)"
             )
+        # From the rule's own λ_0 (a rule's init may project it, as SoftKMeans onto its family).
         inner = self.rule.init(problem, slots)
         # The ELBO of λ_t rides in aux with the slots' leading (batch, K) dims (all K equal), so
         # freezing and restarts index and permute it like any recurrent state.
-        elbo = _merit(problem, slots)
-        return InnerState(slots, inner.step, (*inner.aux, _per_slot(elbo, slots)))
+        elbo = _merit(problem, inner.slots)
+        return InnerState(inner.slots, inner.step, (*inner.aux, _per_slot(elbo, inner.slots)))
 
     def step(self, state: InnerState, problem: InnerProblem, create_graph: bool = False):
         *inner_aux, merit = state.aux

@@ -104,3 +104,20 @@ def test_a_fallback_step_that_lowers_the_elbo_is_refused_too(float64):
     moved = (new.slots != slots).any(-1).any(-1)
     assert (problem.elbo(new.slots) >= problem.elbo(slots)).all()
     assert not moved.all()  # the scrambled steps are refused for (almost) every datapoint
+
+
+def test_safeguarding_a_monotone_rule_changes_nothing_from_its_own_start(float64):
+    """SoftKMeans projects λ_0 onto its isotropic family in init and is EM on that family, so
+    its ELBO never falls: Safeguarded(SoftKMeans) accepts every step and is SoftKMeans (it
+    stepped from the unprojected λ_0 and rejected every step, never moving)."""
+    from pyro_slots.inner import SoftKMeans
+
+    x, _ = make_point_sets(4, 40, seed=3)
+    gmm = GaussianMixture(3, 2)
+    plain = ps.refine(gmm, x, SoftKMeans(8, temperature=0.5), seed=0)
+    safe = ps.refine(gmm, x, Safeguarded(SoftKMeans(8, temperature=0.5)), seed=0)
+    assert (plain.history.diff(dim=0) >= -1e-9).all()  # monotone: nothing to reject
+    # (equal up to a step rejected at convergence for an ELBO lower by rounding)
+    torch.testing.assert_close(safe.slots, plain.slots, rtol=0, atol=1e-6)
+    torch.testing.assert_close(safe.history, plain.history, rtol=0, atol=1e-9)
+    assert not torch.allclose(safe.slots, safe.initial_slots)
