@@ -300,6 +300,7 @@ def run_inner(
         schedule = {keep_best_after: 1}
     while t < free_steps:
         stepped = None  # the step already taken at a pruning stage, on every running row
+        just_pruned = None  # (rows, ELBO at λ_t) of the rows this stage froze at λ_t
         if t in schedule:
             frozen_elbo = trace.history[-1] if trace.history else None
             if inner.step_is_elbo_evaluation:
@@ -311,7 +312,7 @@ def run_inner(
             _check_elbo(inner, elbo_now, t)
             keep = _best_restarts(elbo_now, active, frozen_elbo, batch, num_restarts, schedule[t])
             rows_now = torch.arange(batch, device=steps.device) if active is None else active
-            lost = (rows_now[~keep], elbo_now[~keep])
+            lost = just_pruned = (rows_now[~keep], elbo_now[~keep])
             if pruned is not None:  # an earlier stage's losers stay where they lost
                 lost = (torch.cat([pruned[0], lost[0]]), torch.cat([pruned[1], lost[1]]))
             pruned = lost
@@ -343,6 +344,10 @@ def run_inner(
                 ),
             )
         frozen_elbo = trace.history[-1] if trace.history else pruned_at_start
+        if just_pruned is not None and trace.history:
+            # They sit at λ_t: their history row t is L(λ_t), which a later stage ranks them by
+            # (history[-1] would be L(λ_{t-1}), stale for a rule that can lower the ELBO).
+            frozen_elbo = frozen_elbo.index_copy(0, *just_pruned)
         delta = trace.record(
             info.elbo, state.slots, new_state.slots, active, frozen_elbo, full.slots
         )

@@ -448,3 +448,45 @@ def test_refine_under_inference_mode_equals_no_grad(kind):
     assert inference.slots.is_inference()
     for name in ("slots", "elbo", "history", "responsibilities"):
         assert torch.equal(getattr(plain, name), getattr(inference, name)), name
+
+
+def test_a_later_pruning_stage_ranks_an_earlier_loser_by_the_elbo_it_lost_with(float64):
+    """Successive halving with a rule that can lower the ELBO (scripted: each restart visits
+    given slots, so every ELBO is known). Restart C is good at λ_1 and terrible at λ_2, where
+    the stage {2: 2} prunes it; at the stage {3: 1} it must compete with L(λ_2), not the
+    L(λ_1) its history row 2 used to repeat, so A (the better running restart) runs on to
+    step 10 and reaches the good fit, as the brute-force choice over the known ELBOs says."""
+    from pyro_slots.inner import InnerProblem, InnerState, StepInfo
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(1, 20, 2, generator=g) * 0.3 - 2,
+                   torch.randn(1, 20, 2, generator=g) * 0.3 + 2], 1).double()  # fmt: skip
+    gmm = GaussianMixture(2, 2)
+    good = ps.refine(gmm, x, EM(50), seed=0).slots[0]
+    medium, worse, bad = good.clone(), good.clone(), good.clone()
+    medium[..., :2] += 0.6
+    worse[..., :2] += 0.8
+    bad[..., :2] = 10.0
+    steps = 10
+    # A: a plateau, then the good fit; B likewise, lower; C: good at λ_1, bad from λ_2 on
+    visits = {0: [medium] * 4 + [good] * (steps - 3),
+              1: [worse] * 4 + [good] * (steps - 3),
+              2: [medium, good] + [bad] * (steps - 1)}  # fmt: skip
+
+    class Scripted(InnerRule):
+        def step(self, state, problem, create_graph=False):
+            rows = problem.row_index().tolist()
+            slots = torch.cat([visits[r][state.step + 1] for r in rows])
+            return InnerState(slots, state.step + 1), StepInfo(problem.elbo(state.slots))
+
+    elbo = {k: InnerProblem(gmm, x).elbo(v).item() for k, v in
+            dict(good=good, medium=medium, worse=worse, bad=bad).items()}  # fmt: skip
+    # brute force: at step 2 C (bad) loses to A and B (medium, worse); at step 3 A (medium)
+    # beats B (worse) and C's L(λ_2) = L(bad), so A alone runs on to the good fit
+    assert elbo["good"] > elbo["medium"] > elbo["worse"] > elbo["bad"]
+    start = torch.stack([visits[r][0] for r in range(3)])
+    result = ps.refine(gmm, x, Scripted(steps), slots=start, num_restarts=3,
+                       keep_best_after={2: 2, 3: 1})  # fmt: skip
+    assert result.steps[:, 0].tolist() == [steps, 3, 2]
+    assert result.elbo[:, 0].tolist() == pytest.approx([elbo["good"], elbo["worse"], elbo["bad"]])
+    assert result.history[2, 2, 0].item() == pytest.approx(elbo["bad"])  # C's row 2: L(λ_2)
