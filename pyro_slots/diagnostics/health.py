@@ -165,6 +165,9 @@ class InnerLoopHealth:
     :ivar num_duplicate_slots: ``(B,)``.
     :ivar num_dead_slots: ``(B,)``, or ``None`` without responsibilities.
     :ivar restart: ``(B,)`` which restart was examined (the best per datapoint).
+    :ivar first_datapoint: the number of the first datapoint in its batch (a rank's shard of
+        ``refine(..., gather=False)`` starts at ``result.datapoints.start``), the first index
+        of :meth:`to_dataframe`.
     """
 
     elbo_decrease: torch.Tensor
@@ -177,6 +180,7 @@ class InnerLoopHealth:
     num_duplicate_slots: torch.Tensor
     num_dead_slots: torch.Tensor | None
     restart: torch.Tensor
+    first_datapoint: int = 0
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per datapoint with the per-datapoint fields."""
@@ -190,7 +194,9 @@ class InnerLoopHealth:
             "num_dead_slots": self.num_dead_slots,
         }
         data = {k: v.detach().cpu().numpy() for k, v in columns.items() if v is not None}
-        return pd.DataFrame(data, index=pd.RangeIndex(len(self.restart), name="datapoint"))
+        first = self.first_datapoint
+        index = pd.RangeIndex(first, first + len(self.restart), name="datapoint")
+        return pd.DataFrame(data, index=index)
 
 
 def model_responsibilities(model, x_enc: torch.Tensor, slots: torch.Tensor):
@@ -389,6 +395,7 @@ def inner_loop_health(
         num_duplicate_slots=duplicate_slots(slots if resp is None else resp, duplicate_threshold),
         num_dead_slots=None if mass is None else (mass < dead_threshold).sum(-1),
         restart=idx,
+        first_datapoint=getattr(getattr(result, "datapoints", None), "start", 0),
     )
 
 

@@ -248,8 +248,9 @@ def to_inference_data(
       ``T + 1`` entries, ``residual`` and ``relative_residual (..., datapoint, inner_update)``
       with ``T``, ``num_steps (chain, draw)``, ``slot_permutation (..., datapoint, slot)`` (the
       alignment, see below), ``responsibilities (..., datapoint, slot, measurement)`` where the
-      rule computed them, the λ fields as ``lambda_<field>`` with ``draws="guide"``, and the
-      Laplace counts ``laplace_unidentified``/``laplace_ascent`` with ``draws="laplace"``;
+      rule computed them, the λ fields as ``lambda_<field>`` with ``draws="guide"`` and
+      ``"laplace"`` (the restarts' final slots, aligned as the posterior), and the Laplace
+      counts ``laplace_unidentified``/``laplace_ascent`` with ``draws="laplace"``;
     * ``log_likelihood``: ``x (chain, draw, datapoint, measurement)``, the log-likelihood of
       every measurement at every draw of λ, where the model defines it (see
       :func:`pointwise_log_likelihood`; not with ``draws="guide"``);
@@ -309,9 +310,11 @@ def to_inference_data(
         if resp is not None:
             resp = apply_permutation(resp, perm, 2)
 
+    # A rank's shard (refine(..., gather=False)) keeps the datapoints' numbers in the batch.
+    first = 0 if getattr(res, "datapoints", None) is None else res.datapoints.start
     coords = {
         "chain": np.arange(num_restarts),
-        "datapoint": np.arange(batch),
+        "datapoint": np.arange(first, first + batch),
         "slot": np.arange(num_slots),
     }
     generator = None if seed is None else torch.Generator().manual_seed(check_seed(seed))
@@ -337,6 +340,8 @@ def to_inference_data(
             ["datapoint"],
         )
         stats["laplace_ascent"] = (ascent.reshape(num_restarts, 1, batch), ["datapoint"])
+        for name, (value, dims) in _split_fields(slots.unsqueeze(1), spec).items():
+            stats[f"lambda_{name}"] = (value, dims)  # the centres of the draws
 
     posterior = {}
     if lam_draws is not None:
