@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -51,11 +52,11 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
 
 
 def check_bool(value, name: str) -> bool:
-    """``value`` must be ``True`` or ``False`` (a switch given ``"no"`` or ``0`` is refused, not
-    read through ``bool()``)."""
-    if not isinstance(value, bool):
+    """``value`` must be ``True`` or ``False`` (NumPy's too; a switch given ``"no"`` or ``0`` is
+    refused, not read through ``bool()``)."""
+    if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{name}: expected True or False, got {value!r}")
-    return value
+    return bool(value)
 
 
 def check_seed(value, name: str = "seed") -> int:

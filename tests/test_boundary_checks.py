@@ -184,6 +184,9 @@ def test_switches_and_seeds_are_refused_unless_bools_and_integers():
             with pytest.raises(TypeError, match=f"{name}: expected True or False, got {bad!r}"):
                 make(bad)
     assert GeneralizedEM(2, safeguarded=False).safeguarded is False
+    import numpy as np  # NumPy's booleans are booleans
+
+    assert GeneralizedEM(2, safeguarded=np.False_).safeguarded is False
     seeded = [
         lambda s: ps.refine(gmm, x, EM(2), seed=s),
         lambda s: Reinitialize(EM(2), init=ps.GaussianInit(5), seed=s),

@@ -55,6 +55,21 @@ def _svi(device):
     return ps.NestedSVI(model, rule, ps.objectives.Reconstruction(), optim, seed=1)
 
 
+def test_refine_without_the_history_equals_cpu():
+    """record_history=False: slot attention's skipped ELBOs (NaN, on the data's device) and the
+    final one; the result is the CPU's."""
+    x, _ = make_point_sets(8, 40, num_components=3, seed=1)
+    x = x.double()
+    gmm = GaussianMixture(3, 2).double()
+    torch.manual_seed(0)
+    rule = SlotAttention(3, slot_dim=gmm.slot_dim, input_dim=2, hidden_dim=16).double()
+    cpu = ps.refine(gmm, x, rule, seed=0, record_history=False)
+    gpu = ps.refine(gmm.cuda(), x.cuda(), rule.cuda(), seed=0, record_history=False)
+    assert torch.isnan(gpu.history[:-1]).all()
+    _close(gpu.slots, cpu.slots)
+    _close(gpu.history, cpu.history)
+
+
 def test_slot_attention_training_steps_equal_cpu():
     """Two first-order NestedSVI updates of a conv autoencoder: J and every weight after."""
     images = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(3)).double()

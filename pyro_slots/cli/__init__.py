@@ -75,7 +75,10 @@ from .train import train
 __all__ = ["build_parser", "console_main", "main"]
 
 #: Options that may change when a run is resumed (everything else would change the result):
-#: the length, the logging and the final test (which reads the weights only).
+#: the length, the logging and the final test (which reads the weights only). Not where they
+#: define the run's data or its selection: an HDF5 run's held-out split (the larger of
+#: eval_size and test_size), the validation of a run with validate_as_tested
+#: (:func:`~pyro_slots.cli.runs.load_run` refuses those).
 RESUMABLE = (
     "steps",
     "eval_every",

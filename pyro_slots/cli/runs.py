@@ -497,6 +497,34 @@ def _check_finite_weights(payload: dict, path: str) -> None:
                     )
 
 
+#: Options of the final test that are also the periodic validation's with
+#: ``validate_as_tested``: changing them on resume would change what --select-best compares.
+_TESTED_AS = ("eval_inner_steps", "eval_restarts", "restart_criterion", "eval_reinitialize")
+
+
+def _check_resumed_procedure(saved: TrainConfig, config: TrainConfig) -> None:
+    """The resumable options that would change a run's data or its selection all the same:
+    an HDF5 run's held-out split (the larger of eval_size and test_size: its last images), and
+    with ``validate_as_tested`` the options of the validation it selects by."""
+    if saved.dataset.startswith("hdf5:"):
+        before = max(saved.eval_size, saved.test_size)
+        after = max(config.eval_size, config.test_size)
+        if after != before:
+            raise ConfigError(
+                f"eval_size, test_size: the run holds out the last {before} images of its file "
+                f"(the larger of the two); resuming with {after} would move images between its "
+                "training and held-out splits"
+            )
+    if saved.validate_as_tested:
+        changed = [n for n in _TESTED_AS if getattr(config, n) != getattr(saved, n)]
+        if changed:
+            names = ", ".join("--" + n.replace("_", "-") for n in changed)
+            raise ConfigError(
+                f"{names}: the run validates as it tests (validate_as_tested), so these define "
+                "the validation that --select-best compares across the resume; they cannot change"
+            )
+
+
 def load_run(
     path: str | os.PathLike,
     overrides: dict | None = None,
@@ -535,7 +563,10 @@ def load_run(
             f"steps: the run is at step {step}; --steps is the total number of updates and "
             f"cannot go below it (got {overrides['steps']}); the run was left as it is"
         )
+    saved = config
     config = TrainConfig(**{**config.to_dict(), **overrides})
+    if resume:
+        _check_resumed_procedure(saved, config)
     config = resolve(config)
     run = new_run(config, device)
     c = run.components

@@ -140,7 +140,9 @@ class InnerProblem:
         ``refine(..., record_history=False)`` saves one model evaluation per step.
         """
         if not self.record_history:
-            return torch.full(self.x.shape[:1], float("nan"), dtype=self.x.dtype)
+            return torch.full(
+                self.x.shape[:1], float("nan"), dtype=self.x.dtype, device=self.x.device
+            )
         with torch.no_grad():
             return self.elbo(slots)
 

@@ -81,6 +81,24 @@ def test_hdf5_runs_hold_out_enough_images_for_their_test(tmp_path):
         stream.held_out(7)
 
 
+def test_resuming_an_hdf5_run_keeps_its_held_out_split(tmp_path, capsys):
+    """The last max(eval_size, test_size) images of an HDF5 file are held out: a resume that
+    would change that number (moving trained-on images into the test split) is refused; one
+    that keeps it (a smaller eval_size under the same test_size) goes on."""
+    path = tmp_path / "d.h5"
+    _write_hdf5(path, n=20, size=16)
+    out = tmp_path / "run"
+    argv = ["train", "--model", "slot-autoencoder", "--dataset", f"hdf5:{path}", "--steps", "1",
+            "--batch-size", "2", "--slot-dim", "8", "--eval-size", "3", "--eval-every", "1",
+            "--test-size", "4", "--out", str(out), "--no-progress", "--no-pictures"]  # fmt: skip
+    assert main(argv) == 0
+    resume = ["train", "--resume", str(out), "--steps", "2", "--no-progress", "--no-pictures"]
+    assert main([*resume, "--eval-size", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "eval_size, test_size: the run holds out the last 4 images of its file" in err
+    assert main([*resume, "--eval-size", "2"]) == 0
+
+
 def test_hdf5_layout_errors_name_what_was_expected(tmp_path, capsys):
     path = tmp_path / "bad.h5"
     _write_hdf5(path, layout="bad")

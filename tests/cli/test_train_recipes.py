@@ -532,6 +532,20 @@ def test_a_finished_run_resumed_with_test_options_is_only_tested_again(tmp_path)
     assert report["metrics"]["fg_ari"] == pytest.approx(expected["fg_ari"], abs=1e-6)
 
 
+def test_resume_refuses_options_that_change_the_validation_it_selects_by(tmp_path, capsys):
+    """With validate_as_tested the final test's options are the periodic validation's: a
+    resume may not change them (--select-best would compare scores of two procedures); without
+    it they may (the test above)."""
+    from pyro_slots.cli import main
+
+    run = _train(tmp_path, validate_as_tested=True)
+    argv = ["train", "--resume", run.config.out, "--steps", "3", "--eval-inner-steps", "6"]
+    assert main([*argv, "--no-progress", "--no-pictures"]) == 2
+    err = capsys.readouterr().err
+    assert "--eval-inner-steps: the run validates as it tests (validate_as_tested)" in err
+    assert load_checkpoint(f"{run.config.out}/checkpoint.pt")["step"] == 2  # left as it was
+
+
 def test_test_sweep_scores_the_tested_weights_at_every_inner_steps(tmp_path, capsys):
     """test_sweep "1,3" repeats the final test of the tested weights at T = 1 and 3: each entry
     is what pyro-slots evaluate scores at that T on the same scenes (one chunk, the same seed),
