@@ -40,7 +40,13 @@ from .inference_data import (
 )
 from .psis import PSISResult, PSISWarning, khat_reliability, khat_threshold, psis_diagnostic
 from .report import write_report
-from .summary import aligned_posterior, rhat_per_datapoint, summary, unaligned_posterior
+from .summary import (
+    aligned_posterior,
+    centre_rhat_per_datapoint,
+    rhat_per_datapoint,
+    summary,
+    unaligned_posterior,
+)
 
 __all__ = [
     "DRAWS",
@@ -54,6 +60,7 @@ __all__ = [
     "amortization_gap",
     "apply_permutation",
     "assignment_entropy",
+    "centre_rhat_per_datapoint",
     "default_refiner",
     "duplicate_slots",
     "elbo_decreases",
