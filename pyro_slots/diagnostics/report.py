@@ -181,7 +181,9 @@ def _markdown(model, inner, init, result, table, gap, psis, draws, figures) -> s
     lines += [
         "",
         "How to read it: k̂ < 0.5 good, 0.5-0.7 usable, > 0.7 the guide is unreliable; R-hat "
-        "(aligned restarts) above 1.01 means restarts found different solutions; the unaligned "
+        "(aligned restarts) above 1.01 means restarts found different solutions (with Laplace "
+        "draws the flag reads rhat_centres, R-hat's limit from the restarts' own slots: "
+        "rhat itself carries the Monte Carlo noise of the draws); the unaligned "
         "R-hat shows label switching and is expected to be large; a positive amortization gap "
         "is ELBO the rule leaves to further refinement; a Jacobian norm above 1 warns that "
         "long unrolls and implicit gradients are unstable.",
