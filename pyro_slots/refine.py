@@ -40,7 +40,9 @@ class RefineResult:
     :ivar slots: ``(R, batch, num_slots, slot_dim)`` final slots λ*.
     :ivar elbo: ``(R, batch)`` ELBO at the final slots.
     :ivar history: ``(num_steps + 1, R, batch)`` ELBO at λ_0, ..., λ_T (a datapoint that stopped
-        early repeats its final ELBO).
+        early repeats its final ELBO). Row ``t`` is the ELBO the rule reported for the slots its
+        step ``t`` started from: under :class:`~pyro_slots.inner.Reinitialize`, those after the
+        step's redraws, which ``trajectory[t]`` (λ_t before them) does not hold.
     :ivar residuals: ``(num_steps, R, batch)`` fixed-point residual ``‖λ_{t+1} - λ_t‖`` (zero
         after a datapoint stopped).
     :ivar relative_residuals: ``(num_steps, R, batch)`` residual divided by ``‖λ_t‖ + 1e-8``.
@@ -292,6 +294,7 @@ def run_inner(
     full = state if free_steps <= 0 else _map_state(_detach, state)
     active = None  # None: every datapoint is active (no indexing on the common path)
     state, previous = full, None
+    previous_retry = None  # the datapoints whose last step was a rejected one, retried
     pruned = None  # (rows, ELBO at the slots they were frozen at) of the restarts pruned
     pruned_at_start = None  # every row's ELBO at λ_0 where the restarts are pruned there
     if keep_best_after is None or isinstance(keep_best_after, dict):
@@ -325,8 +328,10 @@ def run_inner(
             state = _map_state(pick, state)
             if stepped is not None:  # the losers' updates are dropped: they stay at λ_t
                 new_state, info = _map_state(pick, stepped[0]), stepped[1]
-                info = StepInfo(info.elbo[keep])  # (the loop reads no responsibilities)
+                retry = None if info.retry is None else info.retry[keep]
+                info = StepInfo(info.elbo[keep], None, retry)  # (no responsibilities read)
             previous = None if previous is None else previous[keep]
+            previous_retry = None if previous_retry is None else previous_retry[keep]
             problem = problem_free.subset(active)
         if stepped is None:
             new_state, info = _step(inner, state, problem, False, t)
@@ -361,11 +366,12 @@ def run_inner(
             continue
         local = delta if active is None else delta[active]
         converged = torch.zeros_like(local, dtype=torch.bool)
-        if tol is not None:
-            converged |= local < tol
+        if tol is not None:  # a rejected step to retry has a zero residual, not convergence
+            converged |= (local < tol) if info.retry is None else (local < tol) & ~info.retry
         if elbo_tol is not None and previous is not None:
-            converged |= (info.elbo - previous).abs() / num_points < elbo_tol
-        state, previous = new_state, info.elbo
+            flat = (info.elbo - previous).abs() / num_points < elbo_tol
+            converged |= flat if previous_retry is None else flat & ~previous_retry
+        state, previous, previous_retry = new_state, info.elbo, info.retry
         if bool(converged.any()):
             if bool(converged.all()):
                 break
@@ -375,6 +381,7 @@ def run_inner(
                 _map_state(lambda a, keep=keep: a[keep] if torch.is_tensor(a) else a, state),
                 previous[keep],
             )
+            previous_retry = None if previous_retry is None else previous_retry[keep]
             problem = problem_free.subset(active)
     state = InnerState(full.slots, t, full.aux)
 

@@ -39,10 +39,15 @@ class StepInfo(NamedTuple):
     :ivar elbo: ``(batch,)`` ELBO at the slots *before* the step, ``L(λ_t)``, detached.
     :ivar responsibilities: ``(batch, num_slots, measurements)`` posterior assignment
         probabilities at ``λ_t`` where the rule computed them, else ``None``.
+    :ivar retry: ``(batch,)`` bool: the datapoints that stayed at ``λ_t`` but will propose
+        another step next time (a rejected step whose step size was halved, as
+        :class:`~pyro_slots.inner.GeneralizedEM` does), or ``None`` where none did. Their zero
+        residual is not convergence: ``tol`` and ``elbo_tol`` do not stop them on it.
     """
 
     elbo: torch.Tensor
     responsibilities: torch.Tensor | None = None
+    retry: torch.Tensor | None = None
 
 
 def versioned(fn, t: torch.Tensor) -> torch.Tensor:

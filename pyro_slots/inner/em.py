@@ -242,7 +242,7 @@ class GeneralizedEM(InnerRule):
         slots = torch.where(accept.view(-1, 1, 1), lam, state.slots)
         alpha = torch.where(accept.unsqueeze(-1), (2 * alpha).clamp_max(self.step_size), alpha / 2)
         new_state = InnerState(slots, state.step + 1, (alpha,))
-        return new_state, StepInfo(elbo.detach(), resp.detach())
+        return new_state, StepInfo(elbo.detach(), resp.detach(), retry=~accept)
 
     def extra_repr(self):
         return (

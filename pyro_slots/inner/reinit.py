@@ -91,7 +91,9 @@ class Reinitialize(InnerRule):
     :func:`~pyro_slots.refine` and the datapoints still active after others stopped keep their
     rows of the whole batch's draw (``InnerProblem(rows=...)``), and each draws the blocks of
     its own rows only. The decision is not differentiated; a replaced slot carries no gradient
-    to its former value, and the rule's recurrent state (``aux``) is kept as it was.
+    to its former value, and the rule's recurrent state (``aux``) is kept as it was. The ELBO a
+    step reports (``RefineResult.history``) is that of the slots the rule stepped from, after
+    the redraws (evaluating λ_t's too would cost a model evaluation per re-initialization).
 
     :param InnerRule rule: the rule that takes the steps (its weights are this rule's weights).
     :param init: a slot initializer ``init(batch, K, generator=, dtype=)`` (e.g.

@@ -107,7 +107,9 @@ class Safeguarded(InnerRule):
         else:  # the proposing rule changed its state's layout (e.g. a Hybrid's hand-over)
             aux = proposal.aux
         new_state = InnerState(slots, proposal.step, (*aux, _per_slot(elbo, slots)))
-        return new_state, StepInfo(elbo=current, responsibilities=info.responsibilities)
+        # A rejected proposal keeps the rule's state: it proposes the same again, no retry.
+        retry = None if info.retry is None else info.retry & accept
+        return new_state, StepInfo(current, info.responsibilities, retry)
 
     def extra_repr(self):
         fallback = type(self.fallback).__name__ if self.fallback is not None else None

@@ -388,3 +388,28 @@ def test_normal_moments_recompute_cancelling_components_directly(monkeypatch):
     xc = (x - x.mean(1, keepdim=True)).double()[1, 30:]
     raw = (xc.float() ** 2).mean(0) - xc.float().mean(0) ** 2
     assert (raw.double() - torch.from_numpy(want_var[1, 1])).abs().max() > 10 * want_var[1, 1].max()
+
+
+def test_tol_does_not_stop_a_datapoint_on_a_rejected_step(float64):
+    """GeneralizedEM with a step too long at first rejects it (the datapoint stays at λ_t and
+    halves its step size): that zero residual, and the zero ELBO change after it, are not
+    convergence. With tol or elbo_tol every datapoint ends where the run without them does, up
+    to the tolerance (they used to stop at λ_0 or λ_1, tens of nats lower), and it stops on an
+    accepted step whose residual (or ELBO change) is below the tolerance."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4, 30, 2, generator=g) * 0.3 - 2,
+                   torch.randn(4, 30, 2, generator=g) * 0.3 + 2], 1).double()  # fmt: skip
+    gmm = GaussianMixture(2, 2, init="random_from_data")
+    rule = GeneralizedEM(60, step_size=1.0, trust_radius=None, ascent_steps=5)
+    free = ps.refine(gmm, x, rule, seed=0)
+    assert (free.residuals[:, 0] == 0).any(0).all()  # every datapoint had a rejected step
+    for options in ({"tol": 1e-4}, {"elbo_tol": 1e-7}):
+        stopped = ps.refine(gmm, x, rule, seed=0, **options)
+        assert (stopped.steps < 60).all()
+        assert torch.allclose(stopped.elbo, free.elbo, rtol=1e-3, atol=0)
+        for n, t in enumerate(stopped.steps[0].tolist()):
+            if "tol" in options:
+                assert 0 < stopped.residuals[t - 1, 0, n] < 1e-4
+            else:
+                change = (stopped.history[t - 1, 0, n] - stopped.history[t - 2, 0, n]).abs()
+                assert 0 < change / x.shape[1] < 1e-7
