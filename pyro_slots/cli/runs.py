@@ -31,6 +31,7 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -698,6 +699,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _link_or_create(source: str, target: str) -> None:
+    """``target`` as a hard link of ``source`` (atomic, whole); where the file system has no
+    hard links, created exclusively and written (``FileExistsError`` if it exists)."""
+    try:
+        os.link(source, target)
+        return
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (e.g. some network or FAT file systems)
+        pass
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w") as f, open(source) as g:
+        f.write(g.read())
+
+
 class RunFolder:
     """Exclusive ownership of a run folder for the lifetime of one run.
 
@@ -721,19 +737,25 @@ class RunFolder:
     def acquire(self) -> None:
         """Take the lock (see the class docstring). :raises ConfigError: while it is held."""
         writable_folder(self.folder, "--out")
-        me = f"{os.getpid()} {socket.gethostname()}\n"
-        for _ in range(3):
-            try:
-                fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                self._reclaim_or_refuse()
-                continue
-            except OSError as error:
-                raise ConfigError(f"--out: cannot lock {self.folder}: {error.strerror}") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.owned = True
-            return
+        # The lock appears whole: written under a name of this process's own, then hard-linked
+        # to run.lock, which fails if the lock exists (no other run can read it half-written).
+        mine = f"{self.lock}.{os.getpid()}.{uuid.uuid4().hex}"
+        try:
+            with open(mine, "w") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            for _ in range(3):
+                try:
+                    _link_or_create(mine, self.lock)
+                except FileExistsError:
+                    self._reclaim_or_refuse()
+                    continue
+                self.owned = True
+                return
+        except OSError as error:
+            raise ConfigError(f"--out: cannot lock {self.folder}: {error.strerror}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(mine)
         raise ConfigError(f"--out: {self.folder} is being taken by another run; try again")
 
     def _reclaim_or_refuse(self) -> None:

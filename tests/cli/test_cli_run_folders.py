@@ -59,6 +59,53 @@ def test_lock_of_a_live_process_is_refused(tmp_path, capsys):
         holder.wait()
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_two_runs_taking_one_folder_at_once_leave_one_owner(tmp_path, monkeypatch, hard_links):
+    """The lock appears whole (written under a private name, then hard-linked): a run that
+    looks while another is taking the folder finds no lock or a complete one, never an empty
+    one it would take for stale (both runs then owned the folder). The first run is paused
+    just before its lock appears; the second takes the folder; the first is then refused.
+    Without hard links (os.link failing) the lock is created exclusively, as before."""
+    import threading
+
+    from pyro_slots.cli import runs as runs_module
+    from pyro_slots.cli.config import ConfigError
+
+    if not hard_links:
+        monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(PermissionError()))
+    real = runs_module._link_or_create
+    paused, go_on, errors = threading.Event(), threading.Event(), []
+
+    def slow(source, target):
+        if threading.current_thread().name == "first":
+            paused.set()
+            go_on.wait(10)
+        return real(source, target)
+
+    monkeypatch.setattr(runs_module, "_link_or_create", slow)
+    first, second = runs_module.RunFolder(str(tmp_path)), runs_module.RunFolder(str(tmp_path))
+
+    def take():
+        try:
+            first.acquire()
+        except ConfigError as error:
+            errors.append(str(error))
+
+    thread = threading.Thread(target=take, name="first")
+    thread.start()
+    assert paused.wait(10)
+    second.acquire()  # nothing there yet: the second run takes the folder
+    go_on.set()
+    thread.join(10)
+    assert second.owned and not first.owned
+    assert errors and f"in use by the run of process {os.getpid()}" in errors[0]
+    text = (tmp_path / LOCK_NAME).read_text()
+    assert text == f"{os.getpid()} {socket.gethostname()}\n"
+    assert sorted(os.listdir(tmp_path)) == [LOCK_NAME]  # no private copy left behind
+    second.release()
+    assert os.listdir(tmp_path) == []
+
+
 def test_stale_lock_is_reclaimed_and_released(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
