@@ -315,7 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", default=None, help="report folder (default: RUN/diagnostics)"
     )
     diagnose.add_argument(
-        "--num", type=int, default=64, metavar="N", help="held-out datapoints (default: 64)"
+        "--num",
+        type=int,
+        default=None,
+        metavar="N",
+        help="held-out datapoints (default: 64, or every held-out image of an HDF5 run that "
+        "holds out fewer)",
     )
     diagnose.add_argument(
         "--inner-steps",

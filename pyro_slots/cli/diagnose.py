@@ -20,12 +20,14 @@ __all__ = ["DRAWS", "diagnose"]
 #: coordinates per datapoint, ``draws="auto"`` keeps the point estimates only.
 MAX_LAPLACE_COORDINATES = 128
 DRAWS = ("auto", "point", "laplace", "guide")
+#: Held-out datapoints of a report by default.
+DEFAULT_NUM = 64
 
 
 def diagnose(
     checkpoint,
     out: str | None = None,
-    num: int = 64,
+    num: int | None = None,
     inner_steps: int | None = None,
     restarts: int = 4,
     draws: str = "auto",
@@ -36,7 +38,8 @@ def diagnose(
 
     :param checkpoint: a checkpoint file or a run folder.
     :param str out: the report folder (default: ``diagnostics`` next to the checkpoint).
-    :param int num: held-out datapoints.
+    :param int num: held-out datapoints (default :data:`DEFAULT_NUM`, or every held-out image
+        of an HDF5 run that holds out fewer).
     :param int inner_steps: inner steps (default: the run's final test's, ``eval_inner_steps``,
         else the training T; :func:`~pyro_slots.cli.evaluate.final_test_options`), so the
         report diagnoses the inference whose scores ``test.json`` holds.
@@ -53,11 +56,11 @@ def diagnose(
     """
     if draws not in DRAWS:
         raise ConfigError(f"draws: unknown kind {draws!r}; valid choices are {list(DRAWS)}")
-    num = count_option(num, "num")
+    num = None if num is None else count_option(num, "num")
     restarts = count_option(restarts, "restarts")
     inner_steps = count_option(inner_steps, "inner_steps")
     # Imported here: arviz and the report's plots add about 2 s to the start of every command.
-    from pyro_slots.diagnostics import write_report
+    from pyro_slots.diagnostics import DrawsError, write_report
 
     device = resolve_device(device)
     path = weights_path(checkpoint, weights)
@@ -66,6 +69,8 @@ def diagnose(
     writable_folder(folder, "out")
     c = run.components
     held_out = getattr(c.stream, "held_out_size", None)  # an HDF5 run: its last images
+    if num is None:
+        num = DEFAULT_NUM if held_out is None else min(DEFAULT_NUM, held_out)
     if held_out is not None and num > held_out:
         raise ConfigError(
             f"--num: {num} images asked for, but the run held out only {held_out} (the larger "
@@ -76,20 +81,23 @@ def diagnose(
     if draws == "auto":
         large = c.model.slot_dim * run.config.num_slots > MAX_LAPLACE_COORDINATES
         draws = "point" if large else None
-    write_report(
-        folder,
-        c.model,
-        x,
-        inner,
-        num_restarts=restarts,
-        draws=draws,
-        num_slots=run.config.num_slots,
-        num_steps=final_test_options(run.config, inner_steps=inner_steps)["inner_steps"]
-        or run.config.inner_steps,
-        seed=run.config.seed,
-        image_shape=_measurement_grid(c.model),
-        init=c.init,  # the trained initializer (None: the rule's or the model's own)
-    )
+    try:  # write_report checks the draws before any work
+        write_report(
+            folder,
+            c.model,
+            x,
+            inner,
+            num_restarts=restarts,
+            draws=draws,
+            num_slots=run.config.num_slots,
+            num_steps=final_test_options(run.config, inner_steps=inner_steps)["inner_steps"]
+            or run.config.inner_steps,
+            seed=run.config.seed,
+            image_shape=_measurement_grid(c.model),
+            init=c.init,  # the trained initializer (None: the rule's or the model's own)
+        )
+    except DrawsError as error:
+        raise ConfigError(f"--draws: {error}") from None
     return folder
 
 

@@ -32,7 +32,9 @@ from .health import (
 )
 from .inference_data import (
     DRAWS,
+    DrawsError,
     RhatWarning,
+    check_draws,
     laplace_draws,
     pointwise_log_likelihood,
     resolve_draws,
@@ -50,6 +52,7 @@ from .summary import (
 
 __all__ = [
     "DRAWS",
+    "DrawsError",
     "AmortizationGap",
     "InnerLoopHealth",
     "PSISResult",
@@ -60,6 +63,7 @@ __all__ = [
     "amortization_gap",
     "apply_permutation",
     "assignment_entropy",
+    "check_draws",
     "centre_rhat_per_datapoint",
     "default_refiner",
     "duplicate_slots",

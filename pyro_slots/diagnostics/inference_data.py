@@ -36,7 +36,9 @@ from .alignment import align_slots, apply_permutation
 
 __all__ = [
     "DRAWS",
+    "DrawsError",
     "RhatWarning",
+    "check_draws",
     "laplace_draws",
     "pointwise_log_likelihood",
     "resolve_draws",
@@ -53,6 +55,10 @@ class RhatWarning(UserWarning):
     """R-hat (and ESS) of an InferenceData will be NaN, and why."""
 
 
+class DrawsError(ValueError):
+    """The posterior draws asked for are not ones the model can give (:func:`check_draws`)."""
+
+
 def resolve_draws(draws, model, result) -> str:
     """``draws`` itself, or for ``None``/``"auto"``: ``"guide"`` when the guide of ``model``
     has sample sites, ``"laplace"`` when it has none, ``"point"`` without a model."""
@@ -66,6 +72,30 @@ def resolve_draws(draws, model, result) -> str:
     with torch.no_grad():
         guide_trace = _traces.traces(model, res.x_enc[:1], res.slots[0, :1], 1)[1]
     return "guide" if _traces.guide_sample_sites(guide_trace) else "laplace"
+
+
+def check_draws(draws: str, model, x_enc: torch.Tensor, slots: torch.Tensor) -> None:
+    """Refuse ``draws`` the model cannot give, from one datapoint's encoded measurements
+    ``x_enc`` ``(1+, M, F)`` and slots ``(1+, K, D)`` (any: only the guide's sites matter):
+    ``"laplace"`` needs a guide without sample sites (a deterministic ELBO), ``"guide"`` one
+    with. :func:`write_report` checks before it refines.
+
+    :raises DrawsError: naming ``draws`` and the kind to use instead.
+    """
+    if draws not in ("laplace", "guide"):
+        return
+    with torch.no_grad():
+        sampled = _traces.guide_sample_sites(_traces.traces(model, x_enc[:1], slots[:1], 1)[1])
+    if draws == "laplace" and sampled:
+        raise DrawsError(
+            f'draws="laplace" needs a deterministic ELBO, but the guide of '
+            f'{type(model).__name__} samples {sampled}; use draws="guide"'
+        )
+    if draws == "guide" and not sampled:
+        raise DrawsError(
+            f'draws="guide": the guide of {type(model).__name__} has no sample sites (all '
+            'latents are enumerated); use draws="laplace" or draws="point"'
+        )
 
 
 def _warn_undefined_rhat(posterior: dict, num_draws: int, draws: str) -> None:
@@ -190,10 +220,7 @@ def _guide_draws(model, x_enc, slots, num_draws: int):
         _, guide_trace = _traces.traces(model, x_enc, slots, num_draws)
     sites = _traces.guide_sample_sites(guide_trace)
     if not sites:
-        raise ValueError(
-            f'draws="guide": the guide of {type(model).__name__} has no sample sites (all '
-            'latents are enumerated); use draws="laplace" or draws="point"'
-        )
+        check_draws("guide", model, x_enc, slots)  # raises: the guide samples nothing
     nesting = model.max_plate_nesting + 1
     out = {}
     for name in sites:
@@ -325,14 +352,7 @@ def to_inference_data(
     if draws == "point":
         lam_draws = slots.unsqueeze(1)  # (R, 1, B, K, D)
     elif draws == "laplace":
-        sampled = _traces.guide_sample_sites(
-            _traces.traces(model, res.x_enc[:1], slots[0, :1], 1)[1]
-        )
-        if sampled:
-            raise ValueError(
-                f'draws="laplace" needs a deterministic ELBO, but the guide of '
-                f'{type(model).__name__} samples {sampled}; use draws="guide"'
-            )
+        check_draws(draws, model, res.x_enc, slots[0])
         d, unidentified, ascent = laplace_draws(model, x_rep, flat, num_draws, generator=generator)
         lam_draws = d.reshape(num_draws, num_restarts, batch, *d.shape[2:]).transpose(0, 1)
         stats["laplace_unidentified"] = (

@@ -12,12 +12,12 @@ import torch
 from ..inner.reinit import masks_of
 from ..plots.diagnostics import plot_elbo_trajectories, plot_khat, plot_rhat
 from ..plots.slots import plot_slot_masks
-from ..refine import refine
+from ..refine import initial_slots, make_generator, refine
 from ..validation import check_positive_int
 from . import _traces
 from .amortization import default_refiner, refinement_gap
 from .health import inner_loop_health
-from .inference_data import resolve_draws, to_inference_data
+from .inference_data import check_draws, resolve_draws, to_inference_data
 from .psis import psis_diagnostic
 from .summary import summary
 
@@ -90,6 +90,15 @@ def write_report(
     """
     folder = Path(folder)
     num_restarts = check_positive_int(num_restarts, "num_restarts")
+    if draws not in (None, "auto", "point"):
+        # Before any work: the guide's sites on one datapoint at its initial slots.
+        with torch.no_grad():
+            probe = model.encode(x[:1])
+            start = initial_slots(
+                model, probe, num_slots or model.num_slots, inner=inner, init=init,
+                generator=make_generator(seed),
+            )  # fmt: skip
+        check_draws(draws, model, probe, start)
     folder.mkdir(parents=True, exist_ok=True)
     result = refine(
         model,

@@ -30,6 +30,23 @@ def run(tmp_path_factory):
     return out
 
 
+def test_diagnose_with_draws_the_model_cannot_give_is_refused_before_any_work(
+    run, tmp_path, capsys, monkeypatch
+):
+    """--draws guide on a gmm run (its guide samples nothing: every latent is enumerated) is a
+    one-line error naming --draws, raised before the inner loop runs (it used to end in a
+    traceback after refining every datapoint)."""
+    import pyro_slots.diagnostics.report as report
+
+    refined = []
+    monkeypatch.setattr(report, "refine", lambda *a, **k: refined.append(1))
+    out = tmp_path / "report"
+    err = _error(["diagnose", str(run), "--out", str(out), "--num", "2", "--draws", "guide"],
+                 capsys)  # fmt: skip
+    assert 'error: --draws: draws="guide": the guide of GaussianMixture has no sample sites' in err
+    assert refined == [] and not (out / "report.md").exists()
+
+
 def _read_only_folder(tmp_path):
     """A folder no file can be written into: chmod 500, or /sys for root (which ignores modes)."""
     if os.geteuid() != 0:
