@@ -206,7 +206,10 @@ class NestedSVI:
     :param int num_steps: T during training; defaults to ``inner.num_steps``.
     :param int truncate: number of differentiated steps for ``"truncated"``.
     :param str iteration_weights: how J weights the inner iterates: ``"last"`` (J at λ_T),
-        ``"uniform"`` or ``"linear"`` (``t / T``, as IODINE) over λ_1..λ_T.
+        ``"uniform"`` or ``"linear"`` (``t / T``, as IODINE) over λ_1..λ_T. With
+        ``gradient="first_order"`` every iterate then keeps the graph of its own step,
+        ``λ_t = f(sg(λ_{t-1}))``, so each term trains the rule through one step (IODINE's loss
+        with the gradient stopped between iterations); T one-step graphs instead of one.
     :param float tol: per-datapoint stopping tolerance of the graph-free inner steps
         (:func:`~pyro_slots.refine.run_inner`); the differentiated steps always run.
     :param init: optional slot initializer (its parameters are trained too).
@@ -467,11 +470,17 @@ class NestedSVI:
         backprop = self._backprop_steps() if differentiable else 0
         implicit = self.implicit if differentiable and self.gradient == "implicit" else None
         keep = self.iteration_weights != "last"
+        # First-order with J over the iterates: every iterate's own step is differentiated,
+        # λ_t = f(sg(λ_{t-1})), so each weighted term trains the rule (not the decoder alone).
+        every_step = keep and self.gradient == "first_order" and backprop > 0
+        if every_step:
+            backprop = steps
+        reach_init = (backprop >= steps and not every_step) or self.straight_through
         result = run_inner(
             self.model,
             x_enc,
             self.inner,
-            slots0 if backprop >= steps or self.straight_through else slots0.detach(),
+            slots0 if reach_init else slots0.detach(),
             steps - 1 if implicit is not None else steps,
             backprop_steps=backprop,
             straight_through=self.straight_through and backprop > 0,
@@ -479,6 +488,7 @@ class NestedSVI:
             tol=self.tol,
             keep_trajectory=keep,
             estimator=self.estimator,
+            detach_between=every_step,
         )
         if keep:
             terms = [

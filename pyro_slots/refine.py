@@ -237,6 +237,7 @@ def run_inner(
     num_rows: int | None = None,
     num_restarts: int = 1,
     keep_best_after: int | dict[int, int] | None = None,
+    detach_between: bool = False,
 ) -> RefineResult:
     """Run the inner loop from λ_0 = ``slots``: the one loop of the library.
 
@@ -263,6 +264,11 @@ def run_inner(
         gradient to the initialization (:class:`~pyro_slots.NestedSVI`).
     :param rows: with ``num_rows``, where the datapoints sit in the batch that rules draw
         random numbers for (:class:`InnerProblem`): a chunk or shard of a larger batch.
+    :param bool detach_between: every differentiated step starts from the detached state of
+        the step before, ``λ_{t+1} = f(sg(λ_t))``: each iterate keeps the graph of its own step
+        only (first-order gradients at every iterate, :class:`~pyro_slots.NestedSVI` with
+        ``gradient="first_order"`` and ``iteration_weights`` other than ``"last"``); with
+        ``straight_through`` every step starts from ``sg(λ_t) + λ_0 - sg(λ_0)``.
     :param keep_best_after: ``{step: kept}`` (an int ``S``: ``{S: 1}``), with ``num_restarts``
         (the batch holds that many restarts of every datapoint, restart-major): before
         graph-free step ``step`` every datapoint keeps only its ``kept`` restarts of highest ELBO
@@ -393,7 +399,12 @@ def run_inner(
                 f"shape of λ_0 {tuple(slots.shape)}"
             )
         state = InnerState(state.slots.detach() + (slots - slots.detach()), state.step, state.aux)
-    for _ in range(backprop_steps):
+    for k in range(backprop_steps):
+        if detach_between and k > 0:
+            lam = state.slots.detach()
+            if straight_through:
+                lam = lam + (slots - slots.detach())
+            state = InnerState(lam, state.step, tuple(_detach(a) for a in state.aux))
         new_state, info = _step(inner, state, problem_graph, True, t)
         _check_elbo(inner, info.elbo, t, record_history)
         _check_slots(inner, new_state.slots, t)

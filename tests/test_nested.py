@@ -425,3 +425,50 @@ def test_no_frozen_initializer_warning_when_the_gradient_reaches_it(gradient, le
         truncate=3,
     )
     assert svi._backprop_steps() == (1 if gradient == "first_order" else 3)
+
+
+def test_first_order_over_the_iterates_trains_the_rule_through_every_step(float64):
+    """gradient="first_order" with iteration_weights="linear": J = Σ_t w_t J(λ_t) with
+    λ_t = f(sg(λ_{t-1})), so every term reaches the rule's weights through its own step. The
+    gradient equals the one computed here by hand from rule.step (each step from the detached
+    iterate before it), and differs from the decoder-only early terms of detaching them all but
+    the last (the former behaviour), which is also recomputed by hand."""
+    from pyro_slots.inner import InnerProblem, SlotAttention
+
+    x, _ = make_point_sets(3, 20, seed=5)
+    model = _model()
+    torch.manual_seed(0)
+    rule = SlotAttention(3, slot_dim=model.slot_dim, input_dim=2, hidden_dim=8).double()
+    svi = _svi(model, rule, gradient="first_order", iteration_weights="linear")
+    svi.generator.manual_seed(0)
+    loss, result = svi.loss_and_result(x)
+    weights = [p for p in rule.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, weights, allow_unused=True)
+
+    x_enc = model.encode(x)
+    problem = InnerProblem(model, x_enc)
+    lam = result.trajectory[0][0].detach()  # λ_0 (detached: first-order does not reach init)
+    state = rule.init(problem, lam)
+    obj = Reconstruction()
+    terms, last_only = [], []
+    for t in range(1, 4):
+        state = ps.inner.InnerState(state.slots.detach(), state.step,
+                                    tuple(a.detach() for a in state.aux))  # fmt: skip
+        with torch.enable_grad():
+            state, _ = rule.step(state, problem, create_graph=True)
+        j = obj(model, x, x_enc, state.slots).mean()
+        terms.append(t / 6 * j)
+        last_only.append(
+            t / 6 * (j if t == 3 else obj(model, x, x_enc, state.slots.detach()).mean())
+        )
+    want = torch.autograd.grad(sum(terms), weights, allow_unused=True, retain_graph=True)
+    old = torch.autograd.grad(sum(last_only), weights, allow_unused=True)
+    assert loss.item() == pytest.approx(sum(terms).item(), rel=1e-10)
+    differs = False
+    for g, w, o in zip(got, want, old):
+        if w is None:
+            assert g is None or torch.all(g == 0)
+            continue
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+        differs |= not torch.allclose(w, o if o is not None else torch.zeros_like(w))
+    assert differs
