@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from .config import ConfigError
-from .evaluate import final_test_options
+from .evaluate import final_test_options, held_out_num
 from .runs import count_option, load_run, resolve_device, weights_path, writable_folder
 
 __all__ = ["DRAWS", "diagnose"]
@@ -68,15 +68,7 @@ def diagnose(
     folder = out or os.path.join(os.path.dirname(os.path.abspath(path)), "diagnostics")
     writable_folder(folder, "out")
     c = run.components
-    held_out = getattr(c.stream, "held_out_size", None)  # an HDF5 run: its last images
-    if num is None:
-        num = DEFAULT_NUM if held_out is None else min(DEFAULT_NUM, held_out)
-    if held_out is not None and num > held_out:
-        raise ConfigError(
-            f"--num: {num} images asked for, but the run held out only {held_out} (the larger "
-            "of its --eval-size and --test-size)"
-        )
-    x = c.stream.held_out(num).x.to(device)
+    x = c.stream.held_out(held_out_num(c.stream, num, DEFAULT_NUM)).x.to(device)
     inner = c.inner
     if draws == "auto":
         large = c.model.slot_dim * run.config.num_slots > MAX_LAPLACE_COORDINATES

@@ -160,6 +160,28 @@ def _generated(stream, num: int, name: str) -> EvalData:
     return EvalData(name, num, lambda start, stop: _slice(batch, start, stop))
 
 
+def held_out_num(
+    stream, num: int | None, default: int, every_image: bool = False, hint: str = ""
+) -> int:
+    """How many of a run's held-out datapoints to use: ``num``, else ``default``. An HDF5 run
+    holds out only the last images of its file: there ``num`` may not exceed them, and the
+    default is all of them with ``every_image``, else at most them.
+
+    :raises ConfigError: for ``num`` beyond an HDF5 run's held-out images.
+    """
+    held_out = getattr(stream, "held_out_size", None)  # an HDF5 run: its last images
+    if held_out is None:
+        return default if num is None else num
+    if num is not None and num > held_out:
+        raise ConfigError(
+            f"--num: {num} images asked for, but the run held out only {held_out} (the larger "
+            f"of its --eval-size and --test-size){hint}"
+        )
+    if num is None:
+        return held_out if every_image else min(default, held_out)
+    return num
+
+
 def _hdf5_data(run: TrainRun, name: str, num: int | None) -> EvalData:
     path = name[len("hdf5:") :]
     where = f"--dataset {name}"
@@ -234,15 +256,13 @@ def evaluation_data(run: TrainRun, dataset: str | None = None, num: int | None =
     own = dataset == run.config.dataset and not dataset.startswith("hdf5:")
     if dataset is None or own:
         name = f"{run.config.dataset}/held-out"
-        if hasattr(stream, "held_out_size"):  # an HDF5 run: its last images were held out
-            if num is not None and num > stream.held_out_size:
-                raise ConfigError(
-                    f"--num: {num} images asked for, but the run held out only "
-                    f"{stream.held_out_size} (the larger of its --eval-size and --test-size); "
-                    "pass --dataset hdf5:PATH"
-                )
-            return _generated(stream, stream.held_out_size if num is None else num, name)
-        return _generated(stream, DEFAULT_NUM if num is None else num, name)
+        return _generated(
+            stream,
+            held_out_num(
+                stream, num, DEFAULT_NUM, every_image=True, hint="; pass --dataset hdf5:PATH"
+            ),
+            name,
+        )
     if not isinstance(dataset, str):
         raise ConfigError(f"--dataset: expected a name or hdf5:PATH, got {dataset!r}")
     if dataset.startswith("hdf5:"):

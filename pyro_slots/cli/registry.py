@@ -450,14 +450,18 @@ def _video_stream(config: TrainConfig, name: str):
     return VideoStream(config.seed, config.batch_size, frames, config.image_size)
 
 
+def hdf5_held_out(config: TrainConfig) -> int:
+    """Images an HDF5 run holds out at the end of its file, for the validation and the final
+    test alike: the larger of ``eval_size`` and ``test_size``."""
+    return max(config.eval_size, config.test_size)
+
+
 def _hdf5_stream(config: TrainConfig, name: str):
     path = name[len("hdf5:") :]
     if not path:
         raise ConfigError("dataset: 'hdf5:' must be followed by the file's path, e.g. hdf5:x.h5")
     try:
-        # The file's last images are held out for the validation and the final test alike.
-        held_out = max(config.eval_size, config.test_size)
-        return HDF5Stream(path, config.seed, config.batch_size, held_out)
+        return HDF5Stream(path, config.seed, config.batch_size, hdf5_held_out(config))
     except (OSError, ValueError) as error:
         raise ConfigError(f"dataset {name!r}: {error}") from None
 

@@ -52,7 +52,7 @@ from pyro_slots.plots.training import read_metrics
 from pyro_slots.validation import check_positive_int
 
 from .config import ConfigError, TrainConfig
-from .registry import Components, build, resolve
+from .registry import Components, build, hdf5_held_out, resolve
 
 __all__ = [
     "CHECKPOINT_WEIGHTS",
@@ -508,8 +508,7 @@ def _check_resumed_procedure(saved: TrainConfig, config: TrainConfig) -> None:
     an HDF5 run's held-out split (the larger of eval_size and test_size: its last images), and
     with ``validate_as_tested`` the options of the validation it selects by."""
     if saved.dataset.startswith("hdf5:"):
-        before = max(saved.eval_size, saved.test_size)
-        after = max(config.eval_size, config.test_size)
+        before, after = hdf5_held_out(saved), hdf5_held_out(config)
         if after != before:
             raise ConfigError(
                 f"eval_size, test_size: the run holds out the last {before} images of its file "
