@@ -51,7 +51,7 @@ class AmortizationGap:
         gap = self.gap.double()
         return {
             "gap_mean": gap.mean().item(),
-            "gap_median": gap.median().item(),
+            "gap_median": gap.quantile(0.5).item(),  # (torch.median: the lower middle)
             "gap_min": gap.min().item(),
             "gap_max": gap.max().item(),
             "fraction_converged": self.converged.double().mean().item(),

@@ -60,15 +60,17 @@ def point_set_groups(
         raise ValueError(
             f"min_points, max_points: expected 1 <= min <= max, got {min_points}, {max_points}"
         )
-    if num_sets < 1 or num_groups < 1:
-        raise ValueError(f"num_sets, num_groups: expected >= 1, got {num_sets}, {num_groups}")
+    if num_groups < 1 or num_sets < num_groups:
+        raise ValueError(
+            f"num_sets, num_groups: expected 1 <= num_groups <= num_sets (every group holds a "
+            f"set), got {num_sets}, {num_groups}"
+        )
     sizes = np.linspace(min_points, max_points, num_groups).round()
-    per_group = math.ceil(num_sets / len(sizes))
+    # Sets spread over the groups as evenly as they go (counts differ by at most one), so the
+    # last group is always the max_points one.
+    counts = [len(part) for part in np.array_split(np.arange(num_sets), num_groups)]
     groups, start = [], 0
-    for i, n in enumerate(sizes):
-        count = min(per_group, num_sets - i * per_group)
-        if count <= 0:
-            break
+    for count, n in zip(counts, sizes):
         groups.append(sample_point_sets(count, int(n), num_components, dim, seed, start))
         start += count
     return groups

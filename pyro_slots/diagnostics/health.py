@@ -454,4 +454,8 @@ def trajectory_dataset(result, model=None, *, masks: bool = True, reconstruction
                     rec.reshape(steps, r, b, *rec.shape[1:]).cpu().numpy(),
                 )
     ds = xr.Dataset(data)
-    return ds.assign_coords({d: np.arange(n) for d, n in ds.sizes.items()})
+    coords = {d: np.arange(n) for d, n in ds.sizes.items()}
+    # A rank's shard (refine(..., gather=False)) keeps the datapoints' numbers in the batch.
+    first = 0 if getattr(res, "datapoints", None) is None else res.datapoints.start
+    coords["datapoint"] = np.arange(first, first + b)
+    return ds.assign_coords(coords)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -70,3 +71,12 @@ def test_float32_refinement_stops_at_rounding_level(point_sets):
     assert gap.converged.all()
     assert gap.refine_steps < 500
     assert (gap.gap > -1e-3).all()
+
+
+def test_summary_median_is_the_median_of_an_even_count():
+    """torch.median returns the lower of the two middle values; the summary's median is numpy's."""
+    from pyro_slots.diagnostics.amortization import AmortizationGap
+
+    gaps = torch.tensor([0.0, 0.1, 2.0, 3.0])
+    gap = AmortizationGap(gaps, gaps, gaps, torch.ones(4, dtype=torch.bool), None, None, 1)
+    assert gap.summary()["gap_median"] == pytest.approx(float(np.median(gaps.numpy())))

@@ -14,9 +14,15 @@ from pyro_slots.diagnostics import clustering
 
 def test_groups_split_the_sets_over_evenly_spaced_sizes():
     groups = clustering.point_set_groups(7, 20, 40, num_groups=3, seed=5)
-    assert [g.x.shape[:2] for g in groups] == [(3, 20), (3, 30), (1, 40)]
+    assert [g.x.shape[:2] for g in groups] == [(3, 20), (2, 30), (2, 40)]
+    # Every group holds a set and the last one has max_points (four sets in three groups
+    # gave two groups of two, the largest at 75 points).
+    groups = clustering.point_set_groups(4, 50, 100, num_groups=3)
+    assert [g.x.shape[:2] for g in groups] == [(2, 50), (1, 75), (1, 100)]
     with pytest.raises(ValueError, match="min_points"):
         clustering.point_set_groups(4, 50, 40)
+    with pytest.raises(ValueError, match="num_groups <= num_sets"):
+        clustering.point_set_groups(2, 50, 100, num_groups=3)
 
 
 def test_baselines_match_scipy_and_sklearn():

@@ -16,6 +16,7 @@ from pyro_slots.diagnostics import (
     refinement_gap,
     summary,
     to_inference_data,
+    trajectory_dataset,
     write_report,
 )
 from pyro_slots.diagnostics._arviz import az
@@ -188,3 +189,8 @@ def test_a_shard_keeps_the_numbers_of_its_datapoints(float64, point_sets):
     assert inner_loop_health(shard, gmm, EM(20)).to_dataframe().index.tolist() == [3, 4, 5]
     plain = summary(to_inference_data(whole, gmm, seed=0, num_draws=8))
     np.testing.assert_allclose(table["elbo"].values, plain["elbo"].values)
+    # The inner loop's path too: the same numbers as the InferenceData of the same shard.
+    traced = ps.refine(gmm, x, EM(3), seed=0, num_restarts=2, keep_trajectory=True)
+    path = trajectory_dataset(dataclasses.replace(traced, datapoints=slice(3, 6)), gmm)
+    assert path["datapoint"].values.tolist() == [3, 4, 5]
+    np.testing.assert_allclose(path["elbo"].values, trajectory_dataset(traced, gmm)["elbo"].values)
