@@ -14,7 +14,8 @@ r"""Segmentation and set-prediction metrics, batched in torch.
 
 Labels are integer maps ``(batch, H, W)`` or ``(batch, N)``; predicted segmentations may also be
 soft masks ``(batch, K, H, W)`` or ``(batch, K, N)`` (any floating tensor with the slot
-dimension at position 1, e.g. the decoder's mixture weights).
+dimension at position 1, e.g. the decoder's mixture weights; probabilities over the slots where
+:func:`ari`'s ``soft="expected"`` reads them as such).
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ def _flat_labels(true_mask, name: str = "true_mask") -> torch.Tensor:
     return labels
 
 
+#: How far from 1 a pixel's soft masks may sum for ``soft="expected"`` (float32 rounding).
+_PROBS_TOL = 1e-3
+
+
 def _pred_onehot(pred, true_shape, soft: str, name: str = "pred") -> torch.Tensor:
     """Predicted assignment ``(batch, N, K)`` float64: one-hot for labels, probabilities if soft."""
     if not torch.is_tensor(pred):
@@ -76,6 +81,20 @@ def _pred_onehot(pred, true_shape, soft: str, name: str = "pred") -> torch.Tenso
             )
         probs = pred.reshape(batch, pred.shape[1], -1).transpose(1, 2).double()
         if soft == "expected":
+            # The expected contingency table needs each pixel's probabilities over the slots
+            # (scaled masks inflate the ARI, logits make it NaN).
+            total = probs.sum(-1)
+            if probs.numel() and (
+                not bool(torch.isfinite(probs).all())
+                or probs.min() < 0
+                or (total - 1).abs().max() > _PROBS_TOL
+            ):
+                raise ValueError(
+                    f"{name}: soft='expected' needs probabilities over the slots (dim 1): "
+                    f"non-negative, summing to 1 per pixel within {_PROBS_TOL:g}; got values in "
+                    f"[{probs.min().item():.3g}, {probs.max().item():.3g}] with sums in "
+                    f"[{total.min().item():.3g}, {total.max().item():.3g}]"
+                )
             return probs
         return F.one_hot(probs.argmax(-1), probs.shape[-1]).double()
     labels = _flat_labels(pred, name)
@@ -476,6 +495,11 @@ def _video_masks(true_masks, pred_masks, name="pred_masks"):
             )
         pred_flat = pred_masks.transpose(1, 2).reshape(batch, pred_masks.shape[2], -1)
     else:
+        if pred_masks.shape != true_masks.shape:
+            raise ValueError(
+                f"{name}: slot labels must have the shape of true_masks "
+                f"{tuple(true_masks.shape)}, got {tuple(pred_masks.shape)}"
+            )
         pred_flat = pred_masks.reshape(batch, -1)
     return true_flat, pred_flat
 

@@ -107,6 +107,13 @@ def test_expected_contingency_ari_hand_computed():
     true = torch.tensor([[0, 0, 1, 1]])
     soft = torch.tensor([[[1.0, 0.5, 0.0, 0.0], [0.0, 0.5, 1.0, 1.0]]])
     assert ari(true, soft, soft="expected").item() == pytest.approx(4 / 11, abs=1e-12)
+    # Not probabilities over the slots: scaled masks (which gave 0.95 for a true 0.24) and
+    # logits (NaN) are refused, naming the argument; soft="argmax" still reads them.
+    with pytest.raises(ValueError, match="pred: soft='expected' needs probabilities"):
+        ari(true, 0.1 * soft, soft="expected")
+    with pytest.raises(ValueError, match="pred: soft='expected' needs probabilities"):
+        ari(true, (soft + 1e-9).log(), soft="expected")
+    assert ari(true, (soft + 1e-9).log()).item() == ari(true, soft).item()
 
 
 def test_metric_arguments_are_checked():

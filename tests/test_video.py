@@ -70,6 +70,12 @@ def test_video_metrics_on_a_clip_whose_tracking_is_known():
     assert video_fg_ari(true, soft).item() == pytest.approx(expected, abs=1e-12)
     with pytest.raises(ValueError, match="pred_masks: expected leading shape"):
         video_fg_ari(true, swapped[:, :2])
+    # Labels with the pixel count but not the frame shape (transposed) are refused, as fg_ari
+    # refuses them frame by frame; they were scored against the wrong pixels.
+    with pytest.raises(ValueError, match="pred_masks: slot labels must have the shape"):
+        video_fg_ari(true, swapped.transpose(-1, -2))  # 2×3 frames as 3×2
+    with pytest.raises(ValueError, match="pred_masks: slot labels must have the shape"):
+        video_fg_ari(true, swapped.flatten(-2)[..., None, :])
 
 
 def test_carried_slots_start_where_the_last_frame_ended():
