@@ -141,10 +141,14 @@ class ImplicitAdjoint:
             h = hess[: j + 2, : j + 1]
             y = torch.linalg.lstsq(h, rhs.unsqueeze(-1)).solution.squeeze(-1)
             residual = (rhs - h @ y).norm()
-            breakdown = hess[j + 1, j] <= 1e-12 * beta.double()
-            if residual <= self.tol * beta.double() or breakdown:
+            if residual <= self.tol * beta.double():
                 u = sum(c.to(g.dtype) * v for c, v in zip(y, basis))
                 return (u, j + 1) if torch.isfinite(u).all() else (None, j + 1)
+            if hess[j + 1, j] <= 1e-12 * beta.double():
+                # Breakdown: the Krylov space is invariant, and the least-squares residual above
+                # is the smallest any u reaches in it. Above tol, (I - J^T) u = g has no
+                # solution there (a singular system, g outside its range): not a solve.
+                return None, j + 1
             basis.append(w / hess[j + 1, j].to(w.dtype))
         return None, self.max_iter
 
@@ -206,7 +210,8 @@ class NestedSVI:
     :param int num_steps: T during training; defaults to ``inner.num_steps``.
     :param int truncate: number of differentiated steps for ``"truncated"``.
     :param str iteration_weights: how J weights the inner iterates: ``"last"`` (J at λ_T),
-        ``"uniform"`` or ``"linear"`` (``t / T``, as IODINE) over λ_1..λ_T. With
+        ``"uniform"`` (``1 / T``) or ``"linear"`` (``t / (1 + ... + T)``: IODINE's ``t / T``
+        normalized to sum to one, so that J keeps the scale of ``"last"``) over λ_1..λ_T. With
         ``gradient="first_order"`` every iterate then keeps the graph of its own step,
         ``λ_t = f(sg(λ_{t-1}))``, so each term trains the rule through one step (IODINE's loss
         with the gradient stopped between iterations); T one-step graphs instead of one.
@@ -232,7 +237,9 @@ class NestedSVI:
         detach λ before the differentiated steps of each frame. :meth:`step` then returns one
         inner result per frame.
     :param transition: ``(batch, K, D) -> (batch, K, D)`` between frames (identity by
-        default); an ``nn.Module``'s parameters are trained with the rest (``transition.*``).
+        default); an ``nn.Module``'s parameters are trained with the rest (``transition.*``)
+        where J's gradient reaches each frame's starting slots (``"unrolled"``, or
+        ``straight_through``; otherwise a warning says they stay where they start).
     :param bool straight_through: with ``"first_order"`` or ``"truncated"`` (fewer differentiated
         steps than T), pass J's gradient at the first differentiated step on to λ_0 (see above;
         on clips, to each frame's starting slots). Refused where the gradient already reaches
@@ -297,6 +304,14 @@ class NestedSVI:
             raise ValueError(
                 f"iteration_weights: expected one of {ITERATION_WEIGHTS}, got {iteration_weights!r}"
             )
+        if gradient == "implicit" and not inner.implicit_differentiable:
+            raise ValueError(
+                f"gradient: 'implicit' needs a rule whose step is one map λ ↦ f(λ), and "
+                f"{type(inner).__name__} accepts or rejects each step (a rejected step is the "
+                "identity, where the implicit function theorem's adjoint does not exist); use "
+                "'unrolled', 'truncated' or 'first_order', or an unsafeguarded rule "
+                "(e.g. GeneralizedEM(safeguarded=False))"
+            )
         inner.check_model(model)
         self.model = model
         self.inner = inner
@@ -351,9 +366,29 @@ class NestedSVI:
         model's ``init_slots`` (:func:`~pyro_slots.refine.initial_slots`)."""
         return self.init if self.init is not None else getattr(self.inner, "slot_init", None)
 
+    def _reaches_init(self) -> bool:
+        """Whether J's gradient reaches λ_0 (so the initializer, and on clips the transition
+        that makes each frame's λ_0): every step differentiated, or the straight-through
+        gradient. ``"first_order"`` never does, whatever T (λ is detached before its step)."""
+        if self.straight_through:
+            return True
+        return self.gradient != "first_order" and self._backprop_steps() >= self.num_steps
+
     def _warn_if_init_is_frozen(self) -> None:
-        if self._backprop_steps() >= self.num_steps or self.straight_through:
+        if self._reaches_init():
             return
+        if self.sequence and isinstance(self.transition, torch.nn.Module):
+            trainable = [p for p in self.transition.parameters() if p.requires_grad]
+            if trainable:
+                warnings.warn(
+                    f"NestedSVI: gradient={self.gradient!r} detaches each frame's starting "
+                    f"slots, so J's gradient reaches none of the "
+                    f"{sum(p.numel() for p in trainable)} trainable parameters of the "
+                    f"transition {type(self.transition).__name__}: they stay where they start "
+                    f"(use gradient='unrolled' or straight_through=True to train it)",
+                    UserWarning,
+                    stacklevel=3,
+                )
         if self.init_regression:  # trained by the regression term
             return
         # SlotModel.init_slots draws from the model's slot_init when nothing else does.
@@ -475,7 +510,7 @@ class NestedSVI:
         every_step = keep and self.gradient == "first_order" and backprop > 0
         if every_step:
             backprop = steps
-        reach_init = (backprop >= steps and not every_step) or self.straight_through
+        reach_init = self._reaches_init() if differentiable else False
         result = run_inner(
             self.model,
             x_enc,

@@ -285,6 +285,20 @@ def test_adjoint_solve_matches_a_dense_solve(float64, solver, radius):
         assert adjoint.last_iterations <= n  # GMRES is exact after n Krylov vectors
 
 
+@pytest.mark.parametrize("solver", ["gmres", "fixed_point"])
+def test_adjoint_of_a_singular_system_falls_back_with_a_warning(float64, solver):
+    """f(λ) = A λ + b with A = diag(1, 0.5): (I - A^T) u = g reads 0 u_0 = 1 for g = (1, 1),
+    which has no solution. GMRES's Krylov space breaks down there; it returned the
+    least-squares u (residual 0.7 of |g|) as a solution, without the fallback and warning."""
+    a = torch.diag(torch.tensor([1.0, 0.5]))
+    lam = torch.tensor([0.3, -0.2], requires_grad=True)
+    g = torch.ones(2)
+    adjoint = ps.ImplicitAdjoint(max_iter=50, tol=1e-6, solver=solver)
+    with pytest.warns(ps.ImplicitGradientWarning):
+        got = adjoint.solve(g, a @ lam + 1.0, lam)
+    assert torch.equal(got, g) and adjoint.num_fallbacks == 1
+
+
 def test_adjoint_solver_is_validated():
     with pytest.raises(ValueError, match="solver"):
         ps.ImplicitAdjoint(solver="broyden")
@@ -372,15 +386,24 @@ def test_load_state_dict_reads_the_v01_optimizer_format(float64):
         svi.load_state_dict(state)
 
 
-@pytest.mark.parametrize("gradient, truncate", [("first_order", 1), ("truncated", 2)])
-def test_detached_modes_give_the_initializer_no_gradient(float64, gradient, truncate):
+@pytest.mark.parametrize(
+    "gradient, truncate, steps, weights",
+    [
+        ("first_order", 1, 3, "last"),
+        ("truncated", 2, 3, "last"),
+        # T = 1: first_order reached λ_0 with "last" and not with "uniform" (the same J)
+        ("first_order", 1, 1, "last"),
+        ("first_order", 1, 1, "uniform"),
+    ],
+)
+def test_detached_modes_give_the_initializer_no_gradient(float64, gradient, truncate, steps, weights):
     """first_order (and truncated with fewer steps than T) detach λ before the differentiated
     steps: J still depends on the learned initialization (a finite difference says so), but
     its gradient reaches no parameter of it, so such an initializer stays where it starts."""
     x, _ = make_point_sets(2, 20, seed=6)
     model = GaussianMixture(3, 2)
     init = ps.GaussianInit(model.slot_dim, loc=0.0, scale=0.5)
-    rule, objective = GradientAscent(3, 0.2), Reconstruction()
+    rule, objective = GradientAscent(steps, 0.2), Reconstruction()
     # ... and the constructor says so, counting the initializer's trainable numbers.
     message = f"reaches none of the {2 * model.slot_dim} trainable parameters of the slot "
     with pytest.warns(UserWarning, match=message + "initializer GaussianInit"):
@@ -393,6 +416,7 @@ def test_detached_modes_give_the_initializer_no_gradient(float64, gradient, trun
             seed=0,
             gradient=gradient,
             truncate=truncate,
+            iteration_weights=weights,
         )
 
     def j(shift):
@@ -425,6 +449,60 @@ def test_no_frozen_initializer_warning_when_the_gradient_reaches_it(gradient, le
         truncate=3,
     )
     assert svi._backprop_steps() == (1 if gradient == "first_order" else 3)
+
+
+def test_a_transition_the_gradient_does_not_reach_is_said_and_stays_put(float64):
+    """first_order detaches each frame's starting slots, the transition's output: its
+    parameters get no gradient (though J depends on them: a finite difference), and the
+    constructor says so; straight_through passes J's gradient on to them."""
+    g = torch.Generator().manual_seed(0)
+    clips = torch.randn(2, 3, 20, 2, generator=g, dtype=torch.float64)
+    model = GaussianMixture(3, 2, encoder=nn.Linear(2, 2).double())
+    transition = nn.Linear(model.slot_dim, model.slot_dim).double()
+
+    def make(**kw):
+        return ps.NestedSVI(model, GradientAscent(2, 0.2), Reconstruction(),
+                            pyro.optim.Adam({"lr": 1e-2}), seed=0, sequence=True,
+                            transition=transition, gradient="first_order", **kw)  # fmt: skip
+
+    count = model.slot_dim * (model.slot_dim + 1)  # the Linear's weight and bias
+    with pytest.warns(UserWarning, match=f"none of the {count} trainable parameters of the transit"):
+        svi = make()
+
+    def j(svi, shift=0.0):
+        svi.generator.manual_seed(1)
+        with torch.no_grad():
+            transition.bias[0] += shift
+        try:
+            return svi.loss(clips)
+        finally:
+            with torch.no_grad():
+                transition.bias[0] -= shift
+
+    (grad,) = torch.autograd.grad(j(svi), transition.bias, allow_unused=True)
+    assert grad is None or grad.abs().max() == 0
+    assert abs(j(svi, 1e-4).item() - j(svi, -1e-4).item()) > 1e-9
+    through = make(straight_through=True)
+    (grad,) = torch.autograd.grad(j(through), transition.bias)
+    assert grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("safeguarded", [True, False])
+def test_implicit_gradients_refuse_rules_that_reject_steps(safeguarded):
+    """A rejected step is the identity: (I - ∂f/∂λ) is singular there and the adjoint does not
+    exist (GeneralizedEM near its optimum rejects most steps; the implicit gradient was 41 %
+    off the dense implicit-function-theorem one, silently)."""
+    from pyro_slots.inner import GeneralizedEM, Safeguarded
+
+    model = GaussianMixture(3, 2)
+    rule = GeneralizedEM(5, safeguarded=safeguarded)
+    if safeguarded:
+        with pytest.raises(ValueError, match="gradient: 'implicit' needs a rule .* GeneralizedEM"):
+            _svi(model, rule, gradient="implicit")
+    else:
+        assert _svi(model, rule, gradient="implicit").gradient == "implicit"
+    with pytest.raises(ValueError, match="Safeguarded accepts or rejects"):
+        _svi(model, Safeguarded(GradientAscent(5, 0.1)), gradient="implicit")
 
 
 def test_first_order_over_the_iterates_trains_the_rule_through_every_step(float64):

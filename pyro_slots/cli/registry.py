@@ -780,6 +780,12 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if config.init_regression < 0:
         raise ConfigError(f"init_regression: expected a number >= 0, got {config.init_regression}")
     trained = reached or config.straight_through or config.init_regression > 0
+    if config.transition != "identity" and not (reached or config.straight_through):
+        raise ConfigError(
+            f"transition: {config.transition} is trained only through every inner step or with "
+            f"--straight-through (it makes each frame's starting slots); --gradient "
+            f"{config.gradient} alone would leave it where it starts"
+        )
     if init in ("queries", "amortized") and not trained:
         raise ConfigError(
             f"init: {init} are trained only through every inner step, with --straight-through "

@@ -201,6 +201,13 @@ class InnerRule(PyroModule):
     #: updates, instead of evaluating the ELBO first and stepping the winners.
     step_is_elbo_evaluation = False
 
+    #: Whether the step is one map ``λ_{t+1} = f(λ_t)`` that implicit differentiation may take
+    #: at its fixed point. ``False`` for steps that accept or reject a proposal per datapoint:
+    #: a rejected step is the identity, where ``I - ∂f/∂λ`` is singular and the adjoint of the
+    #: implicit function theorem does not exist (:class:`~pyro_slots.NestedSVI` refuses
+    #: ``gradient="implicit"`` for them).
+    implicit_differentiable = True
+
     def __init__(self, num_steps: int):
         super().__init__()
         self.num_steps = check_positive_int(num_steps, "num_steps")

@@ -187,6 +187,7 @@ class GeneralizedEM(InnerRule):
     ):
         super().__init__(num_steps)
         self.safeguarded = check_bool(safeguarded, "safeguarded")
+        self.implicit_differentiable = not self.safeguarded  # a rejected step is the identity
         self.ascent_steps = check_positive_int(ascent_steps, "ascent_steps")
         self.step_size = check_positive_float(step_size, "step_size")
         self.trust_radius = (

@@ -54,6 +54,9 @@ class Hybrid(InnerRule):
         self.fixed = fixed
         self.num_learned_steps = num_learned
         self.uses_elbo_gradient = learned.uses_elbo_gradient or fixed.uses_elbo_gradient
+        self.implicit_differentiable = (
+            learned.implicit_differentiable and fixed.implicit_differentiable
+        )
 
     @property
     def slot_init(self):

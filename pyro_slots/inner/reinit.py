@@ -146,6 +146,7 @@ class Reinitialize(InnerRule):
             )
         self.seed = check_seed(seed)
         self.uses_elbo_gradient = rule.uses_elbo_gradient
+        self.implicit_differentiable = rule.implicit_differentiable
         self._shard = (0, 1)
 
     def shard_draws(self, rank: int, world_size: int) -> None:

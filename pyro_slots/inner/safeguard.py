@@ -53,6 +53,7 @@ class Safeguarded(InnerRule):
         self.uses_elbo_gradient = rule.uses_elbo_gradient or bool(
             fallback is not None and fallback.uses_elbo_gradient
         )
+        self.implicit_differentiable = False  # a rejected step is the identity
 
     @property
     def slot_init(self):

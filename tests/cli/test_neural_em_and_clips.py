@@ -68,6 +68,10 @@ def test_clips_resolve_with_a_slot_per_object_and_a_transition():
     [
         (dict(dataset="tetrominoes", transition="mlp"), "transition: mlp .*only for clips"),
         (dict(dataset="moving-shapes", transition="gru"), "transition: unknown kind 'gru'"),
+        (
+            dict(dataset="moving-shapes", transition="mlp", gradient="first_order"),
+            "transition: mlp is trained only through every inner step or with --straight",
+        ),
         (dict(dataset="tetrominoes", num_frames=4), "num_frames: only for --dataset moving"),
         (dict(dataset="moving-shapes", eval_restarts=2), "eval_restarts: clips .* got 2"),
         (dict(dataset="moving-shapes", num_frames=0), "num_frames"),
