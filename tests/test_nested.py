@@ -396,7 +396,9 @@ def test_load_state_dict_reads_the_v01_optimizer_format(float64):
         ("first_order", 1, 1, "uniform"),
     ],
 )
-def test_detached_modes_give_the_initializer_no_gradient(float64, gradient, truncate, steps, weights):
+def test_detached_modes_give_the_initializer_no_gradient(
+    float64, gradient, truncate, steps, weights
+):
     """first_order (and truncated with fewer steps than T) detach λ before the differentiated
     steps: J still depends on the learned initialization (a finite difference says so), but
     its gradient reaches no parameter of it, so such an initializer stays where it starts."""
@@ -466,7 +468,7 @@ def test_a_transition_the_gradient_does_not_reach_is_said_and_stays_put(float64)
                             transition=transition, gradient="first_order", **kw)  # fmt: skip
 
     count = model.slot_dim * (model.slot_dim + 1)  # the Linear's weight and bias
-    with pytest.warns(UserWarning, match=f"none of the {count} trainable parameters of the transit"):
+    with pytest.warns(UserWarning, match=f"none of the {count} trainable parameters of the tran"):
         svi = make()
 
     def j(svi, shift=0.0):
