@@ -173,6 +173,14 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
     suffix = os.path.splitext(path)[1]
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     try:
+        # mkstemp makes the file 0600: give it the mode a plain open() would (the file's own
+        # when it is rewritten, else 0666 less the umask), or the run is owner-only.
+        if hasattr(os, "fchmod"):
+            try:
+                mode = os.stat(path).st_mode & 0o7777
+            except FileNotFoundError:
+                mode = 0o666 & ~_umask()
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -192,6 +200,13 @@ def write_atomically(path: str | os.PathLike, data: bytes | str) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -358,6 +358,7 @@ class NestedSVI:
         self.num_updates = 0
         self._store_prefix = f"NestedSVI{next(_INSTANCES)}"
         self._pending_optim_state = {}
+        self._pending_handed = False  # the pending states are with pyro.optim already
         self._setup_distributed(distributed)
         self._warn_if_init_is_frozen()
 
@@ -667,12 +668,18 @@ class NestedSVI:
         loss, result = self._loss_and_grads(x, *targets)
         params = [p for p in self.parameters() if p.grad is not None]
         names = self._name_parameters()
-        if self._pending_optim_state:
+        pending = self._pending_optim_state
+        if pending and not self._pending_handed:
             # pyro.optim hands a saved state to a parameter's optimizer when it first meets
             # the parameter, by its param-store name: set it under the names of this moment.
-            pending, self._pending_optim_state = self._pending_optim_state, {}
             self.optim.set_state({names[n]: _from_v01(s) for n, s in pending.items()})
+            self._pending_handed = True
         self.optim(params)
+        if pending:
+            # A state stays pending (and in state_dict) until its parameter has had a gradient:
+            # pyro.optim keeps it waiting unreported, and a checkpoint taken before would lose it.
+            met = self.optim.get_state()
+            self._pending_optim_state = {n: s for n, s in pending.items() if names[n] not in met}
         for p in self.parameters():
             p.grad = None
         self.num_updates += 1
@@ -746,6 +753,7 @@ class NestedSVI:
         if unknown:
             raise ValueError(f"state: optimizer state for unknown parameters {sorted(unknown)}")
         self._pending_optim_state = dict(state["optim"])
+        self._pending_handed = False
         self.generator.set_state(state["generator"])
         self.num_updates = int(state["num_updates"])
 
