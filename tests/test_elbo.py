@@ -413,3 +413,53 @@ def test_check_observation_agrees_with_the_distributions_own_check(fn, value):
         with pytest.raises(ValueError) as info:
             check_observation(fn, value)
         assert str(info.value) == expected
+
+
+def test_far_posteriors_and_impossible_observations_are_exact(logprob_path):
+    """The log-sum-exp's clamp at -80 sits inside exp only. A posterior e^-200 below the best
+    component is log p(z | x) = -200 (it was reported as -80), and a count that every
+    component gives probability 0 makes the ELBO -inf (it was log K - 80, finite), as Pyro's
+    TraceEnum_ELBO says; on torch's path and the fused kernel's (no graph, float32)."""
+    from pyro.ops.indexing import Vindex
+
+    from pyro_slots.elbo import LeanEstimator, TraceEnumEstimator
+
+    gmm = GaussianMixture(2, 1)
+    x = torch.tensor([[[0.0], [20.0], [5.0]]] * 2, dtype=torch.float64)
+    slots = gmm.slot_spec.pack(
+        {
+            "loc": torch.tensor([[[0.0], [20.0]]] * 2, dtype=torch.float64),
+            "log_scale": torch.zeros(2, 2, 1, dtype=torch.float64),
+            "logit": torch.zeros(2, 2, dtype=torch.float64),
+        }
+    )
+    # log p(z = k | x) = -(x - μ_k)²/2 - log Σ_j exp(-(x - μ_j)²/2), to 1e-40
+    exact = torch.tensor([[[0.0, -200.0, 0.0]] * 2, [[-200.0, 0.0, -100.0]] * 2]).double()
+    for estimator in (LeanEstimator(), TraceEnumEstimator()):
+        _, log_post = estimator.elbo_and_posterior(gmm, x, slots, "assignment")
+        torch.testing.assert_close(log_post, exact, atol=1e-9, rtol=0)
+
+    class PoissonMixture(SlotModel):
+        def __init__(self):
+            super().__init__(SlotSpec({"rate": (2,), "logit": ()}), feature_dim=2)
+
+        def model(self, x, slots):
+            p = self.slot_spec.split(slots)
+            batch, num_points, _ = x.shape
+            with pyro.plate("batch", batch, dim=-2), pyro.plate("measurements", num_points, dim=-1):
+                z = pyro.sample("z", dist.Categorical(logits=p["logit"].unsqueeze(-2)),
+                                infer={"enumerate": "parallel"})  # fmt: skip
+                rate = Vindex(p["rate"].unsqueeze(-3))[..., z, :]
+                pyro.sample("obs", dist.Poisson(rate).to_event(1), obs=x)
+
+    model = PoissonMixture()
+    # Both components have rate 0 for the second count; datapoint 0 observes 3 there.
+    slots = torch.tensor([[[1.0, 0.0, 0.0], [4.0, 0.0, 0.0]]] * 2)
+    x = torch.tensor([[[1.0, 0.0], [2.0, 3.0]], [[1.0, 0.0], [2.0, 0.0]]])
+    want = -TraceEnum_ELBO(max_plate_nesting=2).loss(model.model, model.guide, x[:1], slots[:1])
+    assert want == -math.inf
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            elbo = LeanEstimator()(model, x, slots.clone().requires_grad_(grad))
+        assert elbo[0] == -math.inf and torch.isfinite(elbo[1])
+        torch.testing.assert_close(elbo[1:], TraceEnumEstimator()(model, x[1:], slots[1:]))

@@ -135,7 +135,7 @@ void lse_column(float* t, int64_t K, int64_t N, int64_t n, bool probs, float* mx
       d = d < -80.0f ? -80.0f : d;
       t[k * N + n] = std::exp(d) / s;
     }
-  mx[n] = shift;
+  mx[n] = nan ? std::numeric_limits<float>::quiet_NaN() : m;  // the log-sum-exp adds it
   sum[n] = s;
 }
 
@@ -165,7 +165,8 @@ void lse_tiles(float* t, int64_t K, int64_t N, int64_t j0, int64_t j1, bool prob
       for (int64_t i = n; i < n + L; ++i) lse_column(t, K, N, i, probs, mx, sum);
       continue;
     }
-    m = m == -std::numeric_limits<float>::infinity() ? splat(0.0f) : m;  // all -inf: shift by 0
+    const vf top = m;  // what the log-sum-exp adds: -inf for a column that is -inf throughout
+    m = m == -std::numeric_limits<float>::infinity() ? splat(0.0f) : m;  // shift it by 0
     vf s = vf{};
     for (int64_t k = 0; k < K; ++k) {
       vf d = load(t + k * N + n) - m;
@@ -176,7 +177,7 @@ void lse_tiles(float* t, int64_t K, int64_t N, int64_t j0, int64_t j1, bool prob
     }
     if (probs)
       for (int64_t k = 0; k < K; ++k) store(t + k * N + n, load(t + k * N + n) / s);
-    store(mx + n, m);
+    store(mx + n, top);
     store(sum + n, s);
   }
 }
@@ -297,8 +298,10 @@ def outer_diag_normal(value, loc, log_scale, const) -> torch.Tensor | None:
 
 
 def logsumexp_first(t: torch.Tensor, probs: bool = False):
-    """``(max, sum)`` over the first axis of float32 ``t`` ``(K, ...)`` on the CPU: the shift
-    (the column's maximum; 0 where it is not finite) and ``Σ_k exp(max(t_k - shift, -80))``,
+    """``(max, sum)`` over the first axis of float32 ``t`` ``(K, ...)`` on the CPU: the column's
+    maximum (NaN where the column holds one; the log-sum-exp is ``log(sum) + max``, ``-inf``
+    for a column that is ``-inf`` throughout) and ``Σ_k exp(max(t_k - shift, -80))`` with the
+    shift that maximum, 0 where it is not finite,
     each ``t``'s shape without the first axis; with ``probs`` the softmax over the first axis is
     written over ``t``. ``None`` where the kernel does not apply (not built, not float32 on the
     CPU, ``t`` not contiguous). No graph."""
