@@ -18,7 +18,12 @@ from torch import nn
 from pyro_slots.init import draw
 from pyro_slots.inner.mstep import mean_and_variance, normal_moments
 from pyro_slots.model import SlotModel, SlotSpec, select_component
-from pyro_slots.validation import check_measurements, check_positive_float, check_positive_int
+from pyro_slots.validation import (
+    check_measurements,
+    check_positive_float,
+    check_positive_int,
+    check_slots,
+)
 
 from . import _fused_kmeans
 
@@ -103,8 +108,10 @@ class GaussianMixture(SlotModel):
         return parts["loc"], parts["log_scale"].exp(), log_weights
 
     def model(self, x, slots):
-        loc, scale, log_weights = self.component_params(slots)
         batch, num_points, _ = x.shape
+        # (batch, K, slot_dim): slots of another batch would broadcast over every datapoint.
+        check_slots(slots, "slots", batch, self.slot_dim, finite=dist.is_validation_enabled())
+        loc, scale, log_weights = self.component_params(slots)
         with pyro.plate(self.batch_plate, batch, dim=-2):
             with pyro.plate("measurements", num_points, dim=-1):
                 z = pyro.sample(

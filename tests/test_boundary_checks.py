@@ -165,6 +165,17 @@ def test_pyro_programs_check_slot_values_while_pyro_validates():
     assert torch.isfinite(elbo[0]) and not torch.isfinite(elbo[1])
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 5), (2, 5)])
+def test_gaussian_mixture_refuses_slots_of_another_batch(shape):
+    """(1, K, D) or unbatched (K, D) slots broadcast one mixture over every datapoint of a
+    batch of 3 (an ELBO and responsibilities came out); the other models refuse them."""
+    from pyro_slots.elbo import per_datapoint_elbo
+
+    gmm, (x, _) = GaussianMixture(2, 2), make_point_sets(3, 10, seed=0)
+    with pytest.raises(ValueError, match=r"slots: expected shape \(3, num_slots, 5\)"):
+        per_datapoint_elbo(gmm, x, torch.randn(shape))
+
+
 def test_switches_and_seeds_are_refused_unless_bools_and_integers():
     """A switch given "no" or 1 is refused, not read through bool() ("no" was True), and a seed
     must be an integer >= 0 (1.5 was seed 1, True seed 1)."""
