@@ -116,7 +116,7 @@ def psis_diagnostic(
     num_samples: int = 1000,
     *,
     seed: int | None = None,
-    constant_tol: float = 1e-9,
+    constant_tol: float | None = None,
 ) -> PSISResult:
     """Pareto k̂ and the PSIS evidence estimate of the guide at ``slots``, per datapoint.
 
@@ -141,7 +141,9 @@ def psis_diagnostic(
     :param int seed: seed of the guide samples (drawn on a forked global RNG); ``None`` uses the
         global RNG.
     :param float constant_tol: log ratios whose range is below ``constant_tol · (1 + |mean|)``
-        count as constant (k̂ = ``-inf``).
+        count as constant (k̂ = ``-inf``); default ``max(1e-9, 64 ε)`` with ``ε`` the machine
+        epsilon of the model's dtype (an exact guide's float32 log ratios differ by rounding,
+        about 1e-6 of their size, where a Pareto fit sees a heavy tail).
     :returns: a :class:`PSISResult`.
     """
     num_samples = check_positive_int(num_samples, "num_samples", minimum=10)
@@ -150,6 +152,8 @@ def psis_diagnostic(
         check_slots(slots, "slots", x_enc.shape[0], model.slot_dim)
         with _traces.seeded(seed):
             lw = _traces.log_weights(model, x_enc, slots.detach(), num_samples).T  # (B, S)
+    if constant_tol is None:
+        constant_tol = max(1e-9, 64 * torch.finfo(lw.dtype).eps)
     lw_np = lw.cpu().numpy().astype(np.float64)
     spread = lw_np.max(-1) - lw_np.min(-1)
     constant = spread <= constant_tol * (1.0 + np.abs(lw_np.mean(-1)))

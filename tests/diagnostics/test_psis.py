@@ -28,6 +28,23 @@ def test_exact_guide(float64, conjugate):
     assert (result.log_evidence - truth).abs().max() < 0.05
 
 
+def test_exact_guide_in_float32_is_exact_not_unusable(conjugate):
+    """In float32 an exact guide's log ratios differ by rounding (about 1e-6 of their size):
+    a fixed tolerance of 1e-9 sent them to the Pareto fit, which read a heavy tail (k̂ = inf,
+    'unusable', with a PSISWarning). The default tolerance follows the dtype."""
+    x = _data().float()
+    slots = conjugate.exact_slots(x).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no PSISWarning
+        result = psis_diagnostic(conjugate, x, slots, NUM_SAMPLES, seed=0)
+    assert result.log_weights.dtype == torch.float32
+    spread = (result.log_weights.amax(1) - result.log_weights.amin(1)).double()
+    assert (spread > 1e-9 * (1 + result.log_weights.double().mean(1).abs())).any()  # rounding
+    assert torch.isneginf(result.khat).all()
+    truth = conjugate.log_evidence(x.double())
+    assert (result.log_evidence.double() - truth).abs().max() < 1e-3
+
+
 def test_slightly_wide_guide_is_good(float64, conjugate):
     # A guide 20% wider than the posterior has bounded importance ratios: the Pareto fit runs
     # (no constant-weight shortcut) and k̂ stays below 0.5.
