@@ -138,8 +138,8 @@ def test_lean_estimator_checks_arguments_once_per_model_and_signature(float64):
     lean(model, x[:2], slots[:2])
     assert model.checks[-1] is True
     bad = slots.clone()
-    bad[0, 0, 0] = float("nan")  # a NaN mean: Normal's argument check refuses it
-    with pytest.raises(ValueError, match="loc"):
+    bad[0, 0, 0] = float("nan")  # a NaN mean: the model's slot check refuses it, naming it
+    with pytest.raises(ValueError, match="slots: contains 1 NaN"):
         LeanEstimator()(model, x, bad)
     assert torch.isnan(lean(model, x, bad)[0]) and torch.isfinite(lean(model, x, bad)[1:]).all()
     x_nan = x.clone()  # observations are still checked against their support
