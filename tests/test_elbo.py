@@ -7,6 +7,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
+import pyro_slots as ps
 from pyro_slots import PerDatapointELBO, SlotModel, SlotSpec, per_datapoint_elbo
 from pyro_slots.models import GaussianMixture
 from tests.conftest import gmm_log_joint, gmm_responsibilities, make_point_sets
@@ -463,3 +464,29 @@ def test_far_posteriors_and_impossible_observations_are_exact(logprob_path):
             elbo = LeanEstimator()(model, x, slots.clone().requires_grad_(grad))
         assert elbo[0] == -math.inf and torch.isfinite(elbo[1])
         torch.testing.assert_close(elbo[1:], TraceEnumEstimator()(model, x[1:], slots[1:]))
+
+
+@pytest.mark.parametrize("batch, num_slots, num_points", [(1, 2, 6), (2, 1, 6), (2, 2, 1)])
+def test_trace_enum_posterior_where_a_plate_has_size_one(float64, batch, num_slots, num_points):
+    """Pyro's compute_marginals fails on size-1 plates or enumeration (a KeyError or a bare
+    AssertionError from inside Pyro, so refine(EM, estimator=TraceEnumEstimator()) failed on
+    one datapoint): the posterior is still the closed-form one."""
+    from pyro_slots.elbo import TraceEnumEstimator
+    from pyro_slots.inner import EM
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, num_points, 2, generator=g)
+    gmm = GaussianMixture(num_slots, 2)
+    slots = gmm.slot_spec.pack(
+        {
+            "loc": torch.randn(batch, num_slots, 2, generator=g),
+            "log_scale": 0.3 * torch.randn(batch, num_slots, 2, generator=g),
+            "logit": torch.randn(batch, num_slots, generator=g),
+        }
+    )
+    _, probs = TraceEnumEstimator().elbo_and_posterior(gmm, x, slots, "assignment", probs=True)
+    want = gmm_responsibilities(gmm, x, slots).transpose(0, 1)  # (K, batch, M)
+    torch.testing.assert_close(probs.reshape(want.shape), want)
+    if num_points >= num_slots:  # (refine needs a measurement per slot)
+        result = ps.refine(gmm, x, EM(3), seed=0, estimator=TraceEnumEstimator())
+        assert torch.isfinite(result.elbo).all()

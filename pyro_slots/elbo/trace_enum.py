@@ -77,8 +77,32 @@ class TraceEnumEstimator(ELBOEstimator):
 
     def log_posterior(self, model, x: torch.Tensor, slots: torch.Tensor, site: str):
         """``log p(site | x, λ)`` from ``TraceEnum_ELBO.compute_marginals``, the enumeration
-        dimension first."""
-        marginal = self.pyro_elbo(model).compute_marginals(model.model, model.guide, x, slots)
+        dimension first.
+
+        Pyro's ``compute_marginals`` fails where a plate or the enumeration has size one (a
+        batch of one datapoint, one slot, one measurement: packed tensors drop such dims); there
+        the posterior is the lean estimator's (exact for the programs it supports), else a
+        ``ValueError`` says so."""
+        try:
+            marginal = self.pyro_elbo(model).compute_marginals(model.model, model.guide, x, slots)
+        except (KeyError, AssertionError) as error:
+            if min(x.shape[0], x.shape[1] if x.dim() > 1 else 2, slots.shape[1]) != 1:
+                raise
+            from .lean import LeanEstimator, LeanFallback
+
+            try:
+                lean = LeanEstimator(self.num_particles, self.max_plate_nesting)
+                log_post = lean.estimate(model, x, slots).log_posterior(site)
+            except LeanFallback:
+                log_post = None
+            if log_post is None:
+                raise ValueError(
+                    f"site: Pyro's compute_marginals fails for {type(model).__name__} where a "
+                    f"plate or the enumeration has size one (x {tuple(x.shape)}, slots "
+                    f"{tuple(slots.shape)}), and the lean estimator does not give {site!r}'s "
+                    "posterior for this program"
+                ) from error
+            return log_post
         if site not in marginal:
             raise ValueError(
                 f"site: {site!r} is not an enumerated site of {type(model).__name__}.model "
