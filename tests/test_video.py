@@ -14,14 +14,21 @@ from pyro_slots.models import GaussianMixture
 
 
 def test_frame_zero_is_the_shapes_scene_and_objects_bounce_at_constant_speed():
-    clips = generate_moving_shapes(3, num_frames=30, image_size=24, max_speed=0.1, seed=4)
-    scenes = generate_shapes(3, image_size=24, min_objects=2, max_objects=3, seed=4)
+    clips = generate_moving_shapes(8, num_frames=30, image_size=24, max_speed=0.1, seed=4)
+    scenes = generate_shapes(8, image_size=24, min_objects=2, max_objects=3, seed=4)
     assert torch.equal(clips["mask"][:, 0], scenes["mask"])
     assert torch.equal(clips["video"][:, 0], scenes["image"])
+    # Frame 0's positions are the scene's, absent objects at 0 in every frame (the fold of the
+    # reflection had moved them to (0.2, 0.2)), and which objects are present is said.
+    assert torch.equal(clips["present"], scenes["present"]) and not scenes["present"].all()
+    torch.testing.assert_close(clips["position"][:, 0], scenes["attr_position"])
+    assert (clips["position"].transpose(1, 2)[~clips["present"]] == 0).all()
+    present = clips["present"].numpy()
     pos, vel = clips["position"].double().numpy(), clips["velocity"].double().numpy()
     # Inside the box [0.1, 0.9] always; between bounces the displacement per frame is the
     # velocity up to its sign, and no step is longer than it.
-    assert (pos >= 0.1 - 1e-6).all() and (pos <= 0.9 + 1e-6).all()
+    inside = pos.transpose(0, 2, 1, 3)[present]  # (present objects, T, 2)
+    assert (inside >= 0.1 - 1e-6).all() and (inside <= 0.9 + 1e-6).all()
     step = np.abs(np.diff(pos, axis=1))  # (N, T-1, M, 2)
     assert (step <= np.abs(vel)[:, None] + 1e-5).all()
     assert (np.abs(step - np.abs(vel)[:, None]) < 1e-5).mean() > 0.8
@@ -29,10 +36,12 @@ def test_frame_zero_is_the_shapes_scene_and_objects_bounce_at_constant_speed():
     p0, t = pos[:, 0], np.arange(30)
     unfolded = p0[:, None] - 0.1 + vel[:, None] * t[None, :, None, None]
     phase = np.mod(unfolded, 1.6)
-    np.testing.assert_allclose(pos, 0.1 + np.minimum(phase, 1.6 - phase), atol=1e-5)
+    folded = 0.1 + np.minimum(phase, 1.6 - phase)
+    for n in range(8):
+        np.testing.assert_allclose(pos[n][:, present[n]], folded[n][:, present[n]], atol=1e-5)
     # Identity: the colour of object j's pixels is the same in every frame.
     video, mask = clips["video"], clips["mask"]
-    for n in range(3):
+    for n in range(8):
         for j in range(1, int(clips["num_objects"][n]) + 1):
             colors = {
                 tuple(video[n, f, :, mask[n, f] == j][:, 0].tolist())

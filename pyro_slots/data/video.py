@@ -17,8 +17,10 @@ key                 shape, dtype                meaning
 ``video``           (N, T, 3, H, W) float32     RGB frames in [0, 1]
 ``mask``            (N, T, H, W) int64          0 = background, ``j + 1`` = object ``j``
 ``position``        (N, T, M, 2) float32        ``(x, y)`` of every object in every frame
+                                                (0 for absent objects, as in the scenes)
 ``velocity``        (N, M, 2) float32           per frame, before reflections
 ``visible``         (N, T, M) bool              object ``j`` owns a pixel of frame ``t``
+``present``         (N, M) bool                 object ``j`` is part of the clip
 ``num_objects``     (N,) int64                  objects per clip
 ==================  ==========================  ===========================================
 """
@@ -96,6 +98,7 @@ def generate_moving_shapes(
     velocity[~attrs["present"]] = 0
     steps = np.arange(num_frames, dtype=np.float64)
     position = bounce(attrs["attr_position"].astype(np.float64), velocity, steps, *POSITION_RANGE)
+    position[:, ~attrs["present"]] = 0  # (the fold moved the absent objects' zeros into the box)
     position = position.astype(np.float32)  # (T, N, M, 2)
     masks, frames, visible = [], [], []
     for t in range(num_frames):
@@ -110,6 +113,7 @@ def generate_moving_shapes(
         "position": position.transpose(1, 0, 2, 3),
         "velocity": velocity.astype(np.float32),
         "visible": np.stack(visible, 1),
+        "present": attrs["present"],
         "num_objects": attrs["num_objects"],
     }
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
