@@ -490,3 +490,37 @@ def test_trace_enum_posterior_where_a_plate_has_size_one(float64, batch, num_slo
     if num_points >= num_slots:  # (refine needs a measurement per slot)
         result = ps.refine(gmm, x, EM(3), seed=0, estimator=TraceEnumEstimator())
         assert torch.isfinite(result.elbo).all()
+
+
+def test_a_scaled_site_inside_the_enumeration_is_refused_as_pyro_refuses_it():
+    """One cluster per datapoint (enumerated, unscaled), its points in a subsampled plate
+    (scaled by 2): the lean estimator tempered the likelihood inside the log-sum-exp,
+    log Σ_z p(z) Π_m p(x_m | z)², and returned a number where Pyro's TraceEnum_ELBO refuses the
+    program; every strategy now refuses it."""
+    from pyro.ops.indexing import Vindex
+
+    from pyro_slots.elbo import LeanEstimator, TraceEnumEstimator
+
+    class ClusterPerDatapoint(SlotModel):
+        def __init__(self):
+            super().__init__(SlotSpec({"loc": (2,), "logit": ()}), feature_dim=2)
+
+        def model(self, x, slots):
+            p = self.slot_spec.split(slots)
+            batch, num_points, _ = x.shape
+            with pyro.plate("batch", batch, dim=-2):
+                z = pyro.sample("z", dist.Categorical(logits=p["logit"].unsqueeze(-2)),
+                                infer={"enumerate": "parallel"})  # fmt: skip
+                loc = Vindex(p["loc"].unsqueeze(-3))[..., z, :]
+                with pyro.plate("measurements", num_points, subsample_size=3, dim=-1) as idx:
+                    pyro.sample("obs", dist.Normal(loc, 1.0).to_event(1), obs=x[:, idx])
+
+    model = ClusterPerDatapoint()
+    x, slots = torch.randn(2, 6, 2), torch.randn(2, 3, 3)
+    with pytest.raises(ValueError, match="common poutine.scale"):
+        TraceEnum_ELBO(max_plate_nesting=2).loss(model.model, model.guide, x, slots)
+    with pytest.raises(ValueError, match="sites depending on them"):
+        LeanEstimator()(model, x, slots)
+    for estimator in (PerDatapointELBO(), TraceEnumEstimator()):
+        with pytest.raises(ValueError, match="common poutine.scale"):
+            estimator(model, x, slots)

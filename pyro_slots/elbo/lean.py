@@ -203,7 +203,8 @@ class _LogDensityCollector(compat.SampleMessenger):
         scaled = scale_and_mask(log_prob, msg["scale"], msg["mask"])
         owned = owned or scaled is not log_prob  # a product made here is ours too
         frames = {f.name: f.dim for f in msg["cond_indep_stack"] if f.vectorized}
-        self.sites.append((msg["name"], scaled, enumerated, frames, owned))
+        rescaled = not is_identically_one(msg["scale"])
+        self.sites.append((msg["name"], scaled, enumerated, frames, owned, rescaled))
 
 
 class _GuideRecorder(compat.SampleMessenger):
@@ -386,18 +387,22 @@ class LeanEstimator(ELBOEstimator):
             )
             frames = {f.name: f.dim for f in site["cond_indep_stack"] if f.vectorized}
             guide_terms.append((-lp, frames))
-        for name, _, is_enum, frames, _ in collector.sites:
+        for name, _, is_enum, frames, _, _ in collector.sites:
             if is_enum:
                 enum_sites.append(name)
                 if enum_frames is not None and frames != enum_frames:
                     raise LeanFallback
                 enum_frames = frames
-        for _, lp, is_enum, frames, owned in collector.sites:
+        for _, lp, is_enum, frames, owned, rescaled in collector.sites:
             depends = is_enum or (
                 lp.dim() > plate_dims and any(s > 1 for s in lp.shape[:-plate_dims])
             )
             if depends:
                 if enum_frames is None or not set(enum_frames).issubset(frames):
+                    raise LeanFallback
+                if rescaled:
+                    # A scale inside the log-sum-exp (subsampled measurements of an enumerated
+                    # cluster) would temper the likelihood; Pyro refuses such programs.
                     raise LeanFallback
                 extra = [d for f, d in frames.items() if f not in enum_frames]
                 enum_terms.append((lp.sum(extra, keepdim=True), True) if extra else (lp, owned))
@@ -438,7 +443,8 @@ def unsupported_message(model) -> str:
     return (
         f"strategy: {type(model).__name__} needs Pyro's general enumeration "
         "(enumerated sites in different plates, a non-reparameterized or "
-        "enumerated guide, or scaled enumerated sites); use strategy='auto'"
+        "enumerated guide, or scaled enumerated sites or sites depending on them); use "
+        "strategy='auto'"
     )
 
 
