@@ -179,6 +179,10 @@ def test_site_outside_batch_plate_is_rejected():
     x = torch.randn(3, 4, 2)
     with pytest.raises(ValueError, match="outside the batch plate"):
         per_datapoint_elbo(bad, x, bad.init_slots(x, 2))
+    # Whatever the batch size: a batch of one has no batch dimension in Pyro's packed tensors,
+    # and the program was accepted there (a one-datapoint smoke test passed).
+    with pytest.raises(ValueError, match="site 'global' lies outside the batch plate 'batch'"):
+        per_datapoint_elbo(bad, x[:1], bad.init_slots(x[:1], 2))
 
 
 class SetLabelModel(GaussianMixture):

@@ -18,6 +18,7 @@ from pyro.infer.util import Dice
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
 from pyro.ops.rings import MarginalRing, SampleRing
+from pyro.poutine.util import site_is_subsample
 
 from .. import _pyro_compat as compat
 from .base import ELBOEstimator
@@ -64,6 +65,7 @@ class TraceEnumEstimator(ELBOEstimator):
                     f"{type(model).__name__}.model has no plate named {model.batch_plate!r}; "
                     "slot models must index datapoints with that plate"
                 )
+            _check_sites_in_plate(model_trace, guide_trace, model.batch_plate)
             value = _per_datapoint_dice_elbo(model_trace, guide_trace, symbol, batch)
             total = value if total is None else total + value
         return total / self.num_particles
@@ -155,6 +157,21 @@ class _PerDatapointDice(Dice):
                     term = scale * term
                     result = term if result is None else result + term
         return result
+
+
+def _check_sites_in_plate(model_trace, guide_trace, batch_plate: str) -> None:
+    """Every sample site of the model and the guide lies inside the batch plate (decided from
+    the traces: the packed tensors of a batch of one have no batch dimension to tell)."""
+    for trace in (model_trace, guide_trace):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if not any(f.name == batch_plate for f in site["cond_indep_stack"]):
+                raise ValueError(
+                    f"per-datapoint ELBO: site {name!r} lies outside the batch plate "
+                    f"{batch_plate!r}; every sample site of a slot model must lie inside the "
+                    "batch plate"
+                )
 
 
 def _reduce_keep(t: torch.Tensor, dims: str, keep: str, size: int) -> torch.Tensor:
