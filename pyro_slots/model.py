@@ -108,6 +108,9 @@ class SlotModel(PyroModule):
     """
 
     batch_plate = "batch"
+    #: The plate over the slots where the model or guide has per-slot sites (IODINE's latents):
+    #: diagnostics name that dimension ``slot``, so that restarts are aligned by it.
+    slot_plate = "slots"
     #: Largest number of nested plates in model and guide (batch + measurements by default).
     max_plate_nesting = 2
 

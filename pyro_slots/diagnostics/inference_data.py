@@ -237,6 +237,8 @@ def _guide_draws(model, x_enc, slots, num_draws: int):
                 dims.append("draw")
             elif frame == model.batch_plate:
                 dims.append("datapoint")
+            elif frame is not None and frame == getattr(model, "slot_plate", None):
+                dims.append("slot")  # aligned across restarts with the slots themselves
             else:
                 dims.append(frame or f"{name}_dim_{i + nesting}")
         dims += [f"{name}_event_{i}" for i in range(event_dim)]

@@ -178,7 +178,7 @@ def summary(
     if any("slot" in v.dims for v in idata.posterior.data_vars.values()):
         table["rhat_unaligned"] = rhat_per_datapoint(unaligned_posterior(idata), var_names).values
     else:
-        # Guide draws are taken at the aligned slots and have no dim named "slot" to undo the
+        # Draws of a guide without the model's slot plate have no slot dim to undo the
         # alignment on: there is no unaligned version to compare with.
         table["rhat_unaligned"] = np.nan
     post = aligned_posterior(idata)
