@@ -107,6 +107,13 @@ class GaussianMixture(SlotModel):
         log_weights = torch.log_softmax(parts["logit"], dim=-1)
         return parts["loc"], parts["log_scale"].exp(), log_weights
 
+    def canonical_slots(self, slots):
+        """The mixing logits centred over the slots (their softmax, the weights, ignores a
+        common shift); means and scales unchanged."""
+        parts = self.slot_spec.split(slots)
+        parts["logit"] = parts["logit"] - parts["logit"].mean(-1, keepdim=True)
+        return self.slot_spec.pack(parts)
+
     def model(self, x, slots):
         batch, num_points, _ = x.shape
         # (batch, K, slot_dim): slots of another batch would broadcast over every datapoint.

@@ -168,6 +168,14 @@ class SlotModel(PyroModule):
         slots = init(x.shape[0], num_slots, generator=generator, dtype=x.dtype, device=x.device)
         return slots if rows is None else slots[rows]
 
+    def canonical_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """``slots`` ``(..., K, slot_dim)`` with the directions the model does not identify
+        fixed (the same model, one representative): diagnostics compare restarts in this form,
+        so that R-hat does not read two parametrizations of one mixture as two solutions.
+        Unchanged by default; :class:`~pyro_slots.models.GaussianMixture` centres its mixing
+        logits over the slots (a softmax ignores a common shift)."""
+        return slots
+
     def reconstruct(self, x: torch.Tensor, slots: torch.Tensor, x_raw=None) -> torch.Tensor:
         """Reconstruction of the raw datapoints from the slots (for the Reconstruction task)."""
         raise CapabilityError(f"{type(self).__name__} does not define reconstruct()")

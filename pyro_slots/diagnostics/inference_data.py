@@ -348,21 +348,26 @@ def to_inference_data(
     }
     generator = None if seed is None else torch.Generator().manual_seed(check_seed(seed))
     flat = slots.reshape(num_restarts * batch, *slots.shape[2:])
+    # λ as the diagnostics compare it: one representative of what the model does not identify
+    # (a GMM's logits centred), so that R-hat does not read one mixture as two solutions.
+    canonical = getattr(model, "canonical_slots", None) or (lambda s: s)
+    centres = canonical(slots).unsqueeze(1)
     x_rep = None if res.x_enc is None else res.x_enc.repeat(num_restarts, 1, 1)
     stats = {}
     lam_draws = None
     if draws == "point":
-        lam_draws = slots.unsqueeze(1)  # (R, 1, B, K, D)
+        lam_draws = centres  # (R, 1, B, K, D)
     elif draws == "laplace":
         check_draws(draws, model, res.x_enc, slots[0])
         d, unidentified, ascent = laplace_draws(model, x_rep, flat, num_draws, generator=generator)
         lam_draws = d.reshape(num_draws, num_restarts, batch, *d.shape[2:]).transpose(0, 1)
+        lam_draws = canonical(lam_draws)
         stats["laplace_unidentified"] = (
             unidentified.reshape(num_restarts, 1, batch),
             ["datapoint"],
         )
         stats["laplace_ascent"] = (ascent.reshape(num_restarts, 1, batch), ["datapoint"])
-        for name, (value, dims) in _split_fields(slots.unsqueeze(1), spec).items():
+        for name, (value, dims) in _split_fields(centres, spec).items():
             stats[f"lambda_{name}"] = (value, dims)  # the centres of the draws
 
     posterior = {}
@@ -376,7 +381,7 @@ def to_inference_data(
             value = value.reshape(num_draws, num_restarts, batch, *value.shape[2:]).transpose(0, 1)
             posterior[name] = (value, dims[1:])
         _warn_undefined_rhat(posterior, num_draws, draws)
-        for name, (value, dims) in _split_fields(slots.unsqueeze(1), spec).items():
+        for name, (value, dims) in _split_fields(centres, spec).items():
             stats[f"lambda_{name}"] = (value, dims)
 
     stats["elbo"] = (res.elbo.unsqueeze(1), ["datapoint"])
