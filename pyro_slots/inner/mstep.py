@@ -87,6 +87,21 @@ def _family(fn):
     return None, ()
 
 
+def _measurement_weight(node, plates, num_points, resp):
+    """The site's ``mask · scale`` per measurement ``(batch, M)``, or ``None`` where both are
+    trivial."""
+    mask, scale = node["mask"], node["scale"]
+    weight = None
+    if mask is not None and mask is not True:
+        weight = torch.as_tensor(mask, device=resp.device).to(resp.dtype)
+    if not (isinstance(scale, (int, float)) and scale == 1.0):
+        s = torch.as_tensor(scale, dtype=resp.dtype, device=resp.device)
+        weight = s if weight is None else weight * s
+    if weight is None:
+        return None
+    return weight.broadcast_to(plates).reshape(plates[0], num_points)
+
+
 class DerivedMStep:
     """Closed-form M-step of an exponential-family mixture, derived by tracing the model.
 
@@ -327,7 +342,14 @@ class DerivedMStep:
                 flat = torch.nn.functional.one_hot(flat.long(), num_values).to(resp.dtype)
                 flat = flat.reshape(flat.shape[0], num_points, -1)
             flat = flat.to(resp.dtype)
-            estimates = self._estimate(family, flat, resp, nk, mapping)
+            # poutine.mask / scale on the site (missing measurements): its terms weigh in the
+            # expected complete log-likelihood by mask · scale, so do they in its estimate.
+            weight = _measurement_weight(trace.nodes[site], plates, num_points, resp)
+            if weight is None:
+                estimates = self._estimate(family, flat, resp, nk, mapping)
+            else:
+                r_site = resp * weight.unsqueeze(1)
+                estimates = self._estimate(family, flat, r_site, r_site.sum(-1) + eps, mapping)
             for pname, estimate in estimates.items():
                 entry = mapping[pname]
                 if torch.is_tensor(entry):
