@@ -284,7 +284,7 @@ def diag_normal_log_prob(loc, scale, value):
             return squared_distance(value, loc) * (-0.5 * prec[..., 0]) - const
         square = None
         for f in range(event):
-            d = value[..., f] - loc[..., f]
+            d = value[..., f] - loc[..., f if loc.shape[-1] > 1 else 0]  # (a mean shared by all)
             term = d * d * prec[..., f]
             square = term if square is None else square + term
         return -0.5 * square - const

@@ -93,3 +93,13 @@ class ScaledMeanMixture(_Mixture):
 
     def component(self, parts, n, z):
         return dist.Normal(2.0 * Vindex(parts["loc"])[n, z], 1.0)
+
+
+class ScaleMixture(_Mixture):
+    """Zero-mean Normals with a scale per slot and feature (the mean shared by every feature)."""
+
+    def __init__(self, num_slots, dim):
+        super().__init__(num_slots, dim, {"log_scale": (dim,)})
+
+    def component(self, parts, n, z):
+        return dist.Normal(0.0, Vindex(parts["log_scale"])[n, z].exp())

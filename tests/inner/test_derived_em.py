@@ -460,3 +460,25 @@ def test_derived_m_step_weighs_a_masked_site_by_its_mask(float64):
     torch.testing.assert_close(rates[0], want)
     history = ps.refine(model, x, EM(5), slots=slots).history[:, 0, 0]
     assert (history.diff() >= -1e-9).all()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_mean_shared_by_every_feature_with_scales_per_feature(float64, grad):
+    """x | z ~ Normal(0, σ_z) per feature: the lean estimator indexed the shared mean per
+    feature (IndexError); its ELBO is Pyro's (TraceEnumEstimator), and derived EM fits the
+    scales: the weighted root mean square of the zero-mean data, and never lowers the ELBO."""
+    from pyro_slots.elbo import TraceEnumEstimator
+    from tests.inner.mixtures import ScaleMixture
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, 2, generator=g) * torch.tensor([1.0, 3.0])
+    model = ScaleMixture(2, 2)
+    slots = (0.3 * torch.randn(2, 2, model.slot_dim, generator=g)).requires_grad_(grad)
+    want = InnerProblem(model, x, estimator=TraceEnumEstimator()).elbo(slots)
+    torch.testing.assert_close(InnerProblem(model, x).elbo(slots), want)
+    resp = _responsibilities(model, x, slots.detach())
+    scale = DerivedMStep()(model, x, resp, slots.detach())[..., :2].exp()
+    rms = ((resp.unsqueeze(-1) * x.unsqueeze(1) ** 2).sum(2) / resp.sum(-1, keepdim=True)).sqrt()
+    torch.testing.assert_close(scale, rms, rtol=1e-5, atol=0)  # (reg_covar: a 1e-6 floor)
+    history = ps.refine(model, x, EM(5), slots=slots.detach()[None]).history[:, 0]
+    assert (history.diff(dim=0) >= -1e-9).all()
