@@ -974,9 +974,12 @@ def reinitialized_rule(config: TrainConfig, model, inner, init, masks: str | Non
             f"{config.init} has no slot initializer to redraw slots from (k-means++ seeds from "
             "the data); use --init learned or --init fixed"
         )
-    wrapped = Reinitialize(
-        inner, init=replacement, seed=config.seed, masks=_masks(config, model, inner, masks)
-    )
+    try:
+        wrapped = Reinitialize(
+            inner, init=replacement, seed=config.seed, masks=_masks(config, model, inner, masks)
+        )
+    except ValueError as error:  # e.g. an initializer that reads the datapoints (amortized)
+        raise ConfigError(f"reinitialize: {error}") from None
     try:
         wrapped.check_model(model)
     except CapabilityError as error:

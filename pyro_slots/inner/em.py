@@ -72,6 +72,12 @@ class EM(InnerRule):
     def check_model(self, model):
         _require_assignment(model, "EM")
 
+    def divergence_hint(self) -> str:
+        return (
+            "EM has no step size: its M-step produced non-finite slots, so check the model "
+            "and its m_step (or the DerivedMStep estimates), or use GeneralizedEM"
+        )
+
     def _maximize(self, model, x, resp, slots):
         if self.m_step is not None:
             return self.m_step(model, x, resp, slots)

@@ -50,11 +50,21 @@ from ..validation import CapabilityError, check_positive_float, check_positive_i
 __all__ = ["TRANSFORMS", "DerivedMStep"]
 
 
+# The inverses take an estimate into the transform's image first: a weighted MLE outside it
+# (a negative mean for an exp-parametrized one) maximizes the expected complete log-likelihood
+# over the image at its boundary, which a clamp approaches (log of it was NaN).
+def _log(t):
+    return t.clamp_min(torch.finfo(t.dtype).tiny).log()
+
+
 def _logit(p):
+    eps = torch.finfo(p.dtype).eps
+    p = p.clamp(eps, 1 - eps)
     return p.log() - torch.log1p(-p)
 
 
 def _inv_softplus(y):
+    y = y.clamp_min(torch.finfo(y.dtype).tiny)
     return y + torch.log(-torch.expm1(-y))
 
 
@@ -63,7 +73,7 @@ def _inv_softplus(y):
 #: use ``softmax`` over the slot axis, handled separately.
 TRANSFORMS = {
     "identity": (lambda u: u, lambda t: t),
-    "exp": (torch.exp, torch.log),
+    "exp": (torch.exp, _log),
     "sigmoid": (torch.sigmoid, _logit),
     "softplus": (torch.nn.functional.softplus, _inv_softplus),
 }

@@ -6,6 +6,7 @@ import torch
 
 from ..validation import CapabilityError, check_positive_float, check_positive_int, check_seed
 from .base import InnerProblem, InnerRule, InnerState
+from .safeguard import Safeguarded
 
 __all__ = ["Reinitialize", "decoder_masks", "duplicate_mask", "masks_of", "posterior_masks"]
 
@@ -53,17 +54,23 @@ def decoder_masks(problem: InnerProblem, slots: torch.Tensor) -> torch.Tensor:
     return decode(slots)[2].flatten(2)
 
 
-def duplicate_mask(features: torch.Tensor, threshold: float = 0.95) -> torch.Tensor:
+def duplicate_mask(
+    features: torch.Tensor, threshold: float = 0.95, dead: torch.Tensor | None = None
+) -> torch.Tensor:
     """Which slots duplicate an earlier slot of the same datapoint, ``(batch, num_slots)`` bool.
 
     Slot ``k`` is a duplicate when the cosine similarity of its feature vector with that of a
-    slot ``j < k`` exceeds ``threshold`` (the first of a group of duplicates is kept).
+    slot ``j < k`` exceeds ``threshold`` (the first of a group of duplicates is kept). With
+    ``dead`` ``(batch, num_slots)``, only slots that are not dead count as ``j``: a live slot
+    is not the duplicate of a dead one with the same (scaled) responsibilities.
 
     :param torch.Tensor features: ``(batch, num_slots, F)``: masks (responsibilities) or slots.
     """
     f = torch.nn.functional.normalize(features, dim=-1)
     cos = f @ f.transpose(-1, -2)  # (batch, K, K)
     earlier = torch.ones_like(cos, dtype=torch.bool).tril(-1)  # [k, j] with j < k
+    if dead is not None:
+        earlier = earlier & ~dead.unsqueeze(-2)
     return ((cos > threshold) & earlier).any(-1)
 
 
@@ -134,9 +141,25 @@ class Reinitialize(InnerRule):
                 f"init: {type(rule).__name__} has no slot_init; pass the slot initializer to "
                 "draw replacements from, e.g. GaussianInit(slot_dim)"
             )
+        if getattr(self.replacement, "conditional", False):
+            raise ValueError(
+                f"init: replacements are drawn without the datapoints, and "
+                f"{type(self.replacement).__name__} predicts slots from them; pass a random "
+                "initializer to draw from, e.g. init=GaussianInit(slot_dim)"
+            )
+        if isinstance(rule, Safeguarded):
+            raise ValueError(
+                "rule: Safeguarded judges each step against the ELBO of the slots it last "
+                "accepted, which a redraw makes stale; wrap the other way round, "
+                "Safeguarded(Reinitialize(rule)), which also rejects a redraw that lowers the ELBO"
+            )
         self.dead_threshold = check_positive_float(
             dead_threshold, "dead_threshold", allow_zero=True
         )
+        if self.dead_threshold > 1:
+            raise ValueError(
+                f"dead_threshold: a share of the measurements in [0, 1], got {dead_threshold}"
+            )
         self.duplicate_threshold = check_positive_float(duplicate_threshold, "duplicate_threshold")
         self.every = check_positive_int(every, "every")
         self.masks = posterior_masks if masks is None else masks
@@ -205,7 +228,8 @@ class Reinitialize(InnerRule):
         with torch.no_grad():
             masks = self.masks(problem, slots.detach())  # (B, K, N)
             dead = masks.mean(-1) < self.dead_threshold
-            return dead | duplicate_mask(masks, self.duplicate_threshold)
+            # (a slot with a dead one's responsibilities, scaled up, is the group's live one)
+            return dead | duplicate_mask(masks, self.duplicate_threshold, dead)
 
     def step(self, state: InnerState, problem: InnerProblem, create_graph: bool = False):
         slots = state.slots

@@ -103,3 +103,13 @@ class ScaleMixture(_Mixture):
 
     def component(self, parts, n, z):
         return dist.Normal(0.0, Vindex(parts["log_scale"])[n, z].exp())
+
+
+class PositiveMeanMixture(_Mixture):
+    """Normals of unit scale whose mean is ``exp`` of a slot part (positive means)."""
+
+    def __init__(self, num_slots, dim):
+        super().__init__(num_slots, dim, {"log_loc": (dim,)})
+
+    def component(self, parts, n, z):
+        return dist.Normal(Vindex(parts["log_loc"])[n, z].exp(), 1.0)

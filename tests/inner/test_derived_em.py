@@ -482,3 +482,23 @@ def test_a_mean_shared_by_every_feature_with_scales_per_feature(float64, grad):
     torch.testing.assert_close(scale, rms, rtol=1e-5, atol=0)  # (reg_covar: a 1e-6 floor)
     history = ps.refine(model, x, EM(5), slots=slots.detach()[None]).history[:, 0]
     assert (history.diff(dim=0) >= -1e-9).all()
+
+
+def test_an_estimate_outside_the_parameters_range_goes_to_its_boundary(float64):
+    """x | z ~ Normal(exp(u_z), 1) on mostly negative data: the weighted mean is negative, and
+    log of it was NaN (EM then told the user to lower a step size EM does not have). The
+    expected complete log-likelihood is concave in the mean with its maximum below 0, so on
+    means > 0 it grows toward 0: the M-step goes to the boundary (the smallest positive
+    number), and EM never lowers the ELBO."""
+    from tests.inner.mixtures import PositiveMeanMixture
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 30, 1, generator=g) - 2.0
+    model = PositiveMeanMixture(2, 1)
+    slots = torch.zeros(1, 2, model.slot_dim)
+    resp = _responsibilities(model, x, slots)
+    log_loc = model.slot_spec.split(DerivedMStep()(model, x, resp, slots))["log_loc"]
+    assert torch.isfinite(log_loc).all()
+    assert (log_loc.exp() <= 10 * torch.finfo(torch.float64).tiny).all()
+    history = ps.refine(model, x, EM(3), slots=slots[None]).history[:, 0, 0]
+    assert (history.diff() >= -1e-9).all()

@@ -1,5 +1,7 @@
 """Reinitialize: dead and duplicate slots redrawn inside the inner loop."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from pyro_slots.inner import (
     InnerProblem,
     InnerState,
     Reinitialize,
+    Safeguarded,
     decoder_masks,
     duplicate_mask,
     posterior_masks,
@@ -50,6 +53,36 @@ def test_duplicate_mask_keeps_the_first_of_each_group():
     assert duplicate_mask(features, 0.99).tolist() == [[False, True, False, True]]
     assert duplicate_mask(features, 0.999).tolist() == [[False, True, False, False]]
     assert ps.diagnostics.duplicate_slots(features, 0.99).tolist() == [2]
+    # Slot 0 dead: slot 1 (parallel to it) is the live one of its group, not a duplicate
+    dead = torch.tensor([[True, False, False, False]])
+    assert duplicate_mask(features, 0.99, dead).tolist() == [[False, False, False, True]]
+
+
+def test_a_live_slot_is_not_redrawn_as_the_duplicate_of_a_dead_one(float64):
+    """Two components collapsed onto one cluster, weights 0.004 and 0.496: the first is dead,
+    the second has the same (scaled) responsibilities. Both were redrawn, the cluster lost its
+    only live slot and the ELBO fell (111 -> 12 after one EM step); only the dead one is."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat(
+        [
+            torch.randn(1, 50, 2, generator=g) * 0.1 + torch.tensor([-3.0, 0.0]),
+            torch.randn(1, 50, 2, generator=g) * 0.1 + torch.tensor([3.0, 0.0]),
+        ],
+        1,
+    )
+    gmm = GaussianMixture(3, 2)
+    slots = gmm.slot_spec.pack(
+        {
+            "loc": torch.tensor([[[-3.0, 0.0], [-3.0, 0.0], [3.0, 0.0]]]),
+            "log_scale": torch.full((1, 3, 2), math.log(0.1)),
+            "logit": torch.tensor([[0.004, 0.496, 0.5]]).log(),
+        }
+    )
+    problem = InnerProblem(gmm, x)
+    rule = Reinitialize(EM(5), ps.GaussianInit(gmm.slot_dim))
+    assert rule.replaced(problem, slots).tolist() == [[True, False, False]]
+    state, _ = rule.step(rule.init(problem, slots)._replace(step=1), problem)
+    assert problem.elbo(state.slots).item() >= problem.elbo(slots).item()
 
 
 def _seeded(seed, step, block):
@@ -215,6 +248,21 @@ def test_reinitialize_refuses_a_model_without_assignments_and_a_rule_without_ini
         Reinitialize(EM(1))
     with pytest.raises(ValueError, match="duplicate_threshold"):
         Reinitialize(EM(1), init=ps.GaussianInit(5), duplicate_threshold=0)
+    # a share of the measurements: above 1 every slot is dead at every step
+    with pytest.raises(
+        ValueError, match=r"dead_threshold: a share of the measurements in \[0, 1\]"
+    ):
+        Reinitialize(EM(1), init=ps.GaussianInit(5), dead_threshold=1.5)
+    # replacements are drawn without the datapoints (an amortized one crashed at the first
+    # redraw, in the loop)
+    amortized = ps.AmortizedInit(2, 3, 5)
+    with pytest.raises(ValueError, match="init: replacements are drawn without the datapoints"):
+        Reinitialize(EM(1), init=amortized)
+    # Safeguarded's merit would go stale at a redraw (it kept redrawn slots the ELBO of -1048
+    # as 116.9): the other nesting is the one that works
+    with pytest.raises(ValueError, match=r"Safeguarded\(Reinitialize\(rule\)\)"):
+        Reinitialize(Safeguarded(EM(1)), init=ps.GaussianInit(5))
+    Safeguarded(Reinitialize(EM(1), init=ps.GaussianInit(5)))
     with pytest.raises(ValueError, match="rank: expected 0 <= rank < 2, got 2"):
         Reinitialize(EM(1), init=ps.GaussianInit(5)).shard_draws(2, 2)
 
