@@ -816,27 +816,23 @@ def chunked_metrics(
 ) -> dict:
     """:func:`metrics_of` of :func:`infer`, over chunks of :data:`CHUNK_SIZE` datapoints (those
     of ``pyro-slots evaluate``, which so repeats the final test and the periodic validation
-    exactly): every metric is the mean of the chunks' means weighted by their sizes (the mean
-    over datapoints wherever no datapoint's value is NaN)."""
+    exactly): every metric is the mean over all the datapoints' values, those that are NaN
+    left out (an image without foreground has no FG-ARI), as :func:`evaluate_run` takes it."""
     num = batch.x.shape[0]
     head = set_prediction_head(run.components.objective)
-    totals, count, slots = {}, 0, []
+    columns, count, slots, steps = {}, 0, [], None
     for i in range(0, num, CHUNK_SIZE):
-        part = Batch(
-            batch.x[i : i + CHUNK_SIZE],
-            {k: v[i : i + CHUNK_SIZE] if torch.is_tensor(v) else v for k, v in batch.truth.items()},
-        )
+        part = _slice(batch, i, i + CHUNK_SIZE)
         size = part.x.shape[0]
         inference = infer(run, part, inner_steps, restarts, criterion, reinitialize=reinitialize)
         if head is not None:
             slots.append(inference.result.slots[0])
-        metrics = metrics_of(run, inference, reference)
-        for key, value in metrics.items():
-            if key not in ("num_datapoints", "inner_steps"):
-                totals[key] = totals.get(key, 0.0) + size * value
+        for key, value in per_datapoint(run, inference, reference).items():
+            columns.setdefault(key, []).append(value)
         count += size
-    out = {"num_datapoints": count, "inner_steps": int(metrics["inner_steps"])}
-    out.update({key: value / count for key, value in totals.items()})
+        steps = inference.num_steps
+    out = {"num_datapoints": count, "inner_steps": int(steps)}
+    out.update(_means({key: torch.cat(parts) for key, parts in columns.items()}))
     if head is not None:
         # The average precision of the head's predictions at every distance threshold, over all
         # the test data at once (predictions ranked by confidence across datapoints).

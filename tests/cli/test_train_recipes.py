@@ -698,3 +698,35 @@ def test_evaluate_on_the_validation_scenes_repeats_the_runs_last_validation_reco
     assert last["J"] != pytest.approx(metrics["J"], rel=1e-5)  # not the training T's (8e-4 off)
     with pytest.raises(ConfigError, match="validate_as_tested: needs the periodic validation"):
         _train(tmp_path, name="never", eval_every=0, validate_as_tested=True)
+
+
+def test_chunked_metrics_take_one_mean_over_every_datapoint(tmp_path, monkeypatch):
+    """A chunk whose images have no foreground (FG-ARI NaN) made the whole test's FG-ARI NaN:
+    each chunk's nan-mean was weighted by the chunk's size. The test's metric is the mean of
+    the per-image values, NaN left out, as sklearn's scores of the same masks give it."""
+    from sklearn.metrics import adjusted_rand_score
+
+    import pyro_slots.cli.evaluate as evaluate
+
+    run = _train(tmp_path, steps=1, test_size=0)
+    batch = run.components.stream.held_out(6)
+    batch.truth["mask"][:3] = 0  # the first chunk: background only
+    monkeypatch.setattr(evaluate, "CHUNK_SIZE", 3)
+    torch.manual_seed(0)
+    chunked = evaluate.chunked_metrics(run, batch, reference=False)
+    torch.manual_seed(0)  # the same inferences, chunk by chunk
+    masks = torch.cat(
+        [
+            evaluate.decode(
+                run.components.model, infer(run, evaluate._slice(batch, i, i + 3)).result
+            )[2].argmax(1)
+            for i in (0, 3)
+        ]
+    )
+    scores = []
+    for true, pred in zip(batch.truth["mask"], masks):
+        fg = true.flatten() > 0
+        if fg.any():
+            scores.append(adjusted_rand_score(true.flatten()[fg], pred.flatten()[fg]))
+    assert len(scores) == 3
+    assert chunked["fg_ari"] == pytest.approx(np.mean(scores), abs=1e-9)
