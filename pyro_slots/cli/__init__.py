@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="datapoints (default: 128 from a generator, every image of an HDF5 file)",
+        help="datapoints (default: on the run's own held-out data its --test-size, the data "
+        "of test.json, else 128 from a generator; every image of an HDF5 file)",
     )
     evaluate.add_argument(
         "--inner-steps",

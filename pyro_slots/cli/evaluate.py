@@ -234,8 +234,9 @@ def evaluation_data(run: TrainRun, dataset: str | None = None, num: int | None =
     :param str dataset: ``None`` (the run's own held-out split), ``"validation"`` (the run's
         validation scenes, apart from training and test), a generator's name of the run's kind
         of data, or ``hdf5:PATH``.
-    :param int num: datapoints (default: :data:`DEFAULT_NUM` from a generator, every image of
-        an HDF5 file or of the run's held-out HDF5 split); >= 1.
+    :param int num: datapoints (default: on the run's own held-out data its ``test_size``, the
+        data of ``test.json``, else :data:`DEFAULT_NUM` from a generator; every image of an HDF5
+        file or of the run's held-out HDF5 split); >= 1.
     :raises ConfigError: for an unknown name, data of another kind, size or channel count than
         the run's model takes, a missing or misshaped file, or fewer datapoints than ``num``.
     """
@@ -256,11 +257,10 @@ def evaluation_data(run: TrainRun, dataset: str | None = None, num: int | None =
     own = dataset == run.config.dataset and not dataset.startswith("hdf5:")
     if dataset is None or own:
         name = f"{run.config.dataset}/held-out"
+        default = run.config.test_size or DEFAULT_NUM  # the final test's data: test.json again
         return _generated(
             stream,
-            held_out_num(
-                stream, num, DEFAULT_NUM, every_image=True, hint="; pass --dataset hdf5:PATH"
-            ),
+            held_out_num(stream, num, default, every_image=True, hint="; pass --dataset hdf5:PATH"),
             name,
         )
     if not isinstance(dataset, str):

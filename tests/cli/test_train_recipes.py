@@ -86,12 +86,14 @@ def test_evaluate_defaults_repeat_the_final_test(tmp_path, capsys):
     )  # fmt: skip
     report = _test_report(run)
     assert (report["inner_steps"], report["restarts"], report["reinitialize"]) == (4, 2, True)
-    default = evaluate_run(run.config.out, num=4)
+    # (the number of datapoints too: --test-size's, where it was 128 whatever the test's)
+    default = evaluate_run(run.config.out)
+    assert default["num_datapoints"] == 4
     assert (default["inner_steps"], default["restarts"]) == (4, 2)
     assert (default["restart_criterion"], default["reinitialize"]) == ("mse", True)
     for key in ("fg_ari", "ari", "mean_iou", "mse", "elbo", "J"):
         assert default[key] == pytest.approx(report["metrics"][key], rel=1e-5, abs=1e-6), key
-    assert main(["evaluate", run.config.out, "--num", "4", "--json"]) == 0
+    assert main(["evaluate", run.config.out, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["mse"] == pytest.approx(report["metrics"]["mse"], rel=1e-5, abs=1e-6)
     # Each option given replaces the test's: one restart at the training T, no re-drawing.
