@@ -505,7 +505,8 @@ _TESTED_AS = ("eval_inner_steps", "eval_restarts", "restart_criterion", "eval_re
 
 def _check_resumed_procedure(saved: TrainConfig, config: TrainConfig) -> None:
     """The resumable options that would change a run's data or its selection all the same:
-    an HDF5 run's held-out split (the larger of eval_size and test_size: its last images), and
+    an HDF5 run's held-out split (the larger of eval_size and test_size: its last images), with
+    ``select_best`` the validation scenes it compares across the resume (``eval_size``), and
     with ``validate_as_tested`` the options of the validation it selects by."""
     if saved.dataset.startswith("hdf5:"):
         before, after = hdf5_held_out(saved), hdf5_held_out(config)
@@ -515,6 +516,12 @@ def _check_resumed_procedure(saved: TrainConfig, config: TrainConfig) -> None:
                 f"(the larger of the two); resuming with {after} would move images between its "
                 "training and held-out splits"
             )
+    if saved.select_best and config.select_best and config.eval_size != saved.eval_size:
+        raise ConfigError(
+            f"eval_size: --select-best compares every validation score with the best so far, "
+            f"taken on the first {saved.eval_size} validation scenes; resuming with "
+            f"{config.eval_size} would compare scores of other scenes"
+        )
     if saved.validate_as_tested:
         changed = [n for n in _TESTED_AS if getattr(config, n) != getattr(saved, n)]
         if changed:

@@ -548,6 +548,23 @@ def test_resume_refuses_options_that_change_the_validation_it_selects_by(tmp_pat
     assert load_checkpoint(f"{run.config.out}/checkpoint.pt")["step"] == 2  # left as it was
 
 
+def test_resume_refuses_another_validation_size_where_it_selects_the_best(tmp_path, capsys):
+    """--select-best compares each validation score with the best so far: resumed with another
+    --eval-size it compared scores of other scenes (a gain of 0.35 nats that was the scenes').
+    Without selection the size may change."""
+    from pyro_slots.cli import main
+
+    run = _train(tmp_path, select_best=True)
+    argv = ["train", "--resume", run.config.out, "--steps", "3", "--eval-size", "5"]
+    assert main([*argv, "--no-progress", "--no-pictures"]) == 2
+    assert "eval_size: --select-best compares every validation score" in capsys.readouterr().err
+    assert load_checkpoint(f"{run.config.out}/checkpoint.pt")["step"] == 2  # left as it was
+    plain = _train(tmp_path, name="plain", select_best=False)
+    argv = ["train", "--resume", plain.config.out, "--steps", "3", "--eval-size", "5"]
+    assert main([*argv, "--no-progress", "--no-pictures"]) == 0
+    assert load_checkpoint(f"{plain.config.out}/checkpoint.pt")["step"] == 3
+
+
 def test_test_sweep_scores_the_tested_weights_at_every_inner_steps(tmp_path, capsys):
     """test_sweep "1,3" repeats the final test of the tested weights at T = 1 and 3: each entry
     is what pyro-slots evaluate scores at that T on the same scenes (one chunk, the same seed),
