@@ -55,7 +55,8 @@ HEADER = ("FG-ARI", "ARI", "mean IoU", "log-lik / point", "MSE", "split / image"
 DECIMALS = {"mse": 4, "loglik_per_point": 4}
 #: The validation score of each kind of run (the one ``--select-best`` selects by), in the
 #: order :func:`default_metric` looks for them.
-SCORES = ("fg_ari", "video_fg_ari", "loglik_per_point")
+#: (clip runs' records hold the per-frame ``fg_ari`` too: their own score comes first)
+SCORES = ("video_fg_ari", "fg_ari", "loglik_per_point")
 #: Which tested weights: those of test.json (best with --select-best), or the final ones.
 WEIGHTS = ("tested", "final")
 
@@ -268,8 +269,8 @@ def validation_table(runs: list[dict], metric: str = "fg_ari") -> str:
 
 def default_metric(runs: list[dict]) -> str:
     """The validation score the runs were selected by: the first of :data:`SCORES` that every
-    run's validation records hold (FG-ARI for images, the log-likelihood per point for point
-    sets); ``fg_ari`` where none is common to all."""
+    run's validation records hold (the clip FG-ARI for clips, FG-ARI for images, the
+    log-likelihood per point for point sets); ``fg_ari`` where none is common to all."""
     for name in SCORES:
         if all(any(name in v for v in run["validation"]) for run in runs):
             return name

@@ -179,3 +179,19 @@ def test_summarize_into_a_closed_pipe_exits_without_a_traceback():
         os.close(write)
     assert proc.returncode == 1
     assert proc.stderr == ""
+
+
+def test_the_default_metric_of_summarize_is_the_score_runs_were_selected_by():
+    """A clip run's validation records hold the per-frame fg_ari beside video_fg_ari, the
+    score --select-best chose its weights by (train.SELECT_BY): summarize showed the curve
+    and --reach times of fg_ari."""
+    from pyro_slots.cli import summarize as summary
+    from pyro_slots.cli.train import SELECT_BY
+
+    def runs(*keys):
+        return [{"validation": [{k: 0.5 for k in keys}]}]
+
+    assert summary.default_metric(runs("fg_ari", "video_fg_ari")) == SELECT_BY["videos"]
+    assert summary.default_metric(runs("fg_ari", "ari")) == SELECT_BY["images"]
+    assert summary.default_metric(runs("loglik_per_point")) == SELECT_BY["points"]
+
