@@ -39,7 +39,7 @@ def diagnose(
     :param checkpoint: a checkpoint file or a run folder.
     :param str out: the report folder (default: ``diagnostics`` next to the checkpoint).
     :param int num: held-out datapoints (default :data:`DEFAULT_NUM`, or every held-out image
-        of an HDF5 run that holds out fewer).
+        of an HDF5 run that holds out fewer); of a clip run, the clips' first frames.
     :param int inner_steps: inner steps (default: the run's final test's, ``eval_inner_steps``,
         else the training T; :func:`~pyro_slots.cli.evaluate.final_test_options`), so the
         report diagnoses the inference whose scores ``test.json`` holds.
@@ -69,6 +69,10 @@ def diagnose(
     writable_folder(folder, "out")
     c = run.components
     x = c.stream.held_out(held_out_num(c.stream, num, DEFAULT_NUM)).x.to(device)
+    if c.stream.kind == "videos":
+        # A clip's later frames start from the slots the earlier ones carried (refine_video):
+        # the report diagnoses the first frame, the inference from the run's initializer.
+        x = x[:, 0]
     inner = c.inner
     if draws == "auto":
         large = c.model.slot_dim * run.config.num_slots > MAX_LAPLACE_COORDINATES

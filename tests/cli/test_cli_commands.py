@@ -195,3 +195,31 @@ def test_image_model_train_and_evaluate(cli, tmp_path):
 
 def test_python_dash_m_and_console_script_agree(cli):
     assert "train" in cli("--help").stdout
+
+
+def test_diagnose_a_clip_run_reports_its_first_frames(tmp_path):
+    """A moving-shapes run: the clips (B, T, 3, H, W) reached the image encoder (a traceback);
+    the report diagnoses the clips' first frames, the inference from the trained initializer:
+    its final ELBOs are those of refine on frame 0 (rebuilt here from the checkpoint)."""
+    import arviz as az
+
+    import pyro_slots as ps
+    from pyro_slots.cli import diagnose
+    from pyro_slots.cli.config import TrainConfig
+    from pyro_slots.cli.runs import load_run
+    from pyro_slots.cli.train import train
+
+    config = TrainConfig(model="slot-autoencoder", dataset="moving-shapes", steps=1, batch_size=2,
+                         eval_every=0, test_size=0, num_frames=2, out=str(tmp_path / "run"))  # fmt: skip
+    train(config, progress=False, pictures=False, echo=lambda *a: None)
+    from pyro_slots.diagnostics import RhatWarning
+
+    with pytest.warns(RhatWarning, match="1 draw"):
+        out = diagnose(tmp_path / "run", tmp_path / "report", num=2, restarts=2, draws="point",
+                       inner_steps=2)  # fmt: skip
+    c = load_run(tmp_path / "run" / "checkpoint.pt", {"tensorboard": False}, "cpu").components
+    frames = c.stream.held_out(2).x[:, 0]
+    elbo = az.from_netcdf(f"{out}/inference_data.nc").sample_stats["elbo"].values
+    want = ps.refine(c.model, frames, c.inner, num_steps=2, num_restarts=2, seed=0, init=c.init)
+    want = want.elbo
+    torch.testing.assert_close(torch.as_tensor(elbo).reshape(2, 2), want, rtol=1e-5, atol=1e-4)
