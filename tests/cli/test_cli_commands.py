@@ -209,8 +209,10 @@ def test_diagnose_a_clip_run_reports_its_first_frames(tmp_path):
     from pyro_slots.cli.runs import load_run
     from pyro_slots.cli.train import train
 
-    config = TrainConfig(model="slot-autoencoder", dataset="moving-shapes", steps=1, batch_size=2,
-                         eval_every=0, test_size=0, num_frames=2, out=str(tmp_path / "run"))  # fmt: skip
+    config = TrainConfig(
+        model="slot-autoencoder", dataset="moving-shapes", steps=1, batch_size=2, eval_every=0,
+        test_size=0, num_frames=2, out=str(tmp_path / "run"),
+    )  # fmt: skip
     train(config, progress=False, pictures=False, echo=lambda *a: None)
     from pyro_slots.diagnostics import RhatWarning
 
