@@ -194,4 +194,3 @@ def test_the_default_metric_of_summarize_is_the_score_runs_were_selected_by():
     assert summary.default_metric(runs("fg_ari", "video_fg_ari")) == SELECT_BY["videos"]
     assert summary.default_metric(runs("fg_ari", "ari")) == SELECT_BY["images"]
     assert summary.default_metric(runs("loglik_per_point")) == SELECT_BY["points"]
-
