@@ -131,8 +131,7 @@ class IODINE(SlotModel):
         config = dict(
             latent_dim=32,
             decoder_channels=(32, 32, 32, 32),
-            decoder_broadcast=image_size,
-            decoder_upsample=0,
+            decoder_upsample=0,  # broadcast at the decoded resolution (the image's by default)
             kernel_size=5,
         )
         config.update(kwargs)

@@ -46,7 +46,8 @@ class NeuralEM(SlotModel):
     :param int channels: ``C``.
     :param float pixel_scale: ``σ``, > 0.
     :param decoder_channels: channels of the decoder's convolutions.
-    :param broadcast_resolution: the grid a slot is tiled onto (default: the image's).
+    :param broadcast_resolution: the grid a slot is tiled onto (default: the smallest that the
+        upsampling takes to the image's size, ``ceil(size / 2^num_upsample)``).
     :param int num_upsample: stride-2 transposed convolutions after the broadcast.
     :param int kernel_size: kernel of the decoder's convolutions.
     """

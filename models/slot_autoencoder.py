@@ -196,8 +196,7 @@ class SlotAutoencoder(SlotModel):
             encoder_channels=(32, 32, 32, 32),
             encoder_strides=(1, 1, 1, 1),
             decoder_channels=(32, 32, 32),
-            decoder_broadcast=image_size,
-            decoder_upsample=0,
+            decoder_upsample=0,  # broadcast at the decoded resolution (the image's by default)
             kernel_size=5,
         )
         config.update(kwargs)

@@ -152,8 +152,8 @@ def _neural_em(config: TrainConfig, stream):
         "num_upsample": config.decoder_upsample,
         "kernel_size": config.kernel_size,
     }
-    if config.decoder_upsample:  # broadcast at the resolution the upsampling starts from
-        sizes["broadcast_resolution"] = stream.image_size // 2**config.decoder_upsample
+    # (the broadcast grid: NeuralEM's default, the smallest that the upsampling takes to the
+    # image's size or beyond; floor(size / 2^U) fell short of odd sizes)
     return cls(
         stream.image_size,
         num_slots=config.num_slots,
@@ -825,6 +825,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise ConfigError("image_size: only used by image datasets, not --dataset points")
     if config.dataset == "tetrominoes" and config.image_size not in (None, 35):
         raise ConfigError(f"image_size: tetrominoes are 35x35, got {config.image_size}")
+    if config.dataset.startswith("hdf5:") and config.image_size is not None:
+        raise ConfigError(
+            f"image_size: an hdf5 run's images have the size of the file's, got {config.image_size}"
+        )
     if config.num_slots is None:
         if model.data == "points":
             num_slots = config.num_components

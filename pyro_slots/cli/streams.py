@@ -196,7 +196,9 @@ class HDF5Stream(_Stream):
         self.held_out_size = held_out_size
         self.num_train = len(self.data) - held_out_size
         first = self.data[0]
-        self.image_size = int(first["image"].shape[-1])
+        height, width = (int(s) for s in first["image"].shape[-2:])
+        # (height, width) where the images are not square: the models take either
+        self.image_size = width if height == width else (height, width)
         self.num_objects = int(self.data.max_objects) - 1
         self._order = {}
 

@@ -40,11 +40,12 @@ def test_rank_shards_make_the_single_process_batch(world_size):
     assert torch.equal(images, ImageStream("tetrominoes", 0, 4).batch(1).x)
 
 
-def _write_hdf5(path, n=12, size=8, layout="ok"):
+def _write_hdf5(path, n=12, size=8, layout="ok", width=None):
     rng = np.random.default_rng(0)
+    width = size if width is None else width
     with h5py.File(path, "w") as f:
-        f["image"] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-        mask = rng.integers(0, 3, (n, size, size, 1))
+        f["image"] = rng.integers(0, 256, (n, size, width, 3), dtype=np.uint8)
+        mask = rng.integers(0, 3, (n, size, width, 1))
         f["mask"] = mask if layout == "ok" else mask[..., 0]
         f["num_actual_objects"] = np.full((n, 1), 2)
         f["visibility"] = np.ones((n, 3))
@@ -117,3 +118,24 @@ def test_train_on_hdf5_file(tmp_path):
             "--out", str(out), "--no-progress", "--no-pictures"]  # fmt: skip
     assert main(argv) == 0
     assert (out / "checkpoint.pt").exists()
+
+
+def test_train_on_hdf5_images_that_are_not_square(tmp_path, capsys):
+    """12 x 16 images: the stream reported the width alone, a 16 x 16 model was built and the
+    first update failed on the images' shape. The model takes the file's (H, W); an
+    --image-size beside an hdf5 file is refused (it was ignored, and written to config.yaml)."""
+    from pyro_slots.cli.runs import load_run
+
+    path = tmp_path / "rect.h5"
+    _write_hdf5(path, size=12, width=16)
+    out = tmp_path / "run"
+    argv = ["train", "--model", "slot-autoencoder", "--dataset", f"hdf5:{path}", "--steps", "1",
+            "--batch-size", "2", "--slot-dim", "8", "--eval-size", "3", "--eval-every", "0",
+            "--test-size", "3", "--out", str(out), "--no-progress", "--no-pictures"]  # fmt: skip
+    assert main(argv) == 0
+    model = load_run(out / "checkpoint.pt", {"tensorboard": False}).components.model
+    assert tuple(model.image_size) == (12, 16)
+    recon = model.decode(torch.zeros(1, model.num_slots, model.slot_dim))[0]
+    assert recon.shape == (1, 3, 12, 16)
+    assert main([*argv[:-4], "--image-size", "20", "--out", str(tmp_path / "other")]) == 2
+    assert "image_size: an hdf5 run's images have the size of the file's" in capsys.readouterr().err

@@ -181,3 +181,15 @@ def test_evaluate_command_on_clips_takes_no_carry_and_refuses_restarts(clip_run,
     assert '"carry": false' in capsys.readouterr().out
     assert main(["evaluate", out, "--num", "2", "--restarts", "2"]) == 2
     assert "--restarts: clips carry one trajectory of slots, got 2" in capsys.readouterr().err
+
+
+def test_neural_em_upsampling_covers_an_odd_image_size():
+    """35 x 35 tetrominoes upsampled twice: the broadcast grid was floor(35 / 4) = 8, whose
+    32 x 32 does not cover the image (refused); it is ceil(35 / 4) = 9, as NeuralEM's own
+    default and IODINE's."""
+    import math
+
+    c = build(resolve(_config(model="neural-em", dataset="tetrominoes", decoder_upsample=2)))
+    side = math.ceil(35 / 4)
+    assert c.model.decoder.broadcast_resolution == (side, side)
+    assert c.model.component_means(torch.zeros(1, 4, 32)).shape == (1, 4, 35 * 35, 3)

@@ -559,3 +559,16 @@ def test_first_order_warns_about_the_models_own_learned_slot_init():
         NestedSVI(
             model, rule, Reconstruction(), pyro.optim.Adam({"lr": 1e-3}), gradient="first_order"
         )
+
+
+@pytest.mark.parametrize("cls", ["SlotAutoencoder", "IODINE"])
+def test_paper_size_at_a_lower_decoding_resolution_broadcasts_at_it(cls):
+    """paper_size broadcast at the image's size whatever decoder_resolution: the convolutions
+    ran on the full grid and only its top-left corner (positions up to 0.48) was kept. Its
+    grid is the decoded resolution, as the plain constructor's default."""
+    import pyro_slots.models as zoo
+
+    model = getattr(zoo, cls).paper_size(image_size=32, num_slots=3, decoder_resolution=16)
+    assert model.decoder.broadcast_resolution == (16, 16)
+    assert model.decoder.decode_resolution == (16, 16)
+    assert getattr(zoo, cls).paper_size(image_size=32).decoder.broadcast_resolution == (32, 32)
