@@ -752,14 +752,20 @@ def refine(
     if world_size > 1:
         rows = (torch.arange(num_restarts)[:, None] * batch + torch.arange(start, stop)).flatten()
         rows = rows.to(x_enc.device)
-    if slots is None:
-        with torch.no_grad():
-            slots = initial_slots(
-                model, x_rep, num_slots, inner=inner, init=init, generator=generator, rows=rows
-            )
-    elif rows is not None:
-        slots = slots[rows]
-    slots = check_finite(slots.detach(), "initial slots")
+    error = None  # a rank's failure, raised on every rank together (_raise_together)
+    try:
+        if slots is None:
+            with torch.no_grad():
+                slots = initial_slots(
+                    model, x_rep, num_slots, inner=inner, init=init, generator=generator, rows=rows
+                )
+        elif rows is not None:
+            slots = slots[rows]
+        slots = check_finite(slots.detach(), "initial slots")
+    except Exception as e:
+        if world_size == 1:
+            raise
+        error = e
     options = dict(
         tol=tol,
         elbo_tol=elbo_tol,
@@ -775,18 +781,19 @@ def refine(
         result = _split_restarts(result, num_restarts, batch, x_enc)
     else:
         del x_rep  # chunks repeat their own datapoints for the restarts
-        result = error = None
+        result = None
         try:
-            result = _run_chunks(
-                model, x_enc, inner, slots, num_steps, num_restarts, start, stop, chunk_size,
-                options,
-            )  # fmt: skip
+            if error is None:
+                result = _run_chunks(
+                    model, x_enc, inner, slots, num_steps, num_restarts, start, stop, chunk_size,
+                    options,
+                )  # fmt: skip
         except Exception as e:  # raised below, once every rank knows
             if world_size == 1:
                 raise
             error = e
         if world_size > 1:
-            _raise_together(error, rank, slots.device)
+            _raise_together(error, rank, x_enc.device)
             if gather:
                 result = _all_gather_result(result, batch, world_size)
         result.x_enc = x_enc if gather else x_enc[start:stop]

@@ -239,6 +239,19 @@ def _fail_on_one_rank():
     return "no error"
 
 
+def _fail_initial_slots_on_one_rank():
+    """k-means++ seeds of rank 1's shard that overflow (a datapoint scaled by 1e160): the
+    check of λ_0 raised on rank 1 only, and rank 0 returned rank 1's share of its next call's
+    gather."""
+    x, gmm = _data().double(), GaussianMixture(4, 2).double()
+    x[30] *= 1e160  # rank 1's shard [18, 37) only
+    try:
+        ps.refine(gmm, x, EM(5), seed=0, distributed=True)
+    except (ValueError, ps.InnerLoopError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
 def _shard_of(result, start: int, size: int) -> SimpleNamespace:
     """Datapoints ``[start, start + size)`` of a whole batch's result, as a rank that ran them
     alone records them: steps up to the last step one of them ran."""
@@ -325,7 +338,7 @@ def _worker(rank, world_size, init_file, out_dir):
             *_video_case(), seed=0, transition=_shifted, distributed=True, gather=False
         )
         results["video_shard"] = [(r.slots, r.elbo, r.datapoints.start) for r in frames]
-        failure = _fail_on_one_rank()
+        failure = [_fail_on_one_rank(), _fail_initial_slots_on_one_rank()]
         out = {"results": results, "seen": seen, "seeded": seeded, "failure": failure,
                "gathered": gathered}  # fmt: skip
         torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
@@ -366,11 +379,14 @@ def test_two_ranks_return_the_single_process_result(tmp_path):
                      _no_responsibilities())  # fmt: skip
     # A loop that fails on one rank fails on both (rather than leaving rank 0 in the gather).
     failures = [torch.load(tmp_path / f"{r}.pt", weights_only=True)["failure"] for r in (0, 1)]
-    assert failures == [
+    assert [f[0] for f in failures] == [
         "InnerLoopError: distributed: the inner loop failed on rank 1 (its own error says why); "
         "this rank's shard ran",
         "ValueError: a poisoned datapoint",
     ]
+    # ... and so does the initial slots' check of one rank's shard
+    assert failures[0][1].startswith("InnerLoopError: distributed: the inner loop failed on rank 1")
+    assert failures[1][1].startswith("NonFiniteError: initial slots: contains")
 
 
 @pytest.mark.parametrize("chunk_size", [None, 10])

@@ -241,7 +241,14 @@ class SetPrediction(Objective):
                 )
         elif scale is not None:
             raise ValueError("scale: given, but this objective has predict_scale=False")
-        return present, position, shape.long(), color.long(), scale
+        # The padding of absent objects never enters the loss, nor its gradient: a class out of
+        # range failed in gather, and a NaN made the gradient NaN (through the unused branch).
+        shape = shape.long().masked_fill(~present, 0)
+        color = color.long().masked_fill(~present, 0)
+        position = torch.where(present.unsqueeze(-1), position, torch.zeros_like(position))
+        if scale is not None:
+            scale = torch.where(present, scale, torch.zeros_like(scale))
+        return present, position, shape, color, scale
 
     # -- matching and loss --------------------------------------------------------------------
 

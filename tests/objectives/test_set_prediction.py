@@ -85,6 +85,40 @@ def test_gradient_matches_finite_differences():
     )
 
 
+def test_the_padding_of_absent_objects_enters_neither_loss_nor_gradient():
+    """Absent objects padded with a class out of range (it failed in gather) or with NaN
+    attributes (the loss was right, its gradient NaN): the loss and gradient of any padding
+    are those of zeros, and gradcheck (finite differences) holds."""
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    objective = SetPrediction(slot_dim=5, num_shapes=3, num_colors=2, hidden=8).double()
+    slots = torch.randn(3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    present, position, shape, color, scale = _random_targets(g, 3, 4, 3, 2, max_objects=4)
+    present[:, -1] = False  # at least one padded object per datapoint
+    padded = (
+        present,
+        torch.where(present[..., None], position, torch.nan),
+        shape.masked_fill(~present, 3),  # == num_shapes
+        color.masked_fill(~present, -5),
+        torch.where(present, scale, torch.nan),
+    )
+    zeros = (
+        present,
+        position * present[..., None],
+        shape * present,
+        color * present,
+        scale * present,
+    )
+    loss = objective(None, None, None, slots, *padded)
+    torch.testing.assert_close(loss, objective(None, None, None, slots, *zeros))
+    (grad,) = torch.autograd.grad(loss.sum(), slots)
+    (want,) = torch.autograd.grad(objective(None, None, None, slots, *zeros).sum(), slots)
+    torch.testing.assert_close(grad, want)
+    assert torch.autograd.gradcheck(
+        lambda s: objective(None, None, None, s, *padded).sum(), (slots,), eps=1e-6, atol=1e-6
+    )
+
+
 def _oracle_slots(batch, num_slots, g):
     """Slots that encode the attributes of a shuffled, padded object set (plus a little noise)."""
     parts = [
