@@ -22,6 +22,7 @@ from .nested import (
     ImplicitGradientWarning,
     NestedStep,
     NestedSVI,
+    RankFailedError,
 )
 from .refine import InnerLoopError, RefineResult, refine, refine_video
 from .validation import CapabilityError
@@ -42,6 +43,7 @@ __all__ = [
     "InnerLoopError",
     "NestedSVI",
     "NestedStep",
+    "RankFailedError",
     "PerDatapointELBO",
     "RefineResult",
     "SlotInitializer",

@@ -32,6 +32,7 @@ __all__ = [
     "ImplicitGradientWarning",
     "NestedSVI",
     "NestedStep",
+    "RankFailedError",
 ]
 
 GRADIENT_MODES = ("unrolled", "truncated", "first_order", "implicit")
@@ -151,6 +152,10 @@ class ImplicitAdjoint:
                 return None, j + 1
             basis.append(w / hess[j + 1, j].to(w.dtype))
         return None, self.max_iter
+
+
+class RankFailedError(RuntimeError):
+    """Another rank's update failed (its own error says why); no rank changed its weights."""
 
 
 class _AdjointSolve(torch.autograd.Function):
@@ -587,10 +592,22 @@ class NestedSVI:
         self.distributed = group is not None
         self.world_size, self.rank = group or (1, 0)
         if self.distributed:
-            # Identical starting weights on every rank.
+            # Identical starting state on every rank: every parameter (frozen ones too), every
+            # buffer and every module's own random generator (SlotSelector's noise), rank 0's.
             with torch.no_grad():
-                for p in self.parameters():
-                    dist.broadcast(p.data, src=0)
+                seen = set()
+                for mod in self.modules():
+                    for t in (*mod.parameters(), *mod.buffers()):
+                        if id(t) not in seen:
+                            seen.add(id(t))
+                            dist.broadcast(t.data, src=0)
+                    for m in mod.modules():
+                        for value in vars(m).values():
+                            if isinstance(value, torch.Generator) and id(value) not in seen:
+                                seen.add(id(value))
+                                state = value.get_state()
+                                dist.broadcast(state, src=0)
+                                value.set_state(state)
             # Modules that draw per datapoint (AdaSlot's SlotSelector) draw this rank's rows of
             # the global batch's numbers, as the slot initialization does.
             for mod in self.modules():
@@ -598,17 +615,38 @@ class NestedSVI:
                     if callable(getattr(m, "shard_draws", None)):
                         m.shard_draws(self.rank, self.world_size)
 
-    def _all_reduce_mean(self, loss, grads, params):
-        """Average J and its gradients over ranks in one collective."""
+    def _all_reduce_mean(self, loss, grads, params, batch: int, failed: bool = False):
+        """Average J and its gradients over ranks in one collective, which also tells every
+        rank whether one failed (then all raise) and whether the local batches differ."""
         import torch.distributed as dist
 
         parts = [loss.detach().reshape(1)]
         parts += [
             (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)
         ]
-        flat = torch.cat(parts)
+        # The same collective carries which ranks failed and the local batch sizes (their
+        # sum and sum of squares: equal sizes iff (Σ n)² = world · Σ n²).
+        status = torch.zeros(self.world_size + 2, dtype=parts[0].dtype, device=parts[0].device)
+        if failed:
+            status[self.rank] = 1.0
+        status[-2], status[-1] = float(batch), float(batch) ** 2
+        flat = torch.cat([*parts, status])
         dist.all_reduce(flat)
-        flat = flat / self.world_size
+        status = flat[-(self.world_size + 2) :]
+        failures = [r for r in range(self.world_size) if status[r] > 0]
+        if failures:
+            raise RankFailedError(
+                f"NestedSVI: update {self.num_updates + 1} failed on rank(s) {failures} (their "
+                "own errors say why); the weights were not changed on any rank"
+            )
+        total, squares = float(status[-2]), float(status[-1])
+        if abs(total * total - self.world_size * squares) > 0.5:
+            raise ValueError(
+                f"x: every rank's local batch must have the same size under torch.distributed "
+                f"(J and its gradient are the mean of the ranks' means, and each rank draws its "
+                f"rows of λ_0 at rank · batch); this rank has {batch} of {int(total)}"
+            )
+        flat = flat[: -(self.world_size + 2)] / self.world_size
         out, offset = [], 1
         for g, p in zip(grads, params):
             n = p.numel()
@@ -626,8 +664,7 @@ class NestedSVI:
         """
         return self._loss_and_grads(x, *targets)[0]
 
-    def _loss_and_grads(self, x, *targets):
-        params = self.parameters()
+    def _local_loss_and_grads(self, x, targets, params):
         loss, result = self.loss_and_result(x, *targets)
         if not loss.requires_grad:
             raise ValueError(
@@ -636,9 +673,41 @@ class NestedSVI:
                 "steps of a model without trainable weights); use gradient='unrolled' or a rule "
                 "with weights"
             )
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        if self.distributed:
-            loss, grads = self._all_reduce_mean(loss, grads, params)
+        return loss, result, torch.autograd.grad(loss, params, allow_unused=True)
+
+    def _loss_and_grads(self, x, *targets):
+        params = self.parameters()
+        # A failed update leaves no trace: the weights unchanged and the generator where it
+        # was (on every rank alike, whichever failed and however far each got).
+        generator = self.generator.get_state()
+        try:
+            return self._update_grads(x, targets, params)
+        except BaseException:
+            self.generator.set_state(generator)
+            raise
+
+    def _update_grads(self, x, targets, params):
+        if not self.distributed:
+            loss, result, grads = self._local_loss_and_grads(x, targets, params)
+        else:
+            # A rank whose batch fails (a diverged inner loop, a bad target) still joins the
+            # collective, so that every rank raises at this update instead of the others
+            # pairing this update's gradients with its next one's.
+            try:
+                loss, result, grads = self._local_loss_and_grads(x, targets, params)
+                error = None
+            except Exception as e:
+                error, result = e, None
+                loss = (params[0] if params else x).new_zeros(())
+                grads = [None] * len(params)
+            try:
+                loss, grads = self._all_reduce_mean(
+                    loss, grads, params, batch=int(x.shape[0]), failed=error is not None
+                )
+            except RankFailedError:
+                if error is not None:
+                    raise error from None  # the failing rank: its own error
+                raise
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"NestedSVI: the task objective is {loss.item()} at update {self.num_updates}; "

@@ -165,3 +165,72 @@ def test_a_dead_rank_makes_the_others_fail_instead_of_hanging(tmp_path):
     assert not any(p.is_alive() for p in procs)
     assert procs[0].exitcode == 3
     assert (tmp_path / "rank0_error.txt").read_text()
+
+
+def _hardening_worker(rank, world_size, init_file, out_dir):
+    """Three cases on two ranks: (a) a rank's update fails, (b) the ranks' batches differ in
+    size, (c) the ranks build their modules from different seeds."""
+    out = {}
+    with gloo_group(rank, world_size, init_file):
+        # (a) rank 1's batch makes its objective fail at update 1: both ranks raise there,
+        # neither changes its weights, and the next update is again the single process's.
+        svi, shard, log = _svi(), GLOBAL_BATCH // world_size, []
+        for step in range(3):
+            x = _data(step)[rank * shard : (rank + 1) * shard]
+            if step == 1 and rank == 1:
+                x = x.clone()
+                x[0, 0, 0] = float("nan")
+            before = [p.detach().clone() for p in svi.parameters()]
+            try:
+                log.append(svi.step(x).loss)
+            except (ValueError, FloatingPointError, ps.RankFailedError) as e:
+                log.append(type(e).__name__)
+                assert all(torch.equal(a, p) for a, p in zip(before, svi.parameters()))
+        out["a"] = log
+        # (b) 5 and 3 datapoints: refused on both ranks (the mean of the ranks' means is not
+        # the global batch's)
+        x = _data(0)[:5] if rank == 0 else _data(0)[5:]
+        try:
+            _svi().step(x)
+            out["b"] = "no error"
+        except ValueError as e:
+            out["b"] = str(e)
+        # (c) each rank seeds its modules differently (a frozen encoder, the initializer's
+        # weights): every parameter and buffer is rank 0's after construction
+        torch.manual_seed(rank)
+        model = GaussianMixture(3, 2, encoder=nn.Linear(2, 2).double().requires_grad_(False))
+        model.register_buffer("offset", torch.randn(2, dtype=torch.float64))
+        ps.NestedSVI(model, GradientAscent(2, 0.2), ps.objectives.Reconstruction(),
+                     pyro.optim.Adam({"lr": 0.05}), seed=3)  # fmt: skip
+        out["c"] = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+
+
+def test_ranks_fail_together_refuse_unequal_batches_and_start_from_rank_0(tmp_path):
+    """(a) A failure on one rank was raised on that rank only: the others paired this
+    update's gradients with its next one's, then waited in a collective. (b) Batches of 5
+    and 3 were averaged as two means of equal weight. (c) Frozen parameters and buffers kept
+    each rank's own values (the trainable weights alone were broadcast)."""
+    mp.spawn(_hardening_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+             join=True)  # fmt: skip
+    got = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    # (a): one process on the whole batches, its update 1 failing as the ranks' did (the
+    # slots of a failed update are drawn all the same)
+    svi = _svi()
+    want = [svi.step(_data(0)).loss, None]
+    bad = _data(1).clone()
+    bad[GLOBAL_BATCH // 2, 0, 0] = float("nan")
+    with pytest.raises((ValueError, FloatingPointError)):
+        svi.step(bad)
+    want.append(svi.step(_data(2)).loss)
+    assert got[0]["a"][1] == "RankFailedError"
+    assert got[1]["a"][1] in ("ValueError", "FloatingPointError", "NonFiniteError")
+    for rank in (0, 1):
+        for step in (0, 2):
+            assert got[rank]["a"][step] == pytest.approx(want[step], rel=1e-9)
+    # (b)
+    for rank, mine in ((0, 5), (1, 3)):
+        assert f"this rank has {mine} of 8" in got[rank]["b"]
+    # (c)
+    for name, value in got[0]["c"].items():
+        torch.testing.assert_close(got[1]["c"][name], value, rtol=0, atol=0)

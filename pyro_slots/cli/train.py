@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_slots.checkpoint import write_atomically
+from pyro_slots.nested import RankFailedError
 from pyro_slots.plots.training import is_validation, read_metrics
 
 from .config import ConfigError, TrainConfig, save_config
@@ -240,7 +241,7 @@ def _train_in(run, folder, main_rank, resume, overwrite, progress, pictures, tim
             ]
             try:
                 loss, result = run.svi.step(x, *targets)
-            except (FloatingPointError, ValueError) as error:
+            except (FloatingPointError, ValueError, RankFailedError) as error:
                 # FloatingPointError: non-finite J, ELBO, gradient or slots (InnerLoopError,
                 # NonFiniteError); ValueError: e.g. a distribution refusing the NaN features of
                 # a diverged encoder. Either way one line naming the update.
