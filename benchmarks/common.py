@@ -96,7 +96,7 @@ def interleaved_medians(fns: dict, rounds: int, warmup: int = 1, warmup_each_rou
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(median_time(fn, 1, warmup_each_round))
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}  # (even: the mean of two)
 
 
 def tensor_peak_bytes(fn):
@@ -107,6 +107,10 @@ def tensor_peak_bytes(fn):
     Unlike the peak resident set size, it does not depend on what glibc keeps in its heap or
     returns to the system, which moves RSS peaks by 100-250 MiB from run to run; it counts
     tensors only (no Python objects, no allocator slack) and is the same in every run.
+
+    The profiler records the frees of the storages allocated while it runs only: a call that
+    frees tensors made before it is counted without those frees, so the result is an upper
+    bound of the growth there (exact for the benchmarks' calls, which free nothing older).
     """
     from torch.profiler import ProfilerActivity, profile
 

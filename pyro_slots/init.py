@@ -10,7 +10,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from .validation import check_positive_float, check_positive_int
+from .validation import check_bool, check_positive_float, check_positive_int
 
 __all__ = ["AmortizedInit", "GaussianInit", "LearnedQueries", "SlotInitializer", "SlotTransition"]
 
@@ -62,6 +62,7 @@ class GaussianInit(SlotInitializer):
     """
 
     def __init__(self, dim: int, loc: float = 0.0, scale: float = 1.0, learnable: bool = True):
+        learnable = check_bool(learnable, "learnable")
         super().__init__()
         self.dim = check_positive_int(dim, "dim")
         scale = check_positive_float(scale, "scale")

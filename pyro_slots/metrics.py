@@ -52,9 +52,10 @@ def _flat_labels(true_mask, name: str = "true_mask") -> torch.Tensor:
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(true_mask).__name__}")
     if true_mask.is_floating_point() or true_mask.is_complex() or true_mask.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer label map, got dtype {true_mask.dtype}")
-    if true_mask.dim() not in (2, 3):
+    if true_mask.dim() not in (2, 3) or true_mask.shape[0] < 1:
         raise ValueError(
-            f"{name}: expected shape (batch, H, W) or (batch, N), got {tuple(true_mask.shape)}"
+            f"{name}: expected shape (batch, H, W) or (batch, N) with batch >= 1, got "
+            f"{tuple(true_mask.shape)}"
         )
     labels = true_mask.reshape(true_mask.shape[0], -1).long()
     if labels.numel() and labels.min() < 0:
@@ -79,7 +80,13 @@ def _pred_onehot(pred, true_shape, soft: str, name: str = "pred") -> torch.Tenso
                 f"{name}: soft masks must have shape (batch, K, *spatial) with (batch, *spatial) "
                 f"= {tuple(true_shape)}, got {tuple(pred.shape)}"
             )
+        if batch < 1 or pred.shape[1] < 1:
+            raise ValueError(
+                f"{name}: expected at least one datapoint and one slot, got {tuple(pred.shape)}"
+            )
         probs = pred.reshape(batch, pred.shape[1], -1).transpose(1, 2).double()
+        if probs.numel() and not bool(torch.isfinite(probs).all()):  # argmax of NaN picks a slot
+            raise ValueError(f"{name}: soft masks must be finite, got NaN or infinite values")
         if soft == "expected":
             # The expected contingency table needs each pixel's probabilities over the slots
             # (scaled masks inflate the ARI, logits make it NaN).
@@ -360,6 +367,9 @@ def reconstruction_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     for name, value in (("x", x), ("x_hat", x_hat)):
         if not torch.is_tensor(value):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():  # uint8 images against [0, 1] reconstructions
+            hint = " (images: x.float() / 255)" if value.dtype == torch.uint8 else ""
+            raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}{hint}")
     if x.shape != x_hat.shape or x.dim() < 1:
         raise ValueError(
             f"x_hat: expected the shape of x, {tuple(x.shape)}, got {tuple(x_hat.shape)}"

@@ -1013,11 +1013,12 @@ def refine_video(
         trajectory of slots per clip).
     :returns: one :class:`RefineResult` per frame.
     """
-    if not torch.is_tensor(video) or video.dim() < 3:
+    if not torch.is_tensor(video) or video.dim() < 3 or video.shape[1] < 1:
         raise ValueError(
-            "video: expected a tensor (batch, frames, ...), got "
+            "video: expected a tensor (batch, frames >= 1, ...), got "
             f"{tuple(getattr(video, 'shape', ())) if torch.is_tensor(video) else type(video)}"
         )
+    carry = check_bool(carry, "carry")
     if kwargs.get("num_restarts", 1) != 1:
         raise ValueError("num_restarts: refine_video carries one trajectory of slots per clip")
     if transition is not None and not callable(transition):

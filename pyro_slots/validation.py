@@ -38,13 +38,14 @@ class NonFiniteError(ValueError, FloatingPointError):
 
 
 def check_positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool):
+    # bools of every kind (NumPy's and a torch bool tensor too) are switches, not counts
+    if isinstance(value, bool | np.bool_) or (torch.is_tensor(value) and value.dtype == torch.bool):
         raise TypeError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     if not isinstance(value, int | torch.SymInt):
         try:
             if int(value) != value:
                 raise TypeError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # (OverflowError: inf)
             raise TypeError(f"{name}: expected an integer >= {minimum}, got {value!r}") from None
     if int(value) < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
@@ -109,7 +110,8 @@ def check_data(x, name: str = "x", model=None, *modules) -> torch.Tensor:
     """
     if not torch.is_tensor(x):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
+    if x.dtype not in (torch.float32, torch.float64):
+        # (half precision: the inner loop's ELBOs and k-means++ lose tens of nats or overflow)
         hint = " (images: x.float() / 255)" if x.dtype == torch.uint8 else ""
         raise TypeError(
             f"{name}: expected a floating-point tensor (torch.float32 or torch.float64), got "

@@ -33,3 +33,19 @@ def test_interleaved_medians_runs_in_rounds_and_takes_each_median(monkeypatch):
     # each timed call also spans one tick of the counting clock
     assert medians == {"a": 3.0 + 1, "b": 4.0 + 1}
     assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
+
+
+def test_interleaved_medians_of_an_even_number_of_rounds_is_the_mean_of_the_middle_two():
+    """sorted(t)[len(t) // 2] was the upper middle value: 3.0 for the rounds 1, 2, 3, 4."""
+    import statistics
+
+    import benchmarks.common as common
+    from benchmarks.common import interleaved_medians
+
+    times = iter([1.0, 2.0, 3.0, 4.0])
+    real, common.median_time = common.median_time, lambda fn, repeats, warmup: next(times)
+    try:
+        medians = interleaved_medians({"f": lambda: None}, 4, warmup=0)
+    finally:
+        common.median_time = real
+    assert medians["f"] == statistics.median([1.0, 2.0, 3.0, 4.0]) == 2.5

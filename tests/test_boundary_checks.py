@@ -211,3 +211,56 @@ def test_switches_and_seeds_are_refused_unless_bools_and_integers():
     assert torch.equal(
         ps.refine(gmm, x, EM(2), seed=3).slots, ps.refine(gmm, x, EM(2), seed=3).slots
     )
+
+
+def test_counts_data_and_switches_are_checked_at_every_public_entry_point():
+    """NumPy / torch bools were counts (num_slots=np.True_ ran with one slot), inf escaped as
+    a bare OverflowError; half-precision data passed (ELBOs off by tens of nats, k-means++
+    overflowing); per_datapoint_elbo checked nothing (int data evaluated, an empty batch a
+    ZeroDivisionError); metrics took uint8 images against [0, 1] reconstructions (MSE 22493
+    for an exact one), NaN soft masks and empty batches; refine_video took a 0-frame clip,
+    and carry / learnable / align read "no" as True. Each is refused, naming the argument."""
+    import numpy as np
+
+    from pyro_slots import GaussianInit, per_datapoint_elbo, refine, refine_video
+    from pyro_slots.diagnostics import to_inference_data
+    from pyro_slots.inner import EM
+    from pyro_slots.metrics import ari, reconstruction_mse
+
+    gmm, (x, _) = GaussianMixture(3, 2), make_point_sets(2, 10, seed=0)
+    for bad in (np.True_, torch.tensor(True)):
+        with pytest.raises(TypeError, match="num_slots: expected an integer >= 1"):
+            refine(gmm, x, EM(2), num_slots=bad)
+    with pytest.raises(TypeError, match="num_restarts: expected an integer"):
+        refine(gmm, x, EM(2), num_restarts=float("inf"))
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match=r"x: expected a floating-point tensor \(torch.float32"):
+            refine(gmm, x.to(dtype), EM(2))
+    slots = gmm.init_slots(x, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
+        per_datapoint_elbo(gmm, x.long(), slots)
+    with pytest.raises(ValueError, match="x: expected at least one datapoint and measurement"):
+        per_datapoint_elbo(gmm, x[:, :0], slots)
+    with pytest.raises(ValueError, match="x: contains 1 NaN or infinite"):
+        per_datapoint_elbo(gmm, torch.where(x == x[0, 0, 0], torch.inf, x), slots)
+    torch.testing.assert_close(per_datapoint_elbo(gmm, x, slots), refine(gmm, x, EM(1),
+                               slots=slots, record_history=True).history[0, 0])  # fmt: skip
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r"x: expected a floating-point tensor.*x.float\(\) / 255"):
+        reconstruction_mse(images, images.float() / 255)
+    true = torch.tensor([[0, 1, 1, 2]])
+    soft = torch.tensor([[[0.9, 0.1, 0.2, 0.1], [0.1, 0.9, 0.8, 0.9]]])
+    with pytest.raises(ValueError, match="pred: soft masks must be finite"):
+        ari(true, torch.where(soft == 0.2, torch.nan, soft))
+    with pytest.raises(ValueError, match="true_mask: expected shape .* batch >= 1"):
+        ari(true[:0], soft[:0])
+    with pytest.raises(ValueError, match="pred: expected at least one datapoint and one slot"):
+        ari(true, soft[:, :0])
+    with pytest.raises(ValueError, match="video: expected a tensor .*frames >= 1"):
+        refine_video(gmm, x.unsqueeze(1)[:, :0], EM(2))
+    with pytest.raises(TypeError, match="carry: expected True or False"):
+        refine_video(gmm, x.unsqueeze(1), EM(2), carry="no")
+    with pytest.raises(TypeError, match="learnable: expected True or False"):
+        GaussianInit(5, learnable="no")
+    with pytest.raises(TypeError, match="align: expected True or False"):
+        to_inference_data(refine(gmm, x, EM(2), num_restarts=2), gmm, draws="point", align="no")

@@ -29,7 +29,7 @@ import xarray as xr
 
 from ..elbo import PerDatapointELBO
 from ..init import draw
-from ..validation import check_positive_int, check_seed
+from ..validation import check_bool, check_positive_int, check_seed
 from . import _traces
 from ._arviz import az
 from .alignment import align_slots, apply_permutation
@@ -314,6 +314,7 @@ def to_inference_data(
     :returns: :class:`arviz.InferenceData`.
     """
     res = checked_result(result)
+    align = check_bool(align, "align")
     if draws not in (*DRAWS, None, "auto"):
         raise ValueError(f"draws: expected one of {DRAWS}, 'auto' or None, got {draws!r}")
     draws = resolve_draws(draws, model, res)

@@ -7,6 +7,7 @@ import weakref
 import pyro.util
 import torch
 
+from ..validation import check_data, check_measurements, check_slots
 from .base import ELBOEstimator
 from .lean import LeanEstimator, LeanFallback, unsupported_message
 from .trace_enum import TraceEnumEstimator
@@ -140,7 +141,15 @@ DEFAULT_ESTIMATOR = PerDatapointELBO()
 def per_datapoint_elbo(
     model, x: torch.Tensor, slots: torch.Tensor, num_particles: int = 1, strategy: str = "auto"
 ) -> torch.Tensor:
-    """Functional form of :class:`PerDatapointELBO`: ELBO of every datapoint, ``(batch,)``."""
+    """Functional form of :class:`PerDatapointELBO`: ELBO of every datapoint, ``(batch,)``.
+
+    ``x`` (the model's measurements, as ``model.model`` takes them) and ``slots`` are checked
+    first, as :func:`~pyro_slots.refine` checks them (the estimators themselves, called by the
+    inner loop at every step, are not).
+    """
+    check_data(x, "x", model)
+    check_measurements(x, "x")
+    check_slots(slots, "slots", x.shape[0], model.slot_dim, like=x)
     if num_particles == 1 and strategy == "auto":
         return DEFAULT_ESTIMATOR(model, x, slots)
     return PerDatapointELBO(num_particles, strategy=strategy)(model, x, slots)
