@@ -37,6 +37,7 @@ K, DIM, TRAIN_SEED, TEST_SEED = 4, 2, 0, 1
 
 def build(args):
     """The model, the learned rule and ``NestedSVI`` (lr decays by ``--lr-decay`` over the run)."""
+    torch.manual_seed(args.seed)  # the rule's initial weights: the same command, the same run
     model = GaussianMixture(
         K, DIM, init=args.init, init_lloyd_steps=args.learned_lloyd_steps,
         init_local_trials=args.init_local_trials,
@@ -77,6 +78,14 @@ def save(path, rule, svi, progress, args):
     save_checkpoint(path, {**payload, **progress})
 
 
+#: The options a resumed run must share with its checkpoint.
+TRAINING_OPTIONS = (
+    "seed", "lr", "lr_decay", "num_updates", "num_steps", "max_train_steps", "hidden_dim",
+    "num_heads", "moments", "features", "gradient", "iteration_weights", "init",
+    "learned_lloyd_steps", "init_local_trials",
+)  # fmt: skip
+
+
 def train(args, rule, svi) -> dict:
     """``NestedSVI`` updates up to ``--num-updates``, resuming from ``--checkpoint`` if present.
 
@@ -88,6 +97,16 @@ def train(args, rule, svi) -> dict:
         payload = load_checkpoint(source or args.init_from)
         rule.load_state_dict(payload["inner"])
         if source:  # --init-from takes the weights only: a fresh optimizer
+            # The options that define the training must be the saved ones (a larger
+            # --num-updates compounded the lr decay; a new --lr was ignored).
+            saved = payload.get("config", {})
+            changed = [k for k in TRAINING_OPTIONS if k in saved and saved[k] != getattr(args, k)]
+            if changed:
+                raise SystemExit(
+                    f"--checkpoint {source}: saved with other "
+                    + ", ".join(f"--{k.replace('_', '-')} ({saved[k]!r})" for k in changed)
+                    + "; resume with the same options or start a new checkpoint"
+                )
             svi.load_state_dict(payload["svi"])
             progress = {k: payload[k] for k in progress}
     bar = tqdm(range(progress["update"], args.num_updates), desc="train", disable=args.quiet)

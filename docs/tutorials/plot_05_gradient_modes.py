@@ -128,8 +128,10 @@ fig.tight_layout()
 # Choosing
 # --------
 #
-# * ``"unrolled"`` when ``T`` is small and the exact gradient of the finite loop matters (it is
-#   the only mode that trains a learned slot initialization);
+# * ``"unrolled"`` when ``T`` is small and the exact gradient of the finite loop matters (with
+#   ``"truncated"`` over all ``T`` steps, the modes whose gradient reaches a learned slot
+#   initialization through the loop; ``straight_through=True`` passes it on under
+#   ``"first_order"`` and shorter truncations);
 # * ``"implicit"`` when the rule converges to a fixed point (EM, gradient ascent with a small
 #   step): exact at the fixed point, memory of one step. If the adjoint solve fails, that
 #   update falls back to the first-order gradient with an

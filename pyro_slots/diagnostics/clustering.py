@@ -65,7 +65,10 @@ def point_set_groups(
             f"num_sets, num_groups: expected 1 <= num_groups <= num_sets (every group holds a "
             f"set), got {num_sets}, {num_groups}"
         )
-    sizes = np.linspace(min_points, max_points, num_groups).round()
+    # (one group: the max_points sets, which the "largest sets" columns describe)
+    sizes = (
+        np.linspace(min_points, max_points, num_groups).round() if num_groups > 1 else [max_points]
+    )
     # Sets spread over the groups as evenly as they go (counts differ by at most one), so the
     # last group is always the max_points one.
     counts = [len(part) for part in np.array_split(np.arange(num_sets), num_groups)]

@@ -6,9 +6,11 @@ Signs that the inner loop did not do its job, each readable off one refine resul
   the ELBO (Neal & Hinton 1998); learned rules are not guaranteed not to.
 * **Relative fixed-point residual** ``‖λ_{t+1} - λ_t‖ / ‖λ_t‖``: has the loop stopped moving?
 * **Jacobian spectral norm** ``‖∂f/∂λ‖₂`` of the update ``λ ↦ f(λ)`` at the final slots, by power
-  iteration on ``JᵀJ`` with Jacobian-vector and vector-Jacobian products. Above 1 the update
-  expands perturbations: long unrolls explode and the fixed-point (adjoint) iteration of
-  implicit gradients, ``u = g + Jᵀu``, diverges (Bai et al. 2019).
+  iteration on ``JᵀJ`` with Jacobian-vector and vector-Jacobian products. Below 1 the update
+  is a contraction: perturbations shrink at every step, long unrolls stay bounded and the
+  fixed-point (adjoint) iteration of implicit gradients, ``u = g + Jᵀu``, converges (Bai et al.
+  2019). Above 1 some perturbation grows in one step, and none of this is guaranteed (the
+  spectral radius, which decides the long run, can still be below 1).
 * **Assignment entropy** of the responsibilities: how undecided the slots are about the
   measurements.
 * **Duplicate slots** (two slots explaining the same measurements) and **dead slots** (slots

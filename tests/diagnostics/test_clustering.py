@@ -23,6 +23,10 @@ def test_groups_split_the_sets_over_evenly_spaced_sizes():
         clustering.point_set_groups(4, 50, 40)
     with pytest.raises(ValueError, match="num_groups <= num_sets"):
         clustering.point_set_groups(2, 50, 100, num_groups=3)
+    # one group: the max_points sets (np.linspace(a, b, 1) is [a]: 50-point "largest" sets)
+    assert [g.x.shape[:2] for g in clustering.point_set_groups(3, 50, 100, num_groups=1)] == [
+        (3, 100)
+    ]
 
 
 def test_baselines_match_scipy_and_sklearn():
