@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -49,7 +50,7 @@ def build(args):
         num_steps=args.num_steps, slot_dim=model.slot_dim, input_dim=DIM,
         hidden_dim=args.hidden_dim, num_heads=args.num_heads, moments=args.moments, **features,
     )  # fmt: skip
-    lrd = args.lr_decay ** (1.0 / max(args.num_updates, 1))
+    lrd = _per_update_decay(args.lr_decay, args.num_updates)
     optim = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": lrd, "clip_norm": 10.0})
     svi = NestedSVI(
         model, rule, NegativeELBO(), optim, gradient=args.gradient, num_steps=args.num_steps,
@@ -78,12 +79,16 @@ def save(path, rule, svi, progress, args):
     save_checkpoint(path, {**payload, **progress})
 
 
-#: The options a resumed run must share with its checkpoint.
+#: The options a resumed run must share with its checkpoint (and the lr decay per update).
 TRAINING_OPTIONS = (
-    "seed", "lr", "lr_decay", "num_updates", "num_steps", "max_train_steps", "hidden_dim",
-    "num_heads", "moments", "features", "gradient", "iteration_weights", "init",
-    "learned_lloyd_steps", "init_local_trials",
+    "seed", "lr", "num_steps", "max_train_steps", "hidden_dim", "num_heads", "moments",
+    "features", "gradient", "iteration_weights", "init", "learned_lloyd_steps",
+    "init_local_trials",
 )  # fmt: skip
+
+
+def _per_update_decay(lr_decay: float, num_updates: int) -> float:
+    return lr_decay ** (1.0 / max(num_updates, 1))
 
 
 def train(args, rule, svi) -> dict:
@@ -100,12 +105,24 @@ def train(args, rule, svi) -> dict:
             # The options that define the training must be the saved ones (a larger
             # --num-updates compounded the lr decay; a new --lr was ignored).
             saved = payload.get("config", {})
-            changed = [k for k in TRAINING_OPTIONS if k in saved and saved[k] != getattr(args, k)]
+            changed = [
+                f"--{k.replace('_', '-')} ({saved[k]!r})"
+                for k in TRAINING_OPTIONS
+                if k in saved and saved[k] != getattr(args, k)
+            ]
+            if "lr_decay" in saved and not math.isclose(
+                _per_update_decay(saved["lr_decay"], saved["num_updates"]),
+                _per_update_decay(args.lr_decay, args.num_updates),
+                rel_tol=1e-12,
+            ):  # more updates may follow, at the saved decay per update
+                changed.append(
+                    f"--lr-decay over --num-updates ({saved['lr_decay']!r} over "
+                    f"{saved['num_updates']!r} updates)"
+                )
             if changed:
                 raise SystemExit(
-                    f"--checkpoint {source}: saved with other "
-                    + ", ".join(f"--{k.replace('_', '-')} ({saved[k]!r})" for k in changed)
-                    + "; resume with the same options or start a new checkpoint"
+                    f"--checkpoint {source}: saved with other {', '.join(changed)}; resume with "
+                    "the same options or start a new checkpoint"
                 )
             svi.load_state_dict(payload["svi"])
             progress = {k: payload[k] for k in progress}

@@ -204,5 +204,9 @@ def test_amortized_clustering_is_reproducible_and_resumes_only_with_its_own_opti
     args = example.make_parser().parse_args(argv)
     example.train(args, *example.build(args)[1:])
     resumed = example.make_parser().parse_args([*argv, "--lr", "0.5"])
-    with pytest.raises(SystemExit, match=r"saved with other --lr"):
+    with pytest.raises(SystemExit, match=r"saved with other --lr \(0.001\)"):
         example.train(resumed, *example.build(resumed)[1:])
+    # more updates at the same --lr-decay over the run: another decay per update
+    longer = example.make_parser().parse_args([*argv, "--num-updates", "4"])
+    with pytest.raises(SystemExit, match=r"saved with other --lr-decay over --num-updates"):
+        example.train(longer, *example.build(longer)[1:])
