@@ -51,6 +51,14 @@ def _write_hdf5(path, n=12, size=8, layout="ok", width=None):
         f["visibility"] = np.ones((n, 3))
 
 
+def _hdf5_train(path, out, eval_every, test_size):
+    """``pyro-slots train`` arguments of a one-update slot-autoencoder run on an HDF5 file."""
+    return ["train", "--model", "slot-autoencoder", "--dataset", f"hdf5:{path}", "--steps", "1",
+            "--batch-size", "2", "--slot-dim", "8", "--eval-size", "3",
+            "--eval-every", str(eval_every), "--test-size", str(test_size), "--out", str(out),
+            "--no-progress", "--no-pictures"]  # fmt: skip
+
+
 def test_hdf5_stream_visits_every_training_image_once_per_epoch(tmp_path):
     path = tmp_path / "d.h5"
     _write_hdf5(path)
@@ -89,9 +97,7 @@ def test_resuming_an_hdf5_run_keeps_its_held_out_split(tmp_path, capsys):
     path = tmp_path / "d.h5"
     _write_hdf5(path, n=20, size=16)
     out = tmp_path / "run"
-    argv = ["train", "--model", "slot-autoencoder", "--dataset", f"hdf5:{path}", "--steps", "1",
-            "--batch-size", "2", "--slot-dim", "8", "--eval-size", "3", "--eval-every", "1",
-            "--test-size", "4", "--out", str(out), "--no-progress", "--no-pictures"]  # fmt: skip
+    argv = _hdf5_train(path, out, eval_every=1, test_size=4)
     assert main(argv) == 0
     resume = ["train", "--resume", str(out), "--steps", "2", "--no-progress", "--no-pictures"]
     assert main([*resume, "--eval-size", "6"]) == 2
@@ -129,13 +135,12 @@ def test_train_on_hdf5_images_that_are_not_square(tmp_path, capsys):
     path = tmp_path / "rect.h5"
     _write_hdf5(path, size=12, width=16)
     out = tmp_path / "run"
-    argv = ["train", "--model", "slot-autoencoder", "--dataset", f"hdf5:{path}", "--steps", "1",
-            "--batch-size", "2", "--slot-dim", "8", "--eval-size", "3", "--eval-every", "0",
-            "--test-size", "3", "--out", str(out), "--no-progress", "--no-pictures"]  # fmt: skip
+    argv = _hdf5_train(path, out, eval_every=0, test_size=3)
     assert main(argv) == 0
     model = load_run(out / "checkpoint.pt", {"tensorboard": False}).components.model
     assert tuple(model.image_size) == (12, 16)
     recon = model.decode(torch.zeros(1, model.num_slots, model.slot_dim))[0]
     assert recon.shape == (1, 3, 12, 16)
-    assert main([*argv[:-4], "--image-size", "20", "--out", str(tmp_path / "other")]) == 2
+    assert main([*_hdf5_train(path, tmp_path / "other", eval_every=0, test_size=3),
+                 "--image-size", "20"]) == 2  # fmt: skip
     assert "image_size: an hdf5 run's images have the size of the file's" in capsys.readouterr().err
