@@ -50,10 +50,13 @@ def plot_elbo_trajectories(idata, datapoints=None, ax=None, max_datapoints: int 
     palette, :func:`~pyro_slots.plots.slot_colors`).
 
     :param idata: from :func:`~pyro_slots.diagnostics.to_inference_data`.
-    :param datapoints: indices to show (default: the first ``max_datapoints``).
+    :param datapoints: positions of the datapoints to show (default: the first
+        ``max_datapoints``); each is labelled with its ``datapoint`` coordinate (a shard's
+        numbers in the batch).
     :returns: the matplotlib axes.
     """
     history = idata.sample_stats["elbo_history"].isel(draw=0)  # (chain, datapoint, inner_step)
+    numbers = history["datapoint"].values
     if datapoints is None:
         datapoints = list(range(min(max_datapoints, history.sizes["datapoint"])))
     if ax is None:
@@ -68,7 +71,7 @@ def plot_elbo_trajectories(idata, datapoints=None, ax=None, max_datapoints: int 
                 color=colors[i],
                 alpha=0.8,
                 lw=1,
-                label=f"datapoint {n}" if c == 0 else None,
+                label=f"datapoint {numbers[n]}" if c == 0 else None,
             )
     ax.set_xlabel("inner step")
     ax.set_ylabel("ELBO")
@@ -86,7 +89,7 @@ def plot_rhat(idata, ax=None, var_names=None):
     aligned = rhat_per_datapoint(aligned_posterior(idata), var_names)
     if ax is None:
         ax = Figure(figsize=(6, 3.5)).subplots()
-    x = np.arange(len(aligned))
+    x = np.asarray(aligned.index)  # the datapoint coordinate: a shard's numbers in the batch
     # Guide draws have no "slot" dim to undo the alignment on (see summary()).
     if any("slot" in v.dims for v in idata.posterior.data_vars.values()):
         unaligned = rhat_per_datapoint(unaligned_posterior(idata), var_names)

@@ -610,6 +610,12 @@ def test_list_options_read_from_a_config_file_as_their_text(tmp_path):
     path.write_text("test_sweep: [1, 2.5]\n")
     with pytest.raises(ConfigError, match="test_sweep expects an optional str"):
         merge_config(load_config_file(str(path)), {})
+    # Numbers read as written: YAML 1.1 read "1e-3" (no dot) as text, refused for --lr, and
+    # "032" as octal 26 and "1:30" as base-60 90, silently
+    path.write_text("lr: 1e-3\nmin_lr_ratio: 5e-2\ndecoder_channels: 032\ntest_sweep: 1:30\n")
+    config = merge_config(load_config_file(str(path)), {})
+    assert (config.lr, config.min_lr_ratio) == (0.001, 0.05)
+    assert (config.decoder_channels, config.test_sweep) == ("032", "1:30")
 
 
 def test_evaluate_reinitialize_refines_with_the_trained_rule_wrapped(tmp_path, capsys):

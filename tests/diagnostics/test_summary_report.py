@@ -194,6 +194,11 @@ def test_a_shard_keeps_the_numbers_of_its_datapoints(float64, point_sets):
     assert inner_loop_health(shard, gmm, EM(20)).to_dataframe().index.tolist() == [3, 4, 5]
     plain = summary(to_inference_data(whole, gmm, seed=0, num_draws=8))
     np.testing.assert_allclose(table["elbo"].values, plain["elbo"].values)
+    # the plots number them alike (they plotted positions 0, 1, 2)
+    legend = [t.get_text() for t in plot_elbo_trajectories(idata).get_legend().get_texts()]
+    assert legend == ["datapoint 3", "datapoint 4", "datapoint 5"]
+    points = plot_rhat(idata).lines[0].get_xdata()
+    assert list(points) == [3, 4, 5]
     # The inner loop's path too: the same numbers as the InferenceData of the same shard.
     traced = ps.refine(gmm, x, EM(3), seed=0, num_restarts=2, keep_trajectory=True)
     path = trajectory_dataset(dataclasses.replace(traced, datapoints=slice(3, 6)), gmm)
