@@ -119,8 +119,8 @@ class GaussianMixture(SlotModel):
         # (batch, K, slot_dim): slots of another batch would broadcast over every datapoint.
         check_slots(slots, "slots", batch, self.slot_dim, finite=dist.is_validation_enabled())
         loc, scale, log_weights = self.component_params(slots)
-        with pyro.plate(self.batch_plate, batch, dim=-2):
-            with pyro.plate("measurements", num_points, dim=-1):
+        with pyro.plate(self.batch_plate, batch, dim=-2, device=x.device):
+            with pyro.plate("measurements", num_points, dim=-1, device=x.device):
                 z = pyro.sample(
                     "assignment",
                     dist.Categorical(logits=log_weights.unsqueeze(-2)),

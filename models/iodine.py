@@ -203,11 +203,11 @@ class IODINE(SlotModel):
         check_slots(slots, "slots", batch, self.slot_dim, finite=dist.is_validation_enabled())
         num_slots = slots.shape[1]
         zeros = x.new_zeros(batch, num_slots, self.latent_dim)
-        with pyro.plate(self.batch_plate, batch, dim=-2):
-            with pyro.plate("slots", num_slots, dim=-1):
+        with pyro.plate(self.batch_plate, batch, dim=-2, device=x.device):
+            with pyro.plate("slots", num_slots, dim=-1, device=x.device):
                 z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))
             means, logits = self.pixel_components(z)  # (..., B, M, K, C), (..., B, M, K)
-            with pyro.plate("measurements", num_pixels, dim=-1):
+            with pyro.plate("measurements", num_pixels, dim=-1, device=x.device):
                 # Normalized over the slots where the decoder put them, (..., B, K, M).
                 a = pyro.sample(
                     "assignment",
@@ -226,8 +226,8 @@ class IODINE(SlotModel):
         batch = x.shape[0]
         check_slots(slots, "slots", batch, self.slot_dim, finite=dist.is_validation_enabled())
         parts = self.slot_spec.split(slots)
-        with pyro.plate(self.batch_plate, batch, dim=-2):
-            with pyro.plate("slots", slots.shape[1], dim=-1):
+        with pyro.plate(self.batch_plate, batch, dim=-2, device=x.device):
+            with pyro.plate("slots", slots.shape[1], dim=-1, device=x.device):
                 pyro.sample("z", dist.Normal(parts["loc"], parts["log_scale"].exp()).to_event(1))
 
 

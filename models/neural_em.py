@@ -118,8 +118,8 @@ class NeuralEM(SlotModel):
                 f"x: expected {means.shape[2]} pixels per image, got shape {tuple(x.shape)}"
             )
         logits = means.new_zeros(batch, 1, num_slots)  # uniform mixing weights
-        with pyro.plate(self.batch_plate, batch, dim=-2):
-            with pyro.plate("measurements", num_pixels, dim=-1):
+        with pyro.plate(self.batch_plate, batch, dim=-2, device=x.device):
+            with pyro.plate("measurements", num_pixels, dim=-1, device=x.device):
                 z = pyro.sample(
                     "assignment", dist.Categorical(logits=logits), infer={"enumerate": "parallel"}
                 )

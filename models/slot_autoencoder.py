@@ -226,8 +226,8 @@ class SlotAutoencoder(SlotModel):
         num_slots = means.shape[1]
         logits = means.new_zeros(batch, 1, num_slots)  # uniform mixing weights
         scale = math.sqrt(self.variance)
-        with pyro.plate(self.batch_plate, batch, dim=-2) as n:
-            with pyro.plate("measurements", num_measurements, dim=-1):
+        with pyro.plate(self.batch_plate, batch, dim=-2, device=x.device) as n:
+            with pyro.plate("measurements", num_measurements, dim=-1, device=x.device):
                 z = pyro.sample(
                     "assignment", dist.Categorical(logits=logits), infer={"enumerate": "parallel"}
                 )

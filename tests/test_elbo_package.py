@@ -521,3 +521,76 @@ def test_lean_joint_adds_into_its_own_term_only():
     assert torch.equal(leaf.detach(), own)
     (d_leaf,) = torch.autograd.grad(joint.sum(), leaf)
     assert torch.equal(d_leaf, torch.ones_like(own))
+
+
+def test_fused_logsumexp_with_a_graph_differentiates_twice_as_torch(logprob_path):
+    """With autograd, ``parts="lse"`` over the first axis of float32 is one pass of the fused
+    kernel (its own autograd node where built); its value, gradient and gradient of the
+    gradient (``create_graph``, as an unrolled inner step needs) are ``torch.logsumexp``'s,
+    also over spreads far beyond the clamp; a column that is ``-inf`` throughout has
+    log-sum-exp ``-inf`` and a zero gradient (not NaN)."""
+    from pyro_slots.elbo.kernels import stable_logsumexp_parts
+
+    g = torch.Generator().manual_seed(3)
+    t = (torch.randn(4, 5, 30, generator=g) * 60.0).requires_grad_()
+    w, v = torch.randn(5, 30, generator=g), torch.randn(4, 5, 30, generator=g)
+    lse = stable_logsumexp_parts(t, 0, parts="lse")[0]
+    fused = logprob_path == "kernel"
+    assert (type(lse.grad_fn).__name__ == "_LogSumExpFirstBackward") == fused
+    ref = torch.logsumexp(t, 0)
+    torch.testing.assert_close(lse, ref, rtol=1e-6, atol=1e-5)
+    (grad,) = torch.autograd.grad((lse * w).sum(), t, create_graph=True)
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), t, create_graph=True)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    (hvp,) = torch.autograd.grad((grad * v).sum(), t)
+    (ref_hvp,) = torch.autograd.grad((ref_grad * v).sum(), t)
+    torch.testing.assert_close(hvp, ref_hvp, rtol=1e-4, atol=1e-5)
+
+    dead = torch.full((4, 3), -math.inf)
+    dead[:, 1] = torch.randn(4, generator=g)
+    dead.requires_grad_()
+    lse = stable_logsumexp_parts(dead, 0, parts="lse")[0]
+    assert lse[0] == -math.inf and lse[2] == -math.inf
+    (grad,) = torch.autograd.grad(lse[1] + lse[0] * 0.0, dead)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad[:, 1], torch.softmax(dead.detach()[:, 1], 0))
+    assert torch.all(grad[:, [0, 2]].abs() < 1e-30)
+    # not contiguous, float64: torch's operations, the same numbers
+    t64 = t.detach().double().transpose(1, 2).requires_grad_()
+    lse64 = stable_logsumexp_parts(t64, 0, parts="lse")[0]
+    assert lse64.grad_fn is not None and "LogSumExpFirst" not in type(lse64.grad_fn).__name__
+    torch.testing.assert_close(lse64, torch.logsumexp(t64, 0))
+
+
+@pytest.mark.parametrize("prior", ["standard", "fixed", "tensor", "shared"])
+def test_diag_normal_log_ratio_is_the_difference_of_two_log_probs(float64, prior):
+    """``diag_normal_log_ratio`` against ``Independent(Normal, 1).log_prob`` of the prior less
+    the guide's, with a standard-normal prior (a number), another fixed scale, tensor
+    parameters, and one scale shared by the event; the gradient too (finite differences)."""
+    from pyro_slots.elbo.kernels import diag_normal_log_ratio
+
+    g = torch.Generator().manual_seed(5)
+    shape = (3, 4, 6)
+    value = torch.randn(shape, generator=g)
+    q_loc = torch.randn(shape, generator=g).requires_grad_()
+    q_scale = (torch.rand(shape, generator=g) + 0.3).requires_grad_()
+    if prior == "standard":  # as pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1)) makes
+        p_loc, p_scale = torch.zeros(shape), torch.tensor(1.0).expand(shape)
+    elif prior == "fixed":
+        p_loc, p_scale = torch.tensor(0.5).expand(shape), torch.tensor(2.0).expand(shape)
+    elif prior == "tensor":
+        p_loc = torch.randn(shape, generator=g)
+        p_scale = (torch.rand(shape, generator=g) + 0.5).requires_grad_()
+    else:
+        p_loc, p_scale = torch.randn(shape, generator=g), torch.rand(3, 4, 1, generator=g) + 0.5
+
+    def reference(q_loc, q_scale):
+        p = dist.Normal(p_loc, p_scale.expand(shape)).to_event(1)
+        return p.log_prob(value) - dist.Normal(q_loc, q_scale).to_event(1).log_prob(value)
+
+    got = diag_normal_log_ratio(value, p_loc, p_scale, q_loc, q_scale)
+    assert got.shape == (3, 4)
+    torch.testing.assert_close(got, reference(q_loc, q_scale), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda a, b: diag_normal_log_ratio(value, p_loc, p_scale, a, b), (q_loc, q_scale)
+    )

@@ -30,7 +30,13 @@ import torch
 
 from pyro_slots._native import SIMD_PRELUDE, NativeExtension
 
-__all__ = ["available", "logsumexp_first", "outer_diag_normal", "outer_layout"]
+__all__ = [
+    "available",
+    "logsumexp_first",
+    "logsumexp_first_applies",
+    "outer_diag_normal",
+    "outer_layout",
+]
 
 _SOURCE = (
     SIMD_PRELUDE
@@ -297,6 +303,19 @@ def outer_diag_normal(value, loc, log_scale, const) -> torch.Tensor | None:
     return out.view(full)
 
 
+def logsumexp_first_applies(t: torch.Tensor) -> bool:
+    """Whether :func:`logsumexp_first` computes for ``t``: float32 on the CPU, contiguous, not
+    empty, the kernels built."""
+    return (
+        t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and t.dim() >= 1
+        and t.numel() > 0
+        and t.is_contiguous()
+        and available()
+    )
+
+
 def logsumexp_first(t: torch.Tensor, probs: bool = False):
     """``(max, sum)`` over the first axis of float32 ``t`` ``(K, ...)`` on the CPU: the column's
     maximum (NaN where the column holds one; the log-sum-exp is ``log(sum) + max``, ``-inf``
@@ -305,14 +324,7 @@ def logsumexp_first(t: torch.Tensor, probs: bool = False):
     each ``t``'s shape without the first axis; with ``probs`` the softmax over the first axis is
     written over ``t``. ``None`` where the kernel does not apply (not built, not float32 on the
     CPU, ``t`` not contiguous). No graph."""
-    if (
-        t.device.type != "cpu"
-        or t.dtype != torch.float32
-        or t.dim() < 1
-        or t.numel() == 0
-        or not t.is_contiguous()
-        or not available()
-    ):
+    if not logsumexp_first_applies(t):
         return None
     shape = t.shape[1:]
     mx, total = EXTENSION.module.logsumexp_first(t.view(t.shape[0], -1), bool(probs))

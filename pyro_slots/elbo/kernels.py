@@ -25,6 +25,7 @@ __all__ = [
     "broadcast_shape",
     "contract_last",
     "diag_normal_log_prob",
+    "diag_normal_log_ratio",
     "is_outer",
     "narrow_broadcast",
     "stable_logsumexp",
@@ -71,11 +72,14 @@ def stable_logsumexp_parts(t: torch.Tensor, dim: int, overwrite: bool = False, p
         fifth (one tensor of ``t``'s size fewer, which on the CPU is a pass over memory that no
         longer fits the cache), and ``"lse"``: the first and third, the rest ``None``. With a
         graph, everything whatever ``parts``. Float32 over the first dimension on the CPU, these
-        two are one pass over ``t`` (:func:`~pyro_slots.elbo._fused_logprob.logsumexp_first`).
+        two are one pass over ``t`` (:func:`~pyro_slots.elbo._fused_logprob.logsumexp_first`);
+        with a graph, ``"lse"`` is that pass too (:class:`_LogSumExpFirst`), the rest ``None``.
     """
     if parts not in ("all", "probs", "lse"):
         raise ValueError(f"parts: expected 'all', 'probs' or 'lse', got {parts!r}")
     no_graph = _no_graph(t)
+    if not no_graph and dim == 0 and parts == "lse" and _fused_logprob.logsumexp_first_applies(t):
+        return _LogSumExpFirst.apply(t), None, None, None, None
     if no_graph and dim == 0 and (parts == "lse" or (parts == "probs" and overwrite)):
         fused = _fused_logprob.logsumexp_first(t, probs=parts == "probs")
         if fused is not None:
@@ -105,6 +109,35 @@ def stable_logsumexp_parts(t: torch.Tensor, dim: int, overwrite: bool = False, p
     if no_graph and parts == "lse":
         return lse, None, log_norm, None, None
     return lse, d, log_norm, e, total
+
+
+class _LogSumExpFirst(torch.autograd.Function):
+    """The log-sum-exp over the first axis of float32 ``t`` on the CPU, differentiable twice:
+    the forward is :func:`~pyro_slots.elbo._fused_logprob.logsumexp_first` (one pass over ``t``
+    and no temporaries of its size, where torch's operations make five passes and four tensors,
+    each recorded for autograd), the backward ``g · exp(t - lse)`` (the softmax) written in
+    torch's operations, so that its own gradient is autograd's.
+
+    The exponent of the backward is clamped at -80 as the forward's is (float32 ``exp`` of
+    smaller arguments takes a slow path on the CPU): a term below ``e^-80`` of the maximum gets
+    ``e^-80 g`` (< 2e-35 g) instead of its exact share, as does a column that is ``-inf``
+    throughout (``lse = -inf``), where ``t - lse`` would be NaN.
+    """
+
+    @staticmethod
+    def forward(ctx, t):
+        shift, total = _fused_logprob.logsumexp_first(t)
+        lse = total.log_().add_(shift)
+        ctx.save_for_backward(t, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, lse = ctx.saved_tensors
+        d = t - lse.clamp_min(torch.finfo(t.dtype).min)
+        if torch.is_grad_enabled():  # create_graph: every step recorded, nothing in place
+            return d.clamp_min(-80.0).exp() * grad
+        return d.clamp_min_(-80.0).exp_().mul_(grad)
 
 
 def stable_softmax(
@@ -334,6 +367,48 @@ def diag_normal_log_prob(loc, scale, value):
         return None
     cross = contract_last(value, weighted)
     return cross - 0.5 * square - 0.5 * loc_square - const
+
+
+def _event_log_scale(scale: torch.Tensor, event: int) -> torch.Tensor:
+    """``Σ_f log σ_f`` over an event of ``event`` features, ``scale`` ``(..., event)`` or
+    ``(..., 1)`` (one scale shared by the event)."""
+    log_scale = scale.log()
+    return log_scale.sum(-1) if scale.shape[-1] == event else log_scale[..., 0] * event
+
+
+def diag_normal_log_ratio(value, prior_loc, prior_scale, guide_loc, guide_scale):
+    """``log N(value | prior) - log N(value | guide)`` for two diagonal Normals over the last
+    axis (``Independent(Normal, 1)``): a latent's prior density in the model less its guide's,
+    at the guide's sample.
+
+    ``½ Σ_f [((v - μ_q)/σ_q)² - ((v - μ_p)/σ_p)²] + Σ_f (log σ_q - log σ_p)``: the ``log 2π``
+    terms cancel, and the two densities are one short chain of operations (about a third of
+    the two evaluated apart, each recorded for autograd, which a step's gradient then runs
+    twice over: the backward with ``create_graph`` and the outer loop's through it). A prior
+    with one fixed scale (a Python-readable number, the standard Normal's) folds it into the
+    passes.
+
+    :param torch.Tensor value: the latent ``(..., F)``.
+    :returns: the broadcast batch shape of the five.
+    """
+    event = value.shape[-1]
+    prior_loc, prior_scale = narrow_broadcast(prior_loc), narrow_broadcast(prior_scale)
+    guide_loc, guide_scale = narrow_broadcast(guide_loc), narrow_broadcast(guide_scale)
+    standardized = (value - guide_loc) / guide_scale
+    quad = standardized * standardized
+    prior_zero = _constant_number(prior_loc) and float(prior_loc) == 0.0
+    diff = value if prior_zero else value - prior_loc
+    sigma = float(prior_scale) if _constant_number(prior_scale) else math.nan
+    if 0 < sigma < math.inf:
+        quad = quad.addcmul(diff, diff, value=-1.0 / (sigma * sigma))
+        log_det = _event_log_scale(guide_scale, event)
+        if sigma != 1.0:
+            log_det = log_det - event * math.log(sigma)
+    else:
+        prior_std = diff / prior_scale
+        quad = quad.addcmul(prior_std, prior_std, value=-1.0)
+        log_det = _event_log_scale(guide_scale, event) - _event_log_scale(prior_scale, event)
+    return torch.add(log_det, quad.sum(-1), alpha=0.5)
 
 
 class _SquaredDistance(torch.autograd.Function):

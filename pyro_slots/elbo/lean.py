@@ -28,6 +28,7 @@ from .kernels import (
     _no_graph,
     broadcast_shape,
     diag_normal_log_prob,
+    diag_normal_log_ratio,
     narrow_broadcast,
     stable_logsumexp_parts,
     unbroadcast,
@@ -184,16 +185,32 @@ def _log_prob_owned(fn, value, validated: ValidatedObservations, check: bool = F
 
 
 class _LogDensityCollector(compat.SampleMessenger):
-    """Collects every sample site's scaled log-density and plates, without building a Trace."""
+    """Collects every sample site's scaled log-density and plates, without building a Trace.
 
-    def __init__(self, validated: ValidatedObservations, check_observed: bool = False):
+    A latent that the guide sampled, whose prior and guide are both diagonal Normals
+    (:func:`_pairs_with`), is kept in :attr:`priors` instead: its density is evaluated with
+    the guide's, as one difference (:func:`~pyro_slots.elbo.kernels.diag_normal_log_ratio`).
+    """
+
+    def __init__(
+        self,
+        validated: ValidatedObservations,
+        check_observed: bool = False,
+        guide_sites: dict | None = None,
+    ):
         super().__init__()
         self.validated = validated
         self.check_observed = check_observed
         self.sites = []
+        self.guide_sites = guide_sites or {}
+        self.priors = {}
 
     def postprocess_sample(self, msg):
         if site_is_subsample(msg):
+            return
+        guide_msg = self.guide_sites.get(msg["name"])
+        if guide_msg is not None and _pairs_with(msg, guide_msg):
+            self.priors[msg["name"]] = msg["fn"]
             return
         check = self.check_observed and msg["is_observed"]
         log_prob, owned = _log_prob_owned(msg["fn"], msg["value"], self.validated, check)
@@ -202,9 +219,50 @@ class _LogDensityCollector(compat.SampleMessenger):
             raise LeanFallback  # Pyro scales outside the log-expectation; keep its rules.
         scaled = scale_and_mask(log_prob, msg["scale"], msg["mask"])
         owned = owned or scaled is not log_prob  # a product made here is ours too
-        frames = {f.name: f.dim for f in msg["cond_indep_stack"] if f.vectorized}
+        frames = _frames(msg)
         rescaled = not is_identically_one(msg["scale"])
         self.sites.append((msg["name"], scaled, enumerated, frames, owned, rescaled))
+
+
+def _diag_normal(fn) -> bool:
+    """Whether ``fn`` is ``Independent(Normal, 1)`` over scalar Normals."""
+    return (
+        isinstance(fn, dist.Independent)
+        and fn.reinterpreted_batch_ndims == 1
+        and type(fn.base_dist) is dist.Normal
+        and not fn.base_dist.event_shape
+    )
+
+
+def _pairs_with(msg, guide_msg) -> bool:
+    """Whether the model's site ``msg`` and the guide's ``guide_msg`` are a latent whose log
+    densities can be evaluated as one difference: the guide's sample replayed, both diagonal
+    Normals, the prior's batch shape broadcasting to the guide's (so its parameters depend on
+    no enumerated site, which the guide does not see; the vectorized particles' plate, entered
+    outside ``replay``, leaves the prior unexpanded), unscaled and unmasked, in the same
+    plates."""
+    model_fn, guide_fn = msg["fn"], guide_msg["fn"]
+    if (
+        msg["is_observed"]
+        or msg["value"] is not guide_msg["value"]
+        or compat.is_enumerated(msg)
+        or not (_diag_normal(model_fn) and _diag_normal(guide_fn))
+        or len(model_fn.batch_shape) > len(guide_fn.batch_shape)
+        or any(
+            m != 1 and m != g
+            for m, g in zip(model_fn.batch_shape[::-1], guide_fn.batch_shape[::-1])
+        )
+    ):
+        return False
+    for m in (msg, guide_msg):
+        if m["mask"] is not None or not is_identically_one(m["scale"]):
+            return False
+    return _frames(msg) == _frames(guide_msg)
+
+
+def _frames(msg) -> dict:
+    """The site's vectorized plates, ``{name: dim}``."""
+    return {f.name: f.dim for f in msg["cond_indep_stack"] if f.vectorized}
 
 
 class _GuideRecorder(compat.SampleMessenger):
@@ -366,7 +424,9 @@ class LeanEstimator(ELBOEstimator):
         with recorder:
             run(lambda: model.guide(x, slots))
         guide_sites = [site for site in recorder.sites.values() if not site_is_subsample(site)]
-        collector = _LogDensityCollector(self.validated, check_observed)
+        collector = _LogDensityCollector(
+            self.validated, check_observed, recorder.sites if guide_sites else None
+        )
         # An empty guide (every latent enumerated) has nothing to replay: one handler fewer.
         replayed = _Replay(recorder.sites)(model.model) if guide_sites else model.model
         enumerated = poutine.enum(replayed, first_available_dim=first_dim)
@@ -382,11 +442,14 @@ class LeanEstimator(ELBOEstimator):
             fn = site["fn"]
             if site["infer"].get("enumerate") or not getattr(fn, "has_rsample", False):
                 raise LeanFallback
+            prior = collector.priors.get(site["name"])
+            if prior is not None:
+                guide_terms.append((_log_ratio(prior, fn, site["value"]), _frames(site)))
+                continue
             lp = scale_and_mask(
                 _log_prob(fn, site["value"], self.validated), site["scale"], site["mask"]
             )
-            frames = {f.name: f.dim for f in site["cond_indep_stack"] if f.vectorized}
-            guide_terms.append((-lp, frames))
+            guide_terms.append((-lp, _frames(site)))
         for name, _, is_enum, frames, _, _ in collector.sites:
             if is_enum:
                 enum_sites.append(name)
@@ -435,6 +498,18 @@ class LeanEstimator(ELBOEstimator):
         return LeanEstimate(total, posterior_parts)
 
 
+def _log_ratio(prior, guide, value):
+    """``prior.log_prob(value) - guide.log_prob(value)`` for two ``Independent(Normal, 1)``
+    (:func:`_pairs_with`), of the guide's batch shape, checking the sample as their
+    ``log_prob`` would where they validate."""
+    for fn in (prior, guide):
+        if compat.validates_args(fn):
+            compat.validate_sample(fn, value)
+    p, q = prior.base_dist, guide.base_dist
+    ratio = diag_normal_log_ratio(value, p.loc, p.scale, q.loc, q.scale)
+    return ratio if ratio.shape == guide.batch_shape else ratio.expand(guide.batch_shape)
+
+
 #: The values of ``LeanEstimator.estimate(parts=...)``.
 _PARTS = ("all", "probs", "elbo")
 
@@ -469,6 +544,9 @@ def _joint(terms):
                     if j != i:
                         t.add_(narrow_broadcast(other))
                 return t, True
+    # The sum is laid out as its first operand (torch's elementwise rule): a contiguous one
+    # first, so that the log-sum-exp over its first axis reads it in order (one fused pass).
+    tensors.sort(key=lambda t: not (t.shape == shape and t.is_contiguous()))
     joint = tensors[0]
     for term in tensors[1:]:
         joint = joint + term
