@@ -53,8 +53,10 @@ class SlotSpec:
                 f"got shape {tuple(slots.shape)}"
             )
         parts = torch.split(slots, list(self.sizes.values()), dim=-1)
+        # A one-axis field is its part as split (no reshape: one autograd node fewer per field,
+        # which every step's gradient walks, twice with create_graph).
         return {
-            name: part.reshape(*slots.shape[:-1], *shape)
+            name: part if len(shape) == 1 else part.reshape(*slots.shape[:-1], *shape)
             for (name, shape), part in zip(self.fields.items(), parts)
         }
 

@@ -173,7 +173,10 @@ def narrow_broadcast(t):
     """``t`` with every broadcast dimension (stride 0, size > 1) narrowed to size one."""
     if not torch.is_tensor(t):
         return t
-    for d, (size, stride) in enumerate(zip(t.shape, t.stride())):
+    strides = t.stride()
+    if 0 not in strides:
+        return t
+    for d, (size, stride) in enumerate(zip(t.shape, strides)):
         if stride == 0 and size > 1:
             t = t.narrow(d, 0, 1)
     return t
