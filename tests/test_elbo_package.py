@@ -594,3 +594,37 @@ def test_diag_normal_log_ratio_is_the_difference_of_two_log_probs(float64, prior
     assert torch.autograd.gradcheck(
         lambda a, b: diag_normal_log_ratio(value, p_loc, p_scale, a, b), (q_loc, q_scale)
     )
+
+
+@pytest.mark.parametrize("shared_scale", [False, True])
+@pytest.mark.parametrize("features", [1, 2, 5])
+def test_diag_normal_log_prob_with_a_graph_differentiates_twice_as_torch(
+    float64, features, shared_scale
+):
+    """Mixture means against points with autograd (few features: one scaled difference and one
+    ``addcmul`` per feature): the log-density, its gradient and the gradient of the gradient
+    (``create_graph``) are ``Independent(Normal, 1).log_prob``'s."""
+    g = torch.Generator().manual_seed(features)
+    loc = torch.randn(4, 3, 1, features, generator=g).requires_grad_()
+    scale = (
+        torch.rand(4, 3, 1, 1 if shared_scale else features, generator=g) + 0.5
+    ).requires_grad_()
+    value = torch.randn(4, 1, 30, features, generator=g)
+
+    def ours(loc, scale):
+        return diag_normal_log_prob(loc, scale, value)
+
+    def torchs(loc, scale):
+        return dist.Normal(loc, scale.expand_as(loc)).to_event(1).log_prob(value)
+
+    torch.testing.assert_close(ours(loc, scale), torchs(loc, scale), rtol=0, atol=1e-10)
+    w = torch.randn(4, 3, 30, generator=g)
+    grads = [
+        torch.autograd.grad((f(loc, scale) * w).sum(), (loc, scale), create_graph=True)
+        for f in (ours, torchs)
+    ]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    second = [torch.autograd.grad(sum(x.sum() for x in gr), (loc, scale)) for gr in grads]
+    for a, b in zip(*second):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
