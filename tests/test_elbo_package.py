@@ -523,13 +523,17 @@ def test_lean_joint_adds_into_its_own_term_only():
     assert torch.equal(d_leaf, torch.ones_like(own))
 
 
-def test_fused_logsumexp_with_a_graph_differentiates_twice_as_torch(logprob_path):
+def test_fused_logsumexp_with_a_graph_differentiates_twice_as_torch(logprob_path, monkeypatch):
     """With autograd, ``parts="lse"`` over the first axis of float32 is one pass of the fused
     kernel (its own autograd node where built); its value, gradient and gradient of the
     gradient (``create_graph``, as an unrolled inner step needs) are ``torch.logsumexp``'s,
     also over spreads far beyond the clamp; a column that is ``-inf`` throughout has
-    log-sum-exp ``-inf`` and a zero gradient (not NaN)."""
+    log-sum-exp ``-inf`` and a zero gradient (not NaN). (The fused pass from any size here;
+    by default from ``FEWER_PASSES_MIN_ELEMENTS``.)"""
+    from pyro_slots.elbo import kernels
     from pyro_slots.elbo.kernels import stable_logsumexp_parts
+
+    monkeypatch.setattr(kernels, "FEWER_PASSES_MIN_ELEMENTS", 0)
 
     g = torch.Generator().manual_seed(3)
     t = (torch.randn(4, 5, 30, generator=g) * 60.0).requires_grad_()
@@ -598,12 +602,18 @@ def test_diag_normal_log_ratio_is_the_difference_of_two_log_probs(float64, prior
 
 @pytest.mark.parametrize("shared_scale", [False, True])
 @pytest.mark.parametrize("features", [1, 2, 5])
+@pytest.mark.parametrize("min_elements", [0, None])
 def test_diag_normal_log_prob_with_a_graph_differentiates_twice_as_torch(
-    float64, features, shared_scale
+    float64, features, shared_scale, min_elements, monkeypatch
 ):
-    """Mixture means against points with autograd (few features: one scaled difference and one
-    ``addcmul`` per feature): the log-density, its gradient and the gradient of the gradient
+    """Mixture means against points with autograd (few features: from
+    ``FEWER_PASSES_MIN_ELEMENTS`` one scaled difference and one ``addcmul`` per feature, below
+    it squares summed): the log-density, its gradient and the gradient of the gradient
     (``create_graph``) are ``Independent(Normal, 1).log_prob``'s."""
+    from pyro_slots.elbo import kernels
+
+    if min_elements is not None:
+        monkeypatch.setattr(kernels, "FEWER_PASSES_MIN_ELEMENTS", min_elements)
     g = torch.Generator().manual_seed(features)
     loc = torch.randn(4, 3, 1, features, generator=g).requires_grad_()
     scale = (

@@ -22,6 +22,7 @@ from pyro_slots.elbo import _fused_logprob
 __all__ = [
     "CANCELLATION_TOL",
     "CONTRACT_MIN_FEATURES",
+    "FEWER_PASSES_MIN_ELEMENTS",
     "broadcast_shape",
     "contract_last",
     "diag_normal_log_prob",
@@ -42,6 +43,10 @@ _LOG2_E = 1.0 / math.log(2.0)
 CONTRACT_MIN_FEATURES = 16
 #: Largest rounding error (nats per measurement and component) the expansion may introduce.
 CANCELLATION_TOL = 1e-4
+#: Elements from which the passes over a mixture's ``(K, ..., M)`` tensor cost more than the
+#: operations' dispatch: with a graph, the log-sum-exp is one fused pass and the log-density
+#: of few features an ``addcmul`` per feature from there on (below, fewer operations win).
+FEWER_PASSES_MIN_ELEMENTS = 1 << 15
 
 
 def stable_logsumexp(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +83,13 @@ def stable_logsumexp_parts(t: torch.Tensor, dim: int, overwrite: bool = False, p
     if parts not in ("all", "probs", "lse"):
         raise ValueError(f"parts: expected 'all', 'probs' or 'lse', got {parts!r}")
     no_graph = _no_graph(t)
-    if not no_graph and dim == 0 and parts == "lse" and _fused_logprob.logsumexp_first_applies(t):
+    if (
+        not no_graph
+        and dim == 0
+        and parts == "lse"
+        and t.numel() >= FEWER_PASSES_MIN_ELEMENTS
+        and _fused_logprob.logsumexp_first_applies(t)
+    ):
         return _LogSumExpFirst.apply(t), None, None, None, None
     if no_graph and dim == 0 and (parts == "lse" or (parts == "probs" and overwrite)):
         fused = _fused_logprob.logsumexp_first(t, probs=parts == "probs")
@@ -272,9 +283,11 @@ def _outer_few_features(xs, mus, log_scale, const):
     broadcast shape for two features where squaring, weighting, adding and scaling apart take
     nine (each recorded, then run again by the gradient). ``None`` where the result would not
     have the broadcast shape of the points and means (a scale or constant with more
-    dimensions)."""
-    roots = ((-log_scale).exp() * math.sqrt(0.5)).unbind(-1)
+    dimensions), or has fewer than :data:`FEWER_PASSES_MIN_ELEMENTS` elements."""
     block = broadcast_shape(xs[0].shape, mus[0].shape)
+    if math.prod(block) < FEWER_PASSES_MIN_ELEMENTS:
+        return None
+    roots = ((-log_scale).exp() * math.sqrt(0.5)).unbind(-1)
     if broadcast_shape(block, broadcast_shape(roots[0].shape, const.shape)) != block:
         return None
     out = -const
