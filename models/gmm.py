@@ -17,7 +17,7 @@ from torch import nn
 
 from pyro_slots.init import draw
 from pyro_slots.inner.mstep import mean_and_variance, normal_moments
-from pyro_slots.model import SlotModel, SlotSpec, select_component
+from pyro_slots.model import SlotCategorical, SlotModel, SlotSpec, select_component
 from pyro_slots.validation import (
     check_measurements,
     check_positive_float,
@@ -121,9 +121,11 @@ class GaussianMixture(SlotModel):
         loc, scale, log_weights = self.component_params(slots)
         with pyro.plate(self.batch_plate, batch, dim=-2, device=x.device):
             with pyro.plate("measurements", num_points, dim=-1, device=x.device):
+                # (dist.Categorical normalizes its logits with two operations, SlotCategorical
+                # with one log_softmax: the same distribution, one operation fewer per step.)
                 z = pyro.sample(
                     "assignment",
-                    dist.Categorical(logits=log_weights.unsqueeze(-2)),
+                    SlotCategorical(log_weights.unsqueeze(-2), dim=-1),
                     infer={"enumerate": "parallel"},
                 )
                 # The components' parameters (batch, 1, K, dim) line up with the plates; under
