@@ -253,48 +253,41 @@ def is_outer(loc_shape, value_shape, shape) -> bool:
     return max(math.prod(loc_shape), math.prod(value_shape)) < math.prod(shape)
 
 
-def _outer_few_features_in_place(xs, mus, log_scale, const):
+def _outer_few_features(xs, mus, log_scale, const, in_place: bool):
     """``-const - ½ Σ_f (x_f - μ_f)² / σ_f²`` from the features ``xs`` and means ``mus`` (each
-    unbound along the event) where nothing is recorded for autograd, on one block of the
-    broadcast shape and a second reused for the later features: per feature one subtraction,
-    one scaling by ``σ^-1 / √2`` and one ``addcmul``, about half the passes over memory of
-    squaring, weighting and adding separately. ``None`` where the block would not hold the
-    result's shape (a scale or constant with more dimensions than the points and means)."""
-    roots = (-log_scale).exp_().mul_(math.sqrt(0.5)).unbind(-1)
+    unbound along the event): per feature the difference scaled by ``σ_f^-1 / √2`` and one
+    ``addcmul`` into the result, about half the passes over the broadcast shape of squaring,
+    weighting and adding separately (six for two features where those take nine).
+
+    :param bool in_place: nothing is recorded for autograd: one block of the broadcast shape
+        holds the result and a second is reused for the later features. Otherwise (a graph:
+        every pass recorded, then run again by the gradient) new tensors, from
+        :data:`FEWER_PASSES_MIN_ELEMENTS` elements only (below, the fewer dispatches of the
+        plain sum win).
+    :returns: ``None`` where the block would not hold the result's shape (a scale or constant
+        with more dimensions than the points and means), or, with a graph, is too small.
+    """
     block = broadcast_shape(xs[0].shape, mus[0].shape)
-    full = broadcast_shape(block, broadcast_shape(roots[0].shape, const.shape))
-    if block != full:
+    if not in_place and math.prod(block) < FEWER_PASSES_MIN_ELEMENTS:
+        return None
+    if in_place:
+        roots = (-log_scale).exp_().mul_(math.sqrt(0.5)).unbind(-1)
+    else:  # exp's backward reads its output: nothing in place
+        roots = ((-log_scale).exp() * math.sqrt(0.5)).unbind(-1)
+    if broadcast_shape(block, broadcast_shape(roots[0].shape, const.shape)) != block:
         return None
     out = scratch = None
     for f in range(len(xs)):
         mu, root = mus[f if len(mus) > 1 else 0], roots[f if len(roots) > 1 else 0]
-        if out is None:
+        if not in_place:
+            z = (xs[f] - mu) * root
+            out = torch.addcmul(-const if out is None else out, z, z, value=-1.0)
+        elif out is None:
             out = torch.sub(xs[f], mu).mul_(root)
             out = torch.addcmul(-const, out, out, value=-1.0, out=out)
         else:
             scratch = torch.sub(xs[f], mu, out=scratch).mul_(root)
             out.addcmul_(scratch, scratch, value=-1.0)
-    return out
-
-
-def _outer_few_features(xs, mus, log_scale, const):
-    """``-const - ½ Σ_f (x_f - μ_f)² / σ_f²`` with a graph: per feature the difference scaled
-    by ``σ_f^-1 / √2`` (two passes) and one ``addcmul`` into the result, six passes over the
-    broadcast shape for two features where squaring, weighting, adding and scaling apart take
-    nine (each recorded, then run again by the gradient). ``None`` where the result would not
-    have the broadcast shape of the points and means (a scale or constant with more
-    dimensions), or has fewer than :data:`FEWER_PASSES_MIN_ELEMENTS` elements."""
-    block = broadcast_shape(xs[0].shape, mus[0].shape)
-    if math.prod(block) < FEWER_PASSES_MIN_ELEMENTS:
-        return None
-    roots = ((-log_scale).exp() * math.sqrt(0.5)).unbind(-1)
-    if broadcast_shape(block, broadcast_shape(roots[0].shape, const.shape)) != block:
-        return None
-    out = -const
-    for f in range(len(xs)):
-        mu, root = mus[f if len(mus) > 1 else 0], roots[f if len(roots) > 1 else 0]
-        z = (xs[f] - mu) * root
-        out = torch.addcmul(out, z, z, value=-1.0)
     return out
 
 
@@ -370,13 +363,9 @@ def diag_normal_log_prob(loc, scale, value):
                 # Features interleaved: each made contiguous (one copy of the points, K times
                 # smaller than the passes below, which then read them at unit stride).
                 xs = value.movedim(-1, 0).contiguous().unbind(0)
-            out = _outer_few_features_in_place(xs, mus, log_scale, const)
-            if out is not None:
-                return out
-        else:
-            out = _outer_few_features(xs, mus, log_scale, const)
-            if out is not None:
-                return out
+        out = _outer_few_features(xs, mus, log_scale, const, in_place)
+        if out is not None:
+            return out
         square = None
         for f in range(event):
             d = xs[f] - mus[f if len(mus) > 1 else 0]
